@@ -1,0 +1,222 @@
+"""Verified span cache on disk, shared by every mount (and mount process) using the same blob.
+
+Layout under the cache directory:
+    spans/<algorithm>/<hex>/<span number>   inflated, verified bytes of one span
+    tmp/<pid>.<random>                      being written; renamed into spans/ when complete
+    lock                                    flock'd by whoever changes spans/ or the ledger
+    ledger                                  "<bytes> <spans>": running total, so a put does not
+                                            have to scan the whole cache to know whether it fits
+
+A crash never leaves a partial span visible (write to tmp/, then rename). Eviction is LRU by
+mtime (touched on use) and unlinks files: a reader that already opened a span keeps reading it,
+and a reader that finds it gone treats it as a miss. The ledger may only over-count (it is
+raised before a rename and corrected by the scan that eviction does), so the cache never grows
+past max_bytes because of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]{32,128})$")
+_TOUCH_INTERVAL_S = 1.0  # LRU resolution; spares a utime() syscall per FUSE read
+
+
+class CacheError(ValueError):
+    """Bad cache configuration or key; the message names it."""
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    bytes: int
+    spans: int
+
+
+@dataclass(frozen=True)
+class _SpanFile:
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+class SpanCache:
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise CacheError(f"span cache {directory}: max_bytes must be positive, not {max_bytes}")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._spans = self.directory / "spans"
+        self._tmp = self.directory / "tmp"
+        self._lock_path = self.directory / "lock"
+        self._ledger = self.directory / "ledger"
+        self._touched: dict[Path, float] = {}
+        self._touch_lock = threading.Lock()
+        try:
+            self._spans.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"span cache {self.directory}: cannot create: {exc}") from exc
+        self._remove_orphaned_temp_files()
+
+    def span_path(self, layer_digest: str, span_no: int) -> Path:
+        match = _DIGEST.match(layer_digest)
+        if match is None:
+            raise CacheError(f"span cache: {layer_digest!r} is not a digest (algorithm:hex)")
+        if span_no < 0:
+            raise CacheError(f"span cache: span number {span_no} of {layer_digest} is negative")
+        return self._spans / match.group(1) / match.group(2) / str(span_no)
+
+    def read(
+        self, layer_digest: str, span_no: int, offset: int, length: int, expected_size: int
+    ) -> bytes | None:
+        """length bytes at offset of the cached span, or None on a miss.
+
+        A file of the wrong size (damaged outside our control) is dropped and reported as a miss.
+        """
+        path = self.span_path(layer_digest, span_no)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size != expected_size:
+                self._drop(path)
+                return None
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        self._touch(path)
+        return data
+
+    def contains(self, layer_digest: str, span_no: int) -> bool:
+        return self.span_path(layer_digest, span_no).exists()
+
+    def put(self, layer_digest: str, span_no: int, data: bytes) -> bool:
+        """Store a verified span; False if it cannot fit even in an empty cache."""
+        path = self.span_path(layer_digest, span_no)
+        size = len(data)
+        if size > self.max_bytes:
+            return False
+        tmp = self._tmp / f"{os.getpid()}.{secrets.token_hex(8)}"
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+            with self._locked():
+                if path.exists():  # another reader or process stored it first
+                    self._touch(path, force=True)
+                    return True
+                total, count = self._read_ledger()
+                if total + size > self.max_bytes:
+                    total, count = self._evict(self.max_bytes - size)
+                self._write_ledger(total + size, count + 1)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(tmp, path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def usage(self) -> CacheUsage:
+        files = list(self._scan())
+        return CacheUsage(bytes=sum(f.size for f in files), spans=len(files))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A fresh open file description per call: flock then excludes other threads of this
+        # process as well as other processes.
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _evict(self, target_bytes: int) -> tuple[int, int]:
+        """Unlink least recently used spans until at most target_bytes remain; exact totals."""
+        files = sorted(self._scan(), key=lambda f: f.mtime_ns)
+        total = sum(f.size for f in files)
+        count = len(files)
+        for victim in files:
+            if total <= target_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                victim.path.unlink()
+            total -= victim.size
+            count -= 1
+            with contextlib.suppress(OSError):  # empty layer directory: tidy, not required
+                victim.path.parent.rmdir()
+        return total, count
+
+    def _scan(self) -> Iterator[_SpanFile]:
+        for algorithm in _scandir(self._spans):
+            for layer in _scandir(Path(algorithm.path)):
+                for span in _scandir(Path(layer.path)):
+                    try:
+                        st = span.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield _SpanFile(Path(span.path), st.st_size, st.st_mtime_ns)
+
+    def _read_ledger(self) -> tuple[int, int]:
+        try:
+            total, count = self._ledger.read_text().split()
+            return int(total), int(count)
+        except (FileNotFoundError, ValueError):
+            files = list(self._scan())
+            return sum(f.size for f in files), len(files)
+
+    def _write_ledger(self, total: int, count: int) -> None:
+        tmp = self._tmp / f"ledger.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(f"{total} {count}\n")
+        os.rename(tmp, self._ledger)
+
+    def _drop(self, path: Path) -> None:
+        with self._locked(), contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def _touch(self, path: Path, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._touch_lock:
+            if not force and now - self._touched.get(path, -_TOUCH_INTERVAL_S) < _TOUCH_INTERVAL_S:
+                return
+            self._touched[path] = now
+            if len(self._touched) > 65536:
+                self._touched.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
+    def _remove_orphaned_temp_files(self) -> None:
+        for entry in _scandir(self._tmp):
+            pid_text = entry.name.removeprefix("ledger.").split(".", 1)[0]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def _scandir(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
