@@ -1,0 +1,126 @@
+"""Start, stop, restart and kill -9 the `lazysnap serve` daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.harness.procs import HarnessError, Service, spawn, unix_socket_accepts
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def lazysnap_command() -> list[str]:
+    """The `lazysnap` console script next to this Python (the venv), else the one on PATH,
+    else `python -m snapshotter.cli` from the checkout."""
+    beside = Path(sys.executable).parent / "lazysnap"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    on_path = shutil.which("lazysnap")
+    if on_path is not None:
+        return [on_path]
+    return [sys.executable, "-m", "snapshotter.cli"]
+
+
+def serve_available() -> str | None:
+    """None if `lazysnap serve` can be started here, else why not."""
+    if not (REPO_ROOT / "snapshotter" / "cli.py").is_file():
+        return "the lazysnap daemon (snapshotter/cli.py) does not exist yet"
+    return None
+
+
+@dataclass
+class LazysnapDaemon:
+    root: Path
+    socket: Path
+    log_path: Path
+    config: Path | None = None
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] | None = None
+    service: Service | None = field(default=None, repr=False)
+
+    def argv(self) -> list[str]:
+        argv = [
+            *lazysnap_command(),
+            "serve",
+            "--root",
+            str(self.root),
+            "--address",
+            str(self.socket),
+        ]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        return [*argv, *self.extra_args]
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the daemon and wait until its socket accepts connections."""
+        if self.service is not None and self.service.alive():
+            raise HarnessError(
+                f"lazysnap on {self.socket} is already running (pid {self.service.pid})"
+            )
+        env = dict(os.environ if self.env is None else self.env)
+        # `python -m snapshotter.cli` needs the checkout importable when not installed.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self.service = spawn("lazysnap serve", self.argv(), self.log_path, env=env, cwd=REPO_ROOT)
+        try:
+            self.service.wait_until(
+                lambda: unix_socket_accepts(self.socket), f"listening on {self.socket}", timeout
+            )
+        except HarnessError:
+            self.kill()
+            raise
+
+    def alive(self) -> bool:
+        return self.service is not None and self.service.alive()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.service is None else self.service.pid
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (0 is the only clean answer)."""
+        if self.service is None:
+            return None
+        return self.service.stop(timeout, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """kill -9: what a crash looks like to containerd and to the FUSE mounts."""
+        if self.service is not None:
+            self.service.stop(timeout=10, signum=signal.SIGKILL)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def start_lazysnap(
+    base: Path,
+    *,
+    config: Path | None = None,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> LazysnapDaemon:
+    """Start `lazysnap serve --root BASE/root --address BASE/lazysnap.sock` (log in BASE)."""
+    base.mkdir(parents=True, exist_ok=True)
+    daemon = LazysnapDaemon(
+        root=base / "root",
+        socket=base / "lazysnap.sock",
+        log_path=base / "lazysnap.log",
+        config=config,
+        extra_args=extra_args,
+        env=env,
+    )
+    daemon.start(timeout)
+    return daemon
