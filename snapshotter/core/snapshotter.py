@@ -1,0 +1,577 @@
+"""The snapshot core: containerd's overlayfs snapshotter semantics, plus the remote-layer path.
+
+On-disk layout (as overlayfs): ROOT/metadata.db, ROOT/snapshots/<id>/{fs,work}.
+
+Crash safety: every operation is one metadata transaction, and the filesystem steps are ordered
+around it so that a process killed at any instant leaves at most a directory that no snapshot
+owns (Cleanup removes those), never a snapshot row without its directory:
+- create: build new-XXXX/{fs,work}, rename it to <id> (and fsync), then commit the row;
+- remove: commit the row's deletion, then delete the directory;
+- commit: a single row update; nothing on disk moves.
+A directory being deleted is first renamed to rm-* under the lock, so an id reused after a
+rolled-back create can never have its fresh directory deleted by a concurrent Cleanup.
+
+Remote path: Prepare with labels naming a target ("containerd.io/snapshot.ref") asks the injected
+RemoteLayers to mount the layer at <id>/fs; on success the target is committed at once (labelled
+remote) and AlreadyExists tells containerd the layer is there. The mount runs without the metadata
+lock held: the id is reserved by a committed transaction and the directory is marked in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from snapshotter.core import filters
+from snapshotter.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from snapshotter.core.layers import RemoteLayers, RemoteLayerUnavailable
+from snapshotter.core.metadata import Kind, MetaStore, SnapshotRecord, Transaction
+from snapshotter.core.mounts import (
+    Mount,
+    OverlayFeatures,
+    detach_mount,
+    mount_points_under,
+    probe_overlay_features,
+    snapshot_mounts,
+)
+
+log = logging.getLogger("lazysnap.core")
+
+TARGET_SNAPSHOT_LABEL = "containerd.io/snapshot.ref"
+REMOTE_LABEL = "containerd.io/snapshot/remote"
+REMOTE_LABEL_VALUE = "remote"
+# Where the pullers put the compressed layer digest (CRI, ctr-remote); used in log lines only.
+_LAYER_DIGEST_LABELS = (
+    "containerd.io/snapshot/cri.layer-digest",
+    "containerd.io/snapshot/remote/stargz.digest",
+)
+MAX_LABEL_SIZE = 4096  # containerd labels.Validate: len(key) + len(value), in bytes
+
+__all__ = [
+    "REMOTE_LABEL",
+    "TARGET_SNAPSHOT_LABEL",
+    "Info",
+    "Kind",
+    "Mount",
+    "Snapshotter",
+    "Usage",
+    "disk_usage",
+    "validate_labels",
+]
+
+
+# Aliases so that annotations inside Snapshotter are not taken for its method `list`.
+MountList = list[Mount]
+PathList = list[str]
+
+
+@dataclass(frozen=True)
+class Info:
+    name: str
+    parent: str = ""
+    kind: Kind = Kind.ACTIVE
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created_ns: int = 0
+    updated_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int = 0  # bytes allocated (st_blocks * 512), each inode counted once
+    inodes: int = 0
+
+
+InfoList = list[Info]
+
+
+def _info(record: SnapshotRecord) -> Info:
+    return Info(
+        name=record.key,
+        parent=record.parent,
+        kind=record.kind,
+        labels=dict(record.labels),
+        created_ns=record.created_ns,
+        updated_ns=record.updated_ns,
+    )
+
+
+def validate_labels(labels: Mapping[str, str]) -> None:
+    for key, value in labels.items():
+        if len(key.encode()) + len(value.encode()) > MAX_LABEL_SIZE:
+            raise InvalidArgument(
+                f"label key and value greater than maximum size ({MAX_LABEL_SIZE} bytes), "
+                f"key: {key[:10]}"
+            )
+
+
+def disk_usage(path: str) -> Usage:
+    """Like containerd's fs.DiskUsage: every inode under path (path included) counted once."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    root = os.lstat(path)
+    pending: list[tuple[str, os.stat_result]] = [(path, root)]
+    while pending:
+        current, st = pending.pop()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            size += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    pending.append((entry.path, entry.stat(follow_symlinks=False)))
+    return Usage(size=size, inodes=len(seen))
+
+
+def _layer_name(labels: Mapping[str, str]) -> str:
+    for key in _LAYER_DIGEST_LABELS:
+        if labels.get(key):
+            return labels[key]
+    return labels.get(TARGET_SNAPSHOT_LABEL, "?")
+
+
+def _is_remote(record: SnapshotRecord) -> bool:
+    return record.labels.get(REMOTE_LABEL) == REMOTE_LABEL_VALUE
+
+
+class Snapshotter:
+    """Prepare/View/Mounts/Commit/Remove/Stat/Update/List/Usage/Cleanup over ROOT. Thread-safe."""
+
+    def __init__(
+        self,
+        root: str,
+        remote: RemoteLayers | None = None,
+        features: OverlayFeatures | None = None,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self.remote = remote
+        self.features = features if features is not None else probe_overlay_features()
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.snapshots_dir = os.path.join(self.root, "snapshots")
+        try:
+            os.mkdir(self.snapshots_dir, 0o700)
+            os.chmod(self.snapshots_dir, 0o700)  # not the umask's choice
+        except FileExistsError:
+            pass
+        self._store = MetaStore(os.path.join(self.root, "metadata.db"))
+        # Directory names under snapshots/ that an operation is working on right now without
+        # holding the metadata lock (a remote mount in progress, a deletion): Cleanup skips them.
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._store.close()
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _dir(self, snapshot_id: int) -> str:
+        return os.path.join(self.snapshots_dir, str(snapshot_id))
+
+    def _upper(self, snapshot_id: int) -> str:
+        return os.path.join(self._dir(snapshot_id), "fs")
+
+    def _work(self, snapshot_id: int) -> str:
+        return os.path.join(self._dir(snapshot_id), "work")
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def stat(self, key: str) -> Info:
+        with self._store.transaction(writable=False) as tx:
+            return _info(tx.get(key))
+
+    def mounts(self, key: str) -> MountList:
+        with self._store.transaction(writable=False) as tx:
+            record = tx.find(key)
+            if record is None:
+                raise NotFound(f"failed to get active mount: snapshot {key!r} does not exist")
+            if record.kind not in (Kind.ACTIVE, Kind.VIEW):
+                raise FailedPrecondition(
+                    f"failed to get active mount: requested snapshot {key!r} not active or view"
+                )
+            return self._mounts(tx, record)
+
+    def _mounts(self, tx: Transaction, record: SnapshotRecord) -> MountList:
+        parents = [self._upper(pid) for pid in tx.parent_ids(record)]
+        return snapshot_mounts(
+            record.kind, self._upper(record.id), self._work(record.id), parents, self.features
+        )
+
+    def list(self, filter_strings: Sequence[str] = ()) -> InfoList:
+        """Snapshots matching any of the filters (containerd filter syntax), ordered by name."""
+        matcher = filters.parse_all(filter_strings)
+        with self._store.transaction(writable=False) as tx:
+            records = tx.all()
+        return [_info(r) for r in records if matcher.match(_adaptor(r))]
+
+    def usage(self, key: str) -> Usage:
+        with self._store.transaction(writable=False) as tx:
+            record = tx.get(key)
+        if record.kind is Kind.ACTIVE:
+            return disk_usage(self._upper(record.id))
+        return Usage(size=record.size, inodes=record.inodes)
+
+    # -- creating --------------------------------------------------------------------------
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> MountList:
+        labels = dict(labels or {})
+        if self.remote is not None and labels.get(TARGET_SNAPSHOT_LABEL):
+            return self._prepare_remote(key, parent, labels, self.remote)
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> MountList:
+        return self._create(Kind.VIEW, key, parent, dict(labels or {}))
+
+    def _check_new(self, tx: Transaction, key: str, parent: str) -> SnapshotRecord | None:
+        """The checks of containerd's CreateSnapshot, in its order; returns the parent."""
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        parent_record = None
+        if parent:
+            parent_record = tx.find(parent)
+            if parent_record is None:
+                raise NotFound(f"missing parent {parent!r} bucket: snapshot does not exist")
+            if parent_record.kind is not Kind.COMMITTED:
+                raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
+        if tx.find(key) is not None:
+            raise AlreadyExists(f"snapshot {key!r}: already exists")
+        return parent_record
+
+    def _new_directory(self, kind: Kind) -> str:
+        """new-XXXX/{fs 0755, work 0711} with modes set explicitly (the umask may be 0)."""
+        temp = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
+        try:
+            upper = os.path.join(temp, "fs")
+            os.mkdir(upper, 0o755)
+            os.chmod(upper, 0o755)
+            if kind is Kind.ACTIVE:
+                work = os.path.join(temp, "work")
+                os.mkdir(work, 0o711)
+                os.chmod(work, 0o711)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return temp
+
+    def _place_directory(self, temp: str, snapshot_id: int) -> None:
+        final = self._dir(snapshot_id)
+        if os.path.lexists(final):
+            # Left by a create whose transaction never committed, so its id came round again.
+            log.warning("removing stale directory %s of an interrupted operation", final)
+            self._delete_tree(final)
+        os.rename(temp, final)
+        _fsync_dir(self.snapshots_dir)  # the rename is on disk before the row that needs it
+
+    def _inherit_owner(self, tx: Transaction, record: SnapshotRecord, upper: str) -> None:
+        parent_ids = tx.parent_ids(record)
+        if parent_ids:
+            st = os.stat(self._upper(parent_ids[0]))
+            os.lchown(upper, st.st_uid, st.st_gid)
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> MountList:
+        validate_labels(labels)
+        with self._store.transaction(writable=True) as tx:
+            parent_record = self._check_new(tx, key, parent)
+            temp = self._new_directory(kind)
+            try:
+                snapshot_id = tx.allocate_id()
+                record = tx.insert(
+                    snapshot_id,
+                    kind,
+                    key,
+                    parent_record.id if parent_record else None,
+                    labels,
+                    _now_ns(),
+                )
+                self._inherit_owner(tx, record, os.path.join(temp, "fs"))
+                self._place_directory(temp, snapshot_id)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            return self._mounts(tx, record)
+
+    # -- the remote path -------------------------------------------------------------------
+
+    def _prepare_remote(
+        self, key: str, parent: str, labels: dict[str, str], remote: RemoteLayers
+    ) -> MountList:
+        validate_labels(labels)
+        target = labels[TARGET_SNAPSHOT_LABEL]
+        with self._store.transaction(writable=True) as tx:
+            self._check_new(tx, key, parent)
+            if tx.find(target) is not None:
+                raise AlreadyExists(f"target snapshot {target!r}: already exists")
+            # Committing the id reservation means it is never handed out again, so the
+            # directory can sit at its final path while we mount without holding the lock.
+            snapshot_id = tx.allocate_id()
+            temp = self._new_directory(Kind.ACTIVE)
+            try:
+                self._place_directory(temp, snapshot_id)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            self._mark_in_flight(str(snapshot_id))
+        try:
+            return self._finish_remote(key, parent, labels, target, snapshot_id, remote)
+        finally:
+            self._unmark_in_flight(str(snapshot_id))
+
+    def _finish_remote(
+        self,
+        key: str,
+        parent: str,
+        labels: dict[str, str],
+        target: str,
+        snapshot_id: int,
+        remote: RemoteLayers,
+    ) -> MountList:
+        upper = self._upper(snapshot_id)
+        try:
+            remote.mount(upper, labels)
+            mounted = True
+        except RemoteLayerUnavailable as why:
+            log.info("layer %s falls back to a full pull: %s", _layer_name(labels), why)
+            mounted = False
+        except Exception as err:  # a bug in the lazy layer must not stop the pull
+            log.warning(
+                "layer %s falls back to a full pull: unexpected %s: %s",
+                _layer_name(labels),
+                type(err).__name__,
+                err,
+            )
+            mounted = False
+        try:
+            with self._store.transaction(writable=True) as tx:
+                parent_record = self._check_new(tx, key, parent)
+                parent_id = parent_record.id if parent_record else None
+                if not mounted:
+                    if mount_points_under(upper):
+                        detach_mount(upper)
+                    record = tx.insert(snapshot_id, Kind.ACTIVE, key, parent_id, labels, _now_ns())
+                    self._inherit_owner(tx, record, upper)
+                    return self._mounts(tx, record)
+                if tx.find(target) is not None:
+                    raise AlreadyExists(f"target snapshot {target!r}: already exists")
+                remote_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
+                tx.insert(snapshot_id, Kind.COMMITTED, target, parent_id, remote_labels, _now_ns())
+        except BaseException:
+            # Whatever failed, the reserved directory belongs to no snapshot: release it.
+            if mounted:
+                self._unmount_remote(upper)
+            self._delete_tree(self._dir(snapshot_id))
+            raise
+        log.info("layer %s is mounted lazily as snapshot %s", _layer_name(labels), target)
+        raise AlreadyExists(f"target snapshot {target!r}: already exists")
+
+    def _unmount_remote(self, upper: str) -> None:
+        if self.remote is None:
+            return
+        try:
+            self.remote.unmount(upper)
+        except Exception as err:
+            log.warning("cannot unmount remote layer at %s: %s", upper, err)
+
+    def restore_remote_snapshots(self) -> None:
+        """After a restart: check every remote snapshot's mount and mount it again if needed."""
+        with self._store.transaction(writable=False) as tx:
+            records = [r for r in tx.all() if r.kind is Kind.COMMITTED and _is_remote(r)]
+        if records and self.remote is None:
+            log.warning(
+                "%d remote snapshots exist but remote layers are disabled; they are not served",
+                len(records),
+            )
+            return
+        for record in records:
+            assert self.remote is not None
+            upper = self._upper(record.id)
+            name = _layer_name(record.labels)
+            try:
+                self.remote.check(upper, record.labels)
+                log.info("remote snapshot %s (layer %s) is mounted", record.key, name)
+                continue
+            except RemoteLayerUnavailable as why:
+                log.info(
+                    "remote snapshot %s (layer %s) needs a new mount: %s", record.key, name, why
+                )
+            try:
+                self.remote.mount(upper, record.labels)
+                log.info("remote snapshot %s (layer %s) mounted again", record.key, name)
+            except RemoteLayerUnavailable as why:
+                log.error(
+                    "remote snapshot %s (layer %s) cannot be mounted: %s; containers using it "
+                    "will fail until it is removed",
+                    record.key,
+                    name,
+                    why,
+                )
+
+    # -- changing --------------------------------------------------------------------------
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        labels = dict(labels or {})
+        validate_labels(labels)
+        if not name:
+            raise InvalidArgument("snapshot name must not be empty")
+        with self._store.transaction(writable=True) as tx:
+            record = tx.get(key)
+            usage = disk_usage(self._upper(record.id))
+            if tx.find(name) is not None:
+                raise AlreadyExists(
+                    f"failed to commit snapshot: committed snapshot {name!r} already exists"
+                )
+            if record.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(
+                    f"failed to commit snapshot: snapshot {key!r} is not active"
+                )
+            tx.commit_active(record, name, labels, (usage.size, usage.inodes))
+
+    def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+        """Only labels are mutable: paths "labels" and "labels.<key>"; none means all labels."""
+        with self._store.transaction(writable=True) as tx:
+            record = tx.find(info.name)
+            if record is None:
+                raise NotFound(f"snapshot {info.name!r} does not exist")
+            labels = dict(record.labels)
+            if fieldpaths:
+                for path in fieldpaths:
+                    if path.startswith("labels."):
+                        label = path[len("labels.") :]
+                        labels[label] = info.labels.get(label, "")
+                    elif path == "labels":
+                        labels = dict(info.labels)
+                    else:
+                        raise InvalidArgument(
+                            f"cannot update {path!r} field on snapshot {info.name!r}"
+                        )
+            else:
+                labels = dict(info.labels)
+            validate_labels(labels)
+            if _is_remote(record):
+                # How the data is held is not a user label: keep it so Remove unmounts.
+                labels[REMOTE_LABEL] = REMOTE_LABEL_VALUE
+            return _info(tx.set_labels(record, labels))
+
+    def remove(self, key: str) -> None:
+        with self._store.transaction(writable=True) as tx:
+            record = tx.find(key)
+            if record is None:
+                raise NotFound(f"failed to remove: snapshot {key!r} does not exist")
+            if tx.has_children(record.id):
+                raise FailedPrecondition(
+                    f"failed to remove: cannot remove snapshot {key!r} with child"
+                )
+            if _is_remote(record):
+                self._unmount_remote(self._upper(record.id))
+            tx.delete(record)
+            trash = self._trash_orphans(tx, keep={str(record.id)})
+        # Committed: the id is never reused, so the directory can go at leisure.
+        self._delete_tree(self._dir(record.id))
+        self._empty_trash(trash)
+
+    def cleanup(self) -> None:
+        """Delete every directory under snapshots/ that no snapshot owns."""
+        with self._store.transaction(writable=True) as tx:
+            trash = self._trash_orphans(tx, keep=set())
+        self._empty_trash(trash)
+
+    # -- garbage ---------------------------------------------------------------------------
+
+    def _trash_orphans(self, tx: Transaction, keep: set[str]) -> PathList:
+        """Rename unowned entries of snapshots/ to rm-*; call with the write lock held."""
+        owned = {str(i) for i in tx.owned_ids()} | keep
+        with self._in_flight_lock:
+            busy = set(self._in_flight)
+        trash = []
+        for name in sorted(os.listdir(self.snapshots_dir)):
+            if name in owned or name in busy:
+                continue
+            path = os.path.join(self.snapshots_dir, name)
+            if self.remote is not None and mount_points_under(os.path.join(path, "fs")):
+                self._unmount_remote(os.path.join(path, "fs"))
+            if name.startswith("rm-"):
+                doomed = path
+            else:
+                doomed = os.path.join(self.snapshots_dir, f"rm-{name}-{secrets.token_hex(4)}")
+                os.rename(path, doomed)
+            self._mark_in_flight(os.path.basename(doomed))
+            trash.append(doomed)
+        return trash
+
+    def _empty_trash(self, trash: PathList) -> None:
+        for path in trash:
+            try:
+                self._delete_tree(path)
+            finally:
+                self._unmark_in_flight(os.path.basename(path))
+
+    def _delete_tree(self, path: str) -> None:
+        """Remove path; mounts left inside are detached first so rmtree never crosses one."""
+        for point in mount_points_under(path):
+            try:
+                detach_mount(point)
+            except OSError as err:
+                log.warning("%s; leaving %s in place", err, path)
+                return
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("failed to remove directory %s: %s", path, err)
+
+    def _mark_in_flight(self, name: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight.add(name)
+
+    def _unmark_in_flight(self, name: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(name)
+
+
+def _adaptor(record: SnapshotRecord) -> filters.Adaptor:
+    """Field lookup for filters, as containerd's storage.adaptSnapshot."""
+
+    def field_value(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        if path[0] == "kind":
+            return record.kind.label, True
+        if path[0] == "name":
+            return record.key, True
+        if path[0] == "parent":
+            return record.parent, True
+        if path[0] == "labels":
+            if not record.labels:
+                return "", False
+            label = ".".join(path[1:])
+            if label in record.labels:
+                return record.labels[label], True
+            return "", False
+        return "", False
+
+    return field_value
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now_ns() -> int:
+    return time.time_ns()
