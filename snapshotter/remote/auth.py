@@ -1,0 +1,335 @@
+"""Registry authentication: docker config.json credentials, Basic, and the bearer token flow.
+
+Nothing here logs a credential or a token: log lines name hosts, realms (without query) and
+scopes only. Thread-safe: FUSE reads refresh tokens from many threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+
+from snapshotter.remote.errors import AuthenticationError, CredentialsError, redact_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token service omits expires_in (token spec)
+_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+
+
+def normalize_host(host_or_url: str) -> str:
+    """`https://index.docker.io/v1/` -> `docker.io`; `http://127.0.0.1:5000` -> `127.0.0.1:5000`."""
+    text = host_or_url.strip()
+    if "://" in text:
+        text = urlsplit(text).netloc
+    text = text.split("/", 1)[0].lower()
+    return "docker.io" if text in _HUB_HOSTS else text
+
+
+def repository_scope(name: str, actions: Sequence[str]) -> str:
+    return f"repository:{name}:{','.join(actions)}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+class CredentialStore:
+    """Credentials per registry host, read once from a docker config.json (or given directly)."""
+
+    def __init__(self, entries: Mapping[str, Credentials] | None = None) -> None:
+        self._entries = {normalize_host(h): c for h, c in (entries or {}).items()}
+        self._helpers: dict[str, str] = {}
+        self._default_helper: str | None = None
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def anonymous(cls) -> CredentialStore:
+        return cls()
+
+    @classmethod
+    def default_config_path(cls) -> str:
+        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+        return os.path.join(base, "config.json")
+
+    @classmethod
+    def from_docker_config(cls, path: str | os.PathLike[str] | None = None) -> CredentialStore:
+        """Read `auths` from a docker config.json. A missing file (at the default path or the
+        given one) means anonymous access; an unreadable or malformed one is an error."""
+        config_path = os.fspath(path) if path is not None else cls.default_config_path()
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            log.debug("no docker config at %s: anonymous registry access", config_path)
+            return cls()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CredentialsError(f"cannot read docker config {config_path}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise CredentialsError(f"docker config {config_path} is not a JSON object")
+        store = cls()
+        auths = doc.get("auths") or {}
+        if not isinstance(auths, dict):
+            raise CredentialsError(f"docker config {config_path}: 'auths' is not an object")
+        for host, entry in auths.items():
+            creds = _parse_auth_entry(config_path, host, entry)
+            if creds is not None:
+                store._entries[normalize_host(host)] = creds
+        helpers = doc.get("credHelpers") or {}
+        if isinstance(helpers, dict):
+            store._helpers = {normalize_host(h): str(v) for h, v in helpers.items()}
+        if isinstance(doc.get("credsStore"), str):
+            store._default_helper = doc["credsStore"]
+        return store
+
+    def get(self, host: str) -> Credentials | None:
+        key = normalize_host(host)
+        creds = self._entries.get(key)
+        if creds is None:
+            helper = self._helpers.get(key, self._default_helper)
+            if helper is not None:
+                with self._lock:
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        log.warning(
+                            "docker config names credential helper docker-credential-%s for %s; "
+                            "credential helpers are not supported, so %s is accessed anonymously "
+                            "(put an 'auths' entry in the config instead)",
+                            helper,
+                            key,
+                            key,
+                        )
+        return creds
+
+
+def _parse_auth_entry(path: str, host: str, entry: object) -> Credentials | None:
+    if not isinstance(entry, dict):
+        raise CredentialsError(f"docker config {path}: auths[{host!r}] is not an object")
+    if entry.get("auth"):
+        try:
+            decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise CredentialsError(
+                f"docker config {path}: auths[{host!r}].auth is not base64 of user:password"
+            ) from None
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            raise CredentialsError(
+                f"docker config {path}: auths[{host!r}].auth does not decode to user:password"
+            )
+        return Credentials(user, password)
+    if entry.get("username") is not None and entry.get("password") is not None:
+        return Credentials(str(entry["username"]), str(entry["password"]))
+    if entry.get("identitytoken"):
+        log.warning(
+            "docker config %s: auths[%r] holds an identity token (OAuth2 refresh token), which "
+            "is not supported; %s is accessed anonymously",
+            path,
+            host,
+            host,
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # lower case: "bearer", "basic"
+    params: dict[str, str]
+
+
+_CHALLENGE_PARAM = re.compile(
+    r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(,|$)'
+)
+
+
+def parse_www_authenticate(header: str) -> list[Challenge]:
+    """Parse `Bearer realm="…",service="…",scope="…"` (several challenges may follow each other)."""
+    challenges: list[Challenge] = []
+    pos = 0
+    text = header.strip()
+    while pos < len(text):
+        match = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)(?:\s+|$)").match(text, pos)
+        if match is None:
+            break
+        scheme = match.group(1).lower()
+        pos = match.end()
+        params: dict[str, str] = {}
+        while pos < len(text):
+            pm = _CHALLENGE_PARAM.match(text, pos)
+            if pm is None:
+                break
+            value = pm.group(2) if pm.group(2) is not None else pm.group(3)
+            params[pm.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+            pos = pm.end()
+        challenges.append(Challenge(scheme, params))
+    return challenges
+
+
+@dataclass
+class _Token:
+    value: str = field(repr=False)
+    expires_at: float
+    lifetime: float
+
+
+@dataclass(frozen=True)
+class _BearerRealm:
+    realm: str
+    service: str | None
+
+
+TokenFetcher = Callable[[str, str | None, Sequence[str], Credentials | None], tuple[str, float]]
+
+
+class Authenticator:
+    """Decides the Authorization header per (host, scopes) and answers 401 challenges.
+
+    Use: send `authorization(host, scopes)` (may be None); on a 401 call `challenge(...)` with the
+    WWW-Authenticate header and what was sent; retry with what it returns, or stop on None.
+    """
+
+    def __init__(
+        self,
+        credentials: CredentialStore,
+        *,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        fetch_token: TokenFetcher | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self._timeout = timeout
+        self._clock = clock
+        self._fetch = fetch_token or self._fetch_token_http
+        self._lock = threading.Lock()
+        self._schemes: dict[str, str] = {}  # host -> "basic" | "bearer" learned from challenges
+        self._realms: dict[str, _BearerRealm] = {}
+        self._tokens: dict[tuple[str, frozenset[str]], _Token] = {}
+        self._fetch_locks: dict[tuple[str, frozenset[str]], threading.Lock] = {}
+
+    def authorization(self, host: str, scopes: Sequence[str]) -> str | None:
+        """Header to send before any challenge was seen for this request."""
+        host = normalize_host(host)
+        with self._lock:
+            scheme = self._schemes.get(host)
+        if scheme == "basic":
+            creds = self.credentials.get(host)
+            return creds.basic_header() if creds else None
+        if scheme == "bearer":
+            return self._bearer(host, scopes, stale=None)
+        return None
+
+    def challenge(
+        self, host: str, scopes: Sequence[str], www_authenticate: str | None, sent: str | None
+    ) -> str | None:
+        """A 401 came back. Returns the header to retry with, or None when retrying is useless."""
+        host = normalize_host(host)
+        challenges = parse_www_authenticate(www_authenticate or "")
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        basic = next((c for c in challenges if c.scheme == "basic"), None)
+        if bearer is not None and bearer.params.get("realm"):
+            realm = _BearerRealm(bearer.params["realm"], bearer.params.get("service"))
+            all_scopes = list(scopes)
+            for scope in (bearer.params.get("scope") or "").split(" "):
+                if scope and scope not in all_scopes:
+                    all_scopes.append(scope)
+            with self._lock:
+                self._schemes[host] = "bearer"
+                self._realms[host] = realm
+            return self._bearer(host, all_scopes, stale=sent)
+        if basic is not None or (not challenges and sent is None):
+            creds = self.credentials.get(host)
+            with self._lock:
+                self._schemes[host] = "basic"
+            if creds is None:
+                return None
+            header = creds.basic_header()
+            return None if header == sent else header
+        return None
+
+    def _bearer(self, host: str, scopes: Sequence[str], stale: str | None) -> str | None:
+        key = (host, frozenset(scopes))
+        with self._lock:
+            lock = self._fetch_locks.setdefault(key, threading.Lock())
+        with lock:  # one token fetch per (host, scopes) at a time; others reuse its result
+            with self._lock:
+                token = self._tokens.get(key)
+                realm = self._realms.get(host)
+            now = self._clock()
+            if token is not None and f"Bearer {token.value}" != stale:
+                margin = min(10.0, token.lifetime * 0.1)
+                if now < token.expires_at - margin:
+                    return f"Bearer {token.value}"
+            if realm is None:
+                return None
+            log.debug(
+                "requesting token for %s from %s (service=%s, scopes=%s)",
+                host,
+                redact_url(realm.realm),
+                realm.service,
+                " ".join(scopes),
+            )
+            value, lifetime = self._fetch(
+                realm.realm, realm.service, list(scopes), self.credentials.get(host)
+            )
+            with self._lock:
+                self._tokens[key] = _Token(value, now + lifetime, lifetime)
+            return f"Bearer {value}"
+
+    def _fetch_token_http(
+        self, realm: str, service: str | None, scopes: Sequence[str], creds: Credentials | None
+    ) -> tuple[str, float]:
+        params: list[tuple[str, str | int | float | bool | None]] = []
+        if service:
+            params.append(("service", service))
+        params.extend(("scope", s) for s in scopes)
+        headers = {"Authorization": creds.basic_header()} if creds else {}
+        where = redact_url(realm)
+        try:
+            response = httpx.get(realm, params=params, headers=headers, timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise AuthenticationError(
+                f"token service {where} unreachable: {type(exc).__name__}: {exc}"
+            ) from None
+        if response.status_code in (401, 403):
+            who = f"credentials of user {creds.username!r}" if creds else "anonymous access"
+            raise AuthenticationError(
+                f"token service {where} refused {who} (HTTP {response.status_code})"
+            )
+        if response.status_code != 200:
+            raise AuthenticationError(f"token service {where} answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise AuthenticationError(
+                f"token service {where} answered something that is not JSON"
+            ) from None
+        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise AuthenticationError(
+                f"token service {where} answered without token or access_token"
+            )
+        expires_in = body.get("expires_in")
+        lifetime = (
+            float(expires_in)
+            if isinstance(expires_in, (int, float)) and expires_in > 0
+            else DEFAULT_TOKEN_LIFETIME
+        )
+        return value, lifetime

@@ -1,0 +1,420 @@
+"""Blob data plane: Range reads over urllib3 (httpx costs 4-5x the CPU per byte; limits.md §2).
+
+One BlobReader per layer blob; FUSE calls it from many threads. Each read is one Range GET
+(read_many coalesces neighbouring ranges into fewer, larger requests because a registry request
+has a fixed cost of ~6 ms). A registry that ignores Range (200 + whole body) is detected once: the
+whole blob is then verified against its digest, kept in an unnamed temp file and served locally.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+
+from snapshotter.remote.auth import normalize_host, repository_scope
+from snapshotter.remote.client import (
+    REDIRECT_STATUSES,
+    RETRY_STATUSES,
+    RegistryClient,
+    RepoLike,
+    as_repository,
+)
+from snapshotter.remote.errors import BlobFetchError, redact_url
+from snapshotter.remote.hosts import RegistryHost
+from snapshotter.remote.reference import validate_digest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECTIONS = 4
+DEFAULT_COALESCE_GAP = 256 << 10  # fetching a gap this small is cheaper than another request
+DEFAULT_MAX_REQUEST = 16 << 20
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+class _HostFailed(Exception):
+    """This host cannot serve the blob now (connection, 5xx after retries, 404 on a mirror)."""
+
+
+class _DataPlane:
+    """urllib3 pools of one RegistryClient, one PoolManager per TLS configuration."""
+
+    def __init__(self, max_connections: int) -> None:
+        self._max_connections = max_connections
+        self._pools: dict[tuple[bool, tuple[str, ...]], urllib3.PoolManager] = {}
+        self._lock = threading.Lock()
+
+    def pool(self, client: RegistryClient, host: RegistryHost) -> urllib3.PoolManager:
+        key = host.tls_key()
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                options: dict[str, object] = {"num_pools": 16, "maxsize": self._max_connections}
+                context = client.ssl_context(host)
+                if context is False:
+                    options.update(cert_reqs="CERT_NONE", assert_hostname=False)
+                    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+                elif context is not True:
+                    options["ssl_context"] = context
+                pool = urllib3.PoolManager(**options)  # type: ignore[arg-type]
+                self._pools[key] = pool
+            return pool
+
+
+_planes: weakref.WeakKeyDictionary[RegistryClient, _DataPlane] = weakref.WeakKeyDictionary()
+_planes_lock = threading.Lock()
+
+
+def _plane_for(client: RegistryClient, max_connections: int) -> _DataPlane:
+    with _planes_lock:
+        plane = _planes.get(client)
+        if plane is None:
+            plane = _DataPlane(max_connections)
+            _planes[client] = plane
+        return plane
+
+
+@dataclass(frozen=True)
+class _Group:
+    start: int
+    end: int  # exclusive
+    members: tuple[int, ...]  # indices into the caller's ranges
+
+
+class BlobReader:
+    """Random access to one blob of known size. Thread-safe."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        repo: RepoLike,
+        digest: str,
+        size: int,
+        *,
+        max_connections: int = DEFAULT_CONNECTIONS,
+        coalesce_gap: int = DEFAULT_COALESCE_GAP,
+        max_request: int = DEFAULT_MAX_REQUEST,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> None:
+        self.client = client
+        self.repository = as_repository(repo)
+        self.digest = validate_digest(digest)
+        if size < 0:
+            raise ValueError(f"blob {self.repository}@{digest}: negative size {size}")
+        self.size = size
+        self.coalesce_gap = coalesce_gap
+        self.max_request = max_request
+        self._timeout = urllib3.Timeout(
+            connect=min(timeout or client.timeout, 10.0), read=timeout or client.timeout
+        )
+        self._retries = client.retries if retries is None else retries
+        self._plane = _plane_for(client, max_connections)
+        self._hosts = client.hosts.hosts_for(self.repository.registry, "pull")
+        self._host_index = 0
+        self._scopes = [repository_scope(self.repository.name, ("pull",))]
+        self._lock = threading.Lock()
+        self._spool: BinaryIO | None = None  # whole verified blob, once Range was ignored
+        self._spool_lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._max_connections = max_connections
+        self.requests = 0  # Range GETs sent (for tests and metrics)
+
+    @property
+    def ranges_ignored(self) -> bool:
+        """True once the registry answered a Range request with the whole blob."""
+        return self._spool is not None
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        with self._spool_lock:
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _error(self, start: int, end: int, cause: str) -> BlobFetchError:
+        return BlobFetchError(
+            self.repository.registry, self.repository.name, self.digest, f"{start}-{end - 1}", cause
+        )
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._error(
+                offset, offset + max(length, 0), f"outside the blob (size {self.size})"
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the blob: one Range GET."""
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        return self._fetch(offset, offset + length)
+
+    def read_to_end(self, offset: int) -> bytes:
+        """Bytes [offset, size): one open-ended Range GET (`bytes=offset-`)."""
+        self._check_range(offset, self.size - offset)
+        if offset == self.size:
+            return b""
+        return self._fetch(offset, self.size, open_ended=True)
+
+    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """(offset, length) ranges -> their bytes, in the given order. Neighbouring ranges (gap
+        <= coalesce_gap, merged size <= max_request) share one request; groups run in parallel
+        on up to max_connections connections."""
+        for offset, length in ranges:
+            self._check_range(offset, length)
+        groups = self._coalesce(ranges)
+        if len(groups) <= 1:
+            bodies = [self._fetch(g.start, g.end) for g in groups]
+        else:
+            bodies = list(self._pool().map(lambda g: self._fetch(g.start, g.end), groups))
+        results: list[bytes] = [b""] * len(ranges)
+        for group, body in zip(groups, bodies, strict=True):
+            view = memoryview(body)
+            for index in group.members:
+                offset, length = ranges[index]
+                results[index] = bytes(view[offset - group.start : offset - group.start + length])
+        return results
+
+    def _coalesce(self, ranges: Sequence[tuple[int, int]]) -> list[_Group]:
+        order = sorted((i for i, r in enumerate(ranges) if r[1] > 0), key=lambda i: ranges[i][0])
+        groups: list[_Group] = []
+        start = end = -1
+        members: list[int] = []
+        for i in order:
+            offset, length = ranges[i]
+            new_end = max(end, offset + length)
+            if (
+                members
+                and offset <= end + self.coalesce_gap
+                and new_end - start <= self.max_request
+            ):
+                end = new_end
+                members.append(i)
+                continue
+            if members:
+                groups.append(_Group(start, end, tuple(members)))
+            start, end, members = offset, offset + length, [i]
+        if members:
+            groups.append(_Group(start, end, tuple(members)))
+        return groups
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self._max_connections, thread_name_prefix="blob-read"
+                )
+            return self._executor
+
+    def _fetch(self, start: int, end: int, open_ended: bool = False) -> bytes:
+        """Bytes [start, end) from the first host that can serve them (sticky on success)."""
+        spooled = self._from_spool(start, end)
+        if spooled is not None:
+            return spooled
+        with self._lock:
+            first = self._host_index
+        causes: list[str] = []
+        for step in range(len(self._hosts)):
+            index = (first + step) % len(self._hosts)
+            host = self._hosts[index]
+            try:
+                data = self._fetch_from(
+                    host, start, end, is_last=step == len(self._hosts) - 1, open_ended=open_ended
+                )
+            except _HostFailed as exc:
+                causes.append(f"{host.url}: {exc}")
+                continue
+            if index != first:
+                with self._lock:
+                    self._host_index = index
+            return data
+        raise self._error(start, end, "; ".join(causes))
+
+    def _fetch_from(
+        self, host: RegistryHost, start: int, end: int, *, is_last: bool, open_ended: bool = False
+    ) -> bytes:
+        pool = self._plane.pool(self.client, host)
+        url = host.api_url(f"/{self.repository.name}/blobs/{self.digest}")
+        auth = self.client.authenticator.authorization(host.host, self._scopes)
+        attempt = auth_tries = redirects = 0
+        on_host = True
+        while True:
+            headers = {"Range": f"bytes={start}-" if open_ended else f"bytes={start}-{end - 1}"}
+            if on_host:
+                headers.update(host.headers)
+                if auth:
+                    headers["Authorization"] = auth
+            try:
+                self.requests += 1
+                response = pool.request(
+                    "GET",
+                    url,
+                    headers=headers,
+                    preload_content=False,
+                    redirect=False,
+                    retries=False,
+                    timeout=self._timeout,
+                )
+            except urllib3.exceptions.HTTPError as exc:
+                if attempt < self._retries:
+                    time.sleep(self.client.backoff_delay(attempt))
+                    attempt += 1
+                    continue
+                raise _HostFailed(f"{type(exc).__name__}: {exc}") from None
+            status = response.status
+            consumed = False
+            try:
+                if status in REDIRECT_STATUSES and response.headers.get("location"):
+                    redirects += 1
+                    if redirects > 5:
+                        raise self._error(start, end, "more than 5 redirects")
+                    url = urljoin(url, response.headers["location"])
+                    # Never send Authorization (or registry headers) to another host.
+                    on_host = normalize_host(urlsplit(url).netloc) == normalize_host(host.host)
+                    log.debug("blob %s redirected to %s", self.digest, redact_url(url))
+                    continue
+                if status == 401 and on_host and auth_tries < 2:
+                    new_auth = self.client.authenticator.challenge(
+                        host.host, self._scopes, response.headers.get("www-authenticate"), auth
+                    )
+                    if new_auth is not None and new_auth != auth:
+                        auth, auth_tries = new_auth, auth_tries + 1
+                        continue
+                    raise self._error(start, end, f"HTTP 401 from {host.url}: access refused")
+                if status == 206:
+                    data = self._partial_body(response, start, end)
+                    consumed = True
+                    return data
+                if status == 200:
+                    log.warning(
+                        "registry %s ignored Range for %s@%s: fetching the whole blob once",
+                        host.url,
+                        self.repository,
+                        self.digest,
+                    )
+                    data = self._spool_whole(response, start, end)
+                    consumed = True
+                    return data
+                if status == 416:
+                    # Never read this body: distribution sends a Content-Length it does not honour.
+                    said = response.headers.get("content-range", "?")
+                    raise self._error(
+                        start,
+                        end,
+                        f"HTTP 416 range not satisfiable (Content-Range: {said}; "
+                        f"expected size {self.size})",
+                    )
+                if status == 404:
+                    if not is_last:
+                        raise _HostFailed("HTTP 404")
+                    raise self._error(start, end, f"HTTP 404 blob not found on {host.url}")
+                if status in RETRY_STATUSES:
+                    if attempt < self._retries:
+                        time.sleep(
+                            self.client.backoff_delay(attempt, response.headers.get("retry-after"))
+                        )
+                        attempt += 1
+                        continue
+                    raise _HostFailed(f"HTTP {status} after {attempt + 1} attempts")
+                raise self._error(start, end, f"unexpected HTTP {status} from {host.url}")
+            except _ShortBody as exc:
+                if attempt < self._retries:
+                    attempt += 1
+                    continue
+                raise self._error(start, end, str(exc)) from None
+            finally:
+                # A body we did not read to its end (error statuses, a 416 with a Content-Length
+                # it does not honour) is dropped with its connection rather than drained.
+                if not consumed:
+                    response.close()
+                response.release_conn()
+
+    def _partial_body(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> bytes:
+        content_range = response.headers.get("content-range", "")
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        if match is None:
+            response.close()
+            raise self._error(start, end, f"206 without a valid Content-Range ({content_range!r})")
+        got_start, got_end, total = int(match[1]), int(match[2]), match[3]
+        if got_start != start or got_end != end - 1:
+            response.close()
+            raise self._error(
+                start, end, f"206 with Content-Range {content_range!r} for another range"
+            )
+        if total != "*" and int(total) != self.size:
+            response.close()
+            raise self._error(
+                start, end, f"blob size is {total} on the registry, expected {self.size}"
+            )
+        try:
+            data = response.read()
+        except urllib3.exceptions.HTTPError as exc:
+            raise _ShortBody(f"body broke off: {type(exc).__name__}: {exc}") from None
+        if len(data) != end - start:
+            raise _ShortBody(f"short body: {len(data)} of {end - start} bytes")
+        return bytes(data)
+
+    def _spool_whole(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> bytes:
+        with self._spool_lock:
+            if self._spool is None:
+                spool = tempfile.TemporaryFile(prefix="lazysnap-blob-")  # noqa: SIM115
+                sha = hashlib.sha256()
+                received = 0
+                try:
+                    for chunk in response.stream(1 << 20):
+                        sha.update(chunk)
+                        spool.write(chunk)
+                        received += len(chunk)
+                except urllib3.exceptions.HTTPError as exc:
+                    spool.close()
+                    raise _ShortBody(
+                        f"whole-blob body broke off after {received} bytes: {exc}"
+                    ) from None
+                actual = "sha256:" + sha.hexdigest()
+                if received != self.size or actual != self.digest:
+                    spool.close()
+                    raise self._error(
+                        start,
+                        end,
+                        f"registry ignored Range and sent {received} bytes hashing to {actual}, "
+                        f"expected {self.size} bytes",
+                    )
+                spool.flush()
+                self._spool = spool
+            else:
+                response.close()  # another thread spooled it meanwhile
+        data = self._from_spool(start, end)
+        assert data is not None
+        return data
+
+    def _from_spool(self, start: int, end: int) -> bytes | None:
+        spool = self._spool
+        if spool is None:
+            return None
+        return os.pread(spool.fileno(), end - start, start)
+
+
+class _ShortBody(Exception):
+    pass

@@ -1,0 +1,749 @@
+"""Registry control plane over httpx: manifests, blobs (whole), uploads, tags.
+
+Every request goes through `request()`: hosts from hosts.toml in order (mirrors, then the
+server), auth via auth.Authenticator (401 -> challenge -> retry), redirects followed by hand so
+Authorization never leaves the registry host, and retries with exponential backoff for
+connection errors, 5xx and 429 (never for other 4xx).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import re
+import ssl
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+
+from snapshotter.remote.auth import Authenticator, CredentialStore, normalize_host, repository_scope
+from snapshotter.remote.errors import (
+    AuthenticationError,
+    BlobNotFound,
+    DigestMismatch,
+    InvalidManifest,
+    ManifestNotFound,
+    NotFoundError,
+    PlatformNotFound,
+    RegistryError,
+    RegistryUnavailable,
+    UnexpectedResponse,
+    redact_url,
+)
+from snapshotter.remote.hosts import HostsConfig, RegistryHost
+from snapshotter.remote.manifest import (
+    ACCEPT_MANIFESTS,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    Manifest,
+    Platform,
+    media_type_of,
+    sha256_digest,
+)
+from snapshotter.remote.reference import Reference, Repository, validate_digest
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+MAX_MANIFEST_SIZE = 4 << 20  # distribution's own limit for manifests
+DEFAULT_CHUNK = 8 << 20
+PULL = ("pull",)
+PUSH = ("pull", "push")
+
+RepoLike = Repository | Reference
+
+
+def as_repository(repo: RepoLike) -> Repository:
+    return repo.repository if isinstance(repo, Reference) else repo
+
+
+def next_link(response: httpx.Response) -> str | None:
+    """Absolute URL of the `Link: <…>; rel="next"` page, if any."""
+    for part in response.headers.get_list("link", split_commas=True):
+        match = re.match(r"\s*<([^>]*)>\s*;(.*)", part)
+        if match and re.search(r'rel\s*=\s*"?next"?', match.group(2)):
+            return str(urljoin(str(response.url), match.group(1)))
+    return None
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The registry's own error code/message (distribution JSON errors), short."""
+    try:
+        body = response.json()
+        errors = body.get("errors") if isinstance(body, dict) else None
+        if isinstance(errors, list) and errors:
+            first = errors[0]
+            return str(f"{first.get('code', '')}: {first.get('message', '')}").strip(": ")
+    except (ValueError, UnicodeDecodeError, httpx.ResponseNotRead):
+        pass
+    return ""
+
+
+@dataclass(frozen=True)
+class PushedManifest:
+    digest: str
+    oci_subject: str | None  # the OCI-Subject header: the registry indexed the subject itself
+
+
+class BlobStream(io.RawIOBase):
+    """A blob body as a readable stream; at end of stream the digest (and size) is checked and
+    DigestMismatch raised naming the digest, so nothing unverified is taken as complete."""
+
+    def __init__(
+        self, chunks: Iterator[bytes], digest: str, expected_size: int | None, where: str
+    ) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._digest = digest
+        self._expected_size = expected_size
+        self._where = where
+        self._hash = hashlib.new(digest.split(":", 1)[0])
+        self._buffer = b""
+        self._received = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while not self._buffer and not self._done:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self._finish()
+                break
+            except httpx.HTTPError as exc:
+                raise RegistryUnavailable(
+                    f"blob {self._where}: body broke off after {self._received} bytes: {exc}"
+                ) from None
+            self._hash.update(chunk)
+            self._received += len(chunk)
+            self._buffer = chunk
+        n = min(len(view), len(self._buffer))
+        view[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._expected_size is not None and self._received != self._expected_size:
+            raise DigestMismatch(
+                f"blob {self._where}: got {self._received} bytes, expected {self._expected_size}"
+            )
+        actual = f"{self._digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
+        if actual != self._digest:
+            raise DigestMismatch(f"blob {self._where}: content hashes to {actual}")
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        hosts: HostsConfig | None = None,
+        credentials: CredentialStore | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        self.hosts = hosts or HostsConfig()
+        self.credentials = credentials or CredentialStore.anonymous()
+        self.authenticator = Authenticator(self.credentials, timeout=timeout)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._clients: dict[tuple[bool, tuple[str, ...]], httpx.Client] = {}
+        self._lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ssl_context(self, host: RegistryHost) -> ssl.SSLContext | bool:
+        if host.skip_verify:
+            return False
+        if not host.ca:
+            return True
+        context = ssl.create_default_context()
+        for ca in host.ca:
+            context.load_verify_locations(cafile=ca)
+        return context
+
+    def _http(self, host: RegistryHost) -> httpx.Client:
+        key = host.tls_key()
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = httpx.Client(
+                    verify=self.ssl_context(host), timeout=self.timeout, follow_redirects=False
+                )
+                self._clients[key] = client
+            return client
+
+    def backoff_delay(self, attempt: int, retry_after: str | None = None) -> float:
+        if retry_after and retry_after.strip().isdigit():
+            return min(float(retry_after), 10.0)
+        return float(min(self.backoff * (2**attempt), 5.0))
+
+    def request(
+        self,
+        method: str,
+        repo: RepoLike,
+        path: str,
+        *,
+        capability: str,
+        actions: Sequence[str] = PULL,
+        extra_scopes: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
+        params: Sequence[tuple[str, str]] | None = None,
+        content: bytes | None = None,
+        stream: bool = False,
+        v2: bool = True,
+        host: RegistryHost | None = None,
+        url: str | None = None,
+    ) -> tuple[httpx.Response, RegistryHost]:
+        """Send one API request for repo. path is relative to /v2 (unless v2=False). Mirrors
+        that fail (connection, 5xx, 404) are skipped; the last host's answer is returned as is.
+        The caller closes streamed responses."""
+        repository = as_repository(repo)
+        scopes = [repository_scope(repository.name, actions), *extra_scopes]
+        candidates = (
+            [host] if host is not None else self.hosts.hosts_for(repository.registry, capability)
+        )
+        last_error: RegistryError | None = None
+        for i, candidate in enumerate(candidates):
+            is_last = i == len(candidates) - 1
+            target = url or (candidate.api_url(path) if v2 else candidate.url.rstrip("/") + path)
+            try:
+                response = self._send(
+                    candidate, method, target, scopes, headers, params, content, stream
+                )
+            except RegistryUnavailable as exc:
+                if is_last:
+                    raise
+                log.warning("%s: trying next host", exc)
+                last_error = exc
+                continue
+            if not is_last and (response.status_code == 404 or response.status_code >= 500):
+                log.warning(
+                    "mirror %s answered HTTP %d for %s %s: trying next host",
+                    candidate.url,
+                    response.status_code,
+                    method,
+                    path,
+                )
+                response.close()
+                continue
+            return response, candidate
+        raise last_error or RegistryUnavailable(f"no host answered for {repository}")
+
+    def _send(
+        self,
+        host: RegistryHost,
+        method: str,
+        url: str,
+        scopes: list[str],
+        headers: Mapping[str, str] | None,
+        params: Sequence[tuple[str, str]] | None,
+        content: bytes | None,
+        stream: bool,
+    ) -> httpx.Response:
+        client = self._http(host)
+        auth = self.authenticator.authorization(host.host, scopes)
+        attempt = auth_tries = redirects = 0
+        current_url, current_method, current_params = url, method, params
+        on_registry_host = True
+        while True:
+            request_headers: dict[str, str] = {}
+            if on_registry_host:
+                request_headers.update(host.headers)
+            request_headers.update(headers or {})
+            if auth and on_registry_host:
+                request_headers["Authorization"] = auth
+            try:
+                request = client.build_request(
+                    current_method,
+                    current_url,
+                    headers=request_headers,
+                    params=httpx.QueryParams(list(current_params)) if current_params else None,
+                    content=content,
+                )
+                response = client.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if attempt < self.retries:
+                    time.sleep(self.backoff_delay(attempt))
+                    attempt += 1
+                    continue
+                raise RegistryUnavailable(
+                    f"{current_method} {redact_url(current_url)} failed after {attempt + 1} "
+                    f"attempts: {type(exc).__name__}: {exc}"
+                ) from None
+            status = response.status_code
+            if status in REDIRECT_STATUSES and "location" in response.headers:
+                response.close()
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise UnexpectedResponse(
+                        f"{method} {redact_url(url)}: more than {MAX_REDIRECTS} redirects", status
+                    )
+                current_url = urljoin(str(response.url), response.headers["location"])
+                current_params = None  # the Location carries its own query
+                if status == 303:
+                    current_method, content = "GET", None
+                # Never forward Authorization (or host headers) to another host (spec: MUST NOT).
+                on_registry_host = normalize_host(urlsplit(current_url).netloc) == normalize_host(
+                    host.host
+                )
+                log.debug("%s redirected to %s", redact_url(url), redact_url(current_url))
+                continue
+            if status == 401 and on_registry_host and auth_tries < 2:
+                challenge = response.headers.get("www-authenticate")
+                response.close()
+                new_auth = self.authenticator.challenge(host.host, scopes, challenge, auth)
+                if new_auth is not None and new_auth != auth:
+                    auth, auth_tries = new_auth, auth_tries + 1
+                    continue
+                # Nothing better to offer: hand the 401 back to the caller to report.
+                return client.send(
+                    client.build_request(
+                        current_method,
+                        current_url,
+                        headers=request_headers,
+                        params=httpx.QueryParams(list(current_params)) if current_params else None,
+                        content=content,
+                    ),
+                    stream=stream,
+                )
+            if status in RETRY_STATUSES and attempt < self.retries:
+                delay = self.backoff_delay(attempt, response.headers.get("retry-after"))
+                response.close()
+                log.debug(
+                    "%s %s: HTTP %d, retry in %.2fs", method, redact_url(current_url), status, delay
+                )
+                time.sleep(delay)
+                attempt += 1
+                continue
+            return response
+
+    def check(
+        self,
+        response: httpx.Response,
+        what: str,
+        ok: Sequence[int],
+        host: RegistryHost,
+        not_found: type[NotFoundError] = NotFoundError,
+    ) -> None:
+        """Raise the error a user should see when response.status_code is not in ok."""
+        status = response.status_code
+        if status in ok:
+            return
+        if stream_unread(response):
+            response.read()
+        detail = error_detail(response)
+        suffix = f" ({detail})" if detail else ""
+        where = f"{what} on {host.url}"
+        if status in (401, 403):
+            creds = self.credentials.get(host.host)
+            who = f"user {creds.username!r}" if creds else "anonymous access (no credentials found)"
+            raise AuthenticationError(f"{where}: HTTP {status} for {who}{suffix}")
+        if status == 404:
+            raise not_found(f"{where}: not found{suffix}")
+        if status in RETRY_STATUSES:
+            raise RegistryUnavailable(
+                f"{where}: HTTP {status} after {self.retries} retries{suffix}"
+            )
+        raise UnexpectedResponse(f"{where}: unexpected HTTP {status}{suffix}", status)
+
+    # -- manifests ----------------------------------------------------------------------------
+
+    def get_manifest(self, ref: Reference, accept: str = ACCEPT_MANIFESTS) -> Manifest:
+        capability = "pull" if ref.digest else "resolve"
+        response, host = self.request(
+            "GET",
+            ref,
+            f"/{ref.name}/manifests/{ref.object}",
+            capability=capability,
+            headers={"Accept": accept},
+        )
+        with contextlib.closing(response):
+            self.check(response, f"manifest {ref}", (200,), host, ManifestNotFound)
+            data = response.content
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise InvalidManifest(
+                    f"manifest {ref}: {len(data)} bytes exceeds the {MAX_MANIFEST_SIZE} limit"
+                )
+            actual = sha256_digest(data)
+            if ref.digest is not None:
+                if ref.digest.startswith("sha256:") and actual != ref.digest:
+                    raise DigestMismatch(f"manifest {ref}: content hashes to {actual}")
+                digest = ref.digest
+            else:
+                said = response.headers.get("docker-content-digest")
+                if said and said.startswith("sha256:") and said != actual:
+                    raise DigestMismatch(
+                        f"manifest {ref}: registry says {said} (Docker-Content-Digest), "
+                        f"content hashes to {actual}"
+                    )
+                digest = actual
+            content_type = response.headers.get("content-type", "").split(";")[0].strip()
+            media_type = media_type_of(data, f"manifest {ref}")
+            if content_type in MANIFEST_TYPES + INDEX_TYPES and '"mediaType"' not in data.decode(
+                errors="replace"
+            ):
+                media_type = content_type
+        return Manifest(
+            data, digest, media_type, ref.with_digest(digest), response.headers.get("etag")
+        )
+
+    def manifest_exists(self, repo: RepoLike, digest: str) -> bool:
+        repository = as_repository(repo)
+        response, host = self.request(
+            "HEAD",
+            repository,
+            f"/{repository.name}/manifests/{digest}",
+            capability="pull",
+            headers={"Accept": ACCEPT_MANIFESTS},
+        )
+        with contextlib.closing(response):
+            if response.status_code == 404:
+                return False
+            self.check(response, f"manifest {repository}@{digest}", (200,), host, ManifestNotFound)
+            return True
+
+    def resolve_platform(
+        self, index: Manifest, platform: Platform | None = None, *, check_present: bool = True
+    ) -> Descriptor:
+        """The best descriptor in index for platform (default: this host). A listed but absent
+        child (sparse index) is a PlatformNotFound naming platform and digest."""
+        want = (platform or Platform.host()).normalized()
+        if not index.is_index:
+            return Descriptor(index.media_type, index.digest, len(index.data), platform=want)
+        ranked = []
+        for position, desc in enumerate(index.manifests):
+            if desc.platform is None:
+                continue
+            rank = want.match_rank(desc.platform)
+            if rank is not None:
+                ranked.append((rank, position, desc))
+        if not ranked:
+            available = (
+                ", ".join(sorted({str(d.platform) for d in index.manifests if d.platform}))
+                or "none"
+            )
+            raise PlatformNotFound(
+                f"index {index.where} has no manifest for platform {want} (has: {available})"
+            )
+        ranked.sort(key=lambda item: (item[0], item[1]))
+        chosen = ranked[0][2]
+        if (
+            check_present
+            and index.reference is not None
+            and not self.manifest_exists(index.reference, chosen.digest)
+        ):
+            raise PlatformNotFound(
+                f"index {index.where} lists platform {want} as {chosen.digest}, but the registry "
+                "does not have that manifest (sparse index)"
+            )
+        return chosen
+
+    def get_children(
+        self, index: Manifest, platforms: Sequence[Platform] | None = None
+    ) -> list[Manifest]:
+        """Fetch the children of an index. Absent children of platforms not asked for are skipped
+        with a warning (sparse index); an absent asked-for platform is PlatformNotFound."""
+        if index.reference is None:
+            raise InvalidManifest(f"index {index.digest} has no repository to fetch children from")
+        wanted = [p.normalized() for p in platforms] if platforms else None
+        children: list[Manifest] = []
+        for desc in index.manifests:
+            asked = wanted is None or (
+                desc.platform is not None
+                and any(w.match_rank(desc.platform) is not None for w in wanted)
+            )
+            if wanted is not None and not asked:
+                continue
+            try:
+                children.append(self.get_manifest(index.reference.with_digest(desc.digest)))
+            except ManifestNotFound:
+                if wanted is not None:
+                    raise PlatformNotFound(
+                        f"index {index.where}: manifest {desc.digest} for asked-for platform "
+                        f"{desc.platform} is absent (sparse index)"
+                    ) from None
+                log.warning(
+                    "index %s: skipping absent child %s (platform %s; sparse index)",
+                    index.where,
+                    desc.digest,
+                    desc.platform,
+                )
+        return children
+
+    def push_manifest(
+        self, repo: RepoLike, ref: str, data: bytes, media_type: str, *, if_match: str | None = None
+    ) -> PushedManifest:
+        """PUT a manifest under a tag or digest. Returns its digest and the OCI-Subject header.
+        if_match makes the PUT conditional (412 -> UnexpectedResponse with status 412) on
+        registries that honour it; others ignore it."""
+        repository = as_repository(repo)
+        digest = sha256_digest(data)
+        headers = {"Content-Type": media_type}
+        if if_match:
+            headers["If-Match"] = if_match
+        response, host = self.request(
+            "PUT",
+            repository,
+            f"/{repository.name}/manifests/{ref}",
+            capability="push",
+            actions=PUSH,
+            headers=headers,
+            content=data,
+        )
+        with contextlib.closing(response):
+            self.check(
+                response, f"push of manifest {repository}:{ref} ({digest})", (200, 201), host
+            )
+            said = response.headers.get("docker-content-digest")
+            if said and said.startswith("sha256:") and said != digest:
+                raise DigestMismatch(
+                    f"push of manifest {repository}:{ref}: registry stored {said}, we sent {digest}"
+                )
+            return PushedManifest(digest, response.headers.get("oci-subject"))
+
+    def delete_manifest(self, repo: RepoLike, digest: str) -> None:
+        repository = as_repository(repo)
+        response, host = self.request(
+            "DELETE",
+            repository,
+            f"/{repository.name}/manifests/{digest}",
+            capability="push",
+            actions=("delete",),
+        )
+        with contextlib.closing(response):
+            self.check(
+                response,
+                f"delete of manifest {repository}@{digest}",
+                (200, 202),
+                host,
+                ManifestNotFound,
+            )
+
+    def list_tags(self, repo: RepoLike, page_size: int | None = None) -> list[str]:
+        repository = as_repository(repo)
+        tags: list[str] = []
+        params = [("n", str(page_size))] if page_size else None
+        url: str | None = None
+        host: RegistryHost | None = None
+        while True:
+            response, host = self.request(
+                "GET",
+                repository,
+                f"/{repository.name}/tags/list",
+                capability="pull",
+                params=params if url is None else None,
+                url=url,
+                host=host,
+            )
+            with contextlib.closing(response):
+                self.check(response, f"tag list of {repository}", (200,), host)
+                body = response.json()
+                tags.extend(str(t) for t in (body.get("tags") or []))
+                url = next_link(response)
+            if url is None:
+                return tags
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def blob_exists(self, repo: RepoLike, digest: str) -> bool:
+        repository = as_repository(repo)
+        validate_digest(digest)
+        response, host = self.request(
+            "HEAD", repository, f"/{repository.name}/blobs/{digest}", capability="pull"
+        )
+        with contextlib.closing(response):
+            if response.status_code == 404:
+                return False
+            self.check(response, f"blob {repository}@{digest}", (200,), host, BlobNotFound)
+            return True
+
+    @contextlib.contextmanager
+    def stream_blob(
+        self, repo: RepoLike, digest: str, size: int | None = None
+    ) -> Iterator[BlobStream]:
+        """Stream a whole blob; the digest is verified when the stream is read to its end."""
+        repository = as_repository(repo)
+        validate_digest(digest)
+        response, host = self.request(
+            "GET", repository, f"/{repository.name}/blobs/{digest}", capability="pull", stream=True
+        )
+        try:
+            self.check(response, f"blob {repository}@{digest}", (200,), host, BlobNotFound)
+            stream = BlobStream(
+                response.iter_bytes(1 << 20), digest, size, f"{repository}@{digest}"
+            )
+            yield stream
+        finally:
+            response.close()
+
+    def get_blob(self, repo: RepoLike, digest: str, max_size: int = 64 << 20) -> bytes:
+        """A small blob (config, index), read whole and verified."""
+        with self.stream_blob(repo, digest) as stream:
+            data = stream.read(max_size + 1)
+            if len(data) > max_size:
+                raise UnexpectedResponse(
+                    f"blob {as_repository(repo)}@{digest} is larger than {max_size} bytes"
+                )
+            while stream.read(1 << 16):  # drain to EOF so the digest check runs
+                pass
+            return data
+
+    def push_blob(
+        self,
+        repo: RepoLike,
+        data: bytes | Path,
+        digest: str | None = None,
+        *,
+        mount_from: RepoLike | None = None,
+        chunk_size: int | None = None,
+        skip_existing: bool = True,
+    ) -> str:
+        """Upload a blob (bytes, or a file path for big ones). Tries a cross-repo mount first when
+        mount_from is given; chunk_size switches to a chunked (PATCH) upload. Returns the digest."""
+        repository = as_repository(repo)
+        size = len(data) if isinstance(data, bytes) else os.path.getsize(data)
+        if digest is None:
+            digest = sha256_digest(data) if isinstance(data, bytes) else _file_digest(data)
+        validate_digest(digest)
+        if skip_existing and self.blob_exists(repository, digest):
+            return digest
+        host = self.hosts.hosts_for(repository.registry, "push")[0]
+        what = f"upload of blob {digest} to {repository}"
+        params: list[tuple[str, str]] = []
+        extra: list[str] = []
+        if mount_from is not None:
+            source = as_repository(mount_from)
+            params = [("mount", digest), ("from", source.name)]
+            extra = [repository_scope(source.name, PULL)]
+        response, host = self.request(
+            "POST",
+            repository,
+            f"/{repository.name}/blobs/uploads/",
+            capability="push",
+            actions=PUSH,
+            extra_scopes=extra,
+            params=params or None,
+            host=host,
+        )
+        with contextlib.closing(response):
+            if response.status_code == 201 and mount_from is not None:
+                log.debug(
+                    "mounted %s into %s from %s", digest, repository, as_repository(mount_from)
+                )
+                return digest
+            self.check(response, what, (202,), host)
+            location = self._location(response, what)
+        if chunk_size is None or size <= chunk_size:
+            body = data if isinstance(data, bytes) else Path(data).read_bytes()
+            self._finish_upload(repository, host, location, digest, body, what)
+            return digest
+        offset = 0
+        with _open_source(data) as source_file:
+            while offset < size:
+                chunk = source_file.read(chunk_size)
+                end = offset + len(chunk) - 1
+                response, _ = self.request(
+                    "PATCH",
+                    repository,
+                    "",
+                    capability="push",
+                    actions=PUSH,
+                    host=host,
+                    url=location,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{end}",
+                        "Content-Length": str(len(chunk)),
+                    },
+                    content=chunk,
+                )
+                with contextlib.closing(response):
+                    self.check(response, f"{what} (chunk at {offset})", (202,), host)
+                    location = self._location(response, what)
+                offset += len(chunk)
+        self._finish_upload(repository, host, location, digest, b"", what)
+        return digest
+
+    def _location(self, response: httpx.Response, what: str) -> str:
+        location = response.headers.get("location")
+        if not location:
+            raise UnexpectedResponse(
+                f"{what}: registry answered {response.status_code} without Location"
+            )
+        return str(urljoin(str(response.url), str(location)))
+
+    def _finish_upload(
+        self,
+        repository: Repository,
+        host: RegistryHost,
+        location: str,
+        digest: str,
+        body: bytes,
+        what: str,
+    ) -> None:
+        separator = "&" if "?" in location else "?"
+        url = f"{location}{separator}digest={quote(digest)}"
+        response, _ = self.request(
+            "PUT",
+            repository,
+            "",
+            capability="push",
+            actions=PUSH,
+            host=host,
+            url=url,
+            headers={"Content-Type": "application/octet-stream"},
+            content=body,
+        )
+        with contextlib.closing(response):
+            self.check(response, what, (201, 204), host)
+
+
+def stream_unread(response: httpx.Response) -> bool:
+    return not response.is_stream_consumed and not hasattr(response, "_content")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@contextlib.contextmanager
+def _open_source(data: bytes | Path) -> Iterator[io.BufferedIOBase]:
+    if isinstance(data, bytes):
+        yield io.BytesIO(data)
+    else:
+        with open(data, "rb") as f:
+            yield f

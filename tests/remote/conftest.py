@@ -1,0 +1,106 @@
+"""Fixtures for the registry client tests: clients for the session registry, peryx, and
+registries behind basic or token auth."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.remote.auth import Credentials, CredentialStore
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.hosts import HostsConfig
+from tests.harness.peryx import Peryx, start_peryx
+from tests.harness.procs import HarnessError
+from tests.harness.registry import Registry, TokenAuth, start_registry
+from tests.harness.token_issuer import TokenIssuer
+
+MakeClient = Callable[..., RegistryClient]
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    """RegistryClient factory speaking plain http to the given hosts; closed after the test."""
+    made: list[RegistryClient] = []
+
+    def make(
+        *hosts: str, credentials: CredentialStore | None = None, **kwargs: object
+    ) -> RegistryClient:
+        options: dict[str, object] = {"timeout": 10.0, "retries": 2, "backoff": 0.05}
+        options.update(kwargs)
+        client = RegistryClient(HostsConfig(plain_http=hosts), credentials, **options)  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client(registry: Registry, make_client: MakeClient) -> RegistryClient:
+    return make_client(registry.host)
+
+
+@pytest.fixture(scope="session")
+def peryx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peryx]:
+    try:
+        server = start_peryx(tmp_path_factory.mktemp("peryx"))
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def peryx_client(peryx_server: Peryx, make_client: MakeClient) -> RegistryClient:
+    creds = CredentialStore({peryx_server.host: Credentials("lazysnap", peryx_server.token)})
+    return make_client(peryx_server.host, credentials=creds)
+
+
+BASIC_USERS = {"alice": "wonder-Land-7"}
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    try:
+        instance = start_registry(tmp_path_factory.mktemp("basic-registry"), basic_auth=BASIC_USERS)
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield instance
+    instance.stop()
+
+
+TOKEN_USERS = {"bob": "builder-Secret-42"}
+
+
+@pytest.fixture(scope="module")
+def token_issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenIssuer]:
+    issuer = TokenIssuer(tmp_path_factory.mktemp("issuer"), users=dict(TOKEN_USERS)).start()
+    yield issuer
+    issuer.stop()
+
+
+@pytest.fixture(scope="module")
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory, token_issuer: TokenIssuer
+) -> Iterator[Registry]:
+    auth = TokenAuth(
+        realm=token_issuer.realm,
+        service=token_issuer.service,
+        issuer=token_issuer.issuer,
+        rootcertbundle=token_issuer.cert_path,
+    )
+    try:
+        instance = start_registry(tmp_path_factory.mktemp("token-registry"), token_auth=auth)
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield instance
+    instance.stop()
+
+
+def write_docker_config(path: Path, auths: dict[str, dict[str, str]], **extra: object) -> Path:
+    path.write_text(json.dumps({"auths": auths, **extra}))
+    return path
