@@ -127,7 +127,7 @@ class _Builder:
         self.next_ino = ROOT_INO
         self.by_ino: dict[int, Inode] = {}
         self.root = self._new_inode(stat.S_IFDIR | IMPLICIT_DIR_MODE)
-        self.root.nlink = 2
+        self.root.size, self.root.nlink = DIR_SIZE, 2
 
     def build(self) -> LayerTree:
         for entry in self.index.entries:
@@ -176,7 +176,7 @@ class _Builder:
             child = node.children.get(part)
             if child is None:
                 child = self._new_inode(stat.S_IFDIR | IMPLICIT_DIR_MODE)
-                child.size = DIR_SIZE
+                child.size, child.nlink = DIR_SIZE, 2
                 self._link(node, part, child)
             elif not child.is_dir:
                 where = "/".join(parts[: depth + 1])

@@ -1,0 +1,311 @@
+"""LazyLayers: the RemoteLayers implementation that the snapshot core gets injected.
+
+Each layer is served by its own mount process (snapshotter.fs.mount_process), started in its
+own session so that it survives restarts of `lazysnap serve`. Beside the mountpoint live:
+    <mountpoint>.lazysnap.json        state file written by the mount process (pid, digest, ...)
+    <mountpoint>.lazysnap-spec.json   the spec the process was started with
+    <mountpoint>.lazysnap-index       the encoded index, when the spec carried it as bytes
+    <mountpoint>.lazysnap.log         the process's log (EIO lines name layer, span and cause)
+A mountpoint that is still live with a live process is re-attached, not mounted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.mount_process import MountSpec, read_state, state_path_for
+from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS
+
+log = logging.getLogger("lazysnap.fs")
+
+MOUNT_PROCESS_MODULE = "snapshotter.fs.mount_process"
+DEFAULT_READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+LOG_TAIL_BYTES = 2000
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What is needed to mount one layer: its encoded index (bytes or a file) and its blob."""
+
+    blob: BlobSpec
+    index_bytes: bytes | None = None
+    index_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.index_bytes is None) == (self.index_path is None):
+            raise ValueError("LayerSpec: give exactly one of index_bytes and index_path")
+
+
+Resolver = Callable[[Mapping[str, str]], LayerSpec]
+
+
+def sidecar(mountpoint: str, suffix: str) -> Path:
+    path = Path(mountpoint.rstrip("/"))
+    return path.with_name(path.name + suffix)
+
+
+class LazyLayers:
+    def __init__(
+        self,
+        cache_dir: str,
+        cache_max_bytes: int,
+        *,
+        resolve: Resolver | None = None,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
+        workers: int = DEFAULT_WORKERS,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+        allow_other: bool = True,
+        python: str = sys.executable,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.cache_max_bytes = cache_max_bytes
+        self.resolve = resolve
+        self.fetch_timeout = fetch_timeout
+        self.workers = workers
+        self.ready_timeout = ready_timeout
+        self.allow_other = allow_other
+        self.python = python
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- RemoteLayers ------------------------------------------------------------------------------
+
+    def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        if self.resolve is None:
+            raise RemoteLayerUnavailable("lazy layers: no resolver configured")
+        try:
+            spec = self.resolve(labels)
+        except RemoteLayerUnavailable:
+            raise
+        except Exception as exc:  # a resolver failure means "not lazily": fall back, say why
+            raise RemoteLayerUnavailable(f"resolving layer for {mountpoint}: {exc}") from exc
+        self.mount_layer(mountpoint, spec)
+
+    def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        problem = self._problem(mountpoint)
+        if problem:
+            raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
+
+    def unmount(self, mountpoint: str) -> None:
+        mountpoint = os.path.abspath(mountpoint)
+        state = read_state(mountpoint)
+        pid = _as_pid(state.get("pid")) if state else None
+        child = self._children.pop(mountpoint, None)
+        if child is not None:
+            pid = child.pid
+        if pid is not None and _is_mount_process(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            self._wait_exit(pid, child, STOP_TIMEOUT_S)
+        if _mount_status(mountpoint) != "absent":
+            _detach(mountpoint)
+        if pid is not None and _is_mount_process(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_exit(pid, child, STOP_TIMEOUT_S)
+        for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
+            with contextlib.suppress(FileNotFoundError):
+                sidecar(mountpoint, suffix).unlink()
+
+    # -- lazysnap's own entry points ---------------------------------------------------------------
+
+    def mount_layer(self, mountpoint: str, spec: LayerSpec) -> None:
+        """Mount spec at mountpoint (an existing empty directory), or keep the live mount that
+        is already there. Raises RemoteLayerUnavailable naming the cause."""
+        mountpoint = os.path.abspath(mountpoint)
+        if self._problem(mountpoint) is None:
+            log.info("re-attached live lazy mount %s", mountpoint)
+            return
+        if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
+            self.unmount(mountpoint)
+        if not os.path.isdir(mountpoint):
+            raise RemoteLayerUnavailable(f"mountpoint {mountpoint} is not a directory")
+
+        index_path = spec.index_path
+        if spec.index_bytes is not None:
+            index_path = str(sidecar(mountpoint, ".lazysnap-index"))
+            _write_atomically(Path(index_path), spec.index_bytes)
+        assert index_path is not None
+        mount_spec = MountSpec(
+            mountpoint=mountpoint,
+            index_path=os.path.abspath(index_path),
+            blob=spec.blob,
+            cache_dir=self.cache_dir,
+            cache_max_bytes=self.cache_max_bytes,
+            fetch_timeout=self.fetch_timeout,
+            workers=self.workers,
+            allow_other=self.allow_other,
+        )
+        spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+        _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
+        try:
+            self._start(mountpoint, spec_path)
+        except RemoteLayerUnavailable:
+            self.unmount(mountpoint)
+            raise
+
+    def is_live(self, mountpoint: str) -> bool:
+        return self._problem(os.path.abspath(mountpoint)) is None
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _start(self, mountpoint: str, spec_path: Path) -> None:
+        read_end, write_end = os.pipe()
+        log_path = sidecar(mountpoint, ".lazysnap.log")
+        try:
+            with open(log_path, "ab") as log_file:
+                child = subprocess.Popen(
+                    [
+                        self.python,
+                        "-m",
+                        MOUNT_PROCESS_MODULE,
+                        "--spec",
+                        str(spec_path),
+                        "--ready-fd",
+                        str(write_end),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=(write_end,),
+                    start_new_session=True,  # survives serve restarts and its signals
+                    cwd="/",
+                )
+        except OSError as exc:
+            os.close(read_end)
+            os.close(write_end)
+            raise RemoteLayerUnavailable(f"starting mount process for {mountpoint}: {exc}") from exc
+        os.close(write_end)
+        try:
+            answer = _read_line(read_end, self.ready_timeout)
+        finally:
+            os.close(read_end)
+        self._children[mountpoint] = child
+        if answer == "ready":
+            return
+        if answer is None:
+            why = f"not ready within {self.ready_timeout:g}s"
+        elif answer == "":
+            why = f"mount process exited ({child.poll()}) before it was ready"
+        else:
+            why = answer.removeprefix("error: ")
+        tail = _tail(log_path)
+        raise RemoteLayerUnavailable(
+            f"mounting lazy layer at {mountpoint}: {why}" + (f"; log: {tail}" if tail else "")
+        )
+
+    def _problem(self, mountpoint: str) -> str | None:
+        status = _mount_status(mountpoint)
+        if status == "dead":
+            return "FUSE connection is gone (ENOTCONN)"
+        if status == "absent":
+            return "not mounted"
+        state = read_state(mountpoint)
+        pid = _as_pid(state.get("pid")) if state else None
+        if pid is None:
+            return f"no state file {state_path_for(mountpoint)}"
+        if not _is_mount_process(pid):
+            return f"mount process {pid} is gone"
+        return None
+
+    def _wait_exit(self, pid: int, child: subprocess.Popen[bytes] | None, timeout: float) -> None:
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while _is_mount_process(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _mount_status(mountpoint: str) -> str:
+    """ "live", "dead" (ENOTCONN: the FUSE process is gone) or "absent" (plain directory)."""
+    try:
+        # statfs always reaches the FUSE process; stat may be answered from the attr cache.
+        os.statvfs(mountpoint)
+        own = os.stat(mountpoint).st_dev
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "dead"
+        return "absent"
+    try:
+        parent = os.stat(os.path.dirname(mountpoint.rstrip("/")) or "/").st_dev
+    except OSError:
+        return "absent"
+    return "live" if own != parent else "absent"
+
+
+def _detach(mountpoint: str) -> None:
+    for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        with contextlib.suppress(OSError):
+            if subprocess.run(command, capture_output=True, check=False).returncode == 0:
+                return
+    log.warning("could not unmount %s", mountpoint)
+
+
+def _is_mount_process(pid: int) -> bool:
+    """True if pid is alive (not a zombie) and is a mount process, not a reused pid."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = status.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" and MOUNT_PROCESS_MODULE.encode() in cmdline
+
+
+def _as_pid(value: object) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line on fd; "" at EOF without one; None on timeout."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-3:])
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise RemoteLayerUnavailable(f"writing {path}: {exc.strerror}") from exc

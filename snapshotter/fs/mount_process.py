@@ -1,0 +1,348 @@
+"""One process per mounted lazy layer: `python -m snapshotter.fs.mount_process --spec FILE`.
+
+It is started detached (its own session) so it outlives `lazysnap serve`. It reports "ready"
+on --ready-fd only once the mount is live (the mountpoint's device changed and its readahead
+was raised), or "error: <why>" if it cannot mount. While mounted it keeps a state file next to
+the mountpoint (pid, mountpoint, layer digest, counters) for `lazysnap status` and for the
+manager re-attaching after a restart. SIGTERM unmounts cleanly (libfuse's handler ends the loop
+and unmounts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
+from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS, LayerReader
+from snapshotter.fs.tree import LayerTree, LayerTreeError
+from snapshotter.index.model import LayerIndex
+
+log = logging.getLogger("lazysnap.fs")
+
+READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
+STATE_INTERVAL_S = 2.0
+MOUNT_WAIT_S = 30.0
+
+
+class SpecError(ValueError):
+    """A mount spec that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    mountpoint: str
+    index_path: str  # the encoded index (snapshotter.index.codec)
+    blob: BlobSpec
+    cache_dir: str
+    cache_max_bytes: int
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S
+    workers: int = DEFAULT_WORKERS
+    allow_other: bool = True
+    state_interval: float = STATE_INTERVAL_S
+    extra: dict[str, Any] = field(default_factory=dict)  # ignored; room for the resolver
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mountpoint": self.mountpoint,
+            "index_path": self.index_path,
+            "blob": self.blob.to_json(),
+            "cache_dir": self.cache_dir,
+            "cache_max_bytes": self.cache_max_bytes,
+            "fetch_timeout": self.fetch_timeout,
+            "workers": self.workers,
+            "allow_other": self.allow_other,
+            "state_interval": self.state_interval,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "spec") -> MountSpec:
+        if not isinstance(obj, dict):
+            raise SpecError(f"{source}: expected a JSON object")
+
+        def get(key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+            value = obj.get(key, default)
+            if value is None or (isinstance(value, bool) and kind is not bool):
+                raise SpecError(f"{source}: {key} is missing or invalid")
+            if not isinstance(value, kind):
+                raise SpecError(f"{source}: {key} must be {_kind_name(kind)}, not {value!r}")
+            return value
+
+        try:
+            blob = BlobSpec.from_json(obj.get("blob"))
+        except BlobSpecError as exc:
+            raise SpecError(f"{source}: {exc}") from None
+        spec = cls(
+            mountpoint=get("mountpoint", str),
+            index_path=get("index_path", str),
+            blob=blob,
+            cache_dir=get("cache_dir", str),
+            cache_max_bytes=get("cache_max_bytes", int),
+            fetch_timeout=float(get("fetch_timeout", (int, float), DEFAULT_FETCH_TIMEOUT_S)),
+            workers=get("workers", int, DEFAULT_WORKERS),
+            allow_other=get("allow_other", bool, True),
+            state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
+        )
+        if spec.cache_max_bytes <= 0 or spec.workers < 1 or spec.fetch_timeout <= 0:
+            raise SpecError(f"{source}: cache_max_bytes, workers and fetch_timeout must be > 0")
+        return spec
+
+    @classmethod
+    def load(cls, path: str) -> MountSpec:
+        try:
+            obj = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise SpecError(f"mount spec {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"mount spec {path}: not JSON: {exc}") from None
+        return cls.from_json(obj, source=f"mount spec {path}")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def state_path_for(mountpoint: str) -> Path:
+    """The state file that sits next to a mountpoint: <mountpoint>.lazysnap.json."""
+    path = Path(mountpoint.rstrip("/") or "/")
+    return path.with_name(path.name + ".lazysnap.json")
+
+
+def read_state(mountpoint: str) -> dict[str, Any] | None:
+    try:
+        state = json.loads(state_path_for(mountpoint).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def load_index(path: str) -> LayerIndex:
+    from snapshotter.index.codec import decode_index
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SpecError(f"index file {path}: {exc.strerror}") from None
+    try:
+        return decode_index(data)
+    except Exception as exc:  # the codec's own errors name what is wrong; add the file
+        raise SpecError(f"index file {path}: {exc}") from None
+
+
+class _Reporter:
+    """Writes the single ready/error line the parent waits for, once."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, line: str) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            with contextlib.suppress(OSError):
+                os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
+                os.close(self._fd)
+            self._fd = None
+
+
+class _StateKeeper(threading.Thread):
+    """Waits for the mount to go live, then reports ready and refreshes the state file."""
+
+    def __init__(
+        self, spec: MountSpec, reader: LayerReader, reporter: _Reporter, device_before: int
+    ) -> None:
+        super().__init__(name="state-keeper", daemon=True)
+        self.spec = spec
+        self.reader = reader
+        self.reporter = reporter
+        self.device_before = device_before
+        self.stopped = threading.Event()
+        self.became_ready = threading.Event()
+        self.started_at = time.time()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + MOUNT_WAIT_S
+        device = self.device_before
+        while not self.stopped.is_set():
+            with contextlib.suppress(OSError):
+                device = os.stat(self.spec.mountpoint).st_dev
+            if device != self.device_before:
+                break
+            if time.monotonic() > deadline:
+                self.reporter.send(
+                    f"error: {self.spec.mountpoint} not mounted after {MOUNT_WAIT_S}s"
+                )
+                return
+            self.stopped.wait(0.01)
+        else:
+            return
+        _raise_read_ahead(device)
+        self.write_state()
+        self.became_ready.set()
+        self.reporter.send("ready")
+        log.info("mounted %s at %s", self.reader.layer_digest, self.spec.mountpoint)
+        while not self.stopped.wait(self.spec.state_interval):
+            self.write_state()
+
+    def write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "mountpoint": self.spec.mountpoint,
+            "layer_digest": self.reader.layer_digest,
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "cache_dir": self.spec.cache_dir,
+            "counters": self.reader.counters().as_dict(),
+        }
+        path = state_path_for(self.spec.mountpoint)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(state, indent=1) + "\n")
+            os.rename(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write state file %s: %s", path, exc)
+
+
+def _raise_read_ahead(device: int) -> None:
+    # FUSE mounts get a bdi named after their anonymous device, e.g. 0:52.
+    bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    try:
+        bdi.write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:  # not fatal: only 128 KiB reads
+        log.warning("cannot raise readahead in %s: %s", bdi, exc)
+
+
+def run(spec: MountSpec, ready_fd: int | None) -> int:
+    reporter = _Reporter(ready_fd)
+    try:
+        index = load_index(spec.index_path)
+        tree = LayerTree.from_index(index)
+        cache = SpanCache(spec.cache_dir, spec.cache_max_bytes)
+        blob = open_blob_source(spec.blob, timeout=spec.fetch_timeout)
+        device_before = os.stat(spec.mountpoint).st_dev
+    except (SpecError, LayerTreeError, CacheError, BlobSpecError) as exc:
+        reporter.send(f"error: {exc}")
+        log.error("cannot mount %s: %s", spec.mountpoint, exc)
+        return 2
+    except OSError as exc:
+        reporter.send(f"error: mountpoint {spec.mountpoint}: {exc.strerror}")
+        log.error("cannot mount %s: %s", spec.mountpoint, exc.strerror)
+        return 2
+
+    from snapshotter.fs import fuse_ops  # loads libfuse3; kept out of the spec checks above
+
+    reader = LayerReader(index, blob, cache, workers=spec.workers, fetch_timeout=spec.fetch_timeout)
+    keeper = _StateKeeper(spec, reader, reporter, device_before)
+    keeper.start()
+    try:
+        fuse_ops.serve(
+            fuse_ops.LayerOperations(tree, reader),
+            spec.mountpoint,
+            fsname=f"lazysnap:{index.layer_digest}",
+            allow_other=spec.allow_other,
+        )
+    except RuntimeError as exc:
+        # libfuse reports a loop ended by SIGTERM as a failure; once live, it is our stop.
+        if keeper.became_ready.is_set():
+            log.info("stopping on signal (libfuse status %s)", exc)
+        else:
+            reporter.send(f"error: mounting {spec.mountpoint}: libfuse status {exc}")
+            log.error("mounting %s failed: libfuse status %s", spec.mountpoint, exc)
+            return 1
+    finally:
+        keeper.stopped.set()
+        keeper.join(timeout=5)
+        reader.close()
+        with contextlib.suppress(FileNotFoundError):
+            state_path_for(spec.mountpoint).unlink()
+    reporter.send(f"error: {spec.mountpoint} was unmounted before it became ready")
+    log.info("unmounted %s from %s", index.layer_digest, spec.mountpoint)
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m snapshotter.fs.mount_process",
+        description="Serve one lazy layer over FUSE until unmounted or SIGTERM.",
+    )
+    parser.add_argument("--spec", help="JSON mount spec (all other options come from it)")
+    parser.add_argument("--mountpoint")
+    parser.add_argument("--index", help="encoded layer index file")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--blob-url", help="URL answering Range requests for the layer blob")
+    source.add_argument("--blob-file", help="local copy of the layer blob")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--cache-max-bytes", type=int, default=10 << 30)
+    parser.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT_S)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--ready-fd", type=int, help="write 'ready' or 'error: ...' here once")
+    return parser.parse_args(argv)
+
+
+def _spec_from_args(args: argparse.Namespace) -> MountSpec:
+    if args.spec:
+        return MountSpec.load(args.spec)
+    missing = [
+        option
+        for option, value in (
+            ("--mountpoint", args.mountpoint),
+            ("--index", args.index),
+            ("--blob-url or --blob-file", args.blob_url or args.blob_file),
+            ("--cache-dir", args.cache_dir),
+        )
+        if not value
+    ]
+    if missing:
+        raise SpecError(f"missing {', '.join(missing)} (or give --spec FILE)")
+    blob = (
+        {"kind": "url", "location": args.blob_url}
+        if args.blob_url
+        else {
+            "kind": "file",
+            "location": args.blob_file,
+        }
+    )
+    return MountSpec.from_json(
+        {
+            "mountpoint": args.mountpoint,
+            "index_path": args.index,
+            "blob": blob,
+            "cache_dir": args.cache_dir,
+            "cache_max_bytes": args.cache_max_bytes,
+            "fetch_timeout": args.fetch_timeout,
+            "workers": args.workers,
+        },
+        source="command line",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s lazysnap-mount[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    args = _parse_args(argv)
+    try:
+        spec = _spec_from_args(args)
+    except SpecError as exc:
+        _Reporter(args.ready_fd).send(f"error: {exc}")
+        log.error("%s", exc)
+        return 2
+    return run(spec, args.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

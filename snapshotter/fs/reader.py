@@ -1,0 +1,238 @@
+"""Reads of one layer's files: file range -> uncompressed range -> spans -> cache or fetch.
+
+A missing span is fetched with one Range request (adjacent missing spans of one read share a
+request), inflated and verified by the index package on a worker thread, stored in the span
+cache and only then served. Concurrent readers of one span wait on the same in-flight future, so
+the span is fetched once; readers of other spans never wait for it. A failed or timed-out fetch
+raises SpanReadError (fuse_ops turns it into EIO) and forgets the attempt, so the next read
+tries the registry again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from snapshotter.fs.cache import SpanCache
+from snapshotter.index.model import LayerIndex, TocEntry
+from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
+
+DEFAULT_WORKERS = 4
+DEFAULT_FETCH_TIMEOUT_S = 30.0
+# Cap on one coalesced Range request, so one huge read does not hold a worker for long.
+MAX_COALESCED_BYTES = 32 << 20
+
+
+class BlobSource(Protocol):
+    """The compressed layer blob. One call is one Range read; it raises on failure (for the
+    registry reader: snapshotter.remote.errors.BlobFetchError) and must give up on its own
+    within the fetch timeout it was built with."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+class SpanReadError(Exception):
+    """A span could not be fetched or did not verify. Never accompanied by data."""
+
+    def __init__(self, layer_digest: str, span_no: int, cause: str) -> None:
+        super().__init__(f"layer {layer_digest} span {span_no}: {cause}")
+        self.layer_digest = layer_digest
+        self.span_no = span_no
+        self.cause = cause
+
+
+@dataclass
+class ReaderCounters:
+    bytes_fetched: int = 0  # compressed bytes received from the blob source
+    range_requests: int = 0
+    spans_fetched: int = 0  # spans inflated and verified
+    spans_cached: int = 0  # spans written to the cache
+    cache_hits: int = 0  # span reads served from the cache
+    fetch_errors: int = 0  # spans whose fetch or verification failed
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class LayerReader:
+    def __init__(
+        self,
+        index: LayerIndex,
+        blob: BlobSource,
+        cache: SpanCache,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"layer {index.layer_digest}: workers must be >= 1, not {workers}")
+        if fetch_timeout <= 0:
+            raise ValueError(
+                f"layer {index.layer_digest}: fetch_timeout must be > 0, not {fetch_timeout}"
+            )
+        self.index = index
+        self.blob = blob
+        self.cache = cache
+        self.fetch_timeout = fetch_timeout
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, Future[bytes]] = {}
+        self._counters = ReaderCounters()
+
+    @property
+    def layer_digest(self) -> str:
+        return self.index.layer_digest
+
+    def counters(self) -> ReaderCounters:
+        with self._lock:
+            return ReaderCounters(**self._counters.as_dict())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def read(self, entry: TocEntry, offset: int, size: int) -> bytes:
+        """Up to size bytes of entry's data from offset (fewer at end of file)."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"{entry.name}: negative offset {offset} or size {size}")
+        start = entry.offset + min(offset, entry.size)
+        end = entry.offset + min(offset + size, entry.size)
+        if start >= end:
+            return b""
+        span_numbers = list(spans_for_range(self.index, start, end))
+        pieces: dict[int, bytes] = {}
+        waiting: dict[int, Future[bytes]] = {}
+        missing: list[int] = []
+        for span_no in span_numbers:
+            lo, hi = self._slice(span_no, start, end)
+            cached = self._from_cache(span_no, lo, hi)
+            if cached is not None:
+                pieces[span_no] = cached
+                continue
+            future, is_new = self._claim(span_no)
+            if future is None:  # stored by someone else between the two looks
+                cached = self._from_cache(span_no, lo, hi)
+                if cached is not None:
+                    pieces[span_no] = cached
+                    continue
+                future, is_new = self._claim(span_no, force=True)
+                assert future is not None
+            waiting[span_no] = future
+            if is_new:
+                missing.append(span_no)
+        for group in self._coalesce(missing):
+            self._pool.submit(self._fetch_group, group)
+        deadline = time.monotonic() + self.fetch_timeout
+        for span_no, future in waiting.items():
+            lo, hi = self._slice(span_no, start, end)
+            try:
+                data = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise SpanReadError(
+                    self.layer_digest, span_no, f"no data within {self.fetch_timeout:g}s"
+                ) from None
+            pieces[span_no] = data[lo:hi]
+        return b"".join(pieces[span_no] for span_no in span_numbers)
+
+    def prefetch(self, span_numbers: Iterable[int]) -> None:
+        """Fetch spans in the background (not cached, not in flight yet); returns at once."""
+        missing = []
+        for span_no in span_numbers:
+            if self.cache.contains(self.layer_digest, span_no):
+                continue
+            future, is_new = self._claim(span_no)
+            if future is not None and is_new:
+                missing.append(span_no)
+        for group in self._coalesce(missing):
+            self._pool.submit(self._fetch_group, group)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _slice(self, span_no: int, start: int, end: int) -> tuple[int, int]:
+        span = self.index.spans[span_no]
+        lo = max(start, span.uncompressed_start) - span.uncompressed_start
+        hi = min(end, span.uncompressed_end) - span.uncompressed_start
+        return lo, hi
+
+    def _from_cache(self, span_no: int, lo: int, hi: int) -> bytes | None:
+        span = self.index.spans[span_no]
+        data = self.cache.read(self.layer_digest, span_no, lo, hi - lo, span.uncompressed_size)
+        if data is not None:
+            with self._lock:
+                self._counters.cache_hits += 1
+        return data
+
+    def _claim(self, span_no: int, *, force: bool = False) -> tuple[Future[bytes] | None, bool]:
+        """The in-flight future of span_no and whether this caller created it (and so must
+        fetch). Returns (None, False) when the span reached the cache meanwhile."""
+        with self._lock:
+            future = self._in_flight.get(span_no)
+            if future is not None:
+                return future, False
+            if not force and self.cache.contains(self.layer_digest, span_no):
+                return None, False
+            future = Future()
+            self._in_flight[span_no] = future
+            return future, True
+
+    def _coalesce(self, span_numbers: Sequence[int]) -> list[list[int]]:
+        groups: list[list[int]] = []
+        for span_no in sorted(span_numbers):
+            if groups:
+                last = groups[-1]
+                first_span = self.index.spans[last[0]]
+                span = self.index.spans[span_no]
+                if (
+                    span_no == last[-1] + 1
+                    and span.compressed_end - first_span.compressed_start <= MAX_COALESCED_BYTES
+                ):
+                    last.append(span_no)
+                    continue
+            groups.append([span_no])
+        return groups
+
+    def _fetch_group(self, group: list[int]) -> None:
+        """Worker: one Range request for the group, then inflate + verify + cache each span.
+        Every future of the group is resolved whatever happens."""
+        pending = set(group)
+        try:
+            ranges = [fetch_range(self.index, span_no) for span_no in group]
+            first = ranges[0][0]
+            last = max(end for _, end in ranges)
+            raw = self.blob.read(first, last - first)
+            with self._lock:
+                self._counters.bytes_fetched += len(raw)
+                self._counters.range_requests += 1
+            for span_no, (begin, end) in zip(group, ranges, strict=True):
+                try:
+                    data = inflate_span(self.index, span_no, raw[begin - first : end - first])
+                except Exception as exc:
+                    self._fail(span_no, exc)
+                else:
+                    self._succeed(span_no, data)
+                pending.discard(span_no)
+        except Exception as exc:
+            for span_no in sorted(pending):
+                self._fail(span_no, exc)
+
+    def _succeed(self, span_no: int, data: bytes) -> None:
+        try:
+            stored = self.cache.put(self.layer_digest, span_no, data)
+        except OSError:
+            stored = False  # a full or broken cache disk must not fail the read
+        with self._lock:
+            self._counters.spans_fetched += 1
+            self._counters.spans_cached += int(stored)
+            future = self._in_flight.pop(span_no)
+        future.set_result(data)
+
+    def _fail(self, span_no: int, exc: BaseException) -> None:
+        cause = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._counters.fetch_errors += 1
+            future = self._in_flight.pop(span_no)
+        future.set_exception(SpanReadError(self.layer_digest, span_no, cause))

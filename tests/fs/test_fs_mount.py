@@ -1,0 +1,351 @@
+"""The lazy layer mounted over FUSE by its own process, as containerd's overlay will use it."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from snapshotter.index.codec import encode_index
+
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.fs.mount_process import read_state
+from snapshotter.index.model import LayerIndex
+from tests.fs.fs_helpers import (
+    SPAN_SIZE,
+    BlobServer,
+    expected_view,
+    gzip_index,
+    gzip_tar,
+    make_tar,
+    rich_members,
+    uncompressed_index,
+)
+
+pytestmark = pytest.mark.stack
+FETCH_TIMEOUT = 3.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Layer:
+    def __init__(self, tar: bytes, blob: bytes, index: LayerIndex) -> None:
+        self.tar, self.blob, self.index = tar, blob, index
+        self.server = BlobServer(blob)
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec(
+            blob=BlobSpec("url", self.server.url, self.index.layer_digest),
+            index_bytes=encode_index(self.index),
+        )
+
+    def data(self, name: str) -> bytes:
+        entry = [e for e in self.index.entries if e.name == name][-1]
+        return self.tar[entry.offset : entry.offset + entry.size]
+
+
+@pytest.fixture(params=["uncompressed", "gzip"])
+def layer(request: pytest.FixtureRequest) -> Iterator[Layer]:
+    tar = make_tar(rich_members())
+    if request.param == "gzip":
+        pytest.importorskip("snapshotter.index.build", reason="index builder not landed yet")
+        blob = gzip_tar(tar)
+        instance = Layer(tar, blob, gzip_index(blob))
+    else:
+        instance = Layer(tar, tar, uncompressed_index(tar))
+    yield instance
+    instance.server.stop()
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[LazyLayers]:
+    instance = LazyLayers(
+        str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT, ready_timeout=30
+    )
+    yield instance
+    for state in tmp_path.rglob("*.lazysnap.json"):
+        instance.unmount(str(state).removesuffix(".lazysnap.json"))
+    for child in list(instance._children):
+        instance.unmount(child)
+
+
+def _mount(manager: LazyLayers, layer: Layer, where: Path) -> Path:
+    where.mkdir(parents=True, exist_ok=True)
+    manager.mount_layer(str(where), layer.spec())
+    return where
+
+
+def test_mounted_layer_matches_the_extracted_tar(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    expected = expected_view(layer.tar, tmp_path)
+    found = {str(p.relative_to(mnt)) for p in mnt.rglob("*")}
+    assert found == set(expected)
+    for rel, want in expected.items():
+        path = mnt / rel
+        st = os.lstat(path)
+        assert st.st_mode == want.mode, rel
+        assert (st.st_uid, st.st_gid, st.st_rdev) == (want.uid, want.gid, want.rdev), rel
+        if not stat.S_ISDIR(st.st_mode):
+            assert st.st_size == want.size, rel
+        if want.mtime_ns is not None:
+            assert st.st_mtime_ns == want.mtime_ns, rel
+        if want.nlink is not None:
+            assert st.st_nlink == want.nlink, rel
+        if want.target:
+            assert os.readlink(path) == want.target, rel
+        if want.data is not None:
+            assert path.read_bytes() == want.data, rel
+            assert st.st_blocks == (want.size + 511) // 512, rel
+        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in _listxattr(path)}
+        assert tuple(sorted(xattrs.items())) == want.xattrs, rel
+    tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
+    assert tool.st_ino == link.st_ino
+
+
+def test_the_mount_is_read_only_and_tuned_for_big_reads(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    with pytest.raises(OSError) as failure:
+        open(mnt / "etc/hosts", "w").close()
+    assert failure.value.errno == errno.EROFS
+    with pytest.raises(OSError):
+        (mnt / "new").write_text("x")
+    dev = os.stat(mnt).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert bdi.read_text().strip() == "4096"
+
+
+def test_overlay_hides_what_the_lazy_layer_whites_out(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    lazy = _mount(manager, layer, tmp_path / "fs")
+    lower = tmp_path / "lower"
+    for rel, text in {
+        "gone": "deleted above",
+        "etc/removed": "deleted above",
+        "etc/hosts": "old hosts",
+        "opaque/old": "hidden by the opaque dir",
+        "keep/this": "still here",
+    }.items():
+        (lower / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lower / rel).write_text(text)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lazy}:{lower}", str(merged)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        assert not (merged / "gone").exists()
+        assert not (merged / "etc/removed").exists()
+        assert sorted(os.listdir(merged / "opaque")) == ["kept"]
+        assert (merged / "keep/this").read_text() == "still here"
+        assert (merged / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+        assert (merged / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_concurrent_readers_of_one_span_cause_one_fetch(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    layer.server.delay = 0.5
+    before = layer.server.request_count()
+    results: list[bytes] = []
+
+    def read_head() -> None:
+        with open(mnt / "etc/shadow", "rb") as f:
+            results.append(f.read())
+
+    threads = [threading.Thread(target=read_head) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [layer.data("etc/shadow")] * 8
+    assert layer.server.request_count() - before == 1
+
+
+def test_a_tampered_blob_gives_eio_and_a_log_line_never_wrong_bytes(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    entry = [e for e in layer.index.entries if e.name == "usr/lib/big.bin"][-1]
+    span_no = next(
+        n for n, s in enumerate(layer.index.spans) if s.uncompressed_end > entry.offset + 1000
+    )
+    span = layer.index.spans[span_no]
+    tampered = bytearray(layer.blob)
+    tampered[(span.compressed_start + span.compressed_end) // 2] ^= 0x55
+    layer.server.blob = bytes(tampered)
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    with pytest.raises(OSError) as failure, open(mnt / "usr/lib/big.bin", "rb") as f:
+        f.seek(1000)
+        f.read(100)
+    assert failure.value.errno == errno.EIO
+    log = (tmp_path / "fs.lazysnap.log").read_text()
+    assert f"layer {layer.index.layer_digest} span {span_no}:" in log
+    assert "Traceback" not in log
+    layer.server.blob = layer.blob  # repaired registry: the same read now works
+    with open(mnt / "usr/lib/big.bin", "rb") as f:
+        f.seek(1000)
+        assert f.read(100) == layer.data("usr/lib/big.bin")[1000:1100]
+
+
+def test_a_dead_registry_gives_eio_in_time_and_reads_work_once_it_is_back(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    layer.server.stop()
+    started = time.monotonic()
+    with pytest.raises(OSError) as failure:
+        (mnt / "usr/bin/tool").read_bytes()
+    assert failure.value.errno == errno.EIO
+    assert time.monotonic() - started < FETCH_TIMEOUT + 2
+    layer.server.start()
+    assert (mnt / "usr/bin/tool").read_bytes() == layer.data("usr/bin/tool")
+
+
+def test_a_cache_smaller_than_the_layer_serves_every_file(layer: Layer, tmp_path: Path) -> None:
+    limit = 3 * SPAN_SIZE
+    small = LazyLayers(str(tmp_path / "cache"), limit, fetch_timeout=FETCH_TIMEOUT)
+    mnt = _mount(small, layer, tmp_path / "fs")
+    try:
+        for name in ("usr/lib/big.bin", "usr/lib/exact.bin", "usr/bin/tool", "etc/hosts"):
+            assert (mnt / name).read_bytes() == layer.data(name)
+            assert SpanCache(tmp_path / "cache", limit).usage().bytes <= limit
+        assert len(layer.tar) > 2 * limit
+    finally:
+        small.unmount(str(mnt))
+
+
+def test_killing_the_parent_does_not_break_an_ongoing_read(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    spec_file = tmp_path / "index"
+    spec_file.write_bytes(encode_index(layer.index))
+    parent_script = (
+        "import sys, time\n"
+        "from snapshotter.fs.blob_source import BlobSpec\n"
+        "from snapshotter.fs.manager import LayerSpec, LazyLayers\n"
+        f"m = LazyLayers({str(tmp_path / 'cache')!r}, 1 << 30, fetch_timeout=30)\n"
+        f"m.mount_layer({str(mnt)!r}, LayerSpec(BlobSpec('url', {layer.server.url!r}),"
+        f" index_path={str(spec_file)!r}))\n"
+        "print('mounted', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_script],
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"mounted\n"
+        layer.server.delay = 1.0
+        result: list[bytes] = []
+        reader = threading.Thread(target=lambda: result.append((mnt / "usr/bin/tool").read_bytes()))
+        reader.start()
+        time.sleep(0.3)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        reader.join(timeout=30)
+        assert result == [layer.data("usr/bin/tool")]
+        manager.check(str(mnt), {})  # the mount process lives on, owned by nobody
+    finally:
+        parent.kill()
+        parent.wait()
+        manager.unmount(str(mnt))
+
+
+def test_a_dead_mount_process_is_detected_and_mounting_again_recovers(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    state = read_state(str(mnt))
+    assert state is not None and state["layer_digest"] == layer.index.layer_digest
+    os.kill(state["pid"], signal.SIGKILL)
+    manager._children[str(mnt)].wait(timeout=10)
+    with pytest.raises(RemoteLayerUnavailable, match="ENOTCONN"):
+        manager.check(str(mnt), {})
+    manager.mount_layer(str(mnt), layer.spec())
+    assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+    manager.unmount(str(mnt))
+    assert os.listdir(mnt) == [] and read_state(str(mnt)) is None
+    with pytest.raises(RemoteLayerUnavailable, match="not mounted"):
+        manager.check(str(mnt), {})
+
+
+def test_a_restarted_manager_reattaches_the_live_mount(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    pid = read_state(str(mnt))["pid"]  # type: ignore[index]
+    restarted = LazyLayers(str(tmp_path / "cache"), 1 << 30)
+    restarted.mount_layer(str(mnt), layer.spec())
+    restarted.check(str(mnt), {})
+    assert read_state(str(mnt))["pid"] == pid  # type: ignore[index]
+    restarted.unmount(str(mnt))
+    assert not restarted.is_live(str(mnt))
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pid, 0)
+            manager._children[str(mnt)].poll()
+            time.sleep(0.05)
+
+
+def test_a_bad_index_fails_the_mount_with_a_clear_reason(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    bad = LayerSpec(blob=layer.spec().blob, index_bytes=b"this is not an index")
+    with pytest.raises(RemoteLayerUnavailable, match=r"index file .*fs\.lazysnap-index"):
+        manager.mount_layer(str(mnt), bad)
+    assert not manager.is_live(str(mnt)) and os.listdir(mnt) == []
+    assert not (tmp_path / "fs.lazysnap-index").exists()
+
+
+def test_mount_by_labels_uses_the_resolver_and_reports_its_failure(
+    layer: Layer, tmp_path: Path
+) -> None:
+    def resolve(labels: object) -> LayerSpec:
+        if labels == {"layer": "known"}:
+            return layer.spec()
+        raise LookupError("no index for this layer")
+
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, resolve=resolve)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    lazy.mount(str(tmp_path / "a"), {"layer": "known"})
+    try:
+        assert (tmp_path / "a/etc/hosts").read_bytes() == layer.data("etc/hosts")
+        with pytest.raises(RemoteLayerUnavailable, match="no index for this layer"):
+            lazy.mount(str(tmp_path / "b"), {"layer": "unknown"})
+    finally:
+        lazy.unmount(str(tmp_path / "a"))
+
+
+def _listxattr(path: Path) -> list[str]:
+    return os.listxattr(path, follow_symlinks=False)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,178 @@
+"""LayerReader against a real HTTP server answering Range requests (no FUSE)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.fs.blob_source import FileBlobSource, UrlBlobSource
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.reader import LayerReader, SpanReadError
+from snapshotter.index.model import EntryType, LayerIndex, TocEntry
+from tests.fs.fs_helpers import SPAN_SIZE, BlobServer, make_tar, rich_members, uncompressed_index
+
+TIMEOUT = 3.0
+
+
+@pytest.fixture
+def layer() -> tuple[bytes, LayerIndex]:
+    tar = make_tar(rich_members())
+    return tar, uncompressed_index(tar)
+
+
+@pytest.fixture
+def server(layer: tuple[bytes, LayerIndex]) -> Iterator[BlobServer]:
+    instance = BlobServer(layer[0])
+    yield instance
+    instance.stop()
+
+
+def _reader(index: LayerIndex, url: str, cache_dir: Path, max_bytes: int = 1 << 30) -> LayerReader:
+    blob = UrlBlobSource(url, timeout=TIMEOUT, digest=index.layer_digest)
+    return LayerReader(index, blob, SpanCache(cache_dir, max_bytes), fetch_timeout=TIMEOUT)
+
+
+def _entry(index: LayerIndex, name: str) -> TocEntry:
+    return [e for e in index.entries if e.name == name][-1]
+
+
+def _files(index: LayerIndex) -> list[TocEntry]:
+    return [e for e in index.entries if e.type is EntryType.REG]
+
+
+def test_every_file_reads_back_exactly(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    tar, index = layer
+    reader = _reader(index, server.url, tmp_path)
+    for entry in _files(index):
+        want = tar[entry.offset : entry.offset + entry.size]
+        assert reader.read(entry, 0, entry.size + 10) == want, entry.name
+        assert reader.read(entry, entry.size // 3, 1000) == want[entry.size // 3 :][:1000]
+    assert reader.read(_entry(index, "usr/lib/big.bin"), 10**9, 10) == b""
+    counters = reader.counters()
+    assert counters.spans_fetched == counters.spans_cached > 0
+    assert counters.cache_hits > 0 and counters.fetch_errors == 0
+    reader.close()
+
+
+def test_a_warm_cache_needs_no_network(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    tar, index = layer
+    big = _entry(index, "usr/lib/big.bin")
+    _reader(index, server.url, tmp_path).read(big, 0, big.size)
+    server.stop()
+    second = _reader(index, server.url, tmp_path)  # another mount of the same blob
+    assert second.read(big, 0, big.size) == tar[big.offset : big.offset + big.size]
+    assert second.counters().range_requests == 0
+
+
+def test_concurrent_readers_of_one_span_cause_one_fetch(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    tar, index = layer
+    big = _entry(index, "usr/lib/big.bin")
+    reader = _reader(index, server.url, tmp_path)
+    span = next(s for s in index.spans if s.uncompressed_start > big.offset)
+    offsets = [span.uncompressed_start - big.offset + i * 2048 for i in range(16)]  # one span
+    server.delay = 0.3  # every reader arrives while the fetch is in flight
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda o=o: results.append(reader.read(big, o, 2048)))
+        for o in offsets
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert server.request_count() == 1
+    assert sorted(results) == sorted(tar[big.offset + o : big.offset + o + 2048] for o in offsets)
+
+
+def test_adjacent_missing_spans_share_one_request(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    _, index = layer
+    big = _entry(index, "usr/lib/big.bin")
+    reader = _reader(index, server.url, tmp_path)
+    reader.read(big, 0, 3 * SPAN_SIZE)
+    assert server.request_count() == 1
+    assert reader.counters().spans_fetched >= 3
+
+
+def test_a_slow_span_does_not_block_reads_of_another(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    tar, index = layer
+    big = _entry(index, "usr/lib/big.bin")
+    reader = _reader(index, server.url, tmp_path)
+    reader.read(big, 4 * SPAN_SIZE, 10)  # warm one span
+    server.delay = 2.0
+    slow = threading.Thread(target=reader.read, args=(big, 0, 10))
+    slow.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert reader.read(big, 4 * SPAN_SIZE, 10) == tar[big.offset + 4 * SPAN_SIZE :][:10]
+    assert time.monotonic() - started < 0.5
+    slow.join()
+
+
+def test_a_tampered_blob_gives_an_error_never_wrong_bytes(
+    layer: tuple[bytes, LayerIndex], tmp_path: Path
+) -> None:
+    tar, index = layer
+    big = _entry(index, "usr/lib/big.bin")
+    tampered = bytearray(tar)
+    tampered[big.offset + 100] ^= 0xFF
+    server = BlobServer(bytes(tampered))
+    try:
+        reader = _reader(index, server.url, tmp_path)
+        with pytest.raises(SpanReadError) as failure:
+            reader.read(big, 0, 200)
+        assert index.layer_digest in str(failure.value) and "span" in str(failure.value)
+        assert reader.counters().fetch_errors == 1
+        server.blob = tar  # repaired: the next read retries and succeeds
+        assert reader.read(big, 0, 200) == tar[big.offset : big.offset + 200]
+    finally:
+        server.stop()
+
+
+def test_a_dead_server_fails_within_the_timeout_and_recovers(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    tar, index = layer
+    big = _entry(index, "usr/lib/big.bin")
+    reader = _reader(index, server.url, tmp_path)
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(SpanReadError, match=r"span [0-9]+: "):
+        reader.read(big, 0, 100)
+    assert time.monotonic() - started < TIMEOUT + 1
+    server.start()
+    assert reader.read(big, 0, 100) == tar[big.offset : big.offset + 100]
+
+
+def test_a_cache_smaller_than_the_layer_still_serves_every_file(
+    layer: tuple[bytes, LayerIndex], server: BlobServer, tmp_path: Path
+) -> None:
+    tar, index = layer
+    limit = 3 * SPAN_SIZE
+    reader = _reader(index, server.url, tmp_path, max_bytes=limit)
+    for entry in _files(index):
+        assert reader.read(entry, 0, entry.size) == tar[entry.offset : entry.offset + entry.size]
+        assert SpanCache(tmp_path, limit).usage().bytes <= limit
+    assert len(tar) > 2 * limit
+
+
+def test_a_local_file_works_as_blob_source(layer: tuple[bytes, LayerIndex], tmp_path: Path) -> None:
+    tar, index = layer
+    path = tmp_path / "blob"
+    path.write_bytes(tar)
+    reader = LayerReader(index, FileBlobSource(str(path)), SpanCache(tmp_path / "c", 1 << 30))
+    hosts = _entry(index, "etc/hosts")
+    assert reader.read(hosts, 0, 100) == b"127.0.0.1 localhost\n"
