@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -75,8 +76,23 @@ class Registry:
         except FileNotFoundError:
             return 0
 
+    def wait_log_quiet(self, quiet: float = 0.2, timeout: float = 10.0) -> None:
+        """Wait until the access log stops growing: the registry writes a request's line only
+        after the response went out, so a client can finish before its line exists."""
+        deadline = time.monotonic() + timeout
+        size, stable_since = self.log_offset(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.log_offset()
+            if now != size:
+                size, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= quiet:
+                return
+
     def blob_fetches(self, since: int = 0) -> dict[str, BlobFetches]:
-        """Blob GET requests and response body bytes per digest (HEADs are not fetches)."""
+        """Blob GET requests and response body bytes per digest (HEADs are not fetches),
+        from log offset `since` on (see log_offset). Waits for the log to settle first."""
+        self.wait_log_quiet()
         totals: dict[str, BlobFetches] = {}
         with open(self.log_path, "rb") as log:
             log.seek(since)
