@@ -1,1 +1,1 @@
-
+"""`lazysnap pull`: a containerd client that unpacks images the way lazysnap can mount lazily."""

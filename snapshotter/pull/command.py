@@ -1,0 +1,96 @@
+"""`lazysnap pull IMAGE`: the CLI face of snapshotter.pull.puller (wired by snapshotter/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from snapshotter.pull.containerd_api import DEFAULT_ADDRESS, ContainerdClient, ContainerdError
+from snapshotter.pull.plan import ImageFormatError
+from snapshotter.pull.progress import TerminalProgress
+from snapshotter.pull.puller import Puller, PullError, PullOptions
+from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import RegistryError
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.manifest import Platform
+from snapshotter.remote.reference import Reference
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_SNAPSHOTTER = "lazysnap"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Pull IMAGE into containerd with layers mounted lazily by lazysnap where the image has a "
+        "lazysnap index (the rest are downloaded and unpacked as usual); afterwards "
+        "`ctr -n NS run --snapshotter lazysnap IMAGE ...` runs it."
+    )
+    parser.add_argument("image", metavar="IMAGE", help="image reference, e.g. registry/repo:tag")
+    parser.add_argument(
+        "--address",
+        "-a",
+        default=DEFAULT_ADDRESS,
+        help=f"containerd socket (default {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        default=DEFAULT_NAMESPACE,
+        help=f"containerd namespace (default {DEFAULT_NAMESPACE}; CRI uses k8s.io)",
+    )
+    parser.add_argument(
+        "--platform", default=None, help="os/arch[/variant] to pull (default: this machine)"
+    )
+    parser.add_argument(
+        "--plain-http", action="store_true", help="talk plain http to the image's registry"
+    )
+    parser.add_argument(
+        "--hosts-dir",
+        default=None,
+        metavar="DIR",
+        help="containerd-style hosts directory (DIR/<registry>/hosts.toml)",
+    )
+    parser.add_argument(
+        "--snapshotter",
+        default=DEFAULT_SNAPSHOTTER,
+        help=f"containerd snapshotter to unpack into (default {DEFAULT_SNAPSHOTTER})",
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"lazysnap pull: error: {message}", file=sys.stderr)
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    image: str = args.image
+    try:
+        ref = Reference.parse(image)
+        platform = Platform.parse(args.platform) if args.platform else Platform.host()
+    except ValueError as err:
+        return _fail(str(err))
+    progress = TerminalProgress()
+    try:
+        with ContainerdClient(args.address, args.namespace) as containerd:
+            containerd.connect()
+            hosts = HostsConfig(
+                args.hosts_dir, plain_http=[ref.registry] if args.plain_http else []
+            )
+            with RegistryClient(hosts, CredentialStore.from_docker_config()) as registry:
+                summary = Puller(
+                    containerd,
+                    registry,
+                    PullOptions(snapshotter=args.snapshotter, platform=platform),
+                    progress,
+                ).pull(image)
+    except ContainerdError as err:
+        return _fail(f"pulling {image}: {err}")
+    except RegistryError as err:
+        return _fail(f"pulling {image}: {err}")
+    except (PullError, ImageFormatError) as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return _fail(f"pulling {image}: interrupted")
+    progress.summary(summary)
+    return 0

@@ -1,0 +1,76 @@
+"""What `lazysnap pull` prints: one line per layer, a tqdm bar while a blob downloads (only on a
+terminal, so logs and tests get clean lines), and a summary."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+from tqdm import tqdm
+
+from snapshotter.pull.plan import LayerStep
+from snapshotter.pull.puller import LayerOutcome, PullSummary
+
+MB = 1_000_000
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+class TerminalProgress:
+    def __init__(self, out: TextIO | None = None, bars: bool | None = None) -> None:
+        self.out = out or sys.stdout
+        self.bars = self.out.isatty() if bars is None else bars
+        self._total = 0
+
+    def layer_started(self, step: LayerStep, total_layers: int) -> None:
+        self._total = total_layers
+
+    def blob_chunks(self, step: LayerStep, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        if not self.bars:
+            yield from chunks
+            return
+        with tqdm(
+            total=step.blob.size,
+            unit="B",
+            unit_scale=True,
+            desc=f"layer {step.position + 1}/{self._total} {_short(step.blob.digest)}",
+            file=self.out,
+            leave=False,
+        ) as bar:
+            for chunk in chunks:
+                bar.update(len(chunk))
+                yield chunk
+
+    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
+        head = f"layer {step.position + 1}/{self._total} {_short(step.blob.digest)}"
+        if outcome is LayerOutcome.LAZY:
+            detail = f"lazy ({_mb(step.blob.size)} not downloaded)"
+        elif outcome is LayerOutcome.PRESENT:
+            detail = "already present"
+        elif downloaded:
+            detail = f"pulled {_mb(downloaded)}"
+        else:
+            detail = "unpacked (blob was in the content store)"
+        print(f"{head}: {detail}", file=self.out, flush=True)
+
+    def summary(self, summary: PullSummary) -> None:
+        parts = [
+            f"{summary.count(LayerOutcome.LAZY)} lazy",
+            f"{summary.count(LayerOutcome.PULLED)} pulled",
+        ]
+        present = summary.count(LayerOutcome.PRESENT)
+        if present:
+            parts.append(f"{present} already present")
+        print(
+            f"{summary.image}: {len(summary.outcomes)} layers ({', '.join(parts)}), "
+            f"{_mb(summary.bytes_downloaded)} downloaded in {summary.seconds:.1f} s",
+            file=self.out,
+            flush=True,
+        )

@@ -1,0 +1,312 @@
+"""Pull an image into containerd the way containerd's own unpacker does, so lazysnap can mount
+layers lazily: Prepare each layer's extraction snapshot *before* fetching its blob, with the
+labels that name image and layer; ALREADY_EXISTS means lazysnap mounted it and committed the
+target itself, so the blob is never downloaded. Other layers are fetched into the content store,
+applied by containerd's diff service and committed under their chain ID.
+
+Sequence (containerd pull.go / unpacker.go / rootfs/apply.go): lease -> index, manifest, config
+blobs with GC labels -> layers bottom-up -> config label gc.ref.snapshot.<snapshotter> -> image
+record -> lease released.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from snapshotter.pull.containerd_api import (
+    AlreadyExists,
+    ContainerdClient,
+    ContainerdError,
+    ContainerdUnreachable,
+)
+from snapshotter.pull.plan import (
+    UNCOMPRESSED_LABEL,
+    ImageFormatError,
+    LayerStep,
+    child_gc_labels,
+    distribution_source_label,
+    image_layers,
+    layer_steps,
+    parse_diff_ids,
+    snapshot_gc_label,
+)
+from snapshotter.remote.manifest import Descriptor, Manifest, Platform
+from snapshotter.remote.reference import Reference, Repository
+
+READ_CHUNK = 1 << 20
+PREPARE_ATTEMPTS = 3  # as containerd's unpacker: a key clash is retried with a new key
+
+
+class PullError(Exception):
+    """The pull failed; the message names the image and the layer or object involved."""
+
+
+class BlobReader(Protocol):
+    def read(self, size: int = -1, /) -> bytes | None: ...
+
+
+class Registry(Protocol):
+    """The registry client calls a pull needs (snapshotter.remote.client.RegistryClient)."""
+
+    def get_manifest(self, ref: Reference) -> Manifest: ...
+
+    def resolve_platform(self, index: Manifest, platform: Platform) -> Descriptor: ...
+
+    def get_blob(self, repo: Repository, digest: str) -> bytes: ...
+
+    def stream_blob(
+        self, repo: Repository, digest: str, size: int | None = None
+    ) -> AbstractContextManager[BlobReader]:
+        """A readable stream of the blob that raises at its end if the digest is wrong."""
+        ...
+
+
+class LayerOutcome(StrEnum):
+    LAZY = "lazy"  # the snapshotter mounted it remotely: no blob fetched
+    PULLED = "pulled"  # blob fetched (or found in the content store) and unpacked
+    PRESENT = "present"  # the chain ID snapshot existed before this pull
+
+
+@dataclass
+class PullSummary:
+    image: str
+    manifest_digest: str = ""
+    outcomes: list[LayerOutcome] = field(default_factory=list)
+    bytes_downloaded: int = 0
+    seconds: float = 0.0
+
+    def count(self, outcome: LayerOutcome) -> int:
+        return sum(1 for o in self.outcomes if o is outcome)
+
+
+class Progress(Protocol):
+    """What a pull reports while it runs (the CLI prints it; tests may record it)."""
+
+    def layer_started(self, step: LayerStep, total_layers: int) -> None: ...
+
+    def blob_chunks(self, step: LayerStep, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Pass chunks through, showing download progress."""
+        ...
+
+    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None: ...
+
+
+class SilentProgress:
+    def layer_started(self, step: LayerStep, total_layers: int) -> None:
+        pass
+
+    def blob_chunks(self, step: LayerStep, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        return chunks
+
+    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    snapshotter: str = "lazysnap"
+    platform: Platform = field(default_factory=Platform.host)
+
+
+def _unique_part() -> str:
+    # containerd uniquePart(): nanoseconds + 3 random bytes, base64url
+    return f"{time.time_ns() % 1_000_000_000}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """A blob we hold in memory (index, manifest, config), described for containerd."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str]
+    data: bytes
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> _Blob:
+        return cls(manifest.media_type, manifest.digest, len(manifest.data), {}, manifest.data)
+
+
+class Puller:
+    def __init__(
+        self,
+        containerd: ContainerdClient,
+        registry: Registry,
+        options: PullOptions,
+        progress: Progress | None = None,
+    ) -> None:
+        self.containerd = containerd
+        self.registry = registry
+        self.options = options
+        self.progress: Progress = progress or SilentProgress()
+
+    def pull(self, image: str) -> PullSummary:
+        started = time.monotonic()
+        summary = PullSummary(image=image)
+        try:
+            ref = Reference.parse(image)
+        except ValueError as err:
+            raise PullError(str(err)) from None
+        top = self.registry.get_manifest(ref)
+        summary.bytes_downloaded += len(top.data)
+        manifest = top
+        if top.is_index:
+            chosen = self.registry.resolve_platform(top, self.options.platform)
+            manifest = self.registry.get_manifest(ref.with_digest(chosen.digest))
+            summary.bytes_downloaded += len(manifest.data)
+        if manifest.is_index:
+            raise PullError(f"{image}: index {manifest.digest} nests another index; not supported")
+        summary.manifest_digest = manifest.digest
+        try:
+            config, layers = image_layers(manifest)
+        except ImageFormatError as err:
+            raise PullError(f"{image}: {err}") from None
+        config_data = self.registry.get_blob(ref.repository, config.digest)
+        summary.bytes_downloaded += len(config_data)
+        try:
+            diff_ids = parse_diff_ids(config_data, f"config {config.digest} of {image}")
+            steps = layer_steps(str(ref), manifest.digest, config.digest, layers, diff_ids)
+        except ImageFormatError as err:
+            raise PullError(f"{image}: {err}") from None
+
+        with self.containerd.lease():
+            # Parents are written after their children so every GC reference label points at
+            # content that is already there (the lease protects all of it meanwhile anyway).
+            config_blob = _Blob(config.media_type, config.digest, config.size, {}, config_data)
+            self._store_small_blob(ref, config_blob, {})
+            self._store_small_blob(ref, _Blob.of(manifest), child_gc_labels([config, *layers]))
+            if top.is_index:
+                self._store_small_blob(ref, _Blob.of(top), child_gc_labels(top.manifests))
+            for step in steps:
+                self.progress.layer_started(step, len(steps))
+                outcome, downloaded = self._unpack_layer(ref, step)
+                summary.outcomes.append(outcome)
+                summary.bytes_downloaded += downloaded
+                self.progress.layer_done(step, outcome, downloaded)
+            if steps:
+                self.containerd.update_content_labels(
+                    config.digest,
+                    snapshot_gc_label(self.options.snapshotter, steps[-1].chain_id),
+                )
+            target = _Blob.of(top)
+            self.containerd.put_image(image, target, {})
+        summary.seconds = time.monotonic() - started
+        return summary
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def _source_labels(self, ref: Reference, digest: str) -> dict[str, str]:
+        info = self.containerd.content_info(digest)
+        existing = info.labels if info is not None else None
+        return distribution_source_label(ref.registry, ref.name, existing)
+
+    def _store_small_blob(self, ref: Reference, blob: _Blob, gc_labels: dict[str, str]) -> None:
+        labels = {**gc_labels, **self._source_labels(ref, blob.digest)}
+        written = self.containerd.write_content(
+            _ingest_ref(blob.media_type, blob.digest), blob, [blob.data], labels
+        )
+        if not written:  # already there (and now leased): just (re)label it
+            self.containerd.update_content_labels(blob.digest, labels)
+
+    def _fetch_layer_blob(self, ref: Reference, step: LayerStep) -> int:
+        """Make sure the layer blob is in the content store; returns bytes downloaded."""
+        if self.containerd.content_info(step.blob.digest) is not None:
+            # Opening a writer on an existing digest adds it to our lease, like WriteBlob.
+            self.containerd.write_content(
+                _ingest_ref(step.blob.media_type, step.blob.digest), step.blob, [], {}
+            )
+            return 0
+        downloaded = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal downloaded
+            with self.registry.stream_blob(
+                ref.repository, step.blob.digest, step.blob.size
+            ) as stream:
+                while chunk := stream.read(READ_CHUNK):  # b"" (or None) at the end
+                    downloaded += len(chunk)
+                    yield chunk
+
+        labels = distribution_source_label(ref.registry, ref.name)
+        self.containerd.write_content(
+            _ingest_ref(step.blob.media_type, step.blob.digest),
+            step.blob,
+            self.progress.blob_chunks(step, counted()),
+            labels,
+        )
+        return downloaded
+
+    # -- layers -----------------------------------------------------------------------------
+
+    def _unpack_layer(self, ref: Reference, step: LayerStep) -> tuple[LayerOutcome, int]:
+        sn = self.options.snapshotter
+        where = f"layer {step.position + 1} ({step.blob.digest}) of {ref}"
+        if self.containerd.stat_snapshot(sn, step.chain_id) is not None:
+            return LayerOutcome.PRESENT, 0
+        key = ""
+        mounts = None
+        for _ in range(PREPARE_ATTEMPTS):
+            key = f"extract-{_unique_part()} {step.chain_id}"
+            try:
+                mounts = self.containerd.prepare_snapshot(sn, key, step.parent, step.labels)
+                break
+            except AlreadyExists:
+                # The snapshotter committed the target itself: the layer is mounted lazily.
+                if self.containerd.stat_snapshot(sn, step.chain_id) is not None:
+                    return LayerOutcome.LAZY, 0
+            except ContainerdUnreachable:
+                raise
+            except ContainerdError as err:
+                raise PullError(
+                    f"{where}: {err} (is snapshotter {sn!r} configured in containerd, and for "
+                    "lazysnap, is `lazysnap serve` running on the proxy plugin's socket?)"
+                ) from None
+        if mounts is None:
+            raise PullError(f"{where}: could not prepare an extraction snapshot (key clash)")
+        try:
+            downloaded = self._fetch_layer_blob(ref, step)
+            applied = self.containerd.apply_layer(step.blob, mounts)
+            if applied != step.diff_id:
+                raise PullError(
+                    f"{where}: unpacked content has digest {applied}, but the image config "
+                    f"says diff_id {step.diff_id}"
+                )
+            self.containerd.commit_snapshot(sn, step.chain_id, key, step.labels)
+        except AlreadyExists:
+            # Someone else committed the same chain ID meanwhile: theirs is as good as ours.
+            self._remove_quietly(key)
+            return LayerOutcome.PRESENT, 0
+        except BaseException:
+            self._remove_quietly(key)
+            raise
+        self.containerd.update_content_labels(step.blob.digest, {UNCOMPRESSED_LABEL: step.diff_id})
+        return LayerOutcome.PULLED, downloaded
+
+    def _remove_quietly(self, key: str) -> None:
+        with suppress(ContainerdError):
+            self.containerd.remove_snapshot(self.options.snapshotter, key)
+
+
+def _ingest_ref(media_type: str, digest: str) -> str:
+    # containerd remotes.MakeRefKey: manifest-/index-/layer-/config-<digest>
+    if "index" in media_type or "manifest.list" in media_type:
+        kind = "index"
+    elif "manifest" in media_type:
+        kind = "manifest"
+    elif "config" in media_type or "container.image" in media_type:
+        kind = "config"
+    else:
+        kind = "layer"
+    return f"{kind}-{digest}"
