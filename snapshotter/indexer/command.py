@@ -1,0 +1,191 @@
+"""The `lazysnap index` command line: `build` and `show` (the lead wires it into cli.py).
+
+    index build IMAGE [--platform os/arch[/variant]]... [--all-platforms] [--plain-http]
+                      [--hosts-dir DIR] [--span-size N] [--min-layer-size N]
+                      [--cache-repo REPO] [--jobs N]
+    index show IMAGE [--platform ...]... [--all-platforms] [--plain-http] [--hosts-dir DIR]
+                     [--json]
+
+Exit status: 0 done, 1 the build/show failed (message on stderr names image, layer or
+registry), 2 bad arguments. Registry credentials come from the docker config.json
+($DOCKER_CONFIG or ~/.docker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+
+_SIZE = re.compile(r"(\d+)\s*([kmgKMG]i?[bB]?|[bB])?")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_REPO = re.compile(
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
+
+
+def byte_size(text: str) -> int:
+    """`4194304`, `4M`, `4MiB`, `512k`: binary units."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: e.g. 4194304, 4M, 512KiB")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+
+
+def _positive_size(text: str) -> int:
+    value = byte_size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return value
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid job count {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs must be >= 1, got {value}")
+    return value
+
+
+def _cache_repo(text: str) -> str:
+    if not _REPO.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid cache repository {text!r}: lowercase path components "
+            "([a-z0-9] joined by . _ __ -) separated by '/', no registry host"
+        )
+    return text
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="image reference, e.g. reg:5000/team/app:1")
+    parser.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="OS/ARCH[/VARIANT]",
+        help="platform of a multi-platform image (repeatable; default: this machine's)",
+    )
+    parser.add_argument(
+        "--all-platforms",
+        action="store_true",
+        help="every platform of the index (absent children of a sparse index are skipped)",
+    )
+    parser.add_argument(
+        "--plain-http", action="store_true", help="talk plain http to the image's registry"
+    )
+    parser.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        help="containerd-style hosts directory (DIR/<host>/hosts.toml)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `build` and `show` sub-subcommands to the `index` command's parser."""
+    sub = parser.add_subparsers(dest="index_command", metavar="{build,show}", required=True)
+    build = sub.add_parser(
+        "build",
+        help="index an image's layers and push the index as an OCI referrer",
+        description="Index every layer of IMAGE of at least --min-layer-size (reusing indexes "
+        "other images already built for the same layer), then push one artifact per platform "
+        "manifest. Nothing is pushed if any layer fails.",
+    )
+    _add_common(build)
+    build.add_argument(
+        "--span-size",
+        type=_positive_size,
+        default=DEFAULT_SPAN_SIZE,
+        metavar="N",
+        help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
+    )
+    build.add_argument(
+        "--min-layer-size",
+        type=byte_size,
+        default=DEFAULT_MIN_LAYER_SIZE,
+        metavar="N",
+        help="smaller layers stay unindexed and are pulled whole "
+        f"(default {DEFAULT_MIN_LAYER_SIZE})",
+    )
+    build.add_argument(
+        "--cache-repo",
+        type=_cache_repo,
+        metavar="REPO",
+        help="repository (same registry) for the per-layer index cache "
+        "(default: <first path component of IMAGE's repository>/lazysnap-index-cache)",
+    )
+    build.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="layers indexed in parallel (default: CPU count)",
+    )
+    show = sub.add_parser(
+        "show",
+        help="show which layers of an image are indexed",
+        description="Find IMAGE's lazysnap index (referrers API or tag fallback) and list each "
+        "layer with its index: span count, entries, index blob size.",
+    )
+    _add_common(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so `lazysnap --help` and other subcommands stay fast.
+    from snapshotter.indexer.artifact import ArtifactError
+    from snapshotter.indexer.build import BuildOptions, IndexBuildError, build_image_index
+    from snapshotter.indexer.show import show_image_index
+    from snapshotter.remote.auth import CredentialStore
+    from snapshotter.remote.client import RegistryClient
+    from snapshotter.remote.errors import RegistryError
+    from snapshotter.remote.hosts import HostsConfig
+    from snapshotter.remote.manifest import Platform
+    from snapshotter.remote.reference import Reference
+
+    try:
+        platforms = tuple(Platform.parse(p) for p in args.platform)
+        ref = Reference.parse(args.image)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.hosts_dir is not None and not os.path.isdir(args.hosts_dir):
+        print(f"error: --hosts-dir {args.hosts_dir}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        hosts = HostsConfig(args.hosts_dir, plain_http=[ref.registry] if args.plain_http else [])
+        with RegistryClient(hosts, CredentialStore.from_docker_config()) as client:
+            if args.index_command == "build":
+                options = BuildOptions(
+                    platforms=platforms,
+                    all_platforms=args.all_platforms,
+                    span_size=args.span_size,
+                    min_layer_size=args.min_layer_size,
+                    cache_repo=args.cache_repo,
+                    jobs=args.jobs,
+                )
+                report = build_image_index(client, args.image, options)
+                for target in report.targets:
+                    if target.artifact_digest is None:
+                        state = "no layer large enough to index: nothing attached"
+                    elif target.pushed:
+                        state = f"pushed {target.artifact_digest} ({target.source})"
+                    else:
+                        state = f"already indexed by {target.artifact_digest} ({target.source})"
+                    print(f"{target.target.platform} {target.target.subject.digest}: {state}")
+                print(report.summary())
+                return 0
+            view = show_image_index(client, args.image, platforms, all_platforms=args.all_platforms)
+            if args.json:
+                print(json.dumps(view.to_json(), indent=2))
+            else:
+                print(view.render())
+            return 0
+    except (IndexBuildError, RegistryError, ArtifactError) as exc:
+        print(f"error: {args.image}: {exc}", file=sys.stderr)
+        return 1

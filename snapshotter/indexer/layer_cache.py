@@ -1,0 +1,135 @@
+"""Layer-level reuse of indexes, registry-wide.
+
+An index depends only on the layer's bytes, and base layers are shared by many images, so every
+built index is also stored once per layer in a cache repository:
+
+* repository: `--cache-repo`, else `<first path component of the image repo>/lazysnap-index-
+  cache` (`team/app` -> `team/lazysnap-index-cache`), or `lazysnap-index-cache` for a
+  single-component repository. Registries grant write permission per namespace (Harbor
+  projects, peryx routes, Docker Hub users), so the default stays where the user can push.
+* tag: `layer-sha256-<hex of the layer digest>` on an OCI manifest (artifactType ARTIFACT_TYPE,
+  empty config) whose single layer is the index blob, annotated with the layer digest.
+
+Before indexing a layer the builder GETs that tag. On a hit it never reads the layer: it
+cross-repo mounts the index blob into the image repository (or, when the registry refuses the
+mount, copies it with GET + PUT). A cache manifest for another layer (mistagged, hostile) or
+one that cannot be read is ignored with a warning and the layer is indexed from its bytes.
+The first index stored for a layer wins: a later build with another --span-size reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from urllib.parse import urljoin
+
+from snapshotter.indexer.artifact import (
+    EMPTY_CONFIG,
+    ArtifactError,
+    IndexedLayer,
+    cache_manifest,
+    cached_index_for,
+)
+from snapshotter.remote.auth import repository_scope
+from snapshotter.remote.client import PUSH, RegistryClient
+from snapshotter.remote.errors import ManifestNotFound, RegistryError
+from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST
+from snapshotter.remote.reference import Reference, Repository
+
+log = logging.getLogger(__name__)
+
+CACHE_REPO_NAME = "lazysnap-index-cache"
+_SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+class CacheNameError(ValueError):
+    """A layer digest that cannot name a cache tag."""
+
+
+def default_cache_repo(image_repo: str) -> str:
+    head, sep, _ = image_repo.partition("/")
+    return f"{head}/{CACHE_REPO_NAME}" if sep else CACHE_REPO_NAME
+
+
+def cache_tag(layer_digest: str) -> str:
+    match = _SHA256.fullmatch(layer_digest)
+    if match is None:
+        raise CacheNameError(f"layer digest {layer_digest!r} is not sha256:<64 hex>")
+    return f"layer-sha256-{match.group(1)}"
+
+
+def lookup(client: RegistryClient, cache: Repository, layer_digest: str) -> IndexedLayer | None:
+    """The cached index of layer_digest, or None (absent, unusable: warned)."""
+    tag = cache_tag(layer_digest)
+    ref = Reference(cache.registry, cache.name, tag=tag, tag_given=True)
+    try:
+        manifest = client.get_manifest(ref)
+    except ManifestNotFound:
+        return None
+    except RegistryError as exc:
+        log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
+        return None
+    try:
+        return cached_index_for(manifest, layer_digest)
+    except ArtifactError as exc:
+        log.warning("ignoring layer index cache entry %s: %s", ref, exc)
+        return None
+
+
+def adopt(
+    client: RegistryClient, cache: Repository, target: Repository, indexed: IndexedLayer
+) -> str:
+    """Make the cached index blob present in target; says how: "present", "mounted" or
+    "copied" (GET from the cache + PUT, when the registry refuses the cross-repo mount)."""
+    if cache == target or client.blob_exists(target, indexed.index_digest):
+        return "present"
+    if cache.registry == target.registry and _mount(client, cache, target, indexed.index_digest):
+        return "mounted"
+    data = client.get_blob(cache, indexed.index_digest)
+    client.push_blob(target, data, indexed.index_digest)
+    return "copied"
+
+
+def _mount(client: RegistryClient, source: Repository, target: Repository, digest: str) -> bool:
+    """Cross-repo mount (POST ...?mount=&from=). True on 201; on 202 the registry opened an
+    upload instead, which we cancel (the caller copies the bytes)."""
+    try:
+        response, host = client.request(
+            "POST",
+            target,
+            f"/{target.name}/blobs/uploads/",
+            capability="push",
+            actions=PUSH,
+            extra_scopes=[repository_scope(source.name, ("pull",))],
+            params=[("mount", digest), ("from", source.name)],
+        )
+        with contextlib.closing(response):
+            if response.status_code == 201:
+                return True
+            location = response.headers.get("location")
+        if location:
+            cancel, _ = client.request(
+                "DELETE",
+                target,
+                "",
+                capability="push",
+                actions=PUSH,
+                host=host,
+                url=urljoin(str(response.url), location),
+            )
+            cancel.close()
+    except RegistryError as exc:
+        log.info("cross-repo mount of %s from %s into %s failed: %s", digest, source, target, exc)
+    return False
+
+
+def publish(
+    client: RegistryClient, cache: Repository, indexed: IndexedLayer, index_blob: bytes
+) -> None:
+    """Store a freshly built index in the cache repository under the layer's tag."""
+    client.push_blob(cache, EMPTY_JSON, EMPTY_CONFIG.digest)
+    client.push_blob(cache, index_blob, indexed.index_digest)
+    client.push_manifest(
+        cache, cache_tag(indexed.layer_digest), cache_manifest(indexed), OCI_MANIFEST
+    )

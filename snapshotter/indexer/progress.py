@@ -1,0 +1,121 @@
+"""Progress of `lazysnap index build`: one tqdm bar per layer being read and one total.
+
+Bars go to stderr and switch themselves off when stderr is not a terminal (tqdm disable=None),
+so scripts and tests see only the summary line. Counting happens in a reader wrapped around the
+registry stream, so the bytes reported are the bytes actually pulled from the registry.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import IO, Any, Protocol
+
+from tqdm import tqdm
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass
+class BuildProgress:
+    total_bytes: int
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _slots: list[bool] = field(default_factory=list)
+    _total: Any = None
+
+    def __enter__(self) -> BuildProgress:
+        self._total = tqdm(
+            total=self.total_bytes,
+            desc="total",
+            unit="B",
+            unit_scale=True,
+            position=0,
+            disable=None,
+            leave=True,
+        )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._total.close()
+
+    def layer(self, digest: str, size: int) -> LayerProgress:
+        # Reuse the lowest free screen line so concurrent bars do not drift downwards.
+        with self._lock:
+            slot = next((i for i, busy in enumerate(self._slots) if not busy), len(self._slots))
+            if slot == len(self._slots):
+                self._slots.append(True)
+            self._slots[slot] = True
+        bar = tqdm(
+            total=size,
+            desc=digest.removeprefix("sha256:")[:12],
+            unit="B",
+            unit_scale=True,
+            position=slot + 1,
+            disable=None,
+            leave=False,
+        )
+        return LayerProgress(self, slot, bar)
+
+    def skip(self, size: int) -> None:
+        """A layer that will not be read after all (reused from the cache)."""
+        with self._lock:
+            self._total.total = max(0, (self._total.total or 0) - size)
+            self._total.refresh()
+
+    def _advance(self, n: int) -> None:
+        with self._lock:
+            self._total.update(n)
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._slots[slot] = False
+
+
+@dataclass
+class LayerProgress:
+    owner: BuildProgress
+    slot: int
+    bar: Any
+    bytes_read: int = 0
+
+    def update(self, n: int) -> None:
+        self.bytes_read += n
+        self.bar.update(n)
+        self.owner._advance(n)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.owner._release(self.slot)
+
+
+class CountingReader:
+    """A read-only file-like view of a stream that reports every byte read."""
+
+    def __init__(self, stream: _Readable | IO[bytes], progress: LayerProgress) -> None:
+        self._stream = stream
+        self._progress = progress
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._stream.read(size)
+        if data:
+            self._progress.update(len(data))
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False

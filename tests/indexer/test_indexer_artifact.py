@@ -1,0 +1,86 @@
+"""The manifests lazysnap pushes: deterministic bytes, and refusal of foreign/mistagged ones."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from snapshotter.index.model import ARTIFACT_TYPE, INDEX_BLOB_MEDIA_TYPE, LAYER_DIGEST_ANNOTATION
+from snapshotter.indexer.artifact import (
+    ArtifactError,
+    IndexedLayer,
+    artifact_manifest,
+    cache_manifest,
+    cached_index_for,
+    indexed_layers,
+)
+from snapshotter.indexer.layer_cache import CacheNameError, cache_tag, default_cache_repo
+from snapshotter.remote.manifest import (
+    EMPTY_DIGEST,
+    EMPTY_JSON,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    sha256_digest,
+)
+
+LAYER = "sha256:" + "a" * 64
+INDEX_BLOB = "sha256:" + "c" * 64
+SUBJECT = Descriptor(OCI_MANIFEST, "sha256:" + "b" * 64, 123)
+
+
+def _manifest(data: bytes) -> Manifest:
+    return Manifest(data, sha256_digest(data), OCI_MANIFEST)
+
+
+def test_empty_config_digest_is_that_of_the_pushed_blob() -> None:
+    assert sha256_digest(EMPTY_JSON) == EMPTY_DIGEST
+
+
+def test_artifact_manifest_has_the_referrer_shape_and_no_created_date() -> None:
+    layers = [IndexedLayer(LAYER, INDEX_BLOB, 99)]
+    raw = artifact_manifest(SUBJECT, layers)
+    assert raw == artifact_manifest(SUBJECT, list(layers))  # same input, same digest
+    doc = json.loads(raw)
+    assert doc["mediaType"] == OCI_MANIFEST
+    assert doc["artifactType"] == ARTIFACT_TYPE
+    assert doc["config"] == {
+        "mediaType": "application/vnd.oci.empty.v1+json",
+        "digest": EMPTY_DIGEST,
+        "size": 2,
+    }
+    assert doc["subject"] == {"mediaType": OCI_MANIFEST, "digest": SUBJECT.digest, "size": 123}
+    assert doc["layers"] == [
+        {
+            "mediaType": INDEX_BLOB_MEDIA_TYPE,
+            "digest": INDEX_BLOB,
+            "size": 99,
+            "annotations": {LAYER_DIGEST_ANNOTATION: LAYER},
+        }
+    ]
+    assert "annotations" not in doc  # in particular no org.opencontainers.image.created
+    assert indexed_layers(_manifest(raw)) == layers
+
+
+def test_cache_entry_for_another_layer_is_refused() -> None:
+    raw = cache_manifest(IndexedLayer(LAYER, INDEX_BLOB, 99))
+    assert cached_index_for(_manifest(raw), LAYER).index_size == 99
+    other = "sha256:" + "d" * 64
+    with pytest.raises(ArtifactError, match=f"holds no index for layer {other}"):
+        cached_index_for(_manifest(raw), other)
+
+
+def test_foreign_artifact_type_is_refused() -> None:
+    doc = {"mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example", "layers": []}
+    with pytest.raises(ArtifactError, match=re.escape("'application/vnd.example'")):
+        indexed_layers(_manifest(json.dumps(doc).encode()))
+
+
+def test_cache_names() -> None:
+    assert default_cache_repo("team/app/web") == "team/lazysnap-index-cache"
+    assert default_cache_repo("busybox") == "lazysnap-index-cache"
+    assert cache_tag(LAYER) == "layer-sha256-" + "a" * 64
+    with pytest.raises(CacheNameError, match="sha256:zz"):
+        cache_tag("sha256:zz")
