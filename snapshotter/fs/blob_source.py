@@ -2,10 +2,11 @@
 
 kinds:
 - "file": a local copy of the blob (pread); tests, and layers already on disk.
-- "url": a plain HTTP(S) URL answering Range requests without authentication (a registry's
-  /v2/<repo>/blobs/<digest> on a trusted network, or a test server).
-Registry access with auth and hosts.toml belongs to snapshotter.remote; the manager's resolver
-hands such a source in once it exists (see manager.LayerSpec).
+- "url": a plain HTTP(S) URL answering Range requests without authentication (a test server,
+  or a registry's /v2/<repo>/blobs/<digest> on a trusted network).
+- "registry": location is the repository ("host[:port]/name"); digest and size are required;
+  hosts_dir (containerd hosts.toml layout), plain_http hosts and docker_config are optional.
+  Reads go through snapshotter.remote.blob.BlobReader (auth, mirrors, retries).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import urllib3
 from snapshotter.fs.reader import BlobSource
 from snapshotter.remote.errors import BlobFetchError, redact_url
 
-BLOB_KINDS = ("file", "url")
+BLOB_KINDS = ("file", "url", "registry")
 
 
 class BlobSpecError(ValueError):
@@ -30,11 +31,23 @@ class BlobSpecError(ValueError):
 @dataclass(frozen=True)
 class BlobSpec:
     kind: str
-    location: str  # file path or URL
-    digest: str = ""  # for error messages
+    location: str  # file path, URL, or repository for "registry"
+    digest: str = ""  # required for "registry"; names the blob in errors otherwise
+    size: int = -1  # required for "registry"
+    hosts_dir: str = ""
+    plain_http: tuple[str, ...] = ()
+    docker_config: str = ""
 
-    def to_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "location": self.location, "digest": self.digest}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "location": self.location,
+            "digest": self.digest,
+            "size": self.size,
+            "hosts_dir": self.hosts_dir,
+            "plain_http": list(self.plain_http),
+            "docker_config": self.docker_config,
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> BlobSpec:
@@ -46,12 +59,28 @@ class BlobSpec:
         location = obj.get("location")
         if not isinstance(location, str) or not location:
             raise BlobSpecError("blob.location: missing or not a string")
-        digest = obj.get("digest", "")
-        if not isinstance(digest, str):
-            raise BlobSpecError("blob.digest: not a string")
+        for key in ("digest", "hosts_dir", "docker_config"):
+            if not isinstance(obj.get(key, ""), str):
+                raise BlobSpecError(f"blob.{key}: not a string")
+        size = obj.get("size", -1)
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise BlobSpecError(f"blob.size: {size!r} is not an integer")
+        plain_http = obj.get("plain_http", [])
+        if not isinstance(plain_http, list) or not all(isinstance(h, str) for h in plain_http):
+            raise BlobSpecError("blob.plain_http: not a list of host names")
         if kind == "url" and urlsplit(location).scheme not in ("http", "https"):
             raise BlobSpecError(f"blob.location: {redact_url(location)!r} is not an http(s) URL")
-        return cls(kind=kind, location=location, digest=digest)
+        if kind == "registry" and (not obj.get("digest") or size < 0):
+            raise BlobSpecError("blob: a registry blob needs digest and size")
+        return cls(
+            kind=kind,
+            location=location,
+            digest=obj.get("digest", ""),
+            size=size,
+            hosts_dir=obj.get("hosts_dir", ""),
+            plain_http=tuple(plain_http),
+            docker_config=obj.get("docker_config", ""),
+        )
 
 
 class FileBlobSource:
@@ -125,7 +154,32 @@ class UrlBlobSource:
 def open_blob_source(spec: BlobSpec, *, timeout: float) -> BlobSource:
     if spec.kind == "file":
         return FileBlobSource(spec.location, spec.digest)
-    return UrlBlobSource(spec.location, timeout=timeout, digest=spec.digest)
+    if spec.kind == "url":
+        return UrlBlobSource(spec.location, timeout=timeout, digest=spec.digest)
+    return _registry_source(spec, timeout)
+
+
+def _registry_source(spec: BlobSpec, timeout: float) -> BlobSource:
+    from snapshotter.remote.auth import CredentialStore
+    from snapshotter.remote.blob import BlobReader
+    from snapshotter.remote.client import RegistryClient
+    from snapshotter.remote.errors import RegistryError
+    from snapshotter.remote.hosts import HostsConfig
+    from snapshotter.remote.reference import Repository
+
+    try:
+        repository = Repository.parse(spec.location)
+        credentials = (
+            CredentialStore.from_docker_config(spec.docker_config or None)
+            if spec.docker_config
+            else CredentialStore.anonymous()
+        )
+        hosts = HostsConfig(spec.hosts_dir or None, plain_http=spec.plain_http)
+        # one quick retry: a read that outlives the fetch timeout is an EIO anyway
+        client = RegistryClient(hosts, credentials, timeout=timeout, retries=1)
+        return BlobReader(client, repository, spec.digest, spec.size, timeout=timeout, retries=1)
+    except (RegistryError, ValueError) as exc:
+        raise BlobSpecError(f"blob {spec.location}@{spec.digest}: {exc}") from exc
 
 
 def _range(offset: int, length: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import signal
 import stat
@@ -23,6 +22,9 @@ from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.mount_process import read_state
 from snapshotter.index.model import LayerIndex
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.reference import Repository
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,
@@ -33,6 +35,7 @@ from tests.fs.fs_helpers import (
     rich_members,
     uncompressed_index,
 )
+from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 FETCH_TIMEOUT = 3.0
@@ -347,5 +350,31 @@ def _listxattr(path: Path) -> list[str]:
     return os.listxattr(path, follow_symlinks=False)
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def test_a_layer_served_by_docker_registry_through_the_registry_client(
+    registry: Registry, tmp_path: Path
+) -> None:
+    tar = make_tar(rich_members())
+    index = uncompressed_index(tar)
+    repository = Repository.parse(f"{registry.host}/test/fs-layer")
+    with RegistryClient(HostsConfig(plain_http=[registry.host])) as client:
+        client.push_blob(repository, tar)
+    blob = BlobSpec(
+        "registry",
+        str(repository),
+        digest=index.layer_digest,
+        size=len(tar),
+        plain_http=(registry.host,),
+    )
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    since = registry.log_offset()
+    lazy.mount_layer(str(mnt), LayerSpec(blob=blob, index_bytes=encode_index(index)))
+    try:
+        big = [e for e in index.entries if e.name == "usr/lib/big.bin"][-1]
+        with open(mnt / "usr/lib/big.bin", "rb") as f:
+            assert f.read(100) == tar[big.offset : big.offset + 100]
+        fetched = registry.blob_fetches(since)[index.layer_digest]
+        assert 1 <= fetched.requests <= 2 and fetched.bytes < len(tar) // 2  # lazily
+    finally:
+        lazy.unmount(str(mnt))
