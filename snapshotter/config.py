@@ -1,0 +1,140 @@
+"""lazysnap's TOML configuration -> frozen dataclasses, with defaults that work.
+
+Every key is documented in docs/configuration.md. Unknown keys and wrongly typed values are
+errors that name the key and the file, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapshotter.log import LOG_LEVELS
+
+DEFAULT_ROOT = "/var/lib/lazysnap"
+DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
+DEFAULT_CONFIG_PATH = "/etc/lazysnap/config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    enable: bool = True  # serve layers lazily when an index exists; False = plain overlay only
+    hosts_dir: str = "/etc/containerd/certs.d"  # containerd hosts.toml tree (mirrors, TLS)
+    docker_config: str = ""  # path to a docker config.json with registry credentials
+    plain_http: tuple[str, ...] = ()  # registry hosts ("host:port") reached over http://
+    fetch_timeout_seconds: float = 30.0
+    min_layer_size: int = 10 << 20  # smaller layers are pulled whole: laziness would not pay
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str = ""  # "" = ROOT/cache
+    max_size_bytes: int = 10 << 30
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    read_ahead_kb: int = 4096  # per-mount bdi read_ahead_kb: 4096 gives 1 MiB FUSE reads
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str = ""  # "host:port" for Prometheus metrics; "" = off
+
+
+@dataclass(frozen=True)
+class Config:
+    root: str = DEFAULT_ROOT
+    address: str = DEFAULT_ADDRESS
+    log_level: str = "info"
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cache.dir or os.path.join(self.root, "cache")
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _convert(value: Any, want: Any, key: str, source: str) -> Any:
+    """value as type want, or ConfigError naming key and source."""
+    if dataclasses.is_dataclass(want) and isinstance(want, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{key}] must be a table, got {type(value).__name__}")
+        return _build(want, value, key + ".", source)
+    if typing.get_origin(want) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {key} must be a list of strings")
+        return tuple(value)
+    # bool is an int in Python; TOML keeps them apart and so do we.
+    ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_TYPE_NAMES.get(want, want)}, got {value!r}")
+    return value
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {prefix + key!r}")
+    values = {k: _convert(v, hints[k], prefix + k, source) for k, v in table.items()}
+    return cls(**values)
+
+
+def _validate(config: Config, source: str) -> Config:
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
+        )
+    for key, value in (
+        ("remote.fetch_timeout_seconds", config.remote.fetch_timeout_seconds),
+        ("remote.min_layer_size", config.remote.min_layer_size),
+        ("cache.max_size_bytes", config.cache.max_size_bytes),
+        ("fuse.read_ahead_kb", config.fuse.read_ahead_kb),
+    ):
+        if value < 0:
+            raise ConfigError(f"{source}: {key} must not be negative, got {value}")
+    for name, text in (("root", config.root), ("address", config.address)):
+        if not text:
+            raise ConfigError(f"{source}: {name} must not be empty")
+    return config
+
+
+def load_config(path: str | None = None, **overrides: Any) -> Config:
+    """Read path (None: defaults only), then apply non-None overrides of top-level keys
+    (root, address, log_level: the CLI flags)."""
+    table: dict[str, Any] = {}
+    source = path or "defaults"
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path}: invalid TOML: {err}") from None
+    config: Config = _build(Config, table, "", source)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given:
+        config = dataclasses.replace(config, **given)
+        source = f"{source} + command line"
+    return _validate(config, source)

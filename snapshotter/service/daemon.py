@@ -1,0 +1,205 @@
+"""`lazysnap serve`: the snapshots gRPC service on a unix socket, for one ROOT.
+
+Start order: take an fcntl lock on ROOT/lock (a second daemon on the same root exits 2), only
+then replace a stale socket file, open the core, re-check remote mounts, listen (socket mode
+0660), tell systemd READY=1. SIGTERM/SIGINT stop accepting, let in-flight RPCs finish within a
+grace period, and exit 0. Nothing heavy is imported on this path (no FUSE, no HTTP) unless
+remote layers are enabled and provided by snapshotter.fs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+from snapshotter.config import Config
+from snapshotter.core.errors import SnapshotError
+from snapshotter.core.layers import RemoteLayers
+
+log = logging.getLogger("lazysnap.daemon")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_LOCKED = 2
+GRACE_SECONDS = 10.0  # in-flight RPCs get this long after SIGTERM
+RPC_WORKERS = 16  # containerd unpacks layers of several images at once
+
+
+class DaemonError(Exception):
+    """Startup failed; the message names the file or socket concerned."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RootLock:
+    """An exclusive fcntl lock on ROOT/lock, holding our pid for the error message of others."""
+
+    path: str
+    fd: int
+
+    @classmethod
+    def acquire(cls, root: str) -> RootLock:
+        path = os.path.join(root, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DaemonError(
+                    f"another lazysnap daemon holds {path} (pid {holder})", EXIT_LOCKED
+                ) from None
+            raise DaemonError(f"cannot lock {path}: {err.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing drops the flock; the file stays (its pid is then stale)
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def sd_notify(state: str) -> bool:
+    """Send state (e.g. "READY=1") to $NOTIFY_SOCKET, as sd_notify(3); False if not set."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as err:
+        log.warning("sd_notify %s to %s failed: %s", state, address, err)
+        return False
+    return True
+
+
+def _remove_stale_socket(address: str) -> None:
+    try:
+        st = os.lstat(address)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DaemonError(f"{address} exists and is not a socket; refusing to replace it")
+    os.unlink(address)  # we hold the root lock, so no live daemon of ours owns it
+
+
+def load_remote_layers(config: Config) -> RemoteLayers | None:
+    """The lazy-layer implementation, or None (plain overlay snapshots only).
+
+    snapshotter.fs provides `from_config(config) -> RemoteLayers`; it is imported only here so
+    that a daemon with remote layers disabled never loads FUSE or HTTP code.
+    """
+    if not config.remote.enable:
+        log.info("remote layers disabled by configuration: serving ordinary snapshots")
+        return None
+    try:
+        from snapshotter.fs import manager
+    except ImportError as err:
+        log.warning("remote layers unavailable (%s): serving ordinary snapshots", err)
+        return None
+    factory = getattr(manager, "from_config", None)
+    if factory is None:
+        log.warning("remote layers unavailable (snapshotter.fs.manager has no from_config)")
+        return None
+    layers: RemoteLayers = factory(config)
+    return layers
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = threading.Event()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self._stop.set()
+
+    def run(self) -> int:
+        # Heavy imports only now: `lazysnap --help` and config errors stay instant.
+        import grpc
+
+        from snapshotter.core.snapshotter import Snapshotter
+        from snapshotter.service.grpc_service import add_to_server
+
+        config = self.config
+        root = os.path.abspath(config.root)
+        address = os.path.abspath(config.address)
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise DaemonError(f"cannot create root {root}: {err.strerror}") from None
+        lock = RootLock.acquire(root)
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+            try:
+                os.makedirs(os.path.dirname(address), mode=0o711, exist_ok=True)
+            except OSError as err:
+                raise DaemonError(f"cannot create socket directory: {err}") from None
+            _remove_stale_socket(address)
+            try:
+                core = Snapshotter(root, remote=load_remote_layers(config))
+            except (SnapshotError, OSError) as err:
+                raise DaemonError(f"cannot open snapshot store in {root}: {err}") from None
+            try:
+                core.restore_remote_snapshots()
+                server = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_WORKERS))
+                add_to_server(core, server)
+                old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
+                try:
+                    bound = server.add_insecure_port(f"unix://{address}")
+                except RuntimeError as err:
+                    raise DaemonError(f"cannot listen on {address}: {err}") from None
+                finally:
+                    os.umask(old_umask)
+                if not bound:
+                    raise DaemonError(f"cannot listen on {address}")
+                server.start()
+                os.chmod(address, 0o660)
+                log.info("serving snapshots of %s on %s", root, address)
+                sd_notify("READY=1")
+                while not self._stop.wait(timeout=1.0):
+                    pass
+                sd_notify("STOPPING=1")
+                server.stop(GRACE_SECONDS).wait()
+                log.info("stopped")
+            finally:
+                core.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address)
+        finally:
+            lock.release()
+        return EXIT_OK
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        return Daemon(config).run()
+    except DaemonError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code

@@ -1,0 +1,254 @@
+"""The remote-layer path of the core, against a fake RemoteLayers (the interface exists for this).
+
+The fake "mounts" a layer by bind-mounting a directory with the layer's files, so the snapshots
+it produces can be used as real overlay lower dirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from snapshotter.core.errors import AlreadyExists, NotFound
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.metadata import Kind
+from snapshotter.core.mounts import mount_points_under
+from snapshotter.core.snapshotter import REMOTE_LABEL, Info, Snapshotter
+
+LAYER_DIGEST = "sha256:" + "ab" * 32
+TARGET = "ns/1/sha256:" + "cd" * 32
+
+
+def is_mounted(path: str) -> bool:
+    # os.path.ismount misses bind mounts within one filesystem; the mount table does not.
+    return os.path.realpath(path) in mount_points_under(path)
+
+
+class FakeRemoteLayers:
+    def __init__(self, content: Path, fail_with: str | None = None) -> None:
+        self.content = content
+        self.fail_with = fail_with
+        self.mounted: dict[str, dict[str, str]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.block: threading.Event | None = None  # mount waits for it when set
+        self.raise_unexpected = False
+
+    def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        self.calls.append(("mount", mountpoint))
+        if self.block is not None:
+            assert self.block.wait(10)
+        if self.raise_unexpected:
+            raise KeyError("bug in the lazy layer")
+        if self.fail_with is not None:
+            raise RemoteLayerUnavailable(self.fail_with)
+        subprocess.run(["mount", "--bind", str(self.content), mountpoint], check=True)
+        self.mounted[mountpoint] = dict(labels)
+
+    def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        self.calls.append(("check", mountpoint))
+        if not is_mounted(mountpoint) or mountpoint not in self.mounted:
+            raise RemoteLayerUnavailable("not mounted")
+
+    def unmount(self, mountpoint: str) -> None:
+        self.calls.append(("unmount", mountpoint))
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", mountpoint], check=True)
+        self.mounted.pop(mountpoint, None)
+
+
+@pytest.fixture
+def layer_content(root: Path) -> Path:
+    content = root.parent / (root.name + "-layer")
+    content.mkdir()
+    (content / "from-remote").write_text("lazy bytes")
+    yield content
+    subprocess.run(["rm", "-rf", str(content)], check=True)
+
+
+@pytest.fixture
+def remote(layer_content: Path) -> FakeRemoteLayers:
+    return FakeRemoteLayers(layer_content)
+
+
+@pytest.fixture
+def core(root: Path, remote: FakeRemoteLayers) -> Iterator[Snapshotter]:
+    sn = Snapshotter(str(root / "state"), remote=remote)
+    yield sn
+    for mountpoint in list(remote.mounted):
+        remote.unmount(mountpoint)
+    sn.close()
+
+
+def layer_labels(**extra: str) -> dict[str, str]:
+    return {
+        "containerd.io/snapshot.ref": TARGET,
+        "containerd.io/snapshot/cri.layer-digest": LAYER_DIGEST,
+        "containerd.io/snapshot/cri.image-ref": "127.0.0.1:5000/test/busybox:latest",
+        **extra,
+    }
+
+
+def fallback_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "falls back to a full pull" in r.getMessage()]
+
+
+def test_a_mounted_layer_is_committed_as_the_target_and_reported_as_existing(
+    core: Snapshotter, remote: FakeRemoteLayers, root: Path
+) -> None:
+    with pytest.raises(AlreadyExists, match="target snapshot"):
+        core.prepare("ns/1/extract-1 sha256:x", "", layer_labels())
+    info = core.stat(TARGET)
+    assert info.kind is Kind.COMMITTED
+    assert info.labels == {**layer_labels(), REMOTE_LABEL: "remote"}
+    with pytest.raises(NotFound):
+        core.stat("ns/1/extract-1 sha256:x")
+    [(call, mountpoint)] = remote.calls
+    assert call == "mount"
+    assert Path(mountpoint).parent.parent == root / "state" / "snapshots"
+    assert Path(mountpoint).name == "fs"
+
+    # A container on top sees the lazy layer's files through overlayfs.
+    [mount] = core.prepare("container", TARGET)
+    assert f"lowerdir={mountpoint}" in mount.options
+    target = root / "rootfs"
+    target.mkdir()
+    subprocess.run(
+        ["mount", "-t", "overlay", "-o", ",".join(mount.options), "overlay", str(target)],
+        check=True,
+    )
+    try:
+        assert (target / "from-remote").read_text() == "lazy bytes"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+    # Removing it unmounts the layer before its directory goes.
+    core.remove("container")
+    core.remove(TARGET)
+    assert remote.calls[-1] == ("unmount", mountpoint)
+    assert not is_mounted(mountpoint)
+    assert not Path(mountpoint).exists()
+
+
+def test_an_unavailable_layer_falls_back_with_exactly_one_log_line(
+    core: Snapshotter, remote: FakeRemoteLayers, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote.fail_with = "no index for this layer in the registry"
+    caplog.set_level(logging.DEBUG, logger="lazysnap")
+    [mount] = core.prepare("extract-1", "", layer_labels())
+    assert mount.type == "bind" and mount.options == ("rw", "rbind")
+    assert core.stat("extract-1").kind is Kind.ACTIVE
+    with pytest.raises(NotFound):
+        core.stat(TARGET)
+    assert fallback_lines(caplog) == [
+        f"layer {LAYER_DIGEST} falls back to a full pull: no index for this layer in the registry"
+    ]
+    # The ordinary snapshot works as usual: containerd unpacks into it and commits.
+    Path(mount.source, "unpacked").write_text("tar contents")
+    core.commit(TARGET, "extract-1")
+    assert REMOTE_LABEL not in core.stat(TARGET).labels
+
+
+def test_a_crashing_remote_implementation_also_falls_back(
+    core: Snapshotter, remote: FakeRemoteLayers, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote.raise_unexpected = True
+    [mount] = core.prepare("extract-1", "", layer_labels())
+    assert mount.type == "bind"
+    [line] = fallback_lines(caplog)
+    assert "KeyError" in line and LAYER_DIGEST in line
+
+
+def test_an_existing_target_answers_already_exists_without_mounting(
+    core: Snapshotter, remote: FakeRemoteLayers
+) -> None:
+    core.prepare("unpacked-before")
+    core.commit(TARGET, "unpacked-before")
+    with pytest.raises(AlreadyExists, match="target snapshot"):
+        core.prepare("extract-2", "", layer_labels())
+    assert remote.calls == []
+
+
+def test_only_prepare_with_a_target_label_goes_remote(
+    core: Snapshotter, remote: FakeRemoteLayers
+) -> None:
+    core.prepare("plain", "", {"containerd.io/snapshot/cri.layer-digest": LAYER_DIGEST})
+    core.view("view", "", layer_labels())
+    assert remote.calls == []
+
+
+def test_update_keeps_the_remote_label(core: Snapshotter) -> None:
+    with pytest.raises(AlreadyExists):
+        core.prepare("extract-1", "", layer_labels())
+    info = core.update(Info(name=TARGET, labels={"containerd.io/gc.root": "x"}))
+    assert info.labels == {"containerd.io/gc.root": "x", REMOTE_LABEL: "remote"}
+
+
+def test_cleanup_leaves_a_layer_that_is_being_mounted_alone(
+    core: Snapshotter, remote: FakeRemoteLayers, root: Path
+) -> None:
+    remote.block = threading.Event()
+    errors: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            core.prepare("extract-1", "", layer_labels())
+        except BaseException as err:
+            errors.append(err)
+
+    worker = threading.Thread(target=prepare)
+    worker.start()
+    try:
+        for _ in range(200):
+            if remote.calls:
+                break
+            threading.Event().wait(0.01)
+        [(_, mountpoint)] = remote.calls
+        # Other operations are not blocked by a slow mount, and Cleanup skips its directory.
+        core.prepare("other")
+        core.cleanup()
+        assert Path(mountpoint).is_dir()
+    finally:
+        remote.block.set()
+        worker.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], AlreadyExists)
+    assert core.stat(TARGET).kind is Kind.COMMITTED
+    assert is_mounted(mountpoint)
+
+
+def test_restart_checks_remote_snapshots_and_mounts_lost_ones_again(
+    root: Path, layer_content: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first_remote = FakeRemoteLayers(layer_content)
+    first = Snapshotter(str(root / "state"), remote=first_remote)
+    with pytest.raises(AlreadyExists):
+        first.prepare("extract-1", "", layer_labels())
+    [mountpoint] = first_remote.mounted
+    first.close()
+    first_remote.unmount(mountpoint)  # the mount died with the old daemon
+
+    caplog.set_level(logging.INFO, logger="lazysnap")
+    second_remote = FakeRemoteLayers(layer_content)
+    second = Snapshotter(str(root / "state"), remote=second_remote)
+    try:
+        second.restore_remote_snapshots()
+        assert second_remote.calls == [("check", mountpoint), ("mount", mountpoint)]
+        assert is_mounted(mountpoint)
+        assert any("mounted again" in r.getMessage() for r in caplog.records)
+    finally:
+        second_remote.unmount(mountpoint)
+        second.close()
+
+    broken_remote = FakeRemoteLayers(layer_content, fail_with="registry unreachable")
+    third = Snapshotter(str(root / "state"), remote=broken_remote)
+    try:
+        third.restore_remote_snapshots()
+    finally:
+        third.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "registry unreachable" in errors[0] and TARGET in errors[0]
