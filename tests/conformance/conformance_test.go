@@ -5,8 +5,11 @@
 // to how upstream runs its snapshotters) and stop it with SIGTERM in the cleanup, which must exit 0.
 //
 // Environment:
-//   LAZYSNAP_SERVE  command line that starts the daemon, split on spaces (default "lazysnap serve");
-//                   "--root ROOT --address SOCKET" are appended.
+//
+//	LAZYSNAP_SERVE  command line that starts the daemon, split on spaces (default "lazysnap serve");
+//	                "--root ROOT --address SOCKET" are appended.
+//	LAZYSNAP_CONFORMANCE_LOGS  directory to keep each daemon's log in (default: deleted with
+//	                the subtest's temp dir).
 package conformance
 
 import (
@@ -74,7 +77,12 @@ func newLazysnap(ctx context.Context, root string) (snapshots.Snapshotter, func(
 	// suite's RemoveAll cleans everything. Unix socket paths are limited to 108 bytes.
 	state := filepath.Join(root, "lazysnap")
 	socket := filepath.Join(root, "s.sock")
+	// The suite deletes root's parent when the subtest ends: keep the daemon's log elsewhere
+	// when asked to, named like that parent (which the suite prints for a failed subtest).
 	logPath := filepath.Join(filepath.Dir(root), "lazysnap.log")
+	if dir := os.Getenv("LAZYSNAP_CONFORMANCE_LOGS"); dir != "" {
+		logPath = filepath.Join(dir, filepath.Base(filepath.Dir(root))+".log")
+	}
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		return nil, nil, err
