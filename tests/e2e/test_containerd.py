@@ -4,12 +4,14 @@ and, for comparison, through its built-in overlayfs snapshotter."""
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 import pytest
 
 from tests.harness.containerd import Containerd
 from tests.harness.daemon import LazysnapDaemon
-from tests.harness.images import PushedImage
+from tests.harness.images import PushedImage, build_busybox, push
+from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 
@@ -65,3 +67,14 @@ def test_container_sees_image_files_and_writes_stay_private(
         snapshotter="lazysnap",
     )
     assert second == "clean\n"
+
+
+def test_zstd_layers_run_on_lazysnap(
+    lazysnap: LazysnapDaemon, containerd: Containerd, registry: Registry, tmp_path: Path
+) -> None:
+    built = build_busybox(tmp_path / "busybox-zstd", compression="zstd")
+    assert built.layers[0].media_type.endswith("tar+zstd")
+    image = push(built, registry.host, "test/busybox-zstd", "latest")
+    containerd.pull(image.reference, snapshotter="lazysnap")
+    output = containerd.run_container(image.reference, "cat", "/etc/group", snapshotter="lazysnap")
+    assert output.startswith("root:x:0:\n")
