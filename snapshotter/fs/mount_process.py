@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class MountSpec:
     workers: int = DEFAULT_WORKERS
     allow_other: bool = True
     state_interval: float = STATE_INTERVAL_S
-    extra: dict[str, Any] = field(default_factory=dict)  # ignored; room for the resolver
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -161,13 +160,19 @@ class _StateKeeper(threading.Thread):
     """Waits for the mount to go live, then reports ready and refreshes the state file."""
 
     def __init__(
-        self, spec: MountSpec, reader: LayerReader, reporter: _Reporter, device_before: int
+        self,
+        spec: MountSpec,
+        reader: LayerReader,
+        reporter: _Reporter,
+        device_before: int,
+        prefetch_spans: list[int],
     ) -> None:
         super().__init__(name="state-keeper", daemon=True)
         self.spec = spec
         self.reader = reader
         self.reporter = reporter
         self.device_before = device_before
+        self.prefetch_spans = prefetch_spans
         self.stopped = threading.Event()
         self.became_ready = threading.Event()
         self.started_at = time.time()
@@ -193,6 +198,8 @@ class _StateKeeper(threading.Thread):
         self.became_ready.set()
         self.reporter.send("ready")
         log.info("mounted %s at %s", self.reader.layer_digest, self.spec.mountpoint)
+        if self.prefetch_spans:
+            self.reader.prefetch(self.prefetch_spans)
         while not self.stopped.wait(self.spec.state_interval):
             self.write_state()
 
@@ -213,6 +220,24 @@ class _StateKeeper(threading.Thread):
             os.rename(tmp, path)
         except OSError as exc:
             log.warning("cannot write state file %s: %s", path, exc)
+
+
+def prefetch_spans(index: LayerIndex, tree: LayerTree) -> list[int]:
+    """Spans holding the data of the index's prefetch list (startup profile), in its order."""
+    from snapshotter.index.spans import spans_for_range
+
+    wanted: list[int] = []
+    seen: set[int] = set()
+    for name in index.prefetch:
+        node = tree.lookup(name)
+        if node is None or node.data is None or node.data.size == 0:
+            continue
+        start = node.data.offset
+        for span_no in spans_for_range(index, start, start + node.data.size):
+            if span_no not in seen:
+                seen.add(span_no)
+                wanted.append(span_no)
+    return wanted
 
 
 def _raise_read_ahead(device: int) -> None:
@@ -244,7 +269,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
     from snapshotter.fs import fuse_ops  # loads libfuse3; kept out of the spec checks above
 
     reader = LayerReader(index, blob, cache, workers=spec.workers, fetch_timeout=spec.fetch_timeout)
-    keeper = _StateKeeper(spec, reader, reporter, device_before)
+    keeper = _StateKeeper(spec, reader, reporter, device_before, prefetch_spans(index, tree))
     keeper.start()
     try:
         fuse_ops.serve(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from snapshotter.index.codec import encode_index
+from snapshotter.index.spans import spans_for_range
 
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
@@ -376,5 +378,26 @@ def test_a_layer_served_by_docker_registry_through_the_registry_client(
             assert f.read(100) == tar[big.offset : big.offset + 100]
         fetched = registry.blob_fetches(since)[index.layer_digest]
         assert 1 <= fetched.requests <= 2 and fetched.bytes < len(tar) // 2  # lazily
+    finally:
+        lazy.unmount(str(mnt))
+
+
+def test_the_prefetch_list_is_fetched_without_being_read(layer: Layer, tmp_path: Path) -> None:
+    layer.index = dataclasses.replace(layer.index, prefetch=("usr/bin/tool",))
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    mnt = _mount(lazy, layer, tmp_path / "fs")
+    try:
+        cache = SpanCache(tmp_path / "cache", 1 << 30)
+        tool = [e for e in layer.index.entries if e.name == "usr/bin/tool"][-1]
+        wanted = list(spans_for_range(layer.index, tool.offset, tool.offset + tool.size))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            cache.contains(layer.index.layer_digest, n) for n in wanted
+        ):
+            time.sleep(0.05)
+        assert all(cache.contains(layer.index.layer_digest, n) for n in wanted)
+        requests = layer.server.request_count()
+        assert (mnt / "usr/bin/tool").read_bytes() == layer.data("usr/bin/tool")
+        assert layer.server.request_count() == requests
     finally:
         lazy.unmount(str(mnt))
