@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from snapshotter.pull.plan import chain_ids
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, Descriptor, Platform, build_index
 from snapshotter.remote.reference import Reference
-from tests.harness.containerd import CRI_NAMESPACE, Containerd
+from tests.harness.containerd import CRI_NAMESPACE, Containerd, start_containerd
 from tests.harness.daemon import LazysnapDaemon
 from tests.harness.images import (
     PushedImage,
@@ -32,6 +35,7 @@ from tests.harness.images import (
 )
 from tests.harness.registry import Registry
 from tests.pull.cri import cri_pull_image
+from tests.pull.lazy_fake import LazyFake, serve_lazy_fake
 
 pytestmark = pytest.mark.stack
 
@@ -313,3 +317,60 @@ def test_cri_pull_image_then_ctr_runs_it_on_lazysnap(
     labels = json.loads(info)["Labels"]
     # CRI passed the labels lazysnap needs (disable_snapshot_annotations = false).
     assert labels["containerd.io/snapshot/cri.layer-digest"] == busybox_image.layers[0].digest
+
+
+# -- lazy path ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def containerd_on_lazy_fake(
+    tmp_path_factory: pytest.TempPathFactory, registry: Registry
+) -> Iterator[tuple[Containerd, LazyFake]]:
+    """A second containerd whose `lazysnap` proxy plugin is the lazy fake (see lazy_fake.py)."""
+    base = Path(tempfile.mkdtemp(prefix="lzs-lf-", dir="/tmp"))  # short: unix socket paths
+    server, fake = serve_lazy_fake(base / "fake.sock")
+    try:
+        instance = start_containerd(
+            base / "ctd", proxy_socket=base / "fake.sock", registry_hosts=[registry.host]
+        )
+    except BaseException:
+        server.stop(grace=None)
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    yield instance, fake
+    instance.stop()
+    server.stop(grace=None).wait()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_layers_the_snapshotter_mounts_lazily_are_never_downloaded(
+    containerd_on_lazy_fake: tuple[Containerd, LazyFake],
+    registry: Registry,
+    two_layer_image: PushedImage,
+) -> None:
+    ctd, fake = containerd_on_lazy_fake
+    namespace = ctd.namespace
+    offset = registry.log_offset()
+    result = lazysnap_pull(ctd, two_layer_image.reference, namespace)
+    assert result.returncode == 0, result.stderr
+    lines = layer_lines(result.stdout)
+    assert len(lines) == 2 and all(": lazy " in line for line in lines), result.stdout
+    assert "2 lazy, 0 pulled" in result.stdout
+    # Prepare came with each layer's chain ID, bottom first, and no layer blob was fetched.
+    chains = chain_ids([layer.diff_id for layer in two_layer_image.layers])
+    assert fake.prepared_targets == chains
+    fetched = registry.blob_fetches(since=offset)
+    assert not {layer.digest for layer in two_layer_image.layers} & set(fetched), fetched
+    content = ctd.ctr("content", "ls", "-q", namespace=namespace).stdout.split()
+    assert not {layer.digest for layer in two_layer_image.layers} & set(content)
+    # containerd recorded the lazily committed chain, and the image record exists.
+    keys = snapshot_keys(ctd, namespace, "lazysnap")
+    assert set(chains) <= set(keys), keys
+    assert two_layer_image.reference in ctd.ctr("images", "ls", "-q", namespace=namespace).stdout
+    # The config holds the top of the chain for GC, as containerd's unpacker leaves it.
+    config_labels = ctd.ctr("content", "ls", namespace=namespace).stdout
+    assert f"containerd.io/gc.ref.snapshot.lazysnap={chains[1]}" in config_labels
+
+    again = lazysnap_pull(ctd, two_layer_image.reference, namespace)
+    assert again.returncode == 0 and "2 already present" in again.stdout, again.stdout
+    assert len(fake.prepared_targets) == 2  # nothing Prepared the second time
