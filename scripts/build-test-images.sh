@@ -20,10 +20,13 @@ python3-jinja2 python3-pygments python3-babel python3-docutils python3-sqlalchem
 log() { printf '[build-test-images %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-if [[ ${1:-} != --force && -f $LAYOUT/.complete ]]; then
+# Bump when the recipe changes what ends up in the image: a cache from an older recipe is rebuilt.
+RECIPE=2  # 2: apt's pkgcache.bin/srcpkgcache.bin (78 MB) no longer baked into layers 2 and 3
+if [[ ${1:-} != --force && $(cat "$LAYOUT/.complete" 2>/dev/null) == "recipe $RECIPE" ]]; then
     log "cached: $LAYOUT"
     exit 0
 fi
+[[ -d $LAYOUT ]] && log "cached $LAYOUT is from another recipe (want $RECIPE): rebuilding"
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, umoci unpack)"
 for tool in debootstrap umoci python3 chroot; do
     command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-deps.sh)"
@@ -102,7 +105,7 @@ python3 "$HERE/images/normalize_oci.py" "$WORK/oci" pybig latest
 umoci rm --image "$WORK/oci:pybig"
 umoci gc --layout "$WORK/oci"
 
-touch "$WORK/oci/.complete"
+echo "recipe $RECIPE" >"$WORK/oci/.complete"
 rm -rf "$LAYOUT"
 mv "$WORK/oci" "$LAYOUT"
 log "done: $LAYOUT ($(du -sh "$LAYOUT" | cut -f1))"
