@@ -1,0 +1,363 @@
+"""`lazysnap index build`: index an image's layers and attach the indexes as an OCI referrer.
+
+For each selected platform manifest:
+1. If a lazysnap artifact already refers to it and covers every layer >= --min-layer-size,
+   nothing is done (idempotent rebuilds push nothing).
+2. Each layer >= --min-layer-size is reused from the registry-wide layer cache (layer_cache:
+   no byte of the layer is read) or streamed once from the registry into build_layer_index
+   (no copy on disk), in parallel up to --jobs. Smaller layers stay unindexed: pulled whole.
+3. Only when every layer of every selected platform is indexed, the pushes start: new indexes
+   to the cache repository and the image repository, reused ones mounted into the image
+   repository, the empty config `{}`, then one artifact manifest per platform manifest via
+   push_referrer (which maintains the `sha256-<hex>` tag index on registries without the
+   referrers API).
+
+A layer that cannot be indexed (its bytes do not match its digest, a hostile or corrupt tar,
+an unsupported media type, the registry fails) fails the whole build with an error naming the
+image and the layer, and nothing is pushed: a partial artifact would make the snapshotter
+believe the missing layers are meant to be pulled whole.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from snapshotter.index.build import build_layer_index
+from snapshotter.index.codec import encode_index
+from snapshotter.index.model import ARTIFACT_TYPE, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.indexer import layer_cache
+from snapshotter.indexer.artifact import (
+    EMPTY_CONFIG,
+    ArtifactError,
+    IndexedLayer,
+    artifact_manifest,
+    indexed_layers,
+)
+from snapshotter.indexer.platforms import select_platforms
+from snapshotter.indexer.progress import BuildProgress, CountingReader
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import ManifestNotFound, PlatformNotFound, RegistryError
+from snapshotter.remote.manifest import EMPTY_JSON, Descriptor, Manifest, Platform, sha256_digest
+from snapshotter.remote.reference import Reference, Repository
+from snapshotter.remote.referrers import ReferrerSource, find_referrers, push_referrer
+
+log = logging.getLogger(__name__)
+
+# Layer media types the index builder understands (OCI and Docker, incl. non-distributable).
+INDEXABLE_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+
+
+class IndexBuildError(Exception):
+    """The build failed; the message names the image, platform, layer or registry. Nothing of
+    this build was pushed."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    platforms: tuple[Platform, ...] = ()
+    all_platforms: bool = False
+    span_size: int = DEFAULT_SPAN_SIZE
+    min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
+    cache_repo: str | None = None  # default: layer_cache.default_cache_repo(image repo)
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+class LayerOutcome(StrEnum):
+    BUILT = "built"  # read from the registry and indexed now
+    REUSED = "reused"  # taken from the layer cache, layer bytes not read
+    PRESENT = "present"  # already in this image's artifact
+    SMALL = "small"  # below --min-layer-size: stays unindexed (pulled whole)
+    UNSUPPORTED = "unsupported"  # media type the index format cannot describe
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    layer: Descriptor
+    outcome: LayerOutcome
+    indexed: IndexedLayer | None = None
+    index_blob: bytes | None = None  # BUILT only: pushed after every layer succeeded
+    bytes_read: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One platform manifest to attach an artifact to."""
+
+    platform: str  # "linux/amd64", or "-" for an image that is a single manifest
+    subject: Descriptor
+    layers: tuple[Descriptor, ...]
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    target: Target
+    artifact_digest: str | None  # None: no layer large enough, nothing to attach
+    pushed: bool  # False when an equivalent artifact was already there
+    source: ReferrerSource | None
+
+
+@dataclass
+class BuildReport:
+    image: str
+    targets: list[TargetResult] = field(default_factory=list)
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    skipped_platforms: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, outcome: LayerOutcome) -> int:
+        return sum(1 for r in self.layers.values() if r.outcome == outcome)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.layers.values())
+
+    def summary(self) -> str:
+        return (
+            f"{self.image}: {self.count(LayerOutcome.BUILT)} layers indexed, "
+            f"{self.count(LayerOutcome.REUSED)} reused, "
+            f"{self.count(LayerOutcome.PRESENT)} already indexed, "
+            f"{self.count(LayerOutcome.SMALL) + self.count(LayerOutcome.UNSUPPORTED)} skipped "
+            f"(small or unsupported), {self.bytes_read} bytes read, {self.seconds:.1f} s"
+        )
+
+
+def resolve_targets(
+    client: RegistryClient, ref: Reference, options: BuildOptions
+) -> tuple[list[Target], list[str]]:
+    """The platform manifests to index, and warnings about absent children of a sparse index
+    that were not explicitly asked for."""
+    top = client.get_manifest(ref)
+    if not top.is_index:
+        if options.platforms:
+            log.info("%s is a single-platform manifest: --platform ignored", ref)
+        return [_target("-", top)], []
+    choices = select_platforms(top, options.platforms, all_platforms=options.all_platforms)
+    targets: list[Target] = []
+    skipped: list[str] = []
+    for choice in choices:
+        child_ref = ref.with_digest(choice.descriptor.digest)
+        try:
+            child = client.get_manifest(child_ref)
+        except ManifestNotFound:
+            if choice.required:
+                raise PlatformNotFound(
+                    f"{ref}: the manifest {choice.descriptor.digest} for platform "
+                    f"{choice.label} is absent from the registry (sparse index)"
+                ) from None
+            skipped.append(
+                f"{ref}: skipping platform {choice.label}: its manifest "
+                f"{choice.descriptor.digest} is absent (sparse index)"
+            )
+            continue
+        if child.is_index:
+            skipped.append(f"{ref}: skipping nested index {child.digest} ({choice.label})")
+            continue
+        targets.append(_target(choice.label, child))
+    return targets, skipped
+
+
+def _target(label: str, manifest: Manifest) -> Target:
+    subject = Descriptor(manifest.media_type, manifest.digest, len(manifest.data))
+    return Target(label, subject, tuple(manifest.layers))
+
+
+def wanted_layers(target: Target, options: BuildOptions) -> list[Descriptor]:
+    """The layers of target to index, in image order, each digest once."""
+    wanted: dict[str, Descriptor] = {}
+    for layer in target.layers:
+        if layer.size >= options.min_layer_size and layer.media_type in INDEXABLE_MEDIA_TYPES:
+            wanted.setdefault(layer.digest, layer)
+    return list(wanted.values())
+
+
+def existing_artifact(
+    client: RegistryClient, repo: Repository, target: Target, options: BuildOptions
+) -> tuple[str, ReferrerSource, list[IndexedLayer]] | None:
+    """A lazysnap artifact already referring to target that indexes every wanted layer."""
+    found = find_referrers(client, repo, target.subject.digest, ARTIFACT_TYPE)
+    wanted = {layer.digest for layer in wanted_layers(target, options)}
+    for desc in reversed(found.descriptors):  # later entries are the newer pushes
+        try:
+            manifest = client.get_manifest(Reference(repo.registry, repo.name, digest=desc.digest))
+            layers = indexed_layers(manifest)
+        except (ArtifactError, ManifestNotFound) as exc:
+            log.warning("ignoring referrer %s of %s: %s", desc.digest, target.subject.digest, exc)
+            continue
+        if wanted <= {layer.layer_digest for layer in layers}:
+            return desc.digest, found.source, layers
+    return None
+
+
+def _index_one(
+    client: RegistryClient,
+    repo: Repository,
+    cache: Repository,
+    layer: Descriptor,
+    options: BuildOptions,
+    progress: BuildProgress,
+) -> LayerResult:
+    cached = layer_cache.lookup(client, cache, layer.digest)
+    if cached is not None:
+        progress.skip(layer.size)
+        return LayerResult(layer, LayerOutcome.REUSED, cached)
+    bar = progress.layer(layer.digest, layer.size)
+    try:
+        with client.stream_blob(repo, layer.digest, layer.size) as stream:
+            reader = CountingReader(stream, bar)
+            index = build_layer_index(
+                reader,
+                media_type=layer.media_type,
+                span_size=options.span_size,
+                expected_digest=layer.digest,
+            )
+            # The registry stream checks size and digest at its end: read any trailing bytes
+            # the builder did not need so an unverified layer is never indexed.
+            while reader.read(1 << 20):
+                pass
+    finally:
+        bar.close()
+    blob = encode_index(index)
+    indexed = IndexedLayer(layer.digest, sha256_digest(blob), len(blob))
+    return LayerResult(layer, LayerOutcome.BUILT, indexed, blob, bar.bytes_read)
+
+
+def _index_layers(
+    client: RegistryClient,
+    repo: Repository,
+    cache: Repository,
+    layers: Sequence[Descriptor],
+    options: BuildOptions,
+) -> dict[str, LayerResult]:
+    """Index (or reuse) every layer, in parallel; IndexBuildError naming each failed layer."""
+    results: dict[str, LayerResult] = {}
+    failures: list[str] = []
+    with (
+        BuildProgress(sum(layer.size for layer in layers)) as progress,
+        concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool,
+    ):
+        futures = {
+            pool.submit(_index_one, client, repo, cache, layer, options, progress): layer
+            for layer in layers
+        }
+        for future in concurrent.futures.as_completed(futures):
+            layer = futures[future]
+            try:
+                results[layer.digest] = future.result()
+            except Exception as exc:  # any failure of one layer fails the image
+                failures.append(f"layer {layer.digest} ({layer.size} bytes): {_describe(exc)}")
+                for other in futures:
+                    other.cancel()  # stop what has not started: nothing will be pushed
+    if failures:
+        raise IndexBuildError("\n  ".join(["cannot index:", *sorted(failures)]))
+    return results
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if isinstance(exc, RegistryError) and text else f"{type(exc).__name__}: {text}"
+
+
+def _push(
+    client: RegistryClient,
+    repo: Repository,
+    cache: Repository,
+    results: dict[str, LayerResult],
+) -> None:
+    for result in results.values():
+        if result.indexed is None:
+            continue
+        if result.outcome is LayerOutcome.BUILT and result.index_blob is not None:
+            try:
+                layer_cache.publish(client, cache, result.indexed, result.index_blob)
+            except RegistryError as exc:
+                # The image still gets its index; only other images lose the reuse.
+                log.warning(
+                    "could not store the index of %s in cache %s: %s",
+                    result.layer.digest,
+                    cache,
+                    exc,
+                )
+            client.push_blob(repo, result.index_blob, result.indexed.index_digest)
+        elif result.outcome is LayerOutcome.REUSED:
+            layer_cache.adopt(client, cache, repo, result.indexed)
+    client.push_blob(repo, EMPTY_JSON, EMPTY_CONFIG.digest)
+
+
+def build_image_index(
+    client: RegistryClient, image: str, options: BuildOptions = BuildOptions()
+) -> BuildReport:
+    """Index IMAGE and push its artifacts. Raises IndexBuildError or RegistryError."""
+    started = time.monotonic()
+    ref = Reference.parse(image)
+    repo = ref.repository
+    cache = Repository(ref.registry, options.cache_repo or layer_cache.default_cache_repo(ref.name))
+    report = BuildReport(str(ref))
+    targets, report.skipped_platforms = resolve_targets(client, ref, options)
+    for warning in report.skipped_platforms:
+        log.warning("%s", warning)
+
+    todo: list[Target] = []
+    pending: dict[str, Descriptor] = {}
+    for target in targets:
+        wanted = {layer.digest for layer in wanted_layers(target, options)}
+        for layer in target.layers:
+            if layer.digest not in wanted:
+                outcome = (
+                    LayerOutcome.SMALL
+                    if layer.media_type in INDEXABLE_MEDIA_TYPES
+                    else LayerOutcome.UNSUPPORTED
+                )
+                report.layers.setdefault(layer.digest, LayerResult(layer, outcome))
+        if not wanted:
+            report.targets.append(TargetResult(target, None, False, None))
+            continue
+        existing = existing_artifact(client, repo, target, options)
+        if existing is not None:
+            digest, source, indexed = existing
+            by_layer = {i.layer_digest: i for i in indexed}
+            for layer in target.layers:
+                if layer.digest in wanted:
+                    report.layers.setdefault(
+                        layer.digest,
+                        LayerResult(layer, LayerOutcome.PRESENT, by_layer[layer.digest]),
+                    )
+            report.targets.append(TargetResult(target, digest, False, source))
+            continue
+        todo.append(target)
+        for layer in target.layers:
+            if layer.digest in wanted:
+                pending.setdefault(layer.digest, layer)
+
+    built = _index_layers(client, repo, cache, list(pending.values()), options) if todo else {}
+    report.layers.update(built)
+    if todo:
+        _push(client, repo, cache, built)
+    for target in todo:
+        layers = [
+            built[layer.digest].indexed
+            for layer in wanted_layers(target, options)
+            if built[layer.digest].indexed is not None
+        ]
+        manifest = artifact_manifest(target.subject, [i for i in layers if i is not None])
+        pushed = push_referrer(client, repo, manifest)
+        report.targets.append(TargetResult(target, pushed.digest, True, pushed.source))
+    report.seconds = time.monotonic() - started
+    return report

@@ -1,0 +1,202 @@
+"""`lazysnap index show`: which layers of an image are indexed, and how the index is found.
+
+For each selected platform manifest it asks find_referrers for ARTIFACT_TYPE (referrers API,
+else the `sha256-<hex>` tag fallback), picks the artifact covering the most layers, and decodes
+each index blob to report its span and entry counts. Read-only: nothing is pushed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapshotter.index.codec import decode_index
+from snapshotter.index.model import ARTIFACT_TYPE
+from snapshotter.indexer.artifact import ArtifactError, IndexedLayer, indexed_layers
+from snapshotter.indexer.build import BuildOptions, Target, resolve_targets
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import ManifestNotFound
+from snapshotter.remote.manifest import Platform
+from snapshotter.remote.reference import Reference, Repository
+from snapshotter.remote.referrers import find_referrers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerView:
+    digest: str
+    size: int
+    media_type: str
+    index_digest: str | None = None
+    index_size: int | None = None
+    spans: int | None = None
+    entries: int | None = None
+    compression: str | None = None
+    error: str | None = None  # the index blob could not be fetched or decoded
+
+    @property
+    def indexed(self) -> bool:
+        return self.index_digest is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "digest": self.digest,
+            "size": self.size,
+            "mediaType": self.media_type,
+            "indexed": self.indexed,
+        }
+        if self.indexed:
+            out["index"] = {
+                "digest": self.index_digest,
+                "size": self.index_size,
+                "spans": self.spans,
+                "entries": self.entries,
+                "compression": self.compression,
+            }
+            if self.error:
+                out["index"]["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class PlatformView:
+    platform: str
+    manifest_digest: str
+    artifact_digest: str | None
+    artifact_type: str | None
+    source: str | None  # "referrers-api" | "tag-fallback" | "oras"
+    layers: tuple[LayerView, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        artifact = None
+        if self.artifact_digest is not None:
+            artifact = {
+                "digest": self.artifact_digest,
+                "artifactType": self.artifact_type,
+                "source": self.source,
+            }
+        return {
+            "platform": self.platform,
+            "manifest": self.manifest_digest,
+            "artifact": artifact,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+
+@dataclass
+class ShowReport:
+    image: str
+    platforms: list[PlatformView] = field(default_factory=list)
+    skipped_platforms: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "platforms": [p.to_json() for p in self.platforms],
+            "skipped": list(self.skipped_platforms),
+        }
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for view in self.platforms:
+            lines.append(f"{self.image} platform {view.platform} manifest {view.manifest_digest}")
+            if view.artifact_digest is None:
+                lines.append("  no lazysnap index (every layer is pulled whole)")
+            else:
+                lines.append(
+                    f"  artifact {view.artifact_digest} artifactType {view.artifact_type} "
+                    f"found by {view.source}"
+                )
+            lines.append(
+                f"  {'LAYER':<71} {'SIZE':>12} {'SPANS':>6} {'ENTRIES':>8} {'INDEX SIZE':>10}"
+            )
+            for layer in view.layers:
+                if layer.indexed and layer.error is None:
+                    cols = f"{layer.spans:>6} {layer.entries:>8} {layer.index_size:>10}"
+                elif layer.indexed:
+                    cols = f"index unreadable: {layer.error}"
+                else:
+                    cols = f"{'-':>6} {'-':>8} {'not indexed':>10}"
+                lines.append(f"  {layer.digest:<71} {layer.size:>12} {cols}")
+        lines.extend(f"warning: {w}" for w in self.skipped_platforms)
+        return "\n".join(lines)
+
+
+def _describe_index(
+    client: RegistryClient, repo: Repository, indexed: IndexedLayer
+) -> dict[str, Any]:
+    try:
+        index = decode_index(client.get_blob(repo, indexed.index_digest))
+    except Exception as exc:  # a bad blob is reported, not fatal
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if index.layer_digest != indexed.layer_digest:
+        return {"error": f"index describes {index.layer_digest}, not {indexed.layer_digest}"}
+    return {
+        "spans": len(index.spans),
+        "entries": len(index.entries),
+        "compression": str(index.compression),
+    }
+
+
+def _view(client: RegistryClient, repo: Repository, target: Target) -> PlatformView:
+    found = find_referrers(client, repo, target.subject.digest, ARTIFACT_TYPE)
+    best: tuple[int, str, list[IndexedLayer]] | None = None
+    image_layers = {layer.digest for layer in target.layers}
+    for desc in found.descriptors:
+        try:
+            manifest = client.get_manifest(Reference(repo.registry, repo.name, digest=desc.digest))
+            layers = indexed_layers(manifest)
+        except (ArtifactError, ManifestNotFound) as exc:
+            log.warning("ignoring referrer %s of %s: %s", desc.digest, target.subject.digest, exc)
+            continue
+        covered = len(image_layers & {i.layer_digest for i in layers})
+        if best is None or covered >= best[0]:
+            best = (covered, desc.digest, layers)
+    by_layer = {i.layer_digest: i for i in best[2]} if best else {}
+    views: list[LayerView] = []
+    for layer in target.layers:
+        indexed = by_layer.get(layer.digest)
+        if indexed is None:
+            views.append(LayerView(layer.digest, layer.size, layer.media_type))
+            continue
+        details = _describe_index(client, repo, indexed)
+        views.append(
+            LayerView(
+                layer.digest,
+                layer.size,
+                layer.media_type,
+                indexed.index_digest,
+                indexed.index_size,
+                details.get("spans"),
+                details.get("entries"),
+                details.get("compression"),
+                details.get("error"),
+            )
+        )
+    return PlatformView(
+        target.platform,
+        target.subject.digest,
+        best[1] if best else None,
+        ARTIFACT_TYPE if best else None,
+        found.source if best else None,
+        tuple(views),
+    )
+
+
+def show_image_index(
+    client: RegistryClient,
+    image: str,
+    platforms: tuple[Platform, ...] = (),
+    *,
+    all_platforms: bool = False,
+) -> ShowReport:
+    """Describe the lazysnap index of IMAGE. Raises RegistryError (incl. PlatformNotFound)."""
+    ref = Reference.parse(image)
+    options = BuildOptions(platforms=platforms, all_platforms=all_platforms)
+    targets, skipped = resolve_targets(client, ref, options)
+    report = ShowReport(str(ref), skipped_platforms=skipped)
+    for target in targets:
+        report.platforms.append(_view(client, ref.repository, target))
+    return report
