@@ -4,6 +4,7 @@ and, for comparison, through its built-in overlayfs snapshotter."""
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from tests.harness.containerd import Containerd
 from tests.harness.daemon import LazysnapDaemon
 from tests.harness.images import PushedImage, build_busybox, push
+from tests.harness.procs import HarnessError
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
@@ -78,3 +80,27 @@ def test_zstd_layers_run_on_lazysnap(
     containerd.pull(image.reference, snapshotter="lazysnap")
     output = containerd.run_container(image.reference, "cat", "/etc/group", snapshotter="lazysnap")
     assert output.startswith("root:x:0:\n")
+
+
+def test_pulled_image_still_runs_after_daemon_kill_and_restart(
+    lazysnap: LazysnapDaemon, containerd: Containerd, busybox_image: PushedImage
+) -> None:
+    containerd.pull(busybox_image.reference, snapshotter="lazysnap")
+    lazysnap.kill()
+    lazysnap.start()
+    # containerd's gRPC connection to the proxy died with the daemon and redials with backoff
+    # (~1 s), so the first calls may fail with "unavailable"; the image must work again soon.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            output = containerd.run_container(
+                busybox_image.reference, "echo", "survived", snapshotter="lazysnap"
+            )
+            break
+        except HarnessError as exc:
+            if "unavailable" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert output == "survived\n"
+    assert lazysnap.stop() == 0  # a clean SIGTERM exit after recovering from the crash
+    lazysnap.start()
