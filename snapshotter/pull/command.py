@@ -5,17 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from snapshotter.pull.containerd_api import DEFAULT_ADDRESS, ContainerdClient, ContainerdError
-from snapshotter.pull.plan import ImageFormatError
-from snapshotter.pull.progress import TerminalProgress
-from snapshotter.pull.puller import Puller, PullError, PullOptions
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.errors import RegistryError
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.manifest import Platform
-from snapshotter.remote.reference import Reference
+# Only argparse at import time: `lazysnap` builds every subcommand's parser on each start, and
+# `lazysnap serve` must not pay for grpc/httpx imports it never uses. run() imports the rest.
 
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SNAPSHOTTER = "lazysnap"
 
@@ -64,6 +57,17 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from snapshotter.pull.containerd_api import ContainerdClient, ContainerdError
+    from snapshotter.pull.plan import ImageFormatError
+    from snapshotter.pull.progress import TerminalProgress
+    from snapshotter.pull.puller import Puller, PullError, PullOptions
+    from snapshotter.remote.auth import CredentialStore
+    from snapshotter.remote.client import RegistryClient
+    from snapshotter.remote.errors import RegistryError
+    from snapshotter.remote.hosts import HostsConfig
+    from snapshotter.remote.manifest import Platform
+    from snapshotter.remote.reference import Reference
+
     image: str = args.image
     try:
         ref = Reference.parse(image)

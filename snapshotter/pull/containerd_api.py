@@ -28,7 +28,6 @@ from snapshotter._proto.containerd.services.snapshots.v1 import (
 )
 from snapshotter._proto.containerd.types import descriptor_pb2, mount_pb2
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 CONNECT_TIMEOUT_S = 5.0
 # containerd accepts 16 MiB messages; 1 MiB chunks keep memory flat and progress smooth.
 WRITE_CHUNK = 1 << 20

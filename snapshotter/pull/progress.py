@@ -23,6 +23,10 @@ def _mb(n: int) -> str:
     return f"{n / MB:.1f} MB"
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
+
+
 class TerminalProgress:
     def __init__(self, out: TextIO | None = None, bars: bool | None = None) -> None:
         self.out = out or sys.stdout
@@ -69,7 +73,7 @@ class TerminalProgress:
         if present:
             parts.append(f"{present} already present")
         print(
-            f"{summary.image}: {len(summary.outcomes)} layers ({', '.join(parts)}), "
+            f"{summary.image}: {_layers(len(summary.outcomes))} ({', '.join(parts)}), "
             f"{_mb(summary.bytes_downloaded)} downloaded in {summary.seconds:.1f} s",
             file=self.out,
             flush=True,
