@@ -321,3 +321,24 @@ def test_bad_arguments_are_clear_errors(lazysnap_index: Index, dist: Target) -> 
     assert result.code == 2 and "'linux'" in result.err
     result = lazysnap_index("show", f"{dist.host}/{dist.namespace}/missing:1", "--plain-http")
     assert result.code == 1 and "missing" in result.err and "Traceback" not in result.err
+
+
+def test_shared_base_layer_is_reused_on_a_registry_with_referrers_api(
+    lazysnap_index: Index, native: Target, workdir: Path
+) -> None:
+    base = random_layer("base", LAYER)
+    first = build_image(workdir, "first", [base, random_layer("one", LAYER)])
+    second = build_image(workdir, "second", [base, random_layer("two", LAYER)])
+    first_repo = f"{native.namespace}/{unique('first')}"
+    second_repo = f"{native.namespace}/{unique('second')}"
+    with native.client() as client:
+        push_image(client, first, native.host, first_repo, "v1")
+        push_image(client, second, native.host, second_repo, "v1")
+    assert lazysnap_index("build", f"{native.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
+    result = lazysnap_index("build", f"{native.host}/{second_repo}:v1", *BUILD_FLAGS)
+    assert result.code == 0, result.err
+    assert "1 layers indexed, 1 reused" in result.out
+    # The reused index blob is now in the second repository, readable by the snapshotter.
+    [platform] = _show(lazysnap_index, f"{native.host}/{second_repo}:v1")["platforms"]
+    assert platform["artifact"]["source"] == "referrers-api"
+    assert all(layer["index"]["entries"] >= 5 for layer in platform["layers"])
