@@ -8,6 +8,7 @@ answers 200 even when writes need credentials, so clients must answer per-reques
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import urllib.error
@@ -82,7 +83,7 @@ def start_peryx(base: Path) -> Peryx:
         server = Peryx(base, port, service)
         url = server.url
         try:
-            service.wait_until(lambda url=url: _answers(url), "GET /v2/ answers", 60)
+            service.wait_until(functools.partial(_answers, url), "GET /v2/ answers", 60)
         except HarnessError as exc:
             service.stop()
             if "in use" in str(exc):

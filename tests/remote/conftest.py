@@ -4,6 +4,8 @@ registries behind basic or token auth."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,14 +46,31 @@ def client(registry: Registry, make_client: MakeClient) -> RegistryClient:
     return make_client(registry.host)
 
 
+@pytest.fixture(scope="module")
+def own_dir() -> Iterator[Callable[[str], Path]]:
+    """Fresh directories under /tmp for servers' data, removed (not retained) afterwards."""
+    made: list[Path] = []
+
+    def make(prefix: str) -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=f"lzs-remote-{prefix}-", dir="/tmp")))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def peryx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peryx]:
+def peryx_server() -> Iterator[Peryx]:
+    base = Path(tempfile.mkdtemp(prefix="lzs-remote-peryx-", dir="/tmp"))
     try:
-        server = start_peryx(tmp_path_factory.mktemp("peryx"))
+        server = start_peryx(base)
     except HarnessError as exc:
+        shutil.rmtree(base, ignore_errors=True)
         pytest.fail(str(exc), pytrace=False)
     yield server
     server.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -64,9 +83,9 @@ BASIC_USERS = {"alice": "wonder-Land-7"}
 
 
 @pytest.fixture(scope="module")
-def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def basic_registry(own_dir: Callable[[str], Path]) -> Iterator[Registry]:
     try:
-        instance = start_registry(tmp_path_factory.mktemp("basic-registry"), basic_auth=BASIC_USERS)
+        instance = start_registry(own_dir("basic"), basic_auth=BASIC_USERS)
     except HarnessError as exc:
         pytest.fail(str(exc), pytrace=False)
     yield instance
@@ -77,16 +96,14 @@ TOKEN_USERS = {"bob": "builder-Secret-42"}
 
 
 @pytest.fixture(scope="module")
-def token_issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenIssuer]:
-    issuer = TokenIssuer(tmp_path_factory.mktemp("issuer"), users=dict(TOKEN_USERS)).start()
+def token_issuer(own_dir: Callable[[str], Path]) -> Iterator[TokenIssuer]:
+    issuer = TokenIssuer(own_dir("issuer"), users=dict(TOKEN_USERS)).start()
     yield issuer
     issuer.stop()
 
 
 @pytest.fixture(scope="module")
-def token_registry(
-    tmp_path_factory: pytest.TempPathFactory, token_issuer: TokenIssuer
-) -> Iterator[Registry]:
+def token_registry(own_dir: Callable[[str], Path], token_issuer: TokenIssuer) -> Iterator[Registry]:
     auth = TokenAuth(
         realm=token_issuer.realm,
         service=token_issuer.service,
@@ -94,7 +111,7 @@ def token_registry(
         rootcertbundle=token_issuer.cert_path,
     )
     try:
-        instance = start_registry(tmp_path_factory.mktemp("token-registry"), token_auth=auth)
+        instance = start_registry(own_dir("token"), token_auth=auth)
     except HarnessError as exc:
         pytest.fail(str(exc), pytrace=False)
     yield instance

@@ -1,0 +1,342 @@
+"""Behaviour no real registry here offers, from a tiny misbehaving registry in the test:
+Range ignored, wrong digests, truncated bodies, 5xx then OK, redirects to another host (where
+Authorization must not follow), an unfiltered paged referrers API and the legacy ORAS API."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from snapshotter.remote.auth import Credentials, CredentialStore
+from snapshotter.remote.blob import BlobReader
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import BlobFetchError, DigestMismatch
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST
+from snapshotter.remote.reference import Reference, Repository
+from snapshotter.remote.referrers import find_referrers
+
+DATA = random.Random(11).randbytes(300_000)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+USER, PASSWORD = "fakeuser", "fake-Pass-123"
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+Handler = Callable[[BaseHTTPRequestHandler], bool]
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeServer:
+    routes: dict[str, Handler] = field(default_factory=dict)  # path prefix -> handler
+    seen: list[Seen] = field(default_factory=list)
+    require_auth: bool = False
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def host(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> FakeServer:
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_any(self) -> None:
+                fake.seen.append(
+                    Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+                )
+                if fake.require_auth and self.headers.get("Authorization") != BASIC:
+                    send(
+                        self,
+                        401,
+                        b'{"errors":[{"code":"UNAUTHORIZED"}]}',
+                        {"WWW-Authenticate": 'Basic realm="fake"'},
+                    )
+                    return
+                for prefix, handler in fake.routes.items():
+                    if self.path.startswith(prefix) and handler(self):
+                        return
+                send(self, 404, b"404 page not found\n", {"Content-Type": "text/plain"})
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def send(
+    h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> bool:
+    h.send_response(status)
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    if "Content-Length" not in (headers or {}):
+        h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(body)
+    return True
+
+
+def parse_range(h: BaseHTTPRequestHandler) -> tuple[int, int]:
+    spec = h.headers["Range"].split("=", 1)[1]
+    start, _, end = spec.partition("-")
+    return int(start), (int(end) if end else len(DATA) - 1)
+
+
+def ranged(h: BaseHTTPRequestHandler) -> bool:
+    start, end = parse_range(h)
+    send(h, 206, DATA[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(DATA)}"})
+    return True
+
+
+@pytest.fixture
+def fakes() -> Iterator[Callable[[], FakeServer]]:
+    started: list[FakeServer] = []
+
+    def make() -> FakeServer:
+        server = FakeServer().start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def client_for(*servers: FakeServer, creds: bool = False) -> RegistryClient:
+    store = (
+        CredentialStore({s.host: Credentials(USER, PASSWORD) for s in servers}) if creds else None
+    )
+    return RegistryClient(
+        HostsConfig(plain_http=[s.host for s in servers]), store, retries=3, backoff=0.01, timeout=5
+    )
+
+
+def test_range_ignored_is_detected_verified_and_served_locally(
+    fakes: Callable[[], FakeServer],
+) -> None:
+    fake = fakes()
+    fake.routes["/v2/r/blobs/"] = lambda h: send(h, 200, DATA)
+    repo = Repository(fake.host, "r")
+    with client_for(fake) as client, BlobReader(client, repo, DIGEST, len(DATA)) as reader:
+        assert reader.read(100, 50) == DATA[100:150]
+        assert reader.ranges_ignored
+        assert reader.read_many([(0, 10), (299_990, 10)]) == [DATA[:10], DATA[-10:]]
+    assert len(fake.seen) == 1  # the whole blob was fetched once
+
+
+def test_range_ignored_with_wrong_content_is_an_error(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+    fake.routes["/v2/r/blobs/"] = lambda h: send(h, 200, DATA[:-1] + b"X")
+    with (
+        client_for(fake) as client,
+        BlobReader(client, Repository(fake.host, "r"), DIGEST, len(DATA)) as reader,
+    ):
+        with pytest.raises(
+            BlobFetchError, match=f"r@{DIGEST} bytes 0-9: registry ignored Range.*hashing to"
+        ):
+            reader.read(0, 10)
+        assert not reader.ranges_ignored
+
+
+def test_truncated_range_body_is_retried_then_reported(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+
+    def truncated(h: BaseHTTPRequestHandler) -> bool:
+        start, end = parse_range(h)
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes {start}-{end}/{len(DATA)}")
+        h.send_header("Content-Length", str(end - start + 1))
+        h.end_headers()
+        h.wfile.write(DATA[start : start + (end - start + 1) // 2])
+        h.close_connection = True
+        return True
+
+    fake.routes["/v2/r/blobs/"] = truncated
+    with (
+        client_for(fake) as client,
+        BlobReader(client, Repository(fake.host, "r"), DIGEST, len(DATA)) as reader,
+        pytest.raises(BlobFetchError) as info,
+    ):
+        reader.read(1000, 2000)
+    assert "bytes 1000-2999" in str(info.value) and (
+        "broke off" in str(info.value) or "short" in str(info.value)
+    )
+    assert len(fake.seen) == 4  # first try + 3 retries
+
+
+def test_5xx_then_ok_is_retried(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+    failures = {"blob": 2, "manifest": 2}
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+
+    def flaky(kind: str, ok: Handler) -> Handler:
+        def handler(h: BaseHTTPRequestHandler) -> bool:
+            if failures[kind] > 0:
+                failures[kind] -= 1
+                send(h, 503 if kind == "blob" else 429, b"busy", {"Retry-After": "0"})
+                return True
+            return ok(h)
+
+        return handler
+
+    fake.routes["/v2/r/blobs/"] = flaky("blob", ranged)
+    fake.routes["/v2/r/manifests/"] = flaky(
+        "manifest", lambda h: send(h, 200, manifest, {"Content-Type": OCI_MANIFEST})
+    )
+    with client_for(fake) as client:
+        with BlobReader(client, Repository(fake.host, "r"), DIGEST, len(DATA)) as reader:
+            assert reader.read(10, 10) == DATA[10:20]
+        assert client.get_manifest(Reference.parse(f"{fake.host}/r:v1")).data == manifest
+    assert failures == {"blob": 0, "manifest": 0}
+
+
+def test_400_is_not_retried(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+    fake.routes["/v2/r/manifests/"] = lambda h: send(
+        h, 400, b'{"errors":[{"code":"NAME_INVALID","message":"bad"}]}'
+    )
+    with client_for(fake) as client, pytest.raises(Exception, match=r"HTTP 400.*NAME_INVALID: bad"):
+        client.get_manifest(Reference.parse(f"{fake.host}/r:v1"))
+    assert len(fake.seen) == 1
+
+
+def test_wrong_manifest_digests_are_refused(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    other = "sha256:" + "1" * 64
+    fake.routes["/v2/r/manifests/"] = lambda h: send(
+        h, 200, body, {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": other}
+    )
+    fake.routes["/v2/r/blobs/"] = lambda h: send(h, 200, DATA[:100])
+    with client_for(fake) as client:
+        with pytest.raises(DigestMismatch, match=f"r@{other}: content hashes to sha256:"):
+            client.get_manifest(Reference.parse(f"{fake.host}/r@{other}"))
+        with pytest.raises(DigestMismatch, match=f"r:v1: registry says {other}"):
+            client.get_manifest(Reference.parse(f"{fake.host}/r:v1"))
+        with pytest.raises(DigestMismatch, match=f"{DIGEST}: content hashes to"):
+            client.get_blob(Repository(fake.host, "r"), DIGEST)
+
+
+def test_redirect_to_another_host_drops_authorization(fakes: Callable[[], FakeServer]) -> None:
+    registry, storage = fakes(), fakes()
+    registry.require_auth = True
+    registry.routes["/v2/r/blobs/"] = lambda h: send(
+        h, 307, b"", {"Location": f"http://{storage.host}/bucket/blob?sig=secret-signature"}
+    )
+
+    def serve_storage(h: BaseHTTPRequestHandler) -> bool:
+        return ranged(h) if "Range" in h.headers else send(h, 200, DATA)
+
+    storage.routes["/bucket/"] = serve_storage
+    repo = Repository(registry.host, "r")
+    with client_for(registry, creds=True) as client:
+        assert client.get_blob(repo, DIGEST) == DATA
+        with BlobReader(client, repo, DIGEST, len(DATA)) as reader:
+            assert reader.read(5, 5) == DATA[5:10]
+    assert [s.headers.get("authorization") for s in registry.seen] == [None, BASIC, BASIC]
+    assert len(storage.seen) == 2
+    assert all("authorization" not in s.headers for s in storage.seen)
+
+
+def test_unfiltered_paged_referrers_api_is_filtered_here(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+    subject = "sha256:" + "2" * 64
+
+    def desc(n: int, kind: str) -> dict[str, Any]:
+        return {
+            "mediaType": OCI_MANIFEST,
+            "digest": "sha256:" + f"{n}" * 64,
+            "size": 10,
+            "artifactType": kind,
+        }
+
+    pages = {
+        "1": (
+            [desc(3, "want"), desc(4, "other")],
+            f'</v2/r/referrers/{subject}?page=2>; rel="next"',
+        ),
+        "2": ([desc(5, "want")], None),
+    }
+
+    def referrers(h: BaseHTTPRequestHandler) -> bool:
+        page = "2" if "page=2" in h.path else "1"
+        items, link = pages[page]
+        headers = {"Content-Type": OCI_INDEX}
+        if link:
+            headers["Link"] = link
+        send(
+            h,
+            200,
+            json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": items}).encode(),
+            headers,
+        )
+        return True
+
+    fake.routes["/v2/r/referrers/"] = referrers
+    with client_for(fake) as client:
+        found = find_referrers(client, Repository(fake.host, "r"), subject, "want")
+    assert found.source == "referrers-api"
+    assert [d.digest[-1] for d in found.descriptors] == ["3", "5"]
+
+
+def test_legacy_oras_endpoint_is_read(
+    fakes: Callable[[], FakeServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = fakes()
+    subject = "sha256:" + "6" * 64
+    ref = {
+        "mediaType": "application/vnd.cncf.oras.artifact.manifest.v1+json",
+        "size": 9,
+        "artifactType": "want",
+    }
+
+    def oras(h: BaseHTTPRequestHandler) -> bool:
+        body: dict[str, object]
+        if "nextpage" in h.path:
+            body = {"references": [{**ref, "digest": "sha256:" + "8" * 64}]}
+        else:
+            body = {
+                "references": [
+                    {**ref, "digest": "sha256:" + "7" * 64},
+                    {**ref, "digest": "sha256:" + "9" * 64, "artifactType": "x"},
+                ],
+                "@nextLink": f"/oras/artifacts/v1/r/manifests/{subject}/referrers?nextpage=1",
+            }
+        send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return True
+
+    fake.routes["/oras/artifacts/v1/r/"] = oras
+    with client_for(fake) as client:
+        found = find_referrers(client, Repository(fake.host, "r"), subject, "want")
+    assert found.source == "oras"
+    assert [d.digest[-1] for d in found.descriptors] == ["7", "8"]
+    paths = [s.path.split("?")[0] for s in fake.seen]
+    assert paths[:2] == [f"/v2/r/referrers/{subject}", f"/v2/r/manifests/sha256-{'6' * 64}"]
