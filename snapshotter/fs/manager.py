@@ -25,9 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshotter.config import Config
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.mount_process import MountSpec, read_state, state_path_for
+from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS
 
 log = logging.getLogger("lazysnap.fs")
@@ -54,6 +55,18 @@ class LayerSpec:
 Resolver = Callable[[Mapping[str, str]], LayerSpec]
 
 
+def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
+    """The daemon's LazyLayers. Without a resolver every mount() falls back (the core then
+    pulls the layer whole); the registry-backed resolver is wired by the caller."""
+    return LazyLayers(
+        config.cache_dir,
+        config.cache.max_size_bytes,
+        resolve=resolve,
+        fetch_timeout=config.remote.fetch_timeout_seconds,
+        read_ahead_kb=config.fuse.read_ahead_kb,
+    )
+
+
 def sidecar(mountpoint: str, suffix: str) -> Path:
     path = Path(mountpoint.rstrip("/"))
     return path.with_name(path.name + suffix)
@@ -70,6 +83,7 @@ class LazyLayers:
         workers: int = DEFAULT_WORKERS,
         ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
         allow_other: bool = True,
+        read_ahead_kb: int = READ_AHEAD_KB,
         python: str = sys.executable,
     ) -> None:
         self.cache_dir = cache_dir
@@ -79,6 +93,7 @@ class LazyLayers:
         self.workers = workers
         self.ready_timeout = ready_timeout
         self.allow_other = allow_other
+        self.read_ahead_kb = read_ahead_kb
         self.python = python
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -149,6 +164,7 @@ class LazyLayers:
             fetch_timeout=self.fetch_timeout,
             workers=self.workers,
             allow_other=self.allow_other,
+            read_ahead_kb=self.read_ahead_kb,
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())

@@ -50,6 +50,7 @@ class MountSpec:
     workers: int = DEFAULT_WORKERS
     allow_other: bool = True
     state_interval: float = STATE_INTERVAL_S
+    read_ahead_kb: int = READ_AHEAD_KB
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class MountSpec:
             "workers": self.workers,
             "allow_other": self.allow_other,
             "state_interval": self.state_interval,
+            "read_ahead_kb": self.read_ahead_kb,
         }
 
     @classmethod
@@ -91,9 +93,12 @@ class MountSpec:
             workers=get("workers", int, DEFAULT_WORKERS),
             allow_other=get("allow_other", bool, True),
             state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
+            read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
         )
-        if spec.cache_max_bytes <= 0 or spec.workers < 1 or spec.fetch_timeout <= 0:
-            raise SpecError(f"{source}: cache_max_bytes, workers and fetch_timeout must be > 0")
+        if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
+            raise SpecError(
+                f"{source}: cache_max_bytes, workers, fetch_timeout and read_ahead_kb must be > 0"
+            )
         return spec
 
     @classmethod
@@ -193,7 +198,7 @@ class _StateKeeper(threading.Thread):
             self.stopped.wait(0.01)
         else:
             return
-        _raise_read_ahead(device)
+        _raise_read_ahead(device, self.spec.read_ahead_kb)
         self.write_state()
         self.became_ready.set()
         self.reporter.send("ready")
@@ -240,11 +245,11 @@ def prefetch_spans(index: LayerIndex, tree: LayerTree) -> list[int]:
     return wanted
 
 
-def _raise_read_ahead(device: int) -> None:
+def _raise_read_ahead(device: int, read_ahead_kb: int) -> None:
     # FUSE mounts get a bdi named after their anonymous device, e.g. 0:52.
     bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
     try:
-        bdi.write_text(f"{READ_AHEAD_KB}\n")
+        bdi.write_text(f"{read_ahead_kb}\n")
     except OSError as exc:  # not fatal: only 128 KiB reads
         log.warning("cannot raise readahead in %s: %s", bdi, exc)
 
@@ -253,6 +258,11 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
     reporter = _Reporter(ready_fd)
     try:
         index = load_index(spec.index_path)
+        if spec.blob.digest and spec.blob.digest != index.layer_digest:
+            raise SpecError(
+                f"index file {spec.index_path} describes layer {index.layer_digest}, "
+                f"not blob {spec.blob.digest}"
+            )
         tree = LayerTree.from_index(index)
         cache = SpanCache(spec.cache_dir, spec.cache_max_bytes)
         blob = open_blob_source(spec.blob, timeout=spec.fetch_timeout)

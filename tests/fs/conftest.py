@@ -7,4 +7,4 @@ try:
     import snapshotter.index.codec
     import snapshotter.index.spans  # noqa: F401
 except ImportError:
-    collect_ignore = ["test_fs_reader.py", "test_fs_mount.py"]
+    collect_ignore = ["test_fs_reader.py", "test_fs_mount.py", "test_fs_cli.py"]
