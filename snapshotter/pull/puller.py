@@ -120,10 +120,6 @@ def _unique_part() -> str:
     return f"{time.time_ns() % 1_000_000_000}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
 
 
-def _short(digest: str) -> str:
-    return digest.split(":", 1)[-1][:12]
-
-
 @dataclass(frozen=True)
 class _Blob:
     """A blob we hold in memory (index, manifest, config), described for containerd."""
