@@ -130,12 +130,14 @@ class BuildReport:
         return sum(r.bytes_read for r in self.layers.values())
 
     def summary(self) -> str:
+        built = self.count(LayerOutcome.BUILT)
+        skipped = self.count(LayerOutcome.SMALL) + self.count(LayerOutcome.UNSUPPORTED)
         return (
-            f"{self.image}: {self.count(LayerOutcome.BUILT)} layers indexed, "
+            f"{self.image}: {built} layer{'' if built == 1 else 's'} indexed, "
             f"{self.count(LayerOutcome.REUSED)} reused, "
             f"{self.count(LayerOutcome.PRESENT)} already indexed, "
-            f"{self.count(LayerOutcome.SMALL) + self.count(LayerOutcome.UNSUPPORTED)} skipped "
-            f"(small or unsupported), {self.bytes_read} bytes read, {self.seconds:.1f} s"
+            f"{skipped} skipped (small or unsupported), {self.bytes_read} bytes read, "
+            f"{self.seconds:.1f} s"
         )
 
 

@@ -142,7 +142,7 @@ def test_shared_base_layer_is_reused_without_reading_it(
     offset = registry.log_offset()
     result = lazysnap_index("build", f"{dist.host}/{second_repo}:v1", *BUILD_FLAGS)
     assert result.code == 0, result.err
-    assert "1 layers indexed, 1 reused" in result.out
+    assert "1 layer indexed, 1 reused" in result.out
     fetched = registry.blob_fetches(since=offset)
     shared, own = second.layers[0].digest, second.layers[1].digest
     assert shared not in fetched  # not one byte of the shared base layer
@@ -190,7 +190,7 @@ def test_multi_platform_index_builds_only_the_asked_platform(
     _amd, _arm, ref = _two_platform_image(dist, workdir, f"{dist.namespace}/multi")
     result = lazysnap_index("build", ref, "--platform", "linux/arm64", *BUILD_FLAGS)
     assert result.code == 0, result.err
-    assert "1 layers indexed" in result.out
+    assert "1 layer indexed" in result.out
 
     both = _show(lazysnap_index, ref, "--all-platforms")["platforms"]
     artifacts = {p["platform"]: p["artifact"] for p in both}
@@ -199,7 +199,7 @@ def test_multi_platform_index_builds_only_the_asked_platform(
 
     result = lazysnap_index("build", ref, "--all-platforms", *BUILD_FLAGS)
     assert result.code == 0, result.err
-    assert "1 layers indexed, 0 reused, 1 already indexed" in result.out
+    assert "1 layer indexed, 0 reused, 1 already indexed" in result.out
     assert all(p["artifact"] for p in _show(lazysnap_index, ref, "--all-platforms")["platforms"])
 
 
@@ -219,7 +219,7 @@ def test_sparse_index_requires_only_the_asked_platform(
 
     result = lazysnap_index("build", ref, "--all-platforms", *BUILD_FLAGS)
     assert result.code == 0, result.err
-    assert "1 layers indexed" in result.out
+    assert "1 layer indexed" in result.out
 
     result = lazysnap_index("build", ref, "--platform", "linux/amd64", *BUILD_FLAGS)
     assert result.code == 0, result.err
@@ -310,7 +310,7 @@ def test_mistagged_cache_entry_is_not_trusted(
     offset = registry.log_offset()
     result = lazysnap_index("build", f"{dist.host}/{dist.namespace}/victim:v1", *BUILD_FLAGS)
     assert result.code == 0, result.err
-    assert "1 layers indexed, 0 reused" in result.out
+    assert "1 layer indexed, 0 reused" in result.out
     assert registry.blob_fetches(since=offset)[victim.layers[0].digest].bytes > 0
 
 
@@ -337,7 +337,7 @@ def test_shared_base_layer_is_reused_on_a_registry_with_referrers_api(
     assert lazysnap_index("build", f"{native.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
     result = lazysnap_index("build", f"{native.host}/{second_repo}:v1", *BUILD_FLAGS)
     assert result.code == 0, result.err
-    assert "1 layers indexed, 1 reused" in result.out
+    assert "1 layer indexed, 1 reused" in result.out
     # The reused index blob is now in the second repository, readable by the snapshotter.
     [platform] = _show(lazysnap_index, f"{native.host}/{second_repo}:v1")["platforms"]
     assert platform["artifact"]["source"] == "referrers-api"
