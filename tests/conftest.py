@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -59,7 +60,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _skip_or_fail(reason: str) -> None:
+def _skip_or_fail(reason: str) -> NoReturn:
     """Skip normally; fail when the stack is required (CI must not pass by skipping)."""
     if stack_required():
         pytest.fail(reason, pytrace=False)
@@ -67,7 +68,7 @@ def _skip_or_fail(reason: str) -> None:
 
 
 @pytest.fixture
-def skip_or_fail() -> Callable[[str], None]:
+def skip_or_fail() -> Callable[[str], NoReturn]:
     """For tests with their own prerequisites: skip(reason), or fail under
     LAZYSNAP_REQUIRE_STACK=1."""
     return _skip_or_fail
@@ -152,7 +153,6 @@ def lazysnap(_lazysnap_session: LazysnapDaemon | str) -> LazysnapDaemon:
     """The session's `lazysnap serve`, running (restarted if an earlier test killed it)."""
     if isinstance(_lazysnap_session, str):
         _skip_or_fail(f"lazysnap daemon unavailable: {_lazysnap_session}")
-        raise AssertionError("unreachable")
     if not _lazysnap_session.alive():
         _lazysnap_session.start()
     return _lazysnap_session

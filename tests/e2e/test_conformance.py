@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -21,7 +22,7 @@ GO_SOURCES = Path("/usr/share/gocode/src/github.com/containerd/containerd/snapsh
 SUBTEST = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestLazysnapConformance/(\S+)", re.MULTILINE)
 
 
-def test_containerd_snapshotter_suite_passes(skip_or_fail: Callable[[str], None]) -> None:
+def test_containerd_snapshotter_suite_passes(skip_or_fail: Callable[[str], NoReturn]) -> None:
     if shutil.which("go") is None or not GO_SOURCES.is_dir():
         skip_or_fail("needs golang-go and golang-github-containerd-containerd-dev")
     if (reason := serve_available()) is not None:
