@@ -22,6 +22,7 @@ CONTAINERD_BINARY = "containerd"
 CTR_BINARY = "ctr"
 SNAPSHOTTER_NAME = "lazysnap"
 CRI_NAMESPACE = "k8s.io"
+SHARED_NAMESPACES = frozenset({CRI_NAMESPACE, "default", "moby"})
 RUNC_STATE = Path("/run/containerd/runc")  # shared by every containerd on the machine
 
 
@@ -113,17 +114,22 @@ class Containerd:
     def stop(self) -> None:
         """Kill our tasks and containers, stop containerd, then lazy-unmount anything left
         under base (rootfs overlays, FUSE mounts)."""
+        namespaces = {self.namespace}
         if self.service.alive():
-            namespaces = [self.namespace, CRI_NAMESPACE] if self.cri else [self.namespace]
-            for namespace in namespaces:
+            # Tests may add namespaces of their own: clean every one this instance knows.
+            listed = self.ctr("namespaces", "ls", "-q", check=False, timeout=30)
+            namespaces.update(listed.stdout.split())
+            for namespace in sorted(namespaces):
                 # Best effort: containerd itself is stopped next regardless.
                 with contextlib.suppress(HarnessError, subprocess.TimeoutExpired):
                     self._kill_containers(namespace)
         self.service.stop()
         unmount_all_under(self.base)
-        # runc keeps per-namespace state outside our base; drop our private one once empty.
-        with contextlib.suppress(OSError):
-            (RUNC_STATE / self.namespace).rmdir()
+        # runc keeps per-namespace state outside our base; drop our private ones once empty
+        # (not the well-known ones another containerd on the machine may be using).
+        for namespace in namespaces - SHARED_NAMESPACES:
+            with contextlib.suppress(OSError):
+                (RUNC_STATE / namespace).rmdir()
 
 
 def _config_toml(base: Path, proxy_socket: Path | None, cri: bool) -> str:
