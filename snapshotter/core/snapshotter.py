@@ -462,21 +462,29 @@ class Snapshotter:
             return _info(tx.set_labels(record, labels))
 
     def remove(self, key: str) -> None:
-        with self._store.transaction(writable=True) as tx:
-            record = tx.find(key)
-            if record is None:
-                raise NotFound(f"failed to remove: snapshot {key!r} does not exist")
-            if tx.has_children(record.id):
-                raise FailedPrecondition(
-                    f"failed to remove: cannot remove snapshot {key!r} with child"
-                )
-            if _is_remote(record):
-                self._unmount_remote(self._upper(record.id))
-            tx.delete(record)
-            trash = self._trash_orphans(tx, keep={str(record.id)})
-        # Committed: the id is never reused, so the directory can go at leisure.
-        self._delete_tree(self._dir(record.id))
-        self._empty_trash(trash)
+        released: str | None = None
+        try:
+            with self._store.transaction(writable=True) as tx:
+                record = tx.find(key)
+                if record is None:
+                    raise NotFound(f"failed to remove: snapshot {key!r} does not exist")
+                if tx.has_children(record.id):
+                    raise FailedPrecondition(
+                        f"failed to remove: cannot remove snapshot {key!r} with child"
+                    )
+                if _is_remote(record):
+                    self._unmount_remote(self._upper(record.id))
+                tx.delete(record)
+                # In flight from here on: a concurrent Cleanup must not race our deletion.
+                released = str(record.id)
+                self._mark_in_flight(released)
+                trash = self._trash_orphans(tx, keep=set())
+            # Committed: the id is never reused, so the directory can go at leisure.
+            self._delete_tree(self._dir(record.id))
+            self._empty_trash(trash)
+        finally:
+            if released is not None:
+                self._unmark_in_flight(released)
 
     def cleanup(self) -> None:
         """Delete every directory under snapshots/ that no snapshot owns."""
@@ -502,7 +510,10 @@ class Snapshotter:
                 doomed = path
             else:
                 doomed = os.path.join(self.snapshots_dir, f"rm-{name}-{secrets.token_hex(4)}")
-                os.rename(path, doomed)
+                try:
+                    os.rename(path, doomed)
+                except FileNotFoundError:
+                    continue
             self._mark_in_flight(os.path.basename(doomed))
             trash.append(doomed)
         return trash

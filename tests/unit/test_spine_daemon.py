@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,31 @@ def test_kill_during_slow_commit_and_remove(
     third = restart(new, daemons)
     assert names(third.stub) in ([], ["big-c"])
     assert_consistent(third)
+
+
+def test_concurrent_clients_all_get_consistent_answers(daemon: DaemonProcess) -> None:
+    stub = daemon.stub
+    prepare(stub, "base-x")
+    commit(stub, "base", "base-x")
+    failures: list[BaseException] = []
+
+    def client(worker: int) -> None:
+        try:
+            for step in range(10):
+                key = f"w{worker}-{step}"
+                prepare(stub, key, "base")
+                commit(stub, f"{key}-c", key)
+                stub.Remove(pb.RemoveSnapshotRequest(key=f"{key}-c"), metadata=MD)
+                prepare(stub, key, "base")
+                names(stub, f"name=={key}")
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    assert len(names(stub, "kind==active")) == 80
+    assert_consistent(daemon)
