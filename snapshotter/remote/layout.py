@@ -43,12 +43,19 @@ def push_oci_layout(
     entries = [Descriptor.from_json(m, f"{layout}/index.json") for m in index.get("manifests", [])]
     wanted = layout_ref or ref.tag
     chosen = [e for e in entries if e.annotations.get(REF_NAME_ANNOTATION) == wanted]
-    if not chosen and len(entries) == 1:
+    if not chosen and layout_ref is None and len(entries) == 1:
         chosen = entries
     if len(chosen) != 1:
         names = sorted(e.annotations.get(REF_NAME_ANNOTATION, "?") for e in entries)
         raise RegistryError(f"OCI layout {layout}: no single image named {wanted!r} (has {names})")
-    _push_tree(client, layout, ref, chosen[0].digest)
+    # Check every file first so a broken layout leaves nothing half-pushed behind.
+    blobs: list[tuple[str, Path]] = []
+    manifests: list[tuple[str, bytes, str]] = []
+    _collect(layout, chosen[0].digest, blobs, manifests)
+    for digest, path in blobs:
+        client.push_blob(ref.repository, path, digest)
+    for digest, data, media_type in manifests:
+        client.push_manifest(ref.repository, digest, data, media_type)
     top = _blob_path(layout, chosen[0].digest).read_bytes()
     media_type = media_type_of(top, f"{layout} manifest {chosen[0].digest}")
     return client.push_manifest(
@@ -56,17 +63,23 @@ def push_oci_layout(
     )
 
 
-def _push_tree(client: RegistryClient, layout: Path, ref: Reference, digest: str) -> None:
+def _collect(
+    layout: Path,
+    digest: str,
+    blobs: list[tuple[str, Path]],
+    manifests: list[tuple[str, bytes, str]],
+) -> None:
+    """Blobs and manifests under digest, children before parents (the push order)."""
     data = _blob_path(layout, digest).read_bytes()
     media_type = media_type_of(data, f"{layout} manifest {digest}")
     manifest = Manifest(data, digest, media_type)
     if media_type in INDEX_TYPES:
         for child in manifest.manifests:
-            _push_tree(client, layout, ref, child.digest)
+            _collect(layout, child.digest, blobs, manifests)
     else:
-        blobs = ([manifest.config] if manifest.config else []) + manifest.layers
-        for blob in blobs:
-            if blob is None:
-                raise InvalidManifest(f"{layout} manifest {digest}: missing config")
-            client.push_blob(ref.repository, _blob_path(layout, blob.digest), blob.digest)
-    client.push_manifest(ref.repository, digest, data, media_type)
+        config = manifest.config
+        if config is None:
+            raise InvalidManifest(f"{layout} manifest {digest}: missing config")
+        for blob in [config, *manifest.layers]:
+            blobs.append((blob.digest, _blob_path(layout, blob.digest)))
+    manifests.append((digest, data, media_type))
