@@ -327,3 +327,48 @@ def test_concurrent_clients_all_get_consistent_answers(daemon: DaemonProcess) ->
     assert failures == []
     assert len(names(stub, "kind==active")) == 80
     assert_consistent(daemon)
+
+
+@pytest.mark.slow
+def test_sigterm_lets_an_in_flight_commit_finish(daemon: DaemonProcess) -> None:
+    [mount] = prepare(daemon.stub, "big")
+    upper = Path(mount.source)
+    for d in range(60):
+        sub = upper / f"d{d}"
+        sub.mkdir()
+        for f in range(500):
+            (sub / f"f{f}").touch()
+    future = daemon.stub.Commit.future(
+        pb.CommitSnapshotRequest(name="big-c", key="big"), metadata=MD, timeout=60
+    )
+    wait_for_log(daemon, "commit 'big' as 'big-c'")
+    daemon.proc.send_signal(signal.SIGTERM)
+    future.result()  # answered, not cut off
+    assert daemon.proc.wait(timeout=30) == 0
+    restarted = start_daemon(daemon.root, daemon.address, daemon.log_path)
+    try:
+        assert names(restarted.stub) == ["big-c"]
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_startup_errors_name_the_file_and_touch_nothing(daemon_dir: Path) -> None:
+    root = daemon_dir / "root"
+    root.mkdir()
+    not_a_socket = daemon_dir / "precious.txt"
+    not_a_socket.write_text("keep me")
+    result = subprocess.run(
+        serve_command(root, not_a_socket), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert f"error: {not_a_socket} exists and is not a socket" in result.stderr
+    assert not_a_socket.read_text() == "keep me"
+
+    (root / "metadata.db").write_text("not sqlite")
+    result = subprocess.run(
+        serve_command(root, daemon_dir / "s.sock"), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert f"{root}/metadata.db: cannot open snapshot metadata" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (daemon_dir / "s.sock").exists()
