@@ -320,22 +320,12 @@ class RegistryClient:
                 continue
             if status == 401 and on_registry_host and auth_tries < 2:
                 challenge = response.headers.get("www-authenticate")
-                response.close()
                 new_auth = self.authenticator.challenge(host.host, scopes, challenge, auth)
                 if new_auth is not None and new_auth != auth:
+                    response.close()
                     auth, auth_tries = new_auth, auth_tries + 1
                     continue
-                # Nothing better to offer: hand the 401 back to the caller to report.
-                return client.send(
-                    client.build_request(
-                        current_method,
-                        current_url,
-                        headers=request_headers,
-                        params=httpx.QueryParams(list(current_params)) if current_params else None,
-                        content=content,
-                    ),
-                    stream=stream,
-                )
+                return response  # nothing better to offer: the caller reports the 401
             if status in RETRY_STATUSES and attempt < self.retries:
                 delay = self.backoff_delay(attempt, response.headers.get("retry-after"))
                 response.close()

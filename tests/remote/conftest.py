@@ -3,7 +3,9 @@ registries behind basic or token auth."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -20,6 +22,38 @@ from tests.harness.registry import Registry, TokenAuth, start_registry
 from tests.harness.token_issuer import TokenIssuer
 
 MakeClient = Callable[..., RegistryClient]
+
+
+class LogRecorder(logging.Handler):
+    """Every log record at DEBUG and up, independent of pytest's logging plugin (the project's
+    full run uses `-p no:logging`, which removes caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.format(r) for r in self.records)
+
+    def at_level(self, level: int, logger: str | None = None) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # records everything already; kept for readability
+
+
+@pytest.fixture
+def logs() -> Iterator[LogRecorder]:
+    root = logging.getLogger()
+    old_level = root.level
+    recorder = LogRecorder()
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)
+    yield recorder
+    root.removeHandler(recorder)
+    root.setLevel(old_level)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from snapshotter.remote.auth import (
     parse_www_authenticate,
 )
 from snapshotter.remote.errors import CredentialsError
+from tests.remote.conftest import LogRecorder
 
 
 def test_parse_bearer_and_basic_challenges() -> None:
@@ -67,16 +68,14 @@ def test_missing_config_is_anonymous_and_bad_config_names_the_file(tmp_path: Pat
         CredentialStore.from_docker_config(bad)
 
 
-def test_credential_helpers_are_reported_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_credential_helpers_are_reported_once(tmp_path: Path, logs: LogRecorder) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"credHelpers": {"123.dkr.ecr.example": "ecr-login"}}))
     store = CredentialStore.from_docker_config(config)
-    with caplog.at_level(logging.WARNING):
+    with logs.at_level(logging.WARNING):
         assert store.get("123.dkr.ecr.example") is None
         assert store.get("123.dkr.ecr.example") is None
-    warnings = [r for r in caplog.records if "docker-credential-ecr-login" in r.getMessage()]
+    warnings = [r for r in logs.records if "docker-credential-ecr-login" in r.getMessage()]
     assert len(warnings) == 1 and "not supported" in warnings[0].getMessage()
 
 

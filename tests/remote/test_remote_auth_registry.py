@@ -23,7 +23,7 @@ from snapshotter.remote.manifest import sha256_digest
 from snapshotter.remote.reference import Reference, Repository
 from tests.harness.registry import Registry
 from tests.harness.token_issuer import TokenIssuer
-from tests.remote.conftest import BASIC_USERS, TOKEN_USERS, write_docker_config
+from tests.remote.conftest import BASIC_USERS, TOKEN_USERS, LogRecorder, write_docker_config
 from tests.remote.util import push_image
 
 pytestmark = pytest.mark.stack
@@ -171,10 +171,10 @@ def test_no_credential_or_token_in_any_log_line(
     token_registry: Registry,
     token_issuer: TokenIssuer,
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    logs: LogRecorder,
 ) -> None:
     before = len(token_issuer.issued)
-    with caplog.at_level(logging.DEBUG):
+    with logs.at_level(logging.DEBUG):
         for registry, users in ((basic_registry, BASIC_USERS), (token_registry, TOKEN_USERS)):
             [(user, password)] = users.items()
             with config_client(
@@ -194,7 +194,7 @@ def test_no_credential_or_token_in_any_log_line(
         for u, p in (*BASIC_USERS.items(), *TOKEN_USERS.items())
     ]
     secrets += tokens + [t.split(".")[2] for t in tokens]
-    assert len(caplog.records) > 5  # the client did log at DEBUG (httpx, urllib3, ours)
-    text = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
+    assert len(logs.records) > 5  # the client did log at DEBUG (httpx, urllib3, ours)
+    text = logs.text + "\n".join(r.getMessage() for r in logs.records)
     for secret in secrets:
         assert secret not in text

@@ -20,6 +20,7 @@ from snapshotter.remote.errors import (
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Platform, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
 from tests.harness.registry import Registry
+from tests.remote.conftest import LogRecorder
 from tests.remote.util import index_bytes, push_image
 
 pytestmark = pytest.mark.stack
@@ -98,7 +99,7 @@ def test_stream_blob_detects_a_wrong_size(registry: Registry, client: RegistryCl
 
 
 def test_platform_resolution_and_sparse_index(
-    registry: Registry, client: RegistryClient, caplog: pytest.LogCaptureFixture
+    registry: Registry, client: RegistryClient, logs: LogRecorder
 ) -> None:
     repo = fresh_repo(registry)
     plats = [
@@ -131,10 +132,10 @@ def test_platform_resolution_and_sparse_index(
     client.delete_manifest(repo, children[3][0].digest)
     with pytest.raises(PlatformNotFound, match=f"linux/s390x as {children[3][0].digest}.*sparse"):
         client.resolve_platform(index, Platform.parse("linux/s390x"))
-    with caplog.at_level(logging.WARNING):
+    with logs.at_level(logging.WARNING):
         fetched = client.get_children(index)
     assert [m.digest for m in fetched] == [c[0].digest for c in children[:3]]
-    assert any("skipping absent child" in r.getMessage() for r in caplog.records)
+    assert any("skipping absent child" in r.getMessage() for r in logs.records)
     with pytest.raises(PlatformNotFound, match="asked-for platform linux/s390x"):
         client.get_children(index, [Platform.parse("linux/s390x")])
     assert [m.digest for m in client.get_children(index, [Platform.parse("linux/arm/v7")])] == [

@@ -307,9 +307,7 @@ def test_unfiltered_paged_referrers_api_is_filtered_here(fakes: Callable[[], Fak
     assert [d.digest[-1] for d in found.descriptors] == ["3", "5"]
 
 
-def test_legacy_oras_endpoint_is_read(
-    fakes: Callable[[], FakeServer], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_legacy_oras_endpoint_is_read(fakes: Callable[[], FakeServer]) -> None:
     fake = fakes()
     subject = "sha256:" + "6" * 64
     ref = {

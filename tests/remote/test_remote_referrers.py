@@ -29,6 +29,7 @@ from snapshotter.remote.referrers import (
 )
 from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
+from tests.remote.conftest import LogRecorder
 from tests.remote.util import push_image
 
 pytestmark = pytest.mark.stack
@@ -92,7 +93,7 @@ def test_peryx_uses_the_referrers_api(peryx_server: Peryx, peryx_client: Registr
 
 
 def test_tag_index_merge_keeps_an_entry_overwritten_meanwhile(
-    registry: Registry, client: RegistryClient, caplog: pytest.LogCaptureFixture
+    registry: Registry, client: RegistryClient, logs: LogRecorder
 ) -> None:
     """Another pusher that read the tag index before our push writes it back without our
     entry; our post-push check notices and merges again, keeping theirs too."""
@@ -117,13 +118,13 @@ def test_tag_index_merge_keeps_an_entry_overwritten_meanwhile(
     watcher = threading.Thread(target=overwrite_once_ours_lands)
     watcher.start()
     try:
-        with caplog.at_level(logging.INFO, logger="snapshotter.remote.referrers"):
+        with logs.at_level(logging.INFO, logger="snapshotter.remote.referrers"):
             ours, _ = push_artifact(client, repo, subject, INDEX_TYPE, verify_delay=1.0)
     finally:
         watcher.join()
         other.close()
     assert overwritten.is_set()
-    assert any("merging again" in r.getMessage() for r in caplog.records)
+    assert any("merging again" in r.getMessage() for r in logs.records)
     found = {d.digest for d in find_referrers(client, repo, subject.digest, INDEX_TYPE).descriptors}
     assert found == {theirs, ours}
 
