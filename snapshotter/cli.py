@@ -50,12 +50,31 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 # -- index build | index show ------------------------------------------------------------------
-# Owner: indexer. Add `_add_index(sub)` with sub-subcommands build/show whose run functions
-# import snapshotter.indexer lazily, and register it in SUBCOMMANDS below.
+# The command modules import only argparse-level code at import time; run() loads the rest.
+
+
+def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from snapshotter.indexer import command
+
+    parser = sub.add_parser(
+        "index", help="build, push and show lazysnap layer indexes of an image in its registry"
+    )
+    command.add_arguments(parser)
+    parser.set_defaults(run=command.run)
+
 
 # -- pull --------------------------------------------------------------------------------------
-# Owner: pull. Add `_add_pull(sub)` (run function imports snapshotter.pull.command lazily) and
-# register it in SUBCOMMANDS below.
+
+
+def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from snapshotter.pull import command
+
+    parser = sub.add_parser(
+        "pull", help="pull an image into containerd; indexed layers stay lazy (not downloaded)"
+    )
+    command.add_arguments(parser)
+    parser.set_defaults(run=command.run)
+
 
 # -- status ------------------------------------------------------------------------------------
 # Owner: fs/service. Add `_add_status(sub)`; register it in SUBCOMMANDS below.
@@ -66,6 +85,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_serve,
+    _add_index,
+    _add_pull,
 )
 
 

@@ -110,23 +110,23 @@ def _remove_stale_socket(address: str) -> None:
 def load_remote_layers(config: Config) -> RemoteLayers | None:
     """The lazy-layer implementation, or None (plain overlay snapshots only).
 
-    snapshotter.fs provides `from_config(config) -> RemoteLayers`; it is imported only here so
-    that a daemon with remote layers disabled never loads FUSE or HTTP code.
+    snapshotter.source.factory assembles registry client, index discovery and the FUSE layer
+    manager; it is imported only here so that a daemon with remote layers disabled never loads
+    FUSE or HTTP code.
     """
     if not config.remote.enable:
         log.info("remote layers disabled by configuration: serving ordinary snapshots")
         return None
     try:
-        from snapshotter.fs import manager
+        from snapshotter.source.factory import lazy_layers_from_config
     except ImportError as err:
         log.warning("remote layers unavailable (%s): serving ordinary snapshots", err)
         return None
-    factory = getattr(manager, "from_config", None)
-    if factory is None:
-        log.warning("remote layers unavailable (snapshotter.fs.manager has no from_config)")
+    try:
+        return lazy_layers_from_config(config)
+    except Exception as err:  # a bad hosts dir or docker config must not stop the daemon
+        log.warning("remote layers unavailable (%s): serving ordinary snapshots", err)
         return None
-    layers: RemoteLayers = factory(config)
-    return layers
 
 
 class Daemon:

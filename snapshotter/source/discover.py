@@ -1,0 +1,187 @@
+"""Find the lazysnap index of the layer a Prepare call names, through the registry.
+
+labels -> (image, platform manifest, layer) -> referrers of the manifest with our artifactType
+(referrers API, else the sha256-<hex> tag fallback) -> the artifact blob annotated with this
+layer's digest -> decoded and validated index -> a LayerSpec the FUSE layer can mount.
+
+Every failure raises RemoteLayerUnavailable with the reason, and the core falls back to a full
+pull of that layer. Results are cached per manifest digest, so the N layers of one image cost one
+referrers lookup; "no index" is cached only briefly so an index pushed a moment later is seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.manager import LayerSpec
+from snapshotter.index.codec import decode_index
+from snapshotter.index.errors import IndexFormatError
+from snapshotter.index.model import ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import RegistryError
+from snapshotter.remote.manifest import Descriptor, Manifest
+from snapshotter.remote.reference import Reference
+from snapshotter.remote.referrers import find_referrers
+from snapshotter.source.labels import LabelError, LayerRequest, parse_layer_request
+
+log = logging.getLogger("lazysnap.discover")
+
+MAX_INDEX_BLOB = 256 << 20
+
+
+@dataclass(frozen=True)
+class BlobSettings:
+    """How mount processes reach the registry (the same settings the daemon uses)."""
+
+    hosts_dir: str = ""
+    plain_http: tuple[str, ...] = ()
+    docker_config: str = ""
+
+
+@dataclass(frozen=True)
+class _ImageIndexes:
+    """What one platform manifest's lookup found."""
+
+    layers: dict[str, Descriptor]  # image layer digest -> its descriptor in the image manifest
+    index_blobs: dict[str, Descriptor]  # image layer digest -> index blob descriptor
+    source: str  # referrers-api | tag-fallback | oras
+    found_at: float
+
+
+class IndexDiscovery:
+    def __init__(
+        self,
+        client: RegistryClient,
+        blob_settings: BlobSettings,
+        *,
+        min_layer_size: int = 0,
+        negative_ttl: float = 30.0,
+        positive_ttl: float = 600.0,
+    ) -> None:
+        self.client = client
+        self.blob_settings = blob_settings
+        self.min_layer_size = min_layer_size
+        self.negative_ttl = negative_ttl
+        self.positive_ttl = positive_ttl
+        self._cache: dict[str, _ImageIndexes] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, labels: Mapping[str, str]) -> LayerSpec:
+        try:
+            request = parse_layer_request(labels)
+        except LabelError as exc:
+            raise RemoteLayerUnavailable(str(exc)) from None
+        try:
+            return self.resolve(request)
+        except RemoteLayerUnavailable:
+            raise
+        except (RegistryError, IndexFormatError, ValueError, OSError) as exc:
+            raise RemoteLayerUnavailable(f"layer {request.layer_digest}: {exc}") from exc
+
+    def resolve(self, request: LayerRequest) -> LayerSpec:
+        ref = Reference.parse(request.image_ref)
+        manifest_digest = request.manifest_digest or self._platform_manifest_digest(ref)
+        found = self._indexes_for(ref, manifest_digest)
+        layer = found.layers.get(request.layer_digest)
+        if layer is None:
+            raise RemoteLayerUnavailable(
+                f"layer {request.layer_digest} is not in manifest {manifest_digest} of {ref}"
+            )
+        if layer.size < self.min_layer_size:
+            raise RemoteLayerUnavailable(
+                f"layer {request.layer_digest} is {layer.size} bytes, under min_layer_size "
+                f"{self.min_layer_size}: pulled whole"
+            )
+        blob = found.index_blobs.get(request.layer_digest)
+        if blob is None:
+            raise RemoteLayerUnavailable(
+                f"no lazysnap index for layer {request.layer_digest} of {ref} "
+                f"(looked up via {found.source})"
+                if found.index_blobs or found.source
+                else f"no lazysnap index for {ref}@{manifest_digest}"
+            )
+        if blob.size > MAX_INDEX_BLOB:
+            raise RemoteLayerUnavailable(
+                f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes"
+            )
+        data = self.client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB)
+        index = decode_index(data, expected_layer_digest=request.layer_digest)
+        if index.compressed_size != layer.size:
+            raise RemoteLayerUnavailable(
+                f"index {blob.digest} says layer {request.layer_digest} has "
+                f"{index.compressed_size} bytes, the image manifest says {layer.size}"
+            )
+        log.debug("layer %s: index %s (%s)", request.layer_digest, blob.digest, found.source)
+        return LayerSpec(
+            blob=BlobSpec(
+                kind="registry",
+                location=str(ref.repository),
+                digest=request.layer_digest,
+                size=layer.size,
+                hosts_dir=self.blob_settings.hosts_dir,
+                plain_http=self.blob_settings.plain_http,
+                docker_config=self.blob_settings.docker_config,
+            ),
+            index_bytes=data,
+        )
+
+    def _platform_manifest_digest(self, ref: Reference) -> str:
+        top = self.client.get_manifest(ref)
+        if not top.is_index:
+            return top.digest
+        return self.client.resolve_platform(top).digest
+
+    def _indexes_for(self, ref: Reference, manifest_digest: str) -> _ImageIndexes:
+        key = f"{ref.repository}@{manifest_digest}"
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # concurrent Prepares of one image's layers share one lookup
+            cached = self._cache.get(key)
+            now = time.monotonic()
+            if cached is not None:
+                ttl = self.positive_ttl if cached.index_blobs else self.negative_ttl
+                if now - cached.found_at < ttl:
+                    return cached
+            found = self._lookup(ref, manifest_digest)
+            self._cache[key] = found
+            return found
+
+    def _lookup(self, ref: Reference, manifest_digest: str) -> _ImageIndexes:
+        image = self.client.get_manifest(ref.with_digest(manifest_digest))
+        if image.is_index:
+            raise RemoteLayerUnavailable(f"{ref}@{manifest_digest} is an index, not a manifest")
+        layers = {d.digest: d for d in image.layers}
+        result = find_referrers(self.client, ref.repository, manifest_digest, ARTIFACT_TYPE)
+        index_blobs: dict[str, Descriptor] = {}
+        # Newest artifact wins when several exist: referrers lists give no order, so take the
+        # last one that names a layer (stable for a given registry answer).
+        for desc in result.descriptors:
+            artifact = self.client.get_manifest(ref.with_digest(desc.digest))
+            for blob, layer_digest in _index_blobs(artifact):
+                if layer_digest in layers:
+                    index_blobs[layer_digest] = blob
+        log.info(
+            "%s@%s: lazysnap index for %d of %d layers (via %s)",
+            ref,
+            manifest_digest,
+            len(index_blobs),
+            len(layers),
+            result.source,
+        )
+        return _ImageIndexes(layers, index_blobs, result.source, time.monotonic())
+
+
+def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:
+    found = []
+    for blob in artifact.layers:
+        layer_digest = blob.annotations.get(LAYER_DIGEST_ANNOTATION, "")
+        if layer_digest:
+            found.append((blob, layer_digest))
+    return found
