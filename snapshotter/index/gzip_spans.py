@@ -2,19 +2,21 @@
 
 Two inflaters run over the same compressed bytes, in one thread:
 * indexed_gzip (zlib's zran) finds deflate block boundaries every `span_size` uncompressed bytes
-  and records checkpoints. It pulls compressed bytes through `_ZranSource.read`, and that
-  callback is where everything else happens: it reads the caller's stream, and it polls the
-  checkpoints found so far.
-* Python's zlib produces the uncompressed bytes (indexed_gzip cannot hand them out while it
-  builds) for the tar parser and the per-span digests. It never runs past a point where an
-  unknown checkpoint could still appear: zran only places one at >= last checkpoint +
-  spacing, or at the start of a gzip member, which this inflater sees itself.
+  and records checkpoints. It pulls compressed bytes through `_ZranSource.read`, and that callback
+  is where everything else happens: it reads the caller's stream, and it polls the checkpoints
+  found so far.
+* zlib-ng (zlib's API, ~2.5x faster inflate) produces the uncompressed bytes (indexed_gzip cannot
+  hand them out while it builds) for the tar parser and the per-span digests. It never runs past a
+  point where an unknown checkpoint could still appear: zran only places one at >= last checkpoint
+  + spacing, or at the start of a gzip member, which this inflater sees itself.
 
-Python's zlib has no inflatePrime, so the builder cannot learn a checkpoint's bit offset until
-zran exports its index at the end; it hashes each span's compressed bytes both with and without
-the shared leading byte and keeps the right digest then.
+Python's zlib bindings have no inflatePrime or bit position, so the builder cannot learn a
+checkpoint's bit offset until zran exports its index at the end; it hashes each span's compressed
+bytes both with and without the shared leading byte and keeps the right digest then.
 
 Memory: the compressed bytes between the last two checkpoints (~2 spans) plus one read buffer.
+Speed: both inflaters run in one thread because indexed_gzip holds the GIL while it builds (a
+worker thread measured no faster); build_full_index costs ~60% of the time, zlib-ng ~25%.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ import hashlib
 import io
 import itertools
 import struct
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import indexed_gzip
+from zlib_ng import zlib_ng as zlib  # zlib-ng: same API and format, ~2.5x faster inflate
 
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import Span
+
+# zlib_ng's stub declares `error` as an instance; it is the exception class at runtime
+_ZLIB_ERROR: type[Exception] = zlib.error  # type: ignore[assignment]
 
 WINDOW_SIZE = 32768
 READ_SIZE = 1 << 20  # zran's read buffer; must hold a gzip trailer + the next member's header
@@ -235,7 +240,7 @@ class GzipSpanBuilder:
             room = _MAX_STEP if limit is None else min(limit - self._upos, _MAX_STEP)
             try:
                 out = self._inflater.decompress(data, room)
-            except zlib.error as exc:
+            except _ZLIB_ERROR as exc:
                 raise InvalidLayer(f"gzip layer is corrupt at byte ~{self._upos}: {exc}") from None
             if out:
                 self._emit(out)

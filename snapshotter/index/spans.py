@@ -1,13 +1,13 @@
 """Random access through an index: which spans hold a byte range, what to fetch, how to inflate.
 
 inflate_span is called from several threads at once. It keeps no shared mutable state except a per-
-thread zstd decompression context, and zlib/zstd release the GIL while they inflate. Gzip spans
-resume at a zran checkpoint without inflatePrime (Python's zlib lacks it): when the checkpoint is
-`bits` bits into byte compressed_start, the other bits of that byte are replaced by empty deflate
-blocks of a length that ends the prefix on a byte boundary (see _realign), then the bytes are
-inflated raw with the 32 KiB window as preset dictionary. No slack beyond compressed_end is needed:
-every checkpoint sits on a deflate block boundary, so all bits of the span's output lie before
-compressed_end and zlib's slow path decodes symbols from exactly the bits present.
+thread zstd decompression context, and zlib-ng/zstd release the GIL while they inflate. Gzip spans
+resume at a zran checkpoint without inflatePrime (Python zlib bindings lack it): when the
+checkpoint is `bits` bits into byte compressed_start, the other bits of that byte are replaced by
+empty deflate blocks of a length that ends the prefix on a byte boundary (see _realign), then the
+bytes are inflated raw with the 32 KiB window as preset dictionary. No slack beyond compressed_end
+is needed: every checkpoint sits on a deflate block boundary, so all bits of the span's output lie
+before compressed_end and zlib's slow path decodes symbols from exactly the bits present.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
-import zlib
 
 import zstandard
+from zlib_ng import zlib_ng as zlib  # zlib-ng: same API and format, ~2.5x faster inflate
 
 from snapshotter.index.errors import SpanVerificationError
 from snapshotter.index.model import Compression, LayerIndex, Span
+
+# zlib_ng's stub declares `error` as an instance; it is the exception class at runtime
+_ZLIB_ERROR: type[Exception] = zlib.error  # type: ignore[assignment]
 
 _local = threading.local()
 
@@ -161,7 +164,7 @@ def inflate_span(index: LayerIndex, span_no: int, fetched: bytes) -> bytes:
             out = _inflate_zstd(fetched, span.uncompressed_size + 1)
         else:
             out = fetched
-    except (zlib.error, zstandard.ZstdError) as exc:
+    except (_ZLIB_ERROR, zstandard.ZstdError) as exc:
         raise _fail(index, span_no, f"inflating failed: {exc}") from None
     if len(out) != span.uncompressed_size:
         raise _fail(
