@@ -1,0 +1,300 @@
+"""Turn results.jsonl into the markdown report and one PNG per link.
+
+Every figure is a median over trials with its min-max; every ratio compares lazysnap with the
+full pull of the same run (the machine is shared and noisy: never compare across runs).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from startup_workloads import FULL, LAZY, WORKLOADS, WORKLOADS_BY_NAME, TrialResult, Workload
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def text(self, fmt: str) -> str:
+        if self.n == 1:
+            return format(self.median, fmt)
+        return f"{self.median:{fmt}} [{self.low:{fmt}}-{self.high:{fmt}}]"
+
+
+def stat(values: Iterable[float | None]) -> Stat | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return Stat(statistics.median(present), min(present), max(present), len(present))
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    value: Callable[[TrialResult], float | None]
+    fmt: str
+    better: str  # "lower" or "higher": how to read the ratio
+
+
+def _read_rate(seconds: float | None, result: TrialResult) -> float | None:
+    if seconds is None or result.read_bytes is None or seconds <= 0:
+        return None
+    return result.read_bytes / seconds / MB
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / MB
+
+
+METRICS = (
+    Metric("pull s", lambda r: r.pull_s, ".2f", "lower"),
+    Metric("pull + first run s", lambda r: r.pull_first_run_s, ".2f", "lower"),
+    Metric("second run s", lambda r: r.second_run_s, ".3f", "lower"),
+    Metric("MB fetched during pull", lambda r: _mb(r.bytes_pull), ".1f", "lower"),
+    Metric("MB fetched", lambda r: _mb(r.bytes_total), ".1f", "lower"),
+    Metric("layers mounted lazily", lambda r: r.lazy_layers, ".0f", "higher"),
+)
+READ_METRICS = (
+    Metric("cold read MB/s", lambda r: _read_rate(r.read_cold_s, r), ".0f", "higher"),
+    Metric("warm read MB/s", lambda r: _read_rate(r.read_warm_s, r), ".0f", "higher"),
+)
+
+
+def load(path: Path) -> tuple[dict[str, Any], list[TrialResult]]:
+    """The run header record and the trial records of a results.jsonl (later headers, e.g.
+    link measurements, are merged into the first)."""
+    header: dict[str, Any] = {}
+    trials: list[TrialResult] = []
+    names = {f.name for f in fields(TrialResult)}
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
+            if record.get("kind") == "trial":
+                trials.append(TrialResult(**{k: v for k, v in record.items() if k in names}))
+            elif record.get("kind") == "link":
+                header.setdefault("links", {})[record["link"]] = record
+            else:
+                header.update(record)
+    return header, trials
+
+
+def _select(
+    trials: Sequence[TrialResult], link: str, workload: str, mode: str
+) -> list[TrialResult]:
+    return [
+        t
+        for t in trials
+        if t.link == link and t.workload == workload and t.mode == mode and t.error is None
+    ]
+
+
+def summary(
+    trials: Sequence[TrialResult], link: str, workload: str, metric: Metric
+) -> tuple[Stat | None, Stat | None]:
+    return (
+        stat(metric.value(t) for t in _select(trials, link, workload, FULL)),
+        stat(metric.value(t) for t in _select(trials, link, workload, LAZY)),
+    )
+
+
+def _ratio(full: Stat | None, lazy: Stat | None) -> str:
+    if full is None or lazy is None or full.median == 0:
+        return "-"
+    return f"{lazy.median / full.median:.2f}x"
+
+
+def workloads_run(trials: Sequence[TrialResult], link: str) -> list[Workload]:
+    return [w for w in WORKLOADS if any(t.workload == w.name and t.link == link for t in trials)]
+
+
+def link_table(trials: Sequence[TrialResult], link: str) -> list[str]:
+    lines = [
+        "| workload | metric | full pull (overlayfs) | lazysnap | lazysnap / full |",
+        "|---|---|---|---|---|",
+    ]
+    for workload in workloads_run(trials, link):
+        metrics = METRICS + (READ_METRICS if workload.expect is None else ())
+        for metric in metrics:
+            full, lazy = summary(trials, link, workload.name, metric)
+            cells = [s.text(metric.fmt) if s else "-" for s in (full, lazy)]
+            lines.append(
+                f"| {workload.title} | {metric.label} | {cells[0]} | {cells[1]} | "
+                f"{_ratio(full, lazy)} |"
+            )
+    return lines
+
+
+def _errors(trials: Sequence[TrialResult]) -> list[str]:
+    return [
+        f"- {t.link} trial {t.trial} {t.workload} {t.mode}: {t.error}"
+        for t in trials
+        if t.error is not None
+    ]
+
+
+def _goal_rows(
+    header: dict[str, Any], trials: Sequence[TrialResult], links: list[str]
+) -> list[str]:
+    """The issue's goals, as figures of this run (met / not met), never as assertions."""
+    by_label = {m.label: m for m in METRICS + READ_METRICS}
+    rows = ["| goal | link | figure | met |", "|---|---|---|---|"]
+
+    def add(goal: str, link: str, figure: str, met: bool | None) -> None:
+        verdict = "n/a" if met is None else ("yes" if met else "no")
+        rows.append(f"| {goal} | {link} | {figure} | {verdict} |")
+
+    for link in links:
+        full, lazy = summary(trials, link, "py-import", by_label["pull + first run s"])
+        if full and lazy:
+            ratio = lazy.median / full.median
+            figure = f"{lazy.median:.2f} s vs {full.median:.2f} s = {ratio:.2f}x"
+            add("pull + import numpy,pandas <= 0.1x full pull", link, figure, ratio <= 0.1)
+        _, lazy = summary(trials, link, "py-print", by_label["pull + first run s"])
+        if lazy:
+            add("pull + print(1) <= 1.5 s", link, f"{lazy.median:.2f} s", lazy.median <= 1.5)
+        for workload in WORKLOADS:
+            full, lazy = summary(trials, link, workload.name, by_label["second run s"])
+            if full and lazy:
+                ratio = lazy.median / full.median
+                figure = f"{lazy.median:.3f} s vs {full.median:.3f} s = {ratio:.2f}x"
+                add(f"second run <= 1.1x full ({workload.name})", link, figure, ratio <= 1.1)
+        seq_layer = header.get("seqread_data_layer_bytes")
+        _, lazy = summary(trials, link, "seqread", by_label["MB fetched"])
+        if lazy and seq_layer:
+            # The workload reads the whole file, i.e. every span of its layer.
+            needed = seq_layer / MB
+            add(
+                "bytes fetched <= 1.5x spans read (seqread)",
+                link,
+                f"{lazy.median:.1f} MB vs {needed:.1f} MB of spans = {lazy.median / needed:.2f}x",
+                lazy.median / needed <= 1.5,
+            )
+        _, lazy = summary(trials, link, "seqread", by_label["cold read MB/s"])
+        link_rate = header.get("links", {}).get(link, {}).get("get_mb_s")
+        inflate = header.get("inflate_mb_s")
+        if lazy and link_rate and inflate:
+            ceiling = min(link_rate, inflate)
+            add(
+                "cold sequential read >= 50% of min(link, inflate)",
+                link,
+                f"{lazy.median:.0f} MB/s vs min({link_rate:.0f}, {inflate:.0f}) = "
+                f"{lazy.median / ceiling:.0%}",
+                lazy.median >= 0.5 * ceiling,
+            )
+        full, lazy = summary(trials, link, "seqread", by_label["warm read MB/s"])
+        if full and lazy:
+            add(
+                "warm read >= 90% of overlayfs",
+                link,
+                f"{lazy.median:.0f} vs {full.median:.0f} MB/s = {lazy.median / full.median:.0%}",
+                lazy.median >= 0.9 * full.median,
+            )
+    return rows
+
+
+def markdown(header: dict[str, Any], trials: Sequence[TrialResult], plots: dict[str, str]) -> str:
+    links = sorted({t.link for t in trials}, key=lambda name: (name != "loopback", name))
+    out = [
+        "# Startup benchmark: full pull vs lazysnap",
+        "",
+        f"Command: `{header.get('command', '?')}`",
+        "",
+        f"Run {header.get('run_id', '?')} on {header.get('hostname', '?')} "
+        f"({header.get('nproc', '?')} cores, load average at start "
+        f"{header.get('loadavg', '?')}), lazysnap commit {header.get('git_commit', '?')}, "
+        f"{header.get('trials', '?')} trial(s). Each cell: median [min-max] over trials; every "
+        "trial starts from a cold node (containerd + lazysnap stopped, state and cache wiped, "
+        "page cache dropped).",
+        "",
+    ]
+    images = header.get("images", {})
+    if images:
+        out += ["| image | layers (compressed MB) | lazysnap index build |", "|---|---|---|"]
+        for name, info in images.items():
+            sizes = ", ".join(f"{size / MB:.1f}" for size in info.get("layer_sizes", []))
+            out.append(f"| {name} | {sizes} | {info.get('index', '-')} |")
+        out.append("")
+    if "inflate_mb_s" in header:
+        out += [f"Single-core zlib inflate here: {header['inflate_mb_s']:.0f} MB/s.", ""]
+    for link in links:
+        info = header.get("links", {}).get(link, {})
+        out += [f"## Link: {link}", "", str(info.get("description", ""))]
+        if "rtt_ms" in info:
+            out.append(
+                f"Measured: TCP connect {info['rtt_ms']:.2f} ms, whole-blob GET "
+                f"{info.get('get_mb_s', 0):.0f} MB/s."
+            )
+        out += ["", *link_table(trials, link), ""]
+        if link in plots:
+            out += [f"![{link}]({plots[link]})", ""]
+    out += ["## Goals (figures of this run)", "", *_goal_rows(header, trials, links), ""]
+    errors = _errors(trials)
+    if errors:
+        out += ["## Failed trials", "", *errors, ""]
+    return "\n".join(out)
+
+
+def plot(trials: Sequence[TrialResult], link: str, path: Path) -> None:
+    """Grouped bars per workload, full pull vs lazysnap: pull + first run seconds, and MB
+    fetched; whiskers are min-max over trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [w.name for w in workloads_run(trials, link)]
+    panels = (METRICS[1], METRICS[4])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, metric in zip(axes, panels, strict=True):
+        for offset, mode, color in ((-0.2, FULL, "#888888"), (0.2, LAZY, "#2a7ab9")):
+            stats = [
+                stat(metric.value(t) for t in _select(trials, link, name, mode)) for name in names
+            ]
+            heights = [s.median if s else 0.0 for s in stats]
+            errors = [
+                [s.median - s.low if s else 0.0 for s in stats],
+                [s.high - s.median if s else 0.0 for s in stats],
+            ]
+            label = "full pull (overlayfs)" if mode == FULL else "lazysnap"
+            positions = [i + offset for i in range(len(names))]
+            axis.bar(positions, heights, 0.4, yerr=errors, capsize=3, label=label, color=color)
+        axis.set_xticks(range(len(names)))
+        axis.set_xticklabels([WORKLOADS_BY_NAME[n].name for n in names])
+        axis.set_ylabel(metric.label)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].set_title(f"pull + first run ({link})")
+    axes[1].set_title(f"bytes fetched from the registry ({link})")
+    axes[0].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(results: Path, out_dir: Path, image_prefix: str = "") -> Path:
+    """Write report.md and startup-<link>.png into out_dir; return the markdown's path.
+    image_prefix: how the markdown refers to the PNGs (relative to where it will live)."""
+    header, trials = load(results)
+    plots: dict[str, str] = {}
+    for link in sorted({t.link for t in trials}):
+        png = out_dir / f"startup-{link}.png"
+        plot(trials, link, png)
+        plots[link] = f"{image_prefix}{png.name}"
+    report = out_dir / "report.md"
+    report.write_text(markdown(header, trials, plots))
+    return report

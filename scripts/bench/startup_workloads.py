@@ -1,0 +1,164 @@
+"""Workloads and one measured trial: on a cold node, pull (timed), first run (timed), second
+run (timed, warm), and the bytes the registry served for it (its access log)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from startup_images import READTIME_PATH, SEQREAD_FILE
+from startup_node import ColdNode
+
+from tests.harness.procs import HarnessError, run
+from tests.harness.registry import Registry
+
+FULL = "full"  # ctr images pull + ctr run on containerd's overlayfs snapshotter
+LAZY = "lazysnap"  # lazysnap pull + ctr run --snapshotter lazysnap
+MODES = (FULL, LAZY)
+FALLBACK_MARK = "falls back to a full pull"  # the daemon's one log line per non-lazy layer
+LAZY_SUMMARY = re.compile(r"\((\d+) lazy")  # `lazysnap pull`: "N layers (L lazy, P pulled)"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    image: str  # key of startup_images.prepare_images
+    command: tuple[str, ...]
+    expect: str | None  # exact stdout; None: `readtime` output ("BYTES NS")
+    title: str
+
+
+WORKLOADS = (
+    Workload("busybox-echo", "busybox", ("echo", "hi"), "hi\n", "busybox `echo hi`"),
+    Workload("py-print", "pybig", ("python3", "-c", "print(1)"), "1\n", "python `print(1)`"),
+    Workload(
+        "py-import",
+        "pybig",
+        ("python3", "-c", "import numpy, pandas"),
+        "",
+        "python `import numpy, pandas`",
+    ),
+    Workload("seqread", "seqread", (READTIME_PATH, SEQREAD_FILE), None, "sequential read"),
+)
+WORKLOADS_BY_NAME = {workload.name: workload for workload in WORKLOADS}
+
+
+@dataclass
+class TrialResult:
+    """One (link, trial, workload, mode) measurement: a JSON line of results.jsonl."""
+
+    run_id: str
+    link: str
+    trial: int
+    workload: str
+    mode: str
+    pull_s: float | None = None
+    first_run_s: float | None = None
+    pull_first_run_s: float | None = None
+    second_run_s: float | None = None
+    bytes_pull: int | None = None  # registry blob bytes served during the pull
+    bytes_first_run: int | None = None  # ... up to the end of the first run
+    bytes_total: int | None = None  # ... up to the end of the second run
+    blob_requests: int | None = None
+    read_bytes: int | None = None  # seqread: file size read in the container
+    read_cold_s: float | None = None
+    read_warm_s: float | None = None
+    lazy_layers: int | None = None  # lazysnap: layers mounted lazily (pull summary)
+    fallback_layers: int | None = None  # lazysnap: layers the daemon pulled whole
+    error: str | None = None
+    kind: str = "trial"
+
+
+def _fetched(registry: Registry, since: int) -> tuple[int, int]:
+    fetches = registry.blob_fetches(since)
+    return sum(f.bytes for f in fetches.values()), sum(f.requests for f in fetches.values())
+
+
+def _check_output(workload: Workload, output: str) -> tuple[int, float] | None:
+    """Raise if the container printed something else than the workload's answer; for
+    readtime return (bytes, seconds)."""
+    if workload.expect is not None:
+        if output != workload.expect:
+            raise HarnessError(f"{workload.name}: expected {workload.expect!r}, got {output!r}")
+        return None
+    try:
+        size, nanoseconds = (int(word) for word in output.split())
+    except ValueError:
+        raise HarnessError(f"{workload.name}: readtime printed {output!r}") from None
+    return size, nanoseconds / 1e9
+
+
+def measure(
+    node: ColdNode,
+    registry: Registry,
+    workload: Workload,
+    mode: str,
+    reference: str,
+    result: TrialResult,
+    pull_argv: list[str],
+    log_dir: Path,
+    progress: Callable[[str], None],
+) -> TrialResult:
+    """Fill result for one trial; the node must have just been reset (cold)."""
+    containerd, daemon = node.running()
+    progress("pull")
+    snapshotter = "overlayfs" if mode == FULL else "lazysnap"
+    since = registry.log_offset()
+    start = time.perf_counter()
+    if mode == FULL:
+        containerd.pull(reference, snapshotter="overlayfs")
+    else:
+        pulled = run(
+            [
+                *pull_argv,
+                reference,
+                "--address",
+                str(containerd.address),
+                "--namespace",
+                containerd.namespace,
+                "--hosts-dir",
+                str(node.hosts_dir),
+            ],
+            f"lazysnap pull {reference}",
+            timeout=1800,
+        )
+        (log_dir / f"{result.link}-t{result.trial}-{workload.name}-pull.txt").write_text(
+            pulled.stdout + pulled.stderr
+        )
+        lazy = LAZY_SUMMARY.search(pulled.stdout + pulled.stderr)
+        result.lazy_layers = int(lazy.group(1)) if lazy else None
+    result.pull_s = time.perf_counter() - start
+    # Fetch accounting waits for the access log to settle: outside the timed parts.
+    result.bytes_pull, _ = _fetched(registry, since)
+    runs: list[tuple[float, tuple[int, float] | None]] = []
+    for ordinal in ("first", "second"):
+        progress(f"{ordinal} run")
+        start = time.perf_counter()
+        output = containerd.run_container(
+            reference,
+            *workload.command,
+            snapshotter=snapshotter,
+            container_id=f"lzb-{secrets.token_hex(4)}",
+            timeout=900,
+        )
+        runs.append((time.perf_counter() - start, _check_output(workload, output)))
+        if ordinal == "first":
+            result.bytes_first_run, _ = _fetched(registry, since)
+    (result.first_run_s, first_read), (result.second_run_s, second_read) = runs
+    result.pull_first_run_s = result.pull_s + result.first_run_s
+    result.bytes_total, result.blob_requests = _fetched(registry, since)
+    if first_read is not None and second_read is not None:
+        result.read_bytes, result.read_cold_s = first_read
+        result.read_warm_s = second_read[1]
+    if mode == LAZY:
+        log = daemon.log()
+        result.fallback_layers = log.count(FALLBACK_MARK)
+        shutil.copyfile(
+            daemon.log_path, log_dir / f"{result.link}-t{result.trial}-{workload.name}-daemon.log"
+        )
+    return result
