@@ -599,14 +599,16 @@ class RegistryClient:
     def get_blob(self, repo: RepoLike, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index), read whole and verified."""
         with self.stream_blob(repo, digest) as stream:
-            data = stream.read(max_size + 1)
-            if len(data) > max_size:
-                raise UnexpectedResponse(
-                    f"blob {as_repository(repo)}@{digest} is larger than {max_size} bytes"
-                )
-            while stream.read(1 << 16):  # drain to EOF so the digest check runs
-                pass
-            return data
+            # A raw stream's read(n) returns at most one network chunk: loop to EOF (which is
+            # also where the digest check runs).
+            data = bytearray()
+            while chunk := stream.read(1 << 20):
+                data += chunk
+                if len(data) > max_size:
+                    raise UnexpectedResponse(
+                        f"blob {as_repository(repo)}@{digest} is larger than {max_size} bytes"
+                    )
+            return bytes(data)
 
     def push_blob(
         self,

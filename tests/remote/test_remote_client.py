@@ -142,3 +142,13 @@ def test_platform_resolution_and_sparse_index(
         children[2][0].digest
     ]
     assert json.loads(fetched[0].data)["mediaType"] == OCI_MANIFEST
+
+
+def test_get_blob_returns_every_byte_of_a_multi_megabyte_blob(
+    registry: Registry, client: RegistryClient
+) -> None:
+    # Index blobs of big layers are several MiB; the stream hands them out in 1 MiB chunks.
+    repo = fresh_repo(registry)
+    data = os.urandom(3 * (1 << 20) + 5)
+    digest = client.push_blob(repo, data)
+    assert client.get_blob(repo, digest) == data
