@@ -255,9 +255,10 @@ class TarTocParser:
     def _check_checksum(self, block: bytes, name: str) -> None:
         stored = _parse_number(block[148:156], "checksum", name)
         unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+        if stored == unsigned:
+            return
         high = sum(1 for b in block[:148] + block[156:] if b >= 0x80)
-        signed = unsigned - 256 * high  # some old tars summed signed chars
-        if stored not in (unsigned, signed):
+        if stored != unsigned - 256 * high:  # some old tars summed signed chars
             raise InvalidLayer(
                 f"tar header at {name!r} has a bad checksum (not a tar stream or corrupt)"
             )

@@ -113,6 +113,13 @@ def layers(debian_tar: bytes, layer_dir: Path) -> dict[str, Layer]:
     frames = b"".join(
         cctx.compress(debian_tar[i : i + (1 << 20)]) for i in range(0, len(debian_tar), 1 << 20)
     )
+    # frames as a streaming writer makes them: no content size, plus skippable metadata frames
+    streamer = zstandard.ZstdCompressor(level=1, write_content_size=False)
+    skippable = (0x184D2A5E).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    unsized = b""
+    for i in range(0, len(debian_tar), 700_000):
+        frame = streamer.compressobj()
+        unsized += frame.compress(debian_tar[i : i + 700_000]) + frame.flush() + skippable
     return {
         "python-gzip": Layer(
             "python-gzip", gzip.compress(debian_tar, 6, mtime=0), GZIP_MT, debian_tar
@@ -121,6 +128,7 @@ def layers(debian_tar: bytes, layer_dir: Path) -> dict[str, Layer]:
         "multi-member": Layer("multi-member", members, GZIP_MT, debian_tar),
         "tar": Layer("tar", debian_tar, TAR_MT, debian_tar),
         "zstd-frames": Layer("zstd-frames", frames, ZSTD_MT, debian_tar),
+        "zstd-unsized": Layer("zstd-unsized", unsized, ZSTD_MT, debian_tar),
     }
 
 

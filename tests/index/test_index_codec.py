@@ -67,10 +67,10 @@ def test_twelve_thousand_entries_load_fast(built: dict[str, LayerIndex]) -> None
     data = encode_index(dataclasses.replace(base, entries=tuple(entries)))
     assert len(entries) >= 12_000
     timings = []
-    for _ in range(5):
-        started = time.perf_counter()
+    for _ in range(5):  # CPU time of this thread: other engineers' jobs share the 2 cores
+        started = time.thread_time()
         decode_index(data)
-        timings.append(time.perf_counter() - started)
+        timings.append(time.thread_time() - started)
     assert min(timings) < 0.1, f"decoding {len(entries)} entries took {min(timings) * 1000:.0f} ms"
 
 

@@ -17,7 +17,7 @@ from snapshotter.index.model import Compression, EntryType, LayerIndex
 from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
 from tests.index.conftest import Layer, OnlyRead
 
-LAYER_NAMES = ["python-gzip", "pigz", "multi-member", "tar", "zstd-frames"]
+LAYER_NAMES = ["python-gzip", "pigz", "multi-member", "tar", "zstd-frames", "zstd-unsized"]
 
 
 def read_range(index: LayerIndex, blob: bytes, start: int, end: int) -> bytes:
