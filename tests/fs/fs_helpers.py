@@ -171,10 +171,32 @@ def uncompressed_index(tar: bytes, span_size: int = SPAN_SIZE) -> LayerIndex:
     )
 
 
-def gzip_index(blob: bytes, span_size: int = SPAN_SIZE) -> LayerIndex:
+MEDIA_TYPES = {
+    "tar": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": GZIP_MEDIA_TYPE,
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+
+
+def compress(tar: bytes, kind: str) -> bytes:
+    """The layer blob: the tar as is, gzip, or zstd cut into independent frames (one span can
+    only hold whole frames, so one frame per 64 KiB keeps the layer lazily readable)."""
+    if kind == "tar":
+        return tar
+    if kind == "gzip":
+        return gzip_tar(tar)
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=3)
+    step = 64 << 10
+    return b"".join(compressor.compress(tar[i : i + step]) for i in range(0, len(tar), step))
+
+
+def built_index(blob: bytes, kind: str, span_size: int = SPAN_SIZE) -> LayerIndex:
+    """The index the real builder makes for the blob (duplicates resolved, spans verified)."""
     from snapshotter.index.build import build_layer_index
 
-    return build_layer_index(io.BytesIO(blob), media_type=GZIP_MEDIA_TYPE, span_size=span_size)
+    return build_layer_index(io.BytesIO(blob), media_type=MEDIA_TYPES[kind], span_size=span_size)
 
 
 # -- what the mounted layer must show -----------------------------------------------------------

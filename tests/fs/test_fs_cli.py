@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from snapshotter.index.codec import encode_index
-
-from tests.fs.fs_helpers import make_tar, rich_members, uncompressed_index
+from tests.fs.fs_helpers import built_index, make_tar, rich_members
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +43,7 @@ def test_a_spec_with_a_bad_key_names_file_and_key(tmp_path: Path) -> None:
 def test_an_index_for_another_blob_is_refused_before_mounting(tmp_path: Path) -> None:
     tar = make_tar(rich_members())
     index_file = tmp_path / "index"
-    index_file.write_bytes(encode_index(uncompressed_index(tar)))
+    index_file.write_bytes(encode_index(built_index(tar, "tar")))
     (tmp_path / "blob").write_bytes(tar)
     (tmp_path / "mnt").mkdir()
     spec = {

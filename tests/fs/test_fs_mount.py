@@ -15,27 +15,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from snapshotter.index.codec import encode_index
-from snapshotter.index.spans import spans_for_range
 
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.mount_process import read_state
+from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
+from snapshotter.index.spans import spans_for_range
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,
+    built_index,
+    compress,
     expected_view,
-    gzip_index,
-    gzip_tar,
     make_tar,
     rich_members,
-    uncompressed_index,
 )
 from tests.harness.registry import Registry
 
@@ -60,15 +59,11 @@ class Layer:
         return self.tar[entry.offset : entry.offset + entry.size]
 
 
-@pytest.fixture(params=["uncompressed", "gzip"])
+@pytest.fixture(params=["tar", "gzip", "zstd"])
 def layer(request: pytest.FixtureRequest) -> Iterator[Layer]:
     tar = make_tar(rich_members())
-    if request.param == "gzip":
-        pytest.importorskip("snapshotter.index.build", reason="index builder not landed yet")
-        blob = gzip_tar(tar)
-        instance = Layer(tar, blob, gzip_index(blob))
-    else:
-        instance = Layer(tar, tar, uncompressed_index(tar))
+    blob = compress(tar, request.param)
+    instance = Layer(tar, blob, built_index(blob, request.param))
     yield instance
     instance.server.stop()
 
@@ -356,7 +351,7 @@ def test_a_layer_served_by_docker_registry_through_the_registry_client(
     registry: Registry, tmp_path: Path
 ) -> None:
     tar = make_tar(rich_members())
-    index = uncompressed_index(tar)
+    index = built_index(tar, "tar")
     repository = Repository.parse(f"{registry.host}/test/fs-layer")
     with RegistryClient(HostsConfig(plain_http=[registry.host])) as client:
         client.push_blob(repository, tar)
