@@ -225,18 +225,7 @@ class LazyLayers:
         )
 
     def _problem(self, mountpoint: str) -> str | None:
-        status = _mount_status(mountpoint)
-        if status == "dead":
-            return "FUSE connection is gone (ENOTCONN)"
-        if status == "absent":
-            return "not mounted"
-        state = read_state(mountpoint)
-        pid = _as_pid(state.get("pid")) if state else None
-        if pid is None:
-            return f"no state file {state_path_for(mountpoint)}"
-        if not _is_mount_process(pid):
-            return f"mount process {pid} is gone"
-        return None
+        return mount_problem(mountpoint)
 
     def _wait_exit(self, pid: int, child: subprocess.Popen[bytes] | None, timeout: float) -> None:
         if child is not None:
@@ -246,6 +235,22 @@ class LazyLayers:
         deadline = time.monotonic() + timeout
         while _is_mount_process(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def mount_problem(mountpoint: str) -> str | None:
+    """Why the lazy mount at mountpoint is not usable, or None if it is live and served."""
+    status = _mount_status(mountpoint)
+    if status == "dead":
+        return "FUSE connection is gone (ENOTCONN)"
+    if status == "absent":
+        return "not mounted"
+    state = read_state(mountpoint)
+    pid = _as_pid(state.get("pid")) if state else None
+    if pid is None:
+        return f"no state file {state_path_for(mountpoint)}"
+    if not _is_mount_process(pid):
+        return f"mount process {pid} is gone"
+    return None
 
 
 def _mount_status(mountpoint: str) -> str:

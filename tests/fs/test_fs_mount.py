@@ -21,6 +21,7 @@ from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.mount_process import read_state
+from snapshotter.fs.status import cache_usage, mount_statuses
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
@@ -396,3 +397,24 @@ def test_the_prefetch_list_is_fetched_without_being_read(layer: Layer, tmp_path:
         assert layer.server.request_count() == requests
     finally:
         lazy.unmount(str(mnt))
+
+
+def test_status_lists_each_mount_with_its_counters(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = _mount(manager, layer, tmp_path / "snapshots" / "1" / "fs")
+    assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
+    state = read_state(str(mnt))
+    assert state is not None
+    deadline = time.monotonic() + 10  # counters are refreshed every couple of seconds
+    while time.monotonic() < deadline and state["counters"]["spans_fetched"] == 0:
+        time.sleep(0.2)
+        state = read_state(str(mnt)) or state
+    [status] = mount_statuses(str(tmp_path))
+    assert status.mountpoint == str(mnt) and status.live
+    assert status.layer_digest == layer.index.layer_digest
+    assert status.counters["spans_fetched"] > 0 and status.counters["bytes_fetched"] > 0
+    assert cache_usage(str(tmp_path / "cache"), 1 << 30).spans == status.counters["spans_cached"]
+    os.kill(status.pid, signal.SIGKILL)
+    manager._children[str(mnt)].wait(timeout=10)
+    assert not mount_statuses(str(tmp_path))[0].live
