@@ -210,7 +210,7 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
     if "seqread" in images:
         layer = max(images["seqread"].layers, key=lambda layer: layer.size)
         header["seqread_data_layer_bytes"] = layer.size
-        header["inflate_mb_s"] = inflate_rate(images["seqread"])
+        header["inflater"], header["inflate_mb_s"] = inflate_rate(images["seqread"])
         probe_blob = f"/v2/bench/seqread/blobs/{layer.digest}"
     base = Path(tempfile.mkdtemp(prefix="lzb-", dir="/tmp"))
     try:
@@ -250,6 +250,8 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
                 )
                 progress(f"{link.name}: {link.description}; measured {link.measured}")
                 run_link(args, link, workloads, base / "n", results, log_dir, pull_argv)
+        # Others commit while a run lasts, and each cold node starts the checkout's lazysnap.
+        results.append({"kind": "run", "git_commit_end": _git_commit()})
     finally:
         unmount_all_under(base)
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)

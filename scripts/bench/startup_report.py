@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from startup_workloads import FULL, LAZY, WORKLOADS, WORKLOADS_BY_NAME, TrialResult, Workload
+from startup_workloads import FULL, LAZY, WORKLOADS, TrialResult, Workload
 
 MB = 1e6
 
@@ -207,6 +207,11 @@ def _goal_rows(
     return rows
 
 
+def _commits(header: dict[str, Any]) -> str:
+    start, end = header.get("git_commit", "?"), header.get("git_commit_end")
+    return start if end in (None, start) else f"{start} (HEAD was {end} at the end)"
+
+
 def markdown(header: dict[str, Any], trials: Sequence[TrialResult], plots: dict[str, str]) -> str:
     links = sorted({t.link for t in trials}, key=lambda name: (name != "loopback", name))
     out = [
@@ -216,7 +221,7 @@ def markdown(header: dict[str, Any], trials: Sequence[TrialResult], plots: dict[
         "",
         f"Run {header.get('run_id', '?')} on {header.get('hostname', '?')} "
         f"({header.get('nproc', '?')} cores, load average at start "
-        f"{header.get('loadavg', '?')}), lazysnap commit {header.get('git_commit', '?')}, "
+        f"{header.get('loadavg', '?')}), lazysnap commit {_commits(header)}, "
         f"{header.get('trials', '?')} trial(s). Each cell: median [min-max] over trials; every "
         "trial starts from a cold node (containerd + lazysnap stopped, state and cache wiped, "
         "page cache dropped).",
@@ -230,7 +235,8 @@ def markdown(header: dict[str, Any], trials: Sequence[TrialResult], plots: dict[
             out.append(f"| {name} | {sizes} | {info.get('index', '-')} |")
         out.append("")
     if "inflate_mb_s" in header:
-        out += [f"Single-core zlib inflate here: {header['inflate_mb_s']:.0f} MB/s.", ""]
+        rate, inflater = header["inflate_mb_s"], header.get("inflater", "zlib")
+        out += [f"Single-core gzip inflate ({inflater}) here: {rate:.0f} MB/s.", ""]
     for link in links:
         info = header.get("links", {}).get(link, {})
         out += [f"## Link: {link}", "", str(info.get("description", ""))]
@@ -250,36 +256,61 @@ def markdown(header: dict[str, Any], trials: Sequence[TrialResult], plots: dict[
 
 
 def plot(trials: Sequence[TrialResult], link: str, path: Path) -> None:
-    """Grouped bars per workload, full pull vs lazysnap: pull + first run seconds, and MB
-    fetched; whiskers are min-max over trials."""
+    """Grouped bars per workload, full pull vs lazysnap: pull + first run seconds (the pull part
+    solid, the first run hatched on top), and MB fetched; whiskers are min-max over trials."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [w.name for w in workloads_run(trials, link)]
-    panels = (METRICS[1], METRICS[4])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, metric in zip(axes, panels, strict=True):
-        for offset, mode, color in ((-0.2, FULL, "#888888"), (0.2, LAZY, "#2a7ab9")):
+    by_label = {m.label: m for m in METRICS}
+    figure, (time_axis, bytes_axis) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for offset, mode, color in ((-0.2, FULL, "#888888"), (0.2, LAZY, "#2a7ab9")):
+        label = "full pull (overlayfs)" if mode == FULL else "lazysnap"
+        positions = [i + offset for i in range(len(names))]
+        for axis, metric in ((time_axis, "pull + first run s"), (bytes_axis, "MB fetched")):
             stats = [
-                stat(metric.value(t) for t in _select(trials, link, name, mode)) for name in names
+                stat(by_label[metric].value(t) for t in _select(trials, link, name, mode))
+                for name in names
             ]
             heights = [s.median if s else 0.0 for s in stats]
             errors = [
                 [s.median - s.low if s else 0.0 for s in stats],
                 [s.high - s.median if s else 0.0 for s in stats],
             ]
-            label = "full pull (overlayfs)" if mode == FULL else "lazysnap"
-            positions = [i + offset for i in range(len(names))]
-            axis.bar(positions, heights, 0.4, yerr=errors, capsize=3, label=label, color=color)
+            bars = axis.bar(
+                positions,
+                heights,
+                0.4,
+                yerr=errors,
+                capsize=3,
+                color=color,
+                alpha=0.45 if axis is time_axis else 1.0,
+                hatch="//" if axis is time_axis else None,
+                label=label if axis is bytes_axis else None,
+            )
+            axis.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        pulls = [
+            stat(by_label["pull s"].value(t) for t in _select(trials, link, name, mode))
+            for name in names
+        ]
+        time_axis.bar(
+            positions,
+            [s.median if s else 0.0 for s in pulls],
+            0.4,
+            color=color,
+            label=f"{label}: pull (hatched: first run)",
+        )
+    for axis, ylabel in ((time_axis, "seconds (median)"), (bytes_axis, "MB (median)")):
         axis.set_xticks(range(len(names)))
-        axis.set_xticklabels([WORKLOADS_BY_NAME[n].name for n in names])
-        axis.set_ylabel(metric.label)
+        axis.set_xticklabels(names)
+        axis.set_ylabel(ylabel)
         axis.grid(axis="y", alpha=0.3)
-    axes[0].set_title(f"pull + first run ({link})")
-    axes[1].set_title(f"bytes fetched from the registry ({link})")
-    axes[0].legend()
+    time_axis.set_title(f"pull + first run ({link})")
+    bytes_axis.set_title(f"bytes fetched from the registry ({link})")
+    time_axis.legend(fontsize=8)
+    bytes_axis.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
