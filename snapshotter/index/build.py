@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from snapshotter.index.codec import MAX_SPAN_UNCOMPRESSED, MAX_SPANS
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.gzip_spans import GzipSpanBuilder
 from snapshotter.index.model import DEFAULT_SPAN_SIZE, Compression, LayerIndex, Span
@@ -140,6 +141,15 @@ def build_layer_index(
     for entry in entries:
         if entry.offset + entry.size > usize:
             raise InvalidLayer(f"tar entry {entry.name!r} extends past the end of the layer")
+    # never produce an index that decode_index would refuse
+    if len(spans) > MAX_SPANS:
+        raise InvalidLayer(f"layer needs {len(spans)} spans, more than {MAX_SPANS}")
+    for number, span in enumerate(spans):
+        if span.uncompressed_size > MAX_SPAN_UNCOMPRESSED:
+            raise InvalidLayer(
+                f"layer span {number} inflates to {span.uncompressed_size} bytes (one deflate "
+                f"block); more than {MAX_SPAN_UNCOMPRESSED}, not randomly accessible"
+            )
     return LayerIndex(
         layer_digest=layer_digest,
         layer_media_type=media_type,

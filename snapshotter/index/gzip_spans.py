@@ -42,6 +42,7 @@ _ZLIB_ERROR: type[Exception] = zlib.error  # type: ignore[assignment]
 WINDOW_SIZE = 32768
 READ_SIZE = 1 << 20  # zran's read buffer; must hold a gzip trailer + the next member's header
 _MAX_STEP = 4 << 20
+MAX_BACKLOG = 64 << 20  # compressed bytes held beyond two spans before giving up
 _EXPORT_HEADER = struct.Struct("<5sBBQQIII")
 _EXPORT_POINT = struct.Struct("<QQBB")
 
@@ -193,6 +194,13 @@ class GzipSpanBuilder:
                 self._pending.append(data)
             self._inflate(final=False)
             self._hash_compressed(final=False)
+            if len(self._cbuf) > 2 * self.span_size + MAX_BACKLOG:
+                # zran found no usable block boundary for this long (a crafted or exotic
+                # stream): refuse rather than buffer the layer in memory
+                raise InvalidLayer(
+                    f"gzip layer has no deflate block boundary within {len(self._cbuf)} "
+                    f"compressed bytes after offset {self._cbuf_start}; cannot be indexed"
+                )
             return data
         except BaseException as exc:
             self._error = exc

@@ -208,6 +208,8 @@ class TarTocParser:
             if size > MAX_ENTRY_SIZE:
                 raise InvalidLayer(f"tar entry {raw_name!r}: size {size} exceeds the 2^40 cap")
         name = normalise_name(raw_name, "name")
+        if name == "" and entry_type is not EntryType.DIR:
+            raise InvalidLayer(f"tar entry {raw_name!r}: the layer root must be a directory")
         mtime_ns = _parse_number(block[136:148], "mtime", raw_name) * 1_000_000_000
         if "mtime" in pax:
             mtime_ns = _pax_mtime_ns(pax["mtime"], raw_name)

@@ -251,3 +251,21 @@ def test_single_huge_zstd_frame_is_not_randomly_accessible() -> None:
 def test_all_errors_share_one_base() -> None:
     assert issubclass(InvalidLayer, IndexFormatError)
     assert not issubclass(IndexFormatError, IndexError)
+
+
+def test_layer_root_must_be_a_directory() -> None:
+    with pytest.raises(InvalidLayer, match="the layer root must be a directory"):
+        index_of(tar_bytes([reg("./", b"not a dir")]))
+
+
+@pytest.mark.parametrize(
+    ("blob", "media_type", "spans"),
+    [
+        (b"", TAR_MT, 0),
+        (gzip.compress(b"") + gzip.compress(b"") + gzip.compress(bytes(10240)), GZIP_MT, 1),
+        (gzip.compress(bytes(10240)) + bytes(100), GZIP_MT, 1),  # zero padding after the member
+    ],
+)
+def test_empty_layers_index(blob: bytes, media_type: str, spans: int) -> None:
+    index = build_layer_index(OnlyRead(blob), media_type=media_type)
+    assert (len(index.entries), len(index.spans), index.compressed_size) == (0, spans, len(blob))
