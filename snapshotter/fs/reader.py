@@ -26,6 +26,7 @@ DEFAULT_WORKERS = 4
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 # Cap on one coalesced Range request, so one huge read does not hold a worker for long.
 MAX_COALESCED_BYTES = 32 << 20
+PREFETCH_WINDOW = 4  # spans the prefetch thread claims at a time
 
 
 class BlobSource(Protocol):
@@ -80,6 +81,8 @@ class LayerReader:
         self.cache = cache
         self.fetch_timeout = fetch_timeout
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._closed = False
         self._lock = threading.Lock()
         self._in_flight: dict[int, Future[bytes]] = {}
         self._counters = ReaderCounters()
@@ -93,7 +96,9 @@ class LayerReader:
             return ReaderCounters(**self._counters.as_dict())
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, entry: TocEntry, offset: int, size: int) -> bytes:
         """Up to size bytes of entry's data from offset (fewer at end of file)."""
@@ -139,18 +144,26 @@ class LayerReader:
         return b"".join(pieces[span_no] for span_no in span_numbers)
 
     def prefetch(self, span_numbers: Iterable[int]) -> None:
-        """Fetch spans in the background (not cached, not in flight yet); returns at once."""
-        missing = []
-        for span_no in span_numbers:
-            if self.cache.contains(self.layer_digest, span_no):
-                continue
-            future, is_new = self._claim(span_no)
-            if future is not None and is_new:
-                missing.append(span_no)
-        for group in self._coalesce(missing):
-            self._pool.submit(self._fetch_group, group)
+        """Fetch spans in the background, in order; returns at once.
+
+        One background thread works through the list a few spans at a time and claims a span
+        only when it is about to fetch it, so reads never queue behind the prefetch list: they
+        fetch on the regular workers whatever the prefetch has not claimed yet."""
+        self._prefetch_pool.submit(self._prefetch, list(span_numbers))
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _prefetch(self, span_numbers: list[int]) -> None:
+        for first in range(0, len(span_numbers), PREFETCH_WINDOW):
+            if self._closed:
+                return
+            claimed = []
+            for span_no in span_numbers[first : first + PREFETCH_WINDOW]:
+                future, is_new = self._claim(span_no)
+                if future is not None and is_new:
+                    claimed.append(span_no)
+            for group in self._coalesce(claimed):
+                self._fetch_group(group)
 
     def _slice(self, span_no: int, start: int, end: int) -> tuple[int, int]:
         span = self.index.spans[span_no]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.fs import reader as reader_module
 from snapshotter.fs.blob_source import FileBlobSource, UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader, SpanReadError
@@ -197,3 +198,33 @@ def test_a_local_file_works_as_blob_source(layer: tuple[bytes, LayerIndex], tmp_
     reader = LayerReader(index, FileBlobSource(str(path)), SpanCache(tmp_path / "c", 1 << 30))
     hosts = _entry(index, "etc/hosts")
     assert reader.read(hosts, 0, 100) == b"127.0.0.1 localhost\n"
+
+
+def test_reads_do_not_queue_behind_the_prefetch_list(
+    layer: tuple[bytes, LayerIndex],
+    server: BlobServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tar, index = layer
+    monkeypatch.setattr(reader_module, "PREFETCH_WINDOW", 1)  # one slow request per span
+    reader = _reader(index, server.url, tmp_path)
+    every_span = list(range(len(index.spans)))
+    assert len(every_span) >= 4  # the prefetch list takes >= 2 s
+    server.delay = 0.5
+    reader.prefetch(every_span)
+    last = index.spans[-1]
+    entry = next(
+        e
+        for e in reversed(index.entries)
+        if e.type is EntryType.REG and e.offset < last.uncompressed_start < e.offset + e.size
+    )
+    offset = last.uncompressed_start - entry.offset
+    started = time.monotonic()
+    assert reader.read(entry, offset, 10) == tar[entry.offset + offset :][:10]
+    assert time.monotonic() - started < 1.2  # its own request, not the prefetch queue's end
+    server.delay = 0.0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and reader.counters().spans_fetched < len(every_span):
+        time.sleep(0.1)
+    assert all(reader.cache.contains(index.layer_digest, n) for n in every_span)
