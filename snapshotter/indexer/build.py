@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import BinaryIO, cast
 
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index
@@ -40,7 +41,7 @@ from snapshotter.indexer.artifact import (
     indexed_layers,
 )
 from snapshotter.indexer.platforms import select_platforms
-from snapshotter.indexer.progress import BuildProgress, CountingReader
+from snapshotter.indexer.progress import BuildProgress
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, PlatformNotFound, RegistryError
 from snapshotter.remote.manifest import EMPTY_JSON, Descriptor, Manifest, Platform, sha256_digest
@@ -223,17 +224,17 @@ def _index_one(
     bar = progress.layer(layer.digest, layer.size)
     try:
         with client.stream_blob(repo, layer.digest, layer.size) as stream:
-            reader = CountingReader(stream, bar)
             index = build_layer_index(
-                reader,
+                cast(BinaryIO, stream),  # a RawIOBase: build_layer_index only calls read()
                 media_type=layer.media_type,
                 span_size=options.span_size,
                 expected_digest=layer.digest,
+                progress=bar.update,
             )
             # The registry stream checks size and digest at its end: read any trailing bytes
             # the builder did not need so an unverified layer is never indexed.
-            while reader.read(1 << 20):
-                pass
+            while chunk := stream.read(1 << 20):
+                bar.update(len(chunk))
     finally:
         bar.close()
     blob = encode_index(index)

@@ -10,13 +10,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO, Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
-
-
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
 
 
 @dataclass
@@ -94,28 +90,6 @@ class LayerProgress:
     def close(self) -> None:
         self.bar.close()
         self.owner._release(self.slot)
-
-
-class CountingReader:
-    """A read-only file-like view of a stream that reports every byte read."""
-
-    def __init__(self, stream: _Readable | IO[bytes], progress: LayerProgress) -> None:
-        self._stream = stream
-        self._progress = progress
-
-    def read(self, size: int = -1, /) -> bytes:
-        data = self._stream.read(size)
-        if data:
-            self._progress.update(len(data))
-        return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return False
