@@ -12,7 +12,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,19 @@ class TokenAuth:
     service: str
     issuer: str
     rootcertbundle: Path
+
+
+@dataclass(frozen=True)
+class NotificationEndpoint:
+    """A `notifications.endpoints` entry: the registry POSTs event envelopes (pushes, pulls) to
+    url with these headers; after threshold failures in a row it waits backoff."""
+
+    url: str
+    headers: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    name: str = "lazysnap-test"
+    timeout: str = "5s"
+    threshold: int = 3
+    backoff: str = "1s"
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,11 @@ class Registry:
 
 
 def _write_config(
-    base: Path, port: int, basic_auth: Mapping[str, str] | None, token_auth: TokenAuth | None
+    base: Path,
+    port: int,
+    basic_auth: Mapping[str, str] | None,
+    token_auth: TokenAuth | None,
+    notifications: NotificationEndpoint | None = None,
 ) -> Path:
     config: dict[str, object] = {
         "version": 0.1,
@@ -153,6 +170,19 @@ def _write_config(
                 "rootcertbundle": str(token_auth.rootcertbundle),
             }
         }
+    if notifications is not None:
+        config["notifications"] = {
+            "endpoints": [
+                {
+                    "name": notifications.name,
+                    "url": notifications.url,
+                    "headers": {k: list(v) for k, v in notifications.headers.items()},
+                    "timeout": notifications.timeout,
+                    "threshold": notifications.threshold,
+                    "backoff": notifications.backoff,
+                }
+            ]
+        }
     path = base / "config.yml"
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     return path
@@ -174,14 +204,16 @@ def start_registry(
     basic_auth: Mapping[str, str] | None = None,
     token_auth: TokenAuth | None = None,
     port: int | None = None,
+    notifications: NotificationEndpoint | None = None,
 ) -> Registry:
-    """Start docker-registry under base (data, config, log) and wait until /v2/ answers."""
+    """Start docker-registry under base (data, config, log) and wait until /v2/ answers.
+    notifications: an endpoint the registry sends its push/pull events to."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise HarnessError(f"{REGISTRY_BINARY} not found (apt-get install docker-registry)")
     base.mkdir(parents=True, exist_ok=True)
     for _attempt in range(3):  # a free port can be taken between probe and bind
         chosen = port or free_port()
-        config = _write_config(base, chosen, basic_auth, token_auth)
+        config = _write_config(base, chosen, basic_auth, token_auth, notifications)
         service = spawn(
             "docker-registry", [REGISTRY_BINARY, "serve", str(config)], base / "registry.log"
         )
@@ -206,6 +238,7 @@ def registry_running_at(base: Path, port: int, pid: int) -> Registry:
 
 __all__ = [
     "BlobFetches",
+    "NotificationEndpoint",
     "Registry",
     "TokenAuth",
     "registry_running_at",
