@@ -1,0 +1,277 @@
+"""The `lazysnap accel` command line (wired into cli.py by `_add_accel`):
+
+    accel serve --listen HOST:PORT [--plain-http] [--hosts-dir DIR] [--jobs N]
+                [--min-layer-size N] [--span-size N] [--token-file F] [--cache-repo REPO]
+                [--layer-jobs N] [--max-attempts N] [--retry-backoff SECONDS]
+                [--allow-registry HOST]... [--log-level LEVEL]
+
+Exit status: 0 after SIGTERM/SIGINT, 2 bad arguments or configuration (message names the
+flag or file), 1 the listen address cannot be bound. Registry credentials come from the
+docker config.json ($DOCKER_CONFIG or ~/.docker), as for `lazysnap index build`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from collections.abc import Callable
+
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.indexer.command import byte_size
+from snapshotter.log import LOG_LEVELS
+
+DEFAULT_LISTEN = "127.0.0.1:2077"
+
+
+class ConfigurationError(Exception):
+    """A flag or file the service cannot start with; the message names it."""
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT`; port 0 picks a free port (logged at start)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid --listen {text!r}: expected HOST:PORT, e.g. 0.0.0.0:2077 or [::1]:2077"
+        )
+    host = host.removeprefix("[").removesuffix("]")
+    if not host:
+        raise argparse.ArgumentTypeError(f"invalid --listen {text!r}: empty host")
+    return host, int(port)
+
+
+def _count(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {flag} {text!r}: not a number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_size(text: str) -> int:
+    value = byte_size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return value
+
+
+def _cache_repo(text: str) -> str:
+    from snapshotter.remote.errors import InvalidReference
+    from snapshotter.remote.reference import Reference
+
+    try:  # the image reference parser is the one validator of repository names
+        valid = Reference.parse(f"registry.invalid/{text}:latest").name == text
+    except InvalidReference:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            f"invalid --cache-repo {text!r}: a repository path without registry host, "
+            "lowercase components separated by '/'"
+        )
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds must be within 0..3600, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `serve` sub-subcommand to the `accel` command's parser."""
+    sub = parser.add_subparsers(dest="accel_command", metavar="{serve}", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="index images as they are pushed (registry notification webhooks)",
+        description="Receive docker distribution notifications (or Harbor webhooks) on POST "
+        "/events and index every pushed image, all platforms, like `lazysnap index build`. "
+        "GET /status lists queued, running, done and failed jobs; GET /healthz answers 200 "
+        "while the workers live. See docs/acceleration-service.md.",
+    )
+    serve.add_argument(
+        "--listen",
+        type=listen_address,
+        default=listen_address(DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"address for webhooks and status (default {DEFAULT_LISTEN}; port 0: any free)",
+    )
+    serve.add_argument(
+        "--plain-http", action="store_true", help="talk plain http to the registries"
+    )
+    serve.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        help="containerd-style hosts directory (DIR/<host>/hosts.toml)",
+    )
+    serve.add_argument(
+        "--jobs",
+        type=_count("--jobs"),
+        default=1,
+        metavar="N",
+        help="images indexed at the same time (default 1)",
+    )
+    serve.add_argument(
+        "--layer-jobs",
+        type=_count("--layer-jobs"),
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="layers of one image indexed in parallel (default: CPU count)",
+    )
+    serve.add_argument(
+        "--min-layer-size",
+        type=byte_size,
+        default=DEFAULT_MIN_LAYER_SIZE,
+        metavar="N",
+        help=f"smaller layers stay unindexed (default {DEFAULT_MIN_LAYER_SIZE})",
+    )
+    serve.add_argument(
+        "--span-size",
+        type=_positive_size,
+        default=DEFAULT_SPAN_SIZE,
+        metavar="N",
+        help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
+    )
+    serve.add_argument(
+        "--cache-repo",
+        type=_cache_repo,
+        metavar="REPO",
+        help="per-layer index cache repository, as for `lazysnap index build` "
+        "(its pushes are never indexed)",
+    )
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="shared bearer token webhook callers must send (Authorization: Bearer ...)",
+    )
+    serve.add_argument(
+        "--allow-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="only index images of this registry (repeatable; default: any registry a "
+        "webhook names)",
+    )
+    serve.add_argument(
+        "--max-attempts",
+        type=_count("--max-attempts"),
+        default=5,
+        metavar="N",
+        help="attempts per image when the registry is unreachable or fails (default 5)",
+    )
+    serve.add_argument(
+        "--retry-backoff",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="wait before the first retry, doubled for each next one (default 2)",
+    )
+    serve.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="stderr log level (default info)"
+    )
+
+
+def read_token(path: str) -> str:
+    """The token in path (surrounding whitespace stripped). ConfigurationError naming the
+    file if it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"--token-file {path}: cannot read: {exc}") from None
+    if not token:
+        raise ConfigurationError(f"--token-file {path}: the file is empty")
+    if any(ch.isspace() for ch in token):
+        raise ConfigurationError(f"--token-file {path}: the token contains whitespace")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(
+            f"warning: --token-file {path} is readable by group or others (chmod 600 it)",
+            file=sys.stderr,
+        )
+    return token
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so `lazysnap --help` and other subcommands stay fast.
+    import logging
+    import signal
+    import threading
+
+    from snapshotter.accel.jobs import JobQueue
+    from snapshotter.accel.server import EVENTS_PATH, AccelService, ServiceConfig
+    from snapshotter.accel.worker import RegistryClients, WorkerOptions
+    from snapshotter.log import setup_logging
+    from snapshotter.remote.auth import CredentialStore
+    from snapshotter.remote.errors import RegistryError
+
+    setup_logging(args.log_level)
+    # The indexer and registry client log under their module names: show their warnings.
+    library = logging.getLogger("snapshotter")
+    library.handlers[:] = logging.getLogger("lazysnap").handlers
+    library.setLevel(max(logging.WARNING, logging.getLogger("lazysnap").level))
+    library.propagate = False
+    log = logging.getLogger("lazysnap.accel")
+
+    try:
+        if args.hosts_dir is not None and not os.path.isdir(args.hosts_dir):
+            raise ConfigurationError(f"--hosts-dir {args.hosts_dir}: not a directory")
+        token = read_token(args.token_file) if args.token_file else None
+        credentials = CredentialStore.from_docker_config()
+    except (ConfigurationError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    host, port = args.listen
+    config = ServiceConfig(
+        host=host,
+        port=port,
+        workers=args.jobs,
+        token=token,
+        allowed_registries=frozenset(args.allow_registry),
+        worker_options=WorkerOptions(
+            span_size=args.span_size,
+            min_layer_size=args.min_layer_size,
+            layer_jobs=args.layer_jobs,
+            cache_repo=args.cache_repo,
+        ),
+    )
+    clients = RegistryClients(args.hosts_dir, credentials, plain_http=args.plain_http)
+    queue = JobQueue(max_attempts=args.max_attempts, backoff_seconds=args.retry_backoff)
+    try:
+        service = AccelService(config, clients, queue)
+    except OSError as exc:
+        print(
+            f"error: --listen {host}:{port}: cannot listen: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 1
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    service.start()
+    bound_host, bound_port = service.address
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    log.info(
+        "listening on http://%s:%d%s (%d worker%s, token %s)",
+        shown,
+        bound_port,
+        EVENTS_PATH,
+        args.jobs,
+        "" if args.jobs == 1 else "s",
+        "required" if token else "not required",
+    )
+    stop.wait()
+    log.info("stopping: running jobs finish, queued ones are dropped")
+    service.stop()
+    return 0
