@@ -76,6 +76,19 @@ def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=command.run)
 
 
+# -- accel serve -------------------------------------------------------------------------------
+
+
+def _add_accel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from snapshotter.accel import command
+
+    parser = sub.add_parser(
+        "accel", help="acceleration service: index images as registries report their pushes"
+    )
+    command.add_arguments(parser)
+    parser.set_defaults(run=command.run)
+
+
 # -- status ------------------------------------------------------------------------------------
 # Owner: fs/service. Add `_add_status(sub)`; register it in SUBCOMMANDS below.
 
@@ -87,6 +100,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_serve,
     _add_index,
     _add_pull,
+    _add_accel,
 )
 
 
