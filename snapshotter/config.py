@@ -47,6 +47,14 @@ class FuseConfig:
 
 
 @dataclass(frozen=True)
+class FetchConfig:
+    prefetch: bool = True  # fetch the startup profile's files right after mounting
+    background: bool = True  # fetch the rest of each lazy layer once it is quiet
+    background_quiet_seconds: float = 5.0  # no on-demand fetch for this long before starting
+    background_rate_bytes: int = 32 << 20  # compressed bytes per second per layer
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     address: str = ""  # "host:port" for Prometheus metrics; "" = off
 
@@ -59,6 +67,7 @@ class Config:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
@@ -108,9 +117,15 @@ def _validate(config: Config, source: str) -> Config:
         ("remote.min_layer_size", config.remote.min_layer_size),
         ("cache.max_size_bytes", config.cache.max_size_bytes),
         ("fuse.read_ahead_kb", config.fuse.read_ahead_kb),
+        ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds),
     ):
         if value < 0:
             raise ConfigError(f"{source}: {key} must not be negative, got {value}")
+    if config.fetch.background_rate_bytes <= 0:
+        raise ConfigError(
+            f"{source}: fetch.background_rate_bytes must be positive, "
+            f"got {config.fetch.background_rate_bytes}"
+        )
     for name, text in (("root", config.root), ("address", config.address)):
         if not text:
             raise ConfigError(f"{source}: {name} must not be empty")

@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Any
+from typing import Any, Protocol
 
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.fs.tree import Inode, LayerTree
@@ -38,6 +38,12 @@ if mfusepy.fuse_version_major != 3:
     )
 
 
+class AccessRecorder(Protocol):
+    """Told the entry name of every file whose data is read (profile recording)."""
+
+    def first_read(self, name: str) -> None: ...
+
+
 def _fail(code: int) -> Exception:
     return mfusepy.FuseOSError(code)  # type: ignore[no-any-return]
 
@@ -45,9 +51,12 @@ def _fail(code: int) -> Exception:
 class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True  # nanosecond timestamps, as the tar had them
 
-    def __init__(self, tree: LayerTree, reader: LayerReader) -> None:
+    def __init__(
+        self, tree: LayerTree, reader: LayerReader, recorder: AccessRecorder | None = None
+    ) -> None:
         self.tree = tree
         self.reader = reader
+        self.recorder = recorder
         self._fs_blocks = (tree.total_size + 4095) // 4096
 
     # -- setup -----------------------------------------------------------------------------------
@@ -130,6 +139,8 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
             raise _fail(errno.EBADF)
         if node.data is None:  # not a regular file, or an empty one
             return b""
+        if self.recorder is not None:
+            self.recorder.first_read(node.data.name)
         try:
             return self.reader.read(node.data, offset, size)
         except SpanReadError as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from snapshotter.config import Config
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS
@@ -46,6 +47,7 @@ class LayerSpec:
     blob: BlobSpec
     index_bytes: bytes | None = None
     index_path: str | None = None
+    prefetch_names: tuple[str, ...] = ()  # this layer's part of the image's startup profile
 
     def __post_init__(self) -> None:
         if (self.index_bytes is None) == (self.index_path is None):
@@ -64,6 +66,12 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         resolve=resolve,
         fetch_timeout=config.remote.fetch_timeout_seconds,
         read_ahead_kb=config.fuse.read_ahead_kb,
+        prefetch=config.fetch.prefetch,
+        background=BackgroundSettings(
+            enabled=config.fetch.background,
+            quiet_seconds=config.fetch.background_quiet_seconds,
+            rate_bytes=config.fetch.background_rate_bytes,
+        ),
     )
 
 
@@ -84,6 +92,8 @@ class LazyLayers:
         ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
         allow_other: bool = True,
         read_ahead_kb: int = READ_AHEAD_KB,
+        prefetch: bool = True,
+        background: BackgroundSettings | None = None,
         python: str = sys.executable,
     ) -> None:
         self.cache_dir = cache_dir
@@ -94,6 +104,8 @@ class LazyLayers:
         self.ready_timeout = ready_timeout
         self.allow_other = allow_other
         self.read_ahead_kb = read_ahead_kb
+        self.prefetch = prefetch
+        self.background = background or BackgroundSettings()
         self.python = python
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -138,9 +150,10 @@ class LazyLayers:
 
     # -- lazysnap's own entry points ---------------------------------------------------------------
 
-    def mount_layer(self, mountpoint: str, spec: LayerSpec) -> None:
+    def mount_layer(self, mountpoint: str, spec: LayerSpec, *, access_log: str = "") -> None:
         """Mount spec at mountpoint (an existing empty directory), or keep the live mount that
-        is already there. Raises RemoteLayerUnavailable naming the cause."""
+        is already there. Raises RemoteLayerUnavailable naming the cause. access_log: record
+        each file's first read there (startup-profile recording)."""
         mountpoint = os.path.abspath(mountpoint)
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
@@ -165,6 +178,12 @@ class LazyLayers:
             workers=self.workers,
             allow_other=self.allow_other,
             read_ahead_kb=self.read_ahead_kb,
+            prefetch_names=spec.prefetch_names,
+            prefetch=self.prefetch,
+            background=self.background.enabled,
+            background_quiet_seconds=self.background.quiet_seconds,
+            background_rate_bytes=self.background.rate_bytes,
+            access_log=access_log,
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())

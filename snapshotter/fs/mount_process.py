@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter.fs.background import (
+    DEFAULT_QUIET_S,
+    DEFAULT_RATE_BYTES,
+    BackgroundFetcher,
+    BackgroundSettings,
+)
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, SpanCache
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS, LayerReader
@@ -51,6 +57,15 @@ class MountSpec:
     allow_other: bool = True
     state_interval: float = STATE_INTERVAL_S
     read_ahead_kb: int = READ_AHEAD_KB
+    # Entry names to fetch right after mounting, in order (the image's startup profile), on top
+    # of the index's own prefetch list; prefetch=False fetches neither.
+    prefetch_names: tuple[str, ...] = ()
+    prefetch: bool = True
+    background: bool = True
+    background_quiet_seconds: float = DEFAULT_QUIET_S
+    background_rate_bytes: int = DEFAULT_RATE_BYTES
+    # Profile recording: append "<monotonic ns> <entry name>" here on each file's first read.
+    access_log: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +79,12 @@ class MountSpec:
             "allow_other": self.allow_other,
             "state_interval": self.state_interval,
             "read_ahead_kb": self.read_ahead_kb,
+            "prefetch_names": list(self.prefetch_names),
+            "prefetch": self.prefetch,
+            "background": self.background,
+            "background_quiet_seconds": self.background_quiet_seconds,
+            "background_rate_bytes": self.background_rate_bytes,
+            "access_log": self.access_log,
         }
 
     @classmethod
@@ -94,12 +115,33 @@ class MountSpec:
             allow_other=get("allow_other", bool, True),
             state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
             read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
+            prefetch_names=tuple(get("prefetch_names", list, [])),
+            prefetch=get("prefetch", bool, True),
+            background=get("background", bool, True),
+            background_quiet_seconds=float(
+                get("background_quiet_seconds", (int, float), DEFAULT_QUIET_S)
+            ),
+            background_rate_bytes=get("background_rate_bytes", int, DEFAULT_RATE_BYTES),
+            access_log=get("access_log", str, ""),
         )
         if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
             raise SpecError(
                 f"{source}: cache_max_bytes, workers, fetch_timeout and read_ahead_kb must be > 0"
             )
+        if not all(isinstance(name, str) for name in spec.prefetch_names):
+            raise SpecError(f"{source}: prefetch_names must be a list of entry names")
+        if spec.background_quiet_seconds < 0 or spec.background_rate_bytes <= 0:
+            raise SpecError(
+                f"{source}: background_quiet_seconds must be >= 0 and background_rate_bytes > 0"
+            )
         return spec
+
+    def background_settings(self) -> BackgroundSettings:
+        return BackgroundSettings(
+            enabled=self.background,
+            quiet_seconds=self.background_quiet_seconds,
+            rate_bytes=self.background_rate_bytes,
+        )
 
     @classmethod
     def load(cls, path: str) -> MountSpec:
@@ -178,6 +220,7 @@ class _StateKeeper(threading.Thread):
         self.reporter = reporter
         self.device_before = device_before
         self.prefetch_spans = prefetch_spans
+        self.background = BackgroundFetcher(reader, spec.background_settings())
         self.stopped = threading.Event()
         self.became_ready = threading.Event()
         self.started_at = time.time()
@@ -205,8 +248,11 @@ class _StateKeeper(threading.Thread):
         log.info("mounted %s at %s", self.reader.layer_digest, self.spec.mountpoint)
         if self.prefetch_spans:
             self.reader.prefetch(self.prefetch_spans)
+        if self.spec.background:
+            self.background.start()
         while not self.stopped.wait(self.spec.state_interval):
             self.write_state()
+        self.background.stop()
 
     def write_state(self) -> None:
         state = {
@@ -217,6 +263,7 @@ class _StateKeeper(threading.Thread):
             "updated_at": time.time(),
             "cache_dir": self.spec.cache_dir,
             "counters": self.reader.counters().as_dict(),
+            "background": str(self.background.state) if self.spec.background else "off",
         }
         path = state_path_for(self.spec.mountpoint)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -227,13 +274,16 @@ class _StateKeeper(threading.Thread):
             log.warning("cannot write state file %s: %s", path, exc)
 
 
-def prefetch_spans(index: LayerIndex, tree: LayerTree) -> list[int]:
-    """Spans holding the data of the index's prefetch list (startup profile), in its order."""
+def prefetch_spans(
+    index: LayerIndex, tree: LayerTree, extra_names: tuple[str, ...] = ()
+) -> list[int]:
+    """Spans holding the data of the prefetch lists (the index's own, then the startup
+    profile's), in that order; names the layer does not hold are skipped."""
     from snapshotter.index.spans import spans_for_range
 
     wanted: list[int] = []
     seen: set[int] = set()
-    for name in index.prefetch:
+    for name in (*index.prefetch, *extra_names):
         node = tree.lookup(name)
         if node is None or node.data is None or node.data.size == 0:
             continue
@@ -243,6 +293,31 @@ def prefetch_spans(index: LayerIndex, tree: LayerTree) -> list[int]:
                 seen.add(span_no)
                 wanted.append(span_no)
     return wanted
+
+
+class AccessLog:
+    """First read of each file, in order, for startup-profile recording: one line
+    "<CLOCK_MONOTONIC ns> <entry name as a JSON string>" per file, flushed at once (the
+    recorder reads it after unmounting; lines of several layers' logs merge by time)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="ascii")  # noqa: SIM115
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def first_read(self, name: str) -> None:
+        if name in self._seen:  # unlocked fast path: a set lookup is atomic
+            return
+        with self._lock:
+            if name in self._seen:
+                return
+            self._seen.add(name)
+            self._file.write(f"{time.monotonic_ns()} {json.dumps(name)}\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
 
 
 def _raise_read_ahead(device: int, read_ahead_kb: int) -> None:
@@ -279,11 +354,17 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
     from snapshotter.fs import fuse_ops  # loads libfuse3; kept out of the spec checks above
 
     reader = LayerReader(index, blob, cache, workers=spec.workers, fetch_timeout=spec.fetch_timeout)
-    keeper = _StateKeeper(spec, reader, reporter, device_before, prefetch_spans(index, tree))
+    wanted = prefetch_spans(index, tree, spec.prefetch_names) if spec.prefetch else []
+    keeper = _StateKeeper(spec, reader, reporter, device_before, wanted)
+    try:
+        access_log = AccessLog(spec.access_log) if spec.access_log else None
+    except OSError as exc:
+        reporter.send(f"error: access log {spec.access_log}: {exc.strerror}")
+        return 2
     keeper.start()
     try:
         fuse_ops.serve(
-            fuse_ops.LayerOperations(tree, reader),
+            fuse_ops.LayerOperations(tree, reader, access_log),
             spec.mountpoint,
             fsname=f"lazysnap:{index.layer_digest}",
             allow_other=spec.allow_other,
@@ -300,6 +381,8 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         keeper.stopped.set()
         keeper.join(timeout=5)
         reader.close()
+        if access_log is not None:
+            access_log.close()
         with contextlib.suppress(FileNotFoundError):
             state_path_for(spec.mountpoint).unlink()
     reporter.send(f"error: {spec.mountpoint} was unmounted before it became ready")

@@ -10,6 +10,7 @@ tries the registry again.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -55,6 +56,10 @@ class ReaderCounters:
     spans_cached: int = 0  # spans written to the cache
     cache_hits: int = 0  # span reads served from the cache
     fetch_errors: int = 0  # spans whose fetch or verification failed
+    demand_misses: int = 0  # reads that found a span neither cached nor in flight
+    prefetch_spans: int = 0  # spans fetched for the startup profile
+    background_spans: int = 0  # spans fetched by the background fetcher
+    background_bytes: int = 0  # compressed bytes of those
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -86,6 +91,10 @@ class LayerReader:
         self._lock = threading.Lock()
         self._in_flight: dict[int, Future[bytes]] = {}
         self._counters = ReaderCounters()
+        # When a read last had to go to the network, and how many prefetch lists are still
+        # running: the background fetcher waits for both to go quiet.
+        self._last_demand_miss = time.monotonic()
+        self._prefetches_running = 0
 
     @property
     def layer_digest(self) -> str:
@@ -129,6 +138,10 @@ class LayerReader:
             waiting[span_no] = future
             if is_new:
                 missing.append(span_no)
+        if missing:
+            with self._lock:
+                self._counters.demand_misses += 1
+                self._last_demand_miss = time.monotonic()
         for group in self._coalesce(missing):
             self._pool.submit(self._fetch_group, group)
         deadline = time.monotonic() + self.fetch_timeout
@@ -149,21 +162,55 @@ class LayerReader:
         One background thread works through the list a few spans at a time and claims a span
         only when it is about to fetch it, so reads never queue behind the prefetch list: they
         fetch on the regular workers whatever the prefetch has not claimed yet."""
+        with self._lock:
+            self._prefetches_running += 1
         self._prefetch_pool.submit(self._prefetch, list(span_numbers))
+
+    def idle_seconds(self) -> float:
+        """Seconds since a read last missed; -inf while a prefetch list is still running."""
+        with self._lock:
+            if self._prefetches_running:
+                return -math.inf
+            return time.monotonic() - self._last_demand_miss
+
+    def is_cached(self, span_no: int) -> bool:
+        return self.cache.contains(self.layer_digest, span_no)
+
+    def fetch_in_background(self, span_no: int) -> int:
+        """Fetch one span on the caller's thread unless it is cached or in flight already;
+        the compressed bytes fetched (0 if nothing was needed). Errors are counted, not raised:
+        the span stays missing and a later read fetches it on demand."""
+        future, is_new = self._claim(span_no)
+        if future is None or not is_new:
+            return 0
+        self._fetch_group([span_no])
+        begin, end = fetch_range(self.index, span_no)
+        if future.exception() is not None:
+            return 0
+        with self._lock:
+            self._counters.background_spans += 1
+            self._counters.background_bytes += end - begin
+        return end - begin
 
     # -- internals -----------------------------------------------------------------------------
 
     def _prefetch(self, span_numbers: list[int]) -> None:
-        for first in range(0, len(span_numbers), PREFETCH_WINDOW):
-            if self._closed:
-                return
-            claimed = []
-            for span_no in span_numbers[first : first + PREFETCH_WINDOW]:
-                future, is_new = self._claim(span_no)
-                if future is not None and is_new:
-                    claimed.append(span_no)
-            for group in self._coalesce(claimed):
-                self._fetch_group(group)
+        try:
+            for first in range(0, len(span_numbers), PREFETCH_WINDOW):
+                if self._closed:
+                    return
+                claimed = []
+                for span_no in span_numbers[first : first + PREFETCH_WINDOW]:
+                    future, is_new = self._claim(span_no)
+                    if future is not None and is_new:
+                        claimed.append(span_no)
+                for group in self._coalesce(claimed):
+                    self._fetch_group(group)
+                with self._lock:
+                    self._counters.prefetch_spans += len(claimed)
+        finally:
+            with self._lock:
+                self._prefetches_running -= 1
 
     def _slice(self, span_no: int, start: int, end: int) -> tuple[int, int]:
         span = self.index.spans[span_no]

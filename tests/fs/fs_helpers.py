@@ -285,6 +285,8 @@ class BlobServer:
         self.blob = blob
         self.requests: list[tuple[int, int]] = []
         self.delay = 0.0
+        # A request whose range starts at one of these offsets waits until the event is set.
+        self.gates: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -311,8 +313,11 @@ class BlobServer:
                 with owner._lock:
                     owner.requests.append((first, last))
                     delay = owner.delay
+                    gate = owner.gates.get(first)
                 if delay:
                     threading.Event().wait(delay)
+                if gate is not None:
+                    gate.wait(30)
                 body = owner.blob[first : last + 1]
                 self.send_response(206)
                 self.send_header("Content-Length", str(len(body)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import signal
 import stat
@@ -11,12 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.manager import LayerSpec, LazyLayers
@@ -418,3 +420,89 @@ def test_status_lists_each_mount_with_its_counters(
     os.kill(status.pid, signal.SIGKILL)
     manager._children[str(mnt)].wait(timeout=10)
     assert not mount_statuses(str(tmp_path))[0].live
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_profile_names_in_the_layer_spec_are_prefetched(layer: Layer, tmp_path: Path) -> None:
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    spec = dataclasses.replace(layer.spec(), prefetch_names=("usr/bin/tool", "not/in/layer"))
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    lazy.mount_layer(str(mnt), spec)
+    try:
+        cache = SpanCache(tmp_path / "cache", 1 << 30)
+        tool = [e for e in layer.index.entries if e.name == "usr/bin/tool"][-1]
+        wanted = list(spans_for_range(layer.index, tool.offset, tool.offset + tool.size))
+        assert _wait_for(lambda: all(cache.contains(layer.index.layer_digest, n) for n in wanted))
+        requests = layer.server.request_count()
+        assert (mnt / "usr/bin/tool").read_bytes() == layer.data("usr/bin/tool")
+        assert layer.server.request_count() == requests
+    finally:
+        lazy.unmount(str(mnt))
+
+
+def test_a_quiet_mount_converges_to_fully_local(layer: Layer, tmp_path: Path) -> None:
+    lazy = LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        fetch_timeout=FETCH_TIMEOUT,
+        background=BackgroundSettings(quiet_seconds=0.2, rate_bytes=64 << 20),
+    )
+    mnt = _mount(lazy, layer, tmp_path / "fs")
+    try:
+        assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
+        state = read_state(str(mnt))
+        assert state is not None
+        assert state["counters"]["background_spans"] == len(layer.index.spans)
+        layer.server.stop()  # the registry goes away: every file is still there
+        for rel, want in expected_view(layer.tar, tmp_path).items():
+            if want.data is not None:
+                assert (mnt / rel).read_bytes() == want.data, rel
+    finally:
+        lazy.unmount(str(mnt))
+
+
+def test_background_fetch_can_be_switched_off(layer: Layer, tmp_path: Path) -> None:
+    lazy = LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        fetch_timeout=FETCH_TIMEOUT,
+        background=BackgroundSettings(enabled=False, quiet_seconds=0),
+    )
+    mnt = _mount(lazy, layer, tmp_path / "fs")
+    try:
+        assert (read_state(str(mnt)) or {}).get("background") == "off"
+        time.sleep(0.5)
+        assert layer.server.request_count() == 0
+    finally:
+        lazy.unmount(str(mnt))
+
+
+def test_the_access_log_lists_each_file_once_in_first_read_order(
+    layer: Layer, manager: LazyLayers, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    log_path = tmp_path / "access.log"
+    manager.mount_layer(str(mnt), layer.spec(), access_log=str(log_path))
+    for rel in ("usr/lib/big.bin", "etc/hosts", "usr/lib/big.bin", "usr/bin/tool-link"):
+        (mnt / rel).read_bytes()
+    os.stat(mnt / "usr/lib/exact.bin")  # metadata only: no data read, not a profile entry
+    manager.unmount(str(mnt))
+    lines = [line.split(" ", 1) for line in log_path.read_text().splitlines()]
+    # a hardlink reads the data of the file it shares an inode with
+    assert [json.loads(name) for _, name in lines] == [
+        "usr/lib/big.bin",
+        "etc/hosts",
+        "usr/bin/tool",
+    ]
+    stamps = [int(ns) for ns, _ in lines]
+    assert stamps == sorted(stamps)

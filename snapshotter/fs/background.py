@@ -1,0 +1,106 @@
+"""Background fetch: after a quiet period, fetch the rest of a layer at a bounded rate, so a node
+converges to having every lazily mounted layer fully local.
+
+One low-priority thread per mount. It only works while the layer is quiet (no read has had to
+go to the network for `quiet_seconds`, and no startup-profile prefetch is running), fetches one
+span per request in layer order on its own thread (on-demand reads keep the reader's workers
+and never queue behind it), paces itself to `rate_bytes` compressed bytes per second, and stops
+for good when every span is cached or when the next span would push the shared cache past
+`CACHE_HIGH_WATER` of its bound: filling a bounded cache would only evict spans someone needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from snapshotter.fs.reader import LayerReader
+
+log = logging.getLogger("lazysnap.fs")
+
+CACHE_HIGH_WATER = 0.9  # of the cache bound; above it background fetch stops
+DEFAULT_QUIET_S = 5.0
+DEFAULT_RATE_BYTES = 32 << 20
+_ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
+
+
+class BackgroundState(StrEnum):
+    WAITING = "waiting"  # for the layer to be quiet
+    FETCHING = "fetching"
+    COMPLETE = "complete"  # every span cached
+    CACHE_FULL = "cache-full"  # stopped at the cache's high-water mark
+    STOPPED = "stopped"  # mount going away
+
+
+@dataclass(frozen=True)
+class BackgroundSettings:
+    enabled: bool = True
+    quiet_seconds: float = DEFAULT_QUIET_S
+    rate_bytes: int = DEFAULT_RATE_BYTES  # compressed bytes per second
+
+    def __post_init__(self) -> None:
+        if self.quiet_seconds < 0:
+            raise ValueError(f"background quiet_seconds must be >= 0, not {self.quiet_seconds}")
+        if self.rate_bytes <= 0:
+            raise ValueError(f"background rate_bytes must be > 0, not {self.rate_bytes}")
+
+
+class BackgroundFetcher(threading.Thread):
+    def __init__(self, reader: LayerReader, settings: BackgroundSettings) -> None:
+        super().__init__(name="background-fetch", daemon=True)
+        self.reader = reader
+        self.settings = settings
+        self.state = BackgroundState.WAITING
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        try:
+            self.state = self._work()
+        except Exception:  # never take the mount down: on-demand reads still work
+            log.exception("background fetch of %s failed", self.reader.layer_digest)
+            self.state = BackgroundState.STOPPED
+        log.info("background fetch of %s: %s", self.reader.layer_digest, self.state)
+
+    def _work(self) -> BackgroundState:
+        spans = self.reader.index.spans
+        cache = self.reader.cache
+        next_span = 0
+        while next_span < len(spans):
+            if not self._wait_until_quiet():
+                return BackgroundState.STOPPED
+            if self.reader.is_cached(next_span):
+                next_span += 1
+                continue
+            room = cache.max_bytes * CACHE_HIGH_WATER - cache.approximate_usage().bytes
+            if spans[next_span].uncompressed_size > room:
+                return BackgroundState.CACHE_FULL
+            self.state = BackgroundState.FETCHING
+            started = time.monotonic()
+            errors_before = self.reader.counters().fetch_errors
+            fetched = self.reader.fetch_in_background(next_span)
+            if self.reader.counters().fetch_errors > errors_before:
+                if self._stop_event.wait(_ERROR_BACKOFF_S):
+                    return BackgroundState.STOPPED
+                continue  # retry the same span (a read may have fetched it meanwhile)
+            next_span += 1
+            # Pace: fetched bytes at `rate` would have taken this long.
+            pause = fetched / self.settings.rate_bytes - (time.monotonic() - started)
+            if pause > 0 and self._stop_event.wait(pause):
+                return BackgroundState.STOPPED
+        return BackgroundState.COMPLETE
+
+    def _wait_until_quiet(self) -> bool:
+        """True once the layer has been quiet for quiet_seconds; False if stopped first."""
+        while not self._stop_event.is_set():
+            remaining = self.settings.quiet_seconds - self.reader.idle_seconds()
+            if remaining <= 0:
+                return True
+            self.state = BackgroundState.WAITING
+            self._stop_event.wait(min(remaining, 0.5))
+        return False

@@ -1,0 +1,169 @@
+"""Background fetch against a real HTTP server answering Range requests (no FUSE): the layer
+converges to fully cached, on-demand reads never wait for it, and it stops at the cache bound."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.fs.background import (
+    CACHE_HIGH_WATER,
+    BackgroundFetcher,
+    BackgroundSettings,
+    BackgroundState,
+)
+from snapshotter.fs.blob_source import UrlBlobSource
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.reader import LayerReader
+from snapshotter.index.model import EntryType, LayerIndex, TocEntry
+from snapshotter.index.spans import fetch_range
+from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
+
+TIMEOUT = 3.0
+FAST = BackgroundSettings(quiet_seconds=0.0, rate_bytes=1 << 30)
+
+
+@pytest.fixture(params=["tar", "gzip", "zstd"])
+def layer(request: pytest.FixtureRequest) -> Iterator[tuple[bytes, LayerIndex, BlobServer]]:
+    tar = make_tar(rich_members())
+    blob = compress(tar, request.param)
+    server = BlobServer(blob)
+    yield tar, built_index(blob, request.param), server
+    server.stop()
+
+
+def _reader(index: LayerIndex, server: BlobServer, cache: SpanCache) -> LayerReader:
+    blob = UrlBlobSource(server.url, timeout=TIMEOUT, digest=index.layer_digest)
+    return LayerReader(index, blob, cache, fetch_timeout=TIMEOUT)
+
+
+def _files(index: LayerIndex) -> list[TocEntry]:
+    return [e for e in index.entries if e.type is EntryType.REG and e.size]
+
+
+def _state(fetcher: BackgroundFetcher) -> BackgroundState:
+    return fetcher.state  # read through a call: the thread changes it behind mypy's back
+
+
+def _run(fetcher: BackgroundFetcher) -> None:
+    fetcher.start()
+    fetcher.join(30)
+    assert not fetcher.is_alive()
+
+
+def test_a_quiet_layer_converges_to_fully_cached(
+    layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
+) -> None:
+    tar, index, server = layer
+    reader = _reader(index, server, SpanCache(tmp_path / "cache", 1 << 30))
+    fetcher = BackgroundFetcher(reader, FAST)
+    _run(fetcher)
+    assert fetcher.state is BackgroundState.COMPLETE
+    assert all(reader.is_cached(n) for n in range(len(index.spans)))
+    counters = reader.counters()
+    assert counters.background_spans == len(index.spans) == server.request_count()
+    assert counters.background_bytes == sum(
+        end - begin for begin, end in (fetch_range(index, n) for n in range(len(index.spans)))
+    )
+    server.stop()  # everything is local now
+    for entry in _files(index):
+        assert reader.read(entry, 0, entry.size) == tar[entry.offset : entry.offset + entry.size]
+    assert reader.counters().fetch_errors == 0
+    reader.close()
+
+
+def test_spans_already_cached_are_not_fetched_again(
+    layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
+) -> None:
+    _, index, server = layer
+    cache = SpanCache(tmp_path / "cache", 1 << 30)
+    first = _reader(index, server, cache)
+    big = next(e for e in _files(index) if e.name == "usr/lib/big.bin")
+    first.read(big, 0, big.size)
+    already = server.request_count()
+    cached = sum(first.is_cached(n) for n in range(len(index.spans)))
+    second = _reader(index, server, cache)  # another mount of the same blob
+    fetcher = BackgroundFetcher(second, FAST)
+    _run(fetcher)
+    assert fetcher.state is BackgroundState.COMPLETE
+    assert second.counters().background_spans == len(index.spans) - cached
+    assert server.request_count() == already + len(index.spans) - cached
+
+
+def test_an_on_demand_read_does_not_wait_for_the_background_fetch(
+    layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
+) -> None:
+    tar, index, server = layer
+    reader = _reader(index, server, SpanCache(tmp_path / "cache", 1 << 30))
+    held = threading.Event()
+    server.gates[fetch_range(index, 0)[0]] = held  # the background's first request hangs
+    fetcher = BackgroundFetcher(reader, FAST)
+    fetcher.start()
+    try:
+        last = len(index.spans) - 1
+        entry = next(
+            e
+            for e in reversed(_files(index))
+            if e.offset <= index.spans[last].uncompressed_start < e.offset + e.size
+        )
+        offset = index.spans[last].uncompressed_start - entry.offset
+        # Answered while the background request is still held: it took another path.
+        assert reader.read(entry, offset, 100) == tar[entry.offset + offset :][:100]
+        assert not held.is_set()
+        assert fetcher.state is BackgroundState.FETCHING
+        assert reader.counters().background_spans == 0
+        assert reader.counters().demand_misses == 1
+    finally:
+        held.set()
+    fetcher.join(30)
+    assert _state(fetcher) is BackgroundState.COMPLETE
+    # The span the read fetched was not fetched twice.
+    assert reader.counters().background_spans == len(index.spans) - 1
+
+
+def test_background_fetch_waits_while_reads_miss(
+    layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
+) -> None:
+    _, index, server = layer
+    reader = _reader(index, server, SpanCache(tmp_path / "cache", 1 << 30))
+    fetcher = BackgroundFetcher(reader, BackgroundSettings(quiet_seconds=600, rate_bytes=1 << 30))
+    fetcher.start()
+    try:
+        entry = _files(index)[0]
+        reader.read(entry, 0, entry.size)
+        assert fetcher.state is BackgroundState.WAITING
+        assert reader.counters().background_spans == 0
+        assert server.request_count() == 1  # only the read's own request
+    finally:
+        fetcher.stop()
+        fetcher.join(5)
+    assert _state(fetcher) is BackgroundState.STOPPED
+
+
+def test_background_fetch_stops_at_the_cache_bound_without_evicting(
+    layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
+) -> None:
+    _, index, server = layer
+    largest = max(span.uncompressed_size for span in index.spans)
+    bound = 4 * largest  # room for about three spans below the high-water mark
+    assert len(index.spans) > 4
+    cache = SpanCache(tmp_path / "cache", bound)
+    reader = _reader(index, server, cache)
+    fetcher = BackgroundFetcher(reader, FAST)
+    _run(fetcher)
+    assert fetcher.state is BackgroundState.CACHE_FULL
+    fetched = reader.counters().background_spans
+    assert 1 <= fetched < len(index.spans)
+    assert cache.usage().bytes <= bound * CACHE_HIGH_WATER
+    # Nothing the background stored was evicted to make room for more of it.
+    assert cache.usage().spans == fetched == sum(reader.is_cached(n) for n in range(fetched))
+
+
+def test_bad_settings_are_refused_with_the_key_named() -> None:
+    with pytest.raises(ValueError, match="rate_bytes"):
+        BackgroundSettings(rate_bytes=0)
+    with pytest.raises(ValueError, match="quiet_seconds"):
+        BackgroundSettings(quiet_seconds=-1)

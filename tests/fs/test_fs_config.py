@@ -1,0 +1,51 @@
+"""The [fetch] keys of config.toml reach the lazy layers, and bad values name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapshotter.config import ConfigError, load_config
+from snapshotter.fs.manager import from_config
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
+    config = load_config(
+        _write(
+            tmp_path,
+            "[fetch]\nprefetch = false\nbackground = false\n"
+            "background_quiet_seconds = 1.5\nbackground_rate_bytes = 1048576\n",
+        )
+    )
+    layers = from_config(config)
+    assert layers.prefetch is False
+    assert layers.background.enabled is False
+    assert layers.background.quiet_seconds == 1.5
+    assert layers.background.rate_bytes == 1 << 20
+
+
+def test_defaults_fetch_in_the_background() -> None:
+    layers = from_config(load_config(None))
+    assert layers.prefetch and layers.background.enabled
+    assert layers.background.quiet_seconds > 0 and layers.background.rate_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[fetch]\nbackground_rate_bytes = 0\n", "fetch.background_rate_bytes"),
+        ("[fetch]\nbackground_quiet_seconds = -1\n", "fetch.background_quiet_seconds"),
+        ("[fetch]\nbackground = 'yes'\n", "fetch.background"),
+        ("[fetch]\nbackgrund = true\n", "fetch.backgrund"),
+    ],
+)
+def test_bad_fetch_values_name_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(_write(tmp_path, text))
