@@ -90,7 +90,16 @@ def _add_accel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 # -- status ------------------------------------------------------------------------------------
-# Owner: fs/service. Add `_add_status(sub)`; register it in SUBCOMMANDS below.
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from snapshotter import status
+
+    parser = sub.add_parser(
+        "status", help="show lazily mounted layers, the span cache and the daemon, from disk"
+    )
+    status.add_arguments(parser)
+
 
 # -- mount-layer -------------------------------------------------------------------------------
 # Owner: fs. Add `_add_mount_layer(sub)` (imports snapshotter.fs lazily); register it below.
@@ -101,6 +110,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_index,
     _add_pull,
     _add_accel,
+    _add_status,
 )
 
 

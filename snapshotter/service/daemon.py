@@ -22,16 +22,21 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from snapshotter.config import Config
 from snapshotter.core.errors import SnapshotError
 from snapshotter.core.layers import RemoteLayers
+
+if TYPE_CHECKING:
+    from snapshotter.metrics import DaemonMetrics
 
 log = logging.getLogger("lazysnap.daemon")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_LOCKED = 2
+EXIT_CONFIG = 2
 GRACE_SECONDS = 10.0  # in-flight RPCs get this long after SIGTERM
 RPC_WORKERS = 16  # containerd unpacks layers of several images at once
 
@@ -129,6 +134,29 @@ def load_remote_layers(config: Config) -> RemoteLayers | None:
         return None
 
 
+def _daemon_metrics(config: Config, root: str) -> DaemonMetrics | None:
+    """The metrics registry when [metrics] address is set; prometheus-client is imported only
+    then, so serve without metrics starts as fast as before."""
+    if not config.metrics.address:
+        return None
+    from snapshotter.metrics import DaemonMetrics, MetricsError, parse_address
+
+    try:
+        parse_address(config.metrics.address)
+    except MetricsError as err:
+        raise DaemonError(str(err), EXIT_CONFIG) from None
+    return DaemonMetrics(root, config.cache_dir, config.cache.max_size_bytes)
+
+
+def _serve_metrics(metrics: DaemonMetrics, address: str) -> None:
+    from snapshotter.metrics import MetricsError
+
+    try:
+        metrics.serve(address)
+    except MetricsError as err:
+        raise DaemonError(str(err)) from None
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -148,6 +176,7 @@ class Daemon:
         config = self.config
         root = os.path.abspath(config.root)
         address = os.path.abspath(config.address)
+        metrics = _daemon_metrics(config, root)  # a bad metrics.address stops us before any I/O
         try:
             os.makedirs(root, mode=0o700, exist_ok=True)
         except OSError as err:
@@ -162,10 +191,16 @@ class Daemon:
                 raise DaemonError(f"cannot create socket directory: {err}") from None
             _remove_stale_socket(address)
             try:
-                core = Snapshotter(root, remote=load_remote_layers(config))
+                remote = load_remote_layers(config)
+                if metrics is None:
+                    core = Snapshotter(root, remote=remote)
+                else:  # the same core, with each Prepare's outcome counted
+                    core = metrics.snapshotter(root, remote)
             except (SnapshotError, OSError) as err:
                 raise DaemonError(f"cannot open snapshot store in {root}: {err}") from None
             try:
+                if metrics is not None:
+                    _serve_metrics(metrics, config.metrics.address)
                 core.restore_remote_snapshots()
                 server = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_WORKERS))
                 add_to_server(core, server)
@@ -188,6 +223,8 @@ class Daemon:
                 server.stop(GRACE_SECONDS).wait()
                 log.info("stopped")
             finally:
+                if metrics is not None:
+                    metrics.stop()
                 core.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address)

@@ -1,0 +1,330 @@
+"""Prometheus metrics of `lazysnap serve`, on `[metrics] address` (prometheus-client).
+
+Imported only when metrics are enabled, so a daemon without them never loads prometheus-client.
+Two sources, neither of which makes the core know about metrics:
+- Prepare outcomes (lazy / fallback by reason class / ordinary) are counted as they happen by
+  MeteredSnapshotter, which observes the core's prepare from outside, and a thin wrapper around
+  the injected RemoteLayers that notes, for the Prepare running on the same thread, whether the
+  mount worked and why not.
+- Lazy layers' figures (bytes and spans fetched, cache hits, read errors, per layer digest) and
+  the cache's size are read at scrape time by LazyLayerCollector from the mount processes' state
+  files and the cache directory: mount processes are separate processes that outlive serve, and
+  their state files are the record they keep for everyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from snapshotter.core.errors import AlreadyExists
+from snapshotter.core.layers import RemoteLayers, RemoteLayerUnavailable
+from snapshotter.core.mounts import OverlayFeatures
+from snapshotter.core.snapshotter import TARGET_SNAPSHOT_LABEL, MountList, Snapshotter
+
+log = logging.getLogger("lazysnap.metrics")
+
+LAZY = "lazy"
+FALLBACK = "fallback"
+ORDINARY = "ordinary"
+
+# Per-layer counters in the mount processes' state files -> metric name and help.
+_LAYER_COUNTERS = (
+    ("bytes_fetched", "lazysnap_layer_fetched_bytes", "Compressed bytes fetched from the registry"),
+    ("spans_fetched", "lazysnap_layer_fetched_spans", "Spans fetched, inflated and verified"),
+    ("range_requests", "lazysnap_layer_range_requests", "Range requests sent to the registry"),
+    ("cache_hits", "lazysnap_layer_cache_hits", "Span reads served from the span cache"),
+    ("fetch_errors", "lazysnap_layer_read_errors", "Spans whose fetch or verification failed"),
+)
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot be served; the message names the address."""
+
+
+# -- why a layer fell back ----------------------------------------------------------------------
+
+# Reasons raised without an exception of their own, by their wording: first the manager's
+# (snapshotter/fs/manager.py; their messages may quote a mount process log, so they go first),
+# then discovery's (snapshotter/source/discover.py).
+_REASON_PREFIXES = (
+    ("lazy layers: no resolver configured", "disabled"),
+    ("resolving layer for", "resolver"),
+    ("mounting lazy layer", "mount"),
+    ("starting mount process", "mount"),
+    ("mountpoint ", "mount"),
+    ("writing ", "mount"),
+)
+_REASON_PHRASES = (
+    ("under min_layer_size", "small_layer"),
+    ("no lazysnap index", "no_index"),
+    ("is not in manifest", "not_in_manifest"),
+    ("is an index, not a manifest", "not_in_manifest"),
+    ("says layer", "bad_index"),
+    ("index blob", "bad_index"),
+)
+
+
+def fallback_reason(exc: BaseException) -> str:
+    """A short, stable class for why a layer was not mounted lazily (a metric label value)."""
+    if not isinstance(exc, RemoteLayerUnavailable):
+        return "internal_error"  # a bug in the lazy path; the core falls back anyway
+    from snapshotter.index.errors import IndexFormatError
+    from snapshotter.remote.errors import AuthenticationError, CredentialsError, RegistryError
+    from snapshotter.source.labels import LabelError
+
+    for cause in _chain(exc):
+        if isinstance(cause, LabelError):
+            return "labels"
+        if isinstance(cause, AuthenticationError | CredentialsError):
+            return "auth"
+        if isinstance(cause, RegistryError):
+            return "registry"
+        if isinstance(cause, IndexFormatError):
+            return "bad_index"
+    message = str(exc)
+    for prefix, reason in _REASON_PREFIXES:
+        if message.startswith(prefix):
+            return reason
+    for phrase, reason in _REASON_PHRASES:
+        if phrase in message:
+            return reason
+    return "other"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """exc, then its causes and contexts (a `raise ... from None` still keeps the context)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+# -- Prepare outcomes -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountAttempt:
+    mounted: bool
+    reason: str = ""  # fallback_reason() when not mounted
+
+
+class MountWatch:
+    """Notes the outcome of remote mounts made on a thread while it runs a Prepare."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def begin(self) -> None:
+        self._local.watching = True
+        self._local.attempt = None
+
+    def note(self, attempt: MountAttempt) -> None:
+        if getattr(self._local, "watching", False):
+            self._local.attempt = attempt
+
+    def end(self) -> MountAttempt | None:
+        self._local.watching = False
+        attempt: MountAttempt | None = getattr(self._local, "attempt", None)
+        self._local.attempt = None
+        return attempt
+
+
+class WatchedRemoteLayers:
+    """A RemoteLayers that tells the watch whether each mount worked; otherwise transparent."""
+
+    def __init__(self, inner: RemoteLayers, watch: MountWatch) -> None:
+        self.inner = inner
+        self.watch = watch
+
+    def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        try:
+            self.inner.mount(mountpoint, labels)
+        except BaseException as exc:
+            self.watch.note(MountAttempt(mounted=False, reason=fallback_reason(exc)))
+            raise
+        self.watch.note(MountAttempt(mounted=True))
+
+    def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        self.inner.check(mountpoint, labels)
+
+    def unmount(self, mountpoint: str) -> None:
+        self.inner.unmount(mountpoint)
+
+
+class PrepareCounter:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counter = Counter(
+            "lazysnap_prepares",
+            "Prepare calls that succeeded, by outcome: lazy (layer mounted lazily), fallback "
+            "(lazy was asked for but the layer is pulled whole; reason says why) or ordinary "
+            "(no lazy layer asked for)",
+            ("outcome", "reason"),
+            registry=registry,
+        )
+
+    def count(self, outcome: str, reason: str = "") -> None:
+        self.counter.labels(outcome=outcome, reason=reason).inc()
+
+
+class MeteredSnapshotter(Snapshotter):
+    """The core, with each Prepare's outcome counted. Everything else is the core's own."""
+
+    def __init__(
+        self,
+        root: str,
+        prepares: PrepareCounter,
+        remote: RemoteLayers | None = None,
+        features: OverlayFeatures | None = None,
+    ) -> None:
+        self._prepares = prepares
+        self._watch = MountWatch()
+        watched = WatchedRemoteLayers(remote, self._watch) if remote is not None else None
+        super().__init__(root, remote=watched, features=features)
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> MountList:
+        wants_lazy = self.remote is not None and bool((labels or {}).get(TARGET_SNAPSHOT_LABEL))
+        self._watch.begin()
+        try:
+            mounts = super().prepare(key, parent, labels)
+        except AlreadyExists:
+            # AlreadyExists after a mount that worked is the lazy answer; without one, the
+            # target was simply there already (not a Prepare outcome worth counting).
+            attempt = self._watch.end()
+            if attempt is not None and attempt.mounted:
+                self._prepares.count(LAZY)
+            raise
+        except BaseException:
+            self._watch.end()
+            raise
+        attempt = self._watch.end()
+        if not wants_lazy:
+            self._prepares.count(ORDINARY)
+        else:
+            self._prepares.count(FALLBACK, attempt.reason if attempt else "other")
+        return mounts
+
+
+# -- figures read at scrape time ---------------------------------------------------------------
+
+
+class LazyLayerCollector(Collector):
+    """Per-layer figures from the mount processes' state files, and the cache's size."""
+
+    def __init__(self, root: str, cache_dir: str, cache_max_bytes: int) -> None:
+        self.root = root
+        self.cache_dir = cache_dir
+        self.cache_max_bytes = cache_max_bytes
+
+    def collect(self) -> Iterator[Any]:
+        from snapshotter.status import LIVE, cache_status, lazy_mounts
+
+        mounts = lazy_mounts(self.root)
+        live = sum(1 for m in mounts if m.state == LIVE)
+        yield GaugeMetricFamily(
+            "lazysnap_lazy_layers_mounted", "Lazy layers mounted and served now", value=live
+        )
+        yield GaugeMetricFamily(
+            "lazysnap_lazy_layers_broken",
+            "Lazy layers with a state file whose mount or mount process is gone",
+            value=len(mounts) - live,
+        )
+        by_background: dict[str, int] = {}
+        for mount in mounts:
+            if mount.state == LIVE and mount.background:
+                by_background[mount.background] = by_background.get(mount.background, 0) + 1
+        background = GaugeMetricFamily(
+            "lazysnap_lazy_layers_background",
+            "Mounted lazy layers by the state of their background fetch of the whole layer",
+            labels=("state",),
+        )
+        for state, count in sorted(by_background.items()):
+            background.add_metric((state,), count)
+        yield background
+        # One layer can be mounted more than once (same blob under two chains): sum per digest.
+        totals: dict[str, dict[str, int]] = {}
+        for mount in mounts:
+            per_layer = totals.setdefault(mount.layer_digest or "unknown", {})
+            for key, value in mount.counters.items():
+                per_layer[key] = per_layer.get(key, 0) + value
+        for key, name, help_text in _LAYER_COUNTERS:
+            family = CounterMetricFamily(name, help_text + ", per layer", labels=("layer",))
+            for digest, counters in sorted(totals.items()):
+                family.add_metric((digest,), counters.get(key, 0))
+            yield family
+        cache = cache_status(self.cache_dir, self.cache_max_bytes)
+        yield GaugeMetricFamily("lazysnap_cache_bytes", "Bytes in the span cache", cache.bytes)
+        yield GaugeMetricFamily("lazysnap_cache_spans", "Spans in the span cache", cache.spans)
+        yield GaugeMetricFamily(
+            "lazysnap_cache_max_bytes", "Configured span cache limit", cache.max_bytes
+        )
+
+
+# -- the endpoint ----------------------------------------------------------------------------
+
+
+class DaemonMetrics:
+    """The daemon's registry: Prepare outcomes, lazy layers and cache, process figures.
+
+    Build the core with snapshotter() so its Prepares are counted, then serve() the endpoint."""
+
+    def __init__(self, root: str, cache_dir: str, cache_max_bytes: int) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(LazyLayerCollector(root, cache_dir, cache_max_bytes))
+        self.prepares = PrepareCounter(self.registry)
+        self.port = 0  # the bound port once serving (the configured one may be 0: any free)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def snapshotter(self, root: str, remote: RemoteLayers | None) -> MeteredSnapshotter:
+        return MeteredSnapshotter(root, self.prepares, remote=remote)
+
+    def serve(self, address: str) -> None:
+        """Serve /metrics on address ("host:port") from a background thread."""
+        host, port = parse_address(address)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise MetricsError(
+                f"cannot serve metrics on {address} (metrics.address): {err.strerror or err}"
+            ) from None
+        self.port = int(self._server.server_address[1])
+        shown = f"[{host}]" if ":" in host else host
+        log.info("serving metrics on http://%s:%d/metrics", shown, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port); MetricsError naming the value otherwise."""
+    host, sep, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise MetricsError(f"metrics.address {address!r}: expected host:port, e.g. 127.0.0.1:9199")
+    return host, int(port_text)

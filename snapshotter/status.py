@@ -1,0 +1,461 @@
+"""`lazysnap status`: what a lazysnap root holds right now, read from disk (no RPC).
+
+It works while `serve` is down because everything it shows is on disk beside the daemon:
+    ROOT/lock                            the daemon's pid; the kernel's flock table says if it
+                                         is still held (so: alive)
+    ROOT/metadata.db                     which snapshots are lazy (label
+                                         containerd.io/snapshot/remote), read-only
+    ROOT/snapshots/<id>/fs.lazysnap.json state file of the mount process serving <id>/fs
+    ROOT/snapshots/<id>/fs.lazysnap-spec.json -> the index (layer size, span count)
+    the cache directory                  spans/<algorithm>/<hex>/<span number>
+
+Imports only the standard library and the config at module level: `lazysnap` builds every
+subcommand's parser on each start, and `serve` must not load FUSE or index code for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshotter.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+STATE_SUFFIX = ".lazysnap.json"
+SPEC_SUFFIX = ".lazysnap-spec.json"
+REMOTE_LABEL = "containerd.io/snapshot/remote"  # as snapshotter.core.snapshotter sets it
+# Where pullers put the compressed layer digest (CRI, ctr-remote), as the core reads them.
+LAYER_DIGEST_LABELS = (
+    "containerd.io/snapshot/cri.layer-digest",
+    "containerd.io/snapshot/remote/stargz.digest",
+)
+
+LIVE = "live"  # mounted, answering, its mount process alive
+DEAD = "dead"  # a mount or state file is there, but nothing serves it
+UNMOUNTED = "unmounted"  # a lazy snapshot whose layer is not mounted at all
+
+
+class StatusError(Exception):
+    """The root cannot be inspected; the message names the path."""
+
+
+@dataclass(frozen=True)
+class LazyMount:
+    """One mount process's state file, and whether its mount is usable."""
+
+    mountpoint: str
+    snapshot_id: int | None  # the <id> of ROOT/snapshots/<id>/fs
+    layer_digest: str
+    pid: int | None
+    problem: str | None  # None: live; else why not (from snapshotter.fs.manager.mount_problem)
+    updated_at: float | None  # when the process last wrote its counters
+    cache_dir: str
+    counters: dict[str, int] = field(default_factory=dict)
+    background: str = ""  # background fetch: off|waiting|fetching|complete|cache-full|stopped
+
+    @property
+    def state(self) -> str:
+        if self.problem is None:
+            return LIVE
+        return UNMOUNTED if self.problem == "not mounted" else DEAD
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    layer_digest: str
+    snapshot_id: int | None
+    snapshot_name: str  # the committed snapshot (containerd's chain ID key); "" if unknown
+    mountpoint: str
+    state: str  # LIVE | DEAD | UNMOUNTED
+    problem: str  # why it is not live; "" when live
+    pid: int | None
+    layer_size: int | None  # compressed bytes, from the index; None if the index is unreadable
+    bytes_fetched: int  # by the current mount process (counters restart with the process)
+    spans_total: int | None
+    spans_cached: int  # in the cache now (survives restarts, shrinks on eviction)
+    cache_hits: int
+    read_errors: int  # spans whose fetch or verification failed (each an EIO to a reader)
+    eio: int | None  # EIOs returned, when the mount process reports them separately
+    background: str  # the mount process's background fetch state; "" if it reports none
+    updated_at: float | None
+
+    @property
+    def fetched_percent(self) -> float | None:
+        if not self.layer_size:
+            return None
+        return 100.0 * self.bytes_fetched / self.layer_size
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    dir: str
+    bytes: int
+    spans: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    lock_path: str
+    pid: int | None  # from the lock file; None if it holds none
+    running: bool  # the lock is held, so a daemon serves this root
+
+
+@dataclass(frozen=True)
+class RootStatus:
+    root: str
+    daemon: DaemonStatus
+    cache: CacheStatus
+    layers: list[LayerStatus]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for layer, status in zip(data["layers"], self.layers, strict=True):
+            percent = status.fetched_percent
+            layer["fetched_percent"] = None if percent is None else round(percent, 2)
+        return data
+
+
+# -- reading the root ------------------------------------------------------------------------
+
+
+def lazy_mounts(root: str) -> list[LazyMount]:
+    """Every mount process state file under ROOT/snapshots, with its liveness.
+
+    Only ROOT/snapshots/*/ is looked at (where the core puts lazy layers): walking deeper would
+    read whole unpacked layers, and enter lazy mounts."""
+    from snapshotter.fs.manager import mount_problem  # FUSE-free, but loads the fs package
+
+    found = []
+    for state_path in sorted(Path(root, "snapshots").glob(f"*/*{STATE_SUFFIX}")):
+        state = _read_json(state_path)
+        if state is None:  # being replaced right now, or damaged: nothing to show
+            continue
+        mountpoint = str(state_path)[: -len(STATE_SUFFIX)]
+        counters = state.get("counters")
+        found.append(
+            LazyMount(
+                mountpoint=mountpoint,
+                snapshot_id=_snapshot_id(root, mountpoint),
+                layer_digest=_str(state.get("layer_digest")),
+                pid=_positive_int(state.get("pid")),
+                problem=mount_problem(mountpoint),
+                updated_at=_float(state.get("updated_at")),
+                cache_dir=_str(state.get("cache_dir")),
+                background=_str(state.get("background")),
+                counters={k: v for k, v in counters.items() if isinstance(v, int)}
+                if isinstance(counters, dict)
+                else {},
+            )
+        )
+    return found
+
+
+def cache_status(cache_dir: str, max_bytes: int) -> CacheStatus:
+    """Bytes and spans in the cache. A cache that does not exist yet is empty (and is not
+    created: status only reads)."""
+    if not os.path.isdir(cache_dir):
+        return CacheStatus(cache_dir, 0, 0, max_bytes)
+    from snapshotter.fs.status import cache_usage
+
+    usage = cache_usage(cache_dir, max_bytes)
+    return CacheStatus(cache_dir, usage.bytes, usage.spans, max_bytes)
+
+
+def daemon_status(root: str) -> DaemonStatus:
+    lock_path = os.path.join(root, "lock")
+    try:
+        text = Path(lock_path).read_text().strip()
+        st = os.stat(lock_path)
+    except OSError:
+        return DaemonStatus(lock_path, None, False)
+    pid = int(text) if text.isdigit() else None
+    # Asking flock() ourselves could make a daemon starting this very moment fail with "another
+    # daemon holds the lock"; the kernel's lock table answers without taking anything.
+    return DaemonStatus(lock_path, pid, _flock_held(st))
+
+
+def collect_status(config: Config) -> RootStatus:
+    """Everything `lazysnap status` shows for config.root; StatusError if it is not there."""
+    root = os.path.abspath(config.root)
+    if not os.path.isdir(root):
+        raise StatusError(f"lazysnap root {root} does not exist (or is not a directory)")
+    snapshots = _remote_snapshots(root)
+    mounts = {m.mountpoint: m for m in lazy_mounts(root)}
+    layers = []
+    for snapshot_id, (name, digest) in sorted(snapshots.items()):
+        mountpoint = os.path.join(root, "snapshots", str(snapshot_id), "fs")
+        mount = mounts.pop(mountpoint, None)
+        layers.append(_layer_status(config, mountpoint, snapshot_id, name, digest, mount))
+    for mountpoint, mount in sorted(mounts.items()):  # state files no lazy snapshot owns
+        layers.append(
+            _layer_status(config, mountpoint, mount.snapshot_id, "", mount.layer_digest, mount)
+        )
+    return RootStatus(
+        root=root,
+        daemon=daemon_status(root),
+        cache=cache_status(config.cache_dir, config.cache.max_size_bytes),
+        layers=layers,
+    )
+
+
+def _layer_status(
+    config: Config,
+    mountpoint: str,
+    snapshot_id: int | None,
+    name: str,
+    digest: str,
+    mount: LazyMount | None,
+) -> LayerStatus:
+    counters = mount.counters if mount else {}
+    digest = (mount.layer_digest if mount else "") or digest
+    layer_size, spans_total = _index_facts(mountpoint)
+    cache_dir = (mount.cache_dir if mount else "") or config.cache_dir
+    if mount is None:
+        state, problem = UNMOUNTED, "no mount process (no state file)"
+    else:
+        state, problem = mount.state, mount.problem or ""
+    return LayerStatus(
+        layer_digest=digest,
+        snapshot_id=snapshot_id,
+        snapshot_name=name,
+        mountpoint=mountpoint,
+        state=state,
+        problem=problem,
+        pid=mount.pid if mount else None,
+        layer_size=layer_size,
+        bytes_fetched=counters.get("bytes_fetched", 0),
+        spans_total=spans_total,
+        spans_cached=_spans_cached(cache_dir, digest),
+        cache_hits=counters.get("cache_hits", 0),
+        read_errors=counters.get("fetch_errors", 0),
+        eio=counters.get("eio"),
+        background=mount.background if mount else "",
+        updated_at=mount.updated_at if mount else None,
+    )
+
+
+def _remote_snapshots(root: str) -> dict[int, tuple[str, str]]:
+    """id -> (name, layer digest) of every lazy snapshot in ROOT/metadata.db, read-only."""
+    path = os.path.join(root, "metadata.db")
+    if not os.path.exists(path):
+        return {}
+    import sqlite3  # here, not at the top: other subcommands' start-up need not pay for it
+
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute("SELECT id, key, labels FROM snapshots").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        raise StatusError(f"cannot read snapshot metadata {path}: {err}") from None
+    found = {}
+    for snapshot_id, key, labels_text in rows:
+        try:
+            labels = json.loads(labels_text)
+        except ValueError:
+            continue
+        if not isinstance(labels, dict) or labels.get(REMOTE_LABEL) != "remote":
+            continue
+        digest = next((labels[k] for k in LAYER_DIGEST_LABELS if labels.get(k)), "")
+        found[int(snapshot_id)] = (str(key), str(digest))
+    return found
+
+
+def _index_facts(mountpoint: str) -> tuple[int | None, int | None]:
+    """(compressed layer size, span count) from the index the mount process was started with."""
+    spec = _read_json(Path(mountpoint + SPEC_SUFFIX))
+    index_path = spec.get("index_path") if spec else None
+    if not isinstance(index_path, str):
+        return None, None
+    from snapshotter.index.codec import decode_index
+    from snapshotter.index.errors import IndexFormatError
+
+    try:
+        index = decode_index(Path(index_path).read_bytes())
+    except (OSError, IndexFormatError):
+        return None, None
+    return index.compressed_size, len(index.spans)
+
+
+def _spans_cached(cache_dir: str, layer_digest: str) -> int:
+    algorithm, _, hex_digest = layer_digest.partition(":")
+    if not hex_digest or "/" in layer_digest:
+        return 0
+    try:  # the layout of snapshotter.fs.cache: spans/<algorithm>/<hex>/<span number>
+        with os.scandir(os.path.join(cache_dir, "spans", algorithm, hex_digest)) as entries:
+            return sum(1 for e in entries if e.name.isdigit())
+    except OSError:
+        return 0
+
+
+def _flock_held(st: os.stat_result) -> bool:
+    """True if /proc/locks lists a flock on the file (device major:minor:inode)."""
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; "->" marks a waiter, not a holder
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+            return True
+    return False
+
+
+def _snapshot_id(root: str, mountpoint: str) -> int | None:
+    parent = Path(mountpoint).parent
+    if parent.parent == Path(root, "snapshots") and parent.name.isdigit():
+        return int(parent.name)
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def render(status: RootStatus, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    daemon = status.daemon
+    if daemon.running:
+        daemon_line = f"running, pid {daemon.pid}" if daemon.pid else "running"
+    elif daemon.pid:
+        daemon_line = f"not running (last pid {daemon.pid})"
+    else:
+        daemon_line = "not running"
+    cache = status.cache
+    cache_share = f" ({100 * cache.bytes / cache.max_bytes:.0f}%)" if cache.max_bytes else ""
+    lines = [
+        f"root    {status.root}",
+        f"daemon  {daemon_line}",
+        f"cache   {_size(cache.bytes)} of {_size(cache.max_bytes)}{cache_share}, "
+        f"{cache.spans} spans, in {cache.dir}",
+        "",
+    ]
+    if not status.layers:
+        lines.append("no lazily mounted layers")
+        return "\n".join(lines) + "\n"
+    header = (
+        "LAYER",
+        "SNAPSHOT",
+        "STATE",
+        "PID",
+        "FETCHED",
+        "SPANS",
+        "HITS",
+        "ERRORS",
+        "BACKGROUND",
+        "UPDATED",
+    )
+    rows = [header]
+    for layer in status.layers:
+        rows.append(
+            (
+                _short(layer.layer_digest),
+                "-" if layer.snapshot_id is None else str(layer.snapshot_id),
+                layer.state,
+                "-" if layer.pid is None else str(layer.pid),
+                _fetched(layer),
+                f"{layer.spans_cached}/{'?' if layer.spans_total is None else layer.spans_total}",
+                str(layer.cache_hits),
+                str(layer.read_errors) + ("" if layer.eio is None else f" ({layer.eio} EIO)"),
+                layer.background or "-",
+                "-" if layer.updated_at is None else f"{max(0.0, now - layer.updated_at):.0f}s ago",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    lines.append("")
+    for layer in status.layers:
+        where = f"{_short(layer.layer_digest)}  {layer.mountpoint}"
+        lines.append(where + (f"  ({layer.problem})" if layer.problem else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _fetched(layer: LayerStatus) -> str:
+    if layer.layer_size is None:
+        return f"{_size(layer.bytes_fetched)} of ?"
+    percent = layer.fetched_percent or 0.0
+    return f"{_size(layer.bytes_fetched)} of {_size(layer.layer_size)} ({percent:.0f}%)"
+
+
+def _short(digest: str) -> str:
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"{algorithm}:{hex_digest[:12]}" if hex_digest else (digest or "?")
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Show lazily mounted layers (fetch progress, cache, mount processes) and whether the "
+        "daemon runs, read from the daemon's root on disk: works while `serve` is down."
+    )
+    parser.add_argument("--root", help="the daemon's state directory (overrides the config)")
+    parser.add_argument(
+        "--config",
+        help=f"the daemon's TOML config (default: {DEFAULT_CONFIG_PATH} if it exists, "
+        "else built-in defaults)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    try:
+        config = load_config(path, root=args.root)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        status = collect_status(config)
+    except StatusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status.to_json(), indent=1))
+    else:
+        sys.stdout.write(render(status))
+    return 0

@@ -1,0 +1,238 @@
+"""The Prometheus endpoint: Prepare outcomes counted in the daemon layer, fallbacks classed by
+reason, and the daemon serving it when (and only when) [metrics] address is set."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.core.errors import AlreadyExists
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.snapshotter import Snapshotter
+from snapshotter.fs.manager import LazyLayers
+from snapshotter.metrics import DaemonMetrics, fallback_reason
+from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from tests.unit.spine_helpers import NAMESPACE, DaemonProcess, serve_command, start_daemon
+
+LAYER = "sha256:" + "ab" * 32
+
+
+def labels(target: str, image: str = "127.0.0.1:5000/test/app:1") -> dict[str, str]:
+    return {
+        "containerd.io/snapshot.ref": target,
+        "containerd.io/snapshot/cri.layer-digest": LAYER,
+        "containerd.io/snapshot/cri.image-ref": image,
+    }
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def prepares(samples: Mapping[Any, float], outcome: str, reason: str = "") -> float:
+    return samples.get(("lazysnap_prepares_total", (("outcome", outcome), ("reason", reason))), 0.0)
+
+
+class ScriptedRemoteLayers:
+    """A RemoteLayers whose next mount fails with a given reason, or "mounts" (records it);
+    the core cannot tell the difference, which is what these tests need."""
+
+    def __init__(self) -> None:
+        self.fail_with: BaseException | None = None
+        self.mounted: set[str] = set()
+
+    def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.mounted.add(mountpoint)
+
+    def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        if mountpoint not in self.mounted:
+            raise RemoteLayerUnavailable("not mounted")
+
+    def unmount(self, mountpoint: str) -> None:
+        self.mounted.discard(mountpoint)
+
+
+@pytest.fixture
+def metered(workdir: Path) -> Iterator[tuple[Snapshotter, ScriptedRemoteLayers, DaemonMetrics]]:
+    root = workdir / "root"
+    metrics = DaemonMetrics(str(root), str(root / "cache"), 1 << 30)
+    remote = ScriptedRemoteLayers()
+    core = metrics.snapshotter(str(root), remote)
+    metrics.serve("127.0.0.1:0")
+    yield core, remote, metrics
+    metrics.stop()
+    core.close()
+
+
+def test_the_endpoint_counts_lazy_fallback_and_ordinary_prepares(
+    metered: tuple[Snapshotter, ScriptedRemoteLayers, DaemonMetrics],
+) -> None:
+    core, remote, metrics = metered
+    before = scrape(metrics.port)
+    assert prepares(before, "lazy") == prepares(before, "ordinary") == 0
+
+    with pytest.raises(AlreadyExists):
+        core.prepare("extract-1", "", labels("chain-1"))
+    remote.fail_with = RemoteLayerUnavailable(f"no lazysnap index for layer {LAYER} of x")
+    core.prepare("extract-2", "", labels("chain-2"))
+    remote.fail_with = KeyError("a bug in the lazy path")
+    core.prepare("extract-3", "", labels("chain-3"))
+    core.prepare("container", "chain-1")  # a container's rootfs: no lazy layer asked for
+    # chain-1 exists already: containerd is told so, but no layer was mounted or pulled.
+    with pytest.raises(AlreadyExists):
+        core.prepare("extract-4", "", labels("chain-1"))
+
+    after = scrape(metrics.port)
+    assert prepares(after, "lazy") == 1
+    assert prepares(after, "fallback", "no_index") == 1
+    assert prepares(after, "fallback", "internal_error") == 1
+    assert prepares(after, "ordinary") == 1
+    assert sum(v for (name, _), v in after.items() if name == "lazysnap_prepares_total") == 4
+    # Scrape-time figures are there even before any mount process ran.
+    assert after[("lazysnap_lazy_layers_mounted", ())] == 0
+    assert after[("lazysnap_cache_max_bytes", ())] == 1 << 30
+    assert after[("lazysnap_cache_bytes", ())] == 0
+
+
+def unreachable_registry() -> str:
+    with socket.socket() as sock:  # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+def reason_of_real_mount(layers: LazyLayers, mountpoint: Path, labels: Mapping[str, str]) -> str:
+    with pytest.raises(RemoteLayerUnavailable) as raised:
+        layers.mount(str(mountpoint), labels)
+    return fallback_reason(raised.value)
+
+
+def test_fallback_reasons_of_the_real_lazy_path_are_classed(workdir: Path) -> None:
+    """The messages and exception chains that discovery and the manager really raise."""
+    registry = unreachable_registry()
+    discovery = IndexDiscovery(
+        RegistryClient(
+            HostsConfig(None, plain_http=(registry,)), CredentialStore.from_docker_config(None)
+        ),
+        BlobSettings(plain_http=(registry,)),
+    )
+    layers = LazyLayers(str(workdir / "cache"), 1 << 20, resolve=discovery)
+    mountpoint = workdir / "fs"
+    mountpoint.mkdir()
+
+    no_image = {"containerd.io/snapshot.ref": "chain"}  # what ctr sends: no image, no layer
+    assert reason_of_real_mount(layers, mountpoint, no_image) == "labels"
+    down = labels("chain", image=f"{registry}/test/app:1")
+    assert reason_of_real_mount(layers, mountpoint, down) == "registry"
+    no_resolver = LazyLayers(str(workdir / "cache"), 1 << 20)
+    assert reason_of_real_mount(no_resolver, mountpoint, down) == "disabled"
+    assert fallback_reason(ValueError("not a RemoteLayerUnavailable")) == "internal_error"
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+def start_with_config(
+    workdir: Path, daemons: list[DaemonProcess], config_text: str
+) -> DaemonProcess:
+    config = workdir / "config.toml"
+    config.write_text(config_text)
+    daemon = start_daemon(
+        workdir / "root", workdir / "lazysnap.sock", workdir / "daemon.log", "--config", str(config)
+    )
+    daemons.append(daemon)
+    return daemon
+
+
+def metrics_port(daemon: DaemonProcess) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = re.search(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics", daemon.log)
+        if found:
+            return int(found.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"no metrics address in the log: {daemon.log}")
+
+
+def test_serve_exposes_metrics_when_an_address_is_configured(
+    workdir: Path, daemons: list[DaemonProcess]
+) -> None:
+    daemon = start_with_config(
+        workdir, daemons, '[remote]\nenable = false\n[metrics]\naddress = "127.0.0.1:0"\n'
+    )
+    port = metrics_port(daemon)
+    md = (("containerd-namespace", NAMESPACE),)
+    daemon.stub.Prepare(pb.PrepareSnapshotRequest(key="a"), metadata=md)
+    # Remote layers are off: a Prepare naming a target is an ordinary snapshot too.
+    daemon.stub.Prepare(pb.PrepareSnapshotRequest(key="b", labels=labels("c")), metadata=md)
+    samples = scrape(port)
+    assert prepares(samples, "ordinary") == 2
+    assert samples[("lazysnap_lazy_layers_mounted", ())] == 0
+    assert ("process_resident_memory_bytes", ()) in samples
+    assert daemon.stop() == 0
+    with pytest.raises(OSError):  # the endpoint goes with the daemon
+        scrape(port)
+
+
+def test_serve_without_a_metrics_address_serves_none(
+    workdir: Path, daemons: list[DaemonProcess]
+) -> None:
+    daemon = start_with_config(workdir, daemons, "[remote]\nenable = false\n")
+    assert "metrics" not in daemon.log
+    assert daemon.stop() == 0
+
+
+def test_a_bad_metrics_address_stops_serve_with_a_clear_error(workdir: Path) -> None:
+    config = workdir / "config.toml"
+    config.write_text('[metrics]\naddress = "localhost"\n')
+    result = subprocess.run(
+        [*serve_command(workdir / "root", workdir / "s.sock"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "metrics.address 'localhost'" in result.stderr and "host:port" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "root").exists()
+
+
+def test_a_taken_metrics_port_stops_serve_and_leaves_nothing_behind(workdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = workdir / "config.toml"
+        config.write_text(f'[remote]\nenable = false\n[metrics]\naddress = "{address}"\n')
+        result = subprocess.run(
+            [*serve_command(workdir / "root", workdir / "s.sock"), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve metrics on {address}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "s.sock").exists()
