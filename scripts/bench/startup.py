@@ -129,6 +129,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="size of the sequential-read file in MB (default 200)",
     )
     parser.add_argument(
+        "--span-size",
+        default=None,
+        metavar="N",
+        help="`lazysnap index build --span-size` (default: the indexer's, 4M)",
+    )
+    parser.add_argument(
         "--results",
         type=Path,
         default=DEFAULT_RESULTS,
@@ -220,10 +226,12 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
         setup = start_registry(registry_base)
         try:
             pushed = push_images(images, setup.host)
+            index_args = ["--span-size", args.span_size] if args.span_size else []
+            header["index_args"] = index_args
             hosts_dir = base / "setup-hosts"
             write_hosts_toml(hosts_dir, setup.host)
             for name, image in pushed.items():
-                outcome: IndexOutcome = build_index(image.reference, hosts_dir)
+                outcome: IndexOutcome = build_index(image.reference, hosts_dir, index_args)
                 state = "ok" if outcome.ok else "FAILED"
                 progress(
                     f"setup: index build {name}: {state} in {outcome.seconds:.1f} s: "

@@ -15,7 +15,7 @@ import sys
 import time
 import types
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +182,9 @@ class IndexOutcome:
     message: str  # the command's summary line, or its error
 
 
-def build_index(reference: str, hosts_dir: Path) -> IndexOutcome:
-    """`lazysnap index build` for one pushed image (untimed setup of the lazy configuration)."""
+def build_index(reference: str, hosts_dir: Path, extra: Sequence[str] = ()) -> IndexOutcome:
+    """`lazysnap index build` for one pushed image (untimed setup of the lazy configuration);
+    extra: more index build options, e.g. ("--span-size", "1M")."""
     argv = [
         *lazysnap_subcommand("index"),
         "build",
@@ -191,6 +192,7 @@ def build_index(reference: str, hosts_dir: Path) -> IndexOutcome:
         "--plain-http",
         "--hosts-dir",
         str(hosts_dir),
+        *extra,
     ]
     start = time.perf_counter()
     try:
