@@ -1,0 +1,134 @@
+"""`lazysnap accel serve` as a process, without a registry: flags and files it refuses, the
+HTTP surface (auth, bad bodies, routes), clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from accel_helpers import AccelProcess, accel_command, start_accel
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "webhook-secret-0123"
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lzs-accel-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def accel(workdir: Path) -> Iterator[AccelProcess]:
+    process = start_accel(workdir, ["--plain-http"], token=TOKEN)
+    yield process
+    process.stop()
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*accel_command(), *args], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "localhost"], "invalid --listen 'localhost'"),
+        (["--listen", "1.2.3.4:99999"], "invalid --listen"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--retry-backoff", "-1"], "seconds must be within"),
+        (["--cache-repo", "Bad/Repo"], "invalid --cache-repo 'Bad/Repo'"),
+        (["--token-file", "/nonexistent/token"], "--token-file /nonexistent/token: cannot read"),
+        (["--hosts-dir", "/nonexistent/dir"], "--hosts-dir /nonexistent/dir: not a directory"),
+    ],
+)
+def test_bad_flags_and_files_are_named(args: list[str], message: str) -> None:
+    result = run_serve("--listen", "127.0.0.1:0", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_empty_token_file_is_refused(workdir: Path) -> None:
+    token = workdir / "token"
+    token.write_text("\n")
+    result = run_serve("--listen", "127.0.0.1:0", "--token-file", str(token))
+    assert result.returncode == 2
+    assert f"--token-file {token}: the file is empty" in result.stderr
+
+
+def test_a_taken_port_is_reported_not_a_traceback() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_serve("--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert f"--listen 127.0.0.1:{port}: cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lazysnap_serve_does_not_load_the_acceleration_service() -> None:
+    probe = (
+        "import sys\n"
+        "from snapshotter.cli import build_parser\n"
+        "build_parser().parse_args(['serve'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('snapshotter.accel.')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+    )
+    assert result.stdout.strip() == "['snapshotter.accel.command']"
+
+
+def test_health_and_status_answer(accel: AccelProcess) -> None:
+    health = accel.request("GET", "/healthz", token="")
+    assert health.status == 200 and health.body == {"status": "ok"}
+    status = accel.status()
+    assert set(status) == {"queued", "running", "done", "failed", "counts"}
+    assert status["counts"]["received"] == 0
+
+
+def test_missing_or_wrong_token_is_401_for_events_and_status(accel: AccelProcess) -> None:
+    body = json.dumps({"events": []}).encode()
+    for token in ("", "wrong-token"):
+        answer = accel.request("POST", "/events", body, token=token)
+        assert answer.status == 401
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        assert accel.request("GET", "/status", token=token).status == 401
+    assert accel.request("POST", "/events", body).status == 202
+
+
+def test_bodies_that_are_no_notification_get_400_naming_the_problem(accel: AccelProcess) -> None:
+    answer = accel.request("POST", "/events", b"{not json")
+    assert answer.status == 400 and "not JSON" in answer.body["error"]
+    answer = accel.request("POST", "/events", b'{"hello": 1}')
+    assert answer.status == 400 and "neither 'events'" in answer.body["error"]
+    assert accel.request("GET", "/healthz").status == 200  # still serving
+
+
+def test_oversized_bodies_and_unknown_paths(accel: AccelProcess) -> None:
+    with socket.create_connection(("127.0.0.1", accel.port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert conn.recv(200).startswith(b"HTTP/1.1 413")
+    assert accel.request("POST", "/elsewhere", b"{}").status == 404
+    assert accel.request("GET", "/elsewhere").status == 404
+
+
+def test_sigterm_stops_cleanly(workdir: Path) -> None:
+    process = start_accel(workdir / "stop", [])
+    assert process.stop() == 0
+    assert "stopping" in process.log()
+    assert "Traceback" not in process.log()
