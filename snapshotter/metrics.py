@@ -25,6 +25,7 @@ from prometheus_client import (
     Counter,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -286,6 +287,8 @@ class DaemonMetrics:
     Build the core with snapshotter() so its Prepares are counted, then serve() the endpoint."""
 
     def __init__(self, root: str, cache_dir: str, cache_max_bytes: int) -> None:
+        # No *_created series next to each counter: they double the output and say little here.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)

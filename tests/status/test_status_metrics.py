@@ -110,6 +110,7 @@ def test_the_endpoint_counts_lazy_fallback_and_ordinary_prepares(
     assert prepares(after, "fallback", "internal_error") == 1
     assert prepares(after, "ordinary") == 1
     assert sum(v for (name, _), v in after.items() if name == "lazysnap_prepares_total") == 4
+    assert not [name for name, _ in after if name.endswith("_created")]  # no noise series
     # Scrape-time figures are there even before any mount process ran.
     assert after[("lazysnap_lazy_layers_mounted", ())] == 0
     assert after[("lazysnap_cache_max_bytes", ())] == 1 << 30
