@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -257,7 +258,11 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
                     }
                 )
                 progress(f"{link.name}: {link.description}; measured {link.measured}")
-                run_link(args, link, workloads, base / "n", results, log_dir, pull_argv)
+                try:
+                    run_link(args, link, workloads, base / "n", results, log_dir, pull_argv)
+                finally:
+                    # Its access log shows every Range request: where a lazy run's bytes went.
+                    shutil.copyfile(link.registry.log_path, log_dir / f"{link.name}-registry.log")
         # Others commit while a run lasts, and each cold node starts the checkout's lazysnap.
         results.append({"kind": "run", "git_commit_end": _git_commit()})
     finally:
