@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.images import BuiltImage, sha256_digest
-from tests.harness.procs import HarnessError, Service, log_tail, spawn
+from tests.harness.procs import HarnessError, Service, log_tail, run, spawn
 
 _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/events")
 
@@ -186,3 +186,49 @@ def relabel_layers(image: BuiltImage, media_type: str) -> BuiltImage:
     index_path.write_text(json.dumps(index))
     layers = tuple(dataclasses.replace(layer, media_type=media_type) for layer in image.layers)
     return dataclasses.replace(image, manifest_digest=digest, layers=layers)
+
+
+def write_platform_index(layout: Path, tag: str, platforms: Mapping[str, BuiltImage]) -> str:
+    """Tag an OCI index over images already in layout (platform "os/arch" -> image); returns
+    the index digest. Push it with push_all."""
+    manifests = []
+    for platform, image in platforms.items():
+        os_name, arch = platform.split("/", 1)
+        blob = layout / "blobs" / "sha256" / image.manifest_digest.split(":", 1)[1]
+        manifests.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": image.manifest_digest,
+                "size": blob.stat().st_size,
+                "platform": {"os": os_name, "architecture": arch},
+            }
+        )
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }
+    data = json.dumps(index, separators=(",", ":"), sort_keys=True).encode()
+    digest = sha256_digest(data)
+    (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).write_bytes(data)
+    top = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": digest,
+                "size": len(data),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(top))
+    return digest
+
+
+def push_all(layout: Path, tag: str, reference: str) -> None:
+    """skopeo copy --all: every platform manifest, then the index (digests kept)."""
+    argv = ["skopeo", "copy", "--quiet", "--all", "--preserve-digests"]
+    argv += ["--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{reference}"]
+    run(argv, f"push {reference}", timeout=300)

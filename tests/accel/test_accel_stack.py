@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from accel_helpers import AccelProcess, distribution_envelope, relabel_layers, start_accel
+from accel_helpers import (
+    AccelProcess,
+    distribution_envelope,
+    push_all,
+    relabel_layers,
+    start_accel,
+    write_platform_index,
+)
 
 from tests.harness.images import BuiltImage, file, layer_tar, push, write_oci_layout
 from tests.harness.procs import HarnessError
@@ -106,9 +114,9 @@ def done_job(stack: Stack, digest: str, nth: int = 1) -> dict[str, Any] | None:
     return finished[nth - 1] if len(finished) >= nth else None
 
 
-def index_show(stack: Stack, reference: str) -> dict[str, Any]:
+def index_show(stack: Stack, reference: str, *flags: str) -> dict[str, Any]:
     result = subprocess.run(
-        [*SHOW, reference, "--plain-http", "--json"],
+        [*SHOW, reference, "--plain-http", "--json", *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -118,6 +126,13 @@ def index_show(stack: Stack, reference: str) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
+
+
+def layers_built(job: dict[str, Any]) -> int:
+    """N of "N layer(s) indexed" in a done job's detail."""
+    match = re.search(r"(\d+) layers? indexed", job["detail"])
+    assert match is not None, job
+    return int(match.group(1))
 
 
 def wait_quiet(stack: Stack, repository: str, quiet: float = 3.0) -> list[dict[str, Any]]:
@@ -152,6 +167,30 @@ def test_a_pushed_image_gets_indexed(stack: Stack) -> None:
     assert platform["manifest"] == image.manifest_digest
     assert platform["artifact"]["digest"] == job["artifacts"][0]
     assert [layer["indexed"] for layer in platform["layers"]] == [True, True]
+
+
+def test_every_platform_of_a_pushed_index_gets_indexed(stack: Stack) -> None:
+    repo = f"{unique('ns')}/multi"
+    layout = stack.base / "layouts" / unique("multi")
+    amd64 = write_oci_layout(layout, "amd64", [layer_tar([file("a.bin", os.urandom(150_000))])])
+    arm64 = write_oci_layout(layout, "arm64", [layer_tar([file("b.bin", os.urandom(150_000))])])
+    index_digest = write_platform_index(layout, "v1", {"linux/amd64": amd64, "linux/arm64": arm64})
+    push_all(layout, "v1", f"{stack.registry.host}/{repo}:v1")
+
+    job = stack.accel.wait_for("the index's job", lambda: done_job(stack, index_digest))
+    # The platform manifests arrive first (jobs of one repository run one at a time), so by
+    # the time the index's job runs both may already be indexed; either way, no platform
+    # is left out and no layer is built twice.
+    assert job["outcome"] in ("indexed", "already indexed"), job
+    assert len(job["artifacts"]) == 2
+    built = [layers_built(j) for j in wait_quiet(stack, repo) if j["outcome"] == "indexed"]
+    assert sum(built) == 2, built  # each platform's one layer, once
+
+    shown = index_show(stack, f"{stack.registry.host}/{repo}:v1", "--all-platforms")
+    platforms = {p["platform"]: p for p in shown["platforms"]}
+    assert sorted(platforms) == ["linux/amd64", "linux/arm64"]
+    assert sorted(p["artifact"]["digest"] for p in platforms.values()) == sorted(job["artifacts"])
+    assert all(layer["indexed"] for p in platforms.values() for layer in p["layers"])
 
 
 def test_pushing_the_same_image_again_does_not_rebuild(stack: Stack) -> None:
