@@ -170,6 +170,8 @@ def _self_test(library: InflateLibrary) -> None:
 @functools.cache
 def load_inflate_library(name: str | None = None) -> InflateLibrary:
     """The named library ("zlib-ng" or "zlib"), or the fastest one that passes its self-test."""
+    if name is not None and name not in _BINDERS:
+        raise ValueError(f"unknown inflate library {name!r} (known: {', '.join(_BINDERS)})")
     names = [name] if name is not None else list(_BINDERS)
     problems: list[str] = []
     for candidate in names:

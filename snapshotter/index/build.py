@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 from snapshotter.index.codec import MAX_SPAN_UNCOMPRESSED, MAX_SPANS
 from snapshotter.index.errors import InvalidLayer
@@ -50,11 +50,17 @@ def sniff_compression(head: bytes) -> Compression:
     return Compression.NONE
 
 
+class ReadableStream(Protocol):
+    """All the builder needs of a layer stream (an HTTP body, a file, a BinaryIO)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @dataclass
 class _BlobReader:
     """Sequential reads from the caller's stream; hashes and counts every byte once."""
 
-    stream: BinaryIO
+    stream: ReadableStream
     progress: Callable[[int], None] | None
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     consumed: int = 0
@@ -103,7 +109,7 @@ def _uncompressed_spans(
 
 
 def build_layer_index(
-    stream: BinaryIO,
+    stream: ReadableStream,
     *,
     media_type: str,
     span_size: int = DEFAULT_SPAN_SIZE,

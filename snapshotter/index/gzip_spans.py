@@ -18,7 +18,8 @@ Compressed digests are hashed as inflate consumes the bytes, so nothing is buffe
 is only certain once output follows its closing checkpoint (a member start could still replace
 it), so while one is pending the bytes go both to the span it closes and to the next one.
 
-Memory: one read buffer, one output chunk and a 32 KiB window, whatever the layer.
+Memory: one read buffer, one output chunk and a 32 KiB window, whatever the layer. A span that
+inflates past the format's cap (one endless block) is refused as soon as it passes it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from snapshotter.index.block_inflate import (
     InflateLibrary,
     load_inflate_library,
 )
+from snapshotter.index.codec import MAX_SPAN_UNCOMPRESSED
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import Span
 
@@ -129,6 +131,14 @@ class GzipSpanBuilder:
             self._hash_consumed(rest[: len(rest) - inflater.pending_input])
             if out:
                 self._emit(out)
+                if self._upos - self._start.uncompressed > MAX_SPAN_UNCOMPRESSED:
+                    # no usable block boundary for this long: refuse now rather than inflate
+                    # the rest of a (possibly crafted, endless) block for nothing
+                    raise InvalidLayer(
+                        f"layer span {len(self._spans)} inflates to more than "
+                        f"{MAX_SPAN_UNCOMPRESSED} bytes (one deflate block from compressed byte "
+                        f"{self._start.lead}); not randomly accessible"
+                    )
             if ended:
                 return
             if seeking and self._upos >= target and inflater.at_block_boundary:

@@ -12,7 +12,7 @@ import zstandard
 
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.errors import IndexFormatError, InvalidLayer
-from snapshotter.index.model import EntryType, LayerIndex
+from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import inflate_span
 from tests.index.conftest import GZIP_MT, TAR_MT, ZSTD_MT, OnlyRead, node, reg, tar_bytes
 
@@ -24,7 +24,7 @@ def index_of(tar: bytes, media_type: str = TAR_MT) -> LayerIndex:
     return build_layer_index(OnlyRead(blob), media_type=media_type, span_size=64 << 10)
 
 
-def by_name(index: LayerIndex) -> dict[str, object]:
+def by_name(index: LayerIndex) -> dict[str, TocEntry]:
     return {e.name: e for e in index.entries}
 
 
@@ -53,29 +53,29 @@ def test_tar_details_are_recorded() -> None:
     entries = by_name(index)
     assert list(entries)[:2] == ["", "etc/passwd"]
     root, passwd, caps = entries[""], entries["etc/passwd"], entries["etc/caps"]
-    assert root.type is EntryType.DIR  # type: ignore[attr-defined]
-    assert (passwd.mode, passwd.uid, passwd.gid, passwd.uname, passwd.gname, passwd.size) == (  # type: ignore[attr-defined]
+    assert root.type is EntryType.DIR
+    assert (passwd.mode, passwd.uid, passwd.gid, passwd.uname, passwd.gname, passwd.size) == (
         0o4644, 1000, 50, "u", "g", 11
     )  # fmt: skip
-    assert caps.xattrs == {  # type: ignore[attr-defined]
+    assert caps.xattrs == {
         "security.capability": b"\x01\x00\x00\x02",
         "user.comment": b"hello",
         "user.lib name": b"\xff\x00bin",
     }
-    assert caps.mtime_ns == 1_700_000_000_123_456_789  # type: ignore[attr-defined]
-    assert entries[long_name].size == 4  # type: ignore[attr-defined]
-    assert entries["etc/link"].link_target == "/../../outside/target"  # type: ignore[attr-defined]
+    assert caps.mtime_ns == 1_700_000_000_123_456_789
+    assert entries[long_name].size == 4
+    assert entries["etc/link"].link_target == "/../../outside/target"
     assert (entries["etc/hard"].type, entries["etc/hard"].link_target) == (
         EntryType.HARDLINK,
         "etc/passwd",
-    )  # type: ignore[attr-defined]
+    )
     assert (
         entries["dev/null"].type,
         entries["dev/null"].devmajor,
         entries["dev/null"].devminor,
-    ) == (EntryType.CHAR, 1, 3)  # type: ignore[attr-defined]
-    assert entries["dev/sda"].type is EntryType.BLOCK  # type: ignore[attr-defined]
-    assert entries["run/fifo"].type is EntryType.FIFO  # type: ignore[attr-defined]
+    ) == (EntryType.CHAR, 1, 3)
+    assert entries["dev/sda"].type is EntryType.BLOCK
+    assert entries["run/fifo"].type is EntryType.FIFO
     assert "etc/.wh.removed" in entries and "var/.wh..wh..opq" in entries
 
 
@@ -83,8 +83,8 @@ def test_gnu_longname_and_longlink() -> None:
     target = "t/" + "x" * 120
     members = [reg(target, b"data"), node("l/" + "y" * 120, tarfile.SYMTYPE, linkname=target)]
     entries = by_name(index_of(tar_bytes(members, tarfile.GNU_FORMAT)))
-    assert entries["l/" + "y" * 120].link_target == target  # type: ignore[attr-defined]
-    assert entries[target].size == 4  # type: ignore[attr-defined]
+    assert entries["l/" + "y" * 120].link_target == target
+    assert entries[target].size == 4
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_hardlink_chain_points_at_the_regular_file() -> None:
         node("b", tarfile.LNKTYPE, linkname="a"),
         node("c", tarfile.LNKTYPE, linkname="b"),
     ]
-    assert by_name(index_of(tar_bytes(members)))["c"].link_target == "a"  # type: ignore[attr-defined]
+    assert by_name(index_of(tar_bytes(members)))["c"].link_target == "a"
 
 
 def test_duplicate_file_later_entry_wins() -> None:
