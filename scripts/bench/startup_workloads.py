@@ -14,6 +14,7 @@ from pathlib import Path
 from startup_images import READTIME_PATH, SEQREAD_FILE
 from startup_node import ColdNode
 
+from tests.harness.containerd import Containerd
 from tests.harness.procs import HarnessError, run
 from tests.harness.registry import Registry
 
@@ -106,6 +107,48 @@ def measure(
 ) -> TrialResult:
     """Fill result for one trial; the node must have just been reset (cold)."""
     containerd, daemon = node.running()
+    try:
+        _measure_steps(
+            node,
+            containerd,
+            registry,
+            workload,
+            mode,
+            reference,
+            result,
+            pull_argv,
+            log_dir,
+            progress,
+        )
+    finally:
+        if mode == LAZY:  # also (above all) when a step failed: the daemon log says why
+            result.fallback_layers = daemon.log().count(FALLBACK_MARK)
+            name = f"{result.link}-t{result.trial}-{workload.name}"
+            shutil.copyfile(daemon.log_path, log_dir / f"{name}-daemon.log")
+            _collect_mount_logs(daemon.root, log_dir / f"{name}-mounts.log")
+    return result
+
+
+def _collect_mount_logs(root: Path, out: Path) -> None:
+    """Concatenate the FUSE mount processes' logs (ROOT/snapshots/<id>/fs.lazysnap.log, beside
+    each mountpoint). A glob one level deep only: walking into a lazy mount would fetch it."""
+    logs = sorted((root / "snapshots").glob("*/*.lazysnap.log"))
+    if logs:
+        out.write_text("".join(f"==> {log} <==\n{log.read_text(errors='replace')}" for log in logs))
+
+
+def _measure_steps(
+    node: ColdNode,
+    containerd: Containerd,
+    registry: Registry,
+    workload: Workload,
+    mode: str,
+    reference: str,
+    result: TrialResult,
+    pull_argv: list[str],
+    log_dir: Path,
+    progress: Callable[[str], None],
+) -> None:
     progress("pull")
     snapshotter = "overlayfs" if mode == FULL else "lazysnap"
     since = registry.log_offset()
@@ -155,10 +198,3 @@ def measure(
     if first_read is not None and second_read is not None:
         result.read_bytes, result.read_cold_s = first_read
         result.read_warm_s = second_read[1]
-    if mode == LAZY:
-        log = daemon.log()
-        result.fallback_layers = log.count(FALLBACK_MARK)
-        shutil.copyfile(
-            daemon.log_path, log_dir / f"{result.link}-t{result.trial}-{workload.name}-daemon.log"
-        )
-    return result
