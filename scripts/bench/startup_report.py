@@ -315,6 +315,7 @@ def plot(trials: Sequence[TrialResult], link: str, path: Path) -> None:
         axis.set_xticklabels(names)
         axis.set_ylabel(ylabel)
         axis.grid(axis="y", alpha=0.3)
+        axis.set_ylim(top=axis.get_ylim()[1] * 1.3)  # headroom: the legend sits above the bars
     time_axis.set_title(f"pull + first run ({link})")
     bytes_axis.set_title(f"bytes fetched from the registry ({link})")
     time_axis.legend(fontsize=8)
