@@ -27,6 +27,7 @@ from typing import Any
 from snapshotter.accel.events import PushedImage
 
 DEFAULT_HISTORY = 500
+DEFAULT_MAX_QUEUED = 10_000
 
 
 class JobState(StrEnum):
@@ -110,6 +111,11 @@ class QueueClosed(Exception):
     pass
 
 
+class QueueFull(Exception):
+    """Too many images waiting: the caller should send the delivery again later (the images
+    queued from it meanwhile are deduplicated then)."""
+
+
 class JobQueue:
     def __init__(
         self,
@@ -118,12 +124,14 @@ class JobQueue:
         backoff_seconds: float = 2.0,
         max_backoff_seconds: float = 300.0,
         history: int = DEFAULT_HISTORY,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
+        self.max_queued = max_queued
         self.counters = Counters()
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -145,6 +153,10 @@ class JobQueue:
             if any(job.image.key == image.key for job in active):
                 self.counters.deduplicated += 1
                 return None
+            if len(self._pending) >= self.max_queued:
+                raise QueueFull(
+                    f"{len(self._pending)} images are waiting (limit {self.max_queued})"
+                )
             job = Job(next(self._ids), image, time.time())
             self._pending.append(job)
             self._cond.notify_all()

@@ -9,6 +9,9 @@ Routes:
                  it names repositories)
   GET  /healthz  200 {"status": "ok"} while every worker thread is alive, else 503
 
+POST /events answers 503 while shutting down or with 10000 images waiting: the registry
+re-sends the delivery later, and what was already queued from it is deduplicated.
+
 With a token, callers must send `Authorization: Bearer <token>`: distribution sends it from
 its endpoint's `headers`, Harbor from the webhook policy's auth header.
 """
@@ -27,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from snapshotter.accel.events import PayloadError, parse_delivery
-from snapshotter.accel.jobs import Job, JobQueue, Outcome, QueueClosed
+from snapshotter.accel.jobs import Job, JobQueue, Outcome, QueueClosed, QueueFull
 from snapshotter.accel.worker import (
     JobFailed,
     RegistryClients,
@@ -229,7 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("webhook from %s refused: %s", self.client_address[0], exc)
             self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return
-        except QueueClosed as exc:
+        except (QueueClosed, QueueFull) as exc:
+            # 503: distribution re-sends the delivery after its backoff.
+            log.warning("webhook from %s deferred: %s", self.client_address[0], exc)
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
             return
         self._reply(HTTPStatus.ACCEPTED, answer)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from snapshotter.accel.events import PushedImage
-from snapshotter.accel.jobs import JobQueue, JobState, Outcome, QueueClosed
+from snapshotter.accel.jobs import JobQueue, JobState, Outcome, QueueClosed, QueueFull
 
 
 def image(repository: str = "team/app", n: int = 1, registry: str = "reg:5000") -> PushedImage:
@@ -127,3 +127,14 @@ def test_status_document_lists_every_state() -> None:
     assert [j["state"] for j in status["running"]] == [str(JobState.RUNNING)]
     assert [j["repository"] for j in status["queued"]] == ["team/r2"]
     assert status["counts"]["already_indexed"] == 1 and status["counts"]["queued"] == 1
+
+
+def test_a_full_queue_refuses_new_images_but_still_dedupes() -> None:
+    queue = JobQueue(max_queued=2)
+    queue.submit(image(n=1))
+    queue.submit(image(n=2))
+    with pytest.raises(QueueFull, match="limit 2"):
+        queue.submit(image(n=3))
+    assert queue.submit(image(n=1)) is None  # a re-sent delivery's queued images: no error
+    assert queue.take(timeout=1) is not None
+    assert queue.submit(image(n=3)) is not None
