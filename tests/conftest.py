@@ -7,6 +7,7 @@ piece is an error instead of a silent skip.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -22,7 +23,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `tests.harness` is imported as a package from the root
 
 from tests.harness.containerd import Containerd, start_containerd  # noqa: E402
-from tests.harness.daemon import LazysnapDaemon, serve_available, start_lazysnap  # noqa: E402
+from tests.harness.daemon import (  # noqa: E402
+    DaemonSettings,
+    LazysnapDaemon,
+    serve_available,
+    start_lazysnap,
+)
 from tests.harness.images import PushedImage, build_busybox, push, read_layout  # noqa: E402
 from tests.harness.procs import HarnessError, log_tail, unmount_all_under  # noqa: E402
 from tests.harness.registry import Registry, start_registry  # noqa: E402
@@ -30,6 +36,11 @@ from tests.harness.registry import Registry, start_registry  # noqa: E402
 STACK_BINARIES = ("containerd", "ctr", "runc", "docker-registry", "skopeo", "dpkg-deb", "umount")
 TEST_IMAGES = Path(os.environ.get("LAZYSNAP_TEST_IMAGES", "/var/cache/lazysnap-test-images"))
 _logs_for_failures: list[tuple[str, Path]] = []  # shown under a failing stack test
+# The session daemon's span cache limit: smaller than pybig (178 MB compressed, 533 MB of tar),
+# so reading a whole lazily pulled pybig must evict (tests/lazy checks it stays under).
+SESSION_CACHE_MAX_BYTES = 160 << 20
+# Short, so a dead registry turns into EIO quickly (tests/lazy); loopback spans take ms.
+SESSION_FETCH_TIMEOUT_S = 5.0
 
 
 def stack_required() -> bool:
@@ -104,15 +115,41 @@ def registry(stack_base: Path) -> Iterator[Registry]:
     instance.stop()
 
 
+def _config_has_section(name: str) -> bool:
+    """Whether this checkout's daemon config knows [name] (unknown keys are errors)."""
+    from snapshotter.config import Config
+
+    return name in {f.name for f in dataclasses.fields(Config)}
+
+
+def containerd_hosts_dir(stack_base: Path) -> Path:
+    """The session containerd's hosts dir (start_containerd writes it under its base)."""
+    return stack_base / "containerd" / "certs.d"
+
+
 @pytest.fixture(scope="session")
-def _lazysnap_session(stack_base: Path) -> Iterator[LazysnapDaemon | str]:
-    """The session daemon, or why it could not start (so overlayfs-only tests still run)."""
+def _lazysnap_session(stack_base: Path, registry: Registry) -> Iterator[LazysnapDaemon | str]:
+    """The session daemon, or why it could not start (so overlayfs-only tests still run).
+
+    Configured for lazy layers from the session registry (plain http), with containerd's hosts
+    dir (so a test can route a registry of its own through hosts.toml), every indexed layer
+    lazy whatever its size, a short fetch timeout and a span cache smaller than pybig."""
     reason = serve_available()
     if reason is not None:
         yield reason
         return
+    settings = DaemonSettings(
+        hosts_dir=containerd_hosts_dir(stack_base),
+        plain_http=(registry.host,),
+        min_layer_size=0,
+        fetch_timeout_seconds=SESSION_FETCH_TIMEOUT_S,
+        cache_max_bytes=SESSION_CACHE_MAX_BYTES,
+        # Off: tests assert what a lazy mount fetches on demand (and that a file nobody read is
+        # not fetched yet); a background download of whole layers would race them.
+        background_fetch=False if _config_has_section("fetch") else None,
+    )
     try:
-        daemon = start_lazysnap(stack_base / "lazysnap")
+        daemon = start_lazysnap(stack_base / "lazysnap", settings=settings)
     except HarnessError as exc:
         yield str(exc)
         return

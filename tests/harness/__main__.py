@@ -1,7 +1,9 @@
 """`python -m tests.harness up|down|env BASE`: the local stack for the demo and for debugging.
 
   up BASE [--no-lazysnap] [--cri]  start registry, lazysnap, containerd under BASE; record them
-                                    in BASE/stack.json and print shell exports
+                                    in BASE/stack.json and print shell exports. lazysnap gets
+                                    BASE/lazysnap/config.toml: plain http to the registry,
+                                    containerd's hosts dir, every indexed layer lazy
   env BASE                          print the exports again: eval "$(python -m tests.harness env B)"
   down BASE                         stop everything recorded in BASE/stack.json, in order
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness.containerd import Containerd, containerd_running_at, start_containerd
-from tests.harness.daemon import LazysnapDaemon, serve_available, start_lazysnap
+from tests.harness.daemon import DaemonSettings, LazysnapDaemon, serve_available, start_lazysnap
 from tests.harness.procs import HarnessError, Service, unmount_all_under
 from tests.harness.registry import Registry, registry_running_at, start_registry
 
@@ -62,7 +64,12 @@ def up(base: Path, with_lazysnap: bool, cri: bool) -> StackRecord:
     try:
         registry = start_registry(base / "registry")
         if with_lazysnap:
-            daemon = start_lazysnap(base / "lazysnap")
+            # Lazy layers from our registry: `lazysnap index build` + `lazysnap pull` then
+            # mount every indexed layer over FUSE (the demo's point).
+            settings = DaemonSettings(
+                hosts_dir=base / "containerd" / "certs.d", plain_http=(registry.host,)
+            )
+            daemon = start_lazysnap(base / "lazysnap", settings=settings)
         containerd = start_containerd(
             base / "containerd",
             proxy_socket=base / "lazysnap" / "lazysnap.sock",

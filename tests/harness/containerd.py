@@ -23,7 +23,8 @@ CTR_BINARY = "ctr"
 SNAPSHOTTER_NAME = "lazysnap"
 CRI_NAMESPACE = "k8s.io"
 SHARED_NAMESPACES = frozenset({CRI_NAMESPACE, "default", "moby"})
-RUNC_STATE = Path("/run/containerd/runc")  # shared by every containerd on the machine
+RUNC_STATE = Path("/run/containerd/runc")
+UNIX_PATH_MAX = 107  # shared by every containerd on the machine
 
 
 @dataclass
@@ -201,7 +202,9 @@ def start_containerd(
         if shutil.which(binary) is None:
             raise HarnessError(f"{binary} not found (apt-get install containerd runc)")
     base.mkdir(parents=True, exist_ok=True)
-    if len(str(base / "containerd.sock.ttrpc")) > 100:
+    # sun_path holds 108 bytes with the NUL: longer socket paths fail to bind. (100 was the old
+    # limit here; pytest's tmp_path reached it once its numbered dir got a third digit.)
+    if len(str(base / "containerd.sock.ttrpc")) > UNIX_PATH_MAX:
         raise HarnessError(f"containerd base {base} is too long for unix socket paths")
     config = base / "config.toml"
     config.write_text(_config_toml(base, proxy_socket, cri))

@@ -27,6 +27,46 @@ def lazysnap_command() -> list[str]:
     return [sys.executable, "-m", "snapshotter.cli"]
 
 
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What `lazysnap serve` needs to serve layers lazily from the test registries."""
+
+    hosts_dir: Path  # containerd's hosts dir: both read the same hosts.toml files
+    plain_http: Sequence[str] = ()  # registries reached over http://
+    min_layer_size: int = 0  # the test images' layers are small; make every indexed one lazy
+    fetch_timeout_seconds: float = 30.0
+    cache_max_bytes: int = 10 << 30
+    log_level: str = "info"
+    # [fetch] background: None leaves the daemon's default (and the key) out.
+    background_fetch: bool | None = None
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, root: Path, socket: Path, settings: DaemonSettings) -> Path:
+    """Write a `lazysnap serve` config.toml (docs/configuration.md) for settings."""
+    hosts = ", ".join(_toml_string(host) for host in settings.plain_http)
+    lines = [
+        f"root = {_toml_string(str(root))}",
+        f"address = {_toml_string(str(socket))}",
+        f"log_level = {_toml_string(settings.log_level)}",
+        "[remote]",
+        f"hosts_dir = {_toml_string(str(settings.hosts_dir))}",
+        f"plain_http = [{hosts}]",
+        f"min_layer_size = {settings.min_layer_size}",
+        f"fetch_timeout_seconds = {settings.fetch_timeout_seconds}",
+        "[cache]",
+        f"max_size_bytes = {settings.cache_max_bytes}",
+    ]
+    if settings.background_fetch is not None:
+        lines += ["[fetch]", f"background = {str(settings.background_fetch).lower()}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def serve_available() -> str | None:
     """None if `lazysnap serve` can be started here, else why not."""
     if not (REPO_ROOT / "snapshotter" / "cli.py").is_file():
@@ -79,6 +119,11 @@ class LazysnapDaemon:
         return self.service is not None and self.service.alive()
 
     @property
+    def cache_dir(self) -> Path:
+        """Where the span cache lives (the config's default, ROOT/cache)."""
+        return self.root / "cache"
+
+    @property
     def pid(self) -> int | None:
         return None if self.service is None else self.service.pid
 
@@ -108,12 +153,20 @@ def start_lazysnap(
     base: Path,
     *,
     config: Path | None = None,
+    settings: DaemonSettings | None = None,
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> LazysnapDaemon:
-    """Start `lazysnap serve --root BASE/root --address BASE/lazysnap.sock` (log in BASE)."""
+    """Start `lazysnap serve --root BASE/root --address BASE/lazysnap.sock` (log in BASE).
+
+    settings: write BASE/config.toml from them (lazy layers from the test registries);
+    config: use that file instead. Neither: built-in defaults."""
     base.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        if config is not None:
+            raise HarnessError("start_lazysnap: give config or settings, not both")
+        config = write_config(base / "config.toml", base / "root", base / "lazysnap.sock", settings)
     daemon = LazysnapDaemon(
         root=base / "root",
         socket=base / "lazysnap.sock",

@@ -120,8 +120,45 @@ class Registry:
                 totals[match["digest"]] = BlobFetches(old.requests + 1, old.bytes + size)
         return totals
 
+    @property
+    def storage(self) -> Path:
+        """The filesystem driver's root: blob bytes are under
+        docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data."""
+        return self.base / "data"
+
+    def blob_path(self, digest: str) -> Path:
+        algorithm, hexdigest = digest.split(":", 1)
+        return (
+            self.storage
+            / "docker/registry/v2/blobs"
+            / algorithm
+            / hexdigest[:2]
+            / hexdigest
+            / "data"
+        )
+
     def stop(self) -> None:
         self.service.stop()
+
+    def alive(self) -> bool:
+        return self.service.alive()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start again after stop(): same port, config and storage (what a registry restart
+        looks like to its clients). Raises HarnessError if the port was taken meanwhile."""
+        if self.service.alive():
+            raise HarnessError(
+                f"registry on {self.host} is already running (pid {self.service.pid})"
+            )
+        self.service = spawn(
+            "docker-registry", [REGISTRY_BINARY, "serve", str(self.config_path)], self.log_path
+        )
+        url = self.url
+        try:
+            self.service.wait_until(lambda: _answers_v2(url), "GET /v2/ answers", timeout)
+        except HarnessError:
+            self.service.stop()
+            raise
 
 
 def _write_config(

@@ -1,0 +1,177 @@
+"""Layers that cannot be served lazily fall back to an ordinary full pull, through the real
+stack: the image still pulls and runs, every layer is downloaded, and the daemon logs exactly one
+"falls back to a full pull" line per layer naming the layer and why."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.index.model import ARTIFACT_TYPE
+from snapshotter.indexer.artifact import IndexedLayer, artifact_manifest, indexed_layers
+from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
+from snapshotter.remote.reference import Reference
+from snapshotter.remote.referrers import find_referrers, push_referrer
+from tests.harness.images import MANIFEST_TYPE, PushedImage
+from tests.harness.procs import free_port
+from tests.lazy.lazy_helpers import DataImage, LazyStack, build_data_image, unique_name
+
+pytestmark = pytest.mark.stack
+
+FILES = {"hello": 1000, "big": 300_000}
+
+
+@contextlib.contextmanager
+def registry_client(stack: LazyStack) -> Iterator[RegistryClient]:
+    hosts = HostsConfig(None, plain_http=[stack.registry.host])
+    with RegistryClient(hosts, CredentialStore.anonymous()) as client:
+        yield client
+
+
+def data_image(stack: LazyStack, name: str) -> DataImage:
+    return build_data_image(stack.workdir / name, FILES)
+
+
+def assert_full_pull_runs(
+    stack: LazyStack,
+    image: DataImage,
+    reference: str,
+    log_offset: int,
+    hosts_dir: Path | None = None,
+) -> dict[str, str]:
+    """Pull (every layer downloaded), run (the files are right) and return the one fallback
+    line per layer, by layer digest."""
+    pulled = stack.pull(reference, hosts_dir=hosts_dir)
+    assert (pulled.lazy, pulled.pulled) == (0, 2), pulled.stdout
+    output = stack.run_ok(reference, "sh", "-c", "sha256sum /data/hello /data/big")
+    for path, data in image.files.items():
+        assert f"{hashlib.sha256(data).hexdigest()}  /{path}" in output, output
+    lines: dict[str, str] = {}
+    for layer in image.built.layers:
+        found = stack.fallback_lines(log_offset, layer.digest)
+        assert len(found) == 1, f"want one fallback line for {layer.digest}, got {found}"
+        lines[layer.digest] = found[0]
+    return lines
+
+
+def test_image_without_index_falls_back_and_runs(stack: LazyStack) -> None:
+    image = data_image(stack, "noindex")
+    pushed = stack.push(image.built, unique_name("test/lazy-noindex"))
+    offset = stack.daemon_log_offset()
+    lines = assert_full_pull_runs(stack, image, pushed.reference, offset)
+    for layer, line in lines.items():
+        assert f"no lazysnap index for layer {layer}" in line, line
+
+
+def _index_blob(client: RegistryClient, image: PushedImage, layer_digest: str) -> bytes:
+    """The index blob `lazysnap index build` pushed for layer_digest of image."""
+    reference = Reference.parse(image.reference)
+    repository = reference.repository
+    found = find_referrers(client, repository, image.built.manifest_digest, ARTIFACT_TYPE)
+    for descriptor in found.descriptors:
+        artifact = client.get_manifest(reference.with_digest(descriptor.digest))
+        for indexed in indexed_layers(artifact):
+            if indexed.layer_digest == layer_digest:
+                return client.get_blob(repository, indexed.index_digest)
+    raise AssertionError(f"no index of {layer_digest} found for {image.reference}")
+
+
+def _push_index_artifact(
+    client: RegistryClient, image: PushedImage, layer_digest: str, index_blob: bytes
+) -> str:
+    """Push index_blob as the lazysnap index of layer_digest of image (a referrer of its
+    manifest, as `index build` would), whatever the bytes are. Returns the blob's digest."""
+    repository = Reference.parse(image.reference).repository
+    digest = client.push_blob(repository, index_blob)
+    client.push_blob(repository, EMPTY_JSON)
+    manifest_path = image.built.layout / "blobs" / "sha256" / image.built.manifest_digest[7:]
+    subject = Descriptor(MANIFEST_TYPE, image.built.manifest_digest, manifest_path.stat().st_size)
+    push_referrer(
+        client,
+        repository,
+        artifact_manifest(subject, [IndexedLayer(layer_digest, digest, len(index_blob))]),
+    )
+    return digest
+
+
+@pytest.mark.parametrize("tampering", ["other-layers-index", "truncated", "bytes-not-digest"])
+def test_tampered_index_falls_back_and_runs(stack: LazyStack, tampering: str) -> None:
+    """The data layer's index in the registry is one a real index build made, tampered with:
+    the index of another layer (the busybox one) presented as this layer's; the right index cut
+    in half (descriptor digest and size match the cut bytes); or the right index whose stored
+    bytes were altered in the registry after upload, so they no longer match their digest."""
+    image = data_image(stack, tampering)
+    # Build real indexes in a repository of their own, then copy them, tampered, to the
+    # repository the test pulls from (referrers are per repository).
+    source = stack.push(image.built, unique_name("test/lazy-tamper-src"))
+    stack.index_build(source.reference)
+    target = stack.push(image.built, unique_name("test/lazy-tamper"))
+    with registry_client(stack) as client:
+        genuine = _index_blob(client, source, image.data_layer)
+        if tampering == "other-layers-index":
+            blob = _index_blob(client, source, image.busybox_layer)
+        elif tampering == "truncated":
+            blob = genuine[: len(genuine) // 2]
+        else:
+            blob = genuine
+        digest = _push_index_artifact(client, target, image.data_layer, blob)
+    restore: bytes | None = None
+    stored = stack.registry.blob_path(digest)
+    if tampering == "bytes-not-digest":
+        # The data layer is this test's own (random bytes), so no one else uses its index blob.
+        restore = stored.read_bytes()
+        altered = bytearray(restore)
+        altered[len(altered) // 2] ^= 0xFF
+        stored.write_bytes(bytes(altered))
+    try:
+        offset = stack.daemon_log_offset()
+        lines = assert_full_pull_runs(stack, image, target.reference, offset)
+    finally:
+        if restore is not None:
+            stored.write_bytes(restore)
+    line = lines[image.data_layer]
+    print(f"\n{tampering}: {line}")
+    expected_reason = {
+        "other-layers-index": image.busybox_layer,
+        "truncated": "invalid layer index",
+        "bytes-not-digest": f"{digest}: content hashes to sha256:",
+    }[tampering]
+    assert expected_reason in line, line
+    assert f"no lazysnap index for layer {image.busybox_layer}" in lines[image.busybox_layer]
+
+
+def test_registry_unreachable_at_prepare_falls_back_and_runs(stack: LazyStack) -> None:
+    """The registry is gone when the snapshotter looks for the index (Prepare), yet containerd's
+    side of the pull can still download the layers.
+
+    That happens when the registry goes down between containerd resolving the image and the
+    snapshotter's lookup, or when the puller reaches the registry by a route the snapshotter's
+    hosts config does not know. We make it deterministic with the second shape: the image is
+    named by an address where nothing listens (the registry that is gone); the puller's own
+    hosts dir sends that name to the live session registry (`server = ...`), which holds the
+    image and its index, while the daemon - with containerd's hosts dir, which has no entry for
+    it - gets "connection refused" from its index lookup."""
+    gone = f"127.0.0.1:{free_port()}"
+    mirror_hosts = stack.workdir / "mirror-hosts"
+    (mirror_hosts / gone).mkdir(parents=True)
+    (mirror_hosts / gone / "hosts.toml").write_text(f'server = "http://{stack.registry.host}"\n')
+    image = data_image(stack, "gone")
+    repository = unique_name("test/lazy-gone")
+    stack.push(image.built, repository)
+    reference = f"{gone}/{repository}:latest"
+    built = stack.index_build(reference, "--hosts-dir", str(mirror_hosts))
+    assert ": pushed sha256:" in built, built  # the index exists: only the route is missing
+
+    offset = stack.daemon_log_offset()
+    lines = assert_full_pull_runs(stack, image, reference, offset, hosts_dir=mirror_hosts)
+    for line in lines.values():
+        assert gone in line and "Connection refused" in line, line
+    assert not os.path.exists(Path(stack.containerd.hosts_dir) / gone)
