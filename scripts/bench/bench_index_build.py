@@ -4,16 +4,26 @@
 Builds a layer from a directory of this machine (default /usr/lib/python3.11: real Debian
 content), compresses it with gzip -6, pigz and zstd frames, then times, interleaved, for each
 trial: `gzip -dc` of the blob, build_layer_index over a non-seekable stream of it, and
-decode_index of the result. Prints a markdown table (median of the trials, min-max) and the
-command line. Temporary files go to a private directory that is removed at the end.
+decode_index of the result. With --baseline REV the builder of that git revision is timed too,
+in the same trials, so a before/after comparison sees the same machine load. Prints a markdown
+table (median of the trials, min-max, speed relative to the CLI) and the command line.
+Temporary files go to a private directory that is removed at the end.
 
     /opt/lazysnap-venv/bin/python scripts/bench/bench_index_build.py [--source DIR] [--trials 5]
+        [--baseline HEAD~2]
+
+Each builder runs in its own long-lived worker process (this script with --worker TREE), which
+imports `snapshotter` from TREE (this checkout, or `git archive` of the baseline revision) and
+reports the time it measured itself, so process start and imports are not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
+import json
+import os
 import shlex
 import shutil
 import statistics
@@ -25,16 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from snapshotter.index.build import build_layer_index  # noqa: E402
-from snapshotter.index.codec import decode_index, encode_index  # noqa: E402
-from snapshotter.index.model import DEFAULT_SPAN_SIZE  # noqa: E402
-
 GZIP_MT = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD_MT = "application/vnd.oci.image.layer.v1.tar+zstd"
 
@@ -52,6 +53,78 @@ class BodyStream:
         self._file.close()
 
 
+def worker(tree: str) -> int:
+    """Serve build requests (JSON lines on stdin) with the builder found in `tree`."""
+    sys.path.insert(0, tree)
+    from snapshotter.index.build import build_layer_index
+    from snapshotter.index.codec import decode_index, encode_index
+
+    loaded = Path(sys.modules["snapshotter"].__file__ or "").resolve()
+    if not loaded.is_relative_to(Path(tree).resolve()):
+        print(f"worker imported snapshotter from {loaded}, not {tree}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        stream = BodyStream(Path(request["path"]))
+        try:
+            started = time.perf_counter()
+            index = build_layer_index(
+                stream, media_type=request["media_type"], span_size=request["span_size"]
+            )
+            encoded = encode_index(index)
+            built = time.perf_counter() - started
+        finally:
+            stream.close()
+        started = time.perf_counter()
+        decode_index(encoded)
+        decoded = time.perf_counter() - started
+        reply = {"build": built, "decode": decoded, "spans": len(index.spans)}
+        reply |= {"entries": len(index.entries), "index_bytes": len(encoded)}
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+class Worker:
+    """One builder (a source tree) in its own process."""
+
+    def __init__(self, tree: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(tree)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        )
+        self._expect("ready")
+
+    def _expect(self, key: str) -> dict[str, float]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"benchmark worker exited with {self.process.wait()}")
+        reply: dict[str, float] = json.loads(line)
+        if key not in reply:
+            raise SystemExit(f"benchmark worker answered {line!r}")
+        return reply
+
+    def build(self, path: Path, media_type: str, span_size: int) -> dict[str, float]:
+        assert self.process.stdin is not None
+        request = {"path": str(path), "media_type": media_type, "span_size": span_size}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._expect("build")
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 @dataclass
 class Row:
     layer: str
@@ -59,12 +132,16 @@ class Row:
     seconds: list[float]
     mb: float  # uncompressed MB processed per run
 
-    def line(self) -> str:
+    def rate(self) -> float:
+        return self.mb / statistics.median(self.seconds)
+
+    def line(self, reference: Row | None) -> str:
         med = statistics.median(self.seconds)
         rates = sorted(self.mb / s for s in self.seconds)
+        relative = f"{self.rate() / reference.rate():.2f}x" if reference else ""
         return (
             f"| {self.layer} | {self.what} | {med * 1000:.0f} | "
-            f"{self.mb / med:.0f} ({rates[0]:.0f}-{rates[-1]:.0f}) |"
+            f"{self.rate():.0f} ({rates[0]:.0f}-{rates[-1]:.0f}) | {relative} |"
         )
 
 
@@ -74,84 +151,113 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def build(path: Path, media_type: str, span_size: int) -> bytes:
-    stream = BodyStream(path)
-    try:
-        index = build_layer_index(stream, media_type=media_type, span_size=span_size)  # type: ignore[arg-type]
-    finally:
-        stream.close()
-    return encode_index(index)
-
-
 def decompress_cli(tool: str, path: Path) -> None:
     subprocess.run([tool, "-dc", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def export_revision(revision: str, into: Path) -> None:
+    """`git archive` of the revision's snapshotter package into `into`."""
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "snapshotter"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"cannot export revision {revision!r}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+
+
+def make_layers(source: Path, work: Path) -> tuple[dict[str, Path], float]:
+    import zstandard
+
+    tar = work / "layer.tar"
+    subprocess.run(
+        ["tar", "-C", "/", "--sort=name", "-cf", str(tar), str(source.relative_to("/"))],
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
+    raw = tar.read_bytes()
+    layers = {
+        "gzip -6": work / "l.gz",
+        "pigz": work / "l.pigz.gz",
+        "zstd 4 MiB frames": work / "l.zst",
+    }
+    with layers["gzip -6"].open("wb") as out:
+        subprocess.run(["gzip", "-6", "-n", "-c", str(tar)], stdout=out, check=True)
+    with layers["pigz"].open("wb") as out:
+        subprocess.run(["pigz", "-n", "-c", str(tar)], stdout=out, check=True)
+    cctx = zstandard.ZstdCompressor(level=3)
+    frames = io.BytesIO()
+    for i in range(0, len(raw), 4 << 20):
+        frames.write(cctx.compress(raw[i : i + (4 << 20)]))
+    layers["zstd 4 MiB frames"].write_bytes(frames.getvalue())
+    return layers, len(raw) / 1e6
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="/usr/lib/python3.11", help="directory to tar")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--span-size", type=int, default=DEFAULT_SPAN_SIZE)
+    parser.add_argument("--span-size", type=int, default=4 << 20)
+    parser.add_argument("--baseline", metavar="REV", help="also time the builder of this git rev")
+    parser.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
     if args.trials < 3:
         parser.error("--trials must be >= 3 (the table shows medians)")
+    source = Path(args.source).resolve()
+    if not source.is_dir():
+        parser.error(f"--source {source} is not a directory")
     work = Path(tempfile.mkdtemp(prefix="lazysnap-bench-index-"))
+    workers: dict[str, Worker] = {}
     try:
-        tar = work / "layer.tar"
-        source = Path(args.source).resolve()
-        subprocess.run(
-            ["tar", "-C", "/", "--sort=name", "-cf", str(tar), str(source.relative_to("/"))],
-            check=True,
-            stderr=subprocess.DEVNULL,
-        )
-        raw = tar.read_bytes()
-        mb = len(raw) / 1e6
-        layers = {
-            "gzip -6": work / "l.gz",
-            "pigz": work / "l.pigz.gz",
-            "zstd 4 MiB frames": work / "l.zst",
-        }
-        with layers["gzip -6"].open("wb") as out:
-            subprocess.run(["gzip", "-6", "-n", "-c", str(tar)], stdout=out, check=True)
-        with layers["pigz"].open("wb") as out:
-            subprocess.run(["pigz", "-n", "-c", str(tar)], stdout=out, check=True)
-        cctx = zstandard.ZstdCompressor(level=3)
-        frames = io.BytesIO()
-        for i in range(0, len(raw), 4 << 20):
-            frames.write(cctx.compress(raw[i : i + (4 << 20)]))
-        layers["zstd 4 MiB frames"].write_bytes(frames.getvalue())
-        rows: list[Row] = []
+        trees = {"build_layer_index": REPO}
+        if args.baseline:
+            export_revision(args.baseline, work / "baseline")
+            trees[f"build_layer_index @ {args.baseline}"] = work / "baseline"
+        workers = {label: Worker(tree) for label, tree in trees.items()}
+        layers, mb = make_layers(source, work)
+        rows: list[tuple[Row | None, Row]] = []
         for name, path in layers.items():
             is_zstd = name.startswith("zstd")
             media_type = ZSTD_MT if is_zstd else GZIP_MT
             tool = "zstd" if is_zstd and shutil.which("zstd") else "gzip"
             cli = Row(name, f"`{tool} -dc` (reference)", [], mb)
-            builder = Row(name, "build_layer_index", [], mb)
+            builders = {label: Row(name, label, [], mb) for label in workers}
             loader = Row(name, "decode_index (load)", [], mb)
-            encoded = b""
+            last: dict[str, float] = {}
             for _ in range(args.trials):  # interleaved so load changes hit all rows alike
                 if not is_zstd or tool == "zstd":
-                    cli.seconds.append(timed(lambda p=path, t=tool: decompress_cli(t, p)))
-                started = time.perf_counter()
-                encoded = build(path, media_type, args.span_size)
-                builder.seconds.append(time.perf_counter() - started)
-                loader.seconds.append(timed(lambda e=encoded: decode_index(e)))
-            index = decode_index(encoded)
+                    cli.seconds.append(timed(functools.partial(decompress_cli, tool, path)))
+                for label, process in workers.items():
+                    last = process.build(path, media_type, args.span_size)
+                    builders[label].seconds.append(last["build"])
+                    if label == "build_layer_index":
+                        loader.seconds.append(last["decode"])
             print(
                 f"{name}: {path.stat().st_size / 1e6:.1f} MB compressed, {mb:.1f} MB tar, "
-                f"{len(index.entries)} entries, {len(index.spans)} spans, "
-                f"index {len(encoded) / 1e3:.0f} kB",
+                f"{last['entries']:.0f} entries, {last['spans']:.0f} spans, "
+                f"index {last['index_bytes'] / 1e3:.0f} kB",
                 file=sys.stderr,
             )
-            rows += [r for r in (cli, builder, loader) if r.seconds]
+            reference = cli if cli.seconds else None
+            if reference:
+                rows.append((None, cli))
+            rows += [(reference, row) for row in builders.values()]
+            rows.append((None, loader))
         print(f"Command: `{shlex.join([sys.executable, *sys.argv])}`  ")
         print(f"Layer: tar of {source} ({mb:.1f} MB), span size {args.span_size >> 20} MiB, "
-              f"{args.trials} trials, median (min-max of MB/s).\n")  # fmt: skip
-        print("| layer | step | median ms | MB/s of tar (range) |")
-        print("|---|---|---|---|")
-        for row in rows:
-            print(row.line())
+              f"{args.trials} trials, median (min-max of MB/s), load average at the end "
+              f"{os.getloadavg()[0]:.1f}.\n")  # fmt: skip
+        print("| layer | step | median ms | MB/s of tar (range) | builder speed / CLI speed |")
+        print("|---|---|---|---|---|")
+        for reference, row in rows:
+            print(row.line(reference))
     finally:
+        for process in workers.values():
+            process.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
