@@ -10,6 +10,7 @@ import struct
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import indexed_gzip
 import pytest
@@ -147,3 +148,13 @@ def test_zlib_stream_labelled_gzip_is_refused() -> None:
     blob = b"\x1f\x8b" + zlib.compress(bytes(10240))
     with pytest.raises(InvalidLayer, match="gzip layer is corrupt"):
         build_layer_index(OnlyRead(blob), media_type=GZIP_MT)
+
+
+def test_builds_in_parallel_threads_do_not_interfere(
+    layers: dict[str, Layer], built: dict[str, LayerIndex]
+) -> None:
+    """inflate runs without the GIL: each builder must own every buffer it hands to C."""
+    names = ["pigz", "multi-member", "python-gzip", "pigz"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(lambda name: layers[name].build(), names))
+    assert results == [built[name] for name in names]
