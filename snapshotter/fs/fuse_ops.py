@@ -142,10 +142,23 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         if self.recorder is not None:
             self.recorder.first_read(node.data.name)
         try:
-            return self.reader.read(node.data, offset, size)
+            data = self.reader.read(node.data, offset, size)
         except SpanReadError as exc:
             log.error("EIO reading %s: %s", path or node.data.name, exc)
             raise _fail(errno.EIO) from None
+        expected = max(0, min(size, node.data.size - offset))
+        if len(data) != expected:
+            # A short read mid-file would make the kernel zero-fill the page: mmapped code
+            # would then crash far from here. Fail loudly instead.
+            log.error(
+                "EIO reading %s: %d bytes at %d gave %d",
+                node.data.name,
+                expected,
+                offset,
+                len(data),
+            )
+            raise _fail(errno.EIO)
+        return data
 
     def release(self, path: str | None, fh: int) -> int:
         return 0

@@ -3,6 +3,7 @@
     index build IMAGE [--platform os/arch[/variant]]... [--all-platforms] [--plain-http]
                       [--hosts-dir DIR] [--span-size N] [--min-layer-size N]
                       [--cache-repo REPO] [--jobs N]
+                      [--profile CMD [--profile-timeout SECONDS]]
     index show IMAGE [--platform ...]... [--all-platforms] [--plain-http] [--hosts-dir DIR]
                      [--json]
 
@@ -18,6 +19,12 @@ import json
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snapshotter.indexer.build import BuildReport
+    from snapshotter.remote.client import RegistryClient
+    from snapshotter.remote.reference import Reference
 
 from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 
@@ -50,6 +57,16 @@ def _jobs(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid job count {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"--jobs must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--profile-timeout must be > 0, got {text!r}")
     return value
 
 
@@ -126,6 +143,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="layers indexed in parallel (default: CPU count)",
     )
+    build.add_argument(
+        "--profile",
+        metavar="CMD",
+        help="after indexing, run CMD (split like a shell command line) in the image over lazy "
+        "mounts of its layers, record the order in which it first reads files, and attach that "
+        "startup profile to the index: snapshotters then fetch those files right after "
+        "mounting (needs root; docs/startup-profile.md)",
+    )
+    build.add_argument(
+        "--profile-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop CMD after this long and keep what it read so far (default 60; a server "
+        "never exits on its own)",
+    )
     show = sub.add_parser(
         "show",
         help="show which layers of an image are indexed",
@@ -157,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
     if args.hosts_dir is not None and not os.path.isdir(args.hosts_dir):
         print(f"error: --hosts-dir {args.hosts_dir}: not a directory", file=sys.stderr)
         return 2
+    profile_argv = _profile_argv(args)
+    if isinstance(profile_argv, str):
+        print(f"error: {profile_argv}", file=sys.stderr)
+        return 2
     try:
         hosts = HostsConfig(args.hosts_dir, plain_http=[ref.registry] if args.plain_http else [])
         with RegistryClient(hosts, CredentialStore.from_docker_config()) as client:
@@ -179,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
                         state = f"already indexed by {target.artifact_digest} ({target.source})"
                     print(f"{target.target.platform} {target.target.subject.digest}: {state}")
                 print(report.summary())
+                if profile_argv:
+                    return _record_profiles(client, ref, report, args, profile_argv)
                 return 0
             view = show_image_index(client, args.image, platforms, all_platforms=args.all_platforms)
             if args.json:
@@ -189,3 +228,81 @@ def run(args: argparse.Namespace) -> int:
     except (IndexBuildError, RegistryError, ArtifactError) as exc:
         print(f"error: {args.image}: {exc}", file=sys.stderr)
         return 1
+
+
+def _profile_argv(args: argparse.Namespace) -> list[str] | str | None:
+    """--profile split into argv; a str is the reason it cannot be used."""
+    import shlex
+
+    text = getattr(args, "profile", None)
+    if text is None:
+        return None
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        return f"--profile {text!r}: {exc}"
+    if not argv:
+        return "--profile: empty command"
+    if os.geteuid() != 0:
+        return "--profile needs root: it mounts the image's layers and runs CMD in a chroot"
+    return argv
+
+
+def _record_profiles(
+    client: RegistryClient,
+    ref: Reference,
+    report: BuildReport,
+    args: argparse.Namespace,
+    argv: list[str],
+) -> int:
+    """Record and attach the profile of the platform manifest this machine can run."""
+    from snapshotter.profile.attach import BlobAccess, profile_summary, record_and_attach
+    from snapshotter.profile.record import ProfileRecordError
+    from snapshotter.remote.auth import CredentialStore
+    from snapshotter.remote.errors import RegistryError
+    from snapshotter.remote.manifest import Platform
+
+    host = Platform.host()
+    runnable = [
+        t
+        for t in report.targets
+        if t.artifact_digest is not None
+        and (
+            t.target.platform == "-"
+            or host.match_rank(Platform.parse(t.target.platform)) is not None
+        )
+    ]
+    if not runnable:
+        print(
+            f"error: {args.image}: no indexed platform manifest this machine ({host}) can run: "
+            "no profile recorded",
+            file=sys.stderr,
+        )
+        return 1
+    docker_config = CredentialStore.default_config_path()
+    access = BlobAccess(
+        hosts_dir=args.hosts_dir or "",
+        plain_http=(ref.registry,) if args.plain_http else (),
+        docker_config=docker_config if os.path.exists(docker_config) else "",
+    )
+    target = runnable[0].target
+    try:
+        attached = record_and_attach(
+            client,
+            ref,
+            target.subject.digest,
+            argv,
+            command_text=args.profile,
+            timeout=args.profile_timeout,
+            access=access,
+        )
+    except (ProfileRecordError, RegistryError) as exc:
+        print(f"error: {args.image}: profile: {exc}", file=sys.stderr)
+        return 1
+    ended = "stopped by --profile-timeout" if attached.recording.exit_status is None else "exited 0"
+    print(
+        f"{target.platform} {target.subject.digest}: profile {attached.profile_digest} "
+        f"({profile_summary(attached.recording.profile)}; command {ended}) "
+        f"pushed in {attached.artifact_digest} ({attached.source})"
+    )
+    return 0

@@ -23,6 +23,14 @@ from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION
+from snapshotter.profile.model import (
+    MAX_PROFILE_BYTES,
+    PROFILE_CREATED_ANNOTATION,
+    PROFILE_MEDIA_TYPE,
+    ProfileError,
+    StartupProfile,
+    decode_profile,
+)
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import RegistryError
 from snapshotter.remote.manifest import Descriptor, Manifest
@@ -52,6 +60,7 @@ class _ImageIndexes:
     index_blobs: dict[str, Descriptor]  # image layer digest -> index blob descriptor
     source: str  # referrers-api | tag-fallback | oras
     found_at: float
+    profile: Descriptor | None = None  # the newest startup profile blob of any artifact
 
 
 class IndexDiscovery:
@@ -70,6 +79,7 @@ class IndexDiscovery:
         self.negative_ttl = negative_ttl
         self.positive_ttl = positive_ttl
         self._cache: dict[str, _ImageIndexes] = {}
+        self._profiles: dict[str, StartupProfile | None] = {}  # by blob digest
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -130,7 +140,29 @@ class IndexDiscovery:
                 docker_config=self.blob_settings.docker_config,
             ),
             index_bytes=data,
+            prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),
         )
+
+    def _profile_names(
+        self, ref: Reference, blob: Descriptor | None, layer_digest: str
+    ) -> tuple[str, ...]:
+        """This layer's part of the image's startup profile. A profile is only a hint: one that
+        cannot be fetched or decoded is logged once and the layer mounts without it."""
+        if blob is None:
+            return ()
+        with self._guard:
+            known = blob.digest in self._profiles
+            profile = self._profiles.get(blob.digest)
+        if not known:
+            try:
+                data = self.client.get_blob(ref.repository, blob.digest, MAX_PROFILE_BYTES)
+                profile = decode_profile(data, f"startup profile {blob.digest} of {ref}")
+            except (RegistryError, ProfileError) as exc:
+                log.warning("ignoring startup profile: %s", exc)
+                profile = None
+            with self._guard:
+                self._profiles[blob.digest] = profile
+        return profile.names_for(layer_digest) if profile is not None else ()
 
     def _platform_manifest_digest(self, ref: Reference) -> str:
         top = self.client.get_manifest(ref)
@@ -160,6 +192,7 @@ class IndexDiscovery:
         layers = {d.digest: d for d in image.layers}
         result = find_referrers(self.client, ref.repository, manifest_digest, ARTIFACT_TYPE)
         index_blobs: dict[str, Descriptor] = {}
+        profile: Descriptor | None = None
         # Newest artifact wins when several exist: referrers lists give no order, so take the
         # last one that names a layer (stable for a given registry answer).
         for desc in result.descriptors:
@@ -167,6 +200,7 @@ class IndexDiscovery:
             for blob, layer_digest in _index_blobs(artifact):
                 if layer_digest in layers:
                     index_blobs[layer_digest] = blob
+            profile = _newer_profile(profile, artifact)
         log.info(
             "%s@%s: lazysnap index for %d of %d layers (via %s)",
             ref,
@@ -175,7 +209,7 @@ class IndexDiscovery:
             len(layers),
             result.source,
         )
-        return _ImageIndexes(layers, index_blobs, result.source, time.monotonic())
+        return _ImageIndexes(layers, index_blobs, result.source, time.monotonic(), profile)
 
 
 def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:
@@ -185,3 +219,14 @@ def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:
         if layer_digest:
             found.append((blob, layer_digest))
     return found
+
+
+def _newer_profile(current: Descriptor | None, artifact: Manifest) -> Descriptor | None:
+    """The startup profile blob with the latest creation time among current and artifact's."""
+    for blob in artifact.layers:
+        if blob.media_type != PROFILE_MEDIA_TYPE:
+            continue
+        created = blob.annotations.get(PROFILE_CREATED_ANNOTATION, "")
+        if current is None or created >= current.annotations.get(PROFILE_CREATED_ANNOTATION, ""):
+            current = blob
+    return current

@@ -1,0 +1,184 @@
+"""Record an image's startup profile from the registry and attach it to the image's lazysnap
+index artifact: `lazysnap index build IMAGE --profile CMD`.
+
+The profile is one more blob (PROFILE_MEDIA_TYPE, annotated with its creation time) in a new
+artifact manifest that lists the same index blobs as the image's existing one; discovery
+reads the index blobs from any artifact and the profile from the newest. The layer indexes
+themselves are untouched, so the layer cache keeps sharing them between images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.manager import LayerSpec
+from snapshotter.index.model import ARTIFACT_TYPE
+from snapshotter.indexer.artifact import ArtifactError, IndexedLayer, indexed_layers
+from snapshotter.profile.model import (
+    PROFILE_CREATED_ANNOTATION,
+    PROFILE_MEDIA_TYPE,
+    StartupProfile,
+    encode_profile,
+)
+from snapshotter.profile.record import (
+    LayerSource,
+    ProfileRecordError,
+    Recording,
+    image_run_settings,
+    record_profile,
+    registry_layer_spec,
+)
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import RegistryError
+from snapshotter.remote.manifest import Descriptor, Manifest
+from snapshotter.remote.reference import Reference
+from snapshotter.remote.referrers import find_referrers, push_referrer, referrer_manifest
+
+log = logging.getLogger("lazysnap.profile")
+
+MAX_INDEX_BLOB = 256 << 20
+MAX_CONFIG_BLOB = 4 << 20
+
+
+@dataclass(frozen=True)
+class BlobAccess:
+    """How the recording's mount processes reach the registry (as the CLI was told)."""
+
+    hosts_dir: str = ""
+    plain_http: tuple[str, ...] = ()
+    docker_config: str = ""
+
+
+@dataclass(frozen=True)
+class AttachedProfile:
+    recording: Recording
+    artifact_digest: str
+    profile_digest: str
+    source: str  # referrers-api | tag-fallback
+
+
+def newest_index_artifact(
+    client: RegistryClient, ref: Reference, subject_digest: str
+) -> tuple[Manifest, list[IndexedLayer]] | None:
+    """The lazysnap artifact of a platform manifest that discovery would use."""
+    found = find_referrers(client, ref.repository, subject_digest, ARTIFACT_TYPE)
+    for desc in reversed(found.descriptors):  # later entries are the newer pushes
+        try:
+            manifest = client.get_manifest(ref.with_digest(desc.digest))
+            layers = indexed_layers(manifest)
+        except (ArtifactError, RegistryError) as exc:
+            log.warning("ignoring referrer %s of %s: %s", desc.digest, subject_digest, exc)
+            continue
+        if layers:
+            return manifest, layers
+    return None
+
+
+def record_and_attach(
+    client: RegistryClient,
+    ref: Reference,
+    subject_digest: str,
+    argv: list[str],
+    *,
+    command_text: str,
+    timeout: float,
+    access: BlobAccess = BlobAccess(),
+) -> AttachedProfile:
+    """Record the profile of the platform manifest subject_digest of ref and push it. Raises
+    ProfileRecordError (or RegistryError) naming what failed; nothing is pushed then."""
+    image = client.get_manifest(ref.with_digest(subject_digest))
+    if image.is_index:
+        raise ProfileRecordError(f"{ref}@{subject_digest} is an index, not an image manifest")
+    artifact = newest_index_artifact(client, ref, subject_digest)
+    if artifact is None:
+        raise ProfileRecordError(
+            f"{ref}@{subject_digest} has no lazysnap index: nothing to attach a profile to"
+        )
+    _, indexed = artifact
+    config_desc = image.config
+    config = (
+        json.loads(client.get_blob(ref.repository, config_desc.digest, MAX_CONFIG_BLOB))
+        if config_desc is not None
+        else {}
+    )
+    run = image_run_settings(config if isinstance(config, dict) else {}, argv, timeout)
+    by_layer = {i.layer_digest: i for i in indexed}
+    with tempfile.TemporaryDirectory(prefix="lazysnap-layers-") as downloads:
+        sources = [
+            LayerSource(
+                layer.digest,
+                _layer_spec(client, ref, layer, by_layer.get(layer.digest), access, downloads),
+            )
+            for layer in image.layers
+        ]
+        recording = record_profile(sources, run, command_text=command_text)
+    profile_bytes = encode_profile(recording.profile)
+    profile_digest = client.push_blob(ref.repository, profile_bytes)
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    profile_desc = Descriptor(
+        PROFILE_MEDIA_TYPE,
+        profile_digest,
+        len(profile_bytes),
+        annotations={PROFILE_CREATED_ANNOTATION: created},
+    )
+    subject = Descriptor(image.media_type, image.digest, len(image.data))
+    manifest = referrer_manifest(
+        subject, ARTIFACT_TYPE, [i.descriptor() for i in indexed] + [profile_desc]
+    )
+    pushed = push_referrer(client, ref.repository, manifest)
+    return AttachedProfile(recording, pushed.digest, profile_digest, pushed.source)
+
+
+def _layer_spec(
+    client: RegistryClient,
+    ref: Reference,
+    layer: Descriptor,
+    indexed: IndexedLayer | None,
+    access: BlobAccess,
+    downloads: str,
+) -> LayerSpec:
+    if indexed is not None:
+        index_bytes = client.get_blob(ref.repository, indexed.index_digest, MAX_INDEX_BLOB)
+        return registry_layer_spec(
+            str(ref.repository),
+            layer.digest,
+            layer.size,
+            index_bytes,
+            hosts_dir=access.hosts_dir,
+            plain_http=access.plain_http,
+            docker_config=access.docker_config,
+        )
+    # A layer too small to be indexed: fetch it whole and index the local copy, so it is
+    # mounted (and its whiteouts applied) the same way as the others.
+    from snapshotter.index.build import build_layer_index
+    from snapshotter.index.codec import encode_index
+    from snapshotter.index.errors import IndexFormatError
+
+    path = Path(downloads) / layer.digest.replace(":", "-")
+    with (
+        client.stream_blob(ref.repository, layer.digest, layer.size) as stream,
+        open(path, "wb") as out,
+    ):
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+    try:
+        with open(path, "rb") as blob:
+            index = build_layer_index(
+                blob, media_type=layer.media_type, expected_digest=layer.digest
+            )
+    except (IndexFormatError, ValueError) as exc:
+        raise ProfileRecordError(f"layer {layer.digest} ({layer.media_type}): {exc}") from None
+    return LayerSpec(
+        blob=BlobSpec("file", str(path), layer.digest, layer.size), index_bytes=encode_index(index)
+    )
+
+
+def profile_summary(profile: StartupProfile) -> str:
+    layers = profile.layers()
+    return f"{len(profile.entries)} files in {len(layers)} layer{'' if len(layers) == 1 else 's'}"

@@ -1,0 +1,256 @@
+"""Record a startup profile: run a command in the image over lazy mounts of its layers and keep,
+in order, the first read of every file.
+
+1. Every layer is mounted lazily by its own mount process (the same code the snapshotter runs),
+   without prefetch or background fetch, each logging its files' first reads: indexed layers
+   from their index blob with the registry as blob source; unindexed (small) layers are
+   downloaded and indexed on the spot, then served from the local copy.
+2. In a private mount + PID namespace (unshare), an overlay of the layers (upper dir in the
+   work dir, so the command may write), /proc, /dev and /sys, then chroot and run the command
+   with the image's environment and working directory.
+3. The command ends, or the timeout kills the namespace (a server never ends: what it read
+   until then is its startup). Everything is unmounted and the work dir removed.
+4. The layers' logs merge by time into one (layer digest, entry name) list.
+
+Needs root (mount, unshare, chroot) and the host's unshare, mount and chroot programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.background import BackgroundSettings
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.profile.model import ProfileEntry, StartupProfile
+
+log = logging.getLogger("lazysnap.profile")
+
+DEFAULT_TIMEOUT_S = 60.0
+RECORD_CACHE_BYTES = 64 << 30  # the recording's own throwaway cache: never the limit
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Runs as PID 1 of the new namespaces: everything it mounts disappears with them.
+_NAMESPACE_SCRIPT = """
+set -e
+root=$1 lowers=$2 upper=$3 work=$4 workdir=$5 mount=$6 chroot=$7
+shift 7
+"$mount" -t overlay overlay -o "lowerdir=$lowers,upperdir=$upper,workdir=$work" "$root"
+for dir in proc dev sys; do mkdir -p "$root/$dir"; done
+"$mount" -t proc proc "$root/proc"
+"$mount" --rbind /dev "$root/dev"
+"$mount" --rbind /sys "$root/sys"
+if [ "$workdir" = / ]; then exec "$chroot" "$root" "$@"; fi
+exec "$chroot" "$root" /bin/sh -c 'mkdir -p "$0" && cd "$0" && exec "$@"' "$workdir" "$@"
+"""
+
+
+class ProfileRecordError(Exception):
+    """Recording failed; the message names the image, layer or command."""
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """One image layer, bottom first, as the recorder mounts it."""
+
+    digest: str
+    spec: LayerSpec
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    workdir: str = "/"
+    timeout: float = DEFAULT_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Recording:
+    profile: StartupProfile
+    exit_status: int | None  # None: stopped by the timeout
+    files: int
+
+
+def image_run_settings(config: dict[str, Any], argv: Sequence[str], timeout: float) -> RunSettings:
+    """Env and working directory from an OCI image config blob (its "config" object)."""
+    inner = config.get("config") or {}
+    env: dict[str, str] = {"PATH": DEFAULT_PATH}
+    for item in inner.get("Env") or []:
+        if isinstance(item, str) and "=" in item:
+            key, value = item.split("=", 1)
+            env[key] = value
+    workdir = inner.get("WorkingDir") or "/"
+    if not isinstance(workdir, str) or not workdir.startswith("/"):
+        workdir = "/"
+    return RunSettings(tuple(argv), env, workdir, timeout)
+
+
+def record_profile(
+    layers: Sequence[LayerSource],
+    run: RunSettings,
+    *,
+    command_text: str = "",
+    work_root: str | None = None,
+    lazy_layers: Callable[[str], LazyLayers] | None = None,
+) -> Recording:
+    """Mount layers (bottom first), run the command over their overlay, return the profile."""
+    if not run.argv:
+        raise ProfileRecordError("profile command is empty")
+    if not layers:
+        raise ProfileRecordError("the image has no layers to run the profile command in")
+    tools = _host_tools()
+    with tempfile.TemporaryDirectory(prefix="lazysnap-profile-", dir=work_root) as tmp:
+        work = Path(tmp)
+        manager = (lazy_layers or _recording_layers)(str(work / "cache"))
+        mountpoints: list[Path] = []
+        logs: list[Path] = []
+        try:
+            for number, layer in enumerate(layers):
+                mountpoint = work / "l" / str(number)
+                mountpoint.mkdir(parents=True)
+                log_path = work / f"access-{number}.log"
+                log_path.touch()
+                try:
+                    manager.mount_layer(str(mountpoint), layer.spec, access_log=str(log_path))
+                except RemoteLayerUnavailable as exc:
+                    raise ProfileRecordError(f"layer {layer.digest}: {exc}") from None
+                mountpoints.append(mountpoint)
+                logs.append(log_path)
+            status = _run_in_namespace(work, mountpoints, run, tools)
+        finally:
+            for mountpoint in reversed(mountpoints):
+                manager.unmount(str(mountpoint))
+        if status not in (None, 0):
+            raise ProfileRecordError(
+                f"profile command {command_text or ' '.join(run.argv)!r} exited with status "
+                f"{status}; nothing recorded"
+            )
+        entries = _merge_logs(
+            [(layer.digest, path) for layer, path in zip(layers, logs, strict=True)]
+        )
+    profile = StartupProfile(tuple(entries), command_text or " ".join(run.argv))
+    return Recording(profile, status, len(entries))
+
+
+def _recording_layers(cache_dir: str) -> LazyLayers:
+    return LazyLayers(
+        cache_dir,
+        RECORD_CACHE_BYTES,
+        prefetch=False,  # a prefetch would hide the order the command reads in
+        background=BackgroundSettings(enabled=False),
+        allow_other=True,
+    )
+
+
+def _host_tools() -> dict[str, str]:
+    tools = {}
+    for name in ("unshare", "mount", "chroot"):
+        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if path is None:
+            raise ProfileRecordError(f"recording a profile needs the host program {name!r}")
+        tools[name] = path
+    if os.geteuid() != 0:
+        raise ProfileRecordError("recording a profile needs root (it mounts the image's layers)")
+    return tools
+
+
+def _run_in_namespace(
+    work: Path, mountpoints: list[Path], run: RunSettings, tools: dict[str, str]
+) -> int | None:
+    """The command's exit status, or None if the timeout stopped it."""
+    root, upper, overlay_work = work / "root", work / "upper", work / "work"
+    for directory in (root, upper, overlay_work):
+        directory.mkdir()
+    lowers = ":".join(str(m) for m in reversed(mountpoints))  # overlay lists the top layer first
+    argv = [
+        tools["unshare"],
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "/bin/sh",
+        "-c",
+        _NAMESPACE_SCRIPT,
+        "lazysnap-profile",
+        str(root),
+        lowers,
+        str(upper),
+        str(overlay_work),
+        run.workdir,
+        tools["mount"],
+        tools["chroot"],
+        *run.argv,
+    ]
+    log.info("recording: %s (timeout %gs)", " ".join(run.argv), run.timeout)
+    child = subprocess.Popen(
+        argv, env=run.env, stdin=subprocess.DEVNULL, start_new_session=True, cwd="/"
+    )
+    try:
+        return child.wait(timeout=run.timeout)
+    except subprocess.TimeoutExpired:
+        log.info(
+            "profile command still running after %gs: stopped, keeping what it read", run.timeout
+        )
+        return None
+    finally:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def _merge_logs(logs: list[tuple[str, Path]]) -> list[ProfileEntry]:
+    """All layers' first reads, ordered by time (ties keep layer order)."""
+    timed: list[tuple[int, int, ProfileEntry]] = []
+    for number, (digest, path) in enumerate(logs):
+        for line_no, line in enumerate(path.read_text(encoding="ascii").splitlines()):
+            stamp, _, name_json = line.partition(" ")
+            try:
+                name = json.loads(name_json)
+                when = int(stamp)
+            except ValueError:
+                raise ProfileRecordError(
+                    f"access log {path} line {line_no + 1}: {line!r}"
+                ) from None
+            timed.append((when, number, ProfileEntry(digest, name)))
+    timed.sort(key=lambda item: (item[0], item[1]))
+    return [entry for _, _, entry in timed]
+
+
+def registry_layer_spec(
+    repository: str,
+    digest: str,
+    size: int,
+    index_bytes: bytes,
+    *,
+    hosts_dir: str = "",
+    plain_http: tuple[str, ...] = (),
+    docker_config: str = "",
+) -> LayerSpec:
+    return LayerSpec(
+        blob=BlobSpec(
+            kind="registry",
+            location=repository,
+            digest=digest,
+            size=size,
+            hosts_dir=hosts_dir,
+            plain_http=plain_http,
+            docker_config=docker_config,
+        ),
+        index_bytes=index_bytes,
+    )

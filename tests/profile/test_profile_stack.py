@@ -1,0 +1,140 @@
+"""`lazysnap index build --profile CMD` against docker-registry: the profile is recorded over
+lazy mounts served by the registry, attached to the image's index artifact, and handed by
+discovery to each layer's mount, which then fetches those files before they are read."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from snapshotter.fs.background import BackgroundSettings
+from snapshotter.fs.manager import LazyLayers
+from snapshotter.indexer import command
+from snapshotter.profile.attach import newest_index_artifact
+from snapshotter.profile.model import PROFILE_MEDIA_TYPE, decode_profile
+from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.reference import Reference
+from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.labels import LayerRequest
+from tests.harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
+from tests.harness.registry import Registry
+
+pytestmark = pytest.mark.stack
+BUSYBOX = Path("/bin/busybox")
+
+
+def _index(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="lazysnap index")
+    command.add_arguments(parser)
+    capsys.readouterr()
+    code = command.run(parser.parse_args(list(args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def image(registry: Registry, tmp_path: Path) -> tuple[Reference, str, list[str]]:
+    """(reference, manifest digest, layer digests bottom first): busybox below, data on top."""
+    base = layer_tar(
+        [
+            directory("bin"),
+            file("bin/busybox", BUSYBOX.read_bytes(), 0o755),
+            symlink("bin/sh", "busybox"),
+            symlink("bin/cat", "busybox"),
+            file("data/a", b"a" * 300_000),
+        ]
+    )
+    top = layer_tar([file("data/b", b"b" * 200_000), file("data/unread", b"u" * 100_000)])
+    built = write_oci_layout(tmp_path / "layout", "v1", [base, top])
+    repo = f"profile/app{secrets.token_hex(4)}"
+    push(built, registry.host, repo, "v1")
+    ref = Reference.parse(f"{registry.host}/{repo}:v1")
+    return ref, built.manifest_digest, [layer.digest for layer in built.layers]
+
+
+def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
+    image: tuple[Reference, str, list[str]],
+    registry: Registry,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ref, manifest_digest, (base, top) = image
+    code, out, err = _index(
+        "build",
+        str(ref),
+        "--plain-http",
+        "--min-layer-size",
+        "100k",  # the data layer stays unindexed: recorded from a local copy
+        "--span-size",
+        "64k",
+        "--profile",
+        "/bin/sh -c 'cat /data/b /data/a > /dev/null'",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert "profile sha256:" in out and "command exited 0" in out
+
+    client = RegistryClient(HostsConfig(plain_http=[registry.host]), CredentialStore.anonymous())
+    found = newest_index_artifact(client, ref, manifest_digest)
+    assert found is not None
+    artifact, indexed = found
+    assert [i.layer_digest for i in indexed] == [base]  # the data layer is under 100k
+    [profile_blob] = [d for d in artifact.layers if d.media_type == PROFILE_MEDIA_TYPE]
+    profile = decode_profile(client.get_blob(ref.repository, profile_blob.digest))
+    assert profile.names_for(base)[0] == "bin/busybox"
+    assert "data/a" in profile.names_for(base)
+    assert profile.names_for(top) == ("data/b",)
+
+    discovery = IndexDiscovery(client, BlobSettings(plain_http=(registry.host,)))
+    spec = discovery.resolve(LayerRequest("chain", str(ref), manifest_digest, base, (base,)))
+    assert spec.prefetch_names == profile.names_for(base)
+
+    # The mount fetches the profile's files before anyone reads them.
+    lazy = LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        fetch_timeout=5,
+        background=BackgroundSettings(enabled=False),  # only the profile fetches ahead
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazy.mount_layer(str(mnt), spec)
+    try:
+        state_path = tmp_path / "mnt.lazysnap.json"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and '"prefetch_spans": 0' in _text(state_path):
+            time.sleep(0.2)
+        assert '"prefetch_spans": 0' not in _text(state_path)
+        since = registry.log_offset()
+        assert (mnt / "data/a").read_bytes() == b"a" * 300_000
+        registry.wait_log_quiet()
+        assert base not in registry.blob_fetches(since)  # already local
+    finally:
+        lazy.unmount(str(mnt))
+
+
+def test_profile_needs_a_command_and_a_positive_timeout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = argparse.ArgumentParser(prog="lazysnap index")
+    command.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["build", "reg/x:1", "--profile", "true", "--profile-timeout", "0"])
+    assert "--profile-timeout must be > 0" in capsys.readouterr().err
+    code, _, err = _index("build", "reg/x:1", "--profile", "  ", capsys=capsys)
+    assert code == 2 and "--profile: empty command" in err
+    code, _, err = _index("build", "reg/x:1", "--profile", "sh -c 'unclosed", capsys=capsys)
+    assert code == 2 and "No closing quotation" in err
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
