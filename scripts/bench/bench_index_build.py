@@ -10,7 +10,7 @@ table (median of the trials, min-max, speed relative to the CLI) and the command
 Temporary files go to a private directory that is removed at the end.
 
     /opt/lazysnap-venv/bin/python scripts/bench/bench_index_build.py [--source DIR] [--trials 5]
-        [--baseline HEAD~2]
+        [--baseline HEAD~2] [--system-zlib]
 
 Each builder runs in its own long-lived worker process (this script with --worker TREE), which
 imports `snapshotter` from TREE (this checkout, or `git archive` of the baseline revision) and
@@ -53,11 +53,17 @@ class BodyStream:
         self._file.close()
 
 
-def worker(tree: str) -> int:
+def worker(tree: str, inflate_library: str | None) -> int:
     """Serve build requests (JSON lines on stdin) with the builder found in `tree`."""
     sys.path.insert(0, tree)
     from snapshotter.index.build import build_layer_index
     from snapshotter.index.codec import decode_index, encode_index
+
+    if inflate_library:  # pin the gzip builder's C library (this checkout's builder only)
+        from snapshotter.index import block_inflate, gzip_spans
+
+        library = block_inflate.load_inflate_library(inflate_library)
+        gzip_spans.__dict__["load_inflate_library"] = lambda name=None: library
 
     loaded = Path(sys.modules["snapshotter"].__file__ or "").resolve()
     if not loaded.is_relative_to(Path(tree).resolve()):
@@ -88,9 +94,10 @@ def worker(tree: str) -> int:
 class Worker:
     """One builder (a source tree) in its own process."""
 
-    def __init__(self, tree: Path) -> None:
+    def __init__(self, tree: Path, inflate_library: str | None = None) -> None:
+        pinned = ["--inflate-library", inflate_library] if inflate_library else []
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(tree)],
+            [sys.executable, __file__, "--worker", str(tree), *pinned],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -201,10 +208,16 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--span-size", type=int, default=4 << 20)
     parser.add_argument("--baseline", metavar="REV", help="also time the builder of this git rev")
+    parser.add_argument(
+        "--system-zlib",
+        action="store_true",
+        help="also time this checkout's gzip builder on the system zlib (its fallback library)",
+    )
     parser.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
+    parser.add_argument("--inflate-library", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.inflate_library)
     if args.trials < 3:
         parser.error("--trials must be >= 3 (the table shows medians)")
     source = Path(args.source).resolve()
@@ -213,11 +226,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lazysnap-bench-index-"))
     workers: dict[str, Worker] = {}
     try:
-        trees = {"build_layer_index": REPO}
+        workers["build_layer_index"] = Worker(REPO)
+        if args.system_zlib:
+            workers["build_layer_index, system zlib"] = Worker(REPO, "zlib")
         if args.baseline:
             export_revision(args.baseline, work / "baseline")
-            trees[f"build_layer_index @ {args.baseline}"] = work / "baseline"
-        workers = {label: Worker(tree) for label, tree in trees.items()}
+            workers[f"build_layer_index @ {args.baseline}"] = Worker(work / "baseline")
         layers, mb = make_layers(source, work)
         rows: list[tuple[Row | None, Row]] = []
         for name, path in layers.items():
