@@ -56,6 +56,9 @@ class _ZngStream(ctypes.Structure):
         ("data_type", ctypes.c_int),
         ("adler", ctypes.c_uint32),
         ("reserved", ctypes.c_ulong),
+        # slack: a library whose struct grew writes here, not past our allocation, until the
+        # self-test refuses it (zlib-ng's native API has no struct size check)
+        ("_guard", ctypes.c_char * 64),
     ]
 
 
@@ -77,6 +80,7 @@ class _ZStream(ctypes.Structure):
         ("data_type", ctypes.c_int),
         ("adler", ctypes.c_ulong),
         ("reserved", ctypes.c_ulong),
+        ("_guard", ctypes.c_char * 64),  # as in _ZngStream (zlib checks the size it is told)
     ]
 
 
@@ -125,7 +129,7 @@ def _bind_system_zlib() -> InflateLibrary:
         func.argtypes, func.restype = [pointer], ctypes.c_int
 
     def init(stream: ctypes._Pointer[_ZStream], window_bits: int) -> int:
-        return int(init2(stream, window_bits, version, ctypes.sizeof(_ZStream)))
+        return int(init2(stream, window_bits, version, _ZStream._guard.offset))
 
     return InflateLibrary(
         f"zlib {version.decode()}", _ZStream, init, lib.inflate, lib.inflateReset, lib.inflateEnd
