@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SESSION_CACHE_MAX_BYTES
-from tests.harness.images import PushedImage
+from tests.harness.images import BuiltImage, PushedImage
+from tests.lazy.edge_layer import edge_layer_tar, stack_layer
 from tests.lazy.lazy_helpers import LazyStack, unique_name
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -24,12 +26,12 @@ WALKER = (Path(__file__).parent / "rootfs_walker.py").read_text()
 MAX_PULL_TRANSFER = 0.02  # of the image's layer bytes
 
 
-def lazily_pulled_pybig(stack: LazyStack, pybig_image: PushedImage, prefix: str) -> PushedImage:
-    """pybig under a repository of this test's own, indexed, pulled with every layer lazy."""
-    image = stack.push(pybig_image.built, unique_name(f"test/{prefix}"))
+def lazily_pulled(stack: LazyStack, built: BuiltImage, prefix: str) -> PushedImage:
+    """built under a repository of this test's own, indexed, pulled with every layer lazy."""
+    image = stack.push(built, unique_name(f"test/{prefix}"))
     stack.index_build(image.reference)
     pulled = stack.pull(image.reference)
-    assert (pulled.lazy, pulled.pulled) == (3, 0), pulled.stdout
+    assert (pulled.lazy, pulled.pulled) == (len(built.layers), 0), pulled.stdout
     return image
 
 
@@ -84,22 +86,44 @@ def _differences(
     return problems
 
 
+def _assert_edge_layer_applied(tree: dict[str, dict[str, object]]) -> None:
+    """The edge layer's features reached containerd's own unpack (so comparing with it tests
+    them): opaque dir, whiteouts, a file over a dir, xattrs, modes, owners, hardlink, device."""
+    assert [p for p in tree if p.startswith("/usr/share/doc/")] == ["/usr/share/doc/README"]
+    assert "/etc/issue.net" not in tree and "/usr/share/man" not in tree
+    assert tree["/usr/share/lintian"]["type"] == stat.S_IFREG
+    xattrs = {"user.a": b"1".hex(), "user.lazysnap": b"edge".hex()}
+    assert tree["/opt/edge/xattrs"]["xattrs"] == xattrs
+    assert tree["/opt/edge"]["xattrs"] == {"user.kind": b"dir".hex()}
+    assert tree["/opt/edge/setuid"]["mode"] == 0o4755
+    assert tree["/opt/edge/sticky"]["mode"] == 0o1777
+    assert (tree["/opt/edge/owned"]["uid"], tree["/opt/edge/owned"]["gid"]) == (1234, 5678)
+    assert tree["/opt/edge/link-b"]["link_group"] == "/opt/edge/link-a"
+    assert tree["/opt/edge/null"]["type"] == stat.S_IFCHR
+    assert tree["/opt/edge/null"]["rdev"] == [1, 3]
+    assert tree["/opt/edge/fifo"]["type"] == stat.S_IFIFO
+    assert tree["/opt/edge/absolute"]["target"] == "/etc/motd"
+
+
 def test_pybig_rootfs_through_lazysnap_equals_containerds_own_unpack(
     stack: LazyStack, pybig_image: PushedImage
 ) -> None:
     """Every path of the container's root filesystem, with type, mode, owner, size, link target,
-    xattrs, hardlinks, file mtimes and content sha256: lazily mounted layers under lazysnap vs
-    the same image pulled by containerd into its overlayfs snapshotter."""
-    image = lazily_pulled_pybig(stack, pybig_image, "lazy-tree")
+    xattrs, hardlinks, device numbers, file mtimes and content sha256: lazily mounted layers
+    under lazysnap vs the same image pulled by containerd into its overlayfs snapshotter.
+
+    The image is pybig plus an edge layer (tests/lazy/edge_layer.py) of what pybig lacks:
+    opaque dir, whiteouts, a file replacing a directory, xattrs, devices, a fifo, odd modes."""
+    built = stack_layer(pybig_image.built, stack.workdir / "edge", edge_layer_tar())
+    image = lazily_pulled(stack, built, "lazy-tree")
     stack.ctr_pull(image.reference, snapshotter="overlayfs")
 
     expected = _walk(stack, image.reference, "overlayfs")
     actual = _walk(stack, image.reference, "lazysnap")
 
     assert len(expected) >= 15_000, f"walker saw only {len(expected)} paths"
-    unreadable = [
-        path for path, r in actual.items() if str(r.get("sha256", "")).startswith("error")
-    ]
+    _assert_edge_layer_applied(expected)
+    unreadable = [p for p, r in actual.items() if str(r.get("sha256", "")).startswith("error")]
     assert not unreadable, f"{len(unreadable)} files unreadable through lazysnap: {unreadable[:20]}"
     problems = _differences(expected, actual)
     assert not problems, f"{len(problems)} differences, first 40:\n" + "\n".join(problems[:40])
@@ -160,7 +184,7 @@ def test_reading_all_of_pybig_keeps_the_span_cache_under_its_limit(
     directory must never grow past the limit (du sampled throughout the read)."""
     limit = SESSION_CACHE_MAX_BYTES
     assert limit < pybig_image.built.blob_bytes
-    image = lazily_pulled_pybig(stack, pybig_image, "lazy-cache")
+    image = lazily_pulled(stack, pybig_image.built, "lazy-cache")
     cache_dir = stack.daemon.cache_dir
 
     samples: list[CacheSample] = []
