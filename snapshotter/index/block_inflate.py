@@ -250,6 +250,8 @@ class BlockInflater:
         self._stream.avail_in = avail - count
 
     def feed(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # next_in points into the object: it must be immutable
         if self._stream.avail_in:
             raise RuntimeError("feed() before the previous input was used up")
         if len(data) >= 1 << 32:
