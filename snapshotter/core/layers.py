@@ -18,10 +18,12 @@ class RemoteLayerUnavailable(Exception):
 
 class RemoteLayers(Protocol):
     def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
-        """Mount the layer the labels describe at mountpoint, or raise RemoteLayerUnavailable."""
+        """Start mounting the layer the labels describe at mountpoint, or raise
+        RemoteLayerUnavailable. May return before the mount is ready: check() waits for it."""
 
     def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
-        """Raise RemoteLayerUnavailable if the mount is no longer usable."""
+        """Wait for a mount still starting, then raise RemoteLayerUnavailable if the mount is
+        not usable (failed to start, or gone); mount() may then be tried again."""
 
     def unmount(self, mountpoint: str) -> None:
         """Unmount (idempotent)."""

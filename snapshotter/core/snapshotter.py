@@ -15,6 +15,10 @@ Remote path: Prepare with labels naming a target ("containerd.io/snapshot.ref") 
 RemoteLayers to mount the layer at <id>/fs; on success the target is committed at once (labelled
 remote) and AlreadyExists tells containerd the layer is there. The mount runs without the metadata
 lock held: the id is reserved by a committed transaction and the directory is marked in flight.
+RemoteLayers.mount may return before the mount is ready (so an image's layers mount in
+parallel): every call that hands out mounts (Prepare, View, Mounts) first waits, through
+RemoteLayers.check, for the lazy layers among the snapshot's parents, mounts a failed one again
+once, and otherwise fails naming it, so no container ever sees a silently empty layer.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ __all__ = [
 # Aliases so that annotations inside Snapshotter are not taken for its method `list`.
 MountList = list[Mount]
 PathList = list[str]
+RecordList = list[SnapshotRecord]
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,10 @@ class Snapshotter:
                 raise FailedPrecondition(
                     f"failed to get active mount: requested snapshot {key!r} not active or view"
                 )
-            return self._mounts(tx, record)
+            lazy = self._lazy_ancestors(tx, record)
+            mounts = self._mounts(tx, record)
+        self._ready(lazy)
+        return mounts
 
     def _mounts(self, tx: Transaction, record: SnapshotRecord) -> MountList:
         parents = [self._upper(pid) for pid in tx.parent_ids(record)]
@@ -225,11 +233,13 @@ class Snapshotter:
         labels = dict(labels or {})
         if self.remote is not None and labels.get(TARGET_SNAPSHOT_LABEL):
             return self._prepare_remote(key, parent, labels, self.remote)
+        self._ready_parent_chain(parent)
         return self._create(Kind.ACTIVE, key, parent, labels)
 
     def view(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> MountList:
+        self._ready_parent_chain(parent)
         return self._create(Kind.VIEW, key, parent, dict(labels or {}))
 
     def _check_new(self, tx: Transaction, key: str, parent: str) -> SnapshotRecord | None:
@@ -351,6 +361,8 @@ class Snapshotter:
             )
             mounted = False
         try:
+            if not mounted:  # an ordinary snapshot on top of parents that may be lazy
+                self._ready_parent_chain(parent)
             with self._store.transaction(writable=True) as tx:
                 parent_record = self._check_new(tx, key, parent)
                 parent_id = parent_record.id if parent_record else None
@@ -381,8 +393,62 @@ class Snapshotter:
         except Exception as err:
             log.warning("cannot unmount remote layer at %s: %s", upper, err)
 
+    def _lazy_ancestors(self, tx: Transaction, record: SnapshotRecord) -> RecordList:
+        """The remote snapshots among record's ancestors (the lowerdirs of its mounts)."""
+        if self.remote is None:
+            return []
+        chain = set(tx.parent_ids(record))
+        if not chain:
+            return []
+        return [r for r in tx.all() if r.id in chain and _is_remote(r)]
+
+    def _ready_parent_chain(self, parent: str) -> None:
+        """Wait for the lazy layers a new snapshot on parent will stack on."""
+        if self.remote is None or not parent:
+            return
+        with self._store.transaction(writable=False) as tx:
+            record = tx.find(parent)
+            if record is None:
+                return  # the create itself says so
+            lazy = self._lazy_ancestors(tx, record)
+            if _is_remote(record):
+                lazy.insert(0, record)
+        self._ready(lazy)
+
+    def _ready(self, records: Sequence[SnapshotRecord]) -> None:
+        """Wait for each lazy layer's mount; one that failed (or died) is mounted again once.
+        Raises FailedPrecondition naming the layer if it still cannot be served."""
+        for record in records:
+            assert self.remote is not None
+            upper = self._upper(record.id)
+            try:
+                self.remote.check(upper, record.labels)
+                continue
+            except RemoteLayerUnavailable as why:
+                log.warning(
+                    "lazy layer %s (snapshot %s) is not mounted, mounting it again: %s",
+                    _layer_name(record.labels),
+                    record.key,
+                    why,
+                )
+            try:
+                self.remote.mount(upper, record.labels)
+                self.remote.check(upper, record.labels)
+            except Exception as err:
+                log.error(
+                    "lazy layer %s (snapshot %s) cannot be mounted: %s",
+                    _layer_name(record.labels),
+                    record.key,
+                    err,
+                )
+                raise FailedPrecondition(
+                    f"lazy layer {_layer_name(record.labels)} (snapshot {record.key!r}) cannot "
+                    f"be mounted: {err}"
+                ) from err
+
     def restore_remote_snapshots(self) -> None:
-        """After a restart: check every remote snapshot's mount and mount it again if needed."""
+        """After a restart: check every remote snapshot's mount and mount it again if needed.
+        The mounts start in parallel; each is then waited for."""
         with self._store.transaction(writable=False) as tx:
             records = [r for r in tx.all() if r.kind is Kind.COMMITTED and _is_remote(r)]
         if records and self.remote is None:
@@ -391,6 +457,7 @@ class Snapshotter:
                 len(records),
             )
             return
+        started: RecordList = []
         for record in records:
             assert self.remote is not None
             upper = self._upper(record.id)
@@ -405,15 +472,20 @@ class Snapshotter:
                 )
             try:
                 self.remote.mount(upper, record.labels)
-                log.info("remote snapshot %s (layer %s) mounted again", record.key, name)
+                started.append(record)
             except RemoteLayerUnavailable as why:
-                log.error(
-                    "remote snapshot %s (layer %s) cannot be mounted: %s; containers using it "
-                    "will fail until it is removed",
+                _log_unmountable(record, why)
+        for record in started:
+            assert self.remote is not None
+            try:
+                self.remote.check(self._upper(record.id), record.labels)
+                log.info(
+                    "remote snapshot %s (layer %s) mounted again",
                     record.key,
-                    name,
-                    why,
+                    _layer_name(record.labels),
                 )
+            except RemoteLayerUnavailable as why:
+                _log_unmountable(record, why)
 
     # -- changing --------------------------------------------------------------------------
 
@@ -550,6 +622,16 @@ class Snapshotter:
     def _unmark_in_flight(self, name: str) -> None:
         with self._in_flight_lock:
             self._in_flight.discard(name)
+
+
+def _log_unmountable(record: SnapshotRecord, why: Exception) -> None:
+    log.error(
+        "remote snapshot %s (layer %s) cannot be mounted: %s; containers using it "
+        "will fail until it is removed",
+        record.key,
+        _layer_name(record.labels),
+        why,
+    )
 
 
 def _adaptor(record: SnapshotRecord) -> filters.Adaptor:

@@ -7,6 +7,11 @@ own session so that it survives restarts of `lazysnap serve`. Beside the mountpo
     <mountpoint>.lazysnap-index       the encoded index, when the spec carried it as bytes
     <mountpoint>.lazysnap.log         the process's log (EIO lines name layer, span and cause)
 A mountpoint that is still live with a live process is re-attached, not mounted again.
+
+mount() returns once the process is started, without waiting for it to be ready: the core then
+answers Prepare at once and the layers of an image mount in parallel. check() is where a
+starting mount is waited for (the core calls it before handing out a mount that uses the layer);
+a mount that failed to start is cleaned away and reported there, so the core can mount again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,6 +61,17 @@ class LayerSpec:
 
 
 Resolver = Callable[[Mapping[str, str]], LayerSpec]
+
+
+@dataclass
+class _Startup:
+    """A mount process that was started and has not yet said whether it is ready."""
+
+    child: subprocess.Popen[bytes]
+    log_path: Path
+    started: float
+    done: threading.Event
+    problem: str | None = None  # why it is not ready, once done; None = ready
 
 
 def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
@@ -108,6 +125,9 @@ class LazyLayers:
         self.background = background or BackgroundSettings()
         self.python = python
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._startups: dict[str, _Startup] = {}
+        self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
+        self._lock = threading.Lock()  # guards the three dicts
 
     # -- RemoteLayers ------------------------------------------------------------------------------
 
@@ -120,9 +140,15 @@ class LazyLayers:
             raise
         except Exception as exc:  # a resolver failure means "not lazily": fall back, say why
             raise RemoteLayerUnavailable(f"resolving layer for {mountpoint}: {exc}") from exc
-        self.mount_layer(mountpoint, spec)
+        # Discovery (where the realistic failures are) is done; the process starts in the
+        # background and check() waits for it.
+        self.mount_layer(mountpoint, spec, wait=False)
 
     def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        """Wait for a mount this manager is starting, then raise RemoteLayerUnavailable unless
+        the mount is live. A mount that failed to start is unmounted (mount() may try again)."""
+        mountpoint = os.path.abspath(mountpoint)
+        self._await_startup(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
             raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
@@ -131,7 +157,9 @@ class LazyLayers:
         mountpoint = os.path.abspath(mountpoint)
         state = read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
-        child = self._children.pop(mountpoint, None)
+        with self._lock:
+            child = self._children.pop(mountpoint, None)
+            self._startups.pop(mountpoint, None)
         if child is not None:
             pid = child.pid
         if pid is not None and _is_mount_process(pid):
@@ -150,11 +178,20 @@ class LazyLayers:
 
     # -- lazysnap's own entry points ---------------------------------------------------------------
 
-    def mount_layer(self, mountpoint: str, spec: LayerSpec, *, access_log: str = "") -> None:
+    def mount_layer(
+        self, mountpoint: str, spec: LayerSpec, *, access_log: str = "", wait: bool = True
+    ) -> None:
         """Mount spec at mountpoint (an existing empty directory), or keep the live mount that
         is already there. Raises RemoteLayerUnavailable naming the cause. access_log: record
-        each file's first read there (startup-profile recording)."""
+        each file's first read there (startup-profile recording). wait=False returns once the
+        mount process is started; check() then waits for it and reports its failure."""
         mountpoint = os.path.abspath(mountpoint)
+        with self._mount_lock(mountpoint):
+            self._mount_layer(mountpoint, spec, access_log, wait)
+
+    def _mount_layer(self, mountpoint: str, spec: LayerSpec, access_log: str, wait: bool) -> None:
+        with contextlib.suppress(RemoteLayerUnavailable):
+            self._await_startup(mountpoint)  # a layer being mounted: see how that ends first
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
             return
@@ -192,6 +229,12 @@ class LazyLayers:
         except RemoteLayerUnavailable:
             self.unmount(mountpoint)
             raise
+        if wait:
+            self._await_startup(mountpoint)
+            problem = self._problem(mountpoint)
+            if problem:
+                self.unmount(mountpoint)
+                raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
 
     def is_live(self, mountpoint: str) -> bool:
         return self._problem(os.path.abspath(mountpoint)) is None
@@ -199,6 +242,7 @@ class LazyLayers:
     # -- internals ---------------------------------------------------------------------------------
 
     def _start(self, mountpoint: str, spec_path: Path) -> None:
+        """Start the mount process; a thread waits for its ready line (see _await_startup)."""
         read_end, write_end = os.pipe()
         log_path = sidecar(mountpoint, ".lazysnap.log")
         try:
@@ -225,23 +269,64 @@ class LazyLayers:
             os.close(write_end)
             raise RemoteLayerUnavailable(f"starting mount process for {mountpoint}: {exc}") from exc
         os.close(write_end)
+        startup = _Startup(child, log_path, time.monotonic(), threading.Event())
+        with self._lock:
+            self._children[mountpoint] = child
+            self._startups[mountpoint] = startup
+        threading.Thread(
+            target=self._watch_startup,
+            args=(mountpoint, startup, read_end),
+            name=f"mount-startup {mountpoint}",
+            daemon=True,
+        ).start()
+
+    def _watch_startup(self, mountpoint: str, startup: _Startup, read_end: int) -> None:
         try:
             answer = _read_line(read_end, self.ready_timeout)
         finally:
             os.close(read_end)
-        self._children[mountpoint] = child
         if answer == "ready":
-            return
-        if answer is None:
-            why = f"not ready within {self.ready_timeout:g}s"
-        elif answer == "":
-            why = f"mount process exited ({child.poll()}) before it was ready"
+            log.info(
+                "lazy layer at %s ready after %.2fs",
+                mountpoint,
+                time.monotonic() - startup.started,
+            )
         else:
-            why = answer.removeprefix("error: ")
-        tail = _tail(log_path)
-        raise RemoteLayerUnavailable(
-            f"mounting lazy layer at {mountpoint}: {why}" + (f"; log: {tail}" if tail else "")
-        )
+            if answer is None:
+                why = f"not ready within {self.ready_timeout:g}s"
+            elif answer == "":
+                why = f"mount process exited ({startup.child.poll()}) before it was ready"
+            else:
+                why = answer.removeprefix("error: ")
+            tail = _tail(startup.log_path)
+            startup.problem = f"mounting lazy layer at {mountpoint}: {why}" + (
+                f"; log: {tail}" if tail else ""
+            )
+            log.warning("%s", startup.problem)
+        startup.done.set()
+
+    def _mount_lock(self, mountpoint: str) -> threading.RLock:
+        with self._lock:
+            return self._mount_locks.setdefault(mountpoint, threading.RLock())
+
+    def _await_startup(self, mountpoint: str) -> None:
+        """Wait for the startup of mountpoint, if one is in progress; a failed startup is
+        cleaned away (process ended, mount detached, sidecars removed) and raised."""
+        with self._mount_lock(mountpoint):
+            with self._lock:
+                startup = self._startups.get(mountpoint)
+            if startup is None:
+                return
+            # The watcher gives up after ready_timeout; the margin covers its own scheduling.
+            startup.done.wait(self.ready_timeout + 5)
+            with self._lock:
+                self._startups.pop(mountpoint, None)
+            problem = startup.problem
+            if problem is None and not startup.done.is_set():
+                problem = f"mounting lazy layer at {mountpoint}: no answer from the mount process"
+            if problem is not None:
+                self.unmount(mountpoint)
+                raise RemoteLayerUnavailable(problem)
 
     def _problem(self, mountpoint: str) -> str | None:
         return mount_problem(mountpoint)

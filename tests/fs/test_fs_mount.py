@@ -339,11 +339,55 @@ def test_mount_by_labels_uses_the_resolver_and_reports_its_failure(
     (tmp_path / "b").mkdir()
     lazy.mount(str(tmp_path / "a"), {"layer": "known"})
     try:
+        lazy.check(str(tmp_path / "a"), {})  # mount() only starts it; check() waits for it
         assert (tmp_path / "a/etc/hosts").read_bytes() == layer.data("etc/hosts")
         with pytest.raises(RemoteLayerUnavailable, match="no index for this layer"):
             lazy.mount(str(tmp_path / "b"), {"layer": "unknown"})
     finally:
         lazy.unmount(str(tmp_path / "a"))
+
+
+def test_layers_mount_in_the_background_and_check_waits_for_them(
+    layer: Layer, tmp_path: Path
+) -> None:
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, resolve=lambda labels: layer.spec())
+    points = [tmp_path / name for name in ("a", "b", "c")]
+    try:
+        for point in points:
+            point.mkdir()
+            lazy.mount(str(point), {})
+            # mount() answered before its process (a new interpreter) could have mounted.
+            assert os.stat(point).st_dev == os.stat(tmp_path).st_dev
+        for point in points:
+            lazy.check(str(point), {})
+            assert (point / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+    finally:
+        for point in points:
+            lazy.unmount(str(point))
+
+
+def test_a_mount_that_fails_after_mount_returned_is_reported_by_check_and_cleaned(
+    layer: Layer, tmp_path: Path
+) -> None:
+    specs = {
+        "bad": LayerSpec(blob=layer.spec().blob, index_bytes=b"not an index"),
+        "good": layer.spec(),
+    }
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, resolve=lambda labels: specs[labels["k"]])
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    lazy.mount(str(mnt), {"k": "bad"})  # discovery worked: the failure comes later
+    with pytest.raises(RemoteLayerUnavailable, match=r"index file .*fs\.lazysnap-index"):
+        lazy.check(str(mnt), {"k": "bad"})
+    assert os.listdir(mnt) == [] and not (tmp_path / "fs.lazysnap-index").exists()
+    with pytest.raises(RemoteLayerUnavailable, match="not mounted"):
+        lazy.check(str(mnt), {"k": "bad"})  # reported once, then it is simply not mounted
+    lazy.mount(str(mnt), {"k": "good"})
+    try:
+        lazy.check(str(mnt), {"k": "good"})
+        assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+    finally:
+        lazy.unmount(str(mnt))
 
 
 def _listxattr(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.core.errors import AlreadyExists, NotFound
+from snapshotter.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.core.metadata import Kind
 from snapshotter.core.mounts import mount_points_under
@@ -38,6 +38,11 @@ class FakeRemoteLayers:
         self.calls: list[tuple[str, str]] = []
         self.block: threading.Event | None = None  # mount waits for it when set
         self.raise_unexpected = False
+        # The next this many mounts return (as the real manager does once its mount process
+        # is started) but the process then fails: check() reports it.
+        self.broken_starts = 0
+        self.failed_starts: set[str] = set()
+        self.fail_for: dict[str, str] = {}  # target snapshot -> why its layer falls back
 
     def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
         self.calls.append(("mount", mountpoint))
@@ -47,11 +52,20 @@ class FakeRemoteLayers:
             raise KeyError("bug in the lazy layer")
         if self.fail_with is not None:
             raise RemoteLayerUnavailable(self.fail_with)
+        if labels.get("containerd.io/snapshot.ref", "") in self.fail_for:
+            raise RemoteLayerUnavailable(self.fail_for[labels["containerd.io/snapshot.ref"]])
+        if self.broken_starts > 0:
+            self.broken_starts -= 1
+            self.failed_starts.add(mountpoint)
+            return
         subprocess.run(["mount", "--bind", str(self.content), mountpoint], check=True)
         self.mounted[mountpoint] = dict(labels)
 
     def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
         self.calls.append(("check", mountpoint))
+        if mountpoint in self.failed_starts:
+            self.failed_starts.discard(mountpoint)
+            raise RemoteLayerUnavailable("mount process exited (1) before it was ready")
         if not is_mounted(mountpoint) or mountpoint not in self.mounted:
             raise RemoteLayerUnavailable("not mounted")
 
@@ -237,7 +251,11 @@ def test_restart_checks_remote_snapshots_and_mounts_lost_ones_again(
     second = Snapshotter(str(root / "state"), remote=second_remote)
     try:
         second.restore_remote_snapshots()
-        assert second_remote.calls == [("check", mountpoint), ("mount", mountpoint)]
+        assert second_remote.calls == [
+            ("check", mountpoint),
+            ("mount", mountpoint),
+            ("check", mountpoint),  # the mounts start together, then each is waited for
+        ]
         assert is_mounted(mountpoint)
         assert any("mounted again" in r.getMessage() for r in caplog.records)
     finally:
@@ -252,3 +270,82 @@ def test_restart_checks_remote_snapshots_and_mounts_lost_ones_again(
         third.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "registry unreachable" in errors[0] and TARGET in errors[0]
+
+
+def lazy_layer_mountpoint(core: Snapshotter, remote: FakeRemoteLayers) -> str:
+    with pytest.raises(AlreadyExists):
+        core.prepare("extract-1", "", layer_labels())
+    [(call, mountpoint)] = remote.calls
+    assert call == "mount"
+    return mountpoint
+
+
+def test_a_layer_whose_mount_fails_after_prepare_answered_is_mounted_again_before_use(
+    core: Snapshotter, remote: FakeRemoteLayers, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote.broken_starts = 1
+    mountpoint = lazy_layer_mountpoint(core, remote)  # answered before the mount was ready
+    [mount] = core.prepare("container", TARGET)
+    assert remote.calls[1:] == [("check", mountpoint), ("mount", mountpoint), ("check", mountpoint)]
+    assert any("mounting it again" in r.getMessage() for r in caplog.records)
+    target = root / "rootfs"
+    target.mkdir()
+    options = ",".join(mount.options)
+    subprocess.run(["mount", "-t", mount.type, "-o", options, "overlay", str(target)], check=True)
+    try:
+        assert (target / "from-remote").read_text() == "lazy bytes"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_lazy_layer_that_cannot_be_mounted_fails_its_users_naming_it(
+    core: Snapshotter, remote: FakeRemoteLayers
+) -> None:
+    remote.broken_starts = 2  # the first mount and the retry both fail
+    lazy_layer_mountpoint(core, remote)
+    with pytest.raises(FailedPrecondition, match=f"lazy layer {LAYER_DIGEST}.*cannot be mounted"):
+        core.prepare("container", TARGET)
+    with pytest.raises(NotFound):  # nothing half-made: no container snapshot without its layer
+        core.stat("container")
+    assert [info.name for info in core.list()] == [TARGET]
+    # The layer is not given up: the next use tries again, and the mount now works.
+    core.view("view", TARGET)
+    assert is_mounted(remote.calls[-1][1])
+
+
+def test_mounts_of_a_container_remount_a_lazy_layer_that_died_or_fail_clearly(
+    core: Snapshotter, remote: FakeRemoteLayers
+) -> None:
+    mountpoint = lazy_layer_mountpoint(core, remote)
+    core.prepare("container", TARGET)
+    remote.unmount(mountpoint)  # the mount process died
+    remote.fail_with = "registry unreachable"
+    with pytest.raises(FailedPrecondition, match="registry unreachable"):
+        core.mounts("container")
+    remote.fail_with = None
+    [mount] = core.mounts("container")
+    assert f"lowerdir={mountpoint}" in mount.options
+    assert is_mounted(mountpoint)
+
+
+def test_a_layer_pulled_whole_on_top_of_a_lazy_one_waits_for_it(
+    core: Snapshotter, remote: FakeRemoteLayers
+) -> None:
+    remote.broken_starts = 1
+    mountpoint = lazy_layer_mountpoint(core, remote)
+    child_target = "ns/1/sha256:" + "ef" * 32
+    remote.fail_for[child_target] = "no index for this layer"
+    child = layer_labels(**{"containerd.io/snapshot.ref": child_target})
+    # containerd unpacks the child's tar onto these mounts: its lazy parent must be there.
+    [mount] = core.prepare("extract-2", TARGET, child)
+    assert mount.type == "overlay" and f"lowerdir={mountpoint}" in mount.options
+    assert is_mounted(mountpoint)
+
+    remote.unmount(mountpoint)  # the parent's mount process died, and the registry is gone
+    remote.fail_for[TARGET] = "registry unreachable"
+    other = layer_labels(**{"containerd.io/snapshot.ref": "ns/1/sha256:" + "01" * 32})
+    remote.fail_for[other["containerd.io/snapshot.ref"]] = "no index for this layer"
+    with pytest.raises(FailedPrecondition, match="registry unreachable"):
+        core.prepare("extract-3", TARGET, other)
+    with pytest.raises(NotFound):
+        core.stat("extract-3")
