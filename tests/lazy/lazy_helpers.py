@@ -9,7 +9,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,17 +167,25 @@ class LazyStack:
         about = f"layer {layer_digest} {FALLBACK_PHRASE}"
         return [line for line in self.daemon_log_since(since).splitlines() if about in line]
 
-    def lazy_mount(self, layer_digest: str) -> Path:
-        """The live FUSE mountpoint serving layer_digest (state file written by its process)."""
-        for state_file in (self.daemon.root / "snapshots").glob("*/fs.lazysnap.json"):
-            try:
-                state = json.loads(state_file.read_text())
-            except (OSError, ValueError):
-                continue
-            mountpoint = Path(str(state.get("mountpoint", "")))
-            if state.get("layer_digest") == layer_digest and os.path.ismount(mountpoint):
-                return mountpoint
-        raise AssertionError(f"no live lazy mount of layer {layer_digest} under {self.daemon.root}")
+    def lazy_mount(self, layer_digest: str, timeout: float = 30.0) -> Path:
+        """The live FUSE mountpoint serving layer_digest (state file written by its process).
+        Prepare answers once the mount process is started, so wait for it to be live."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for state_file in (self.daemon.root / "snapshots").glob("*/fs.lazysnap.json"):
+                try:
+                    state = json.loads(state_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                mountpoint = Path(str(state.get("mountpoint", "")))
+                if state.get("layer_digest") == layer_digest and os.path.ismount(mountpoint):
+                    return mountpoint
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no live lazy mount of layer {layer_digest} under {self.daemon.root} "
+                    f"after {timeout:.0f} s"
+                )
+            time.sleep(0.1)
 
 
 def mount_log(mountpoint: Path) -> str:
@@ -217,12 +225,3 @@ def build_data_image(
         layout, "latest", [busybox_layer_tar(layout.parent), layer_tar(entries)], cmd=cmd
     )
     return DataImage(built, files)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
