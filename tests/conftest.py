@@ -7,7 +7,6 @@ piece is an error instead of a silent skip.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sys
@@ -115,13 +114,6 @@ def registry(stack_base: Path) -> Iterator[Registry]:
     instance.stop()
 
 
-def _config_has_section(name: str) -> bool:
-    """Whether this checkout's daemon config knows [name] (unknown keys are errors)."""
-    from snapshotter.config import Config
-
-    return name in {f.name for f in dataclasses.fields(Config)}
-
-
 def containerd_hosts_dir(stack_base: Path) -> Path:
     """The session containerd's hosts dir (start_containerd writes it under its base)."""
     return stack_base / "containerd" / "certs.d"
@@ -146,7 +138,7 @@ def _lazysnap_session(stack_base: Path, registry: Registry) -> Iterator[Lazysnap
         cache_max_bytes=SESSION_CACHE_MAX_BYTES,
         # Off: tests assert what a lazy mount fetches on demand (and that a file nobody read is
         # not fetched yet); a background download of whole layers would race them.
-        background_fetch=False if _config_has_section("fetch") else None,
+        background_fetch=False,
     )
     try:
         daemon = start_lazysnap(stack_base / "lazysnap", settings=settings)
