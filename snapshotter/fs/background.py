@@ -78,7 +78,7 @@ class BackgroundFetcher(threading.Thread):
                 next_span += 1
                 continue
             room = cache.max_bytes * CACHE_HIGH_WATER - cache.approximate_usage().bytes
-            if spans[next_span].uncompressed_size > room:
+            if cache.stored_size(spans[next_span].uncompressed_size) > room:
                 return BackgroundState.CACHE_FULL
             self.state = BackgroundState.FETCHING
             started = time.monotonic()

@@ -1,11 +1,17 @@
 """Verified span cache on disk, shared by every mount (and mount process) using the same blob.
 
 Layout under the cache directory:
-    spans/<algorithm>/<hex>/<span number>   inflated, verified bytes of one span
+    spans/<algorithm>/<hex>/<span number>   header + inflated, verified bytes of one span
     tmp/<pid>.<random>                      being written; renamed into spans/ when complete
     lock                                    flock'd by whoever changes spans/ or the ledger
     ledger                                  "<bytes> <spans>": running total, so a put does not
                                             have to scan the whole cache to know whether it fits
+
+A span number only means something together with the index that numbered the spans, and one
+blob can have several indexes (another --span-size, a rebuilt artifact) whose mounts share this
+cache. So each file starts with a header holding the sha256 of the bytes that follow, and a
+read names the digest it expects: span 3 of a 1 MiB-span index is never served for span 3 of a
+4 MiB-span index of the same blob, even when the two happen to have the same size.
 
 A crash never leaves a partial span visible (write to tmp/, then rename). Eviction is LRU by
 mtime (touched on use) and unlinks files: a reader that already opened a span keeps reading it,
@@ -28,6 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]{32,128})$")
+_SHA256 = re.compile(r"^sha256:([a-f0-9]{64})$")
+# "lzspan1\0" + the raw sha256 of the span's bytes. Files of the header-less format have the
+# wrong size for every span, so they are dropped as damaged and fetched again.
+_MAGIC = b"lzspan1\0"
+HEADER_SIZE = len(_MAGIC) + 32
 _TOUCH_INTERVAL_S = 1.0  # LRU resolution; spares a utime() syscall per FUSE read
 
 
@@ -75,48 +86,90 @@ class SpanCache:
             raise CacheError(f"span cache: span number {span_no} of {layer_digest} is negative")
         return self._spans / match.group(1) / match.group(2) / str(span_no)
 
+    def stored_size(self, span_size: int) -> int:
+        """Bytes a span of span_size bytes takes in the cache (what max_bytes bounds)."""
+        return HEADER_SIZE + span_size
+
     def read(
-        self, layer_digest: str, span_no: int, offset: int, length: int, expected_size: int
+        self,
+        layer_digest: str,
+        span_no: int,
+        offset: int,
+        length: int,
+        expected_size: int,
+        expected_digest: str,
     ) -> bytes | None:
         """length bytes at offset of the cached span, or None on a miss.
 
-        A file of the wrong size (damaged outside our control) is dropped and reported as a miss.
+        expected_digest is the sha256 of the whole span as the reader's index has it: a span
+        that another index of the blob numbered the same way is a miss, not data. A file of the
+        wrong size (damaged outside our control, or of an older format) is dropped.
         """
         path = self.span_path(layer_digest, span_no)
+        header = _header(expected_digest)
+        if offset < 0 or length < 0 or offset + length > expected_size:
+            raise CacheError(
+                f"span cache: {offset}+{length} is outside span {span_no} of {layer_digest} "
+                f"({expected_size} bytes)"
+            )
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            if os.fstat(fd).st_size != expected_size:
+            if os.fstat(fd).st_size != HEADER_SIZE + expected_size:
                 self._drop(path)
                 return None
-            data = os.pread(fd, length, offset)
+            if os.pread(fd, HEADER_SIZE, 0) != header:
+                return None  # another index's span (or another layout); put() replaces it
+            data = os.pread(fd, length, HEADER_SIZE + offset)
         finally:
             os.close(fd)
+        if len(data) != length:  # cannot happen to a file of the right size; never serve it
+            return None
         self._touch(path)
         return data
 
-    def contains(self, layer_digest: str, span_no: int) -> bool:
-        return self.span_path(layer_digest, span_no).exists()
-
-    def put(self, layer_digest: str, span_no: int, data: bytes) -> bool:
-        """Store a verified span; False if it cannot fit even in an empty cache."""
+    def contains(self, layer_digest: str, span_no: int, expected_digest: str = "") -> bool:
+        """A file for the span is there (holding expected_digest's bytes, when given)."""
         path = self.span_path(layer_digest, span_no)
-        size = len(data)
+        if not expected_digest:
+            return path.exists()
+        try:
+            with open(path, "rb") as cached:
+                return cached.read(HEADER_SIZE) == _header(expected_digest)
+        except FileNotFoundError:
+            return False
+
+    def put(self, layer_digest: str, span_no: int, data: bytes, digest: str) -> bool:
+        """Store a verified span whose sha256 is digest; False if it cannot fit even in an
+        empty cache. A file of another index's span under the same number is replaced."""
+        path = self.span_path(layer_digest, span_no)
+        header = _header(digest)
+        size = HEADER_SIZE + len(data)
         if size > self.max_bytes:
             return False
         tmp = self._tmp / f"{os.getpid()}.{secrets.token_hex(8)}"
         try:
             with open(tmp, "wb") as out:
+                out.write(header)
                 out.write(data)
             with self._locked():
-                if path.exists():  # another reader or process stored it first
-                    self._touch(path, force=True)
-                    return True
+                replaced = 0
+                try:
+                    with open(path, "rb") as existing:
+                        if existing.read(HEADER_SIZE) == header:
+                            # another reader or process stored it first
+                            self._touch(path, force=True)
+                            return True
+                        replaced = os.fstat(existing.fileno()).st_size
+                except FileNotFoundError:
+                    pass
                 total, count = self._read_ledger()
+                if replaced:
+                    total, count = max(0, total - replaced), max(0, count - 1)
                 if total + size > self.max_bytes:
-                    total, count = self._evict(self.max_bytes - size)
+                    total, count = self._evict(self.max_bytes - size, keep=path)
                 self._write_ledger(total + size, count + 1)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, path)
@@ -147,9 +200,10 @@ class SpanCache:
         finally:
             os.close(fd)
 
-    def _evict(self, target_bytes: int) -> tuple[int, int]:
-        """Unlink least recently used spans until at most target_bytes remain; exact totals."""
-        files = sorted(self._scan(), key=lambda f: f.mtime_ns)
+    def _evict(self, target_bytes: int, keep: Path) -> tuple[int, int]:
+        """Unlink least recently used spans until at most target_bytes remain; exact totals,
+        not counting `keep` (the file about to be replaced)."""
+        files = sorted((f for f in self._scan() if f.path != keep), key=lambda f: f.mtime_ns)
         total = sum(f.size for f in files)
         count = len(files)
         for victim in files:
@@ -207,6 +261,13 @@ class SpanCache:
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+def _header(digest: str) -> bytes:
+    match = _SHA256.match(digest)
+    if match is None:
+        raise CacheError(f"span cache: {digest!r} is not a sha256 digest of a span")
+    return _MAGIC + bytes.fromhex(match.group(1))
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:

@@ -174,7 +174,7 @@ class LayerReader:
             return time.monotonic() - self._last_demand_miss
 
     def is_cached(self, span_no: int) -> bool:
-        return self.cache.contains(self.layer_digest, span_no)
+        return self.cache.contains(self.layer_digest, span_no, self._digest(span_no))
 
     def fetch_in_background(self, span_no: int) -> int:
         """Fetch one span on the caller's thread unless it is cached or in flight already;
@@ -212,6 +212,9 @@ class LayerReader:
             with self._lock:
                 self._prefetches_running -= 1
 
+    def _digest(self, span_no: int) -> str:
+        return self.index.spans[span_no].uncompressed_digest
+
     def _slice(self, span_no: int, start: int, end: int) -> tuple[int, int]:
         span = self.index.spans[span_no]
         lo = max(start, span.uncompressed_start) - span.uncompressed_start
@@ -220,7 +223,14 @@ class LayerReader:
 
     def _from_cache(self, span_no: int, lo: int, hi: int) -> bytes | None:
         span = self.index.spans[span_no]
-        data = self.cache.read(self.layer_digest, span_no, lo, hi - lo, span.uncompressed_size)
+        data = self.cache.read(
+            self.layer_digest,
+            span_no,
+            lo,
+            hi - lo,
+            span.uncompressed_size,
+            span.uncompressed_digest,
+        )
         if data is not None:
             with self._lock:
                 self._counters.cache_hits += 1
@@ -233,7 +243,7 @@ class LayerReader:
             future = self._in_flight.get(span_no)
             if future is not None:
                 return future, False
-            if not force and self.cache.contains(self.layer_digest, span_no):
+            if not force and self.cache.contains(self.layer_digest, span_no, self._digest(span_no)):
                 return None, False
             future = Future()
             self._in_flight[span_no] = future
@@ -281,7 +291,8 @@ class LayerReader:
 
     def _succeed(self, span_no: int, data: bytes) -> None:
         try:
-            stored = self.cache.put(self.layer_digest, span_no, data)
+            # inflate_span checked data against this digest
+            stored = self.cache.put(self.layer_digest, span_no, data, self._digest(span_no))
         except OSError:
             stored = False  # a full or broken cache disk must not fail the read
         with self._lock:

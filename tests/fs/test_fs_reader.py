@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -228,3 +229,34 @@ def test_reads_do_not_queue_behind_the_prefetch_list(
     while time.monotonic() < deadline and reader.counters().spans_fetched < len(every_span):
         time.sleep(0.1)
     assert all(reader.cache.contains(index.layer_digest, n) for n in every_span)
+
+
+def test_two_indexes_of_one_blob_sharing_a_cache_each_read_their_own_spans(
+    tmp_path: Path,
+) -> None:
+    # A 5 MiB uncompressed layer indexed with 1 MiB and with 4 MiB spans: span 1 is 1 MiB in
+    # both, [1, 2) MiB in one and [4, 5) MiB in the other. Mounts of both share the cache.
+    from snapshotter.index.build import build_layer_index
+    from tests.fs.fs_helpers import Member, _data
+
+    mib = 1 << 20
+    tar = make_tar([Member("big", data=_data("big", 5 * mib - 3 * 512))])
+    assert len(tar) == 5 * mib
+    path = tmp_path / "blob"
+    path.write_bytes(tar)
+    media_type = "application/vnd.oci.image.layer.v1.tar"
+    small = build_layer_index(io.BytesIO(tar), media_type=media_type, span_size=mib)
+    large = build_layer_index(io.BytesIO(tar), media_type=media_type, span_size=4 * mib)
+    assert small.spans[1].uncompressed_size == large.spans[1].uncompressed_size
+    cache = SpanCache(tmp_path / "cache", 1 << 30)
+    entry = _entry(small, "big")
+    want = tar[entry.offset : entry.offset + entry.size]
+    first = LayerReader(small, FileBlobSource(str(path)), cache)
+    second = LayerReader(large, FileBlobSource(str(path)), cache)
+    try:
+        assert first.read(entry, 0, entry.size) == want
+        assert second.read(entry, 0, entry.size) == want
+        assert first.read(entry, 0, entry.size) == want  # and back, after the second's puts
+    finally:
+        first.close()
+        second.close()
