@@ -1,0 +1,62 @@
+"""Kubernetes' path: containerd's CRI plugin (snapshotter lazysnap, snapshot annotations on)
+pulls an indexed image lazily - no layer blob leaves the registry - and it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.containerd import CRI_NAMESPACE
+from tests.harness.images import PushedImage
+from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
+from tests.pull.cri import cri_pull_image
+
+pytestmark = pytest.mark.stack
+
+
+@contextlib.contextmanager
+def removed_from_cri_namespace(stack: LazyStack, image: PushedImage) -> Iterator[None]:
+    """k8s.io is shared with every other CRI user of this containerd: remove only our image."""
+    try:
+        yield
+    finally:
+        stack.containerd.ctr(
+            "images", "rm", "--sync", image.reference, namespace=CRI_NAMESPACE, check=False
+        )
+
+
+def test_cri_pull_of_an_indexed_image_is_lazy_and_runs(stack: LazyStack) -> None:
+    if not stack.containerd.cri:
+        pytest.skip("the session containerd runs without the CRI plugin")
+    image = build_data_image(stack.workdir / "cri", {"payload": 3 << 20})
+    pushed = stack.push(image.built, unique_name("test/lazy-cri"))
+    stack.index_build(pushed.reference)
+
+    log_offset = stack.daemon_log_offset()
+    registry_offset = stack.registry.log_offset()
+    with removed_from_cri_namespace(stack, pushed):
+        image_id = cri_pull_image(str(stack.containerd.address), pushed.reference)
+        assert image_id == image.built.config_digest
+        fetched = stack.registry.blob_fetches(since=registry_offset)
+        layers = {layer.digest for layer in image.built.layers}
+        assert not layers & set(fetched), f"CRI pull fetched layer blobs: {fetched}"
+        daemon_log = stack.daemon_log_since(log_offset)
+        for layer in layers:
+            assert f"layer {layer} is mounted lazily" in daemon_log, daemon_log[-3000:]
+
+        result = stack.containerd.ctr(
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            pushed.reference,
+            unique_name("lzs-cri"),
+            "sha256sum",
+            "/data/payload",
+            namespace=CRI_NAMESPACE,
+            timeout=120,
+        )
+        assert result.stdout.startswith(hashlib.sha256(image.files["data/payload"]).hexdigest())
