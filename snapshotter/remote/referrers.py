@@ -16,11 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import httpx
+
 from snapshotter.remote.client import RegistryClient, RepoLike, as_repository, next_link
 from snapshotter.remote.errors import (
     InvalidManifest,
     ManifestNotFound,
     ReferrerPushError,
+    RegistryUnavailable,
     UnexpectedResponse,
 )
 from snapshotter.remote.hosts import RegistryHost
@@ -100,25 +103,23 @@ def _referrers_api(
     params = [("artifactType", artifact_type)] if artifact_type else None
     found: list[Descriptor] = []
     url: str | None = None
-    host: RegistryHost | None = None
+    first = _first_referrers_page(client, repository, digest, params, where)
+    if first is None:
+        return None
+    response, host = first
     pages = 0
     while True:
-        response, host = client.request(
-            "GET",
-            repository,
-            f"/{repository.name}/referrers/{digest}",
-            capability="pull",
-            headers={"Accept": OCI_INDEX},
-            params=params if url is None else None,
-            url=url,
-            host=host,
-        )
+        if pages:
+            response, host = client.request(
+                "GET",
+                repository,
+                f"/{repository.name}/referrers/{digest}",
+                capability="pull",
+                headers={"Accept": OCI_INDEX},
+                url=url,
+                host=host,
+            )
         with contextlib.closing(response):
-            if response.status_code == 404 and pages == 0:
-                log.debug(
-                    "%s: no referrers API on %s (HTTP 404): using the tag schema", where, host.url
-                )
-                return None
             client.check(response, where, (200,), host)
             try:
                 body = response.json()
@@ -142,6 +143,66 @@ def _referrers_api(
             return found
         if pages > 1000:
             raise UnexpectedResponse(f"{where}: more than 1000 pages of referrers")
+
+
+def _first_referrers_page(
+    client: RegistryClient,
+    repository: Repository,
+    digest: str,
+    params: list[tuple[str, str]] | None,
+    where: str,
+) -> tuple[httpx.Response, RegistryHost] | None:
+    """The first referrers page from the first host that has the API; None if none has it.
+
+    Hosts are tried in order as for any request (a mirror's 404 or 5xx moves on to the next
+    host). But a 404 here means "no referrers API on this host", a real answer: if every host
+    after such a mirror is unreachable, that answer stands and the caller uses the tag schema
+    (which the mirror may serve), instead of the lookup failing because the upstream is down."""
+    hosts = client.hosts.hosts_for(repository.registry, "pull")
+    without_api: list[str] = []
+    for position, host in enumerate(hosts):
+        is_last = position == len(hosts) - 1
+        try:
+            response, host = client.request(
+                "GET",
+                repository,
+                f"/{repository.name}/referrers/{digest}",
+                capability="pull",
+                headers={"Accept": OCI_INDEX},
+                params=params,
+                host=host,
+            )
+        except RegistryUnavailable as exc:
+            if not is_last:
+                log.warning("%s: trying next host", exc)
+                continue
+            if without_api:
+                log.warning(
+                    "%s: %s; using the tag schema on %s, which has no referrers API",
+                    where,
+                    exc,
+                    ", ".join(without_api),
+                )
+                return None
+            raise
+        if response.status_code == 404:
+            response.close()
+            without_api.append(host.url)
+            continue
+        if not is_last and response.status_code >= 500:
+            log.warning(
+                "mirror %s answered HTTP %d for %s: trying next host",
+                host.url,
+                response.status_code,
+                where,
+            )
+            response.close()
+            continue
+        return response, host
+    log.debug(
+        "%s: no referrers API on %s (HTTP 404): using the tag schema", where, ", ".join(without_api)
+    )
+    return None
 
 
 def _tag_fallback(
