@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from snapshotter.remote.reference import Repository
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,
+    Member,
     built_index,
     compress,
     expected_view,
@@ -388,6 +390,52 @@ def test_a_mount_that_fails_after_mount_returned_is_reported_by_check_and_cleane
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     finally:
         lazy.unmount(str(mnt))
+
+
+WARM_CHECK = """
+import os, sys
+root = sys.argv[1]
+fd = os.open(os.path.join(root, "etc/hosts"), os.O_RDONLY)  # open() would ioctl (isatty)
+assert os.read(fd, 100) == b"127.0.0.1 localhost\\n"
+os.close(fd)
+assert os.readlink(os.path.join(root, "etc/link")) == "../usr/bin/tool"
+os.stat(os.path.join(root, "usr/bin/tool"))
+try:
+    os.getxattr(os.path.join(root, "etc/hosts"), "trusted.overlay.metacopy")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_warm_files_are_served_by_the_kernel_without_the_mount_process(tmp_path: Path) -> None:
+    """What a warm container start repeats (open, read, readlink, stat, overlayfs's xattr
+    probes) must not wait on the Python process once seen: stop it and ask again."""
+    tar = make_tar(
+        [
+            Member("etc/hosts", data=b"127.0.0.1 localhost\n"),
+            Member("etc/link", tarfile.SYMTYPE, linkname="../usr/bin/tool", mode=0o777),
+            Member("usr/bin/tool", data=b"#!/bin/sh\n", mode=0o755),
+        ]
+    )
+    layer = Layer(tar, tar, built_index(tar, "tar"))
+    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    lazy.mount_layer(str(mnt), layer.spec())
+    check = [sys.executable, "-c", WARM_CHECK, str(mnt)]
+    pid = read_state(str(mnt))["pid"]  # type: ignore[index]
+    try:
+        cold = subprocess.run(check, capture_output=True, text=True, timeout=30, check=True)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            warm = subprocess.run(check, capture_output=True, text=True, timeout=10, check=True)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # A layer without xattrs says so once; the kernel then answers for it.
+        assert cold.stdout == warm.stdout == f"{errno.EOPNOTSUPP}\n"
+    finally:
+        lazy.unmount(str(mnt))
+        layer.server.stop()
 
 
 def _listxattr(path: Path) -> list[str]:
