@@ -198,6 +198,13 @@ class TarTocParser:
         self._current = raw_name
         if entry_type is None:
             raise InvalidLayer(f"tar entry {raw_name!r}: unsupported tar type {typeflag!r}")
+        if any(key.startswith("GNU.sparse.") for key in pax):
+            # PAX sparse (GNU 0.x/1.0): the entry's data is a packed map + data islands under a
+            # placeholder name; serving it as a plain file would give wrong bytes. Pull whole.
+            raise InvalidLayer(
+                f"tar entry {raw_name!r}: GNU sparse file (PAX GNU.sparse.* records) is not "
+                "supported for lazy reads"
+            )
         raw_link = _cstr(block[157:257])
         if pending.long_link is not None:
             raw_link = pending.long_link

@@ -69,12 +69,6 @@ def _assert_served_as_extracted(tar: bytes, tmp_path: Path) -> None:
         assert served[name] == data, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tar_toc.py treats a PAX GNU sparse entry (GNU.sparse.* records, name "
-    "GNUSparseFile.N/...) as a regular file of its packed bytes; fix: raise InvalidLayer for "
-    "any GNU.sparse.* PAX record (or expand the sparse map)",
-)
 @pytest.mark.parametrize("pax_format", ["posix", "pax"])
 def test_a_gnu_sparse_file_is_served_as_extracted_or_the_layer_is_refused(
     pax_format: str, tmp_path: Path
