@@ -13,7 +13,10 @@ cache. So each file starts with a header holding the sha256 of the bytes that fo
 read names the digest it expects: span 3 of a 1 MiB-span index is never served for span 3 of a
 4 MiB-span index of the same blob, even when the two happen to have the same size.
 
-A crash never leaves a partial span visible (write to tmp/, then rename). Eviction is LRU by
+A crash never leaves a partial span visible (write to tmp/, then rename), and as the rename is
+not preceded by an fsync (a demand read would wait for it), a power loss may still leave a span
+of the right size but not its bytes: each process hashes a span file the first time it reads
+it, and a file that does not match its header is dropped as a miss. Eviction is LRU by
 mtime (touched on use) and unlinks files: a reader that already opened a span keeps reading it,
 and a reader that finds it gone treats it as a miss. The ledger may only over-count (it is
 raised before a rename and corrected by the scan that eviction does), so the cache never grows
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import logging
 import os
 import re
 import secrets
@@ -39,6 +44,9 @@ _SHA256 = re.compile(r"^sha256:([a-f0-9]{64})$")
 # wrong size for every span, so they are dropped as damaged and fetched again.
 _MAGIC = b"lzspan1\0"
 HEADER_SIZE = len(_MAGIC) + 32
+_HASH_CHUNK = 1 << 20
+
+log = logging.getLogger("lazysnap.fs")
 _TOUCH_INTERVAL_S = 1.0  # LRU resolution; spares a utime() syscall per FUSE read
 
 
@@ -71,6 +79,10 @@ class SpanCache:
         self._ledger = self.directory / "ledger"
         self._touched: dict[Path, float] = {}
         self._touch_lock = threading.Lock()
+        # (st_dev, st_ino) of span files whose bytes this process has checked against their
+        # header, or written itself: checked once, as files are replaced, never changed
+        self._checked: set[tuple[int, int]] = set()
+        self._checked_lock = threading.Lock()
         try:
             self._spans.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(exist_ok=True)
@@ -117,11 +129,14 @@ class SpanCache:
         except FileNotFoundError:
             return None
         try:
-            if os.fstat(fd).st_size != HEADER_SIZE + expected_size:
+            st = os.fstat(fd)
+            if st.st_size != HEADER_SIZE + expected_size:
                 self._drop(path)
                 return None
             if os.pread(fd, HEADER_SIZE, 0) != header:
                 return None  # another index's span (or another layout); put() replaces it
+            if not self._verified(fd, st, header, path):
+                return None
             data = os.pread(fd, length, HEADER_SIZE + offset)
         finally:
             os.close(fd)
@@ -154,6 +169,7 @@ class SpanCache:
             with open(tmp, "wb") as out:
                 out.write(header)
                 out.write(data)
+                written = os.fstat(out.fileno())
             with self._locked():
                 replaced = 0
                 try:
@@ -173,6 +189,7 @@ class SpanCache:
                 self._write_ledger(total + size, count + 1)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, path)
+            self._remember_checked(written)  # data is the verified span itself
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -239,6 +256,31 @@ class SpanCache:
         tmp = self._tmp / f"ledger.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_text(f"{total} {count}\n")
         os.rename(tmp, self._ledger)
+
+    def _verified(self, fd: int, st: os.stat_result, header: bytes, path: Path) -> bool:
+        """Whether the span file's bytes match the digest in its header, hashed the first time
+        this process reads the file: a span written by a process that crashed before its data
+        reached the disk, or damaged later, must be a miss, never data."""
+        with self._checked_lock:
+            if (st.st_dev, st.st_ino) in self._checked:
+                return True
+        digest = hashlib.sha256()
+        position = HEADER_SIZE
+        while chunk := os.pread(fd, _HASH_CHUNK, position):
+            digest.update(chunk)
+            position += len(chunk)
+        if _MAGIC + digest.digest() != header:
+            log.warning("span cache: %s does not match its digest; dropped", path)
+            self._drop(path)
+            return False
+        self._remember_checked(st)
+        return True
+
+    def _remember_checked(self, st: os.stat_result) -> None:
+        with self._checked_lock:
+            if len(self._checked) > 65536:
+                self._checked.clear()
+            self._checked.add((st.st_dev, st.st_ino))
 
     def _drop(self, path: Path) -> None:
         with self._locked(), contextlib.suppress(FileNotFoundError):

@@ -19,7 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.cache import CacheError, SpanCache
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
 
@@ -293,7 +293,7 @@ class LayerReader:
         try:
             # inflate_span checked data against this digest
             stored = self.cache.put(self.layer_digest, span_no, data, self._digest(span_no))
-        except OSError:
+        except (OSError, CacheError):
             stored = False  # a full or broken cache disk must not fail the read
         with self._lock:
             self._counters.spans_fetched += 1

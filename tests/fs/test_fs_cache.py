@@ -76,6 +76,23 @@ def test_a_span_file_of_the_old_headerless_layout_is_dropped(tmp_path: Path) -> 
     assert not path.exists()
 
 
+def test_a_span_whose_bytes_do_not_match_its_header_is_a_miss_and_is_dropped(
+    tmp_path: Path,
+) -> None:
+    # What a power loss after the rename but before writeback, or a damaged disk, leaves.
+    data = bytes(range(256)) * 40
+    _put(SpanCache(tmp_path, 1 << 20), DIGEST, 0, data)
+    path = SpanCache(tmp_path, 1 << 20).span_path(DIGEST, 0)
+    damaged = bytearray(path.read_bytes())
+    damaged[HEADER_SIZE + 5000] ^= 1
+    path.write_bytes(damaged)
+    other_process = SpanCache(tmp_path, 1 << 20)  # has not read the file yet
+    assert _read(other_process, DIGEST, 0, data) is None
+    assert not path.exists()
+    _put(other_process, DIGEST, 0, data)
+    assert _read(SpanCache(tmp_path, 1 << 20), DIGEST, 0, data, offset=4000) == data[4000:]
+
+
 def test_least_recently_used_spans_are_evicted_first(tmp_path: Path) -> None:
     cache = SpanCache(tmp_path, 3 * (1000 + HEADER_SIZE))
     for span in range(3):
