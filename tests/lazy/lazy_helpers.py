@@ -3,11 +3,13 @@ images with known contents, and where to look in the daemon's logs and root."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import secrets
 import subprocess
+import tarfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,8 +201,8 @@ def mount_log(mountpoint: Path) -> str:
 
 @dataclass(frozen=True)
 class DataImage:
-    """busybox (for sh, cat, sha256sum) plus one layer of incompressible files under /data, so
-    each file's bytes sit at a known place in the layer blob and nothing else shares them."""
+    """busybox (for sh, cat, sha256sum) plus incompressible files under /data, so each file's
+    bytes sit at a known place in the layer blob and no other image shares that layer."""
 
     built: BuiltImage
     files: Mapping[str, bytes]  # "data/<name>" -> contents
@@ -209,19 +211,34 @@ class DataImage:
     def data_layer(self) -> str:
         return self.built.layers[-1].digest
 
-    @property
-    def busybox_layer(self) -> str:
-        return self.built.layers[0].digest
+
+def _concatenated(*tars: bytes) -> bytes:
+    """One tar holding the members of tars, in order."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as joined:
+        for blob in tars:
+            with tarfile.open(fileobj=io.BytesIO(blob)) as part:
+                for member in part.getmembers():
+                    joined.addfile(member, part.extractfile(member) if member.isreg() else None)
+    return out.getvalue()
 
 
 def build_data_image(
-    layout: Path, file_sizes: Mapping[str, int], *, cmd: Sequence[str] = ("/bin/sh",)
+    layout: Path,
+    file_sizes: Mapping[str, int],
+    *,
+    one_layer: bool = False,
+    cmd: Sequence[str] = ("/bin/sh",),
 ) -> DataImage:
-    """A 2-layer gzip image: busybox, then /data/<name> of random bytes per file_sizes."""
+    """A gzip image of busybox and /data/<name> of random bytes per file_sizes: two layers
+    (busybox, data), or with one_layer a single layer of both. A lazily committed layer is
+    shared by every containerd namespace (the target chain ID is global in the snapshotter), so
+    the busybox layer may already be present from another test; one_layer makes every layer of
+    the image its own."""
     files = {f"data/{name}": os.urandom(size) for name, size in file_sizes.items()}
-    entries = [directory("data"), *(file(path, data) for path, data in files.items())]
+    data = layer_tar([directory("data"), *(file(path, blob) for path, blob in files.items())])
+    busybox = busybox_layer_tar(layout.parent)
     layout.mkdir(parents=True, exist_ok=True)
-    built = write_oci_layout(
-        layout, "latest", [busybox_layer_tar(layout.parent), layer_tar(entries)], cmd=cmd
-    )
+    layers = [_concatenated(busybox, data)] if one_layer else [busybox, data]
+    built = write_oci_layout(layout, "latest", layers, cmd=cmd)
     return DataImage(built, files)

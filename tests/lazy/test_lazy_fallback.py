@@ -1,6 +1,10 @@
 """Layers that cannot be served lazily fall back to an ordinary full pull, through the real
-stack: the image still pulls and runs, every layer is downloaded, and the daemon logs exactly one
-"falls back to a full pull" line per layer naming the layer and why."""
+stack: the image still pulls and runs, its layer is downloaded, and the daemon logs exactly one
+"falls back to a full pull" line naming the layer and why.
+
+The images are one layer each (busybox and the data together, random bytes so no other test has
+that layer): a lazily committed layer is shared across containerd namespaces, so a layer some
+other test mounted lazily could otherwise be "already there" instead of falling back."""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def registry_client(stack: LazyStack) -> Iterator[RegistryClient]:
 
 
 def data_image(stack: LazyStack, name: str) -> DataImage:
-    return build_data_image(stack.workdir / name, FILES)
+    return build_data_image(stack.workdir / name, FILES, one_layer=True)
 
 
 def assert_full_pull_runs(
@@ -46,29 +50,24 @@ def assert_full_pull_runs(
     reference: str,
     log_offset: int,
     hosts_dir: Path | None = None,
-) -> dict[str, str]:
-    """Pull (every layer downloaded), run (the files are right) and return the one fallback
-    line per layer, by layer digest."""
+) -> str:
+    """Pull (the layer downloaded), run (the files are right) and return the fallback line."""
     pulled = stack.pull(reference, hosts_dir=hosts_dir)
-    assert (pulled.lazy, pulled.pulled) == (0, 2), pulled.stdout
+    assert (pulled.lazy, pulled.pulled) == (0, 1), pulled.stdout
     output = stack.run_ok(reference, "sh", "-c", "sha256sum /data/hello /data/big")
     for path, data in image.files.items():
         assert f"{hashlib.sha256(data).hexdigest()}  /{path}" in output, output
-    lines: dict[str, str] = {}
-    for layer in image.built.layers:
-        found = stack.fallback_lines(log_offset, layer.digest)
-        assert len(found) == 1, f"want one fallback line for {layer.digest}, got {found}"
-        lines[layer.digest] = found[0]
-    return lines
+    found = stack.fallback_lines(log_offset, image.data_layer)
+    assert len(found) == 1, f"want one fallback line for {image.data_layer}, got {found}"
+    return found[0]
 
 
 def test_image_without_index_falls_back_and_runs(stack: LazyStack) -> None:
     image = data_image(stack, "noindex")
     pushed = stack.push(image.built, unique_name("test/lazy-noindex"))
     offset = stack.daemon_log_offset()
-    lines = assert_full_pull_runs(stack, image, pushed.reference, offset)
-    for layer, line in lines.items():
-        assert f"no lazysnap index for layer {layer}" in line, line
+    line = assert_full_pull_runs(stack, image, pushed.reference, offset)
+    assert f"no lazysnap index for layer {image.data_layer}" in line, line
 
 
 def _index_blob(client: RegistryClient, image: PushedImage, layer_digest: str) -> bytes:
@@ -104,20 +103,23 @@ def _push_index_artifact(
 
 @pytest.mark.parametrize("tampering", ["other-layers-index", "truncated", "bytes-not-digest"])
 def test_tampered_index_falls_back_and_runs(stack: LazyStack, tampering: str) -> None:
-    """The data layer's index in the registry is one a real index build made, tampered with:
-    the index of another layer (the busybox one) presented as this layer's; the right index cut
-    in half (descriptor digest and size match the cut bytes); or the right index whose stored
-    bytes were altered in the registry after upload, so they no longer match their digest."""
+    """The layer's index in the registry is one a real index build made, tampered with: the
+    index of another image's layer presented as this layer's; the right index cut in half
+    (descriptor digest and size match the cut bytes); or the right index whose stored bytes
+    were altered in the registry after upload, so they no longer match their digest."""
     image = data_image(stack, tampering)
-    # Build real indexes in a repository of their own, then copy them, tampered, to the
+    other = data_image(stack, f"{tampering}-other")
+    # Build real indexes in repositories of their own, then copy one, tampered, to the
     # repository the test pulls from (referrers are per repository).
     source = stack.push(image.built, unique_name("test/lazy-tamper-src"))
+    other_source = stack.push(other.built, unique_name("test/lazy-tamper-other"))
     stack.index_build(source.reference)
+    stack.index_build(other_source.reference)
     target = stack.push(image.built, unique_name("test/lazy-tamper"))
     with registry_client(stack) as client:
         genuine = _index_blob(client, source, image.data_layer)
         if tampering == "other-layers-index":
-            blob = _index_blob(client, source, image.busybox_layer)
+            blob = _index_blob(client, other_source, other.data_layer)
         elif tampering == "truncated":
             blob = genuine[: len(genuine) // 2]
         else:
@@ -133,19 +135,17 @@ def test_tampered_index_falls_back_and_runs(stack: LazyStack, tampering: str) ->
         stored.write_bytes(bytes(altered))
     try:
         offset = stack.daemon_log_offset()
-        lines = assert_full_pull_runs(stack, image, target.reference, offset)
+        line = assert_full_pull_runs(stack, image, target.reference, offset)
     finally:
         if restore is not None:
             stored.write_bytes(restore)
-    line = lines[image.data_layer]
     print(f"\n{tampering}: {line}")
     expected_reason = {
-        "other-layers-index": image.busybox_layer,
+        "other-layers-index": f"index is for {other.data_layer}",
         "truncated": "invalid layer index",
         "bytes-not-digest": f"{digest}: content hashes to sha256:",
     }[tampering]
     assert expected_reason in line, line
-    assert f"no lazysnap index for layer {image.busybox_layer}" in lines[image.busybox_layer]
 
 
 def test_registry_unreachable_at_prepare_falls_back_and_runs(stack: LazyStack) -> None:
@@ -171,7 +171,6 @@ def test_registry_unreachable_at_prepare_falls_back_and_runs(stack: LazyStack) -
     assert ": pushed sha256:" in built, built  # the index exists: only the route is missing
 
     offset = stack.daemon_log_offset()
-    lines = assert_full_pull_runs(stack, image, reference, offset, hosts_dir=mirror_hosts)
-    for line in lines.values():
-        assert gone in line and "Connection refused" in line, line
+    line = assert_full_pull_runs(stack, image, reference, offset, hosts_dir=mirror_hosts)
+    assert gone in line and "Connection refused" in line, line
     assert not os.path.exists(Path(stack.containerd.hosts_dir) / gone)
