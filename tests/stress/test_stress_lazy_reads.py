@@ -1,9 +1,9 @@
 """Stress: real FUSE mounts of real layers, hammered by several processes under page-cache
 pressure, compared byte for byte with the tar extracted by Python's tarfile.
 
-Layers: pigz gzip (1 MiB spans), Python gzip (4 MiB spans), zstd frames (1 MiB spans); the pigz
-blob is mounted three times: twice with the same index and once with a 4 MiB-span index of the
-same blob, so three mount processes share its cached spans. Every mount shares one span cache a
+Layers: pigz gzip (1 MiB spans), Python gzip (4 MiB and 64 KiB spans), zstd frames (1 MiB
+spans). Every layer is mounted twice, and the pigz blob a third time with a 4 MiB-span index,
+so several mount processes share a blob's cached spans, numbered two ways. Every mount shares one span cache a
 few spans large (constant eviction), prefetch and background fetch are on. The reader processes
 run in a memory cgroup smaller than what they read (the kernel keeps reclaiming their pages and
 reading them again through FUSE) and also drop pages with fadvise.
@@ -76,6 +76,8 @@ def _plans() -> list[LayerPlan]:
         LayerPlan("pigz-1m", "pigz", MiB, 4 * MiB, (6 * MiB, 5 * MiB, 3 * MiB + 123), 250, "file"),
         LayerPlan("gzip-4m", "gzip", 4 * MiB, 0, (9 * MiB + 7, 2 * MiB), 150, "url"),
         LayerPlan("zstd-1m", "zstd", MiB, 0, (7 * MiB + 4095, 3 * MiB), 150, "file"),
+        # the profile tests' layers: Python gzip in 64 KiB spans (a 1 MiB read spans ~16)
+        LayerPlan("gzip-64k", "gzip", 64 << 10, 0, (3 * MiB + 1,), 100, "file"),
     ]
     if LONG:
         plans += [

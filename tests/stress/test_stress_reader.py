@@ -38,14 +38,14 @@ def test_threads_reading_through_readers_sharing_a_tiny_cache_get_exact_bytes(
     blob = compress(tar, kind)
     path = tmp_path / "blob"
     path.write_bytes(blob)
-    indexes = [index_for(blob, kind, MiB), index_for(blob, kind, 4 * MiB)]
+    indexes = [index_for(blob, kind, size) for size in (MiB, 4 * MiB, 64 << 10)]
     largest = max(s.uncompressed_size for index in indexes for s in index.spans)
     cache_dir = tmp_path / "cache"
-    # three readers (two mounts of the 1 MiB index, one of the 4 MiB index), separate caches
-    # objects on one directory as separate mount processes have
+    # four readers (two mounts of the 1 MiB index, one of the 4 MiB and one of the 64 KiB index,
+    # the profile tests' size), separate cache objects on one directory as mount processes have
     readers = [
         LayerReader(index, FileBlobSource(str(path)), SpanCache(cache_dir, 3 * largest))
-        for index in (indexes[0], indexes[0], indexes[1])
+        for index in (indexes[0], indexes[0], indexes[1], indexes[2])
     ]
     fast = BackgroundSettings(enabled=True, quiet_seconds=0.05, rate_bytes=1 << 30)
     fetchers = [BackgroundFetcher(reader, fast) for reader in readers]
@@ -77,8 +77,8 @@ def test_threads_reading_through_readers_sharing_a_tiny_cache_get_exact_bytes(
             reads[number] += 1
             if got != want:
                 failures.append(
-                    f"{entry.name} [{offset}:+{size}] via {reader.index.span_size >> 20} MiB "
-                    f"spans: {len(got)} bytes, expected {len(want)}"
+                    f"{entry.name} [{offset}:+{size}] via {reader.index.span_size} byte spans: "
+                    f"{len(got)} bytes, expected {len(want)}"
                 )
 
     threads = [threading.Thread(target=hammer, args=(n,)) for n in range(THREADS)]
