@@ -8,8 +8,9 @@ own session so that it survives restarts of `lazysnap serve`. Beside the mountpo
     <mountpoint>.lazysnap.log         the process's log (EIO lines name layer, span and cause)
 A mountpoint that is still live with a live process is re-attached, not mounted again.
 
-mount() returns once the process is started, without waiting for it to be ready: the core then
-answers Prepare at once and the layers of an image mount in parallel. check() is where a
+With mount_in_background (what the daemon uses), mount() returns once the process is started,
+without waiting for it to be ready: the core then answers Prepare at once and the layers of an
+image mount in parallel (otherwise mount() waits, as mount_layer does). check() is where a
 starting mount is waited for (the core calls it before handing out a mount that uses the layer);
 a mount that failed to start is cleaned away and reported there, so the core can mount again.
 """
@@ -89,6 +90,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
             quiet_seconds=config.fetch.background_quiet_seconds,
             rate_bytes=config.fetch.background_rate_bytes,
         ),
+        mount_in_background=True,  # the core waits in check() before a mount is used
     )
 
 
@@ -112,6 +114,7 @@ class LazyLayers:
         prefetch: bool = True,
         background: BackgroundSettings | None = None,
         python: str = sys.executable,
+        mount_in_background: bool = False,
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
@@ -124,6 +127,7 @@ class LazyLayers:
         self.prefetch = prefetch
         self.background = background or BackgroundSettings()
         self.python = python
+        self.mount_in_background = mount_in_background
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._startups: dict[str, _Startup] = {}
         self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
@@ -140,9 +144,9 @@ class LazyLayers:
             raise
         except Exception as exc:  # a resolver failure means "not lazily": fall back, say why
             raise RemoteLayerUnavailable(f"resolving layer for {mountpoint}: {exc}") from exc
-        # Discovery (where the realistic failures are) is done; the process starts in the
-        # background and check() waits for it.
-        self.mount_layer(mountpoint, spec, wait=False)
+        # Discovery (where the realistic failures are) is done; in the background, the process
+        # starts while the caller goes on, and check() waits for it.
+        self.mount_layer(mountpoint, spec, wait=not self.mount_in_background)
 
     def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
         """Wait for a mount this manager is starting, then raise RemoteLayerUnavailable unless

@@ -7,6 +7,10 @@ layer's digest -> decoded and validated index -> a LayerSpec the FUSE layer can 
 Every failure raises RemoteLayerUnavailable with the reason, and the core falls back to a full
 pull of that layer. Results are cached per manifest digest, so the N layers of one image cost one
 referrers lookup; "no index" is cached only briefly so an index pushed a moment later is seen.
+
+A pull Prepares an image's layers one after another, each waiting for its index to be fetched
+and decoded. So the first lookup of an image starts fetching and decoding every layer's index at
+once, in the background; each layer's Prepare then takes its (usually finished) result.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from snapshotter.core.layers import RemoteLayerUnavailable
@@ -22,7 +27,7 @@ from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
-from snapshotter.index.model import ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION
+from snapshotter.index.model import ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LayerIndex
 from snapshotter.profile.model import (
     MAX_PROFILE_BYTES,
     PROFILE_CREATED_ANNOTATION,
@@ -41,6 +46,9 @@ from snapshotter.source.labels import LabelError, LayerRequest, parse_layer_requ
 log = logging.getLogger("lazysnap.discover")
 
 MAX_INDEX_BLOB = 256 << 20
+# Index blobs fetched ahead of their Prepare are held in memory until it comes (or they expire).
+MAX_AHEAD_BYTES = 64 << 20
+AHEAD_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,9 @@ class IndexDiscovery:
         self._profiles: dict[str, StartupProfile | None] = {}  # by blob digest
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # "<repository>@<index blob digest>" -> (when, its fetch + decode running ahead)
+        self._ahead: dict[str, tuple[float, Future[tuple[bytes, LayerIndex]]]] = {}
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     def __call__(self, labels: Mapping[str, str]) -> LayerSpec:
         try:
@@ -121,8 +132,7 @@ class IndexDiscovery:
             raise RemoteLayerUnavailable(
                 f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes"
             )
-        data = self.client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB)
-        index = decode_index(data, expected_layer_digest=request.layer_digest)
+        data, index = self._index_blob(ref, blob, request.layer_digest)
         if index.compressed_size != layer.size:
             raise RemoteLayerUnavailable(
                 f"index {blob.digest} says layer {request.layer_digest} has "
@@ -142,6 +152,42 @@ class IndexDiscovery:
             index_bytes=data,
             prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),
         )
+
+    def _index_blob(
+        self, ref: Reference, blob: Descriptor, layer_digest: str
+    ) -> tuple[bytes, LayerIndex]:
+        """The index blob, fetched and decoded (checked to describe layer_digest): taken from
+        the background fetch if one ran ahead, else fetched now. Errors are the same either way."""
+        with self._guard:
+            ahead = self._ahead.pop(f"{ref.repository}@{blob.digest}", None)
+        if ahead is not None:
+            return ahead[1].result()
+        return _fetch_index(self.client, ref, blob, layer_digest)
+
+    def _fetch_ahead(self, ref: Reference, found: _ImageIndexes) -> None:
+        """Start fetching and decoding the index of every layer that will be Prepared lazily."""
+        wanted = [
+            (layer_digest, blob)
+            for layer_digest, blob in found.index_blobs.items()
+            if found.layers[layer_digest].size >= self.min_layer_size
+        ]
+        if len(wanted) < 2 or sum(blob.size for _, blob in wanted) > MAX_AHEAD_BYTES:
+            return  # nothing to overlap, or too much to hold
+        now = time.monotonic()
+        with self._guard:
+            for key in [
+                k for k, (when, _) in self._ahead.items() if now - when > self.positive_ttl
+            ]:
+                del self._ahead[key]  # never asked for (e.g. the layer was already there)
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(AHEAD_WORKERS, "index-ahead")
+            for layer_digest, blob in wanted:
+                key = f"{ref.repository}@{blob.digest}"
+                if key not in self._ahead:
+                    future = self._ahead_pool.submit(
+                        _fetch_index, self.client, ref, blob, layer_digest
+                    )
+                    self._ahead[key] = (now, future)
 
     def _profile_names(
         self, ref: Reference, blob: Descriptor | None, layer_digest: str
@@ -183,6 +229,7 @@ class IndexDiscovery:
                     return cached
             found = self._lookup(ref, manifest_digest)
             self._cache[key] = found
+            self._fetch_ahead(ref, found)
             return found
 
     def _lookup(self, ref: Reference, manifest_digest: str) -> _ImageIndexes:
@@ -210,6 +257,13 @@ class IndexDiscovery:
             result.source,
         )
         return _ImageIndexes(layers, index_blobs, result.source, time.monotonic(), profile)
+
+
+def _fetch_index(
+    client: RegistryClient, ref: Reference, blob: Descriptor, layer_digest: str
+) -> tuple[bytes, LayerIndex]:
+    data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB)
+    return data, decode_index(data, expected_layer_digest=layer_digest)
 
 
 def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:

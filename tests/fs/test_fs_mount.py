@@ -352,7 +352,12 @@ def test_mount_by_labels_uses_the_resolver_and_reports_its_failure(
 def test_layers_mount_in_the_background_and_check_waits_for_them(
     layer: Layer, tmp_path: Path
 ) -> None:
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, resolve=lambda labels: layer.spec())
+    lazy = LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        resolve=lambda labels: layer.spec(),
+        mount_in_background=True,
+    )
     points = [tmp_path / name for name in ("a", "b", "c")]
     try:
         for point in points:
@@ -375,7 +380,12 @@ def test_a_mount_that_fails_after_mount_returned_is_reported_by_check_and_cleane
         "bad": LayerSpec(blob=layer.spec().blob, index_bytes=b"not an index"),
         "good": layer.spec(),
     }
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, resolve=lambda labels: specs[labels["k"]])
+    lazy = LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        resolve=lambda labels: specs[labels["k"]],
+        mount_in_background=True,
+    )
     mnt = tmp_path / "fs"
     mnt.mkdir()
     lazy.mount(str(mnt), {"k": "bad"})  # discovery worked: the failure comes later
