@@ -123,10 +123,12 @@ class IndexDiscovery:
         blob = found.index_blobs.get(request.layer_digest)
         if blob is None:
             raise RemoteLayerUnavailable(
-                f"no lazysnap index for layer {request.layer_digest} of {ref} "
-                f"(looked up via {found.source})"
-                if found.index_blobs or found.source
-                else f"no lazysnap index for {ref}@{manifest_digest}"
+                f"no lazysnap index for layer {request.layer_digest}: the index artifact of "
+                f"{ref}@{manifest_digest} covers {len(found.index_blobs)} other layer(s) "
+                f"(looked up via {found.source}; layers under the build's min size stay unindexed)"
+                if found.index_blobs
+                else f"no lazysnap index for layer {request.layer_digest}: image "
+                f"{ref}@{manifest_digest} has none (looked up via {found.source})"
             )
         if blob.size > MAX_INDEX_BLOB:
             raise RemoteLayerUnavailable(
