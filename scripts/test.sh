@@ -39,8 +39,17 @@ check "ruff check" "$BIN/ruff" check .
 check "ruff format --check" "$BIN/ruff" format --check .
 # tests/ has no __init__.py: map it to module names from the repo root.
 check "mypy --strict (snapshotter)" "$BIN/mypy" --strict
-check "mypy --strict (tests harness)" env MYPYPATH="$REPO" "$BIN/mypy" --strict \
-    --explicit-package-bases tests/harness tests/conftest.py tests/e2e scripts/images
+check "mypy --strict (tests)" env MYPYPATH="$REPO" "$BIN/mypy" --strict \
+    --explicit-package-bases tests/harness tests/conftest.py tests/e2e tests/lazy tests/pull \
+    tests/remote tests/index tests/stress tests/fs tests/unit tests/profile tests/source \
+    tests/status scripts/images
+# These directories import their helpers as sibling modules (pytest's rootdir insertion).
+for dir in tests/accel tests/indexer; do
+    check "mypy --strict ($dir)" env MYPYPATH="$REPO:$REPO/$dir" "$BIN/mypy" --strict \
+        --explicit-package-bases "$dir"
+done
+check "mypy --strict (tests/bench)" env MYPYPATH="$REPO:$REPO/scripts/bench" "$BIN/mypy" \
+    --strict --explicit-package-bases tests/bench
 
 # LAZYSNAP_REQUIRE_STACK=1: a stack test that cannot run is an error, not a silent skip.
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words

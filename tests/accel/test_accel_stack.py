@@ -147,7 +147,8 @@ def wait_quiet(stack: Stack, repository: str, quiet: float = 3.0) -> list[dict[s
         if busy or len(jobs) != len(seen):
             seen, stable_since = jobs, time.monotonic()
         elif time.monotonic() - stable_since >= quiet:
-            return jobs
+            settled: list[dict[str, Any]] = jobs
+            return settled
         time.sleep(0.2)
     raise AssertionError(f"jobs of {repository} never settled: {seen}")
 

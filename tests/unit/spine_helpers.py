@@ -31,7 +31,7 @@ class DaemonProcess:
     def stub(self) -> Any:
         if self._channel is None:
             self._channel = grpc.insecure_channel(f"unix://{self.address}")
-        return snapshots_pb2_grpc.SnapshotsStub(self._channel)
+        return snapshots_pb2_grpc.SnapshotsStub(self._channel)  # type: ignore[no-untyped-call]
 
     @property
     def log(self) -> str:

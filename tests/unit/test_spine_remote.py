@@ -77,7 +77,7 @@ class FakeRemoteLayers:
 
 
 @pytest.fixture
-def layer_content(root: Path) -> Path:
+def layer_content(root: Path) -> Iterator[Path]:
     content = root.parent / (root.name + "-layer")
     content.mkdir()
     (content / "from-remote").write_text("lazy bytes")
