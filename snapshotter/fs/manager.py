@@ -322,7 +322,14 @@ class LazyLayers:
             if startup is None:
                 return
             # The watcher gives up after ready_timeout; the margin covers its own scheduling.
-            startup.done.wait(self.ready_timeout + 5)
+            waiting_since = time.monotonic()
+            if not startup.done.is_set():
+                startup.done.wait(self.ready_timeout + 5)
+                log.info(
+                    "waited %.2fs for lazy layer at %s to mount",
+                    time.monotonic() - waiting_since,
+                    mountpoint,
+                )
             with self._lock:
                 self._startups.pop(mountpoint, None)
             problem = startup.problem
