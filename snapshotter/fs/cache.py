@@ -2,10 +2,13 @@
 
 Layout under the cache directory:
     spans/<algorithm>/<hex>/<span number>   header + inflated, verified bytes of one span
-    tmp/<pid>.<random>                      being written; renamed into spans/ when complete
-    lock                                    flock'd by whoever changes spans/ or the ledger
-    ledger                                  "<bytes> <spans>": running total, so a put does not
-                                            have to scan the whole cache to know whether it fits
+    tmp/<pid>.<random>                      a span being written, at its full size from the
+                                            start (its reservation); renamed into spans/
+    lock                                    flock'd by whoever changes spans/, tmp/ or the ledger
+    ledger                                  "<bytes> <spans>": running total of span files plus
+                                            reserved temp files, and the number of span files, so
+                                            a put does not have to scan the cache to know whether
+                                            it fits
 
 A span number only means something together with the index that numbered the spans, and one
 blob can have several indexes (another --span-size, a rebuilt artifact) whose mounts share this
@@ -13,19 +16,28 @@ cache. So each file starts with a header holding the sha256 of the bytes that fo
 read names the digest it expects: span 3 of a 1 MiB-span index is never served for span 3 of a
 4 MiB-span index of the same blob, even when the two happen to have the same size.
 
+The cache never holds more than max_bytes, counting spans being written: a put first reserves
+room under the lock (evicting if need be) by creating its temp file in tmp/ at the span's full
+size (fallocate), and only then writes the bytes outside the lock. So spans/ plus tmp/ stay
+within the bound at every moment another process can look, whatever number of writers and
+processes share the cache. The ledger counts reserved temp files too.
+
 A crash never leaves a partial span visible (write to tmp/, then rename), and as the rename is
 not preceded by an fsync (a demand read would wait for it), a power loss may still leave a span
 of the right size but not its bytes: each process hashes a span file the first time it reads
 it, and a file that does not match its header is dropped as a miss. Eviction is LRU by
 mtime (touched on use) and unlinks files: a reader that already opened a span keeps reading it,
 and a reader that finds it gone treats it as a miss. The ledger may only over-count (it is
-raised before a rename and corrected by the scan that eviction does), so the cache never grows
-past max_bytes because of it.
+raised before room is used and lowered only by what this process removed itself, and the scan
+that eviction does recounts it), so the cache never grows past max_bytes because of it. Temp
+files of dead processes (or stale ones) are removed by that scan, which also drops their
+reservation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -48,6 +60,10 @@ _HASH_CHUNK = 1 << 20
 
 log = logging.getLogger("lazysnap.fs")
 _TOUCH_INTERVAL_S = 1.0  # LRU resolution; spares a utime() syscall per FUSE read
+# A writer fills its reserved temp file straight from memory, within seconds; one this old
+# belongs to a stopped or reused-pid process and would hold its reservation for ever.
+_STALE_TEMP_S = 600.0
+_LEDGER_TEMP_PREFIX = "ledger."
 
 
 class CacheError(ValueError):
@@ -157,43 +173,36 @@ class SpanCache:
             return False
 
     def put(self, layer_digest: str, span_no: int, data: bytes, digest: str) -> bool:
-        """Store a verified span whose sha256 is digest; False if it cannot fit even in an
-        empty cache. A file of another index's span under the same number is replaced."""
+        """Store a verified span whose sha256 is digest; False if it cannot fit (bigger than the
+        cache, or the rest is reserved by spans other writers are storing right now). A file of
+        another index's span under the same number is replaced."""
         path = self.span_path(layer_digest, span_no)
         header = _header(digest)
         size = HEADER_SIZE + len(data)
         if size > self.max_bytes:
             return False
-        tmp = self._tmp / f"{os.getpid()}.{secrets.token_hex(8)}"
-        try:
-            with open(tmp, "wb") as out:
-                out.write(header)
-                out.write(data)
-                written = os.fstat(out.fileno())
-            with self._locked():
-                replaced = 0
-                try:
-                    with open(path, "rb") as existing:
-                        if existing.read(HEADER_SIZE) == header:
-                            # another reader or process stored it first
-                            self._touch(path, force=True)
-                            return True
-                        replaced = os.fstat(existing.fileno()).st_size
-                except FileNotFoundError:
-                    pass
-                total, count = self._read_ledger()
-                if replaced:
-                    total, count = max(0, total - replaced), max(0, count - 1)
-                if total + size > self.max_bytes:
-                    total, count = self._evict(self.max_bytes - size, keep=path)
-                self._write_ledger(total + size, count + 1)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(tmp, path)
-            self._remember_checked(written)  # data is the verified span itself
+        if self._holds(path, header):  # another reader or process stored it first
+            self._touch(path, force=True)
             return True
+        reservation = self._reserve(path, header, size)
+        if isinstance(reservation, bool):
+            return reservation
+        tmp, fd = reservation
+        committed = False
+        try:
+            _write_all(fd, header, 0)
+            _write_all(fd, data, HEADER_SIZE)
+            written = os.fstat(fd)
+            renamed = self._commit(path, header, tmp, size)
+            committed = True
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            os.close(fd)
+            if not committed:  # a write failed (disk full?): give the room back
+                with self._locked():
+                    self._release(tmp, size)
+        if renamed:
+            self._remember_checked(written)  # data is the verified span itself
+        return renamed or self._holds(path, header)
 
     def usage(self) -> CacheUsage:
         files = list(self._scan())
@@ -206,6 +215,75 @@ class SpanCache:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _holds(self, path: Path, header: bytes) -> bool:
+        try:
+            with open(path, "rb") as existing:
+                return existing.read(HEADER_SIZE) == header
+        except FileNotFoundError:
+            return False
+
+    def _reserve(self, path: Path, header: bytes, size: int) -> tuple[Path, int] | bool:
+        """Make room for size bytes and claim it with a temp file of that size, under the lock:
+        (temp file, its fd open for writing); True if the span is there already (touched), False
+        if it cannot fit now."""
+        with self._locked():
+            if self._holds(path, header):
+                self._touch(path, force=True)
+                return True
+            total, count = self._read_ledger()
+            if total + size > self.max_bytes:
+                total, count = self._evict(self.max_bytes - size)
+                if total + size > self.max_bytes:
+                    self._write_ledger(total, count)  # the rest is other writers' reservations
+                    return False
+            tmp = self._tmp / f"{os.getpid()}.{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _allocate(fd, size)
+                self._write_ledger(total + size, count)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink()
+                raise
+            return tmp, fd
+
+    def _commit(self, path: Path, header: bytes, tmp: Path, size: int) -> bool:
+        """Rename the filled temp file into place (its reservation becomes the span's room);
+        False if it was not renamed: the span was stored by another writer meanwhile (ours is
+        released), or the temp file is gone (removed as stale by another process's scan)."""
+        with self._locked():
+            replaced = 0
+            try:
+                with open(path, "rb") as existing:
+                    if existing.read(HEADER_SIZE) == header:
+                        self._touch(path, force=True)
+                        self._release(tmp, size)
+                        return False
+                    replaced = os.fstat(existing.fileno()).st_size
+            except FileNotFoundError:
+                pass
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, path)
+            except FileNotFoundError:
+                return False
+            total, count = self._read_ledger()
+            if replaced:
+                total, count = total - replaced, count - 1
+            self._write_ledger(max(0, total), max(0, count) + 1)
+            return True
+
+    def _release(self, tmp: Path, size: int) -> None:
+        """Give back a reservation that did not become a span; under the lock. Only what this
+        call unlinks is taken off the ledger: a temp file someone else removed was recounted by
+        their scan, and the ledger must never under-count."""
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            return
+        total, count = self._read_ledger()
+        self._write_ledger(max(0, total - size), count)
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # A fresh open file description per call: flock then excludes other threads of this
@@ -217,11 +295,12 @@ class SpanCache:
         finally:
             os.close(fd)
 
-    def _evict(self, target_bytes: int, keep: Path) -> tuple[int, int]:
-        """Unlink least recently used spans until at most target_bytes remain; exact totals,
-        not counting `keep` (the file about to be replaced)."""
-        files = sorted((f for f in self._scan() if f.path != keep), key=lambda f: f.mtime_ns)
-        total = sum(f.size for f in files)
+    def _evict(self, target_bytes: int) -> tuple[int, int]:
+        """Unlink least recently used spans until at most target_bytes remain, counting the
+        reservations of spans being written (never evicted); exact totals. A file the new span
+        will replace is counted like any other: it takes room until the rename."""
+        files = sorted(self._scan(), key=lambda f: f.mtime_ns)
+        total = sum(f.size for f in files) + self._reserved_bytes()
         count = len(files)
         for victim in files:
             if total <= target_bytes:
@@ -244,16 +323,37 @@ class SpanCache:
                         continue
                     yield _SpanFile(Path(span.path), st.st_size, st.st_mtime_ns)
 
+    def _reserved_bytes(self) -> int:
+        """Bytes of the temp files of spans being written; removes those of dead (or stale)
+        writers, whose reservations would otherwise never be given back. Under the lock."""
+        total = 0
+        now = time.time()
+        for entry in _scandir(self._tmp):
+            if entry.name.startswith(_LEDGER_TEMP_PREFIX):
+                continue  # written and renamed under the lock: only a crash leaves one
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            pid_text = entry.name.split(".", 1)[0]
+            dead = pid_text.isdigit() and not _pid_alive(int(pid_text))
+            if dead or now - st.st_mtime > _STALE_TEMP_S:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                continue
+            total += st.st_size
+        return total
+
     def _read_ledger(self) -> tuple[int, int]:
         try:
             total, count = self._ledger.read_text().split()
             return int(total), int(count)
         except (FileNotFoundError, ValueError):
             files = list(self._scan())
-            return sum(f.size for f in files), len(files)
+            return sum(f.size for f in files) + self._reserved_bytes(), len(files)
 
     def _write_ledger(self, total: int, count: int) -> None:
-        tmp = self._tmp / f"ledger.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = self._tmp / f"{_LEDGER_TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_text(f"{total} {count}\n")
         os.rename(tmp, self._ledger)
 
@@ -298,8 +398,10 @@ class SpanCache:
             os.utime(path)
 
     def _remove_orphaned_temp_files(self) -> None:
+        # Not under the lock: the ledger then over-counts their reservations until the next
+        # eviction scan recounts, which is the safe direction.
         for entry in _scandir(self._tmp):
-            pid_text = entry.name.removeprefix("ledger.").split(".", 1)[0]
+            pid_text = entry.name.removeprefix(_LEDGER_TEMP_PREFIX).split(".", 1)[0]
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
@@ -310,6 +412,24 @@ def _header(digest: str) -> bytes:
     if match is None:
         raise CacheError(f"span cache: {digest!r} is not a sha256 digest of a span")
     return _MAGIC + bytes.fromhex(match.group(1))
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the file its full size now, so its room is taken before its bytes are written."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # a file system without fallocate: the apparent size is taken
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:
