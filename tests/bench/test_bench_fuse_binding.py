@@ -95,7 +95,12 @@ def test_short_run_reports_request_sizes_per_binding(tmp_path: Path) -> None:
     for runs in records.values():
         assert len(runs) == 2
         assert all(s["cold_mb_s"] > 0 and s["stat_us"] > 0 for s in runs)
-        assert all(s["warm_reads"] < s["reads"] for s in runs)  # kernel_cache keeps the pages
+
+    # kernel_cache on libfuse3 keeps the pages: a re-read is not sent to the FS unless another
+    # process dropped the caches meanwhile, which the benchmark records. (libfuse2 re-reads a
+    # few pages now and then: observed, not asserted.)
+    for key in ("mfusepy3", "mfusepy3-ra4M"):
+        assert all(s["warm_reads"] == 0 for s in records[key] if s["foreign_drops"] == 0)
 
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(CONFIGS)  # header + one row per config
