@@ -2,11 +2,11 @@
 pressure, compared byte for byte with the tar extracted by Python's tarfile.
 
 Layers: pigz gzip (1 MiB spans), Python gzip (4 MiB and 64 KiB spans), zstd frames (1 MiB
-spans). Every layer is mounted twice, and the pigz blob a third time with a 4 MiB-span index,
-so several mount processes share a blob's cached spans, numbered two ways. Every mount shares
-one span cache a few spans large (constant eviction), prefetch and background fetch are on. The
-reader processes run in a memory cgroup smaller than what they read (the kernel keeps reclaiming their pages and
-reading them again through FUSE) and also drop pages with fadvise.
+spans). Every layer is mounted twice, and the pigz blob a third time with a 4 MiB-span index, so
+several mount processes share a blob's cached spans, numbered two ways. Every mount shares one
+span cache a few spans large (constant eviction), prefetch and background fetch are on. The
+reader processes run in a memory cgroup smaller than what they read (the kernel keeps reclaiming
+their pages and reading them again through FUSE) and also drop pages with fadvise.
 
 Bounded to ~30-60 s by default. Longer and harsher:
     LAZYSNAP_STRESS_SECONDS=600      how long the readers hammer
