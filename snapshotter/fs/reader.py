@@ -2,10 +2,19 @@
 
 A missing span is fetched with one Range request (adjacent missing spans of one read share a
 request), inflated and verified by the index package on a worker thread, stored in the span
-cache and only then served. Concurrent readers of one span wait on the same in-flight future, so
-the span is fetched once; readers of other spans never wait for it. A failed or timed-out fetch
-raises SpanReadError (fuse_ops turns it into EIO) and forgets the attempt, so the next read
-tries the registry again.
+cache and only then served. Concurrent readers of one span share one fetch attempt, so the span
+is fetched once; readers of other spans never wait for it.
+
+An attempt has a deadline, fetch_timeout after it started, and nobody waits on it past that: a
+reader that joins an attempt late gets its data or SpanReadError (fuse_ops: EIO) by the same
+deadline, so one read costs at most one fetch timeout even when the kernel sends it as several
+FUSE requests (readahead, then the read of the page that readahead failed to fill). An attempt
+that ran out of time, or failed slowly, is remembered for RETRY_AFTER_FAILURE_S: requests for
+its spans in that window fail at once instead of starting a fetch that a hung registry would
+hold for a whole timeout again. After it, the next read starts a new attempt, even if the old
+one's thread is still stuck in the registry; that thread's late result is cached if it
+verifies, and otherwise ignored. A quick failure (connection refused, bytes that do not verify)
+is not remembered: trying again costs little, and the registry may be back already.
 """
 
 from __future__ import annotations
@@ -28,6 +37,13 @@ DEFAULT_FETCH_TIMEOUT_S = 30.0
 # Cap on one coalesced Range request, so one huge read does not hold a worker for long.
 MAX_COALESCED_BYTES = 32 << 20
 PREFETCH_WINDOW = 4  # spans the prefetch thread claims at a time
+# How long a failed or timed-out span fails fast: long enough to cover the kernel's immediate
+# re-request of the pages whose read just got EIO, short enough that a user's retry a moment
+# later reaches the registry again.
+RETRY_AFTER_FAILURE_S = 1.0
+# A failure that took at least this fraction of the fetch timeout is slow: repeating it at once
+# would make the next request wait about as long again.
+SLOW_FAILURE_FRACTION = 0.5
 
 
 class BlobSource(Protocol):
@@ -65,6 +81,24 @@ class ReaderCounters:
         return asdict(self)
 
 
+@dataclass
+class _Attempt:
+    """One fetch of one span, shared by every reader of the span until it ends."""
+
+    future: Future[bytes]
+    started: float  # monotonic
+    deadline: float  # started + fetch_timeout: nobody waits on it longer
+    ended: float = math.inf  # monotonic time its fetch failed, if it did
+
+    def fails_fast_until(self) -> float:
+        """Until when requests of its spans fail at once rather than start a new attempt;
+        meaningful once it failed or ran out of time."""
+        failed_at = min(self.ended, self.deadline)  # when its readers were told
+        if failed_at - self.started < SLOW_FAILURE_FRACTION * (self.deadline - self.started):
+            return failed_at
+        return failed_at + RETRY_AFTER_FAILURE_S
+
+
 class LayerReader:
     def __init__(
         self,
@@ -89,7 +123,8 @@ class LayerReader:
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._closed = False
         self._lock = threading.Lock()
-        self._in_flight: dict[int, Future[bytes]] = {}
+        # Span number -> its current fetch attempt: running, or failed and still failing fast.
+        self._attempts: dict[int, _Attempt] = {}
         self._counters = ReaderCounters()
         # When a read last had to go to the network, and how many prefetch lists are still
         # running: the background fetcher waits for both to go quiet.
@@ -119,7 +154,7 @@ class LayerReader:
             return b""
         span_numbers = list(spans_for_range(self.index, start, end))
         pieces: dict[int, bytes] = {}
-        waiting: dict[int, Future[bytes]] = {}
+        waiting: dict[int, _Attempt] = {}
         missing: list[int] = []
         for span_no in span_numbers:
             lo, hi = self._slice(span_no, start, end)
@@ -127,15 +162,15 @@ class LayerReader:
             if cached is not None:
                 pieces[span_no] = cached
                 continue
-            future, is_new = self._claim(span_no)
-            if future is None:  # stored by someone else between the two looks
+            attempt, is_new = self._claim(span_no)
+            if attempt is None:  # stored by someone else between the two looks
                 cached = self._from_cache(span_no, lo, hi)
                 if cached is not None:
                     pieces[span_no] = cached
                     continue
-                future, is_new = self._claim(span_no, force=True)
-                assert future is not None
-            waiting[span_no] = future
+                attempt, is_new = self._claim(span_no, force=True)
+                assert attempt is not None
+            waiting[span_no] = attempt
             if is_new:
                 missing.append(span_no)
         if missing:
@@ -143,17 +178,10 @@ class LayerReader:
                 self._counters.demand_misses += 1
                 self._last_demand_miss = time.monotonic()
         for group in self._coalesce(missing):
-            self._pool.submit(self._fetch_group, group)
-        deadline = time.monotonic() + self.fetch_timeout
-        for span_no, future in waiting.items():
+            self._pool.submit(self._fetch_group, [(n, waiting[n]) for n in group])
+        for span_no, attempt in waiting.items():
             lo, hi = self._slice(span_no, start, end)
-            try:
-                data = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                raise SpanReadError(
-                    self.layer_digest, span_no, f"no data within {self.fetch_timeout:g}s"
-                ) from None
-            pieces[span_no] = data[lo:hi]
+            pieces[span_no] = self._wait(span_no, attempt)[lo:hi]
         return b"".join(pieces[span_no] for span_no in span_numbers)
 
     def prefetch(self, span_numbers: Iterable[int]) -> None:
@@ -180,12 +208,12 @@ class LayerReader:
         """Fetch one span on the caller's thread unless it is cached or in flight already;
         the compressed bytes fetched (0 if nothing was needed). Errors are counted, not raised:
         the span stays missing and a later read fetches it on demand."""
-        future, is_new = self._claim(span_no)
-        if future is None or not is_new:
+        attempt, is_new = self._claim(span_no)
+        if attempt is None or not is_new:
             return 0
-        self._fetch_group([span_no])
+        self._fetch_group([(span_no, attempt)])
         begin, end = fetch_range(self.index, span_no)
-        if future.exception() is not None:
+        if attempt.future.exception() is not None:
             return 0
         with self._lock:
             self._counters.background_spans += 1
@@ -199,13 +227,13 @@ class LayerReader:
             for first in range(0, len(span_numbers), PREFETCH_WINDOW):
                 if self._closed:
                     return
-                claimed = []
+                claimed: dict[int, _Attempt] = {}
                 for span_no in span_numbers[first : first + PREFETCH_WINDOW]:
-                    future, is_new = self._claim(span_no)
-                    if future is not None and is_new:
-                        claimed.append(span_no)
-                for group in self._coalesce(claimed):
-                    self._fetch_group(group)
+                    attempt, is_new = self._claim(span_no)
+                    if attempt is not None and is_new:
+                        claimed[span_no] = attempt
+                for group in self._coalesce(list(claimed)):
+                    self._fetch_group([(n, claimed[n]) for n in group])
                 with self._lock:
                     self._counters.prefetch_spans += len(claimed)
         finally:
@@ -236,18 +264,41 @@ class LayerReader:
                 self._counters.cache_hits += 1
         return data
 
-    def _claim(self, span_no: int, *, force: bool = False) -> tuple[Future[bytes] | None, bool]:
-        """The in-flight future of span_no and whether this caller created it (and so must
-        fetch). Returns (None, False) when the span reached the cache meanwhile."""
+    def _claim(self, span_no: int, *, force: bool = False) -> tuple[_Attempt | None, bool]:
+        """The attempt a reader of span_no waits on, and whether this caller created it (and so
+        must fetch). That is the running attempt while it is within its deadline, or a failed one
+        while it still fails fast (after a slow failure); else a new one. Returns (None, False)
+        when the span reached the cache meanwhile."""
+        now = time.monotonic()
         with self._lock:
-            future = self._in_flight.get(span_no)
-            if future is not None:
-                return future, False
+            attempt = self._attempts.get(span_no)
+            if attempt is not None:
+                running = not attempt.future.done() and now < attempt.deadline
+                if running or now < attempt.fails_fast_until():
+                    return attempt, False
+                # over: a thread still stuck on it finishes on its own, unwaited
             if not force and self.cache.contains(self.layer_digest, span_no, self._digest(span_no)):
                 return None, False
-            future = Future()
-            self._in_flight[span_no] = future
-            return future, True
+            attempt = _Attempt(Future(), now, now + self.fetch_timeout)
+            self._attempts[span_no] = attempt
+            return attempt, True
+
+    def _wait(self, span_no: int, attempt: _Attempt) -> bytes:
+        """The span's bytes, or SpanReadError by the attempt's deadline."""
+        try:
+            # exception(), not result(): raising the stored exception would attach this
+            # frame (and the bytes it holds) to it for as long as the attempt is remembered
+            failure = attempt.future.exception(
+                timeout=max(0.0, attempt.deadline - time.monotonic())
+            )
+        except FutureTimeout:
+            raise SpanReadError(
+                self.layer_digest, span_no, f"no data within {self.fetch_timeout:g}s"
+            ) from None
+        if failure is not None:
+            cause = failure.cause if isinstance(failure, SpanReadError) else str(failure)
+            raise SpanReadError(self.layer_digest, span_no, cause)
+        return attempt.future.result()
 
     def _coalesce(self, span_numbers: Sequence[int]) -> list[list[int]]:
         groups: list[list[int]] = []
@@ -265,31 +316,40 @@ class LayerReader:
             groups.append([span_no])
         return groups
 
-    def _fetch_group(self, group: list[int]) -> None:
+    def _fetch_group(self, group: list[tuple[int, _Attempt]]) -> None:
         """Worker: one Range request for the group, then inflate + verify + cache each span.
-        Every future of the group is resolved whatever happens."""
-        pending = set(group)
+        Every attempt of the group is resolved whatever happens."""
+        now = time.monotonic()
+        late = [(n, a) for n, a in group if now >= a.deadline]
+        for span_no, attempt in late:
+            # queued behind busy workers until its readers gave up: it ends here, and a later
+            # read starts a fresh attempt, rather than piling requests onto a slow registry
+            self._fail(span_no, attempt, f"not started within {self.fetch_timeout:g}s")
+        group = [(n, a) for n, a in group if now < a.deadline]
+        pending = dict(group)
         try:
-            ranges = [fetch_range(self.index, span_no) for span_no in group]
+            if not group:
+                return
+            ranges = [fetch_range(self.index, span_no) for span_no, _ in group]
             first = ranges[0][0]
             last = max(end for _, end in ranges)
             raw = self.blob.read(first, last - first)
             with self._lock:
                 self._counters.bytes_fetched += len(raw)
                 self._counters.range_requests += 1
-            for span_no, (begin, end) in zip(group, ranges, strict=True):
+            for (span_no, attempt), (begin, end) in zip(group, ranges, strict=True):
                 try:
                     data = inflate_span(self.index, span_no, raw[begin - first : end - first])
                 except Exception as exc:
-                    self._fail(span_no, exc)
+                    self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}")
                 else:
-                    self._succeed(span_no, data)
-                pending.discard(span_no)
+                    self._succeed(span_no, attempt, data)
+                del pending[span_no]
         except Exception as exc:
-            for span_no in sorted(pending):
-                self._fail(span_no, exc)
+            for span_no, attempt in sorted(pending.items()):
+                self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}")
 
-    def _succeed(self, span_no: int, data: bytes) -> None:
+    def _succeed(self, span_no: int, attempt: _Attempt, data: bytes) -> None:
         try:
             # inflate_span checked data against this digest
             stored = self.cache.put(self.layer_digest, span_no, data, self._digest(span_no))
@@ -298,12 +358,12 @@ class LayerReader:
         with self._lock:
             self._counters.spans_fetched += 1
             self._counters.spans_cached += int(stored)
-            future = self._in_flight.pop(span_no)
-        future.set_result(data)
+            if self._attempts.get(span_no) is attempt:  # not replaced after a timeout
+                del self._attempts[span_no]
+        attempt.future.set_result(data)
 
-    def _fail(self, span_no: int, exc: BaseException) -> None:
-        cause = f"{type(exc).__name__}: {exc}"
+    def _fail(self, span_no: int, attempt: _Attempt, cause: str) -> None:
         with self._lock:
             self._counters.fetch_errors += 1
-            future = self._in_flight.pop(span_no)
-        future.set_exception(SpanReadError(self.layer_digest, span_no, cause))
+            attempt.ended = time.monotonic()  # kept in _attempts: it fails fast for a while
+        attempt.future.set_exception(SpanReadError(self.layer_digest, span_no, cause))
