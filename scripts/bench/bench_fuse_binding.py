@@ -234,14 +234,16 @@ class MountedFS:
     mountpoint: Path
     process: subprocess.Popen[str]
     log_path: Path
-    library: str = ""
     read_ahead_kb: int = 0  # what the bdi had when measured
 
     def ask(self) -> dict[str, Any]:
         """Counters since the last ask (the FS resets them)."""
         assert self.process.stdin is not None
-        self.process.stdin.write("stats\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write("stats\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self.gone() from None
         return self.message()
 
     def message(self) -> dict[str, Any]:
@@ -249,7 +251,13 @@ class MountedFS:
         for line in self.process.stdout:
             if line.startswith("BENCH "):
                 return dict(json.loads(line[len("BENCH ") :]))
-        raise BenchError(f"{self.config.label}: FS process exited\n{self.log_tail()}")
+        raise self.gone()
+
+    def gone(self) -> BenchError:
+        return BenchError(
+            f"{self.config.label}: FS process {self.process.pid} exited ({self.mountpoint})"
+            f"\n{self.log_tail()}".rstrip()
+        )
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -347,7 +355,6 @@ def wait_mounted(mounted: MountedFS, want_major: int) -> None:
         raise BenchError(
             f"{mounted.config.label}: FS process loaded {info['library']}, not libfuse{want_major}"
         )
-    mounted.library = info["library"]
     deadline = time.monotonic() + MOUNT_WAIT_S
     while not is_mounted(mounted.mountpoint):
         if mounted.process.poll() is not None:
