@@ -10,20 +10,23 @@ reader that joins an attempt late gets its data or SpanReadError (fuse_ops: EIO)
 deadline, so one read costs at most one fetch timeout even when the kernel sends it as several
 FUSE requests (readahead, then the read of the page that readahead failed to fill). An attempt
 that ran out of time, or failed slowly, is remembered for RETRY_AFTER_FAILURE_S: requests for
-its spans in that window fail at once instead of starting a fetch that a hung registry would
-hold for a whole timeout again. After it, the next read starts a new attempt, even if the old
-one's thread is still stuck in the registry; that thread's late result is cached if it
-verifies, and otherwise ignored. A quick failure (connection refused, bytes that do not verify)
-is not remembered: trying again costs little, and the registry may be back already.
+its spans in that window do not start a fetch that a hung registry would hold for a whole
+timeout again. They fail at once, or, while the attempt's thread is still waiting on the
+registry, after giving it LATE_RESULT_GRACE_S to answer (a registry that resumes answers the
+old request first). After the window, the next read starts a new attempt even if the old one's
+thread is still stuck; a late result of that thread that verifies is cached and also serves the
+new attempt's readers. A quick failure (connection refused, bytes that do not verify) is not
+remembered: trying again costs little, and the registry may be back already.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -44,6 +47,9 @@ RETRY_AFTER_FAILURE_S = 1.0
 # A failure that took at least this fraction of the fetch timeout is slow: repeating it at once
 # would make the next request wait about as long again.
 SLOW_FAILURE_FRACTION = 0.5
+# How long a request in the fail-fast window waits for the late result of an attempt whose
+# thread is still in the registry: little next to a fetch timeout, enough for a resumed registry.
+LATE_RESULT_GRACE_S = 0.5
 
 
 class BlobSource(Protocol):
@@ -154,7 +160,7 @@ class LayerReader:
             return b""
         span_numbers = list(spans_for_range(self.index, start, end))
         pieces: dict[int, bytes] = {}
-        waiting: dict[int, _Attempt] = {}
+        waiting: dict[int, tuple[_Attempt, float]] = {}
         missing: list[int] = []
         for span_no in span_numbers:
             lo, hi = self._slice(span_no, start, end)
@@ -162,15 +168,15 @@ class LayerReader:
             if cached is not None:
                 pieces[span_no] = cached
                 continue
-            attempt, is_new = self._claim(span_no)
+            attempt, is_new, wait_until = self._claim(span_no)
             if attempt is None:  # stored by someone else between the two looks
                 cached = self._from_cache(span_no, lo, hi)
                 if cached is not None:
                     pieces[span_no] = cached
                     continue
-                attempt, is_new = self._claim(span_no, force=True)
+                attempt, is_new, wait_until = self._claim(span_no, force=True)
                 assert attempt is not None
-            waiting[span_no] = attempt
+            waiting[span_no] = (attempt, wait_until)
             if is_new:
                 missing.append(span_no)
         if missing:
@@ -178,10 +184,10 @@ class LayerReader:
                 self._counters.demand_misses += 1
                 self._last_demand_miss = time.monotonic()
         for group in self._coalesce(missing):
-            self._pool.submit(self._fetch_group, [(n, waiting[n]) for n in group])
-        for span_no, attempt in waiting.items():
+            self._pool.submit(self._fetch_group, [(n, waiting[n][0]) for n in group])
+        for span_no, (attempt, wait_until) in waiting.items():
             lo, hi = self._slice(span_no, start, end)
-            pieces[span_no] = self._wait(span_no, attempt)[lo:hi]
+            pieces[span_no] = self._wait(span_no, attempt, wait_until)[lo:hi]
         return b"".join(pieces[span_no] for span_no in span_numbers)
 
     def prefetch(self, span_numbers: Iterable[int]) -> None:
@@ -208,7 +214,7 @@ class LayerReader:
         """Fetch one span on the caller's thread unless it is cached or in flight already;
         the compressed bytes fetched (0 if nothing was needed). Errors are counted, not raised:
         the span stays missing and a later read fetches it on demand."""
-        attempt, is_new = self._claim(span_no)
+        attempt, is_new, _ = self._claim(span_no)
         if attempt is None or not is_new:
             return 0
         self._fetch_group([(span_no, attempt)])
@@ -229,7 +235,7 @@ class LayerReader:
                     return
                 claimed: dict[int, _Attempt] = {}
                 for span_no in span_numbers[first : first + PREFETCH_WINDOW]:
-                    attempt, is_new = self._claim(span_no)
+                    attempt, is_new, _ = self._claim(span_no)
                     if attempt is not None and is_new:
                         claimed[span_no] = attempt
                 for group in self._coalesce(list(claimed)):
@@ -264,33 +270,34 @@ class LayerReader:
                 self._counters.cache_hits += 1
         return data
 
-    def _claim(self, span_no: int, *, force: bool = False) -> tuple[_Attempt | None, bool]:
+    def _claim(self, span_no: int, *, force: bool = False) -> tuple[_Attempt | None, bool, float]:
         """The attempt a reader of span_no waits on, and whether this caller created it (and so
         must fetch). That is the running attempt while it is within its deadline, or a failed one
-        while it still fails fast (after a slow failure); else a new one. Returns (None, False)
-        when the span reached the cache meanwhile."""
+        while it still fails fast (after a slow failure); else a new one. The third value is
+        until when the caller waits for it. Returns (None, False, 0) when the span reached the
+        cache meanwhile."""
         now = time.monotonic()
         with self._lock:
             attempt = self._attempts.get(span_no)
             if attempt is not None:
-                running = not attempt.future.done() and now < attempt.deadline
-                if running or now < attempt.fails_fast_until():
-                    return attempt, False
+                if not attempt.future.done() and now < attempt.deadline:
+                    return attempt, False, attempt.deadline
+                if now < attempt.fails_fast_until():
+                    stuck = not attempt.future.done()
+                    return attempt, False, now + LATE_RESULT_GRACE_S if stuck else now
                 # over: a thread still stuck on it finishes on its own, unwaited
             if not force and self.cache.contains(self.layer_digest, span_no, self._digest(span_no)):
-                return None, False
+                return None, False, 0.0
             attempt = _Attempt(Future(), now, now + self.fetch_timeout)
             self._attempts[span_no] = attempt
-            return attempt, True
+            return attempt, True, attempt.deadline
 
-    def _wait(self, span_no: int, attempt: _Attempt) -> bytes:
-        """The span's bytes, or SpanReadError by the attempt's deadline."""
+    def _wait(self, span_no: int, attempt: _Attempt, wait_until: float) -> bytes:
+        """The span's bytes, or SpanReadError by wait_until."""
         try:
             # exception(), not result(): raising the stored exception would attach this
             # frame (and the bytes it holds) to it for as long as the attempt is remembered
-            failure = attempt.future.exception(
-                timeout=max(0.0, attempt.deadline - time.monotonic())
-            )
+            failure = attempt.future.exception(timeout=max(0.0, wait_until - time.monotonic()))
         except FutureTimeout:
             raise SpanReadError(
                 self.layer_digest, span_no, f"no data within {self.fetch_timeout:g}s"
@@ -320,6 +327,7 @@ class LayerReader:
         """Worker: one Range request for the group, then inflate + verify + cache each span.
         Every attempt of the group is resolved whatever happens."""
         now = time.monotonic()
+        group = [(n, a) for n, a in group if not a.future.done()]  # served by a late fetch
         late = [(n, a) for n, a in group if now >= a.deadline]
         for span_no, attempt in late:
             # queued behind busy workers until its readers gave up: it ends here, and a later
@@ -358,12 +366,17 @@ class LayerReader:
         with self._lock:
             self._counters.spans_fetched += 1
             self._counters.spans_cached += int(stored)
-            if self._attempts.get(span_no) is attempt:  # not replaced after a timeout
+            current = self._attempts.get(span_no)
+            if current is not None and (current is attempt or not current.future.done()):
+                # ours, or a newer attempt that replaced ours after its deadline: serve it too
                 del self._attempts[span_no]
-        attempt.future.set_result(data)
+        for served in {id(a): a for a in (attempt, current) if a is not None}.values():
+            with contextlib.suppress(InvalidStateError):  # resolved by a late fetch already
+                served.future.set_result(data)
 
     def _fail(self, span_no: int, attempt: _Attempt, cause: str) -> None:
         with self._lock:
             self._counters.fetch_errors += 1
             attempt.ended = time.monotonic()  # kept in _attempts: it fails fast for a while
-        attempt.future.set_exception(SpanReadError(self.layer_digest, span_no, cause))
+        with contextlib.suppress(InvalidStateError):  # served by a late fetch already
+            attempt.future.set_exception(SpanReadError(self.layer_digest, span_no, cause))
