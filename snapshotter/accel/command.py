@@ -16,10 +16,9 @@ import argparse
 import os
 import stat
 import sys
-from collections.abc import Callable
 
+from snapshotter.cli_types import at_least_one, byte_size, positive_size
 from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
-from snapshotter.indexer.command import byte_size
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
@@ -40,26 +39,6 @@ def listen_address(text: str) -> tuple[str, int]:
     if not host:
         raise argparse.ArgumentTypeError(f"invalid --listen {text!r}: empty host")
     return host, int(port)
-
-
-def _count(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {flag} {text!r}: not a number") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_size(text: str) -> int:
-    value = byte_size(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
-    return value
 
 
 def _cache_repo(text: str) -> str:
@@ -116,14 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--jobs",
-        type=_count("--jobs"),
+        type=at_least_one("--jobs"),
         default=1,
         metavar="N",
         help="images indexed at the same time (default 1)",
     )
     serve.add_argument(
         "--layer-jobs",
-        type=_count("--layer-jobs"),
+        type=at_least_one("--layer-jobs"),
         default=os.cpu_count() or 1,
         metavar="N",
         help="layers of one image indexed in parallel (default: CPU count)",
@@ -137,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--span-size",
-        type=_positive_size,
+        type=positive_size,
         default=DEFAULT_SPAN_SIZE,
         metavar="N",
         help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
@@ -164,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--max-attempts",
-        type=_count("--max-attempts"),
+        type=at_least_one("--max-attempts"),
         default=5,
         metavar="N",
         help="attempts per image when the registry is unreachable or fails (default 5)",

@@ -26,38 +26,12 @@ if TYPE_CHECKING:
     from snapshotter.remote.client import RegistryClient
     from snapshotter.remote.reference import Reference
 
+from snapshotter.cli_types import at_least_one, byte_size, positive_size
 from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 
-_SIZE = re.compile(r"(\d+)\s*([kmgKMG]i?[bB]?|[bB])?")
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _REPO = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
 )
-
-
-def byte_size(text: str) -> int:
-    """`4194304`, `4M`, `4MiB`, `512k`: binary units."""
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: e.g. 4194304, 4M, 512KiB")
-    return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
-
-
-def _positive_size(text: str) -> int:
-    value = byte_size(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
-    return value
-
-
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid job count {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--jobs must be >= 1, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -116,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(build)
     build.add_argument(
         "--span-size",
-        type=_positive_size,
+        type=positive_size,
         default=DEFAULT_SPAN_SIZE,
         metavar="N",
         help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
@@ -138,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument(
         "--jobs",
-        type=_jobs,
+        type=at_least_one("--jobs"),
         default=os.cpu_count() or 1,
         metavar="N",
         help="layers indexed in parallel (default: CPU count)",

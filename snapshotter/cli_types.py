@@ -1,0 +1,40 @@
+"""argparse value types shared by the `lazysnap` subcommands (sizes, counts)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+
+_SIZE = re.compile(r"(\d+)\s*([kmgKMG]i?[bB]?|[bB])?")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """`4194304`, `4M`, `4MiB`, `512k`: binary units."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: e.g. 4194304, 4M, 512KiB")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+
+
+def positive_size(text: str) -> int:
+    value = byte_size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return value
+
+
+def at_least_one(flag: str) -> Callable[[str], int]:
+    """An integer >= 1 for `flag` (a count of jobs, attempts, ...)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {flag} {text!r}: not a number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+
+    return parse
