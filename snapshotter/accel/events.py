@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -115,17 +116,17 @@ def own_push(repository: str, tag: str | None, cache_repo: str | None = None) ->
     return None
 
 
-def _distribution(events: Any, cache_repo: str | None) -> Delivery:
-    if not isinstance(events, list):
-        raise PayloadError("'events' is not a list")
-    if len(events) > MAX_EVENTS:
-        raise PayloadError(f"{len(events)} events in one delivery (limit {MAX_EVENTS})")
+def _collect(
+    items: list[Any], field: str, parse: Callable[[Any, str], PushedImage | Skipped]
+) -> Delivery:
+    """Parse each item of a delivery; a malformed one is skipped (and said why) so the rest
+    still count: distribution re-sends a refused envelope forever."""
     images: list[PushedImage] = []
     skipped: list[Skipped] = []
-    for position, event in enumerate(events):
-        where = f"events[{position}]"
+    for position, item in enumerate(items):
+        where = f"{field}[{position}]"
         try:
-            found = _distribution_event(event, where, cache_repo)
+            found = parse(item, where)
         except PayloadError as exc:
             skipped.append(Skipped(where, str(exc), malformed=True))
             continue
@@ -134,6 +135,16 @@ def _distribution(events: Any, cache_repo: str | None) -> Delivery:
         else:
             skipped.append(found)
     return Delivery(tuple(images), tuple(skipped))
+
+
+def _distribution(events: Any, cache_repo: str | None) -> Delivery:
+    if not isinstance(events, list):
+        raise PayloadError("'events' is not a list")
+    if len(events) > MAX_EVENTS:
+        raise PayloadError(f"{len(events)} events in one delivery (limit {MAX_EVENTS})")
+    return _collect(
+        events, "events", lambda item, where: _distribution_event(item, where, cache_repo)
+    )
 
 
 def _distribution_event(event: Any, where: str, cache_repo: str | None) -> PushedImage | Skipped:
@@ -193,20 +204,11 @@ def _harbor(doc: dict[str, Any], cache_repo: str | None) -> Delivery:
         raise PayloadError(f"Harbor {kind}: event_data.resources is not a list")
     if len(resources) > MAX_EVENTS:
         raise PayloadError(f"{len(resources)} resources in one delivery (limit {MAX_EVENTS})")
-    images: list[PushedImage] = []
-    skipped: list[Skipped] = []
-    for position, resource in enumerate(resources):
-        where = f"event_data.resources[{position}]"
-        try:
-            found = _harbor_resource(resource, where, cache_repo)
-        except PayloadError as exc:
-            skipped.append(Skipped(where, str(exc), malformed=True))
-            continue
-        if isinstance(found, PushedImage):
-            images.append(found)
-        else:
-            skipped.append(found)
-    return Delivery(tuple(images), tuple(skipped))
+    return _collect(
+        resources,
+        "event_data.resources",
+        lambda item, where: _harbor_resource(item, where, cache_repo),
+    )
 
 
 def _harbor_resource(resource: Any, where: str, cache_repo: str | None) -> PushedImage | Skipped:
