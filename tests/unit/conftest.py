@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from snapshotter.core.mounts import mount_points_under
-from tests.unit.spine_helpers import DaemonProcess, start_daemon
+from tests.unit.spine_helpers import DaemonProcess, kill_all, scratch_dir, start_daemon
 
 
 @pytest.fixture
 def root() -> Iterator[Path]:
     """A temp root; any mount a test left under it is detached before it is deleted."""
-    with tempfile.TemporaryDirectory(prefix="lazysnap-unit-") as tmp:
-        yield Path(tmp)
-        for point in mount_points_under(tmp):
-            subprocess.run(["umount", "-l", point], check=False)
+    with scratch_dir("lazysnap-unit-") as path:
+        yield path
 
 
 @pytest.fixture
 def daemon_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="lazysnap-daemon-") as tmp:
-        yield Path(tmp)
-        for point in mount_points_under(tmp):
-            subprocess.run(["umount", "-l", point], check=False)
+    with scratch_dir("lazysnap-daemon-") as path:
+        yield path
 
 
 @pytest.fixture
@@ -35,11 +28,7 @@ def daemons(daemon_dir: Path) -> Iterator[list[DaemonProcess]]:
     """Every daemon a test starts goes in this list and is killed at the end."""
     started: list[DaemonProcess] = []
     yield started
-    for daemon in started:
-        daemon.close_channel()
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+    kill_all(started)
 
 
 @pytest.fixture

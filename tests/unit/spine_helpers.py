@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import grpc
 
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from snapshotter.core.mounts import mount_points_under
 
 NAMESPACE = "unit-tests"
 
@@ -89,3 +93,21 @@ def start_daemon(
     proc.kill()
     proc.wait()
     raise AssertionError(f"daemon did not come up: {daemon.log}")
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temp dir; any mount a test left under it is detached before it is deleted."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+        for point in mount_points_under(tmp):
+            subprocess.run(["umount", "-l", point], check=False)
+
+
+def kill_all(daemons: list[DaemonProcess]) -> None:
+    """Close the channel of, and kill, every daemon a test started (idempotent)."""
+    for daemon in daemons:
+        daemon.close_channel()
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
