@@ -18,6 +18,8 @@ INDEX_BLOB_MEDIA_TYPE = "application/vnd.lazysnap.index.layer.v1"
 LAYER_DIGEST_ANNOTATION = "dev.lazysnap.layer.digest"
 DEFAULT_SPAN_SIZE = 4 << 20
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
+# Largest encoded index blob a reader fetches from a registry (it is held in memory whole).
+MAX_INDEX_BLOB_SIZE = 256 << 20
 
 
 class Compression(StrEnum):

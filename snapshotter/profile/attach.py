@@ -18,7 +18,7 @@ from pathlib import Path
 
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
-from snapshotter.index.model import ARTIFACT_TYPE
+from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.artifact import ArtifactError, IndexedLayer, indexed_layers
 from snapshotter.profile.model import (
     PROFILE_CREATED_ANNOTATION,
@@ -42,7 +42,6 @@ from snapshotter.remote.referrers import find_referrers, push_referrer, referrer
 
 log = logging.getLogger("lazysnap.profile")
 
-MAX_INDEX_BLOB = 256 << 20
 MAX_CONFIG_BLOB = 4 << 20
 
 
@@ -144,7 +143,7 @@ def _layer_spec(
     downloads: str,
 ) -> LayerSpec:
     if indexed is not None:
-        index_bytes = client.get_blob(ref.repository, indexed.index_digest, MAX_INDEX_BLOB)
+        index_bytes = client.get_blob(ref.repository, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
         return registry_layer_spec(
             str(ref.repository),
             layer.digest,

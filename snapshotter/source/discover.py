@@ -27,7 +27,12 @@ from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
-from snapshotter.index.model import ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LayerIndex
+from snapshotter.index.model import (
+    ARTIFACT_TYPE,
+    LAYER_DIGEST_ANNOTATION,
+    MAX_INDEX_BLOB_SIZE,
+    LayerIndex,
+)
 from snapshotter.profile.model import (
     MAX_PROFILE_BYTES,
     PROFILE_CREATED_ANNOTATION,
@@ -45,7 +50,6 @@ from snapshotter.source.labels import LabelError, LayerRequest, parse_layer_requ
 
 log = logging.getLogger("lazysnap.discover")
 
-MAX_INDEX_BLOB = 256 << 20
 # Index blobs fetched ahead of their Prepare are held in memory until it comes (or they expire).
 MAX_AHEAD_BYTES = 64 << 20
 AHEAD_WORKERS = 2
@@ -130,7 +134,7 @@ class IndexDiscovery:
                 else f"no lazysnap index for layer {request.layer_digest}: image "
                 f"{ref}@{manifest_digest} has none (looked up via {found.source})"
             )
-        if blob.size > MAX_INDEX_BLOB:
+        if blob.size > MAX_INDEX_BLOB_SIZE:
             raise RemoteLayerUnavailable(
                 f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes"
             )
@@ -264,7 +268,7 @@ class IndexDiscovery:
 def _fetch_index(
     client: RegistryClient, ref: Reference, blob: Descriptor, layer_digest: str
 ) -> tuple[bytes, LayerIndex]:
-    data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB)
+    data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB_SIZE)
     return data, decode_index(data, expected_layer_digest=layer_digest)
 
 
