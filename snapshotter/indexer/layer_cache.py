@@ -24,6 +24,7 @@ import logging
 import re
 from urllib.parse import urljoin
 
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.artifact import (
     EMPTY_CONFIG,
     ArtifactError,
@@ -86,7 +87,7 @@ def adopt(
         return "present"
     if cache.registry == target.registry and _mount(client, cache, target, indexed.index_digest):
         return "mounted"
-    data = client.get_blob(cache, indexed.index_digest)
+    data = client.get_blob(cache, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
     client.push_blob(target, data, indexed.index_digest)
     return "copied"
 
