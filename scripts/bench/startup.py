@@ -6,7 +6,8 @@ snapshotter) and with lazysnap, from a cold node, on loopback and on a shaped li
     sudo scripts/bench/startup.py --quick         # smoke run: 1 trial, loopback, small images
     sudo scripts/bench/startup.py --report DIR/results.jsonl   # only redo report + plots
 
-Per link and trial, for each workload and both configurations (in alternating order), the node
+Per link and trial, for each workload and each configuration (full pull; lazysnap; lazysnap
+with the workload's startup profile; the order rotating from trial to trial), the node
 is made cold (containerd + lazysnap stopped, their state and lazysnap's cache wiped, page cache
 dropped, both restarted), then: pull (timed), first run (timed), second run (timed, warm), and
 the blob bytes the registry served. lazysnap's indexes are built once, before any timing.
@@ -54,7 +55,8 @@ from startup_node import ColdNode  # noqa: E402
 from startup_report import write_report  # noqa: E402
 from startup_workloads import (  # noqa: E402
     FULL,
-    LAZY,
+    LAZY_PROFILE,
+    MODES,
     WORKLOADS,
     WORKLOADS_BY_NAME,
     TrialResult,
@@ -63,6 +65,7 @@ from startup_workloads import (  # noqa: E402
 )
 
 from tests.harness.containerd import write_hosts_toml  # noqa: E402
+from tests.harness.images import BuiltImage, push  # noqa: E402
 from tests.harness.procs import HarnessError, unmount_all_under  # noqa: E402
 from tests.harness.registry import start_registry  # noqa: E402
 
@@ -124,6 +127,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"comma list of {', '.join(names)} (default all)",
     )
     parser.add_argument(
+        "--modes",
+        type=_csv(MODES),
+        default=None,
+        help=f"comma list of {', '.join(MODES)} (default all; {FULL} is the baseline of "
+        "every ratio)",
+    )
+    parser.add_argument(
         "--seqread-mb",
         type=int,
         default=None,
@@ -155,6 +165,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.workloads = args.workloads or list(
         QUICK_WORKLOADS if args.quick else (w.name for w in WORKLOADS)
     )
+    args.modes = args.modes or list(MODES)
+    if FULL not in args.modes:
+        parser.error(f"--modes must include {FULL}: every ratio is to the full pull")
     args.seqread_mb = args.seqread_mb or (QUICK_SEQREAD_MB if args.quick else 200)
     if args.seqread_mb < 1:
         parser.error("--seqread-mb must be >= 1")
@@ -242,6 +255,10 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
                     "layer_sizes": [layer.size for layer in image.layers],
                     "index": f"{state} ({outcome.seconds:.1f} s): {outcome.message}",
                 }
+            if LAZY_PROFILE in args.modes:
+                header["profiles"] = record_profiles(
+                    images, workloads, setup.host, hosts_dir, index_args
+                )
         finally:
             setup.stop()
         results.append(header)
@@ -271,6 +288,40 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
     return results.path
 
 
+def record_profiles(
+    images: dict[str, BuiltImage],
+    workloads: list[Workload],
+    registry_host: str,
+    hosts_dir: Path,
+    index_args: list[str],
+) -> dict[str, str]:
+    """Push each profiled workload's image to its own repository and record the workload's
+    startup profile there (`index build --profile CMD`; its layers are already indexed, so
+    only the profile is new). Returns the index build summary per workload."""
+    outcomes: dict[str, str] = {}
+    for workload in workloads:
+        if not workload.profiled:
+            continue
+        pushed = push(images[workload.image], registry_host, workload.profile_repository)
+        command = shlex.join(workload.command)
+        outcome = build_index(pushed.reference, hosts_dir, [*index_args, "--profile", command])
+        state = "ok" if outcome.ok else "FAILED"
+        progress(
+            f"setup: profile of {workload.name} ({command}): {state} in "
+            f"{outcome.seconds:.1f} s: {outcome.message}"
+        )
+        outcomes[workload.name] = f"{state} ({outcome.seconds:.1f} s): {outcome.message}"
+    return outcomes
+
+
+def trial_modes(workload: Workload, chosen: list[str], trial: int) -> list[str]:
+    """The configurations of one trial, rotated by the trial number: drift in machine load
+    hits each configuration in turn."""
+    modes = [mode for mode in workload.modes() if mode in chosen]
+    shift = (trial - 1) % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
 def run_link(
     args: argparse.Namespace,
     link: Link,
@@ -284,14 +335,17 @@ def run_link(
     try:
         for trial in range(1, args.trials + 1):
             for workload in workloads:
-                # Alternate which configuration goes first: drift in machine load hits both.
-                modes = (FULL, LAZY) if trial % 2 else (LAZY, FULL)
-                for mode in modes:
+                for mode in trial_modes(workload, args.modes, trial):
                     where = f"{link.name} trial {trial}/{args.trials} {workload.name} {mode}"
                     result = TrialResult(
                         run_dir_name(results), link.name, trial, workload.name, mode
                     )
-                    reference = f"{link.registry.host}/bench/{workload.image}:latest"
+                    repository = (
+                        workload.profile_repository
+                        if mode == LAZY_PROFILE
+                        else f"bench/{workload.image}"
+                    )
+                    reference = f"{link.registry.host}/{repository}:latest"
                     try:
                         progress(f"{where}: cold node")
                         node.reset()

@@ -20,7 +20,11 @@ from tests.harness.registry import Registry
 
 FULL = "full"  # ctr images pull + ctr run on containerd's overlayfs snapshotter
 LAZY = "lazysnap"  # lazysnap pull + ctr run --snapshotter lazysnap
-MODES = (FULL, LAZY)
+# The same, from a repository whose index artifact carries a startup profile recorded with the
+# workload's own command (`lazysnap index build --profile`): the spans it reads are prefetched.
+LAZY_PROFILE = "lazysnap+profile"
+MODES = (FULL, LAZY, LAZY_PROFILE)
+LAZY_MODES = (LAZY, LAZY_PROFILE)
 FALLBACK_MARK = "falls back to a full pull"  # the daemon's one log line per non-lazy layer
 LAZY_SUMMARY = re.compile(r"\((\d+) lazy")  # `lazysnap pull`: "N layers (L lazy, P pulled)"
 
@@ -32,10 +36,23 @@ class Workload:
     command: tuple[str, ...]
     expect: str | None  # exact stdout; None: `readtime` output ("BYTES NS")
     title: str
+    profiled: bool = True  # its image is indexed, so a startup profile can be recorded
+
+    @property
+    def profile_repository(self) -> str:
+        """Where the image is pushed again to carry this workload's own startup profile (the
+        repository differs, the manifest is the same: referrers are per repository)."""
+        return f"bench/profile-{self.name}"
+
+    def modes(self) -> tuple[str, ...]:
+        return MODES if self.profiled else (FULL, LAZY)
 
 
 WORKLOADS = (
-    Workload("busybox-echo", "busybox", ("echo", "hi"), "hi\n", "busybox `echo hi`"),
+    # busybox's one layer is below min_layer_size: never indexed, so no profile either
+    Workload(
+        "busybox-echo", "busybox", ("echo", "hi"), "hi\n", "busybox `echo hi`", profiled=False
+    ),
     Workload("py-print", "pybig", ("python3", "-c", "print(1)"), "1\n", "python `print(1)`"),
     Workload(
         "py-import",
@@ -121,12 +138,17 @@ def measure(
             progress,
         )
     finally:
-        if mode == LAZY:  # also (above all) when a step failed: the daemon log says why
+        if mode in LAZY_MODES:  # also (above all) when a step failed: the daemon log says why
             result.fallback_layers = daemon.log().count(FALLBACK_MARK)
-            name = f"{result.link}-t{result.trial}-{workload.name}"
+            name = _log_name(result, workload)
             shutil.copyfile(daemon.log_path, log_dir / f"{name}-daemon.log")
             _collect_mount_logs(daemon.root, log_dir / f"{name}-mounts.log")
     return result
+
+
+def _log_name(result: TrialResult, workload: Workload) -> str:
+    suffix = "-profile" if result.mode == LAZY_PROFILE else ""
+    return f"{result.link}-t{result.trial}-{workload.name}{suffix}"
 
 
 def _collect_mount_logs(root: Path, out: Path) -> None:
@@ -170,7 +192,7 @@ def _measure_steps(
             f"lazysnap pull {reference}",
             timeout=1800,
         )
-        (log_dir / f"{result.link}-t{result.trial}-{workload.name}-pull.txt").write_text(
+        (log_dir / f"{_log_name(result, workload)}-pull.txt").write_text(
             pulled.stdout + pulled.stderr
         )
         lazy = LAZY_SUMMARY.search(pulled.stdout + pulled.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import startup
 from startup_report import load, write_report
-from startup_workloads import FULL, LAZY, TrialResult
+from startup_workloads import FULL, LAZY, LAZY_PROFILE, WORKLOADS_BY_NAME, TrialResult
 
 COMMAND = "/opt/lazysnap-venv/bin/python scripts/bench/startup.py --trials 3"
 
@@ -69,8 +69,8 @@ def test_report_gives_median_range_and_ratio_and_lists_failures(tmp_path: Path) 
     assert "- loopback trial 4 py-import lazysnap: ctr run failed: boom" in text
     assert "501" not in text  # the failed trial's figures are not in any statistic
     assert (
-        "| pull + import numpy,pandas <= 0.1x full pull | loopback | 2.00 s vs 12.00 s = "
-        "0.17x | no |" in text
+        "| pull + import numpy,pandas <= 0.1x full pull | loopback | lazysnap | 2.00 s vs "
+        "12.00 s = 0.17x | no |" in text
     )
     png = tmp_path / "startup-loopback.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -86,13 +86,53 @@ def test_goals_report_met_figures(tmp_path: Path) -> None:
         for mode, cold in ((FULL, 0.1), (LAZY, 1.0))
     ]
     text = write_report(_write(tmp_path / "results.jsonl", trials), tmp_path).read_text()
-    assert "| pull + print(1) <= 1.5 s | loopback | 0.90 s | yes |" in text
+    assert "| pull + print(1) <= 1.5 s | loopback | lazysnap | 0.90 s | yes |" in text
     # 200 MB in 1 s against min(500 MB/s of 2.5x compressed data, inflate 600 MB/s).
     assert (
-        "| cold sequential read >= 50% of min(link, inflate) | loopback | 200 MB/s vs "
+        "| cold sequential read >= 50% of min(link, inflate) | loopback | lazysnap | 200 MB/s vs "
         "min(link 500 x 2.50 compression = 1250, inflate 600) = 33% | no |" in text
     )
-    assert "| warm read >= 90% of overlayfs | loopback | 4000 vs 4000 MB/s = 100% | yes |" in text
+    assert (
+        "| warm read >= 90% of overlayfs | loopback | lazysnap | 4000 vs 4000 MB/s = 100% | yes |"
+        in text
+    )
+
+
+def test_profile_configuration_gets_its_own_column_ratio_and_bytes_goal(tmp_path: Path) -> None:
+    trials = [
+        _trial("py-import", FULL, 1, 8.0, 1.0, bytes_first_run=244_000_000),
+        _trial("py-import", LAZY, 1, 0.8, 1.9, bytes_first_run=70_000_000),
+        _trial("py-import", LAZY_PROFILE, 1, 0.8, 0.5, bytes_first_run=84_000_000),
+    ]
+    text = write_report(_write(tmp_path / "results.jsonl", trials), tmp_path).read_text()
+    assert (
+        "| workload | metric | full pull (overlayfs) | lazysnap | lazysnap + profile | "
+        "lazysnap / full | lazysnap + profile / full |" in text
+    )
+    assert (
+        "| python `import numpy, pandas` | pull + first run s | 9.00 | 2.70 | 1.30 | 0.30x | "
+        "0.14x |" in text
+    )
+    # the profiled run fetched 84 MB where on-demand reads needed 70 MB of spans
+    assert (
+        "| bytes fetched <= 1.5x spans read (py-import) | loopback | lazysnap + profile | "
+        "84.0 MB vs 70.0 MB of spans read = 1.20x | yes |" in text
+    )
+    assert (
+        "| pull + import numpy,pandas <= 0.1x full pull | loopback | lazysnap + profile | "
+        "1.30 s vs 9.00 s = 0.14x | no |" in text
+    )
+
+
+def test_each_trial_rotates_the_configurations_and_busybox_has_no_profile() -> None:
+    chosen = [FULL, LAZY, LAZY_PROFILE]
+    py_import = WORKLOADS_BY_NAME["py-import"]
+    orders = [startup.trial_modes(py_import, chosen, trial) for trial in (1, 2, 3)]
+    assert [order[0] for order in orders] == [FULL, LAZY, LAZY_PROFILE]
+    assert all(sorted(order) == sorted(chosen) for order in orders)
+    busybox = WORKLOADS_BY_NAME["busybox-echo"]
+    assert startup.trial_modes(busybox, chosen, 1) == [FULL, LAZY]
+    assert startup.trial_modes(py_import, [FULL, LAZY_PROFILE], 2) == [LAZY_PROFILE, FULL]
 
 
 def test_load_names_file_and_line_of_a_bad_record(tmp_path: Path) -> None:
