@@ -59,6 +59,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_MANIFEST_SIZE = 4 << 20  # distribution's own limit for manifests
 DEFAULT_CHUNK = 8 << 20
+# A registry's next-page Link that never ends must not hang the caller (as the referrers loops).
+MAX_TAG_PAGES = 1000
 PULL = ("pull",)
 PUSH = ("pull", "push")
 
@@ -543,9 +545,11 @@ class RegistryClient:
         repository = as_repository(repo)
         tags: list[str] = []
         params = [("n", str(page_size))] if page_size else None
+        where = f"tag list of {repository}"
         url: str | None = None
         host: RegistryHost | None = None
-        while True:
+        read: set[str] = set()
+        for _page in range(MAX_TAG_PAGES):
             response, host = self.request(
                 "GET",
                 repository,
@@ -556,12 +560,27 @@ class RegistryClient:
                 host=host,
             )
             with contextlib.closing(response):
-                self.check(response, f"tag list of {repository}", (200,), host)
-                body = response.json()
-                tags.extend(str(t) for t in (body.get("tags") or []))
+                self.check(response, where, (200,), host)
+                read.add(str(response.url))
+                try:
+                    body = response.json()
+                except ValueError:
+                    raise UnexpectedResponse(f"{where}: answer is not JSON") from None
+                listed = body.get("tags") if isinstance(body, dict) else None
+                if not isinstance(listed, list | None):
+                    raise UnexpectedResponse(f'{where}: "tags" is not a list')
+                tags.extend(str(t) for t in listed or [])
                 url = next_link(response)
             if url is None:
                 return tags
+            if url in read:
+                raise UnexpectedResponse(
+                    f"{where}: the registry's next-page link points back to a page already read "
+                    f"({redact_url(url)}), after {len(tags)} tags"
+                )
+        raise UnexpectedResponse(
+            f"{where}: more than {MAX_TAG_PAGES} pages; the registry's next-page links never end"
+        )
 
     # -- blobs ----------------------------------------------------------------------------------
 

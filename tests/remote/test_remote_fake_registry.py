@@ -1,6 +1,7 @@
 """Behaviour no real registry here offers, from a tiny misbehaving registry in the test:
 Range ignored, wrong digests, truncated bodies, 5xx then OK, redirects to another host (where
-Authorization must not follow), an unfiltered paged referrers API and the legacy ORAS API."""
+Authorization must not follow), an unfiltered paged referrers API, the legacy ORAS API, and
+tag lists whose pages never end."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import pytest
 
 from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.blob import BlobReader
-from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.errors import BlobFetchError, DigestMismatch
+from snapshotter.remote.client import MAX_TAG_PAGES, RegistryClient
+from snapshotter.remote.errors import BlobFetchError, DigestMismatch, UnexpectedResponse
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
@@ -57,6 +58,9 @@ class FakeServer:
 
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body in one segment: written apart, Nagle + delayed ACK cost ~40 ms
+            # per request, which a test making a thousand requests notices.
+            wbufsize = 1 << 16
 
             def do_any(self) -> None:
                 fake.seen.append(
@@ -338,3 +342,50 @@ def test_legacy_oras_endpoint_is_read(fakes: Callable[[], FakeServer]) -> None:
     assert [d.digest[-1] for d in found.descriptors] == ["7", "8"]
     paths = [s.path.split("?")[0] for s in fake.seen]
     assert paths[:2] == [f"/v2/r/referrers/{subject}", f"/v2/r/manifests/sha256-{'6' * 64}"]
+
+
+def test_tag_list_whose_next_link_loops_back_ends_with_an_error(
+    fakes: Callable[[], FakeServer],
+) -> None:
+    fake = fakes()
+
+    def tags(h: BaseHTTPRequestHandler) -> bool:
+        # The second page links back to the first: following Link would never end.
+        second = "last=a" in h.path
+        link = "/v2/r/tags/list" if second else "/v2/r/tags/list?last=a"
+        body = json.dumps({"name": "r", "tags": ["b" if second else "a"]}).encode()
+        headers = {"Content-Type": "application/json", "Link": f'<{link}>; rel="next"'}
+        return send(h, 200, body, headers)
+
+    fake.routes["/v2/r/tags/list"] = tags
+    with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
+        client.list_tags(Repository(fake.host, "r"))
+    assert f"tag list of {fake.host}/r" in str(info.value)
+    assert "already read" in str(info.value)
+    assert len(fake.seen) == 2
+
+
+def test_tag_list_with_endless_pages_ends_with_an_error(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+
+    def tags(h: BaseHTTPRequestHandler) -> bool:
+        # Every page links to a new one, never the same URL twice.
+        page = len(fake.seen)
+        link = f'</v2/r/tags/list?last=t{page}>; rel="next"'
+        body = json.dumps({"name": "r", "tags": [f"t{page}"]}).encode()
+        return send(h, 200, body, {"Content-Type": "application/json", "Link": link})
+
+    fake.routes["/v2/r/tags/list"] = tags
+    with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
+        client.list_tags(Repository(fake.host, "r"))
+    assert f"tag list of {fake.host}/r" in str(info.value)
+    assert f"more than {MAX_TAG_PAGES} pages" in str(info.value)
+    assert len(fake.seen) == MAX_TAG_PAGES
+
+
+def test_tag_list_that_is_not_json_is_a_clear_error(fakes: Callable[[], FakeServer]) -> None:
+    fake = fakes()
+    fake.routes["/v2/r/tags/list"] = lambda h: send(h, 200, b"<html>portal</html>")
+    with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
+        client.list_tags(Repository(fake.host, "r"))
+    assert f"tag list of {fake.host}/r" in str(info.value) and "JSON" in str(info.value)
