@@ -52,6 +52,8 @@ class FetchConfig:
     background: bool = True  # fetch the rest of each lazy layer once it is quiet
     background_quiet_seconds: float = 5.0  # no on-demand fetch for this long before starting
     background_rate_bytes: int = 32 << 20  # compressed bytes per second per layer
+    # Once background fetch has a whole layer, copy it to plain files and detach its FUSE mount.
+    materialize: bool = True
 
 
 @dataclass(frozen=True)

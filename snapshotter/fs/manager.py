@@ -6,7 +6,16 @@ own session so that it survives restarts of `lazysnap serve`. Beside the mountpo
     <mountpoint>.lazysnap-spec.json   the spec the process was started with
     <mountpoint>.lazysnap-index       the encoded index, when the spec carried it as bytes
     <mountpoint>.lazysnap.log         the process's log (EIO lines name layer, span and cause)
+    <mountpoint>.lazysnap-local       marker: the layer was copied into the directory under the
+                                      mount and the FUSE mount detached (fs/materialize.py)
 A mountpoint that is still live with a live process is re-attached, not mounted again.
+
+With materialize on, a watcher thread copies each layer whose background fetch is complete into
+the plain directory under its mount, writes the marker, and lazily detaches the FUSE mount:
+containers started afterwards read plain files; running ones keep the detached mount (and its
+process) alive until they exit. A local layer is never mounted again (check() and a restart
+take the marker as "live"); a failed copy is logged, wiped and tried again later, while FUSE
+keeps serving.
 
 With mount_in_background (what the daemon uses), mount() returns once the process is started,
 without waiting for it to be ready: the core then answers Prepare at once and the layers of an
@@ -36,6 +45,17 @@ from snapshotter.config import Config
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.materialize import (
+    Copy,
+    LocalMarker,
+    MaterializeError,
+    bind_path,
+    plain_directory_on_parent_fs,
+    read_marker,
+    remove_marker,
+    wipe_contents,
+    write_marker,
+)
 from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS
 
@@ -45,6 +65,10 @@ MOUNT_PROCESS_MODULE = "snapshotter.fs.mount_process"
 DEFAULT_READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_BYTES = 2000
+MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
+MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
+MATERIALIZE_RETRY_MAX_S = 3600.0
+BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
             rate_bytes=config.fetch.background_rate_bytes,
         ),
         mount_in_background=True,  # the core waits in check() before a mount is used
+        materialize=config.fetch.materialize and config.fetch.background,
     )
 
 
@@ -115,6 +140,8 @@ class LazyLayers:
         background: BackgroundSettings | None = None,
         python: str = sys.executable,
         mount_in_background: bool = False,
+        materialize: bool = False,
+        materialize_retry_s: float = MATERIALIZE_RETRY_S,
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
@@ -128,10 +155,18 @@ class LazyLayers:
         self.background = background or BackgroundSettings()
         self.python = python
         self.mount_in_background = mount_in_background
+        self.materialize = materialize
+        self.materialize_retry_s = materialize_retry_s
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._startups: dict[str, _Startup] = {}
         self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
-        self._lock = threading.Lock()  # guards the three dicts
+        # Materialization: the mountpoints this manager serves (mounted, re-attached or checked),
+        # the copy in progress, and when a failed layer may be tried again.
+        self._known: set[str] = set()
+        self._copies: dict[str, Copy] = {}
+        self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards the dicts, sets and the watcher
 
     # -- RemoteLayers ------------------------------------------------------------------------------
 
@@ -152,13 +187,29 @@ class LazyLayers:
         """Wait for a mount this manager is starting, then raise RemoteLayerUnavailable unless
         the mount is live. A mount that failed to start is unmounted (mount() may try again)."""
         mountpoint = os.path.abspath(mountpoint)
+        if self._serve_locally(mountpoint):
+            return
         self._await_startup(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
             raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
+        self._watch(mountpoint)
 
     def unmount(self, mountpoint: str) -> None:
         mountpoint = os.path.abspath(mountpoint)
+        with self._mount_lock(mountpoint):
+            self._unmount(mountpoint)
+
+    def _unmount(self, mountpoint: str) -> None:
+        with self._lock:
+            self._known.discard(mountpoint)
+            self._retry.pop(mountpoint, None)
+            copy = self._copies.get(mountpoint)
+        if copy is not None:
+            copy.cancel()
+        # From here on the directory's contents are a leftover (deleted with the snapshot, or
+        # wiped by the next mount), whatever else fails below.
+        remove_marker(mountpoint)
         state = read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         with self._lock:
@@ -179,6 +230,8 @@ class LazyLayers:
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
+        with contextlib.suppress(OSError):  # a copy helper that was killed leaves it, empty
+            bind_path(mountpoint).rmdir()
 
     # -- lazysnap's own entry points ---------------------------------------------------------------
 
@@ -194,15 +247,25 @@ class LazyLayers:
             self._mount_layer(mountpoint, spec, access_log, wait)
 
     def _mount_layer(self, mountpoint: str, spec: LayerSpec, access_log: str, wait: bool) -> None:
+        if self._serve_locally(mountpoint):
+            return
+        # Served lazily here before (unmount below removes the spec): the plain directory may
+        # hold a copy that never finished. A directory new to lazysnap is never wiped.
+        served_before = (
+            sidecar(mountpoint, ".lazysnap-spec.json").exists() or bind_path(mountpoint).exists()
+        )
         with contextlib.suppress(RemoteLayerUnavailable):
             self._await_startup(mountpoint)  # a layer being mounted: see how that ends first
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
+            self._watch(mountpoint)
             return
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
             self.unmount(mountpoint)
         if not os.path.isdir(mountpoint):
             raise RemoteLayerUnavailable(f"mountpoint {mountpoint} is not a directory")
+        if served_before:
+            self._wipe_leftover_copy(mountpoint)
 
         index_path = spec.index_path
         if spec.index_bytes is not None:
@@ -233,6 +296,7 @@ class LazyLayers:
         except RemoteLayerUnavailable:
             self.unmount(mountpoint)
             raise
+        self._watch(mountpoint)
         if wait:
             self._await_startup(mountpoint)
             problem = self._problem(mountpoint)
@@ -241,7 +305,151 @@ class LazyLayers:
                 raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
 
     def is_live(self, mountpoint: str) -> bool:
-        return self._problem(os.path.abspath(mountpoint)) is None
+        mountpoint = os.path.abspath(mountpoint)
+        return read_marker(mountpoint) is not None or self._problem(mountpoint) is None
+
+    def is_local(self, mountpoint: str) -> bool:
+        """True once the layer was copied into plain files (its FUSE mount detached)."""
+        return read_marker(os.path.abspath(mountpoint)) is not None
+
+    def materialize_now(self, mountpoint: str) -> bool:
+        """Copy the layer at mountpoint into plain files now, whatever its background state;
+        True if it is local afterwards. The watcher calls this once the layer is complete."""
+        mountpoint = os.path.abspath(mountpoint)
+        if read_marker(mountpoint) is not None:
+            return True
+        state = read_state(mountpoint) or {}
+        digest = state.get("layer_digest")
+        return self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+
+    # -- materialization ---------------------------------------------------------------------------
+
+    def _serve_locally(self, mountpoint: str) -> bool:
+        """True if the layer is local (marker present); a FUSE mount still on it (the daemon
+        stopped between writing the marker and detaching) is detached now."""
+        if read_marker(mountpoint) is None:
+            return False
+        if _mount_status(mountpoint) != "absent":
+            with self._mount_lock(mountpoint):
+                if _mount_status(mountpoint) != "absent":
+                    log.info("layer at %s is local: detaching its FUSE mount", mountpoint)
+                    _detach(mountpoint)
+        return True
+
+    def _wipe_leftover_copy(self, mountpoint: str) -> None:
+        """Without a marker, whatever the plain directory holds is a copy that did not finish
+        (the daemon stopped mid-copy): remove it before FUSE mounts over it."""
+        if not plain_directory_on_parent_fs(mountpoint):
+            return
+        try:
+            removed = wipe_contents(Path(mountpoint))
+        except OSError as exc:
+            raise RemoteLayerUnavailable(
+                f"removing an unfinished local copy in {mountpoint}: {exc}"
+            ) from exc
+        if removed:
+            log.info("removed an unfinished local copy of the layer at %s", mountpoint)
+
+    def _watch(self, mountpoint: str) -> None:
+        """Remember mountpoint for the materialize watcher (started on first use)."""
+        if not self.materialize:
+            return
+        with self._lock:
+            self._known.add(mountpoint)
+            if self._watcher is None:
+                self._watcher = threading.Thread(
+                    target=self._materialize_loop, name="materialize", daemon=True
+                )
+                self._watcher.start()
+
+    def _materialize_loop(self) -> None:
+        while True:
+            time.sleep(MATERIALIZE_POLL_S)
+            with self._lock:
+                candidates = sorted(self._known)
+            for mountpoint in candidates:
+                try:
+                    self._consider(mountpoint)
+                except Exception:  # the watcher must outlive any one layer's surprise
+                    log.exception("materializing the layer at %s", mountpoint)
+            self._reap_detached_children()
+
+    def _consider(self, mountpoint: str) -> None:
+        with self._lock:
+            if mountpoint not in self._known or mountpoint in self._startups:
+                return
+            not_before, _ = self._retry.get(mountpoint, (0.0, 0.0))
+        if time.monotonic() < not_before or read_marker(mountpoint) is not None:
+            return
+        state = read_state(mountpoint)
+        if not state or state.get("background") != BACKGROUND_COMPLETE:
+            return
+        if self._problem(mountpoint) is not None:
+            return  # not served: check() mounts it again when it is used
+        digest = state.get("layer_digest")
+        self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+
+    def _materialize(self, mountpoint: str, layer_digest: str) -> bool:
+        copy = Copy(mountpoint, python=self.python)
+        with self._lock:
+            if mountpoint in self._copies:
+                return False
+            self._copies[mountpoint] = copy
+        started = time.monotonic()
+        try:
+            try:
+                copy.run()
+            except MaterializeError as exc:
+                if not copy.cancelled:
+                    self._failed(mountpoint, layer_digest, str(exc))
+                return False
+            with self._mount_lock(mountpoint):
+                if copy.cancelled:  # unmounted meanwhile: the copy is a leftover now
+                    return False
+                try:
+                    write_marker(mountpoint, LocalMarker(layer_digest, time.time()))
+                except MaterializeError as exc:
+                    self._failed(mountpoint, layer_digest, str(exc))
+                    return False
+                _detach(mountpoint)
+                with self._lock:
+                    self._retry.pop(mountpoint, None)
+            log.info(
+                "layer %s at %s is local now (copied in %.1fs): FUSE mount detached, its "
+                "process ends when no container uses it",
+                layer_digest or "?",
+                mountpoint,
+                time.monotonic() - started,
+            )
+            return True
+        finally:
+            with self._lock:
+                self._copies.pop(mountpoint, None)
+
+    def _failed(self, mountpoint: str, layer_digest: str, why: str) -> None:
+        with self._lock:
+            _, delay = self._retry.get(mountpoint, (0.0, 0.0))
+            delay = min(MATERIALIZE_RETRY_MAX_S, delay * 2) if delay else self.materialize_retry_s
+            self._retry[mountpoint] = (time.monotonic() + delay, delay)
+        log.warning(
+            "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
+            "failed: %s; trying again in %.0fs",
+            layer_digest or "?",
+            mountpoint,
+            why,
+            delay,
+        )
+
+    def _reap_detached_children(self) -> None:
+        """Collect the exit of mount processes whose layer went local (they end once the last
+        container using the detached mount is gone), so no zombie lingers."""
+        with self._lock:
+            children = list(self._children.items())
+        for mountpoint, child in children:
+            if child.poll() is not None and read_marker(mountpoint) is not None:
+                with self._lock:
+                    if self._children.get(mountpoint) is child:
+                        del self._children[mountpoint]
 
     # -- internals ---------------------------------------------------------------------------------
 

@@ -1,0 +1,304 @@
+"""Materialize a lazy layer: copy what its FUSE mount serves into the plain directory under it.
+
+Once background fetch has every span of a layer in the cache, FUSE only costs: its page cache
+reads reach about half of overlayfs over ext4, and every new container pays FUSE directory
+operations. So the manager copies the layer's tree into the *underlying* directory of its
+mountpoint (the empty snapshots/<id>/fs the FUSE mount sits on), writes a marker, and lazily
+detaches the FUSE mount: containers started afterwards get plain ext4 files, containers
+already running keep the detached FUSE mount alive until they exit.
+
+Files beside the mountpoint:
+    <mountpoint>.lazysnap-local   the marker: written atomically, fsynced, as the LAST step, so
+                                  it exists only over a complete, synced copy
+    <mountpoint>.lazysnap-bind    an empty directory; the copy helper binds the snapshot dir on it
+                                  in its own mount namespace (invisible to everyone else, gone
+                                  with the helper, however it ends) and holds a flock on it, so
+                                  two helpers never write the same tree
+
+The copy is GNU `cp -a` (whiteouts are 0/0 character devices, opaque dirs carry
+trusted.overlay.opaque; hardlinks, xattrs, owners, modes and times are kept), run by a helper
+process (`python -m snapshotter.fs.materialize copy MOUNTPOINT`) under unshare, nice and
+ionice. It wipes the underlying directory first (what a crashed copy left) and again when cp
+fails, so a half-copied tree is never left, and never visible: it sits under the FUSE mount.
+Without the marker, anything in the underlying directory is such a leftover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCAL_SUFFIX = ".lazysnap-local"
+BIND_SUFFIX = ".lazysnap-bind"
+HELPER_MODULE = "snapshotter.fs.materialize"
+# Low priority: the copy reads the span cache and writes the disk that containers use.
+NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")
+NAMESPACE = ("unshare", "--mount", "--propagation", "private")
+CP = ("cp", "-a", "--preserve=xattr", "--no-target-directory")  # explicit xattr: failures count
+STOP_TIMEOUT_S = 10.0
+EXIT_BUSY = 3  # another helper holds the flock on this layer
+
+
+class MaterializeError(Exception):
+    """The copy did not complete; the message names the layer's mountpoint and the cause."""
+
+
+@dataclass(frozen=True)
+class LocalMarker:
+    layer_digest: str
+    materialized_at: float  # time.time() when the copy was complete
+
+    def to_json(self) -> dict[str, object]:
+        return {"layer_digest": self.layer_digest, "materialized_at": self.materialized_at}
+
+
+def marker_path(mountpoint: str) -> Path:
+    path = Path(mountpoint.rstrip("/") or "/")
+    return path.with_name(path.name + LOCAL_SUFFIX)
+
+
+def bind_path(mountpoint: str) -> Path:
+    path = Path(mountpoint.rstrip("/") or "/")
+    return path.with_name(path.name + BIND_SUFFIX)
+
+
+def read_marker(mountpoint: str) -> LocalMarker | None:
+    """The marker, or None if the layer is not local. A marker that is there but unreadable
+    still means "local" (it is written atomically, so it was complete when written)."""
+    try:
+        data = json.loads(marker_path(mountpoint).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return LocalMarker("", 0.0)
+    if not isinstance(data, dict):
+        return LocalMarker("", 0.0)
+    digest, when = data.get("layer_digest"), data.get("materialized_at")
+    return LocalMarker(
+        digest if isinstance(digest, str) else "",
+        float(when) if isinstance(when, int | float) and not isinstance(when, bool) else 0.0,
+    )
+
+
+def write_marker(mountpoint: str, marker: LocalMarker) -> None:
+    """Write the marker atomically and durably (temp file, fsync, rename, fsync of the dir).
+    Raises MaterializeError naming the file."""
+    path = marker_path(mountpoint)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(marker.to_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise MaterializeError(f"writing {path}: {exc.strerror}") from exc
+
+
+def remove_marker(mountpoint: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        marker_path(mountpoint).unlink()
+
+
+def wipe_contents(directory: Path) -> int:
+    """Remove everything inside directory (not the directory itself); returns the number of
+    top-level entries removed. Only for a plain directory: the caller makes sure no mount
+    sits on it."""
+    removed = 0
+    with os.scandir(directory) as entries:
+        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in names:
+        path = directory / name
+        if is_dir:
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed += 1
+    return removed
+
+
+def plain_directory_on_parent_fs(path: str) -> bool:
+    """True if path is a directory on the same filesystem as its parent (nothing mounted on
+    it): the only kind of directory a wipe may touch."""
+    try:
+        own = os.stat(path, follow_symlinks=False)
+        parent = os.stat(os.path.dirname(path.rstrip("/")) or "/")
+    except OSError:
+        return False
+    return os.path.isdir(path) and not os.path.islink(path) and own.st_dev == parent.st_dev
+
+
+class Copy:
+    """One run of the copy helper for one mountpoint; cancel() from another thread ends it."""
+
+    def __init__(self, mountpoint: str, *, python: str = sys.executable) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.python = python
+        self.cancelled = False
+        self._child: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def command(self) -> list[str]:
+        return [
+            *NICE,
+            *NAMESPACE,
+            self.python,
+            "-m",
+            HELPER_MODULE,
+            "copy",
+            self.mountpoint,
+        ]
+
+    def run(self) -> None:
+        """Copy the tree the mount serves into its underlying directory and sync it; raises
+        MaterializeError (the underlying directory is then empty again)."""
+        with self._lock:
+            if self.cancelled:
+                raise MaterializeError(f"copy of {self.mountpoint}: cancelled")
+            try:
+                child = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,  # cancel() ends the helper and its cp together
+                    cwd="/",
+                )
+            except OSError as exc:
+                raise MaterializeError(
+                    f"starting the copy helper for {self.mountpoint}: {exc}"
+                ) from exc
+            self._child = child
+        _, stderr = child.communicate()
+        why = stderr.decode(errors="replace").strip().splitlines()
+        if self.cancelled:
+            raise MaterializeError(f"copy of {self.mountpoint}: cancelled")
+        if child.returncode == EXIT_BUSY:
+            raise MaterializeError(f"copy of {self.mountpoint}: another copy is running")
+        if child.returncode != 0:
+            detail = why[-1] if why else f"helper exited {child.returncode}"
+            raise MaterializeError(detail)
+
+    def cancel(self) -> None:
+        """End the helper (and its cp) and wait for it. The partial copy stays under the FUSE
+        mount, hidden; the next copy, or the next mount of the layer, wipes it."""
+        with self._lock:
+            self.cancelled = True
+            child = self._child
+        if child is None or child.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(STOP_TIMEOUT_S)
+
+
+# -- the helper: runs in its own mount namespace ---------------------------------------------------
+
+
+class _HelperError(Exception):
+    pass
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise _HelperError(f"{command[0]}: {exc.strerror}") from exc
+
+
+def _first_lines(text: str, count: int = 2) -> str:
+    lines = [line for line in text.strip().splitlines() if line]
+    more = f" (+{len(lines) - count} more lines)" if len(lines) > count else ""
+    return " | ".join(lines[:count]) + more
+
+
+def _copy_in_namespace(mountpoint: str) -> None:
+    """Bind the snapshot dir (non-recursively: its FUSE submount is not carried over) so that
+    <bind>/<name> is the underlying directory, wipe it, cp -a the mount into it, sync it."""
+    snapshot_dir, name = os.path.split(mountpoint.rstrip("/"))
+    bind = bind_path(mountpoint)
+    try:
+        bind.mkdir(mode=0o700, exist_ok=True)
+        lock_fd = os.open(bind, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise _HelperError(f"{bind}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)  # the holder keeps its directory: removing it would end its bind
+        raise SystemExit(EXIT_BUSY) from None
+    try:
+        mounted = _run(["mount", "--bind", snapshot_dir, str(bind)])
+        if mounted.returncode != 0:
+            raise _HelperError(f"bind mount of {snapshot_dir}: {_first_lines(mounted.stderr)}")
+        try:
+            _copy_into(mountpoint, bind / name)
+        finally:
+            _run(["umount", str(bind)])
+    finally:
+        os.close(lock_fd)
+        with contextlib.suppress(OSError):
+            bind.rmdir()
+
+
+def _copy_into(mountpoint: str, target: Path) -> None:
+    if not plain_directory_on_parent_fs(str(target)):
+        raise _HelperError(f"{target} is not the plain directory under {mountpoint}")
+    if os.stat(mountpoint).st_dev == os.stat(target).st_dev:
+        raise _HelperError(f"{mountpoint} is not mounted: nothing to copy from")
+    try:
+        wipe_contents(target)
+        copied = _run([*CP, "--", mountpoint, str(target)])
+        if copied.returncode != 0:
+            raise _HelperError(
+                f"cp failed (exit {copied.returncode}): {_first_lines(copied.stderr)}"
+            )
+        synced = _run(["sync", "-f", str(target)])
+        if synced.returncode != 0:
+            raise _HelperError(f"sync -f {target}: {_first_lines(synced.stderr)}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            wipe_contents(target)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {HELPER_MODULE}",
+        description="Copy a lazy layer's FUSE mount into the directory under it (run by "
+        "lazysnap serve inside `unshare --mount --propagation private`).",
+    )
+    parser.add_argument("action", choices=["copy"])
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(argv)
+    try:
+        _copy_in_namespace(os.path.abspath(args.mountpoint))
+    except _HelperError as exc:
+        print(f"materializing {args.mountpoint}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"materializing {args.mountpoint}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Materialization: a layer whose spans are all cached is copied into the plain directory under
+its FUSE mount, which is then detached. Real FUSE mounts, real cp, a real tmpfs for disk full."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.background import BackgroundSettings
+from snapshotter.fs.manager import LazyLayers
+from snapshotter.fs.materialize import (
+    LocalMarker,
+    bind_path,
+    marker_path,
+    read_marker,
+    write_marker,
+)
+from snapshotter.fs.mount_process import read_state
+from tests.fs.fs_helpers import Expected, built_index, expected_view, make_tar, rich_members
+from tests.fs.test_fs_mount import Layer
+
+pytestmark = pytest.mark.stack
+QUICK = BackgroundSettings(quiet_seconds=0.0)
+IN_PRIVATE_NAMESPACE = ("unshare", "--mount", "--propagation", "private", "sh", "-c")
+
+
+@pytest.fixture
+def layer() -> Iterator[Layer]:
+    tar = make_tar(rich_members())
+    instance = Layer(tar, tar, built_index(tar, "tar"))
+    yield instance
+    instance.server.stop()
+
+
+def _manager(tmp_path: Path, *, materialize: bool = True) -> LazyLayers:
+    return LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        fetch_timeout=5,
+        background=QUICK,
+        materialize=materialize,
+        materialize_retry_s=3600,  # one attempt per test: a retry would blur what failed
+    )
+
+
+@pytest.fixture
+def managers(tmp_path: Path) -> Iterator[list[LazyLayers]]:
+    """Managers a test makes; every mount they know is unmounted afterwards."""
+    made: list[LazyLayers] = []
+    yield made
+    for manager in made:
+        for mountpoint in {*manager._known, *manager._children}:
+            manager.unmount(mountpoint)
+    for state in tmp_path.rglob("*.lazysnap.json"):
+        made[0].unmount(str(state).removesuffix(".lazysnap.json"))
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _is_mounted(path: Path) -> bool:
+    return os.stat(path).st_dev != os.stat(path.parent).st_dev
+
+
+def _pid_gone(pid: int, manager: LazyLayers) -> bool:
+    for child in manager._children.values():
+        child.poll()  # a child of this test process: reap it, or it stays a zombie
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def _assert_tree_equals(root: Path, expected: dict[str, Expected]) -> None:
+    found = {str(p.relative_to(root)) for p in root.rglob("*")}
+    assert found == set(expected)
+    for rel, want in expected.items():
+        path = root / rel
+        st = os.lstat(path)
+        assert st.st_mode == want.mode, rel
+        assert (st.st_uid, st.st_gid, st.st_rdev) == (want.uid, want.gid, want.rdev), rel
+        if want.mtime_ns is not None:
+            assert st.st_mtime_ns == want.mtime_ns, rel
+        if want.nlink is not None:
+            assert st.st_nlink == want.nlink, rel
+        if want.target:
+            assert os.readlink(path) == want.target, rel
+        if want.data is not None:
+            assert path.read_bytes() == want.data, rel
+        names = os.listxattr(path, follow_symlinks=False)
+        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+        assert tuple(sorted(xattrs.items())) == want.xattrs, rel
+
+
+def _underlying(mountpoint: Path) -> list[str]:
+    """What the plain directory under a (possibly mounted) mountpoint holds, seen through a
+    non-recursive bind of its parent in a private mount namespace."""
+    script = 'mount --bind "$1" "$2" && ls -A "$2/$3"'
+    view = mountpoint.parent / "view"
+    view.mkdir(exist_ok=True)
+    try:
+        listed = subprocess.run(
+            [
+                *IN_PRIVATE_NAMESPACE,
+                script,
+                "sh",
+                str(mountpoint.parent),
+                str(view),
+                mountpoint.name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        view.rmdir()
+    return listed.stdout.split()
+
+
+def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    manager = _manager(tmp_path)
+    managers.append(manager)
+    mnt = tmp_path / "snapshots" / "1" / "fs"
+    mnt.mkdir(parents=True)
+    manager.mount_layer(str(mnt), layer.spec())
+    pid = read_state(str(mnt))["pid"]  # type: ignore[index]
+    # A reader that started on the FUSE mount (as a running container does) keeps it alive.
+    with open(mnt / "usr/lib/big.bin", "rb") as held:
+        assert _wait_for(lambda: manager.is_local(str(mnt))), (
+            f"not local; state {read_state(str(mnt))}"
+        )
+        assert not _is_mounted(mnt)
+        _assert_tree_equals(mnt, expected_view(layer.tar, tmp_path))
+        tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
+        assert tool.st_ino == link.st_ino  # the hardlink is one inode in the copy too
+        assert stat.S_ISCHR(os.lstat(mnt / "gone").st_mode)  # whiteout: a 0/0 char device
+        # The detached mount still serves its user, from its own process.
+        assert held.read() == layer.data("usr/lib/big.bin")
+        assert not _pid_gone(pid, manager)
+    assert _wait_for(lambda: _pid_gone(pid, manager), 15), f"mount process {pid} still runs"
+    assert read_marker(str(mnt)) == LocalMarker(
+        layer.index.layer_digest,
+        read_marker(str(mnt)).materialized_at,  # type: ignore[union-attr]
+    )
+    assert not bind_path(str(mnt)).exists()
+    manager.check(str(mnt), {})  # local counts as live, without any mount
+
+    # A restarted manager neither mounts it again nor wipes it.
+    restarted = _manager(tmp_path)
+    managers.append(restarted)
+    restarted.check(str(mnt), {})
+    restarted.mount_layer(str(mnt), layer.spec())
+    assert not _is_mounted(mnt) and restarted.is_live(str(mnt))
+    assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+
+    # Unmounting forgets it: no marker, no sidecars; the copy goes with the snapshot dir.
+    restarted.unmount(str(mnt))
+    assert not marker_path(str(mnt)).exists()
+    assert sorted(os.listdir(mnt.parent)) == ["fs", "fs.lazysnap.log"]  # the log stays, as ever
+    with pytest.raises(RemoteLayerUnavailable, match="not mounted"):
+        restarted.check(str(mnt), {})
+
+
+def test_without_materialize_the_layer_stays_on_fuse(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    manager = _manager(tmp_path, materialize=False)
+    managers.append(manager)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    manager.mount_layer(str(mnt), layer.spec())
+    assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
+    time.sleep(1.5)  # the watcher polls every second: it would have started by now
+    assert _is_mounted(mnt) and not manager.is_local(str(mnt))
+    assert _underlying(mnt) == []
+
+
+def test_a_failing_copy_leaves_fuse_serving_and_no_partial_tree(
+    layer: Layer,
+    managers: list[LazyLayers],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    small = tmp_path / "small"  # the snapshot dir on a filesystem too small for the layer
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(small)], check=True)
+    try:
+        manager = _manager(tmp_path)
+        managers.append(manager)
+        mnt = small / "fs"
+        mnt.mkdir()
+        with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
+            manager.mount_layer(str(mnt), layer.spec())
+            assert _wait_for(lambda: "stays lazy" in caplog.text), caplog.text
+        [line] = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
+        assert layer.index.layer_digest in line and "No space left on device" in line, line
+        assert _is_mounted(mnt) and not manager.is_local(str(mnt))
+        manager.check(str(mnt), {})
+        assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
+        assert _underlying(mnt) == []  # the partial copy was wiped
+        assert not marker_path(str(mnt)).exists() and not bind_path(str(mnt)).exists()
+        assert not manager.materialize_now(str(mnt))  # and fails again, the same way
+        manager.unmount(str(mnt))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_copy_left_by_a_crash_is_wiped_and_redone(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    manager = _manager(tmp_path, materialize=False)
+    managers.append(manager)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    manager.mount_layer(str(mnt), layer.spec())
+    # What a copy killed half-way leaves: files under the mount, no marker.
+    script = 'mount --bind "$1" "$2" && mkdir "$2/fs/etc" && echo stale > "$2/fs/etc/stale"'
+    view = tmp_path / "view"
+    view.mkdir()
+    subprocess.run(
+        [*IN_PRIVATE_NAMESPACE, script, "sh", str(tmp_path), str(view)],
+        check=True,
+    )
+    view.rmdir()
+    assert _underlying(mnt) == ["etc"]
+    assert manager.materialize_now(str(mnt))
+    _assert_tree_equals(mnt, expected_view(layer.tar, tmp_path))
+
+
+def test_a_leftover_copy_is_wiped_before_fuse_mounts_again(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    """After a reboot mid-copy: no FUSE mount, a partial tree, the spec of the last mount."""
+    manager = _manager(tmp_path, materialize=False)
+    managers.append(manager)
+    mnt = tmp_path / "fs"
+    (mnt / "etc").mkdir(parents=True)
+    (mnt / "etc/stale").write_text("half a copy\n")
+    (tmp_path / "fs.lazysnap-spec.json").write_text("{}")
+    manager.mount_layer(str(mnt), layer.spec())
+    assert not (mnt / "etc/stale").exists()  # the FUSE view
+    assert _underlying(mnt) == []
+
+
+def test_a_directory_new_to_lazysnap_is_never_wiped(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    manager = _manager(tmp_path, materialize=False)
+    managers.append(manager)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    (mnt / "mine").write_text("not lazysnap's\n")
+    manager.mount_layer(str(mnt), layer.spec())
+    assert _underlying(mnt) == ["mine"]
+
+
+def test_a_marker_written_before_a_crash_detaches_the_mount_on_check(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    """The daemon stopped between writing the marker and detaching FUSE: the next check()
+    finishes the job (the marker is only ever written over a complete, synced copy)."""
+    manager = _manager(tmp_path, materialize=False)
+    managers.append(manager)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    manager.mount_layer(str(mnt), layer.spec())
+    write_marker(str(mnt), LocalMarker(layer.index.layer_digest, time.time()))
+    restarted = _manager(tmp_path)
+    managers.append(restarted)
+    restarted.check(str(mnt), {})
+    assert not _is_mounted(mnt)
+
+
+def test_marker_reading_writing_and_damage(tmp_path: Path) -> None:
+    mountpoint = str(tmp_path / "fs")
+    assert read_marker(mountpoint) is None
+    write_marker(mountpoint, LocalMarker("sha256:ab", 12.5))
+    assert read_marker(mountpoint) == LocalMarker("sha256:ab", 12.5)
+    assert sorted(os.listdir(tmp_path)) == ["fs.lazysnap-local"]  # no temp file left
+    # Written atomically, so a marker that is there means local even if it reads badly.
+    marker_path(mountpoint).write_text("not json")
+    assert read_marker(mountpoint) == LocalMarker("", 0.0)
