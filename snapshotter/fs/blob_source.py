@@ -3,7 +3,8 @@
 kinds:
 - "file": a local copy of the blob (pread); tests, and layers already on disk.
 - "url": a plain HTTP(S) URL answering Range requests without authentication (a test server,
-  or a registry's /v2/<repo>/blobs/<digest> on a trusted network).
+  or a registry's /v2/<repo>/blobs/<digest> on a trusted network); read by
+  snapshotter.remote.url_blob (only remote/ speaks HTTP).
 - "registry": location is the repository ("host[:port]/name"); digest and size are required;
   hosts_dir (containerd hosts.toml layout), plain_http hosts and docker_config are optional.
   Reads go through snapshotter.remote.blob.BlobReader (auth, mirrors, retries).
@@ -16,10 +17,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import urllib3
-
 from snapshotter.fs.reader import BlobSource
 from snapshotter.remote.errors import BlobFetchError, redact_url
+from snapshotter.remote.url_blob import UrlBlobSource
+
+# UrlBlobSource stays importable from here: tests build fs sources directly.
+__all__ = [
+    "BLOB_KINDS",
+    "BlobSpec",
+    "BlobSpecError",
+    "FileBlobSource",
+    "UrlBlobSource",
+    "open_blob_source",
+]
 
 BLOB_KINDS = ("file", "url", "registry")
 
@@ -109,53 +119,14 @@ class FileBlobSource:
         os.close(self._fd)
 
 
-class UrlBlobSource:
-    """One Range GET per read, on a small keep-alive pool; fails (never retries for long)
-    within timeout so that a dead registry turns into EIO quickly."""
-
-    def __init__(self, url: str, *, timeout: float, digest: str = "", connections: int = 4):
-        self.url = url
-        self.digest = digest
-        self._host = urlsplit(url).netloc.rsplit("@", 1)[-1]
-        self._path = urlsplit(url).path
-        self._timeout = urllib3.Timeout(connect=min(timeout, 5.0), read=timeout)
-        self._pool = urllib3.PoolManager(maxsize=connections, block=False)
-
-    def read(self, offset: int, length: int) -> bytes:
-        byte_range = _range(offset, length)
-        try:
-            response = self._pool.request(
-                "GET",
-                self.url,
-                headers={"Range": f"bytes={byte_range}"},
-                timeout=self._timeout,
-                retries=urllib3.Retry(total=1, connect=1, read=0, redirect=5, backoff_factor=0),
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            raise self._error(byte_range, f"{type(exc).__name__}: {exc}") from None
-        if response.status != 206:
-            raise self._error(byte_range, f"HTTP {response.status} (expected 206)")
-        expected = f"bytes {byte_range}/"
-        content_range = response.headers.get("Content-Range", "")
-        if not content_range.startswith(expected):
-            raise self._error(byte_range, f"Content-Range {content_range!r}")
-        data: bytes = response.data
-        if len(data) != length:
-            raise self._error(byte_range, f"got {len(data)} bytes")
-        return data
-
-    def _error(self, byte_range: str, cause: str) -> BlobFetchError:
-        return BlobFetchError(self._host, self._path, self.digest, byte_range, cause)
-
-    def close(self) -> None:
-        self._pool.clear()
-
-
 def open_blob_source(spec: BlobSpec, *, timeout: float) -> BlobSource:
     if spec.kind == "file":
         return FileBlobSource(spec.location, spec.digest)
     if spec.kind == "url":
-        return UrlBlobSource(spec.location, timeout=timeout, digest=spec.digest)
+        try:
+            return UrlBlobSource(spec.location, timeout=timeout, digest=spec.digest)
+        except ValueError as exc:
+            raise BlobSpecError(f"blob.location: {exc}") from None
     return _registry_source(spec, timeout)
 
 

@@ -1,7 +1,7 @@
 """Behaviour no real registry here offers, from a tiny misbehaving registry in the test:
 Range ignored, wrong digests, truncated bodies, 5xx then OK, redirects to another host (where
-Authorization must not follow), an unfiltered paged referrers API, the legacy ORAS API, and
-tag lists whose pages never end."""
+Authorization must not follow), an unfiltered paged referrers API, the legacy ORAS API,
+tag lists whose pages never end, and plain blob URLs (the "url" blob kind)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers
+from snapshotter.remote.url_blob import UrlBlobSource
 
 DATA = random.Random(11).randbytes(300_000)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -389,3 +390,31 @@ def test_tag_list_that_is_not_json_is_a_clear_error(fakes: Callable[[], FakeServ
     with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
         client.list_tags(Repository(fake.host, "r"))
     assert f"tag list of {fake.host}/r" in str(info.value) and "JSON" in str(info.value)
+
+
+def test_url_blob_source_reads_ranges_and_refuses_a_server_ignoring_range(
+    fakes: Callable[[], FakeServer],
+) -> None:
+    ranged_server, whole_server = fakes(), fakes()
+    ranged_server.routes["/blob"] = ranged
+    whole_server.routes["/blob"] = lambda h: send(h, 200, DATA)
+    reader = UrlBlobSource(f"http://{ranged_server.host}/blob", timeout=5, digest=DIGEST)
+    try:
+        assert reader.read(1000, 300) == DATA[1000:1300]
+    finally:
+        reader.close()
+    # A query can carry a signature: errors name host, path and digest only.
+    reader = UrlBlobSource(f"http://{whole_server.host}/blob?sig=secret", timeout=5, digest=DIGEST)
+    try:
+        with pytest.raises(BlobFetchError) as info:
+            reader.read(0, 10)
+    finally:
+        reader.close()
+    assert str(info.value) == (
+        f"reading {whole_server.host}/blob@{DIGEST} bytes 0-9: HTTP 200 (expected 206)"
+    )
+
+
+def test_url_blob_source_refuses_a_url_that_is_not_http() -> None:
+    with pytest.raises(ValueError, match=r"'ftp://example\.com/blob' is not an http"):
+        UrlBlobSource("ftp://user:pw@example.com/blob", timeout=5)
