@@ -7,6 +7,8 @@ It works while `serve` is down because everything it shows is on disk beside the
                                          containerd.io/snapshot/remote), read-only
     ROOT/snapshots/<id>/fs.lazysnap.json state file of the mount process serving <id>/fs
     ROOT/snapshots/<id>/fs.lazysnap-spec.json -> the index (layer size, span count)
+    ROOT/snapshots/<id>/fs.lazysnap-local marker: the layer was copied into plain files and its
+                                         FUSE mount detached (snapshotter.fs.materialize)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -28,6 +30,7 @@ from snapshotter.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_co
 
 STATE_SUFFIX = ".lazysnap.json"
 SPEC_SUFFIX = ".lazysnap-spec.json"
+LOCAL_SUFFIX = ".lazysnap-local"  # as snapshotter.fs.materialize writes it
 REMOTE_LABEL = "containerd.io/snapshot/remote"  # as snapshotter.core.snapshotter sets it
 # Where pullers put the compressed layer digest (CRI, ctr-remote), as the core reads them.
 LAYER_DIGEST_LABELS = (
@@ -38,6 +41,7 @@ LAYER_DIGEST_LABELS = (
 LIVE = "live"  # mounted, answering, its mount process alive
 DEAD = "dead"  # a mount or state file is there, but nothing serves it
 UNMOUNTED = "unmounted"  # a lazy snapshot whose layer is not mounted at all
+LOCAL = "local"  # copied into plain files (materialized): no FUSE for new containers
 
 
 class StatusError(Exception):
@@ -71,8 +75,10 @@ class LayerStatus:
     snapshot_id: int | None
     snapshot_name: str  # the committed snapshot (containerd's chain ID key); "" if unknown
     mountpoint: str
-    state: str  # LIVE | DEAD | UNMOUNTED
-    problem: str  # why it is not live; "" when live
+    state: str  # LIVE | DEAD | UNMOUNTED | LOCAL
+    problem: str  # why it is not live; "" when live or local
+    # LIVE: the mount process; LOCAL: the detached FUSE mount's process, while containers
+    # started before the layer went local still use it (None once they are gone)
     pid: int | None
     layer_size: int | None  # compressed bytes, from the index; None if the index is unreadable
     bytes_fetched: int  # by the current mount process (counters restart with the process)
@@ -83,6 +89,7 @@ class LayerStatus:
     eio: int | None  # EIOs returned, when the mount process reports them separately
     background: str  # the mount process's background fetch state; "" if it reports none
     updated_at: float | None
+    local_since: float | None = None  # when the layer went local (time.time()); None: lazy
 
     @property
     def fetched_percent(self) -> float | None:
@@ -113,8 +120,15 @@ class RootStatus:
     cache: CacheStatus
     layers: list[LayerStatus]
 
+    @property
+    def all_local(self) -> bool:
+        """Every lazy layer of this root is local (vacuously true without lazy layers)."""
+        return all(layer.state == LOCAL for layer in self.layers)
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["layers_local"] = sum(1 for layer in self.layers if layer.state == LOCAL)
+        data["all_local"] = self.all_local
         for layer, status in zip(data["layers"], self.layers, strict=True):
             percent = status.fetched_percent
             layer["fetched_percent"] = None if percent is None else round(percent, 2)
@@ -216,7 +230,13 @@ def _layer_status(
     digest = (mount.layer_digest if mount else "") or digest
     layer_size, spans_total = _index_facts(mountpoint)
     cache_dir = (mount.cache_dir if mount else "") or config.cache_dir
-    if mount is None:
+    local_since = _local_since(mountpoint)
+    pid = mount.pid if mount else None
+    if local_since is not None:
+        state, problem = LOCAL, ""
+        # The detached mount's process still runs for containers started before, or is gone.
+        pid = pid if mount is not None and _process_alive(pid) else None
+    elif mount is None:
         state, problem = UNMOUNTED, "no mount process (no state file)"
     else:
         state, problem = mount.state, mount.problem or ""
@@ -227,7 +247,7 @@ def _layer_status(
         mountpoint=mountpoint,
         state=state,
         problem=problem,
-        pid=mount.pid if mount else None,
+        pid=pid,
         layer_size=layer_size,
         bytes_fetched=counters.get("bytes_fetched", 0),
         spans_total=spans_total,
@@ -237,7 +257,35 @@ def _layer_status(
         eio=counters.get("eio"),
         background=mount.background if mount else "",
         updated_at=mount.updated_at if mount else None,
+        local_since=local_since,
     )
+
+
+def _local_since(mountpoint: str) -> float | None:
+    """When the layer at mountpoint went local, from its marker; None if it is lazy. A marker
+    is written atomically, so one that reads badly still means local (time 0)."""
+    try:
+        text = Path(mountpoint + LOCAL_SUFFIX).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0.0
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return 0.0
+    when = data.get("materialized_at") if isinstance(data, dict) else None
+    return _float(when) or 0.0
+
+
+def _process_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return False
+    return bool(state) and state[0] != "Z"
 
 
 def _remote_snapshots(root: str) -> dict[int, tuple[str, str]]:
@@ -361,6 +409,8 @@ def render(status: RootStatus, now: float | None = None) -> str:
     if not status.layers:
         lines.append("no lazily mounted layers")
         return "\n".join(lines) + "\n"
+    local = sum(1 for layer in status.layers if layer.state == LOCAL)
+    lines.insert(-1, f"layers  {local} of {len(status.layers)} local (plain files), rest on FUSE")
     header = (
         "LAYER",
         "SNAPSHOT",
@@ -397,6 +447,12 @@ def render(status: RootStatus, now: float | None = None) -> str:
     lines.append("")
     for layer in status.layers:
         where = f"{_short(layer.layer_digest)}  {layer.mountpoint}"
+        if layer.state == LOCAL:
+            note = "plain files; FUSE detached"
+            if layer.pid is not None:
+                note += f", its process {layer.pid} still serves containers started before"
+            lines.append(f"{where}  ({note})")
+            continue
         lines.append(where + (f"  ({layer.problem})" if layer.problem else ""))
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,5 @@
-"""What `lazysnap status` shows about lazy layers: one line per mount process, and the cache."""
+"""What `lazysnap status` shows about lazy layers: one line per mount process (and whether its
+layer went local), and the cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from snapshotter.fs.cache import CacheUsage, SpanCache
 from snapshotter.fs.manager import mount_problem
+from snapshotter.fs.materialize import read_marker
 from snapshotter.fs.mount_process import read_state
 
 STATE_SUFFIX = ".lazysnap.json"
@@ -22,6 +24,10 @@ class MountStatus:
     live: bool  # mounted, answering, and its process alive
     updated_at: float  # when the process last refreshed its counters
     counters: dict[str, int] = field(default_factory=dict)
+    # Copied into plain files, FUSE detached (a process still listed serves containers that
+    # started before); background: the process's background fetch state.
+    local: bool = False
+    background: str = ""
 
 
 def mount_statuses(under: str) -> list[MountStatus]:
@@ -43,6 +49,8 @@ def mount_statuses(under: str) -> list[MountStatus]:
                 counters={k: int(v) for k, v in counters.items()}
                 if isinstance(counters, dict)
                 else {},
+                local=read_marker(mountpoint) is not None,
+                background=str(state.get("background", "")),
             )
         )
     return sorted(found, key=lambda s: s.mountpoint)

@@ -24,6 +24,7 @@ from snapshotter.fs.materialize import (
     write_marker,
 )
 from snapshotter.fs.mount_process import read_state
+from snapshotter.fs.status import mount_statuses
 from tests.fs.fs_helpers import Expected, built_index, expected_view, make_tar, rich_members
 from tests.fs.test_fs_mount import Layer
 
@@ -151,6 +152,8 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
         tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
         assert tool.st_ino == link.st_ino  # the hardlink is one inode in the copy too
         assert stat.S_ISCHR(os.lstat(mnt / "gone").st_mode)  # whiteout: a 0/0 char device
+        [status] = mount_statuses(str(tmp_path / "snapshots"))
+        assert status.local and not status.live and status.background == "complete"
         # The detached mount still serves its user, from its own process.
         assert held.read() == layer.data("usr/lib/big.bin")
         assert not _pid_gone(pid, manager)
