@@ -171,6 +171,8 @@ class LazyLayers:
     # -- RemoteLayers ------------------------------------------------------------------------------
 
     def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        if self._serve_locally(os.path.abspath(mountpoint)):
+            return  # already plain files: no registry, no FUSE
         if self.resolve is None:
             raise RemoteLayerUnavailable("lazy layers: no resolver configured")
         try:
