@@ -9,7 +9,9 @@ in order, the first read of every file.
    work dir, so the command may write), /proc, /dev and /sys, then chroot and run the command
    with the image's environment and working directory.
 3. The command ends, or the timeout kills the namespace (a server never ends: what it read
-   until then is its startup). Everything is unmounted and the work dir removed.
+   until then is its startup). Everything is unmounted and the work dir removed; when the
+   command failed, the error keeps what the work dir's mount-process logs said (EIO lines) and
+   the kernel's segfault lines naming the command, so a crash can still be diagnosed.
 4. The layers' logs merge by time into one (layer digest, entry name) list.
 
 Needs root (mount, unshare, chroot) and the host's unshare, mount and chroot programs.
@@ -25,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.fs.manager import LayerSpec, LazyLayers, sidecar
 from snapshotter.profile.model import ProfileEntry, StartupProfile
 
 log = logging.getLogger("lazysnap.profile")
@@ -41,6 +44,10 @@ log = logging.getLogger("lazysnap.profile")
 DEFAULT_TIMEOUT_S = 60.0
 RECORD_CACHE_BYTES = 64 << 30  # the recording's own throwaway cache: never the limit
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LOG_TAIL_LINES = 40  # of each layer's mount-process log, kept in a failed recording's error
+_LOG_TAIL_BYTES = 16 << 10
+_MAX_LINE = 1000  # an EIO line names layer and span before its cause
+_COMM_LEN = 15  # the kernel names a task by the first 15 bytes of its executable's name
 
 # Runs as PID 1 of the new namespaces: everything it mounts disappears with them.
 _NAMESPACE_SCRIPT = """
@@ -129,14 +136,22 @@ def record_profile(
                     raise ProfileRecordError(f"layer {layer.digest}: {exc}") from None
                 mountpoints.append(mountpoint)
                 logs.append(log_path)
+            started = time.clock_gettime(time.CLOCK_MONOTONIC)
             status = _run_in_namespace(work, mountpoints, run, tools)
         finally:
             for mountpoint in reversed(mountpoints):
                 manager.unmount(str(mountpoint))
         if status not in (None, 0):
+            # The work dir, with the mount processes' logs, goes with this error: keep what
+            # explains a crash (EIO lines, the kernel's segfault line) in the message.
+            layer_logs = [
+                (layer.digest, sidecar(str(mountpoint), ".lazysnap.log"))
+                for layer, mountpoint in zip(layers, mountpoints, strict=True)
+            ]
             raise ProfileRecordError(
-                f"profile command {command_text or ' '.join(run.argv)!r} exited with status "
-                f"{status}; nothing recorded"
+                f"profile command {command_text or ' '.join(run.argv)!r} {_ended(status)}; "
+                f"nothing recorded"
+                + _diagnostics(layer_logs, kernel_faults(run.argv, since=started - 1.0))
             )
         entries = _merge_logs(
             [(layer.digest, path) for layer, path in zip(layers, logs, strict=True)]
@@ -212,6 +227,91 @@ def _run_in_namespace(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+
+
+def _ended(status: int) -> str:
+    if status < 0:
+        return f"was killed by {_signal_name(-status)}"
+    if status > 128 and (name := _signal_name(status - 128, "")):
+        return f"exited with status {status} (128 + {name}: a shell's child was killed)"
+    return f"exited with status {status}"
+
+
+def _signal_name(number: int, unknown: str | None = None) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}" if unknown is None else unknown
+
+
+def _diagnostics(layer_logs: list[tuple[str, Path]], faults: list[str]) -> str:
+    parts = []
+    for digest, path in layer_logs:
+        lines = log_tail(path, LOG_TAIL_LINES)
+        # A log of INFO lines only (mounted, unmounted) says nothing about the failure.
+        if any(" INFO " not in line for line in lines):
+            parts.append(f"\nmount process log of layer {digest} (last {len(lines)} lines):")
+            parts.extend(f"  {line}" for line in lines)
+    if faults:
+        parts.append("\nkernel log:")
+        parts.extend(f"  {line}" for line in faults)
+    return "\n".join(parts)
+
+
+def log_tail(path: Path, lines: int) -> list[str]:
+    """The last lines of a log file (each cut to a readable length); [] if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line[:_MAX_LINE] for line in text.splitlines() if line.strip()][-lines:]
+
+
+def kernel_faults(argv: Sequence[str], *, since: float) -> list[str]:
+    """Kernel log lines since `since` (CLOCK_MONOTONIC seconds) saying that a program named in
+    argv segfaulted; [] when the kernel log is not readable (no CAP_SYSLOG, no /dev/kmsg)."""
+    names = {
+        os.path.basename(word)[:_COMM_LEN]
+        for arg in argv
+        for word in arg.split()
+        if not word.startswith("-") and os.path.basename(word)
+    }
+    found = []
+    for stamp, message in _kernel_messages():
+        if stamp >= since and "segfault" in message and any(f"{n}[" in message for n in names):
+            found.append(message[:_MAX_LINE])
+    return found
+
+
+def _kernel_messages() -> list[tuple[float, str]]:
+    """(seconds since boot, message) of the records in /dev/kmsg; its timestamps are the
+    monotonic clock's (what dmesg shows in brackets)."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    records = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:  # read to the end
+                break
+            except BrokenPipeError:  # records overwritten while we read: go on from the next
+                continue
+            except OSError:
+                break
+            if not record:
+                break
+            header, _, message = record.decode(errors="replace").partition(";")
+            fields = header.split(",")
+            if len(fields) >= 3 and fields[2].isdigit():
+                records.append((int(fields[2]) / 1e6, message.split("\n", 1)[0]))
+    finally:
+        os.close(fd)
+    return records
 
 
 def _merge_logs(logs: list[tuple[str, Path]]) -> list[ProfileEntry]:

@@ -4,6 +4,8 @@ gzip layers, in an overlay, in a private namespace; and the profile blob format.
 from __future__ import annotations
 
 import os
+import platform
+import struct
 import tarfile
 from pathlib import Path
 
@@ -122,6 +124,70 @@ def test_a_layer_that_cannot_be_mounted_is_named(image: list[LayerSource], tmp_p
             [image[0], broken], RunSettings(("/bin/true",), ENV), work_root=str(tmp_path)
         )
     assert _no_mounts_under(tmp_path)
+
+
+def test_a_failing_command_error_keeps_the_mount_process_logs(
+    image: list[LayerSource], tmp_path: Path
+) -> None:
+    # The top layer's bytes no longer match its index: reading data/b fails verification in the
+    # mount process (which logs why) and cat only sees EIO.
+    blob = Path(image[1].spec.blob.location)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    run = RunSettings(("/bin/sh", "-c", "cat data/b > /dev/null"), ENV, "/")
+    with pytest.raises(ProfileRecordError) as info:
+        record_profile(image, run, work_root=str(tmp_path))
+    message = str(info.value)
+    assert "status 1" in message
+    assert f"mount process log of layer {image[0].digest}" not in message  # all went well there
+    top_log = message.split(f"mount process log of layer {image[1].digest}", 1)[1]
+    assert "EIO reading /data/b" in top_log and "SpanVerificationError" in top_log
+    assert _no_mounts_under(tmp_path)
+    assert not list(tmp_path.glob("lazysnap-profile-*"))
+
+
+def _segfaulting_program() -> bytes:
+    """A static x86-64 ELF whose only instructions write to address 0."""
+    code = bytes.fromhex("31c08900")  # xor eax, eax; mov [rax], eax
+    base, header_size = 0x400000, 64 + 56
+    size = header_size + len(code)
+    elf_header = (
+        b"\x7fELF\x02\x01\x01"
+        + bytes(9)
+        + struct.pack(
+            "<HHIQQQIHHHHHH", 2, 0x3E, 1, base + header_size, 64, 0, 0, 64, 56, 1, 0, 0, 0
+        )
+    )
+    program_header = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return elf_header + program_header + code
+
+
+def test_a_crashing_command_is_named_with_its_signal_and_kernel_line(
+    image: list[LayerSource], tmp_path: Path
+) -> None:
+    if platform.machine() != "x86_64":
+        pytest.skip("the crashing program is x86-64 machine code")
+    crashme = Member("bin/crashme", data=_segfaulting_program(), mode=0o755)
+    crash = _layer(tmp_path, "crash", [crashme])
+    run = RunSettings(("/bin/sh", "-c", "cat data/a > /dev/null; /bin/crashme"), ENV, "/")
+    with pytest.raises(ProfileRecordError) as info:
+        record_profile([*image, crash], run, work_root=str(tmp_path))
+    message = str(info.value)
+    assert "was killed by SIGSEGV" in message  # busybox sh execs its last command
+    if _kernel_logs_segfaults():
+        assert "kernel log:" in message and "crashme[" in message and "segfault" in message
+    assert _no_mounts_under(tmp_path)
+
+
+def _kernel_logs_segfaults() -> bool:
+    """The kernel prints unhandled segfaults and we may read its log (root, /dev/kmsg)."""
+    trace = Path("/proc/sys/debug/exception-trace")
+    try:
+        os.close(os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK))
+        return trace.read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _all_command_lines() -> str:
