@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from snapshotter import __version__
 from snapshotter.log import LOG_LEVELS
@@ -19,12 +20,10 @@ Runner = Callable[[argparse.Namespace], int]
 # -- serve -------------------------------------------------------------------------------------
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser(
-        "serve",
-        help="run the snapshotter daemon (containerd proxy snapshotter on a unix socket)",
-        description="Serve containerd's snapshots API for ROOT on a unix socket. Flags override "
-        "the config file; see docs/configuration.md.",
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Serve containerd's snapshots API for ROOT on a unix socket. Flags override "
+        "the config file; see docs/configuration.md."
     )
     parser.add_argument("--root", help="state directory (default: from config, /var/lib/lazysnap)")
     parser.add_argument("--address", help="unix socket path for containerd's proxy_plugins")
@@ -53,12 +52,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 # The command modules import only argparse-level code at import time; run() loads the rest.
 
 
-def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _index_arguments(parser: argparse.ArgumentParser) -> None:
     from snapshotter.indexer import command
 
-    parser = sub.add_parser(
-        "index", help="build, push and show lazysnap layer indexes of an image in its registry"
-    )
     command.add_arguments(parser)
     parser.set_defaults(run=command.run)
 
@@ -66,12 +62,9 @@ def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 # -- pull --------------------------------------------------------------------------------------
 
 
-def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _pull_arguments(parser: argparse.ArgumentParser) -> None:
     from snapshotter.pull import command
 
-    parser = sub.add_parser(
-        "pull", help="pull an image into containerd; indexed layers stay lazy (not downloaded)"
-    )
     command.add_arguments(parser)
     parser.set_defaults(run=command.run)
 
@@ -79,12 +72,9 @@ def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 # -- accel serve -------------------------------------------------------------------------------
 
 
-def _add_accel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _accel_arguments(parser: argparse.ArgumentParser) -> None:
     from snapshotter.accel import command
 
-    parser = sub.add_parser(
-        "accel", help="acceleration service: index images as registries report their pushes"
-    )
     command.add_arguments(parser)
     parser.set_defaults(run=command.run)
 
@@ -92,42 +82,79 @@ def _add_accel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 # -- status ------------------------------------------------------------------------------------
 
 
-def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
     from snapshotter import status
 
-    parser = sub.add_parser(
-        "status", help="show lazily mounted layers, the span cache and the daemon, from disk"
-    )
     status.add_arguments(parser)
 
 
 # -- mount-layer -------------------------------------------------------------------------------
-# Owner: fs. Add `_add_mount_layer(sub)` (imports snapshotter.fs lazily); register it below.
+# Owner: fs. Add a Subcommand("mount-layer", ...) whose arguments function imports snapshotter.fs
+# lazily; register it below.
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
-    _add_serve,
-    _add_index,
-    _add_pull,
-    _add_accel,
-    _add_status,
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # imports the command's module
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "serve",
+        "run the snapshotter daemon (containerd proxy snapshotter on a unix socket)",
+        _serve_arguments,
+    ),
+    Subcommand(
+        "index",
+        "build, push and show lazysnap layer indexes of an image in its registry",
+        _index_arguments,
+    ),
+    Subcommand(
+        "pull",
+        "pull an image into containerd; indexed layers stay lazy (not downloaded)",
+        _pull_arguments,
+    ),
+    Subcommand(
+        "accel",
+        "acceleration service: index images as registries report their pushes",
+        _accel_arguments,
+    ),
+    Subcommand(
+        "status",
+        "show lazily mounted layers, the span cache and the daemon, from disk",
+        _status_arguments,
+    ),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    # The top-level options (-h, --version) take no value: the first other word is the command.
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with argv, only the subcommand argv names gets its arguments
+    (the others are listed by name and help): building them all imports every command's
+    module, ~50 ms that each `lazysnap pull` would pay."""
     parser = argparse.ArgumentParser(
         prog="lazysnap",
         description="containerd snapshotter that mounts image layers lazily over FUSE",
     )
     parser.add_argument("--version", action="version", version=f"lazysnap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    chosen = _chosen_command(argv) if argv is not None else None
+    for command in SUBCOMMANDS:
+        command_parser = sub.add_parser(command.name, help=command.help)
+        if argv is None or command.name == chosen:
+            command.add_arguments(command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(words).parse_args(words)
     run: Runner = args.run
     try:
         return run(args)

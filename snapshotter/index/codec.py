@@ -265,19 +265,23 @@ _MAX_DEV = (1 << 32) - 1
 _MAX_XATTR = 1 << 20
 # a '', '.' or '..' path component, or a NUL: never in a normalised name
 _BAD_NAME = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\x00")
-_BAD_NAME_LINES = re.compile(r"(?m)(?:^|/)\.{0,2}(?:/|$)|\x00")
 
 
 def _names_look_safe(raw: list[Any]) -> bool:
-    """One regex pass over all names instead of one call per entry (12k calls cost ~10 ms).
-    False means "check each name": also when a name holds a newline, which the joined scan
-    cannot judge. The root ('') is left to the per-entry check."""
+    """All names checked at once instead of one regex call per entry. Joined by "/" and framed
+    by "/", the names' parts follow each other between single slashes, so an empty, '.' or
+    '..' part in any name shows up as "//", "/./" or "/../" (plain substring searches: ~1 ms
+    for 13k names, where one regex pass over the joined names took 15-45 ms). False means
+    "check each name", as does a newline in a name (the per-entry regex has its own view of
+    those). The root ('') is left to the per-entry check."""
     names = [item[0] for item in raw if type(item) is list and item and type(item[0]) is str]
     if len(names) != len(raw):
         return False
     named = [name for name in names if name]
-    joined = "\n".join(named)
-    return joined.count("\n") == len(named) - 1 and not _BAD_NAME_LINES.search(joined)
+    if not named:
+        return True
+    joined = "/" + "/".join(named) + "/"
+    return not any(bad in joined for bad in ("//", "/./", "/../", "\0", "\n"))
 
 
 _REG, _HARDLINK, _SYMLINK, _DIR = (

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import sys
 
 # Only argparse at import time: `lazysnap` builds every subcommand's parser on each start, and
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from snapshotter.remote.manifest import Platform
     from snapshotter.remote.reference import Reference
 
+    atexit.register(_skip_final_collection)
     image: str = args.image
     try:
         ref = Reference.parse(image)
@@ -98,3 +101,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"pulling {image}: interrupted")
     progress.summary(summary)
     return 0
+
+
+def _skip_final_collection() -> None:
+    """Called at exit: the interpreter's own clean-up then runs full GC passes over every
+    grpc/protobuf/httpx object loaded (0.25-0.35 s here, a third of a lazy pull's wall time).
+    Frozen objects are left out of those passes; the process is ending, so nothing leaks."""
+    gc.freeze()

@@ -3,12 +3,21 @@ index discovery (the resolver) -> FUSE layer manager."""
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from snapshotter.config import Config
 from snapshotter.fs.manager import LazyLayers, from_config
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.hosts import HostsConfig, RegistryHost
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
+
+log = logging.getLogger("lazysnap.source")
+
+# Stands for every endpoint without TLS settings of its own in hosts.toml (the usual case):
+# they all share the connection pool this builds. Nothing is sent to it.
+_DEFAULT_TLS_HOST = RegistryHost(url="https://registry.invalid")
 
 
 def lazy_layers_from_config(config: Config) -> LazyLayers:
@@ -26,4 +35,14 @@ def lazy_layers_from_config(config: Config) -> LazyLayers:
         BlobSettings(remote.hosts_dir, remote.plain_http, docker_config),
         min_layer_size=remote.min_layer_size,
     )
+    threading.Thread(target=_warm_up, args=(client,), name="registry-warm-up", daemon=True).start()
     return from_config(config, resolve=discovery)
+
+
+def _warm_up(client: RegistryClient) -> None:
+    """Create the default HTTP connection pool now, while the daemon starts: httpx loads the
+    CA bundle when it does (~0.1 s), which would otherwise delay the first lazy Prepare."""
+    try:
+        client._http(_DEFAULT_TLS_HOST)
+    except Exception as exc:  # only an optimisation: the first request makes it anyway
+        log.debug("registry connection pool warm-up failed: %s", exc)
