@@ -2,10 +2,12 @@
 
 Imported only when metrics are enabled, so a daemon without them never loads prometheus-client.
 Two sources, neither of which makes the core know about metrics:
-- Prepare outcomes (lazy / fallback by reason class / ordinary) are counted as they happen by
+- Prepare outcomes (lazy / fallback by reason class / ordinary) are counted by
   MeteredSnapshotter, which observes the core's prepare from outside, and a thin wrapper around
   the injected RemoteLayers that notes, for the Prepare running on the same thread, whether the
-  mount worked and why not.
+  mount worked and why not. A lazy mount may still be starting when its Prepare answers (the
+  daemon mounts in the background): it counts as "lazy" once RemoteLayers.check() says it is
+  live, or as "lazy_failed" if it never became so; until then it is in lazy_layers_starting.
 - Lazy layers' figures (bytes and spans fetched, cache hits, read errors, per layer digest) and
   the cache's size are read at scrape time by LazyLayerCollector from the mount processes' state
   files and the cache directory: mount processes are separate processes that outlive serve, and
@@ -17,12 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
@@ -39,6 +42,7 @@ from snapshotter.core.snapshotter import TARGET_SNAPSHOT_LABEL, MountList, Snaps
 log = logging.getLogger("lazysnap.metrics")
 
 LAZY = "lazy"
+LAZY_FAILED = "lazy_failed"
 FALLBACK = "fallback"
 ORDINARY = "ordinary"
 
@@ -123,6 +127,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 class MountAttempt:
     mounted: bool
     reason: str = ""  # fallback_reason() when not mounted
+    mountpoint: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 class MountWatch:
@@ -138,6 +144,12 @@ class MountWatch:
     def note(self, attempt: MountAttempt) -> None:
         if getattr(self._local, "watching", False):
             self._local.attempt = attempt
+
+    def note_unmount(self, mountpoint: str) -> None:
+        """The Prepare undid its mount (e.g. the target appeared meanwhile): no lazy layer."""
+        attempt: MountAttempt | None = getattr(self._local, "attempt", None)
+        if attempt is not None and attempt.mountpoint == mountpoint:
+            self._local.attempt = None
 
     def end(self) -> MountAttempt | None:
         self._local.watching = False
@@ -159,12 +171,13 @@ class WatchedRemoteLayers:
         except BaseException as exc:
             self.watch.note(MountAttempt(mounted=False, reason=fallback_reason(exc)))
             raise
-        self.watch.note(MountAttempt(mounted=True))
+        self.watch.note(MountAttempt(mounted=True, mountpoint=mountpoint, labels=dict(labels)))
 
     def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
         self.inner.check(mountpoint, labels)
 
     def unmount(self, mountpoint: str) -> None:
+        self.watch.note_unmount(mountpoint)
         self.inner.unmount(mountpoint)
 
 
@@ -172,15 +185,44 @@ class PrepareCounter:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.counter = Counter(
             "lazysnap_prepares",
-            "Prepare calls that succeeded, by outcome: lazy (layer mounted lazily), fallback "
-            "(lazy was asked for but the layer is pulled whole; reason says why) or ordinary "
-            "(no lazy layer asked for)",
+            "Prepare calls that succeeded, by outcome: lazy (layer mounted lazily, and the mount "
+            "became live), lazy_failed (answered lazily, but the mount never became live; "
+            "reason says why; the layer is mounted again when used), fallback (lazy was asked "
+            "for but the layer is pulled whole; reason says why) or ordinary (no lazy layer "
+            "asked for)",
             ("outcome", "reason"),
+            registry=registry,
+        )
+        self.starting = Gauge(
+            "lazysnap_lazy_layers_starting",
+            "Lazy mounts of answered Prepares not yet live nor failed (counted in "
+            "lazysnap_prepares once they are)",
             registry=registry,
         )
 
     def count(self, outcome: str, reason: str = "") -> None:
         self.counter.labels(outcome=outcome, reason=reason).inc()
+
+    def follow(self, remote: RemoteLayers, attempt: MountAttempt) -> None:
+        """Count a lazily answered Prepare once its mount is live or failed. check() waits for a
+        mount still starting, so it runs on a thread of its own: the Prepare does not wait."""
+        self.starting.inc()
+        threading.Thread(
+            target=self._settle,
+            args=(remote, attempt),
+            name=f"metrics-mount {attempt.mountpoint}",
+            daemon=True,
+        ).start()
+
+    def _settle(self, remote: RemoteLayers, attempt: MountAttempt) -> None:
+        try:
+            remote.check(attempt.mountpoint, attempt.labels)
+        except Exception as exc:  # any failure is this mount's outcome
+            self.count(LAZY_FAILED, fallback_reason(exc))
+        else:
+            self.count(LAZY)
+        finally:
+            self.starting.dec()
 
 
 class MeteredSnapshotter(Snapshotter):
@@ -195,6 +237,7 @@ class MeteredSnapshotter(Snapshotter):
     ) -> None:
         self._prepares = prepares
         self._watch = MountWatch()
+        self._inner_remote = remote
         watched = WatchedRemoteLayers(remote, self._watch) if remote is not None else None
         super().__init__(root, remote=watched, features=features)
 
@@ -209,8 +252,8 @@ class MeteredSnapshotter(Snapshotter):
             # AlreadyExists after a mount that worked is the lazy answer; without one, the
             # target was simply there already (not a Prepare outcome worth counting).
             attempt = self._watch.end()
-            if attempt is not None and attempt.mounted:
-                self._prepares.count(LAZY)
+            if attempt is not None and attempt.mounted and self._inner_remote is not None:
+                self._prepares.follow(self._inner_remote, attempt)
             raise
         except BaseException:
             self._watch.end()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -19,12 +20,15 @@ from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as
 from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.core.snapshotter import Snapshotter
-from snapshotter.fs.manager import LazyLayers
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.index.codec import encode_index
 from snapshotter.metrics import DaemonMetrics, fallback_reason
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from tests.fs.fs_helpers import Member, built_index, compress, make_tar
 from tests.unit.spine_helpers import NAMESPACE, DaemonProcess, serve_command, start_daemon
 
 LAYER = "sha256:" + "ab" * 32
@@ -51,6 +55,20 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def prepares(samples: Mapping[Any, float], outcome: str, reason: str = "") -> float:
     return samples.get(("lazysnap_prepares_total", (("outcome", outcome), ("reason", reason))), 0.0)
+
+
+def starting(samples: Mapping[Any, float]) -> float:
+    return samples[("lazysnap_lazy_layers_starting", ())]
+
+
+def settled_scrape(port: int, timeout: float = 10.0) -> dict[tuple[str, Any], float]:
+    """A scrape once no lazily answered Prepare is still waiting for its mount's outcome."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if starting(samples) == 0 or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
 
 
 class ScriptedRemoteLayers:
@@ -104,7 +122,7 @@ def test_the_endpoint_counts_lazy_fallback_and_ordinary_prepares(
     with pytest.raises(AlreadyExists):
         core.prepare("extract-4", "", labels("chain-1"))
 
-    after = scrape(metrics.port)
+    after = settled_scrape(metrics.port)
     assert prepares(after, "lazy") == 1
     assert prepares(after, "fallback", "no_index") == 1
     assert prepares(after, "fallback", "internal_error") == 1
@@ -115,6 +133,91 @@ def test_the_endpoint_counts_lazy_fallback_and_ordinary_prepares(
     assert after[("lazysnap_lazy_layers_mounted", ())] == 0
     assert after[("lazysnap_cache_max_bytes", ())] == 1 << 30
     assert after[("lazysnap_cache_bytes", ())] == 0
+
+
+class StartingRemoteLayers(ScriptedRemoteLayers):
+    """mount() returns while the mount is still starting, as the daemon's background mounts do;
+    check() waits for the start, which the test lets succeed or fail per mountpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[str, threading.Event] = {}
+        self.fails: set[str] = set()
+
+    def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        super().mount(mountpoint, labels)
+        self.started[mountpoint] = threading.Event()
+
+    def finish(self, mountpoint: str, *, ok: bool) -> None:
+        if not ok:
+            self.fails.add(mountpoint)
+            self.mounted.discard(mountpoint)
+        self.started[mountpoint].set()
+
+    def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
+        if not self.started[mountpoint].wait(30):
+            raise RemoteLayerUnavailable("test: mount never finished starting")
+        if mountpoint in self.fails:
+            raise RemoteLayerUnavailable(f"mounting lazy layer at {mountpoint}: process exited")
+        super().check(mountpoint, labels)
+
+
+def test_a_lazy_prepare_counts_once_its_background_mount_is_live_or_failed(
+    workdir: Path,
+) -> None:
+    root = workdir / "root"
+    metrics = DaemonMetrics(str(root), str(root / "cache"), 1 << 30)
+    remote = StartingRemoteLayers()
+    core = metrics.snapshotter(str(root), remote)
+    metrics.serve("127.0.0.1:0")
+    try:
+        for number in (1, 2):
+            with pytest.raises(AlreadyExists):  # answered at once: the mount is starting
+                core.prepare(f"extract-{number}", "", labels(f"chain-{number}"))
+        first, second = sorted(remote.started)
+        samples = scrape(metrics.port)
+        assert prepares(samples, "lazy") == 0 and starting(samples) == 2
+
+        remote.finish(first, ok=True)
+        remote.finish(second, ok=False)
+        samples = settled_scrape(metrics.port)
+        assert starting(samples) == 0
+        assert prepares(samples, "lazy") == 1
+        assert prepares(samples, "lazy_failed", "mount") == 1
+    finally:
+        for event in remote.started.values():
+            event.set()
+        metrics.stop()
+        core.close()
+
+
+def test_a_real_background_mount_that_fails_to_start_counts_as_lazy_failed(
+    workdir: Path,
+) -> None:
+    """The daemon's manager, mounting in the background: the mount process starts, then exits
+    (its blob is missing) after the Prepare has answered."""
+    blob = compress(make_tar([Member("etc/motd", data=b"hello\n")]), "gzip")
+    index = built_index(blob, "gzip")
+    missing = workdir / "gone.tar.gz"
+    spec = LayerSpec(
+        blob=BlobSpec("file", str(missing), index.layer_digest), index_bytes=encode_index(index)
+    )
+    layers = LazyLayers(
+        str(workdir / "cache"), 1 << 20, resolve=lambda _labels: spec, mount_in_background=True
+    )
+    root = workdir / "root"
+    metrics = DaemonMetrics(str(root), str(root / "cache"), 1 << 30)
+    core = metrics.snapshotter(str(root), layers)
+    metrics.serve("127.0.0.1:0")
+    try:
+        with pytest.raises(AlreadyExists):
+            core.prepare("extract-1", "", labels("chain-1"))
+        samples = settled_scrape(metrics.port, timeout=60)
+        assert prepares(samples, "lazy") == 0
+        assert prepares(samples, "lazy_failed", "mount") == 1
+    finally:
+        metrics.stop()
+        core.close()
 
 
 def unreachable_registry() -> str:
