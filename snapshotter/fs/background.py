@@ -1,17 +1,19 @@
 """Background fetch: after a quiet period, fetch the rest of a layer at a bounded rate, so a node
 converges to having every lazily mounted layer fully local.
 
-One low-priority thread per mount. It only works while the layer is quiet (no read has had to
-go to the network for `quiet_seconds`, and no startup-profile prefetch is running), fetches one
-span per request in layer order on its own thread (on-demand reads keep the reader's workers
-and never queue behind it), paces itself to `rate_bytes` compressed bytes per second, and stops
+One low-priority (nice 19) thread per mount. It only works while the node is quiet (no read of
+any layer sharing the span cache has had to go to the network for `quiet_seconds`, and no
+startup-profile prefetch of this layer is running), fetches one span per request in layer order
+on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces itself to `rate_bytes` compressed bytes per second, and stops
 for good when every span is cached or when the next span would push the shared cache past
 `CACHE_HIGH_WATER` of its bound: filling a bounded cache would only evict spans someone needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +62,11 @@ class BackgroundFetcher(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        # Lowest CPU priority for this thread only (Linux: nice is per thread): its inflating
+        # must not slow a container that is starting. It holds the GIL little (zlib and
+        # sha256 release it), so FUSE threads of this process do not wait behind it.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             self.state = self._work()
         except Exception:  # never take the mount down: on-demand reads still work

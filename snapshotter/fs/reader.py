@@ -31,6 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import CacheError, SpanCache
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
@@ -136,6 +137,7 @@ class LayerReader:
         # running: the background fetcher waits for both to go quiet.
         self._last_demand_miss = time.monotonic()
         self._prefetches_running = 0
+        self._node_activity = NodeActivity(cache.directory)  # every layer sharing the cache
 
     @property
     def layer_digest(self) -> str:
@@ -183,6 +185,7 @@ class LayerReader:
             with self._lock:
                 self._counters.demand_misses += 1
                 self._last_demand_miss = time.monotonic()
+            self._node_activity.note_demand_miss()
         for group in self._coalesce(missing):
             self._pool.submit(self._fetch_group, [(n, waiting[n][0]) for n in group])
         for span_no, (attempt, wait_until) in waiting.items():
@@ -201,11 +204,13 @@ class LayerReader:
         self._prefetch_pool.submit(self._prefetch, list(span_numbers))
 
     def idle_seconds(self) -> float:
-        """Seconds since a read last missed; -inf while a prefetch list is still running."""
+        """Seconds since a read of this layer, or of any layer sharing its cache, last missed;
+        -inf while a prefetch list is still running."""
         with self._lock:
             if self._prefetches_running:
                 return -math.inf
-            return time.monotonic() - self._last_demand_miss
+            own = time.monotonic() - self._last_demand_miss
+        return min(own, self._node_activity.seconds_since_demand_miss())
 
     def is_cached(self, span_no: int) -> bool:
         return self.cache.contains(self.layer_digest, span_no, self._digest(span_no))

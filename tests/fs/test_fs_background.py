@@ -4,6 +4,7 @@ converges to fully cached, on-demand reads never wait for it, and it stops at th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range
-from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
+from tests.fs.fs_helpers import (
+    BlobServer,
+    Member,
+    built_index,
+    compress,
+    make_tar,
+    rich_members,
+)
 
 TIMEOUT = 3.0
 FAST = BackgroundSettings(quiet_seconds=0.0, rate_bytes=1 << 30)
@@ -141,6 +149,37 @@ def test_background_fetch_waits_while_reads_miss(
         fetcher.stop()
         fetcher.join(5)
     assert _state(fetcher) is BackgroundState.STOPPED
+
+
+def test_a_miss_in_another_layer_sharing_the_cache_keeps_background_fetch_waiting(
+    tmp_path: Path,
+) -> None:
+    # Two layers of one node: a container still starting on one of them (its reads miss)
+    # must not have to share the link and the CPU with the other one's background fetch.
+    servers = []
+    readers = []
+    cache = SpanCache(tmp_path / "cache", 1 << 30)
+    for variant in range(2):
+        members = [*rich_members(), Member(f"layer-{variant}", data=b"x" * 1000)]
+        blob = compress(make_tar(members), "gzip")
+        servers.append(BlobServer(blob))
+        readers.append(_reader(built_index(blob, "gzip"), servers[-1], cache))
+    starting, quiet = readers
+    fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
+    try:
+        time.sleep(2.2)  # the quiet layer alone has been quiet long enough
+        entry = _files(starting.index)[0]
+        starting.read(entry, 0, entry.size)  # a miss in the other layer
+        fetcher.start()
+        time.sleep(1.0)
+        assert _state(fetcher) is BackgroundState.WAITING
+        assert quiet.counters().background_spans == 0
+        fetcher.join(10)  # the node is quiet 2 s after that miss: the fetch runs to the end
+        assert _state(fetcher) is BackgroundState.COMPLETE
+    finally:
+        fetcher.stop()
+        for server in servers:
+            server.stop()
 
 
 def test_background_fetch_stops_at_the_cache_bound_without_evicting(
