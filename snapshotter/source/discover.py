@@ -53,6 +53,7 @@ log = logging.getLogger("lazysnap.discover")
 # Index blobs fetched ahead of their Prepare are held in memory until it comes (or they expire).
 MAX_AHEAD_BYTES = 64 << 20
 AHEAD_WORKERS = 2
+LOOKUP_WORKERS = 2  # image manifests fetched beside their referrers lookup
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class IndexDiscovery:
         # "<repository>@<index blob digest>" -> (when, its fetch + decode running ahead)
         self._ahead: dict[str, tuple[float, Future[tuple[bytes, LayerIndex]]]] = {}
         self._ahead_pool: ThreadPoolExecutor | None = None
+        self._lookup_pool: ThreadPoolExecutor | None = None
 
     def __call__(self, labels: Mapping[str, str]) -> LayerSpec:
         try:
@@ -239,11 +241,26 @@ class IndexDiscovery:
             return found
 
     def _lookup(self, ref: Reference, manifest_digest: str) -> _ImageIndexes:
-        image = self.client.get_manifest(ref.with_digest(manifest_digest))
-        if image.is_index:
-            raise RemoteLayerUnavailable(f"{ref}@{manifest_digest} is an index, not a manifest")
-        layers = {d.digest: d for d in image.layers}
-        result = find_referrers(self.client, ref.repository, manifest_digest, ARTIFACT_TYPE)
+        # The image manifest and its referrers are independent requests: one round trip for
+        # both instead of one each (the first Prepare of every image waits for this lookup).
+        with self._guard:
+            if self._lookup_pool is None:
+                self._lookup_pool = ThreadPoolExecutor(LOOKUP_WORKERS, "index-lookup")
+            pool = self._lookup_pool
+        image_future = pool.submit(self.client.get_manifest, ref.with_digest(manifest_digest))
+
+        def image_layers() -> dict[str, Descriptor]:
+            image = image_future.result()
+            if image.is_index:
+                raise RemoteLayerUnavailable(f"{ref}@{manifest_digest} is an index, not a manifest")
+            return {d.digest: d for d in image.layers}
+
+        try:
+            result = find_referrers(self.client, ref.repository, manifest_digest, ARTIFACT_TYPE)
+        except BaseException:
+            image_layers()  # a bad image manifest is the error to report, as when it came first
+            raise
+        layers = image_layers()
         index_blobs: dict[str, Descriptor] = {}
         profile: Descriptor | None = None
         # Newest artifact wins when several exist: referrers lists give no order, so take the
