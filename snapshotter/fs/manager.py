@@ -166,6 +166,9 @@ class LazyLayers:
         self._copies: dict[str, Copy] = {}
         self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
         self._watcher: threading.Thread | None = None
+        # Held while a finished copy gets its marker and detach, and while unmount() removes a
+        # marker: an unmount never leaves a marker behind that a copy wrote after it.
+        self._finish_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the dicts, sets and the watcher
 
     # -- RemoteLayers ------------------------------------------------------------------------------
@@ -199,19 +202,16 @@ class LazyLayers:
 
     def unmount(self, mountpoint: str) -> None:
         mountpoint = os.path.abspath(mountpoint)
-        with self._mount_lock(mountpoint):
-            self._unmount(mountpoint)
-
-    def _unmount(self, mountpoint: str) -> None:
         with self._lock:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
         if copy is not None:
-            copy.cancel()
-        # From here on the directory's contents are a leftover (deleted with the snapshot, or
-        # wiped by the next mount), whatever else fails below.
-        remove_marker(mountpoint)
+            copy.cancel()  # a copy that already finished sees this before writing its marker
+        with self._finish_lock:
+            # From here on the directory's contents are a leftover (deleted with the snapshot,
+            # or wiped by the next mount), whatever else fails below.
+            remove_marker(mountpoint)
         state = read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         with self._lock:
@@ -405,7 +405,7 @@ class LazyLayers:
                 if not copy.cancelled:
                     self._failed(mountpoint, layer_digest, str(exc))
                 return False
-            with self._mount_lock(mountpoint):
+            with self._finish_lock:
                 if copy.cancelled:  # unmounted meanwhile: the copy is a leftover now
                     return False
                 try:

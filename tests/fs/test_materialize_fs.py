@@ -144,10 +144,10 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
     pid = read_state(str(mnt))["pid"]  # type: ignore[index]
     # A reader that started on the FUSE mount (as a running container does) keeps it alive.
     with open(mnt / "usr/lib/big.bin", "rb") as held:
-        assert _wait_for(lambda: manager.is_local(str(mnt))), (
+        # The marker comes first, the detach right after it.
+        assert _wait_for(lambda: manager.is_local(str(mnt)) and not _is_mounted(mnt)), (
             f"not local; state {read_state(str(mnt))}"
         )
-        assert not _is_mounted(mnt)
         _assert_tree_equals(mnt, expected_view(layer.tar, tmp_path))
         tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
         assert tool.st_ino == link.st_ino  # the hardlink is one inode in the copy too
