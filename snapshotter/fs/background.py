@@ -4,9 +4,10 @@ converges to having every lazily mounted layer fully local.
 One low-priority (nice 19) thread per mount. It only works while the node is quiet (no read of
 any layer sharing the span cache has had to go to the network for `quiet_seconds`, and no
 startup-profile prefetch of this layer is running), fetches one span per request in layer order
-on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces itself to `rate_bytes` compressed bytes per second, and stops
-for good when every span is cached or when the next span would push the shared cache past
-`CACHE_HIGH_WATER` of its bound: filling a bounded cache would only evict spans someone needed.
+on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces
+itself to `rate_bytes` compressed bytes per second, and stops for good when every span is cached
+or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound: filling
+a bounded cache would only evict spans someone needed.
 """
 
 from __future__ import annotations
