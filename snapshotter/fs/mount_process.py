@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +31,7 @@ from snapshotter.fs.background import (
 )
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, SpanCache
-from snapshotter.fs.reader import (
-    DEFAULT_FETCH_TIMEOUT_S,
-    DEFAULT_WORKERS,
-    BlobSource,
-    LayerReader,
-)
+from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS, LayerReader
 from snapshotter.fs.tree import LayerTree, LayerTreeError
 from snapshotter.index.model import LayerIndex
 
@@ -338,21 +331,8 @@ def _raise_read_ahead(device: int, read_ahead_kb: int) -> None:
         log.warning("cannot raise readahead in %s: %s", bdi, exc)
 
 
-def _open_blob_and_load_fuse(spec: MountSpec) -> BlobSource:
-    """The blob source, with the FUSE binding loaded too: both are mostly imports (HTTP and
-    registry code, libfuse), 50-200 ms that a thread overlaps with decoding the index and
-    building the tree (on a cold node most of it is reading modules from disk)."""
-    blob = open_blob_source(spec.blob, timeout=spec.fetch_timeout)
-    with contextlib.suppress(Exception):  # run() imports it again and reports what is wrong
-        importlib.import_module("snapshotter.fs.fuse_ops")
-    return blob
-
-
 def run(spec: MountSpec, ready_fd: int | None) -> int:
     reporter = _Reporter(ready_fd)
-    opener = ThreadPoolExecutor(1, "open-blob")
-    opening = opener.submit(_open_blob_and_load_fuse, spec)
-    opener.shutdown(wait=False)
     try:
         index = load_index(spec.index_path)
         if spec.blob.digest and spec.blob.digest != index.layer_digest:
@@ -365,7 +345,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         # every later collection (each would walk them all, pausing the FUSE threads).
         gc.freeze()
         cache = SpanCache(spec.cache_dir, spec.cache_max_bytes)
-        blob = opening.result()
+        blob = open_blob_source(spec.blob, timeout=spec.fetch_timeout)
         device_before = os.stat(spec.mountpoint).st_dev
     except (SpecError, LayerTreeError, CacheError, BlobSpecError) as exc:
         reporter.send(f"error: {exc}")
