@@ -134,6 +134,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "every ratio)",
     )
     parser.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="after the second run, wait up to S seconds for lazysnap's layers to become plain "
+        "local directories, then time a third run (default 300; 0: skip)",
+    )
+    parser.add_argument(
         "--seqread-mb",
         type=int,
         default=None,
@@ -165,6 +173,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.workloads = args.workloads or list(
         QUICK_WORKLOADS if args.quick else (w.name for w in WORKLOADS)
     )
+    if args.converge_timeout is None:
+        args.converge_timeout = 0.0 if args.quick else 300.0
     args.modes = args.modes or list(MODES)
     if FULL not in args.modes:
         parser.error(f"--modes must include {FULL}: every ratio is to the full pull")
@@ -359,11 +369,22 @@ def run_link(
                             pull_argv,
                             log_dir,
                             functools.partial(step_progress, where),
+                            args.converge_timeout or None,
                         )
                         progress(
                             f"{where}: pull {result.pull_s:.2f} s, first run "
                             f"{result.first_run_s:.2f} s, second run {result.second_run_s:.3f} s,"
                             f" {(result.bytes_total or 0) / 1e6:.1f} MB fetched"
+                            + (
+                                f", local after {result.converge_s:.1f} s"
+                                if result.converge_s is not None
+                                else ""
+                            )
+                            + (
+                                f", converged run {result.converged_run_s:.3f} s"
+                                if result.converged_run_s is not None
+                                else ""
+                            )
                         )
                     except HarnessError as exc:
                         result.error = str(exc)[-2000:]

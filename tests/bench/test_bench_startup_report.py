@@ -124,6 +124,37 @@ def test_profile_configuration_gets_its_own_column_ratio_and_bytes_goal(tmp_path
     )
 
 
+def test_converged_run_and_read_are_reported_against_the_full_pulls_third_run(
+    tmp_path: Path,
+) -> None:
+    trials = [
+        _trial(
+            "seqread",
+            mode,
+            1,
+            1.0,
+            1.0,
+            read_bytes=200_000_000,
+            read_cold_s=0.5,
+            read_warm_s=0.05,
+            converged_run_s=run,
+            read_converged_s=read,
+            converge_s=converge,
+        )
+        for mode, run, read, converge in ((FULL, 0.2, 0.04, None), (LAZY, 0.21, 0.042, 12.5))
+    ]
+    text = write_report(_write(tmp_path / "results.jsonl", trials), tmp_path).read_text()
+    assert "| sequential read | layers local after s | - | 12.5 | - |" in text
+    assert (
+        "| converged run <= 1.1x full (seqread) | loopback | lazysnap | 0.210 s vs 0.200 s = "
+        "1.05x | yes |" in text
+    )
+    assert (
+        "| converged read >= 90% of overlayfs | loopback | lazysnap | 4762 vs 5000 MB/s = 95% "
+        "| yes |" in text
+    )
+
+
 def test_each_trial_rotates_the_configurations_and_busybox_has_no_profile() -> None:
     chosen = [FULL, LAZY, LAZY_PROFILE]
     py_import = WORKLOADS_BY_NAME["py-import"]
