@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapshotter.index.codec import decode_index
-from snapshotter.index.model import ARTIFACT_TYPE
+from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.artifact import ArtifactError, IndexedLayer, indexed_layers
 from snapshotter.indexer.build import BuildOptions, Target, resolve_targets
 from snapshotter.remote.client import RegistryClient
@@ -128,7 +128,9 @@ def _describe_index(
     client: RegistryClient, repo: Repository, indexed: IndexedLayer
 ) -> dict[str, Any]:
     try:
-        index = decode_index(client.get_blob(repo, indexed.index_digest))
+        index = decode_index(
+            client.get_blob(repo, indexed.index_digest, max_size=MAX_INDEX_BLOB_SIZE)
+        )
     except Exception as exc:  # a bad blob is reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
     if index.layer_digest != indexed.layer_digest:
