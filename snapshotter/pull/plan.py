@@ -21,6 +21,7 @@ from snapshotter.source.labels import (
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
+    LAYER_SIZE,
     TARGET_REF,
 )
 
@@ -146,6 +147,7 @@ def layer_steps(
                 CRI_LAYER_DIGEST: layer.digest,
                 CRI_IMAGE_LAYERS: image_layers_label(digests[i:]),
                 CRI_MANIFEST_DIGEST: manifest_digest,
+                LAYER_SIZE: str(layer.size),
                 TARGET_REF: chains[i],
             }
         )

@@ -113,6 +113,8 @@ class IndexDiscovery:
             raise RemoteLayerUnavailable(f"layer {request.layer_digest}: {exc}") from exc
 
     def resolve(self, request: LayerRequest) -> LayerSpec:
+        if request.layer_size is not None:  # known from the labels: no registry request
+            self._check_size(request.layer_digest, request.layer_size)
         ref = Reference.parse(request.image_ref)
         manifest_digest = request.manifest_digest or self._platform_manifest_digest(ref)
         found = self._indexes_for(ref, manifest_digest)
@@ -121,11 +123,7 @@ class IndexDiscovery:
             raise RemoteLayerUnavailable(
                 f"layer {request.layer_digest} is not in manifest {manifest_digest} of {ref}"
             )
-        if layer.size < self.min_layer_size:
-            raise RemoteLayerUnavailable(
-                f"layer {request.layer_digest} is {layer.size} bytes, under min_layer_size "
-                f"{self.min_layer_size}: pulled whole"
-            )
+        self._check_size(request.layer_digest, layer.size)
         blob = found.index_blobs.get(request.layer_digest)
         if blob is None:
             raise RemoteLayerUnavailable(
@@ -160,6 +158,13 @@ class IndexDiscovery:
             index_bytes=data,
             prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),
         )
+
+    def _check_size(self, layer_digest: str, size: int) -> None:
+        if size < self.min_layer_size:
+            raise RemoteLayerUnavailable(
+                f"layer {layer_digest} is {size} bytes, under min_layer_size "
+                f"{self.min_layer_size}: pulled whole"
+            )
 
     def _index_blob(
         self, ref: Reference, blob: Descriptor, layer_digest: str

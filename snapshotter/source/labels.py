@@ -24,6 +24,9 @@ STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
 STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
 # stargz labels carry no manifest digest; lazysnap pull adds it under this key.
 MANIFEST_DIGEST_FALLBACK = "containerd.io/snapshot/remote/lazysnap.manifest-digest"
+# The compressed size of the layer blob, set by `lazysnap pull`: a layer under min_layer_size
+# then falls back at once, without looking up the image's indexes in the registry.
+LAYER_SIZE = "containerd.io/snapshot/remote/lazysnap.layer-size"
 
 
 class LabelError(ValueError):
@@ -37,6 +40,7 @@ class LayerRequest:
     manifest_digest: str  # "" when the labels do not say (resolved from image_ref then)
     layer_digest: str
     following_layers: tuple[str, ...]  # this layer and the next ones, for prefetch planning
+    layer_size: int | None = None  # compressed bytes, when the labels say (a hint only)
 
 
 def _first(labels: Mapping[str, str], *keys: str) -> str:
@@ -68,4 +72,5 @@ def parse_layer_request(labels: Mapping[str, str]) -> LayerRequest:
         manifest_digest=_first(labels, CRI_MANIFEST_DIGEST, MANIFEST_DIGEST_FALLBACK),
         layer_digest=layer_digest,
         following_layers=tuple(d for d in layers.split(",") if d),
+        layer_size=int(size) if (size := labels.get(LAYER_SIZE, "")).isdigit() else None,
     )

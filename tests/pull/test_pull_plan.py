@@ -86,6 +86,7 @@ def test_layer_steps_carry_labels_the_snapshotter_parses_back() -> None:
     assert request.manifest_digest == digest(30)
     assert request.layer_digest == digest(11)
     assert request.following_layers == (digest(11),)
+    assert request.layer_size == 6
     assert parse_layer_request(steps[0].labels).following_layers == (digest(10), digest(11))
 
 

@@ -55,3 +55,17 @@ def test_stargz_labels_are_accepted_too() -> None:
 def test_labels_without_a_layer_say_why(labels: dict[str, str], message: str) -> None:
     with pytest.raises(LabelError, match=message):
         parse_layer_request(labels)
+
+
+def test_layer_size_from_lazysnap_pull_is_read_and_a_bad_one_ignored() -> None:
+    base = {
+        "containerd.io/snapshot.ref": "sha256:chain",
+        "containerd.io/snapshot/cri.image-ref": "example.com/app:1",
+        "containerd.io/snapshot/cri.layer-digest": LAYER,
+    }
+    sized = {**base, "containerd.io/snapshot/remote/lazysnap.layer-size": "1048576"}
+    assert parse_layer_request(sized).layer_size == 1048576
+    for bad in ("", "-5", "12k", "1e9"):
+        labels = {**base, "containerd.io/snapshot/remote/lazysnap.layer-size": bad}
+        assert parse_layer_request(labels).layer_size is None
+    assert parse_layer_request(base).layer_size is None
