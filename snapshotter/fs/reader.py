@@ -185,7 +185,7 @@ class LayerReader:
             with self._lock:
                 self._counters.demand_misses += 1
                 self._last_demand_miss = time.monotonic()
-            self._node_activity.note_demand_miss()
+            self._node_activity.note_foreground_fetch()
         for group in self._coalesce(missing):
             self._pool.submit(self._fetch_group, [(n, waiting[n][0]) for n in group])
         for span_no, (attempt, wait_until) in waiting.items():
@@ -204,13 +204,13 @@ class LayerReader:
         self._prefetch_pool.submit(self._prefetch, list(span_numbers))
 
     def idle_seconds(self) -> float:
-        """Seconds since a read of this layer, or of any layer sharing its cache, last missed;
-        -inf while a prefetch list is still running."""
+        """Seconds since a read of this layer last missed, or any layer sharing its cache last
+        missed or prefetched; -inf while this layer's prefetch list is still running."""
         with self._lock:
             if self._prefetches_running:
                 return -math.inf
             own = time.monotonic() - self._last_demand_miss
-        return min(own, self._node_activity.seconds_since_demand_miss())
+        return min(own, self._node_activity.seconds_since_foreground_fetch())
 
     def is_cached(self, span_no: int) -> bool:
         return self.cache.contains(self.layer_digest, span_no, self._digest(span_no))
@@ -243,6 +243,8 @@ class LayerReader:
                     attempt, is_new, _ = self._claim(span_no)
                     if attempt is not None and is_new:
                         claimed[span_no] = attempt
+                if claimed:
+                    self._node_activity.note_foreground_fetch()  # other layers wait for it
                 for group in self._coalesce(list(claimed)):
                     self._fetch_group([(n, claimed[n]) for n in group])
                 with self._lock:

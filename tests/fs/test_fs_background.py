@@ -151,11 +151,13 @@ def test_background_fetch_waits_while_reads_miss(
     assert _state(fetcher) is BackgroundState.STOPPED
 
 
-def test_a_miss_in_another_layer_sharing_the_cache_keeps_background_fetch_waiting(
-    tmp_path: Path,
+@pytest.mark.parametrize("foreground", ["miss", "prefetch"])
+def test_another_layers_foreground_fetch_keeps_background_fetch_waiting(
+    foreground: str, tmp_path: Path
 ) -> None:
-    # Two layers of one node: a container still starting on one of them (its reads miss)
-    # must not have to share the link and the CPU with the other one's background fetch.
+    # Two layers of one node: a container still starting on one of them (its reads miss, or
+    # its profile is being prefetched) must not share the link and the CPU with the other
+    # layer's background fetch.
     servers = []
     readers = []
     cache = SpanCache(tmp_path / "cache", 1 << 30)
@@ -168,13 +170,19 @@ def test_a_miss_in_another_layer_sharing_the_cache_keeps_background_fetch_waitin
     fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
     try:
         time.sleep(2.2)  # the quiet layer alone has been quiet long enough
-        entry = _files(starting.index)[0]
-        starting.read(entry, 0, entry.size)  # a miss in the other layer
+        if foreground == "miss":
+            entry = _files(starting.index)[0]
+            starting.read(entry, 0, entry.size)
+        else:
+            starting.prefetch(range(len(starting.index.spans)))
+            deadline = time.monotonic() + 10
+            while starting.counters().prefetch_spans == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
         fetcher.start()
         time.sleep(1.0)
         assert _state(fetcher) is BackgroundState.WAITING
         assert quiet.counters().background_spans == 0
-        fetcher.join(10)  # the node is quiet 2 s after that miss: the fetch runs to the end
+        fetcher.join(10)  # the node is quiet 2 s after that fetch: the fetch runs to the end
         assert _state(fetcher) is BackgroundState.COMPLETE
     finally:
         fetcher.stop()
