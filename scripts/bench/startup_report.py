@@ -384,7 +384,8 @@ def plot(trials: Sequence[TrialResult], link: str, path: Path) -> None:
                 hatch="//" if axis is time_axis else None,
                 label=label if axis is bytes_axis else None,
             )
-            axis.bar_label(bars, fmt="%.1f", padding=2, fontsize=7)
+            labels = [f"{s.median:.1f}" if s else "" for s in stats]  # none: not measured
+            axis.bar_label(bars, labels=labels, padding=2, fontsize=7)
         pulls = [
             stat(by_label["pull s"].value(t) for t in _select(trials, link, name, mode))
             for name in names
