@@ -191,7 +191,12 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 
 def ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f} ms"
+    """Milliseconds, with decimals only where they matter: "227 ms", "3.0 ms", "0.04 ms"."""
+    if value is None:
+        return "-"
+    millis = value * 1000
+    places = 0 if millis >= 10 else 1 if millis >= 1 else 2
+    return f"{millis:.{places}f} ms"
 
 
 def seconds(value: float | None) -> str:

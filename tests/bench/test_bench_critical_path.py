@@ -100,6 +100,7 @@ def test_steps_command_prints_medians_per_variant(
     assert table.startswith("| step | base | new |\n|---|---|---|\n")
     assert "| pull: Prepare of layer 1, round trip | 227 ms | 109 ms |" in table
     assert "| mount 1: open_blob_source | - | - |" in table
+    assert "| daemon: first registry request (get_manifest) | 6.0 ms | 6.0 ms |" in table
 
 
 def test_summary_gives_medians_and_mount_ready_times_in_order() -> None:
