@@ -556,6 +556,7 @@ def run(args: argparse.Namespace, configs: Sequence[Config], out: IO[str]) -> No
         for trial in range(args.trials):
             shift = trial % len(configs)  # a different config goes first in each trial
             for config in [*configs[shift:], *configs[:shift]]:
+                _raise_if_interrupted()
                 sample = measure(mounted[config.key], size, args.files, buffer)
                 results.samples.setdefault(config.key, []).append(sample)
                 print(
@@ -572,11 +573,23 @@ def run(args: argparse.Namespace, configs: Sequence[Config], out: IO[str]) -> No
 
 
 class Interrupted(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that it unwinds through the cleanup."""
+    """SIGINT or SIGTERM, raised like KeyboardInterrupt so that it unwinds through the cleanup."""
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
+_received: list[int] = []  # signals received, also when their exception got lost
+
+
+def _raise_on_signal(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def _raise_if_interrupted() -> None:
+    """A signal handler runs at whatever bytecode the main thread is at; if that is inside a
+    finalizer (__del__ of a file or Popen object, run by the garbage collector), Python prints
+    the exception and carries on. The run then checks before each measurement."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -595,7 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         return serve(args.serve[0], args.serve[1], args.size_mb << 20, args.files)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_on_signal)
     try:
         if args.trials < 1 or args.size_mb < 1 or args.files < 1:
             raise BenchError("--trials, --size-mb and --files must be at least 1")
@@ -605,9 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_fuse_binding: {exc}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Interrupted) as exc:
+    except Interrupted as exc:
         print("bench_fuse_binding: interrupted; mounts and processes cleaned up", file=sys.stderr)
-        return 128 + (exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT)
+        return 128 + int(exc.args[0])
     except OSError as exc:
         print(f"bench_fuse_binding: {exc}", file=sys.stderr)
         return 1
