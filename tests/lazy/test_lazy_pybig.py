@@ -23,7 +23,9 @@ from tests.lazy.lazy_helpers import LazyStack, unique_name
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 WALKER = (Path(__file__).parent / "rootfs_walker.py").read_text()
-MAX_PULL_TRANSFER = 0.02  # of the image's layer bytes
+# of the image's layer bytes: a lazy pull fetches the indexes only, ~3 % of the layers with 1 MiB
+# spans (one 32 KiB zran window per span; ~1 % with 4 MiB spans)
+MAX_PULL_TRANSFER = 0.04
 
 
 def lazily_pulled(stack: LazyStack, built: BuiltImage, prefix: str) -> PushedImage:
