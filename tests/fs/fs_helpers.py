@@ -344,3 +344,31 @@ class BlobServer:
     def request_count(self) -> int:
         with self._lock:
             return len(self.requests)
+
+
+def assert_tree_matches(root: Path, expected: dict[str, Expected], *, served: bool) -> None:
+    """The tree under root is exactly what expected_view describes. served: root is a lazy
+    mount, whose sizes and block counts are the tar's own (a copy on a real filesystem has
+    that filesystem's symlink sizes and block allocation)."""
+    found = {str(p.relative_to(root)) for p in root.rglob("*")}
+    assert found == set(expected)
+    for rel, want in expected.items():
+        path = root / rel
+        st = os.lstat(path)
+        assert st.st_mode == want.mode, rel
+        assert (st.st_uid, st.st_gid, st.st_rdev) == (want.uid, want.gid, want.rdev), rel
+        if served and not stat.S_ISDIR(st.st_mode):
+            assert st.st_size == want.size, rel
+        if want.mtime_ns is not None:
+            assert st.st_mtime_ns == want.mtime_ns, rel
+        if want.nlink is not None:
+            assert st.st_nlink == want.nlink, rel
+        if want.target:
+            assert os.readlink(path) == want.target, rel
+        if want.data is not None:
+            assert path.read_bytes() == want.data, rel
+            if served:
+                assert st.st_blocks == (want.size + 511) // 512, rel
+        names = os.listxattr(path, follow_symlinks=False)
+        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+        assert tuple(sorted(xattrs.items())) == want.xattrs, rel

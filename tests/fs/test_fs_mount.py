@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import tarfile
@@ -35,6 +34,7 @@ from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,
     Member,
+    assert_tree_matches,
     built_index,
     compress,
     expected_view,
@@ -95,27 +95,7 @@ def test_mounted_layer_matches_the_extracted_tar(
     layer: Layer, manager: LazyLayers, tmp_path: Path
 ) -> None:
     mnt = _mount(manager, layer, tmp_path / "fs")
-    expected = expected_view(layer.tar, tmp_path)
-    found = {str(p.relative_to(mnt)) for p in mnt.rglob("*")}
-    assert found == set(expected)
-    for rel, want in expected.items():
-        path = mnt / rel
-        st = os.lstat(path)
-        assert st.st_mode == want.mode, rel
-        assert (st.st_uid, st.st_gid, st.st_rdev) == (want.uid, want.gid, want.rdev), rel
-        if not stat.S_ISDIR(st.st_mode):
-            assert st.st_size == want.size, rel
-        if want.mtime_ns is not None:
-            assert st.st_mtime_ns == want.mtime_ns, rel
-        if want.nlink is not None:
-            assert st.st_nlink == want.nlink, rel
-        if want.target:
-            assert os.readlink(path) == want.target, rel
-        if want.data is not None:
-            assert path.read_bytes() == want.data, rel
-            assert st.st_blocks == (want.size + 511) // 512, rel
-        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in _listxattr(path)}
-        assert tuple(sorted(xattrs.items())) == want.xattrs, rel
+    assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=True)
     tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
     assert tool.st_ino == link.st_ino
 
@@ -446,10 +426,6 @@ def test_warm_files_are_served_by_the_kernel_without_the_mount_process(tmp_path:
     finally:
         lazy.unmount(str(mnt))
         layer.server.stop()
-
-
-def _listxattr(path: Path) -> list[str]:
-    return os.listxattr(path, follow_symlinks=False)
 
 
 def test_a_layer_served_by_docker_registry_through_the_registry_client(

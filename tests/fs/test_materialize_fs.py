@@ -25,7 +25,13 @@ from snapshotter.fs.materialize import (
 )
 from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.status import mount_statuses
-from tests.fs.fs_helpers import Expected, built_index, expected_view, make_tar, rich_members
+from tests.fs.fs_helpers import (
+    assert_tree_matches,
+    built_index,
+    expected_view,
+    make_tar,
+    rich_members,
+)
 from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
@@ -87,27 +93,6 @@ def _pid_gone(pid: int, manager: LazyLayers) -> bool:
     return state == "Z"
 
 
-def _assert_tree_equals(root: Path, expected: dict[str, Expected]) -> None:
-    found = {str(p.relative_to(root)) for p in root.rglob("*")}
-    assert found == set(expected)
-    for rel, want in expected.items():
-        path = root / rel
-        st = os.lstat(path)
-        assert st.st_mode == want.mode, rel
-        assert (st.st_uid, st.st_gid, st.st_rdev) == (want.uid, want.gid, want.rdev), rel
-        if want.mtime_ns is not None:
-            assert st.st_mtime_ns == want.mtime_ns, rel
-        if want.nlink is not None:
-            assert st.st_nlink == want.nlink, rel
-        if want.target:
-            assert os.readlink(path) == want.target, rel
-        if want.data is not None:
-            assert path.read_bytes() == want.data, rel
-        names = os.listxattr(path, follow_symlinks=False)
-        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
-        assert tuple(sorted(xattrs.items())) == want.xattrs, rel
-
-
 def _underlying(mountpoint: Path) -> list[str]:
     """What the plain directory under a (possibly mounted) mountpoint holds, seen through a
     non-recursive bind of its parent in a private mount namespace."""
@@ -148,7 +133,7 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
         assert _wait_for(lambda: manager.is_local(str(mnt)) and not _is_mounted(mnt)), (
             f"not local; state {read_state(str(mnt))}"
         )
-        _assert_tree_equals(mnt, expected_view(layer.tar, tmp_path))
+        assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
         tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
         assert tool.st_ino == link.st_ino  # the hardlink is one inode in the copy too
         assert stat.S_ISCHR(os.lstat(mnt / "gone").st_mode)  # whiteout: a 0/0 char device
@@ -244,7 +229,7 @@ def test_a_copy_left_by_a_crash_is_wiped_and_redone(
     view.rmdir()
     assert _underlying(mnt) == ["etc"]
     assert manager.materialize_now(str(mnt))
-    _assert_tree_equals(mnt, expected_view(layer.tar, tmp_path))
+    assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
 
 
 def test_a_leftover_copy_is_wiped_before_fuse_mounts_again(
