@@ -149,7 +149,6 @@ def measure(
         )
         if converge_timeout is not None:
             _measure_converged(
-                node,
                 containerd,
                 daemon,
                 workload,
@@ -171,9 +170,24 @@ def measure(
 STATUS_POLL_S = 0.5
 
 
-def _all_local(daemon: LazysnapDaemon, status_argv: list[str], expected: int) -> bool:
+def _timed_run(
+    containerd: Containerd, reference: str, workload: Workload, mode: str
+) -> tuple[float, tuple[int, float] | None]:
+    """One `ctr run --rm` of the workload: (seconds, readtime's (bytes, seconds) or None)."""
+    start = time.perf_counter()
+    output = containerd.run_container(
+        reference,
+        *workload.command,
+        snapshotter="overlayfs" if mode == FULL else "lazysnap",
+        container_id=f"lzb-{secrets.token_hex(4)}",
+        timeout=900,
+    )
+    return time.perf_counter() - start, _check_output(workload, output)
+
+
+def _all_local(daemon: LazysnapDaemon, expected: int) -> bool:
     """`lazysnap status --json` says at least `expected` layers, all of them local."""
-    argv = [*status_argv, "--root", str(daemon.root), "--json"]
+    argv = [*lazysnap_command(), "status", "--root", str(daemon.root), "--json"]
     if daemon.config is not None:
         argv += ["--config", str(daemon.config)]
     report = json.loads(run(argv, "lazysnap status --json", timeout=60).stdout)
@@ -181,7 +195,6 @@ def _all_local(daemon: LazysnapDaemon, status_argv: list[str], expected: int) ->
 
 
 def _measure_converged(
-    node: ColdNode,
     containerd: Containerd,
     daemon: LazysnapDaemon,
     workload: Workload,
@@ -193,31 +206,17 @@ def _measure_converged(
 ) -> None:
     if mode in LAZY_MODES and result.lazy_layers:
         progress("waiting for every lazy layer to become local")
-        status_argv = lazysnap_status_argv()
         start = time.perf_counter()
-        while not _all_local(daemon, status_argv, result.lazy_layers):
+        while not _all_local(daemon, result.lazy_layers):
             if time.perf_counter() - start > timeout:
                 progress(f"not local after {timeout:.0f} s: no converged run")
                 return
             time.sleep(STATUS_POLL_S)
         result.converge_s = time.perf_counter() - start
     progress("converged run")
-    start = time.perf_counter()
-    output = containerd.run_container(
-        reference,
-        *workload.command,
-        snapshotter="overlayfs" if mode == FULL else "lazysnap",
-        container_id=f"lzb-{secrets.token_hex(4)}",
-        timeout=900,
-    )
-    result.converged_run_s = time.perf_counter() - start
-    read = _check_output(workload, output)
+    result.converged_run_s, read = _timed_run(containerd, reference, workload, mode)
     if read is not None:
         result.read_converged_s = read[1]
-
-
-def lazysnap_status_argv() -> list[str]:
-    return [*lazysnap_command(), "status"]
 
 
 def _log_name(result: TrialResult, workload: Workload) -> str:
@@ -246,7 +245,6 @@ def _measure_steps(
     progress: Callable[[str], None],
 ) -> None:
     progress("pull")
-    snapshotter = "overlayfs" if mode == FULL else "lazysnap"
     since = registry.log_offset()
     start = time.perf_counter()
     if mode == FULL:
@@ -277,15 +275,7 @@ def _measure_steps(
     runs: list[tuple[float, tuple[int, float] | None]] = []
     for ordinal in ("first", "second"):
         progress(f"{ordinal} run")
-        start = time.perf_counter()
-        output = containerd.run_container(
-            reference,
-            *workload.command,
-            snapshotter=snapshotter,
-            container_id=f"lzb-{secrets.token_hex(4)}",
-            timeout=900,
-        )
-        runs.append((time.perf_counter() - start, _check_output(workload, output)))
+        runs.append(_timed_run(containerd, reference, workload, mode))
         if ordinal == "first":
             result.bytes_first_run, _ = _fetched(registry, since)
     (result.first_run_s, first_read), (result.second_run_s, second_read) = runs
