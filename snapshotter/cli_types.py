@@ -1,10 +1,12 @@
-"""argparse value types shared by the `lazysnap` subcommands (sizes, counts)."""
+"""argparse value types and options shared by the `lazysnap` subcommands (sizes, counts)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from collections.abc import Callable
+
+from snapshotter.index.model import DEFAULT_SPAN_SIZE
 
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]i?[bB]?|[bB])?")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -38,3 +40,14 @@ def at_least_one(flag: str) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def add_span_size_argument(parser: argparse.ArgumentParser) -> None:
+    """--span-size, for everything that builds layer indexes (`index build`, `accel serve`)."""
+    parser.add_argument(
+        "--span-size",
+        type=positive_size,
+        default=DEFAULT_SPAN_SIZE,
+        metavar="N",
+        help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
+    )

@@ -17,8 +17,8 @@ import os
 import stat
 import sys
 
-from snapshotter.cli_types import at_least_one, byte_size, positive_size
-from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.cli_types import add_span_size_argument, at_least_one, byte_size
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
@@ -114,13 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"smaller layers stay unindexed (default {DEFAULT_MIN_LAYER_SIZE})",
     )
-    serve.add_argument(
-        "--span-size",
-        type=positive_size,
-        default=DEFAULT_SPAN_SIZE,
-        metavar="N",
-        help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
-    )
+    add_span_size_argument(serve)
     serve.add_argument(
         "--cache-repo",
         type=_cache_repo,

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from snapshotter.remote.client import RegistryClient
     from snapshotter.remote.reference import Reference
 
-from snapshotter.cli_types import at_least_one, byte_size, positive_size
-from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.cli_types import add_span_size_argument, at_least_one, byte_size
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE
 
 _REPO = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
@@ -88,13 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "manifest. Nothing is pushed if any layer fails.",
     )
     _add_common(build)
-    build.add_argument(
-        "--span-size",
-        type=positive_size,
-        default=DEFAULT_SPAN_SIZE,
-        metavar="N",
-        help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
-    )
+    add_span_size_argument(build)
     build.add_argument(
         "--min-layer-size",
         type=byte_size,
