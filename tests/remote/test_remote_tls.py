@@ -7,6 +7,8 @@ import hashlib
 import os
 import shutil
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from tests.harness.procs import run
 
 DATA = os.urandom(10_000)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # OpenSSL's default CA file on Debian
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,38 @@ def test_unknown_certificate_is_refused(tls_registry: tuple[str, Path], tmp_path
             pytest.raises(BlobFetchError, match="CERTIFICATE_VERIFY_FAILED"),
         ):
             reader.read(0, 10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind-mounts over the system CA bundle")
+def test_system_trust_store_is_trusted(tls_registry: tuple[str, Path], tmp_path: Path) -> None:
+    """A CA in the system's store (update-ca-certificates' bundle; here bind-mounted over it in
+    a private mount namespace) is trusted by both planes without a `ca` line, as containerd
+    trusts it: not certifi's bundle, which knows nothing of a site's own CA."""
+    host, cert = tls_registry
+    hosts(tmp_path, host, "")
+    script = (
+        "import hashlib, sys\n"
+        "from pathlib import Path\n"
+        "from snapshotter.remote.blob import BlobReader\n"
+        "from snapshotter.remote.client import RegistryClient\n"
+        "from snapshotter.remote.hosts import HostsConfig\n"
+        "from snapshotter.remote.reference import Repository\n"
+        "_, hosts_dir, host, digest, size = sys.argv\n"
+        "repo = Repository(host, 'r')\n"
+        "with RegistryClient(HostsConfig(Path(hosts_dir)), retries=0, timeout=5) as client:\n"
+        "    print(hashlib.sha256(client.get_blob(repo, digest)).hexdigest())\n"
+        "    with BlobReader(client, repo, digest, int(size)) as reader:\n"
+        "        print(reader.read(10, 10).hex())\n"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount --bind "$0" {SYSTEM_BUNDLE} && exec "$@"', str(cert),
+         sys.executable, "-c", script, str(tmp_path), host, DIGEST, str(len(DATA))],
+        env={k: v for k, v in os.environ.items() if not k.startswith("SSL_CERT_")},
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [DIGEST.removeprefix("sha256:"), DATA[10:20].hex()]
