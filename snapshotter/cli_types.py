@@ -6,7 +6,7 @@ import argparse
 import re
 from collections.abc import Callable
 
-from snapshotter.index.model import DEFAULT_SPAN_SIZE
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]i?[bB]?|[bB])?")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -49,5 +49,18 @@ def add_span_size_argument(parser: argparse.ArgumentParser) -> None:
         type=positive_size,
         default=DEFAULT_SPAN_SIZE,
         metavar="N",
-        help=f"compressed bytes per independently readable span (default {DEFAULT_SPAN_SIZE})",
+        help="uncompressed bytes per independently readable span: the unit of every fetch "
+        f"(default {DEFAULT_SPAN_SIZE})",
+    )
+
+
+def add_min_layer_size_argument(parser: argparse.ArgumentParser) -> None:
+    """--min-layer-size, for everything that builds layer indexes."""
+    parser.add_argument(
+        "--min-layer-size",
+        type=byte_size,
+        default=DEFAULT_MIN_LAYER_SIZE,
+        metavar="N",
+        help="compressed layers smaller than this stay unindexed and are pulled whole "
+        f"(default {DEFAULT_MIN_LAYER_SIZE})",
     )

@@ -17,8 +17,11 @@ import os
 import stat
 import sys
 
-from snapshotter.cli_types import add_span_size_argument, at_least_one, byte_size
-from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE
+from snapshotter.cli_types import (
+    add_min_layer_size_argument,
+    add_span_size_argument,
+    at_least_one,
+)
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
@@ -107,13 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="layers of one image indexed in parallel (default: CPU count)",
     )
-    serve.add_argument(
-        "--min-layer-size",
-        type=byte_size,
-        default=DEFAULT_MIN_LAYER_SIZE,
-        metavar="N",
-        help=f"smaller layers stay unindexed (default {DEFAULT_MIN_LAYER_SIZE})",
-    )
+    add_min_layer_size_argument(serve)
     add_span_size_argument(serve)
     serve.add_argument(
         "--cache-repo",

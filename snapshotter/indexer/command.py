@@ -26,8 +26,7 @@ if TYPE_CHECKING:
     from snapshotter.remote.client import RegistryClient
     from snapshotter.remote.reference import Reference
 
-from snapshotter.cli_types import add_span_size_argument, at_least_one, byte_size
-from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE
+from snapshotter.cli_types import add_min_layer_size_argument, add_span_size_argument, at_least_one
 
 _REPO = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
@@ -89,14 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_common(build)
     add_span_size_argument(build)
-    build.add_argument(
-        "--min-layer-size",
-        type=byte_size,
-        default=DEFAULT_MIN_LAYER_SIZE,
-        metavar="N",
-        help="smaller layers stay unindexed and are pulled whole "
-        f"(default {DEFAULT_MIN_LAYER_SIZE})",
-    )
+    add_min_layer_size_argument(build)
     build.add_argument(
         "--cache-repo",
         type=_cache_repo,
