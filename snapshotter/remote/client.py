@@ -211,6 +211,11 @@ class RegistryClient:
             context.load_verify_locations(cafile=ca)
         return context
 
+    def warm_up(self, host: RegistryHost) -> None:
+        """Build the connection pool (and its TLS context) for hosts like `host` now, off the
+        path of the first request."""
+        self._http(host)
+
     def _http(self, host: RegistryHost) -> httpx.Client:
         key = host.tls_key()
         with self._lock:
