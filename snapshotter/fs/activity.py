@@ -1,4 +1,5 @@
-"""When any lazy layer of this node last fetched something a container start is waiting on.
+"""When any lazy layer of this node last fetched something a container start is waiting on,
+and when its mounts were last busy serving one.
 
 Every mount process of a daemon shares one span cache directory; a file there, touched on each
 demand miss and each window of a startup-profile prefetch, is the node's "last foreground
@@ -6,6 +7,12 @@ fetch" clock. Background fetch waits until the whole node has been quiet, not ju
 layer: the link and the CPU are shared, so one layer's background fetch (a base layer goes
 quiet early in a container's start, or finishes its prefetch first) would otherwise slow the
 fetches another layer's startup is still waiting on.
+
+A second file is the "last busy" clock: touched when a mount serves a burst of FUSE requests
+(a container starting: thousands of lookups and reads a second) even if every byte is already
+cached. A profiled start misses nothing, yet its CPU work would share two cores with background
+inflating and copying; those wait for it too, but only up to a bound, so a container that
+never stops walking its files cannot keep the node from converging.
 """
 
 from __future__ import annotations
@@ -18,18 +25,25 @@ import time
 from pathlib import Path
 
 MARK_NAME = "last-foreground-fetch"
+BUSY_MARK_NAME = "last-busy"
 # At most one utime() per process this often: reads miss in bursts, and a quiet period is
 # seconds long, so a quarter second of staleness does not matter.
 NOTE_INTERVAL_S = 0.25
+# A mount is busy when it serves this many FUSE requests within BUSY_WINDOW_S: a container
+# start sends thousands a second, a long-running service reading now and then a few.
+BUSY_REQUESTS = 50
+BUSY_WINDOW_S = 0.5
 
 
-class NodeActivity:
-    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
-        self.path = Path(cache_dir) / MARK_NAME
+class _Mark:
+    """A file whose mtime is a node-wide clock, touched at most every NOTE_INTERVAL_S."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._last_noted = -math.inf  # monotonic
         self._lock = threading.Lock()
 
-    def note_foreground_fetch(self) -> None:
+    def note(self) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last_noted < NOTE_INTERVAL_S:
@@ -43,10 +57,55 @@ class NodeActivity:
         except OSError:
             pass  # a read-only or full cache disk: the layer's own clock still works
 
-    def seconds_since_foreground_fetch(self) -> float:
-        """Wall-clock seconds since any layer's last foreground fetch (inf if none yet)."""
+    def seconds_since(self) -> float:
+        """Wall-clock seconds since any process last noted it (inf if never)."""
         try:
             mtime = self.path.stat().st_mtime
         except OSError:
             return math.inf
         return max(0.0, time.time() - mtime)
+
+
+class NodeActivity:
+    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+        self._fetch = _Mark(Path(cache_dir) / MARK_NAME)
+        self._busy = _Mark(Path(cache_dir) / BUSY_MARK_NAME)
+
+    @property
+    def path(self) -> Path:
+        return self._fetch.path
+
+    def note_foreground_fetch(self) -> None:
+        self._fetch.note()
+
+    def seconds_since_foreground_fetch(self) -> float:
+        """Wall-clock seconds since any layer's last foreground fetch (inf if none yet)."""
+        return self._fetch.seconds_since()
+
+    def note_busy(self) -> None:
+        self._busy.note()
+
+    def seconds_since_busy(self) -> float:
+        """Wall-clock seconds since any mount last served a burst of requests (inf if never)."""
+        return self._busy.seconds_since()
+
+
+class BusyMeter:
+    """Counts a mount's FUSE requests; notes the node busy when they come in a burst.
+
+    `tick()` runs on every request, so it is a clock read and two compares; races between
+    request threads only blur a count that is a heuristic anyway."""
+
+    def __init__(self, activity: NodeActivity) -> None:
+        self._activity = activity
+        self._window_start = -math.inf
+        self._count = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._window_start > BUSY_WINDOW_S:
+            self._window_start = now
+            self._count = 0
+        self._count += 1
+        if self._count >= BUSY_REQUESTS:
+            self._activity.note_busy()  # rate-limited: cheap to call on every later request

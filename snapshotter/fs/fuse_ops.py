@@ -25,6 +25,7 @@ import os
 import stat
 from typing import Any, Protocol
 
+from snapshotter.fs.activity import BusyMeter, NodeActivity
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.fs.tree import Inode, LayerTree
 
@@ -70,6 +71,8 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         self.recorder = recorder
         self._fs_blocks = (tree.total_size + 4095) // 4096
         self._has_xattrs: bool | None = None  # found on the first getxattr, off the startup path
+        # A burst of requests (a container starting) holds back background work node-wide.
+        self._busy = BusyMeter(NodeActivity(reader.cache.directory))
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -92,10 +95,12 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return node
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        self._busy.tick()
         node = self.tree.inode(fh) if fh else None
         return _attributes(node or self._node(path))
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        self._busy.tick()
         node = self._node(path)
         if not node.is_dir:
             raise _fail(errno.ENOTDIR)
@@ -110,6 +115,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return entries
 
     def readlink(self, path: str) -> str:
+        self._busy.tick()
         node = self._node(path)
         if not stat.S_ISLNK(node.mode):
             raise _fail(errno.EINVAL)
@@ -150,6 +156,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         raise _fail(errno.ENOSYS)
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        self._busy.tick()
         node = self.tree.inode(fh) if fh else None
         if node is None and path is not None:
             node = self.tree.lookup(path)

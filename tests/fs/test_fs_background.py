@@ -214,3 +214,95 @@ def test_bad_settings_are_refused_with_the_key_named() -> None:
         BackgroundSettings(rate_bytes=0)
     with pytest.raises(ValueError, match="quiet_seconds"):
         BackgroundSettings(quiet_seconds=-1)
+
+
+def _two_layers(tmp_path: Path) -> tuple[list[BlobServer], LayerReader, LayerReader]:
+    """A layer a container is starting on, and a quiet one, sharing one node's span cache."""
+    servers = []
+    readers = []
+    cache = SpanCache(tmp_path / "cache", 1 << 30)
+    for variant in range(2):
+        members = [*rich_members(), Member(f"layer-{variant}", data=b"x" * 1000)]
+        blob = compress(make_tar(members), "gzip")
+        servers.append(BlobServer(blob))
+        readers.append(_reader(built_index(blob, "gzip"), servers[-1], cache))
+    return servers, readers[0], readers[1]
+
+
+def _serve_lookups(starting: LayerReader, count: int) -> None:
+    """What a container's start sends the mount: lookups (getattr) of its files, all answered
+    from the tree, nothing fetched."""
+    from snapshotter.fs.fuse_ops import LayerOperations
+    from snapshotter.fs.tree import LayerTree
+
+    tree = LayerTree.from_index(starting.index)
+    operations = LayerOperations(tree, starting)
+    names = [path for path, _ in tree.walk()]
+    for i in range(count):
+        operations.getattr("/" + names[i % len(names)])
+
+
+def test_a_busy_mount_keeps_background_fetch_waiting_without_any_fetch(tmp_path: Path) -> None:
+    # A profiled start misses nothing: its files are cached already, yet it still works the
+    # two cores hard; background inflating (and the copy to plain files after it) waits.
+    servers, starting, quiet = _two_layers(tmp_path)
+    fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
+    try:
+        time.sleep(2.2)  # no fetch anywhere for longer than the quiet period
+        _serve_lookups(starting, 500)
+        assert starting.counters().demand_misses == 0
+        fetcher.start()
+        time.sleep(1.0)
+        assert _state(fetcher) is BackgroundState.WAITING
+        assert quiet.counters().background_spans == 0
+        fetcher.join(10)  # 2 s after the burst the node is quiet: the fetch runs to the end
+        assert _state(fetcher) is BackgroundState.COMPLETE
+    finally:
+        fetcher.stop()
+        for server in servers:
+            server.stop()
+
+
+def test_a_few_requests_do_not_make_the_node_busy(tmp_path: Path) -> None:
+    # A long-running service reading a file now and then must not hold convergence back.
+    servers, starting, quiet = _two_layers(tmp_path)
+    try:
+        _serve_lookups(starting, 20)
+        fetcher = BackgroundFetcher(quiet, FAST)
+        _run(fetcher)
+        assert _state(fetcher) is BackgroundState.COMPLETE
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_node_that_never_stops_being_busy_still_converges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import snapshotter.fs.background as background
+
+    monkeypatch.setattr(background, "MAX_BUSY_DEFERRAL_S", 1.5)
+    servers, starting, quiet = _two_layers(tmp_path)
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            _serve_lookups(starting, 200)
+            time.sleep(0.05)
+
+    busy = threading.Thread(target=keep_busy, daemon=True)
+    busy.start()
+    fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
+    try:
+        time.sleep(0.3)
+        fetcher.start()
+        time.sleep(0.8)
+        assert _state(fetcher) is BackgroundState.WAITING  # deferring to the busy node
+        fetcher.join(10)  # ... for MAX_BUSY_DEFERRAL_S at most
+        assert _state(fetcher) is BackgroundState.COMPLETE
+    finally:
+        stop.set()
+        busy.join(5)
+        fetcher.stop()
+        for server in servers:
+            server.stop()
