@@ -6,8 +6,10 @@ Two sources, neither of which makes the core know about metrics:
   MeteredSnapshotter, which observes the core's prepare from outside, and a thin wrapper around
   the injected RemoteLayers that notes, for the Prepare running on the same thread, whether the
   mount worked and why not. A lazy mount may still be starting when its Prepare answers (the
-  daemon mounts in the background): it counts as "lazy" once RemoteLayers.check() says it is
-  live, or as "lazy_failed" if it never became so; until then it is in lazy_layers_starting.
+  daemon mounts in the background): it counts as "lazy" once the mount is live, or as
+  "lazy_failed" if it never became so; until then it is in lazy_layers_starting. The outcome
+  comes from the manager's on_settled() observer (LazyLayers), which holds no lock while the
+  mount starts; a RemoteLayers without one is asked with check() on a thread of its own.
 - Lazy layers' figures (bytes and spans fetched, cache hits, read errors, per layer digest) and
   the cache's size are read at scrape time by LazyLayerCollector from the mount processes' state
   files and the cache directory: mount processes are separate processes that outlive serve, and
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -181,6 +183,15 @@ class WatchedRemoteLayers:
         self.inner.unmount(mountpoint)
 
 
+@runtime_checkable
+class SettleObservable(Protocol):
+    """A RemoteLayers that can say how a mount settles without being waited on (LazyLayers)."""
+
+    def on_settled(
+        self, mountpoint: str, callback: Callable[[RemoteLayerUnavailable | None], None]
+    ) -> None: ...
+
+
 class PrepareCounter:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.counter = Counter(
@@ -204,15 +215,28 @@ class PrepareCounter:
         self.counter.labels(outcome=outcome, reason=reason).inc()
 
     def follow(self, remote: RemoteLayers, attempt: MountAttempt) -> None:
-        """Count a lazily answered Prepare once its mount is live or failed. check() waits for a
-        mount still starting, so it runs on a thread of its own: the Prepare does not wait."""
+        """Count a lazily answered Prepare once its mount is live or failed; the Prepare does not
+        wait. Asked through on_settled() where there is one: check() waits holding the layer's
+        lock and cleans a failed mount away, which is the core's business, not the metrics'."""
         self.starting.inc()
+        if isinstance(remote, SettleObservable):
+            remote.on_settled(attempt.mountpoint, self._settled)
+            return
         threading.Thread(
             target=self._settle,
             args=(remote, attempt),
             name=f"metrics-mount {attempt.mountpoint}",
             daemon=True,
         ).start()
+
+    def _settled(self, failure: RemoteLayerUnavailable | None) -> None:
+        try:
+            if failure is None:
+                self.count(LAZY)
+            else:
+                self.count(LAZY_FAILED, fallback_reason(failure))
+        finally:
+            self.starting.dec()
 
     def _settle(self, remote: RemoteLayers, attempt: MountAttempt) -> None:
         try:

@@ -22,6 +22,8 @@ without waiting for it to be ready: the core then answers Prepare at once and th
 image mount in parallel (otherwise mount() waits, as mount_layer does). check() is where a
 starting mount is waited for (the core calls it before handing out a mount that uses the layer);
 a mount that failed to start is cleaned away and reported there, so the core can mount again.
+on_settled() tells an observer (the metrics) how a mount ends without waiting in check(): it
+holds no lock, and cleaning a failed mount away stays check()'s job.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.config import Config
@@ -86,6 +88,8 @@ class LayerSpec:
 
 
 Resolver = Callable[[Mapping[str, str]], LayerSpec]
+# Told how a mount settled: None once it is live (or local), else what check() would raise.
+SettledCallback = Callable[[RemoteLayerUnavailable | None], None]
 
 
 @dataclass
@@ -97,6 +101,7 @@ class _Startup:
     started: float
     done: threading.Event
     problem: str | None = None  # why it is not ready, once done; None = ready
+    observers: list[SettledCallback] = field(default_factory=list)  # on_settled(), until done
 
 
 def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
@@ -199,6 +204,28 @@ class LazyLayers:
         if problem:
             raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
         self._watch(mountpoint)
+
+    def on_settled(self, mountpoint: str, callback: SettledCallback) -> None:
+        """Call callback once the mount at mountpoint is live or has failed: with None, or with
+        the RemoteLayerUnavailable check() would raise. A mount still starting is reported from
+        its startup watcher's thread, any other at once. Nothing waits and no lock is held
+        meanwhile (check() holds the mountpoint's lock while it waits, so an observer calling it
+        would delay everything else done to the layer); a failed mount is left for check()."""
+        mountpoint = os.path.abspath(mountpoint)
+        with self._lock:
+            startup = self._startups.get(mountpoint)
+            if startup is not None and not startup.done.is_set():
+                startup.observers.append(callback)
+                return
+        if startup is not None:
+            outcome = _startup_outcome(startup)
+        elif read_marker(mountpoint) is not None:
+            outcome = None
+        else:
+            problem = self._problem(mountpoint)
+            why = f"lazy layer at {mountpoint}: {problem}"
+            outcome = RemoteLayerUnavailable(why) if problem else None
+        _notify(callback, mountpoint, outcome)
 
     def unmount(self, mountpoint: str) -> None:
         mountpoint = os.path.abspath(mountpoint)
@@ -517,7 +544,12 @@ class LazyLayers:
                 f"; log: {tail}" if tail else ""
             )
             log.warning("%s", startup.problem)
-        startup.done.set()
+        with self._lock:  # on_settled() looks at done and observers under the same lock
+            startup.done.set()
+            observers, startup.observers = startup.observers, []
+        outcome = _startup_outcome(startup)
+        for callback in observers:
+            _notify(callback, mountpoint, outcome)
 
     def _mount_lock(self, mountpoint: str) -> threading.RLock:
         with self._lock:
@@ -560,6 +592,19 @@ class LazyLayers:
         deadline = time.monotonic() + timeout
         while _is_mount_process(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _startup_outcome(startup: _Startup) -> RemoteLayerUnavailable | None:
+    return None if startup.problem is None else RemoteLayerUnavailable(startup.problem)
+
+
+def _notify(
+    callback: SettledCallback, mountpoint: str, outcome: RemoteLayerUnavailable | None
+) -> None:
+    try:
+        callback(outcome)
+    except Exception:  # an observer's bug must not end the startup watcher
+        log.exception("on_settled observer of %s failed", mountpoint)
 
 
 def mount_problem(mountpoint: str) -> str | None:
