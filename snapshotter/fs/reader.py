@@ -5,6 +5,16 @@ request), inflated and verified by the index package on a worker thread, stored 
 cache and only then served. Concurrent readers of one span share one fetch attempt, so the span
 is fetched once; readers of other spans never wait for it.
 
+Read-ahead: when the reads of a file move forward span by span (a read reaches the span right
+after the furthest span the file's previous reads reached), the next spans of that file that are
+neither cached nor in flight are fetched ahead, as one Range request per contiguous run, on the
+same workers, so the inflate of the next spans overlaps serving this one. The window grows as
+the kernel's does (2, 4, 8 ... up to read_ahead_spans, and at most READ_AHEAD_MAX_BYTES
+compressed) and the next window starts when the reads are half-way through the last one. A read
+that jumps elsewhere starts over, so a random pattern fetches nothing it does not read. A
+read-ahead fetch that fails quickly is not remembered: a read that joined it fetches the span
+again on demand, and reads of other spans never see it.
+
 An attempt has a deadline, fetch_timeout after it started, and nobody waits on it past that: a
 reader that joins an attempt late gets its data or SpanReadError (fuse_ops: EIO) by the same
 deadline, so one read costs at most one fetch timeout even when the kernel sends it as several
@@ -25,6 +35,7 @@ import contextlib
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -41,6 +52,16 @@ DEFAULT_FETCH_TIMEOUT_S = 30.0
 # Cap on one coalesced Range request, so one huge read does not hold a worker for long.
 MAX_COALESCED_BYTES = 32 << 20
 PREFETCH_WINDOW = 4  # spans the prefetch thread claims at a time
+DEFAULT_READ_AHEAD_SPANS = 8  # largest read-ahead window, in spans; 0 turns read-ahead off
+READ_AHEAD_FIRST_WINDOW = 2  # spans fetched ahead at the first sign of a sequential read
+# Cap on one read-ahead window (compressed bytes): on a slow link, a window is what a read that
+# jumps elsewhere may have to share the link with.
+READ_AHEAD_MAX_BYTES = 8 << 20
+# Files whose read position is remembered for read-ahead (the least recently read is dropped).
+READ_AHEAD_STREAMS = 64
+# Reads arrive on several FUSE threads, the kernel's own readahead several spans at once, so a
+# read up to this many spans behind the furthest one is still part of the stream (not a jump).
+READ_AHEAD_REORDER_SPANS = 8
 # How long a failed or timed-out span fails fast: long enough to cover the kernel's immediate
 # re-request of the pages whose read just got EIO, short enough that a user's retry a moment
 # later reaches the registry again.
@@ -83,6 +104,7 @@ class ReaderCounters:
     prefetch_spans: int = 0  # spans fetched for the startup profile
     background_spans: int = 0  # spans fetched by the background fetcher
     background_bytes: int = 0  # compressed bytes of those
+    readahead_spans: int = 0  # spans whose fetch read-ahead started before a read needed them
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -96,6 +118,11 @@ class _Attempt:
     started: float  # monotonic
     deadline: float  # started + fetch_timeout: nobody waits on it longer
     ended: float = math.inf  # monotonic time its fetch failed, if it did
+    read_ahead: bool = False  # started by read-ahead: no read needed the span yet
+
+    def failed_quickly(self) -> bool:
+        """It failed and a new attempt may start at once (see fails_fast_until)."""
+        return self.future.done() and self.fails_fast_until() <= self.ended
 
     def fails_fast_until(self) -> float:
         """Until when requests of its spans fail at once rather than start a new attempt;
@@ -104,6 +131,15 @@ class _Attempt:
         if failed_at - self.started < SLOW_FAILURE_FRACTION * (self.deadline - self.started):
             return failed_at
         return failed_at + RETRY_AFTER_FAILURE_S
+
+
+@dataclass
+class _Stream:
+    """Where the reads of one file got to, for read-ahead."""
+
+    furthest_span: int  # the highest span any read of the stream touched
+    window: int  # spans the last read-ahead window held; the next holds twice as many
+    ahead_until: int  # the last span read ahead so far (furthest_span: none yet)
 
 
 class LayerReader:
@@ -115,9 +151,14 @@ class LayerReader:
         *,
         workers: int = DEFAULT_WORKERS,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
+        read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS,
     ) -> None:
         if workers < 1:
             raise ValueError(f"layer {index.layer_digest}: workers must be >= 1, not {workers}")
+        if read_ahead_spans < 0:
+            raise ValueError(
+                f"layer {index.layer_digest}: read_ahead_spans must be >= 0, not {read_ahead_spans}"
+            )
         if fetch_timeout <= 0:
             raise ValueError(
                 f"layer {index.layer_digest}: fetch_timeout must be > 0, not {fetch_timeout}"
@@ -126,6 +167,7 @@ class LayerReader:
         self.blob = blob
         self.cache = cache
         self.fetch_timeout = fetch_timeout
+        self.read_ahead_spans = read_ahead_spans
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._closed = False
@@ -138,6 +180,8 @@ class LayerReader:
         self._last_demand_miss = time.monotonic()
         self._prefetches_running = 0
         self._node_activity = NodeActivity(cache.directory)  # every layer sharing the cache
+        # File data offset -> its read stream, least recently read first.
+        self._streams: OrderedDict[int, _Stream] = OrderedDict()
 
     @property
     def layer_digest(self) -> str:
@@ -166,31 +210,24 @@ class LayerReader:
         missing: list[int] = []
         for span_no in span_numbers:
             lo, hi = self._slice(span_no, start, end)
-            cached = self._from_cache(span_no, lo, hi)
-            if cached is not None:
-                pieces[span_no] = cached
+            found = self._cached_or_claimed(span_no, lo, hi)
+            if isinstance(found, bytes):
+                pieces[span_no] = found
                 continue
-            attempt, is_new, wait_until = self._claim(span_no)
-            if attempt is None:  # stored by someone else between the two looks
-                cached = self._from_cache(span_no, lo, hi)
-                if cached is not None:
-                    pieces[span_no] = cached
-                    continue
-                attempt, is_new, wait_until = self._claim(span_no, force=True)
-                assert attempt is not None
+            attempt, is_new, wait_until = found
             waiting[span_no] = (attempt, wait_until)
             if is_new:
                 missing.append(span_no)
         if missing:
-            with self._lock:
-                self._counters.demand_misses += 1
-                self._last_demand_miss = time.monotonic()
-            self._node_activity.note_foreground_fetch()
+            self._note_demand_miss()
         for group in self._coalesce(missing):
             self._pool.submit(self._fetch_group, [(n, waiting[n][0]) for n in group])
+        if self.read_ahead_spans:
+            # after the read's own fetches: the workers take those first
+            self._read_ahead(entry, span_numbers[0], span_numbers[-1])
         for span_no, (attempt, wait_until) in waiting.items():
             lo, hi = self._slice(span_no, start, end)
-            pieces[span_no] = self._wait(span_no, attempt, wait_until)[lo:hi]
+            pieces[span_no] = self._wait_or_refetch(span_no, attempt, wait_until)[lo:hi]
         return b"".join(pieces[span_no] for span_no in span_numbers)
 
     def prefetch(self, span_numbers: Iterable[int]) -> None:
@@ -232,6 +269,105 @@ class LayerReader:
         return end - begin
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _cached_or_claimed(
+        self, span_no: int, lo: int, hi: int
+    ) -> bytes | tuple[_Attempt, bool, float]:
+        """Bytes [lo, hi) of the span from the cache, or the attempt to wait on (see _claim)."""
+        cached = self._from_cache(span_no, lo, hi)
+        if cached is not None:
+            return cached
+        attempt, is_new, wait_until = self._claim(span_no)
+        if attempt is None:  # stored by someone else between the two looks
+            cached = self._from_cache(span_no, lo, hi)
+            if cached is not None:
+                return cached
+            attempt, is_new, wait_until = self._claim(span_no, force=True)
+            assert attempt is not None
+        return attempt, is_new, wait_until
+
+    def _note_demand_miss(self) -> None:
+        with self._lock:
+            self._counters.demand_misses += 1
+            self._last_demand_miss = time.monotonic()
+        self._node_activity.note_foreground_fetch()
+
+    def _wait_or_refetch(self, span_no: int, attempt: _Attempt, wait_until: float) -> bytes:
+        """The whole span: from the attempt, or, if it was a read-ahead that failed quickly,
+        from one fetch on demand (the read-ahead's failure is not this read's)."""
+        try:
+            return self._wait(span_no, attempt, wait_until)
+        except SpanReadError:
+            if not (attempt.read_ahead and attempt.failed_quickly()):
+                raise
+        span = self.index.spans[span_no]
+        found = self._cached_or_claimed(span_no, 0, span.uncompressed_size)
+        if isinstance(found, bytes):
+            return found
+        retry, is_new, retry_until = found
+        if is_new:
+            self._note_demand_miss()
+            self._pool.submit(self._fetch_group, [(span_no, retry)])
+        return self._wait(span_no, retry, retry_until)
+
+    def _read_ahead(self, entry: TocEntry, first: int, last: int) -> None:
+        """Fetch ahead of a read of entry's spans [first, last] if the file's reads move
+        forward span by span (module docstring)."""
+        claimed: dict[int, _Attempt] = {}
+        for span_no in self._read_ahead_window(entry, first, last):
+            attempt, is_new, _ = self._claim(span_no)
+            if attempt is not None and is_new:
+                attempt.read_ahead = True
+                claimed[span_no] = attempt
+        if not claimed:
+            return
+        # The background fetcher waits for read-ahead as it waits for the misses it replaces.
+        with self._lock:
+            self._counters.readahead_spans += len(claimed)
+            self._last_demand_miss = time.monotonic()
+        self._node_activity.note_foreground_fetch()
+        for group in self._coalesce(list(claimed)):
+            self._pool.submit(self._fetch_group, [(n, claimed[n]) for n in group])
+
+    def _read_ahead_window(self, entry: TocEntry, first: int, last: int) -> range:
+        """The spans to fetch ahead after a read of entry's spans [first, last], cached or
+        not; updates the file's stream."""
+        key = entry.offset
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is not None:
+                self._streams.move_to_end(key)
+            if (
+                stream is None
+                or first > stream.furthest_span + 1
+                or last < stream.furthest_span - READ_AHEAD_REORDER_SPANS
+            ):
+                # a new file, or a jump: start over from here, nothing ahead yet
+                self._streams[key] = _Stream(last, READ_AHEAD_FIRST_WINDOW // 2, last)
+                if len(self._streams) > READ_AHEAD_STREAMS:
+                    self._streams.popitem(last=False)
+                return range(0)
+            if last <= stream.furthest_span:
+                return range(0)  # a re-read, or a late one: no step forward
+            stream.furthest_span = last
+            if stream.ahead_until - last > stream.window // 2:
+                return range(0)  # not yet half-way through the last window
+            begin = max(stream.ahead_until, last) + 1
+            stop = min(
+                begin + min(stream.window * 2, self.read_ahead_spans),
+                spans_for_range(self.index, entry.offset, entry.offset + entry.size).stop,
+            )
+            budget = READ_AHEAD_MAX_BYTES
+            for span_no in range(begin, stop):
+                budget -= self.index.spans[span_no].compressed_size
+                if budget < 0 and span_no > begin:
+                    stop = span_no
+                    break
+            if begin >= stop:
+                return range(0)
+            stream.ahead_until = stop - 1
+            stream.window = stop - begin
+            return range(begin, stop)
 
     def _prefetch(self, span_numbers: list[int]) -> None:
         try:
