@@ -31,7 +31,12 @@ from snapshotter.fs.background import (
 )
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, SpanCache
-from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS, LayerReader
+from snapshotter.fs.reader import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_READ_AHEAD_SPANS,
+    DEFAULT_WORKERS,
+    LayerReader,
+)
 from snapshotter.fs.tree import LayerTree, LayerTreeError
 from snapshotter.index.model import LayerIndex
 
@@ -58,6 +63,7 @@ class MountSpec:
     workers: int = DEFAULT_WORKERS
     allow_other: bool = True
     state_interval: float = STATE_INTERVAL_S
+    read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS  # largest read-ahead window; 0: off
     read_ahead_kb: int = READ_AHEAD_KB
     # Entry names to fetch right after mounting, in order (the image's startup profile), on top
     # of the index's own prefetch list; prefetch=False fetches neither.
@@ -80,6 +86,7 @@ class MountSpec:
             "workers": self.workers,
             "allow_other": self.allow_other,
             "state_interval": self.state_interval,
+            "read_ahead_spans": self.read_ahead_spans,
             "read_ahead_kb": self.read_ahead_kb,
             "prefetch_names": list(self.prefetch_names),
             "prefetch": self.prefetch,
@@ -116,6 +123,7 @@ class MountSpec:
             workers=get("workers", int, DEFAULT_WORKERS),
             allow_other=get("allow_other", bool, True),
             state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
+            read_ahead_spans=get("read_ahead_spans", int, DEFAULT_READ_AHEAD_SPANS),
             read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
             prefetch_names=tuple(get("prefetch_names", list, [])),
             prefetch=get("prefetch", bool, True),
@@ -132,6 +140,8 @@ class MountSpec:
             )
         if not all(isinstance(name, str) for name in spec.prefetch_names):
             raise SpecError(f"{source}: prefetch_names must be a list of entry names")
+        if spec.read_ahead_spans < 0:
+            raise SpecError(f"{source}: read_ahead_spans must be >= 0 (0 turns read-ahead off)")
         if spec.background_quiet_seconds < 0 or spec.background_rate_bytes <= 0:
             raise SpecError(
                 f"{source}: background_quiet_seconds must be >= 0 and background_rate_bytes > 0"
@@ -358,7 +368,14 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
 
     from snapshotter.fs import fuse_ops  # loads libfuse3; kept out of the spec checks above
 
-    reader = LayerReader(index, blob, cache, workers=spec.workers, fetch_timeout=spec.fetch_timeout)
+    reader = LayerReader(
+        index,
+        blob,
+        cache,
+        workers=spec.workers,
+        fetch_timeout=spec.fetch_timeout,
+        read_ahead_spans=spec.read_ahead_spans,
+    )
     wanted = prefetch_spans(index, tree, spec.prefetch_names) if spec.prefetch else []
     keeper = _StateKeeper(spec, reader, reporter, device_before, wanted)
     try:
