@@ -100,8 +100,8 @@ class TrialResult:
     kind: str = "trial"
 
 
-def _fetched(registry: Registry, since: int) -> tuple[int, int]:
-    fetches = registry.blob_fetches(since)
+def _fetched(registry: Registry, since: int, until: int | None = None) -> tuple[int, int]:
+    fetches = registry.blob_fetches(since, until)
     return sum(f.bytes for f in fetches.values()), sum(f.requests for f in fetches.values())
 
 
@@ -270,16 +270,21 @@ def _measure_steps(
         lazy = LAZY_SUMMARY.search(pulled.stdout + pulled.stderr)
         result.lazy_layers = int(lazy.group(1)) if lazy else None
     result.pull_s = time.perf_counter() - start
-    # Fetch accounting waits for the access log to settle: outside the timed parts.
-    result.bytes_pull, _ = _fetched(registry, since)
+    # Only the access log's current end here: counting waits for the log to settle, and a
+    # wait between the pull and the first run would let mounts get ready and prefetches run
+    # off the clock. The first run starts at once; bytes are counted after the second.
+    pull_end = registry.log_offset()
     runs: list[tuple[float, tuple[int, float] | None]] = []
+    first_run_end = pull_end
     for ordinal in ("first", "second"):
         progress(f"{ordinal} run")
         runs.append(_timed_run(containerd, reference, workload, mode))
         if ordinal == "first":
-            result.bytes_first_run, _ = _fetched(registry, since)
+            first_run_end = registry.log_offset()
     (result.first_run_s, first_read), (result.second_run_s, second_read) = runs
     result.pull_first_run_s = result.pull_s + result.first_run_s
+    result.bytes_pull, _ = _fetched(registry, since, pull_end)
+    result.bytes_first_run, _ = _fetched(registry, since, first_run_end)
     result.bytes_total, result.blob_requests = _fetched(registry, since)
     if first_read is not None and second_read is not None:
         result.read_bytes, result.read_cold_s = first_read

@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 from startup_link import Shape, shaped_link
 
 from tests.harness.images import file, layer_tar, push, write_oci_layout
-from tests.harness.registry import start_registry
+from tests.harness.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 STARTUP = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "startup.py"
@@ -75,3 +76,24 @@ def test_quick_run_measures_every_configuration(tmp_path: Path) -> None:
     assert header["profiles"]["seqread"].startswith("ok"), header["profiles"]
     assert "Command: `" in report.read_text()
     assert (report.parent / "startup-loopback.png").exists()
+
+
+def test_bytes_fetched_by_a_step_stop_at_the_log_offset_taken_when_it_ended(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # The benchmark takes only the access log's offset when the pull ends (counting waits for
+    # the log to settle, which would let mounts and prefetches work off the clock) and counts
+    # later: a fetch after that offset must not count as the pull's.
+    tars = [layer_tar([file(name, os.urandom(50_000))]) for name in ("early", "late")]
+    image = push(write_oci_layout(tmp_path / "layout", "latest", tars), registry.host, "b/u")
+    early, late = image.layers
+    since = registry.log_offset()
+    for layer in (early, late):
+        urllib.request.urlopen(f"http://{registry.host}/v2/b/u/blobs/{layer.digest}").read()
+        registry.wait_log_quiet()
+        if layer is early:
+            step_end = registry.log_offset()
+    during_step = registry.blob_fetches(since, step_end)
+    assert set(during_step) == {early.digest}
+    assert during_step[early.digest].bytes == early.size
+    assert set(registry.blob_fetches(since)) == {early.digest, late.digest}

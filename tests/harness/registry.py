@@ -102,14 +102,20 @@ class Registry:
             elif time.monotonic() - stable_since >= quiet:
                 return
 
-    def blob_fetches(self, since: int = 0) -> dict[str, BlobFetches]:
+    def blob_fetches(self, since: int = 0, until: int | None = None) -> dict[str, BlobFetches]:
         """Blob GET requests and response body bytes per digest (HEADs are not fetches),
-        from log offset `since` on (see log_offset). Waits for the log to settle first."""
+        from log offset `since` on (see log_offset), up to offset `until` if given (requests
+        whose line the registry wrote by then: responses finished by then). Waits for the log
+        to settle first."""
         self.wait_log_quiet()
         totals: dict[str, BlobFetches] = {}
         with open(self.log_path, "rb") as log:
             log.seek(since)
+            position = since
             for raw in log:
+                position += len(raw)
+                if until is not None and position > until:
+                    break
                 match = _ACCESS_LINE.search(raw.decode(errors="replace"))
                 if match is None or match["method"] != "GET":
                     continue
