@@ -44,6 +44,8 @@ class CacheConfig:
 @dataclass(frozen=True)
 class FuseConfig:
     read_ahead_kb: int = 4096  # per-mount bdi read_ahead_kb: 4096 gives 1 MiB FUSE reads
+    # Fork mount processes from a pre-started process that imported their code (fs/zygote.py).
+    zygote: bool = True
 
 
 @dataclass(frozen=True)

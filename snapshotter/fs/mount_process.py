@@ -1,6 +1,8 @@
 """One process per mounted lazy layer: `python -m snapshotter.fs.mount_process --spec FILE`.
 
-It is started detached (its own session) so it outlives `lazysnap serve`. It reports "ready"
+It is started detached (its own session) so it outlives `lazysnap serve`, either as a fresh
+interpreter or forked by the daemon's zygote (`--zygote-fd`, snapshotter/fs/zygote.py), which
+has imported this code already; both run main() with the same arguments. It reports "ready"
 on --ready-fd only once the mount is live (the mountpoint's device changed and its readahead
 was raised), or "error: <why>" if it cannot mount. While mounted it keeps a state file next to
 the mountpoint (pid, mountpoint, layer digest, counters) for `lazysnap status` and for the
@@ -428,6 +430,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT_S)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--ready-fd", type=int, help="write 'ready' or 'error: ...' here once")
+    parser.add_argument(
+        "--zygote-fd",
+        type=int,
+        help="be the daemon's zygote (snapshotter.fs.zygote): fork mount processes on request",
+    )
     return parser.parse_args(argv)
 
 
@@ -469,12 +476,20 @@ def _spec_from_args(args: argparse.Namespace) -> MountSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.zygote_fd is not None:
+        from snapshotter.fs import zygote
+
+        request = zygote.serve(args.zygote_fd)
+        if request is None:
+            return 0
+        # A forked child: the rest is what a mount process started on its own does.
+        return main(zygote.become_mount_process(request))
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s lazysnap-mount[%(process)d] %(message)s",
         stream=sys.stderr,
     )
-    args = _parse_args(argv)
     try:
         spec = _spec_from_args(args)
     except SpecError as exc:
