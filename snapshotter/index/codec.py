@@ -1,4 +1,4 @@
-"""LayerIndex <-> bytes (format version 1, docs/index-format.md).
+"""LayerIndex <-> bytes (format versions 1 and 2, docs/index-format.md).
 
 Layout: magic b"LZSNAPIX", u16 version, u16 flags (0), u64 payload length (all big-endian), then
 one zstd frame holding the payload: u32 length of a JSON document, the JSON (sorted keys, no
@@ -6,13 +6,20 @@ whitespace, ASCII), then a blob section with span windows and xattr values that 
 to by (offset, length). JSON because C-speed parsing is what makes a 12k-entry index load fast in
 Python; the bytes that would bloat it as base64 live in the blob section.
 
+Version 2 moves the gzip windows (~94 % of a v1 index with 1 MiB spans) out into a windows blob:
+one zstd frame per window, in span order, named by the JSON's `windows` key; the spans' window
+offset/length point into it and the blob section keeps only xattr values. A mount then fetches
+only the small index blob up front, and each window with its span (encode_index_split).
+
 The index comes from a registry, so decode_index trusts nothing: every field is type-, range-
 and cross-checked and any violation raises InvalidIndex naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import hashlib
 import json
 import re
 import struct
@@ -24,11 +31,14 @@ import zstandard
 from snapshotter.index.errors import InvalidIndex
 from snapshotter.index.model import (
     FORMAT_VERSION,
+    FORMAT_VERSION_EXTERNAL_WINDOWS,
+    SUPPORTED_VERSIONS,
     Compression,
     EntryType,
     LayerIndex,
     Span,
     TocEntry,
+    WindowsBlob,
 )
 from snapshotter.index.tar_toc import MAX_ENTRIES, MAX_ENTRY_SIZE
 
@@ -39,6 +49,9 @@ MAX_PAYLOAD = 512 << 20
 MAX_SPANS = 1 << 22
 MAX_SPAN_UNCOMPRESSED = 256 << 20  # a reader allocates this much per span
 MAX_WINDOW = 32768
+# A window's zstd frame: at most zstd's compress bound for 32 KiB (32944 bytes) plus slack.
+MAX_WINDOW_FRAME = MAX_WINDOW + 1024
+MAX_WINDOWS_BLOB = MAX_SPANS * MAX_WINDOW_FRAME
 MAX_LAYER_SIZE = 1 << 46
 _ZSTD_LEVEL = 10
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -56,10 +69,68 @@ _KEYS = {
     "spans",
     "uncompressed_size",
 }
+_WINDOWS_KEYS = {"digest", "size"}
+
+
+def encode_window(window: bytes) -> bytes:
+    """One window as its independent zstd frame in a windows blob (b"" for no window)."""
+    if not window:
+        return b""
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).compress(window)
+
+
+def decode_window(frame: bytes) -> bytes:
+    """A window frame fetched from a windows blob -> the window. InvalidIndex unless it is a
+    zstd frame that declares and inflates to at most MAX_WINDOW bytes (the declared size bounds
+    the output, so a crafted frame cannot inflate further); the checksum catches corruption."""
+    if not 0 < len(frame) <= MAX_WINDOW_FRAME:
+        raise _bad("window frame", f"{len(frame)} bytes is outside [1, {MAX_WINDOW_FRAME}]")
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if not 0 < declared <= MAX_WINDOW:
+            raise _bad("window frame", f"declares {declared} bytes, not 1 to {MAX_WINDOW}")
+        window = zstandard.ZstdDecompressor().decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise _bad("window frame", f"corrupt zstd frame: {exc}") from None
+    if len(window) != declared:
+        raise _bad("window frame", f"inflates to {len(window)} bytes, declares {declared}")
+    return window
+
+
+def encode_index_split(index: LayerIndex) -> tuple[bytes, bytes]:
+    """(index blob, windows blob) for an index with inline windows: version 2, or version 1
+    and an empty windows blob when no span has a window (zstd, uncompressed, one-span gzip).
+    Deterministic, as encode_index."""
+    if index.windows is not None:
+        raise ValueError(f"layer {index.layer_digest}: the windows are already external")
+    if not any(span.window for span in index.spans):
+        return encode_index(index), b""
+    frames = [encode_window(span.window) for span in index.spans]
+    spans: list[Span] = []
+    offset = 0
+    for span, frame in zip(index.spans, frames, strict=True):
+        spans.append(dataclasses.replace(span, window=b"", window_offset=offset,
+                                         window_length=len(frame)))  # fmt: skip
+        offset += len(frame)
+    windows = b"".join(frames)
+    external = dataclasses.replace(
+        index,
+        spans=tuple(spans),
+        version=FORMAT_VERSION_EXTERNAL_WINDOWS,
+        windows=WindowsBlob("sha256:" + hashlib.sha256(windows).hexdigest(), len(windows)),
+    )
+    return encode_index(external), windows
 
 
 def encode_index(index: LayerIndex) -> bytes:
-    """Deterministic: the same LayerIndex always gives the same bytes."""
+    """Deterministic: the same LayerIndex always gives the same bytes. Version 1 (windows
+    inline) unless index.windows names a windows blob (a decoded version-2 index): version 2."""
+    external = index.windows is not None
+    if any(s.window if external else s.window_offset or s.window_length for s in index.spans):
+        raise ValueError(
+            f"layer {index.layer_digest}: spans must carry inline windows only without a "
+            "windows blob, and window offsets only with one"
+        )
     blob = bytearray()
 
     def put(data: bytes) -> list[int]:
@@ -76,7 +147,7 @@ def encode_index(index: LayerIndex) -> bytes:
             s.digest,
             s.uncompressed_digest,
             s.bits,
-            *put(s.window),
+            *([s.window_offset, s.window_length] if external else put(s.window)),
         ]
         for s in index.spans
     ]
@@ -99,7 +170,7 @@ def encode_index(index: LayerIndex) -> bytes:
         ]
         for e in index.entries
     ]
-    document = {
+    document: dict[str, Any] = {
         "compressed_size": index.compressed_size,
         "compression": index.compression.value,
         "entries": entries,
@@ -110,10 +181,14 @@ def encode_index(index: LayerIndex) -> bytes:
         "spans": spans,
         "uncompressed_size": index.uncompressed_size,
     }
+    version = FORMAT_VERSION
+    if index.windows is not None:
+        document["windows"] = {"digest": index.windows.digest, "size": index.windows.size}
+        version = FORMAT_VERSION_EXTERNAL_WINDOWS
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     payload = _JSON_LEN.pack(len(text)) + text.encode("ascii") + bytes(blob)
     compressed = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).compress(payload)
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload)) + compressed
+    return _HEADER.pack(MAGIC, version, 0, len(payload)) + compressed
 
 
 def _bad(field: str, why: str) -> InvalidIndex:
@@ -152,14 +227,15 @@ def _blob_ref(blob: memoryview, offset: Any, length: Any, field: str, limit: int
     return bytes(blob[off : off + size])
 
 
-def _read_payload(data: bytes) -> bytes:
+def _read_payload(data: bytes) -> tuple[int, bytes]:
     if len(data) < _HEADER.size:
         raise _bad("header", f"{len(data)} bytes is too short for a lazysnap index")
     magic, version, flags, payload_len = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise _bad("magic", f"{magic!r} is not a lazysnap index")
-    if version != FORMAT_VERSION:
-        raise _bad("version", f"format version {version} is not supported (only {FORMAT_VERSION})")
+    if version not in SUPPORTED_VERSIONS:
+        supported = " and ".join(map(str, SUPPORTED_VERSIONS))
+        raise _bad("version", f"format version {version} is not supported (only {supported})")
     if flags != 0:
         raise _bad("flags", f"unknown flags {flags:#x}")
     if payload_len > MAX_PAYLOAD:
@@ -172,16 +248,32 @@ def _read_payload(data: bytes) -> bytes:
         raise _bad("payload", f"zstd frame is corrupt or truncated: {exc}") from None
     if len(payload) != payload_len:
         raise _bad("payload", f"inflates to {len(payload)} bytes, header says {payload_len}")
-    return payload
+    return version, payload
+
+
+def _windows(raw: Any) -> WindowsBlob:
+    if type(raw) is not dict or set(raw) != _WINDOWS_KEYS:
+        keys = sorted(raw) if type(raw) is dict else type(raw).__name__
+        raise _bad("windows", f"expected keys {sorted(_WINDOWS_KEYS)}, got {keys}")
+    return WindowsBlob(
+        _digest(raw["digest"], "windows.digest"),
+        _int(raw["size"], "windows.size", 0, MAX_WINDOWS_BLOB),
+    )
 
 
 def _spans(
-    raw: Any, blob: memoryview, compression: Compression, csize: int, usize: int
+    raw: Any,
+    blob: memoryview,
+    compression: Compression,
+    csize: int,
+    usize: int,
+    windows: WindowsBlob | None,
 ) -> tuple[Span, ...]:
     if type(raw) is not list or len(raw) > MAX_SPANS:
         raise _bad("spans", f"expected a list of at most {MAX_SPANS} spans")
     spans: list[Span] = []
     cpos = upos = 0
+    wpos = 0  # version 2: the windows blob is the spans' frames back to back, in span order
     for i, item in enumerate(raw):
         where = f"spans[{i}]"
         if type(item) is not list or len(item) != 9:
@@ -195,13 +287,21 @@ def _spans(
         _int(cend, where + ".compressed_end", max(cstart + 1, cpos), csize)
         _int(ustart, where + ".uncompressed_start", upos, upos)
         _int(uend, where + ".uncompressed_end", upos, min(usize, upos + MAX_SPAN_UNCOMPRESSED))
-        window = _blob_ref(blob, woff, wlen, where + ".window", MAX_WINDOW)
-        if window and compression is not Compression.GZIP:
+        if windows is None:
+            window = _blob_ref(blob, woff, wlen, where + ".window", MAX_WINDOW)
+            woff = wlen = 0
+        else:
+            window = b""
+            _int(woff, where + ".window_offset", wpos, wpos)
+            _int(wlen, where + ".window_length", 0, min(MAX_WINDOW_FRAME, windows.size - wpos))
+            wpos += wlen
+        if (window or wlen) and compression is not Compression.GZIP:
             raise _bad(where + ".window", f"{compression} spans carry no window")
-        if bits and not window:
+        if bits and not (window or wlen):
             raise _bad(where + ".window", "a mid-byte checkpoint needs its window")
         span = Span(cstart, cend, ustart, uend, _digest(digest, where + ".digest"),
-                    _digest(udigest, where + ".uncompressed_digest"), bits, window)  # fmt: skip
+                    _digest(udigest, where + ".uncompressed_digest"), bits, window,
+                    woff, wlen)  # fmt: skip
         if compression is Compression.NONE and (
             cstart != ustart or cend != uend or digest != udigest
         ):
@@ -214,6 +314,8 @@ def _spans(
             f"cover compressed [0, {cpos}) and uncompressed [0, {upos}), "
             f"layer is {csize} / {usize} bytes",
         )
+    if windows is not None and wpos != windows.size:
+        raise _bad("windows.size", f"{windows.size}, but the spans' windows end at {wpos}")
     return tuple(spans)
 
 
@@ -398,7 +500,7 @@ def decode_index(data: bytes, *, expected_layer_digest: str | None = None) -> La
 
 
 def _decode(data: bytes, expected_layer_digest: str | None) -> LayerIndex:
-    payload = _read_payload(data)
+    version, payload = _read_payload(data)
     if len(payload) < _JSON_LEN.size:
         raise _bad("payload", "too short")
     (json_len,) = _JSON_LEN.unpack_from(payload)
@@ -408,9 +510,11 @@ def _decode(data: bytes, expected_layer_digest: str | None) -> LayerIndex:
         document = json.loads(payload[_JSON_LEN.size : _JSON_LEN.size + json_len])
     except (ValueError, RecursionError) as exc:
         raise _bad("payload", f"JSON is malformed: {exc}") from None
-    if type(document) is not dict or set(document) != _KEYS:
+    expected_keys = _KEYS if version == FORMAT_VERSION else _KEYS | {"windows"}
+    if type(document) is not dict or set(document) != expected_keys:
         keys = sorted(document) if type(document) is dict else type(document).__name__
-        raise _bad("document", f"expected keys {sorted(_KEYS)}, got {keys}")
+        raise _bad("document", f"expected keys {sorted(expected_keys)}, got {keys}")
+    windows = _windows(document["windows"]) if version == FORMAT_VERSION_EXTERNAL_WINDOWS else None
     blob = memoryview(payload)[_JSON_LEN.size + json_len :]
     layer_digest = _digest(document["layer_digest"], "layer_digest")
     if expected_layer_digest is not None and layer_digest != expected_layer_digest:
@@ -422,7 +526,7 @@ def _decode(data: bytes, expected_layer_digest: str | None) -> LayerIndex:
         raise _bad("compression", f"unknown value {document['compression']!r:.40}")
     csize = _int(document["compressed_size"], "compressed_size", 0, MAX_LAYER_SIZE)
     usize = _int(document["uncompressed_size"], "uncompressed_size", 0, MAX_LAYER_SIZE)
-    spans = _spans(document["spans"], blob, compression, csize, usize)
+    spans = _spans(document["spans"], blob, compression, csize, usize, windows)
     entries = _entries(document["entries"], blob, usize)
     prefetch_raw = document["prefetch"]
     names = {e.name for e in entries}
@@ -440,4 +544,6 @@ def _decode(data: bytes, expected_layer_digest: str | None) -> LayerIndex:
         entries=entries,
         spans=spans,
         prefetch=tuple(prefetch_raw),
+        version=version,
+        windows=windows,
     )

@@ -1,10 +1,15 @@
-"""Data model of a lazysnap layer index (format version 1; see docs/index-format.md).
+"""Data model of a lazysnap layer index (format versions 1 and 2; see docs/index-format.md).
 
 One LayerIndex describes one image layer blob: every tar entry (the TOC), and the layer cut into
 spans. A span is a compressed byte range that inflates on its own: for gzip it starts at a zran
 checkpoint (bit offset + 32 KiB window), for zstd it is one or more whole frames. Each span
 carries the sha256 of its compressed bytes and of its uncompressed bytes, so a reader verifies
 everything it fetches before serving it.
+
+Where a gzip span's window lives depends on the version: version 1 carries it inline
+(Span.window), version 2 in a separate windows blob (LayerIndex.windows) at
+Span.window_offset/window_length, so the index blob a mount must fetch first stays small and a
+window is fetched only with its span.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # windows inline in the index blob
+FORMAT_VERSION_EXTERNAL_WINDOWS = 2  # windows in their own blob (LayerIndex.windows)
+SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_EXTERNAL_WINDOWS)
 ARTIFACT_TYPE = "application/vnd.lazysnap.index.v1+json"
 INDEX_BLOB_MEDIA_TYPE = "application/vnd.lazysnap.index.layer.v1"
+# The windows blob of a version-2 index blob; listed right after it, same layer annotation.
+WINDOWS_BLOB_MEDIA_TYPE = "application/vnd.lazysnap.index.windows.v1"
 LAYER_DIGEST_ANNOTATION = "dev.lazysnap.layer.digest"
 # 1 MiB: measured against 4 MiB in the start-up benchmark (docs/bench-startup.md, "Span size"):
 # a third fewer bytes per cold start, and with a profile 2-3x faster starts on a 100 Mbit/s
@@ -76,6 +85,10 @@ class Span:
     # compressed_start that belong to this span (0 when it starts on a byte boundary).
     bits: int = 0
     window: bytes = b""  # up to 32 KiB of uncompressed data preceding the span (gzip only)
+    # Version 2 instead: the window is the zstd frame windows_blob[window_offset:+window_length]
+    # (length 0: the span needs no window).
+    window_offset: int = 0
+    window_length: int = 0
 
     @property
     def compressed_size(self) -> int:
@@ -84,6 +97,14 @@ class Span:
     @property
     def uncompressed_size(self) -> int:
         return self.uncompressed_end - self.uncompressed_start
+
+
+@dataclass(frozen=True)
+class WindowsBlob:
+    """The blob holding a version-2 index's span windows: one zstd frame per window."""
+
+    digest: str  # "sha256:<hex>"
+    size: int
 
 
 @dataclass(frozen=True)
@@ -98,3 +119,4 @@ class LayerIndex:
     spans: tuple[Span, ...]
     prefetch: tuple[str, ...] = ()  # entry names to fetch first, in order (startup profile)
     version: int = FORMAT_VERSION
+    windows: WindowsBlob | None = None  # version 2: where the spans' windows are

@@ -111,7 +111,7 @@ def _realign(data: bytes, bits: int) -> bytes:
     return _pack(head) + data[1:]
 
 
-def _inflate_gzip(span: Span, data: bytes) -> bytes:
+def _inflate_gzip(span: Span, data: bytes, window: bytes) -> bytes:
     if span.compressed_start == 0:
         # span 0 starts with the gzip header; it may also contain whole (empty) members
         out = bytearray()
@@ -124,9 +124,7 @@ def _inflate_gzip(span: Span, data: bytes) -> bytes:
         return bytes(out)
     if span.bits:
         data = _realign(data, span.bits)
-    inflater = (
-        zlib.decompressobj(-15, zdict=span.window) if span.window else zlib.decompressobj(-15)
-    )
+    inflater = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
     # one more byte than expected is asked for so an overlong span is noticed
     return inflater.decompress(data, span.uncompressed_size + 1)
 
@@ -144,12 +142,20 @@ def _inflate_zstd(data: bytes, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def inflate_span(index: LayerIndex, span_no: int, fetched: bytes) -> bytes:
+def inflate_span(
+    index: LayerIndex, span_no: int, fetched: bytes, window: bytes | None = None
+) -> bytes:
     """Verify the fetched compressed bytes of a span, inflate them, verify the result.
 
-    `fetched` is blob[fetch_range(index, span_no)]; raises SpanVerificationError on any
-    mismatch (digest, length, corrupt data)."""
+    `fetched` is blob[fetch_range(index, span_no)]; `window` the span's window when the index
+    keeps windows in a windows blob (codec.decode_window of the span's frame), None for the
+    inline one (span.window). Raises SpanVerificationError on any mismatch (digest, length,
+    corrupt data): a wrong window makes the inflated bytes fail the uncompressed digest."""
     span = index.spans[span_no]
+    if window is None:
+        if span.window_length:
+            raise _fail(index, span_no, "its window (in the windows blob) was not given")
+        window = span.window
     if len(fetched) != span.compressed_size:
         raise _fail(
             index, span_no, f"got {len(fetched)} compressed bytes, expected {span.compressed_size}"
@@ -158,7 +164,7 @@ def inflate_span(index: LayerIndex, span_no: int, fetched: bytes) -> bytes:
         raise _fail(index, span_no, "compressed bytes do not match the span digest")
     try:
         if index.compression is Compression.GZIP:
-            out = _inflate_gzip(span, fetched)
+            out = _inflate_gzip(span, fetched, window)
         elif index.compression is Compression.ZSTD:
             # a reader, not decompressobj: it bounds the output even for a crafted bomb
             out = _inflate_zstd(fetched, span.uncompressed_size + 1)

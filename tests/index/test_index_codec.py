@@ -92,8 +92,8 @@ def test_wrong_magic(encoded: bytes) -> None:
 
 def test_future_version(encoded: bytes) -> None:
     document, blob = unpack(encoded)
-    with pytest.raises(InvalidIndex, match="format version 2 is not supported"):
-        decode_index(repack(document, blob, version=2))
+    with pytest.raises(InvalidIndex, match="format version 3 is not supported"):
+        decode_index(repack(document, blob, version=3))
 
 
 def test_expected_layer_digest(encoded: bytes) -> None:
