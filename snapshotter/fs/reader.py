@@ -15,6 +15,12 @@ that jumps elsewhere starts over, so a random pattern fetches nothing it does no
 read-ahead fetch that fails quickly is not remembered: a read that joined it fetches the span
 again on demand, and reads of other spans never see it.
 
+Windows: a gzip index of format version 2 keeps the spans' 32 KiB windows in a windows blob
+(snapshotter.index.codec). The windows of a group of consecutive spans are one contiguous range
+there, fetched as one more Range request on a small pool of its own, at the same time as the
+group's data, so it adds no round trip. A window that cannot be fetched or decoded fails its
+span (SpanReadError naming the windows blob); a wrong one fails the span's digest check.
+
 An attempt has a deadline, fetch_timeout after it started, and nobody waits on it past that: a
 reader that joins an attempt late gets its data or SpanReadError (fuse_ops: EIO) by the same
 deadline, so one read costs at most one fetch timeout even when the kernel sends it as several
@@ -44,6 +50,7 @@ from typing import Protocol
 
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.index.codec import decode_window
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
 
@@ -133,6 +140,18 @@ class _Attempt:
         return failed_at + RETRY_AFTER_FAILURE_S
 
 
+class WindowFetchError(Exception):
+    """A span's window could not be fetched from the windows blob or is not a valid frame."""
+
+
+@dataclass(frozen=True)
+class _WindowsFetch:
+    """The windows of one fetch group: windows blob bytes from `begin`, once fetched."""
+
+    begin: int
+    future: Future[bytes]
+
+
 @dataclass
 class _Stream:
     """Where the reads of one file got to, for read-ahead."""
@@ -152,7 +171,14 @@ class LayerReader:
         workers: int = DEFAULT_WORKERS,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
         read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS,
+        windows: BlobSource | None = None,
     ) -> None:
+        """`windows` reads the index's windows blob; required when index.windows names one."""
+        if (windows is None) != (index.windows is None):
+            raise ValueError(
+                f"layer {index.layer_digest}: a windows blob source is needed exactly when the "
+                "index keeps its windows in a windows blob"
+            )
         if workers < 1:
             raise ValueError(f"layer {index.layer_digest}: workers must be >= 1, not {workers}")
         if read_ahead_spans < 0:
@@ -165,11 +191,19 @@ class LayerReader:
             )
         self.index = index
         self.blob = blob
+        self.windows = windows
         self.cache = cache
         self.fetch_timeout = fetch_timeout
         self.read_ahead_spans = read_ahead_spans
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        # One windows fetch per group fetch at most, and each group's fetch waits for its own:
+        # a pool as large as the fetchers' (span workers + prefetch) never makes one wait.
+        self._windows_pool = (
+            ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="window-fetch")
+            if windows is not None
+            else None
+        )
         self._closed = False
         self._lock = threading.Lock()
         # Span number -> its current fetch attempt: running, or failed and still failing fast.
@@ -195,6 +229,8 @@ class LayerReader:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        if self._windows_pool is not None:
+            self._windows_pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, entry: TocEntry, offset: int, size: int) -> bytes:
         """Up to size bytes of entry's data from offset (fewer at end of file)."""
@@ -481,6 +517,7 @@ class LayerReader:
         try:
             if not group:
                 return
+            windows = self._start_windows_fetch([span_no for span_no, _ in group])
             ranges = [fetch_range(self.index, span_no) for span_no, _ in group]
             first = ranges[0][0]
             last = max(end for _, end in ranges)
@@ -490,7 +527,10 @@ class LayerReader:
                 self._counters.range_requests += 1
             for (span_no, attempt), (begin, end) in zip(group, ranges, strict=True):
                 try:
-                    data = inflate_span(self.index, span_no, raw[begin - first : end - first])
+                    window = self._window(windows, span_no)
+                    data = inflate_span(
+                        self.index, span_no, raw[begin - first : end - first], window
+                    )
                 except Exception as exc:
                     self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}")
                 else:
@@ -499,6 +539,46 @@ class LayerReader:
         except Exception as exc:
             for span_no, attempt in sorted(pending.items()):
                 self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}")
+
+    def _start_windows_fetch(self, span_numbers: list[int]) -> _WindowsFetch | None:
+        """Start fetching the windows of consecutive spans (one range of the windows blob) on
+        the windows pool; None when the index keeps no external windows or none is needed."""
+        if self._windows_pool is None:
+            return None
+        spans = self.index.spans
+        begin = spans[span_numbers[0]].window_offset
+        end = max(spans[n].window_offset + spans[n].window_length for n in span_numbers)
+        if end <= begin:
+            return None
+        return _WindowsFetch(begin, self._windows_pool.submit(self._read_windows, begin, end))
+
+    def _read_windows(self, begin: int, end: int) -> bytes:
+        assert self.windows is not None  # a windows pool exists only with a windows source
+        raw = self.windows.read(begin, end - begin)
+        with self._lock:
+            self._counters.bytes_fetched += len(raw)
+            self._counters.range_requests += 1
+        return raw
+
+    def _window(self, fetch: _WindowsFetch | None, span_no: int) -> bytes | None:
+        """The span's window from its group's windows fetch (None: inline, or none needed);
+        WindowFetchError naming the windows blob if it could not be fetched or decoded."""
+        span = self.index.spans[span_no]
+        if not span.window_length:
+            return None
+        windows = self.index.windows
+        assert fetch is not None and windows is not None  # a window length implies both
+        where = (
+            f"windows blob {windows.digest} bytes {span.window_offset}-"
+            f"{span.window_offset + span.window_length - 1}"
+        )
+        try:
+            # the windows blob source gives up within the fetch timeout on its own
+            raw = fetch.future.result()
+            start = span.window_offset - fetch.begin
+            return decode_window(raw[start : start + span.window_length])
+        except Exception as exc:
+            raise WindowFetchError(f"{where}: {type(exc).__name__}: {exc}") from None
 
     def _succeed(self, span_no: int, attempt: _Attempt, data: bytes) -> None:
         try:
