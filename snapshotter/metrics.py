@@ -55,6 +55,11 @@ _LAYER_COUNTERS = (
     ("range_requests", "lazysnap_layer_range_requests", "Range requests sent to the registry"),
     ("cache_hits", "lazysnap_layer_cache_hits", "Span reads served from the span cache"),
     ("fetch_errors", "lazysnap_layer_read_errors", "Spans whose fetch or verification failed"),
+    (
+        "readahead_spans",
+        "lazysnap_layer_readahead_spans",
+        "Spans fetched ahead of a sequential read before it needed them",
+    ),
 )
 
 

@@ -21,6 +21,7 @@ from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import HEADER_SIZE
 from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.fs.mount_process import read_state
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
@@ -174,6 +175,12 @@ def test_metrics_collector_reports_the_same_figures_per_layer(lazy_root: LazyRoo
     assert samples[("lazysnap_layer_fetched_bytes_total", digest)] == read.bytes_fetched
     assert samples[("lazysnap_layer_fetched_spans_total", digest)] == read.spans_cached
     assert samples[("lazysnap_layer_read_errors_total", digest)] == 0
+    state = read_state(layer.mountpoint)
+    assert state is not None
+    assert (
+        samples[("lazysnap_layer_readahead_spans_total", digest)]
+        == state["counters"]["readahead_spans"]
+    )
     assert samples[("lazysnap_lazy_layers_mounted", ())] == 1
     assert samples[("lazysnap_cache_spans", ())] == read.spans_cached
 
