@@ -56,6 +56,10 @@ class FetchConfig:
     background_rate_bytes: int = 32 << 20  # compressed bytes per second per layer
     # Once background fetch has a whole layer, copy it to plain files and detach its FUSE mount.
     materialize: bool = True
+    # Largest window, in spans, fetched ahead of a file read forward span by span; 0: off.
+    read_ahead_spans: int = (
+        8  # fs.reader.DEFAULT_READ_AHEAD_SPANS (not imported: keeps config light)
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ def _validate(config: Config, source: str) -> Config:
         ("cache.max_size_bytes", config.cache.max_size_bytes),
         ("fuse.read_ahead_kb", config.fuse.read_ahead_kb),
         ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds),
+        ("fetch.read_ahead_spans", config.fetch.read_ahead_spans),
     ):
         if value < 0:
             raise ConfigError(f"{source}: {key} must not be negative, got {value}")

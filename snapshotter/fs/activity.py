@@ -33,6 +33,9 @@ NOTE_INTERVAL_S = 0.25
 # start sends thousands a second, a long-running service reading now and then a few.
 BUSY_REQUESTS = 50
 BUSY_WINDOW_S = 0.5
+# Longest a busy node (requests served from cache, no fetches) holds background work back:
+# containers that keep walking their files must not keep the node from converging.
+MAX_BUSY_DEFERRAL_S = 120.0
 
 
 class _Mark:
@@ -109,3 +112,34 @@ class BusyMeter:
         self._count += 1
         if self._count >= BUSY_REQUESTS:
             self._activity.note_busy()  # rate-limited: cheap to call on every later request
+
+
+class BusyGate:
+    """Whether background work (fetching the rest of a layer, copying it to plain files) may
+    go on as far as the node's busy clock is concerned: not until no mount has served a burst
+    for `quiet_seconds`, but never deferred longer than `max_deferral` in a row."""
+
+    def __init__(
+        self,
+        activity: NodeActivity,
+        quiet_seconds: float,
+        max_deferral: float | None = None,
+    ) -> None:
+        self._activity = activity
+        self._quiet_seconds = quiet_seconds
+        self._max_deferral = max_deferral
+        self._deferring_since: float | None = None  # monotonic
+
+    def remaining(self) -> float:
+        """Seconds still to wait (<= 0: go on)."""
+        remaining = self._quiet_seconds - self._activity.seconds_since_busy()
+        now = time.monotonic()
+        if remaining <= 0:
+            self._deferring_since = None
+            return remaining
+        if self._deferring_since is None:
+            self._deferring_since = now
+        max_deferral = MAX_BUSY_DEFERRAL_S if self._max_deferral is None else self._max_deferral
+        if now - self._deferring_since >= max_deferral:
+            return 0.0  # busy without pause for too long: go on anyway, at low priority
+        return remaining

@@ -5,7 +5,7 @@ One low-priority (nice 19) thread per mount. It only works while the node is qui
 any layer sharing the span cache has had to go to the network for `quiet_seconds`, no
 startup-profile prefetch of this layer is running, and no mount of the node has served a burst
 of FUSE requests for `quiet_seconds`, which yields to a busy node for at most
-`MAX_BUSY_DEFERRAL_S`: see activity.py), fetches one span per request in layer order
+`activity.MAX_BUSY_DEFERRAL_S`), fetches one span per request in layer order
 on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces
 itself to `rate_bytes` compressed bytes per second, and stops for good when every span is cached
 or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound: filling
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from snapshotter.fs.activity import NodeActivity
+from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.reader import LayerReader
 
 log = logging.getLogger("lazysnap.fs")
@@ -31,9 +31,6 @@ CACHE_HIGH_WATER = 0.9  # of the cache bound; above it background fetch stops
 DEFAULT_QUIET_S = 5.0
 DEFAULT_RATE_BYTES = 32 << 20
 _ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
-# Longest a busy node (requests served from cache, no fetches) holds background fetch back:
-# containers that keep walking their files must not keep the node from converging.
-MAX_BUSY_DEFERRAL_S = 120.0
 
 
 class BackgroundState(StrEnum):
@@ -64,8 +61,7 @@ class BackgroundFetcher(threading.Thread):
         self.settings = settings
         self.state = BackgroundState.WAITING
         self._stop_event = threading.Event()
-        self._activity = NodeActivity(reader.cache.directory)
-        self._busy_deferral_started: float | None = None  # monotonic
+        self._busy = BusyGate(NodeActivity(reader.cache.directory), settings.quiet_seconds)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -116,22 +112,9 @@ class BackgroundFetcher(threading.Thread):
         while not self._stop_event.is_set():
             remaining = self.settings.quiet_seconds - self.reader.idle_seconds()
             if remaining <= 0:
-                remaining = self._busy_remaining()
+                remaining = self._busy.remaining()
                 if remaining <= 0:
                     return True
             self.state = BackgroundState.WAITING
             self._stop_event.wait(min(remaining, 0.5))
         return False
-
-    def _busy_remaining(self) -> float:
-        """Seconds still to wait for the node's mounts to stop serving bursts (<= 0: go on)."""
-        remaining = self.settings.quiet_seconds - self._activity.seconds_since_busy()
-        now = time.monotonic()
-        if remaining <= 0:
-            self._busy_deferral_started = None
-            return remaining
-        if self._busy_deferral_started is None:
-            self._busy_deferral_started = now
-        if now - self._busy_deferral_started >= MAX_BUSY_DEFERRAL_S:
-            return 0.0  # busy without pause for too long: converge anyway, at nice 19
-        return remaining

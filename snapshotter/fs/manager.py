@@ -51,6 +51,7 @@ from pathlib import Path
 
 from snapshotter.config import Config
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.materialize import (
@@ -65,7 +66,7 @@ from snapshotter.fs.materialize import (
     write_marker,
 )
 from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
-from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_WORKERS
+from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.fs.zygote import (
     MOUNT_PROCESS_MODULE,
     ZYGOTE_NAME,
@@ -127,6 +128,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         resolve=resolve,
         fetch_timeout=config.remote.fetch_timeout_seconds,
         read_ahead_kb=config.fuse.read_ahead_kb,
+        read_ahead_spans=config.fetch.read_ahead_spans,
         prefetch=config.fetch.prefetch,
         background=BackgroundSettings(
             enabled=config.fetch.background,
@@ -156,6 +158,7 @@ class LazyLayers:
         ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
         allow_other: bool = True,
         read_ahead_kb: int = READ_AHEAD_KB,
+        read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS,
         prefetch: bool = True,
         background: BackgroundSettings | None = None,
         python: str = sys.executable,
@@ -172,6 +175,7 @@ class LazyLayers:
         self.ready_timeout = ready_timeout
         self.allow_other = allow_other
         self.read_ahead_kb = read_ahead_kb
+        self.read_ahead_spans = read_ahead_spans
         self.prefetch = prefetch
         self.background = background or BackgroundSettings()
         self.python = python
@@ -186,6 +190,9 @@ class LazyLayers:
         self._known: set[str] = set()
         self._copies: dict[str, Copy] = {}
         self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
+        # A copy works the disk and a core: like background fetch, it waits for a quiet node.
+        self._node_activity = NodeActivity(cache_dir)
+        self._busy = BusyGate(self._node_activity, self.background.quiet_seconds)
         self._watcher: threading.Thread | None = None
         # Held while a finished copy gets its marker and detach, and while unmount() removes a
         # marker: an unmount never leaves a marker behind that a copy wrote after it.
@@ -342,6 +349,7 @@ class LazyLayers:
             workers=self.workers,
             allow_other=self.allow_other,
             read_ahead_kb=self.read_ahead_kb,
+            read_ahead_spans=self.read_ahead_spans,
             prefetch_names=spec.prefetch_names,
             prefetch=self.prefetch,
             background=self.background.enabled,
@@ -444,10 +452,18 @@ class LazyLayers:
         state = read_state(mountpoint)
         if not state or state.get("background") != BACKGROUND_COMPLETE:
             return
+        if not self._node_quiet():
+            return  # a container is starting (fetching, or busy on its mounts): later
         if self._problem(mountpoint) is not None:
             return  # not served: check() mounts it again when it is used
         digest = state.get("layer_digest")
         self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+
+    def _node_quiet(self) -> bool:
+        quiet = self.background.quiet_seconds
+        if self._node_activity.seconds_since_foreground_fetch() < quiet:
+            return False
+        return self._busy.remaining() <= 0
 
     def _materialize(self, mountpoint: str, layer_digest: str) -> bool:
         copy = Copy(mountpoint, python=self.python)

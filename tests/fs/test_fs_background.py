@@ -279,9 +279,9 @@ def test_a_few_requests_do_not_make_the_node_busy(tmp_path: Path) -> None:
 def test_a_node_that_never_stops_being_busy_still_converges(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import snapshotter.fs.background as background
+    import snapshotter.fs.activity as activity
 
-    monkeypatch.setattr(background, "MAX_BUSY_DEFERRAL_S", 1.5)
+    monkeypatch.setattr(activity, "MAX_BUSY_DEFERRAL_S", 1.5)
     servers, starting, quiet = _two_layers(tmp_path)
     stop = threading.Event()
 

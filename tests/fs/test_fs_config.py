@@ -8,6 +8,7 @@ import pytest
 
 from snapshotter.config import ConfigError, load_config
 from snapshotter.fs.manager import from_config
+from snapshotter.fs.reader import DEFAULT_READ_AHEAD_SPANS
 
 
 def _write(tmp_path: Path, text: str) -> str:
@@ -21,7 +22,8 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
         _write(
             tmp_path,
             "[fetch]\nprefetch = false\nbackground = false\n"
-            "background_quiet_seconds = 1.5\nbackground_rate_bytes = 1048576\n",
+            "background_quiet_seconds = 1.5\nbackground_rate_bytes = 1048576\n"
+            "read_ahead_spans = 3\n",
         )
     )
     layers = from_config(config)
@@ -29,12 +31,14 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
     assert layers.background.enabled is False
     assert layers.background.quiet_seconds == 1.5
     assert layers.background.rate_bytes == 1 << 20
+    assert layers.read_ahead_spans == 3
 
 
 def test_defaults_fetch_in_the_background() -> None:
     layers = from_config(load_config(None))
     assert layers.prefetch and layers.background.enabled
     assert layers.background.quiet_seconds > 0 and layers.background.rate_bytes > 0
+    assert layers.read_ahead_spans == DEFAULT_READ_AHEAD_SPANS  # config's copy of the default
 
 
 @pytest.mark.parametrize(
@@ -43,6 +47,7 @@ def test_defaults_fetch_in_the_background() -> None:
         ("[fetch]\nbackground_rate_bytes = 0\n", "fetch.background_rate_bytes"),
         ("[fetch]\nbackground_quiet_seconds = -1\n", "fetch.background_quiet_seconds"),
         ("[fetch]\nbackground = 'yes'\n", "fetch.background"),
+        ("[fetch]\nread_ahead_spans = -1\n", "fetch.read_ahead_spans"),
         ("[fetch]\nbackgrund = true\n", "fetch.backgrund"),
     ],
 )

@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
 from snapshotter.fs.materialize import (
@@ -285,3 +287,42 @@ def test_marker_reading_writing_and_damage(tmp_path: Path) -> None:
     # Written atomically, so a marker that is there means local even if it reads badly.
     marker_path(mountpoint).write_text("not json")
     assert read_marker(mountpoint) == LocalMarker("", 0.0)
+
+
+def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    # A container starting on other layers (its mounts serving bursts of requests) must not
+    # share the two cores and the disk with a copy: the copy waits for a quiet node.
+    manager = LazyLayers(
+        str(tmp_path / "cache"),
+        1 << 30,
+        fetch_timeout=5,
+        background=BackgroundSettings(quiet_seconds=2.0),
+        materialize=True,
+        materialize_retry_s=3600,
+    )
+    managers.append(manager)
+    # The mount process's own background fetch should not wait here: only the copy is tested.
+    manager.background = QUICK
+    node = NodeActivity(str(tmp_path / "cache"))
+    stop = threading.Event()
+
+    def busy_node() -> None:
+        while not stop.wait(0.2):
+            node.note_busy()
+
+    busy = threading.Thread(target=busy_node, daemon=True)
+    busy.start()
+    try:
+        mnt = tmp_path / "fs"
+        mnt.mkdir()
+        manager.mount_layer(str(mnt), layer.spec())
+        assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
+        time.sleep(3.0)  # the watcher polls every second
+        assert _is_mounted(mnt) and not manager.is_local(str(mnt))
+    finally:
+        stop.set()
+        busy.join(5)
+    # Quiet for 2 s: the copy runs.
+    assert _wait_for(lambda: manager.is_local(str(mnt)), 15)
