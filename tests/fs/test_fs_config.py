@@ -27,6 +27,7 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
         )
     )
     layers = from_config(config)
+    layers.close()  # its zygote: only the settings are looked at
     assert layers.prefetch is False
     assert layers.background.enabled is False
     assert layers.background.quiet_seconds == 1.5
@@ -36,6 +37,7 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
 
 def test_defaults_fetch_in_the_background() -> None:
     layers = from_config(load_config(None))
+    layers.close()
     assert layers.prefetch and layers.background.enabled
     assert layers.background.quiet_seconds > 0 and layers.background.rate_bytes > 0
     assert layers.read_ahead_spans == DEFAULT_READ_AHEAD_SPANS  # config's copy of the default

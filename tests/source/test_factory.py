@@ -15,6 +15,7 @@ def test_mount_processes_get_the_same_default_credentials_file_as_discovery(
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
     (tmp_path / "config.json").write_text('{"auths": {"reg.example:5000": {"auth": "dTpw"}}}')
     layers = lazy_layers_from_config(load_config(None, root=str(tmp_path / "root")))
+    layers.close()  # its zygote: only the settings are looked at
     assert isinstance(layers.resolve, IndexDiscovery)
     assert layers.resolve.blob_settings.docker_config == str(tmp_path / "config.json")
     assert layers.resolve.client.credentials.get("reg.example:5000") is not None
