@@ -31,8 +31,9 @@ each cell the median over that variant's trials ("-": no such event in any trial
 mount-startup: a mount process as the daemon starts it (fresh interpreter, registry blob
 source, the checkout's code), timed from start to its "ready" line; one layer (the pybig
 layer with the most entries) or, with --all-layers, one per pybig layer started at once until
-all are ready. --zygote compares a fresh interpreter ("cold") with a fork of a process that
-has already imported the mount code ("zygote"; a design lazysnap does not have) per variant.
+all are ready. --zygote compares a fresh interpreter ("cold") with a fork by the daemon's
+zygote ("zygote": snapshotter.fs.zygote, `[fuse] zygote`; checkouts from 4b28eec on) per
+variant.
 Prints the median and every trial in ms.
 
 decode-tree: decode_index and LayerTree.from_index of the largest pybig layer's index (built
@@ -285,7 +286,7 @@ def _time_one(
             base,
             lambda work, spec: mounts.start_cold(work, spec, variant.path),
         )
-    zygote = mounts.Zygote(variant.path, base / f"zygote-{variant.label}.log")
+    zygote = mounts.CheckoutZygote(variant.path)
     try:
         time.sleep(0.5)  # as if started with the daemon, well before the first Prepare
         return mounts.time_mounts(layers, host, "bench/pybig", base, zygote.start)
@@ -386,9 +387,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mount.add_argument(
         "--all-layers", action="store_true", help="all pybig layers at once (default: largest)"
     )
-    mount.add_argument(
-        "--zygote", action="store_true", help="also fork from a pre-imported process"
-    )
+    mount.add_argument("--zygote", action="store_true", help="also fork by the daemon's zygote")
     mount.set_defaults(handler=cmd_mount_startup)
 
     decode = commands.add_parser(

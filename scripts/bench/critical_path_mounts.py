@@ -4,9 +4,9 @@ critical path that the first run waits for (docs/benchmarks.md, "Critical path o
 A mount is started the way snapshotter/fs/manager.py starts one (`python -m
 snapshotter.fs.mount_process --spec FILE --ready-fd N`, cwd /, own session) from a given
 checkout (PYTHONPATH), with a registry blob source, no prefetch, no background fetch, and timed
-until it writes "ready". "zygote" instead asks a process that has already imported the mount
-code (critical_path_zygote.py) to fork one child per mount: the design docs/benchmarks.md
-measured but lazysnap does not have.
+until it writes "ready". "zygote" instead has the daemon's zygote (snapshotter.fs.zygote.Zygote,
+`[fuse] zygote`) fork one child per mount: the zygote process runs the checkout's mount code,
+the daemon's side of it (start, fork, close) is this repository's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,10 +24,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshotter.fs.zygote import Zygote, ZygoteError
 from tests.harness.images import BuiltImage
 from tests.harness.procs import HarnessError, pid_alive, unmount_all_under
 
-ZYGOTE_SCRIPT = Path(__file__).resolve().parent / "critical_path_zygote.py"
 READY_TIMEOUT_S = 60.0
 
 Progress = Callable[[str], None]
@@ -135,58 +134,49 @@ def start_cold(work: Path, spec: Path, repo: Path) -> MountRun:
     return MountRun(work, popen.pid, read_end, popen)
 
 
-class Zygote:
-    """critical_path_zygote.py from one checkout: imports the mount code once, then forks a
-    mount child per request (spec path + ready fd over a unix socket; it answers the pid)."""
+@contextlib.contextmanager
+def pythonpath(repo: Path) -> Iterator[None]:
+    """PYTHONPATH=repo for the processes started meanwhile (Zygote.start takes no env)."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(repo)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
 
-    def __init__(self, repo: Path, log_path: Path) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.socket = ours
-        with open(log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, str(ZYGOTE_SCRIPT), str(theirs.fileno())],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                pass_fds=(theirs.fileno(),),
-                start_new_session=True,
-                cwd="/",
-                env=checkout_env(repo),
-            )
-        theirs.close()
-        self.log_path = log_path
-        self.socket.settimeout(READY_TIMEOUT_S)
-        if self._answer() != "imported":
-            raise HarnessError(f"zygote did not start; log {log_path}")
 
-    def _answer(self) -> str:
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = self.socket.recv(256)
-            if not chunk:
-                return ""
-            data += chunk
-        return data.decode().strip()
+class CheckoutZygote:
+    """The daemon's zygote running one checkout's mount code, started as fs/manager.py starts
+    it; start() asks it for one mount process, as the manager does for a lazy layer."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        with pythonpath(repo):
+            try:
+                self.zygote = Zygote.start(sys.executable)
+            except ZygoteError as exc:
+                raise HarnessError(f"zygote of {repo}: {exc}") from None
 
     def start(self, work: Path, spec: Path) -> MountRun:
         read_end, write_end = os.pipe()
         try:
-            socket.send_fds(self.socket, [f"{spec}\n".encode()], [write_end])
+            with open(work / "mount.log", "ab") as log:
+                child = self.zygote.fork(str(spec), write_end, log.fileno())
+        except ZygoteError as exc:
+            os.close(read_end)
+            raise HarnessError(
+                f"zygote of {self.repo}: {exc} (checkouts before 4b28eec have none)"
+            ) from None
         finally:
             os.close(write_end)
-        answer = self._answer()
-        if not answer.isdigit():
-            os.close(read_end)
-            raise HarnessError(f"zygote answered {answer!r}; log {self.log_path}")
-        return MountRun(work, int(answer), read_end)
+        child.close()  # followed by pid like the others: stop() treats a zombie as gone
+        return MountRun(work, child.pid, read_end)
 
     def close(self) -> None:
-        self.socket.close()  # EOF: the zygote exits
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        self.zygote.close()  # the zygote exits; its children were stopped already
 
 
 def wait_ready(run: MountRun, timeout: float = READY_TIMEOUT_S) -> str:
