@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -37,6 +38,7 @@ from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_READ_AHEAD_SPANS,
     DEFAULT_WORKERS,
+    BlobSource,
     LayerReader,
 )
 from snapshotter.fs.tree import LayerTree, LayerTreeError
@@ -200,6 +202,21 @@ def load_index(path: str) -> LayerIndex:
         raise SpecError(f"index file {path}: {exc}") from None
 
 
+def open_windows_source(spec: MountSpec, index: LayerIndex) -> BlobSource | None:
+    """The windows blob of a version-2 index: in the layer blob's repository, read with the
+    same hosts and credentials. Only a registry source names a repository to find it in."""
+    if index.windows is None:
+        return None
+    if spec.blob.kind != "registry":
+        raise SpecError(
+            f"index file {spec.index_path}: layer {index.layer_digest} keeps its windows in "
+            f"windows blob {index.windows.digest}, which a {spec.blob.kind!r} blob source "
+            "cannot read (only a registry one)"
+        )
+    windows = dataclasses.replace(spec.blob, digest=index.windows.digest, size=index.windows.size)
+    return open_blob_source(windows, timeout=spec.fetch_timeout)
+
+
 class _Reporter:
     """Writes the single ready/error line the parent waits for, once."""
 
@@ -358,6 +375,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         gc.freeze()
         cache = SpanCache(spec.cache_dir, spec.cache_max_bytes)
         blob = open_blob_source(spec.blob, timeout=spec.fetch_timeout)
+        windows = open_windows_source(spec, index)
         device_before = os.stat(spec.mountpoint).st_dev
     except (SpecError, LayerTreeError, CacheError, BlobSpecError) as exc:
         reporter.send(f"error: {exc}")
@@ -377,6 +395,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         workers=spec.workers,
         fetch_timeout=spec.fetch_timeout,
         read_ahead_spans=spec.read_ahead_spans,
+        windows=windows,
     )
     wanted = prefetch_spans(index, tree, spec.prefetch_names) if spec.prefetch else []
     keeper = _StateKeeper(spec, reader, reporter, device_before, wanted)

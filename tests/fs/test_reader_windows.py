@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.blob_source import UrlBlobSource
+from snapshotter.fs.blob_source import BlobSpec, UrlBlobSource
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.mount_process import MountSpec, SpecError, open_windows_source
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.index.codec import decode_index, encode_index_split
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
@@ -161,3 +163,23 @@ def test_a_v2_index_needs_a_windows_source(layer: SplitLayer, tmp_path: Path) ->
     blob = UrlBlobSource(layer.data.url, timeout=TIMEOUT)
     with pytest.raises(ValueError, match=f"layer {layer.index.layer_digest}: a windows blob"):
         LayerReader(layer.index, blob, SpanCache(tmp_path, 1 << 30))
+
+
+def test_a_v2_index_needs_a_registry_blob_source(layer: SplitLayer, tmp_path: Path) -> None:
+    """The windows blob is found beside the layer blob in its repository: a file or bare URL
+    source names none, so the mount fails, naming the layer and the windows blob."""
+    assert layer.index.windows is not None
+    spec = MountSpec(
+        mountpoint=str(tmp_path / "mnt"),
+        index_path=str(tmp_path / "index"),
+        blob=BlobSpec("url", layer.data.url, layer.index.layer_digest),
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=1 << 30,
+    )
+    with pytest.raises(SpecError, match=f"layer {layer.index.layer_digest} keeps its windows"):
+        open_windows_source(spec, layer.index)
+    registry = dataclasses.replace(
+        spec, blob=BlobSpec("registry", "127.0.0.1:1/some/repo", layer.index.layer_digest, 10)
+    )
+    source = open_windows_source(registry, layer.index)
+    assert source is not None and getattr(source, "digest", None) == layer.index.windows.digest
