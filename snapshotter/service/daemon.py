@@ -3,8 +3,9 @@
 Start order: take an fcntl lock on ROOT/lock (a second daemon on the same root exits 2), only
 then replace a stale socket file, open the core, re-check remote mounts, listen (socket mode
 0660), tell systemd READY=1. SIGTERM/SIGINT stop accepting, let in-flight RPCs finish within a
-grace period, and exit 0. Nothing heavy is imported on this path (no FUSE, no HTTP) unless
-remote layers are enabled and provided by snapshotter.fs.
+grace period, stop what the lazy layers run beside their mounts (the mount-process zygote; the
+mount processes serve on, for the next daemon to adopt), and exit 0. Nothing heavy is imported
+on this path (no FUSE, no HTTP) unless remote layers are enabled and provided by snapshotter.fs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from snapshotter.config import Config
 from snapshotter.core.errors import SnapshotError
@@ -134,6 +135,22 @@ def load_remote_layers(config: Config) -> RemoteLayers | None:
         return None
 
 
+@runtime_checkable
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def close_remote_layers(remote: RemoteLayers | None) -> None:
+    """Stop the lazy layers' helpers (LazyLayers.close: the zygote) rather than leave them to
+    notice the daemon's exit; a failure is logged, the daemon still stops."""
+    if not isinstance(remote, Closable):
+        return
+    try:
+        remote.close()
+    except Exception as err:
+        log.warning("stopping the lazy layers' helpers: %s", err)
+
+
 def _daemon_metrics(config: Config, root: str) -> DaemonMetrics | None:
     """The metrics registry when [metrics] address is set; prometheus-client is imported only
     then, so serve without metrics starts as fast as before."""
@@ -167,12 +184,6 @@ class Daemon:
         self._stop.set()
 
     def run(self) -> int:
-        # Heavy imports only now: `lazysnap --help` and config errors stay instant.
-        import grpc
-
-        from snapshotter.core.snapshotter import Snapshotter
-        from snapshotter.service.grpc_service import add_to_server
-
         config = self.config
         root = os.path.abspath(config.root)
         address = os.path.abspath(config.address)
@@ -190,47 +201,66 @@ class Daemon:
             except OSError as err:
                 raise DaemonError(f"cannot create socket directory: {err}") from None
             _remove_stale_socket(address)
+            remote = load_remote_layers(config)
             try:
-                remote = load_remote_layers(config)
-                if metrics is None:
-                    core = Snapshotter(root, remote=remote)
-                else:  # the same core, with each Prepare's outcome counted
-                    core = metrics.snapshotter(root, remote)
-            except (SnapshotError, OSError) as err:
-                raise DaemonError(f"cannot open snapshot store in {root}: {err}") from None
-            try:
-                if metrics is not None:
-                    _serve_metrics(metrics, config.metrics.address)
-                core.restore_remote_snapshots()
-                server = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_WORKERS))
-                add_to_server(core, server)
-                old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
-                try:
-                    bound = server.add_insecure_port(f"unix://{address}")
-                except RuntimeError as err:
-                    raise DaemonError(f"cannot listen on {address}: {err}") from None
-                finally:
-                    os.umask(old_umask)
-                if not bound:
-                    raise DaemonError(f"cannot listen on {address}")
-                server.start()
-                os.chmod(address, 0o660)
-                log.info("serving snapshots of %s on %s", root, address)
-                sd_notify("READY=1")
-                while not self._stop.wait(timeout=1.0):
-                    pass
-                sd_notify("STOPPING=1")
-                server.stop(GRACE_SECONDS).wait()
-                log.info("stopped")
+                self._serve(root, address, remote, metrics)
             finally:
-                if metrics is not None:
-                    metrics.stop()
-                core.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(address)
+                close_remote_layers(remote)
         finally:
             lock.release()
         return EXIT_OK
+
+    def _serve(
+        self,
+        root: str,
+        address: str,
+        remote: RemoteLayers | None,
+        metrics: DaemonMetrics | None,
+    ) -> None:
+        """Open the core over root and serve it on address until told to stop."""
+        # Heavy imports only now: `lazysnap --help` and config errors stay instant.
+        import grpc
+
+        from snapshotter.core.snapshotter import Snapshotter
+        from snapshotter.service.grpc_service import add_to_server
+
+        try:
+            if metrics is None:
+                core = Snapshotter(root, remote=remote)
+            else:  # the same core, with each Prepare's outcome counted
+                core = metrics.snapshotter(root, remote)
+        except (SnapshotError, OSError) as err:
+            raise DaemonError(f"cannot open snapshot store in {root}: {err}") from None
+        try:
+            if metrics is not None:
+                _serve_metrics(metrics, self.config.metrics.address)
+            core.restore_remote_snapshots()
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_WORKERS))
+            add_to_server(core, server)
+            old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
+            try:
+                bound = server.add_insecure_port(f"unix://{address}")
+            except RuntimeError as err:
+                raise DaemonError(f"cannot listen on {address}: {err}") from None
+            finally:
+                os.umask(old_umask)
+            if not bound:
+                raise DaemonError(f"cannot listen on {address}")
+            server.start()
+            os.chmod(address, 0o660)
+            log.info("serving snapshots of %s on %s", root, address)
+            sd_notify("READY=1")
+            while not self._stop.wait(timeout=1.0):
+                pass
+            sd_notify("STOPPING=1")
+            server.stop(GRACE_SECONDS).wait()
+            log.info("stopped")
+        finally:
+            if metrics is not None:
+                metrics.stop()
+            core.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
 
 
 def serve(config: Config) -> int:
