@@ -50,8 +50,8 @@ for dir in tests/accel tests/indexer; do
 done
 # The tests import the bench tools; these are programs of their own (nothing imports them).
 check "mypy --strict (tests/bench)" env MYPYPATH="$REPO:$REPO/scripts/bench" "$BIN/mypy" \
-    --strict --explicit-package-bases tests/bench scripts/bench/critical_path_zygote.py \
-    scripts/bench/critical_path_decode.py \
+    --strict --explicit-package-bases tests/bench \
+    scripts/bench/critical_path_decode.py scripts/bench/bench_index_size.py \
     scripts/bench/critical_path_trace/sitecustomize.py
 
 # LAZYSNAP_REQUIRE_STACK=1: a stack test that cannot run is an error, not a silent skip.
