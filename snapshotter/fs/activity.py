@@ -103,8 +103,13 @@ class BusyMeter:
         self._activity = activity
         self._window_start = -math.inf
         self._count = 0
+        # Off once the layer is fully local: the copy to plain files reads it through FUSE
+        # and must not hold back the other layers' background work.
+        self.counting = True
 
     def tick(self) -> None:
+        if not self.counting:
+            return
         now = time.monotonic()
         if now - self._window_start > BUSY_WINDOW_S:
             self._window_start = now

@@ -72,7 +72,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         self._fs_blocks = (tree.total_size + 4095) // 4096
         self._has_xattrs: bool | None = None  # found on the first getxattr, off the startup path
         # A burst of requests (a container starting) holds back background work node-wide.
-        self._busy = BusyMeter(NodeActivity(reader.cache.directory))
+        self.busy_meter = BusyMeter(NodeActivity(reader.cache.directory))
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -95,12 +95,12 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return node
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        self._busy.tick()
+        self.busy_meter.tick()
         node = self.tree.inode(fh) if fh else None
         return _attributes(node or self._node(path))
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        self._busy.tick()
+        self.busy_meter.tick()
         node = self._node(path)
         if not node.is_dir:
             raise _fail(errno.ENOTDIR)
@@ -115,7 +115,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return entries
 
     def readlink(self, path: str) -> str:
-        self._busy.tick()
+        self.busy_meter.tick()
         node = self._node(path)
         if not stat.S_ISLNK(node.mode):
             raise _fail(errno.EINVAL)
@@ -156,7 +156,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         raise _fail(errno.ENOSYS)
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        self._busy.tick()
+        self.busy_meter.tick()
         node = self.tree.inode(fh) if fh else None
         if node is None and path is not None:
             node = self.tree.lookup(path)

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter.fs.activity import BusyMeter
 from snapshotter.fs.background import (
     DEFAULT_QUIET_S,
     DEFAULT_RATE_BYTES,
     BackgroundFetcher,
     BackgroundSettings,
+    BackgroundState,
 )
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, SpanCache
@@ -252,6 +254,7 @@ class _StateKeeper(threading.Thread):
         self.device_before = device_before
         self.prefetch_spans = prefetch_spans
         self.background = BackgroundFetcher(reader, spec.background_settings())
+        self.busy_meter: BusyMeter | None = None  # the FUSE operations', once they exist
         self.stopped = threading.Event()
         self.became_ready = threading.Event()
         self.started_at = time.time()
@@ -283,6 +286,8 @@ class _StateKeeper(threading.Thread):
             self.background.start()
         while not self.stopped.wait(self.spec.state_interval):
             self.write_state()
+            if self.background.state is BackgroundState.COMPLETE and self.busy_meter:
+                self.busy_meter.counting = False  # see BusyMeter.counting
         self.background.stop()
 
     def write_state(self) -> None:
@@ -406,8 +411,10 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         return 2
     keeper.start()
     try:
+        operations = fuse_ops.LayerOperations(tree, reader, access_log)
+        keeper.busy_meter = operations.busy_meter
         fuse_ops.serve(
-            fuse_ops.LayerOperations(tree, reader, access_log),
+            operations,
             spec.mountpoint,
             fsname=f"lazysnap:{index.layer_digest}",
             allow_other=spec.allow_other,

@@ -4,9 +4,11 @@ its FUSE mount, which is then detached. Real FUSE mounts, real cp, a real tmpfs 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ from snapshotter.fs.materialize import (
 from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.status import mount_statuses
 from tests.fs.fs_helpers import (
+    Member,
     assert_tree_matches,
     built_index,
     expected_view,
@@ -326,3 +329,27 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
         busy.join(5)
     # Quiet for 2 s: the copy runs.
     assert _wait_for(lambda: manager.is_local(str(mnt)), 15)
+
+
+def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
+    managers: list[LazyLayers], tmp_path: Path
+) -> None:
+    # The copy to plain files reads a complete layer through FUSE: a burst, but not a
+    # container starting, so it must not hold back the other layers' background work.
+    members = [Member("many", kind=tarfile.DIRTYPE, mode=0o755)]
+    members += [Member(f"many/file-{n}", data=b"%d" % n) for n in range(200)]
+    tar = make_tar(members)
+    many = Layer(tar, tar, built_index(tar, "tar"))
+    try:
+        manager = _manager(tmp_path, materialize=False)
+        managers.append(manager)
+        mnt = tmp_path / "fs"
+        mnt.mkdir()
+        manager.mount_layer(str(mnt), many.spec())
+        assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
+        time.sleep(2.5)  # the mount process looks at its background state every 2 s
+        for n in range(200):
+            assert (mnt / f"many/file-{n}").read_bytes() == b"%d" % n  # ~400 requests
+        assert NodeActivity(str(tmp_path / "cache")).seconds_since_busy() == math.inf
+    finally:
+        many.server.stop()
