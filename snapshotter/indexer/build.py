@@ -30,7 +30,7 @@ from enum import StrEnum
 from typing import BinaryIO, cast
 
 from snapshotter.index.build import build_layer_index
-from snapshotter.index.codec import encode_index
+from snapshotter.index.codec import encode_index_split
 from snapshotter.index.model import ARTIFACT_TYPE, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from snapshotter.indexer import layer_cache
 from snapshotter.indexer.artifact import (
@@ -95,6 +95,7 @@ class LayerResult:
     outcome: LayerOutcome
     indexed: IndexedLayer | None = None
     index_blob: bytes | None = None  # BUILT only: pushed after every layer succeeded
+    windows_blob: bytes = b""  # BUILT only: the version-2 index's windows (b"": none)
     bytes_read: int = 0
 
 
@@ -237,9 +238,17 @@ def _index_one(
                 bar.update(len(chunk))
     finally:
         bar.close()
-    blob = encode_index(index)
-    indexed = IndexedLayer(layer.digest, sha256_digest(blob), len(blob))
-    return LayerResult(layer, LayerOutcome.BUILT, indexed, blob, bar.bytes_read)
+    # Version 2 for gzip layers: the windows (most of a v1 index) go into their own blob, so
+    # a mount fetches only the small index blob before it can serve, and windows with spans.
+    blob, windows = encode_index_split(index)
+    indexed = IndexedLayer(
+        layer.digest,
+        sha256_digest(blob),
+        len(blob),
+        sha256_digest(windows) if windows else "",
+        len(windows),
+    )
+    return LayerResult(layer, LayerOutcome.BUILT, indexed, blob, windows, bar.bytes_read)
 
 
 def _index_layers(
@@ -289,7 +298,9 @@ def _push(
             continue
         if result.outcome is LayerOutcome.BUILT and result.index_blob is not None:
             try:
-                layer_cache.publish(client, cache, result.indexed, result.index_blob)
+                layer_cache.publish(
+                    client, cache, result.indexed, result.index_blob, result.windows_blob
+                )
             except RegistryError as exc:
                 # The image still gets its index; only other images lose the reuse.
                 log.warning(
@@ -298,6 +309,8 @@ def _push(
                     cache,
                     exc,
                 )
+            if result.indexed.windows_digest:
+                client.push_blob(repo, result.windows_blob, result.indexed.windows_digest)
             client.push_blob(repo, result.index_blob, result.indexed.index_digest)
         elif result.outcome is LayerOutcome.REUSED:
             layer_cache.adopt(client, cache, repo, result.indexed)

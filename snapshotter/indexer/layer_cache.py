@@ -8,12 +8,14 @@ built index is also stored once per layer in a cache repository:
   single-component repository. Registries grant write permission per namespace (Harbor
   projects, peryx routes, Docker Hub users), so the default stays where the user can push.
 * tag: `layer-sha256-<hex of the layer digest>` on an OCI manifest (artifactType ARTIFACT_TYPE,
-  empty config) whose single layer is the index blob, annotated with the layer digest.
+  empty config) whose layers are the index blob and, for a version-2 index, its windows blob,
+  annotated with the layer digest.
 
 Before indexing a layer the builder GETs that tag. On a hit it never reads the layer: it
-cross-repo mounts the index blob into the image repository (or, when the registry refuses the
-mount, copies it with GET + PUT). A cache manifest for another layer (mistagged, hostile) or
-one that cannot be read is ignored with a warning and the layer is indexed from its bytes.
+cross-repo mounts the index blob and its windows blob into the image repository (or, when the
+registry refuses the mount, copies them with GET + PUT). A cache manifest for another layer
+(mistagged, hostile) or one that cannot be read is ignored with a warning and the layer is
+indexed from its bytes.
 The first index stored for a layer wins: a later build with another --span-size reuses it.
 """
 
@@ -24,6 +26,7 @@ import logging
 import re
 from urllib.parse import urljoin
 
+from snapshotter.index.codec import MAX_WINDOWS_BLOB
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.artifact import (
     EMPTY_CONFIG,
@@ -81,14 +84,28 @@ def lookup(client: RegistryClient, cache: Repository, layer_digest: str) -> Inde
 def adopt(
     client: RegistryClient, cache: Repository, target: Repository, indexed: IndexedLayer
 ) -> str:
-    """Make the cached index blob present in target; says how: "present", "mounted" or
-    "copied" (GET from the cache + PUT, when the registry refuses the cross-repo mount)."""
-    if cache == target or client.blob_exists(target, indexed.index_digest):
+    """Make the cached index blob and its windows blob present in target; says how:
+    "present", "mounted" or "copied" (GET from the cache + PUT, when the registry refuses the
+    cross-repo mount), the last way any of them took."""
+    how = _adopt_blob(client, cache, target, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
+    if indexed.windows_digest:
+        windows = _adopt_blob(client, cache, target, indexed.windows_digest, MAX_WINDOWS_BLOB)
+        how = max(how, windows, key=_ADOPT_ORDER.index)
+    return how
+
+
+_ADOPT_ORDER = ("present", "mounted", "copied")
+
+
+def _adopt_blob(
+    client: RegistryClient, cache: Repository, target: Repository, digest: str, max_size: int
+) -> str:
+    if cache == target or client.blob_exists(target, digest):
         return "present"
-    if cache.registry == target.registry and _mount(client, cache, target, indexed.index_digest):
+    if cache.registry == target.registry and _mount(client, cache, target, digest):
         return "mounted"
-    data = client.get_blob(cache, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
-    client.push_blob(target, data, indexed.index_digest)
+    data = client.get_blob(cache, digest, max_size)
+    client.push_blob(target, data, digest)
     return "copied"
 
 
@@ -126,10 +143,17 @@ def _mount(client: RegistryClient, source: Repository, target: Repository, diges
 
 
 def publish(
-    client: RegistryClient, cache: Repository, indexed: IndexedLayer, index_blob: bytes
+    client: RegistryClient,
+    cache: Repository,
+    indexed: IndexedLayer,
+    index_blob: bytes,
+    windows_blob: bytes = b"",
 ) -> None:
-    """Store a freshly built index in the cache repository under the layer's tag."""
+    """Store a freshly built index (and its windows blob) in the cache repository under the
+    layer's tag."""
     client.push_blob(cache, EMPTY_JSON, EMPTY_CONFIG.digest)
+    if indexed.windows_digest:
+        client.push_blob(cache, windows_blob, indexed.windows_digest)
     client.push_blob(cache, index_blob, indexed.index_digest)
     client.push_manifest(
         cache, cache_tag(indexed.layer_digest), cache_manifest(indexed), OCI_MANIFEST

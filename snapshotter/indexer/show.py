@@ -2,7 +2,8 @@
 
 For each selected platform manifest it asks find_referrers for ARTIFACT_TYPE (referrers API,
 else the `sha256-<hex>` tag fallback), picks the artifact covering the most layers, and decodes
-each index blob to report its span and entry counts. Read-only: nothing is pushed.
+each index blob to report its span and entry counts (and a version-2 index's windows blob,
+which must be the one the artifact lists). Read-only: nothing is pushed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class LayerView:
     entries: int | None = None
     compression: str | None = None
     error: str | None = None  # the index blob could not be fetched or decoded
+    windows_digest: str | None = None  # a version-2 index's windows blob
+    windows_size: int | None = None
 
     @property
     def indexed(self) -> bool:
@@ -55,6 +58,8 @@ class LayerView:
                 "entries": self.entries,
                 "compression": self.compression,
             }
+            if self.windows_digest:
+                out["index"]["windows"] = {"digest": self.windows_digest, "size": self.windows_size}
             if self.error:
                 out["index"]["error"] = self.error
         return out
@@ -110,11 +115,15 @@ class ShowReport:
                     f"found by {view.source}"
                 )
             lines.append(
-                f"  {'LAYER':<71} {'SIZE':>12} {'SPANS':>6} {'ENTRIES':>8} {'INDEX SIZE':>10}"
+                f"  {'LAYER':<71} {'SIZE':>12} {'SPANS':>6} {'ENTRIES':>8} {'INDEX SIZE':>10} "
+                f"{'WINDOWS SIZE':>12}"
             )
             for layer in view.layers:
                 if layer.indexed and layer.error is None:
-                    cols = f"{layer.spans:>6} {layer.entries:>8} {layer.index_size:>10}"
+                    windows = "-" if layer.windows_size is None else str(layer.windows_size)
+                    cols = (
+                        f"{layer.spans:>6} {layer.entries:>8} {layer.index_size:>10} {windows:>12}"
+                    )
                 elif layer.indexed:
                     cols = f"index unreadable: {layer.error}"
                 else:
@@ -135,6 +144,12 @@ def _describe_index(
         return {"error": f"{type(exc).__name__}: {exc}"}
     if index.layer_digest != indexed.layer_digest:
         return {"error": f"index describes {index.layer_digest}, not {indexed.layer_digest}"}
+    # the index names its windows blob; the artifact must list that very blob (or readers
+    # would work while registry garbage collection or a copy loses it)
+    listed = (indexed.windows_digest, indexed.windows_size) if indexed.windows_digest else None
+    named = (index.windows.digest, index.windows.size) if index.windows else None
+    if listed != named:
+        return {"error": f"index names windows blob {named}, the artifact lists {listed}"}
     return {
         "spans": len(index.spans),
         "entries": len(index.entries),
@@ -175,6 +190,8 @@ def _view(client: RegistryClient, repo: Repository, target: Target) -> PlatformV
                 details.get("entries"),
                 details.get("compression"),
                 details.get("error"),
+                indexed.windows_digest or None,
+                indexed.windows_size if indexed.windows_digest else None,
             )
         )
     return PlatformView(

@@ -2,9 +2,10 @@
 index artifact: `lazysnap index build IMAGE --profile CMD`.
 
 The profile is one more blob (PROFILE_MEDIA_TYPE, annotated with its creation time) in a new
-artifact manifest that lists the same index blobs as the image's existing one; discovery
-reads the index blobs from any artifact and the profile from the newest. The layer indexes
-themselves are untouched, so the layer cache keeps sharing them between images.
+artifact manifest that lists the same index blobs (and their windows blobs) as the image's
+existing one; discovery reads the index blobs from any artifact and the profile from the
+newest. The layer indexes themselves are untouched, so the layer cache keeps sharing them
+between images.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from pathlib import Path
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
-from snapshotter.indexer.artifact import ArtifactError, IndexedLayer, indexed_layers
+from snapshotter.indexer.artifact import (
+    ArtifactError,
+    IndexedLayer,
+    indexed_layers,
+    manifest_layers,
+)
 from snapshotter.profile.model import (
     PROFILE_CREATED_ANNOTATION,
     PROFILE_MEDIA_TYPE,
@@ -127,9 +133,7 @@ def record_and_attach(
         annotations={PROFILE_CREATED_ANNOTATION: created},
     )
     subject = Descriptor(image.media_type, image.digest, len(image.data))
-    manifest = referrer_manifest(
-        subject, ARTIFACT_TYPE, [i.descriptor() for i in indexed] + [profile_desc]
-    )
+    manifest = referrer_manifest(subject, ARTIFACT_TYPE, [*manifest_layers(indexed), profile_desc])
     pushed = push_referrer(client, ref.repository, manifest)
     return AttachedProfile(recording, pushed.digest, profile_digest, pushed.source)
 

@@ -29,6 +29,7 @@ from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import (
     ARTIFACT_TYPE,
+    INDEX_BLOB_MEDIA_TYPE,
     LAYER_DIGEST_ANNOTATION,
     MAX_INDEX_BLOB_SIZE,
     LayerIndex,
@@ -295,10 +296,13 @@ def _fetch_index(
 
 
 def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:
+    """The index blobs an artifact lists, by layer. Windows blobs carry the same layer
+    annotation but are not index blobs: the mount process finds its windows blob through the
+    index's own `windows` key and fetches windows only with their spans."""
     found = []
     for blob in artifact.layers:
         layer_digest = blob.annotations.get(LAYER_DIGEST_ANNOTATION, "")
-        if layer_digest:
+        if layer_digest and blob.media_type == INDEX_BLOB_MEDIA_TYPE:
             found.append((blob, layer_digest))
     return found
 
