@@ -198,9 +198,10 @@ class LayerReader:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         # One windows fetch per group fetch at most, and each group's fetch waits for its own:
-        # a pool as large as the fetchers' (span workers + prefetch) never makes one wait.
+        # a thread per fetching thread (span workers, prefetch, background fetcher) means a
+        # windows request never queues behind another group's.
         self._windows_pool = (
-            ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="window-fetch")
+            ThreadPoolExecutor(max_workers=workers + 2, thread_name_prefix="window-fetch")
             if windows is not None
             else None
         )
