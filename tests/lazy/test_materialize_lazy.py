@@ -261,6 +261,24 @@ def test_a_converged_image_runs_from_plain_files_equal_to_containerds_unpack(
 
     # A restart keeps the layers local: no FUSE mount again.
     stack.daemon.restart()
+    # containerd's gRPC channel to the proxy snapshotter saw the old daemon go away and
+    # reconnects with backoff: a call in the meantime fails ("failed to write client preface:
+    # broken pipe"). Wait for containerd to reach the new daemon, as a user's retry would.
+    _wait_for(
+        lambda: (
+            stack.containerd.ctr(
+                "snapshots",
+                "--snapshotter",
+                "lazysnap",
+                "ls",
+                namespace=stack.namespace,
+                check=False,
+            ).returncode
+            == 0
+        ),
+        30,
+        "containerd reaching the restarted lazysnap daemon",
+    )
     assert _status(stack)["all_local"] and not list(snapshots.glob("*/fs.lazysnap.json"))
     assert stack.run_ok(image.reference, "cat", "/etc/motd") == MOTD.decode()
     assert not [p for p in snapshots.glob("*/fs") if os.path.ismount(p)]
