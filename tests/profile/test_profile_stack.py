@@ -13,6 +13,7 @@ import pytest
 
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
+from snapshotter.index.model import LAYER_DIGEST_ANNOTATION, WINDOWS_BLOB_MEDIA_TYPE
 from snapshotter.indexer import command
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import PROFILE_MEDIA_TYPE, decode_profile
@@ -86,6 +87,10 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
     artifact, indexed = found
     assert [i.layer_digest for i in indexed] == [base]  # the data layer is under 100k
     [profile_blob] = [d for d in artifact.layers if d.media_type == PROFILE_MEDIA_TYPE]
+    # Attaching the profile re-pushed the artifact: the gzip layer's windows blob is still in it.
+    windows = [d for d in artifact.layers if d.media_type == WINDOWS_BLOB_MEDIA_TYPE]
+    assert [d.annotations.get(LAYER_DIGEST_ANNOTATION) for d in windows] == [base]
+    assert indexed[0].windows_digest == windows[0].digest
     profile = decode_profile(client.get_blob(ref.repository, profile_blob.digest))
     assert profile.names_for(base)[0] == "bin/busybox"
     assert "data/a" in profile.names_for(base)
