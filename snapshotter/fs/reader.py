@@ -300,10 +300,13 @@ class LayerReader:
         begin, end = fetch_range(self.index, span_no)
         if attempt.future.exception() is not None:
             return 0
+        fetched = end - begin
+        if self.index.windows is not None:  # its window came from the windows blob too
+            fetched += self.index.spans[span_no].window_length
         with self._lock:
             self._counters.background_spans += 1
-            self._counters.background_bytes += end - begin
-        return end - begin
+            self._counters.background_bytes += fetched
+        return fetched
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -183,3 +183,22 @@ def test_a_v2_index_needs_a_registry_blob_source(layer: SplitLayer, tmp_path: Pa
     )
     source = open_windows_source(registry, layer.index)
     assert source is not None and getattr(source, "digest", None) == layer.index.windows.digest
+
+
+def test_background_fetch_counts_the_window_bytes_it_fetched(
+    layer: SplitLayer, tmp_path: Path
+) -> None:
+    # Background fetch paces itself by the bytes it asked the registry for: the windows too.
+    from snapshotter.index.spans import fetch_range
+
+    reader = layer.reader(tmp_path)
+    try:
+        fetched = sum(reader.fetch_in_background(n) for n in range(len(layer.index.spans)))
+        spans = sum(
+            e - b for b, e in (fetch_range(layer.index, n) for n in range(len(layer.index.spans)))
+        )
+        assert layer.index.windows is not None
+        assert fetched == spans + layer.index.windows.size
+        assert reader.counters().background_bytes == fetched
+    finally:
+        reader.close()
