@@ -75,10 +75,29 @@ def lookup(client: RegistryClient, cache: Repository, layer_digest: str) -> Inde
         log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
         return None
     try:
-        return cached_index_for(manifest, layer_digest)
+        indexed = cached_index_for(manifest, layer_digest)
     except ArtifactError as exc:
         log.warning("ignoring layer index cache entry %s: %s", ref, exc)
         return None
+    # An entry whose blobs are gone (a registry cleaned by hand, a broken mirror) would fail the
+    # whole build when adopted: index the layer itself instead.
+    for kind, digest in (("index", indexed.index_digest), ("windows", indexed.windows_digest)):
+        if not digest:
+            continue
+        try:
+            present = client.blob_exists(cache, digest)
+        except RegistryError as exc:
+            log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
+            return None
+        if not present:
+            log.warning(
+                "ignoring layer index cache entry %s: its %s blob %s is missing",
+                ref,
+                kind,
+                digest,
+            )
+            return None
+    return indexed
 
 
 def adopt(

@@ -23,7 +23,7 @@ from indexer_helpers import (
     writes_since,
 )
 
-from snapshotter.index.model import ARTIFACT_TYPE
+from snapshotter.index.model import ARTIFACT_TYPE, WINDOWS_BLOB_MEDIA_TYPE
 from snapshotter.indexer.layer_cache import cache_tag
 from snapshotter.remote.auth import Credentials
 from snapshotter.remote.errors import ManifestNotFound
@@ -342,3 +342,49 @@ def test_shared_base_layer_is_reused_on_a_registry_with_referrers_api(
     [platform] = _show(lazysnap_index, f"{native.host}/{second_repo}:v1")["platforms"]
     assert platform["artifact"]["source"] == "referrers-api"
     assert all(layer["index"]["entries"] >= 5 for layer in platform["layers"])
+
+
+def test_cache_entry_whose_windows_blob_is_gone_is_indexed_again(
+    lazysnap_index: Index,
+    dist: Target,
+    registry: Registry,
+    workdir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A cache entry is reused without reading the layer, but only if its blobs are still
+    # there: adopting a missing windows blob would fail the whole build.
+    base = random_layer("base", LAYER)
+    first = build_image(workdir, "first", [base, random_layer("one", LAYER)])
+    second = build_image(workdir, "second", [base, random_layer("two", LAYER)])
+    first_repo, second_repo = f"{dist.namespace}/first", f"{dist.namespace}/second"
+    with dist.client() as client:
+        push_image(client, first, dist.host, first_repo, "v1")
+        push_image(client, second, dist.host, second_repo, "v1")
+    assert lazysnap_index("build", f"{dist.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
+    shared = second.layers[0]
+    cache = Repository(dist.host, f"{dist.namespace}/lazysnap-index-cache")
+    with dist.client() as client:
+        entry = client.get_manifest(
+            Reference(cache.registry, cache.name, tag=cache_tag(shared.digest))
+        )
+        [windows] = [d for d in entry.layers if d.media_type == WINDOWS_BLOB_MEDIA_TYPE]
+        # The cache repository lost it (deleted through the registry API).
+        response, _ = client.request(
+            "DELETE",
+            cache,
+            f"/{cache.name}/blobs/{windows.digest}",
+            capability="push",
+            actions=("pull", "push", "delete"),
+        )
+        response.close()
+        assert response.status_code == 202, response.status_code
+        assert not client.blob_exists(cache, windows.digest)
+
+    offset = registry.log_offset()
+    result = lazysnap_index("build", f"{dist.host}/{second_repo}:v1", *BUILD_FLAGS)
+    assert result.code == 0, result.err
+    assert "2 layers indexed, 0 reused" in result.out
+    assert f"its windows blob {windows.digest} is missing" in caplog.text
+    assert registry.blob_fetches(since=offset)[shared.digest].bytes == shared.size
+    shown = _show(lazysnap_index, f"{dist.host}/{second_repo}:v1")
+    assert [layer["indexed"] for layer in shown["platforms"][0]["layers"]] == [True, True]
