@@ -158,15 +158,7 @@ def test_another_layers_foreground_fetch_keeps_background_fetch_waiting(
     # Two layers of one node: a container still starting on one of them (its reads miss, or
     # its profile is being prefetched) must not share the link and the CPU with the other
     # layer's background fetch.
-    servers = []
-    readers = []
-    cache = SpanCache(tmp_path / "cache", 1 << 30)
-    for variant in range(2):
-        members = [*rich_members(), Member(f"layer-{variant}", data=b"x" * 1000)]
-        blob = compress(make_tar(members), "gzip")
-        servers.append(BlobServer(blob))
-        readers.append(_reader(built_index(blob, "gzip"), servers[-1], cache))
-    starting, quiet = readers
+    servers, starting, quiet = _two_layers(tmp_path)
     fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
     try:
         time.sleep(2.2)  # the quiet layer alone has been quiet long enough
