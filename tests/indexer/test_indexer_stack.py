@@ -29,7 +29,7 @@ from snapshotter.remote.auth import Credentials
 from snapshotter.remote.errors import ManifestNotFound
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import fallback_tag
-from tests.harness.images import file, layer_tar
+from tests.harness.images import BuiltImage, file, layer_tar
 from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
 
@@ -71,6 +71,20 @@ def _show(index: Index, ref: str, *extra: str) -> dict[str, Any]:
 
 def _small_layer() -> bytes:
     return layer_tar([file("etc/motd", "tiny\n")])
+
+
+def _index_the_first_of_two_sharing_a_base(
+    index: Index, target: Target, workdir: Path, first_repo: str, second_repo: str
+) -> BuiltImage:
+    """Push two images whose bottom layer is the same, index the first; returns the second."""
+    base = random_layer("base", LAYER)
+    first = build_image(workdir, "first", [base, random_layer("one", LAYER)])
+    second = build_image(workdir, "second", [base, random_layer("two", LAYER)])
+    with target.client() as client:
+        push_image(client, first, target.host, first_repo, "v1")
+        push_image(client, second, target.host, second_repo, "v1")
+    assert index("build", f"{target.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
+    return second
 
 
 def _build_and_check(index: Index, target: Target, workdir: Path, source: str) -> None:
@@ -130,14 +144,10 @@ def test_build_and_show_with_referrers_api(
 def test_shared_base_layer_is_reused_without_reading_it(
     lazysnap_index: Index, dist: Target, registry: Registry, workdir: Path
 ) -> None:
-    base = random_layer("base", LAYER)
-    first = build_image(workdir, "first", [base, random_layer("one", LAYER)])
-    second = build_image(workdir, "second", [base, random_layer("two", LAYER)])
     first_repo, second_repo = f"{dist.namespace}/first", f"{dist.namespace}/second"
-    with dist.client() as client:
-        push_image(client, first, dist.host, first_repo, "v1")
-        push_image(client, second, dist.host, second_repo, "v1")
-    assert lazysnap_index("build", f"{dist.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
+    second = _index_the_first_of_two_sharing_a_base(
+        lazysnap_index, dist, workdir, first_repo, second_repo
+    )
 
     offset = registry.log_offset()
     result = lazysnap_index("build", f"{dist.host}/{second_repo}:v1", *BUILD_FLAGS)
@@ -326,15 +336,9 @@ def test_bad_arguments_are_clear_errors(lazysnap_index: Index, dist: Target) -> 
 def test_shared_base_layer_is_reused_on_a_registry_with_referrers_api(
     lazysnap_index: Index, native: Target, workdir: Path
 ) -> None:
-    base = random_layer("base", LAYER)
-    first = build_image(workdir, "first", [base, random_layer("one", LAYER)])
-    second = build_image(workdir, "second", [base, random_layer("two", LAYER)])
     first_repo = f"{native.namespace}/{unique('first')}"
     second_repo = f"{native.namespace}/{unique('second')}"
-    with native.client() as client:
-        push_image(client, first, native.host, first_repo, "v1")
-        push_image(client, second, native.host, second_repo, "v1")
-    assert lazysnap_index("build", f"{native.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
+    _index_the_first_of_two_sharing_a_base(lazysnap_index, native, workdir, first_repo, second_repo)
     result = lazysnap_index("build", f"{native.host}/{second_repo}:v1", *BUILD_FLAGS)
     assert result.code == 0, result.err
     assert "1 layer indexed, 1 reused" in result.out
@@ -353,14 +357,10 @@ def test_cache_entry_whose_windows_blob_is_gone_is_indexed_again(
 ) -> None:
     # A cache entry is reused without reading the layer, but only if its blobs are still
     # there: adopting a missing windows blob would fail the whole build.
-    base = random_layer("base", LAYER)
-    first = build_image(workdir, "first", [base, random_layer("one", LAYER)])
-    second = build_image(workdir, "second", [base, random_layer("two", LAYER)])
     first_repo, second_repo = f"{dist.namespace}/first", f"{dist.namespace}/second"
-    with dist.client() as client:
-        push_image(client, first, dist.host, first_repo, "v1")
-        push_image(client, second, dist.host, second_repo, "v1")
-    assert lazysnap_index("build", f"{dist.host}/{first_repo}:v1", *BUILD_FLAGS).code == 0
+    second = _index_the_first_of_two_sharing_a_base(
+        lazysnap_index, dist, workdir, first_repo, second_repo
+    )
     shared = second.layers[0]
     cache = Repository(dist.host, f"{dist.namespace}/lazysnap-index-cache")
     with dist.client() as client:
