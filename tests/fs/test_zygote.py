@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers, _is_mount_process, mount_problem
+from snapshotter.fs.manager import LazyLayers, _is_mount_process, mount_problem
 from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.zygote import FORKED_NAME, ForkedChild, Zygote
 from snapshotter.index.codec import encode_index
 from tests.fs.fs_helpers import (
-    BlobServer,
     assert_tree_matches,
     built_index,
     compress,
@@ -30,32 +28,17 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class Layer:
-    def __init__(self) -> None:
-        self.tar = make_tar(rich_members())
-        blob = compress(self.tar, "gzip")
-        self.index = built_index(blob, "gzip")
-        self.server = BlobServer(blob)
-
-    def spec(self) -> LayerSpec:
-        return LayerSpec(
-            blob=BlobSpec("url", self.server.url, self.index.layer_digest),
-            index_bytes=encode_index(self.index),
-        )
-
-    def data(self, name: str) -> bytes:
-        entry = [e for e in self.index.entries if e.name == name][-1]
-        return self.tar[entry.offset : entry.offset + entry.size]
-
-
 @pytest.fixture(scope="module")
 def layer() -> Iterator[Layer]:
-    instance = Layer()
+    tar = make_tar(rich_members())
+    blob = compress(tar, "gzip")
+    instance = Layer(tar, blob, built_index(blob, "gzip"))
     yield instance
     instance.server.stop()
 
