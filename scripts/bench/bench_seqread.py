@@ -26,11 +26,10 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -40,12 +39,12 @@ for entry in (str(REPO), str(Path(__file__).resolve().parent)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-from critical_path_mounts import MountRun, start_cold, stop, wait_ready  # noqa: E402
+from critical_path_mounts import MountRun, start_cold, stop, wait_ready, work_dir  # noqa: E402
 from startup_images import SEQREAD_FILE, inflate_rate, prepare_images  # noqa: E402
 
 from snapshotter.fs.reader import DEFAULT_READ_AHEAD_SPANS  # noqa: E402
 from tests.harness.images import BuiltImage, LayerInfo, push  # noqa: E402
-from tests.harness.procs import HarnessError, unmount_all_under  # noqa: E402
+from tests.harness.procs import HarnessError  # noqa: E402
 from tests.harness.registry import Registry, start_registry  # noqa: E402
 
 DEFAULT_CACHE = Path("/var/cache/lazysnap-bench/images")  # shared with startup.py's images
@@ -212,16 +211,6 @@ def timed_read(path: Path) -> tuple[int, float]:
         return total, time.perf_counter() - started
 
 
-@contextlib.contextmanager
-def scratch_dir(parent: Path) -> Iterator[Path]:
-    work = Path(tempfile.mkdtemp(prefix="seqread-", dir=parent))
-    try:
-        yield work
-    finally:
-        unmount_all_under(work)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-
-
 def one_read(
     trial: int,
     mode: str,
@@ -232,7 +221,7 @@ def one_read(
     registry: Registry,
 ) -> Trial:
     layer = data_layer(image)
-    with scratch_dir(scratch) as work:
+    with work_dir(scratch, "seqread-") as work:
         spec = write_spec(work, index_path, layer, registry, spans)
         inflater, inflate = inflate_rate(image)
         drop_caches()
@@ -325,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trials: list[Trial] = []
     try:
         with contextlib.ExitStack() as stack:
-            scratch = stack.enter_context(scratch_dir(Path(tempfile.gettempdir())))
+            scratch = stack.enter_context(work_dir(Path(tempfile.gettempdir()), "seqread-"))
             image = prepare_images(args.cache, args.size, {"seqread"}, progress)["seqread"]
             index_path = layer_index(image, data_layer(image), args.cache, args.span_size)
             progress("setup: starting docker-registry and pushing the image")

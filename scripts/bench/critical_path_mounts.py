@@ -221,9 +221,9 @@ def stop(run: MountRun) -> None:
 
 
 @contextlib.contextmanager
-def work_dir(parent: Path) -> Iterator[Path]:
+def work_dir(parent: Path, prefix: str = "cpm-") -> Iterator[Path]:
     """A fresh dir for one mount, removed (never across a mount: --one-file-system)."""
-    work = Path(tempfile.mkdtemp(prefix="cpm-", dir=parent))
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield work
     finally:
