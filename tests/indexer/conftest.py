@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from indexer_helpers import CliResult, Target
+from indexer_helpers import CliResult, Target, unique
 
 from snapshotter.indexer import command
 from tests.harness.peryx import Peryx, start_peryx
 from tests.harness.procs import HarnessError
+from tests.harness.registry import Registry
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +63,18 @@ def lazysnap_index(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResul
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lzs-indexer-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dist(registry: Registry, docker_config: Callable[[Target], None]) -> Target:
+    """A namespace of its own on the session's docker-registry (tag fallback)."""
+    target = Target(registry.host, unique("ix"), None)
+    docker_config(target)
+    return target

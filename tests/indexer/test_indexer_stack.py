@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +37,6 @@ Index = Callable[..., CliResult]
 SMALL = 64 << 10  # --min-layer-size in these tests: our tiny layer stays below it
 LAYER = 400 << 10  # incompressible bytes per big layer (gzip ~ the same size)
 BUILD_FLAGS = ("--plain-http", "--min-layer-size", str(SMALL), "--span-size", "65536")
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lzs-indexer-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def dist(registry: Registry, docker_config: Callable[[Target], None]) -> Target:
-    target = Target(registry.host, unique("ix"), None)
-    docker_config(target)
-    return target
 
 
 @pytest.fixture

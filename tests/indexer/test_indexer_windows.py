@@ -5,9 +5,7 @@ index blob."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest, sha2
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.source.discover import _index_blobs
 from tests.harness.images import file, layer_tar
-from tests.harness.registry import Registry
 
 LAYER = "sha256:" + "a" * 64
 OTHER = "sha256:" + "e" * 64
@@ -85,20 +82,6 @@ def test_a_windows_blob_without_its_index_blob_is_ignored() -> None:
 Index = Callable[..., CliResult]
 LAYER_SIZE = 400 << 10  # incompressible: 32 KiB windows that zstd cannot shrink
 BUILD_FLAGS = ("--plain-http", "--min-layer-size", str(64 << 10), "--span-size", "65536")
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lzs-windows-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def dist(registry: Registry, docker_config: Callable[[Target], None]) -> Target:
-    target = Target(registry.host, unique("win"), None)
-    docker_config(target)
-    return target
 
 
 def _show(index: Index, ref: str) -> dict[str, Any]:
