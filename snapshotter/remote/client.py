@@ -9,6 +9,7 @@ connection errors, 5xx and 429 (never for other 4xx).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -150,18 +151,11 @@ class BlobStream(io.RawIOBase):
             raise DigestMismatch(f"blob {self._where}: content hashes to {actual}")
 
 
-_system_context: ssl.SSLContext | None = None
-_system_context_lock = threading.Lock()
-
-
+@functools.cache
 def _system_trust() -> ssl.SSLContext:
     """One verifying context per process for every host without its own `ca`; contexts are
     safe to share between threads and connections."""
-    global _system_context
-    with _system_context_lock:
-        if _system_context is None:
-            _system_context = ssl.create_default_context()
-        return _system_context
+    return ssl.create_default_context()
 
 
 class RegistryClient:
