@@ -111,6 +111,12 @@ def test_an_on_demand_read_does_not_wait_for_the_background_fetch(
     fetcher = BackgroundFetcher(reader, FAST)
     fetcher.start()
     try:
+        # The read must come after the background's request is in flight; before it, the
+        # background would rightly wait for the read to finish and the race proves nothing.
+        deadline = time.monotonic() + 10
+        while not any(first == fetch_range(index, 0)[0] for first, _ in server.requests):
+            assert time.monotonic() < deadline, "the background fetch never sent its request"
+            time.sleep(0.01)
         last = len(index.spans) - 1
         entry = next(
             e
