@@ -151,7 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--span-size",
         default=None,
         metavar="N",
-        help="`lazysnap index build --span-size` (default: the indexer's, 4M)",
+        help="`lazysnap index build --span-size` (default: the indexer's, 1M)",
     )
     parser.add_argument(
         "--results",
