@@ -45,6 +45,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -58,7 +59,11 @@ DEFAULT_WORKERS = 4
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 # Cap on one coalesced Range request, so one huge read does not hold a worker for long.
 MAX_COALESCED_BYTES = 32 << 20
-PREFETCH_WINDOW = 4  # spans the prefetch thread claims at a time
+# The prefetch claims spans a step at a time (so reads never wait behind a long claimed list)
+# and keeps two steps' requests in flight: one transfers while the next one's round trip and
+# the last one's inflate happen, which keeps a slow link busy.
+PREFETCH_STEP_BYTES = 2 << 20  # compressed
+PREFETCH_IN_FLIGHT = 2
 DEFAULT_READ_AHEAD_SPANS = 8  # largest read-ahead window, in spans; 0 turns read-ahead off
 READ_AHEAD_FIRST_WINDOW = 2  # spans fetched ahead at the first sign of a sequential read
 # Cap on one read-ahead window (compressed bytes): on a slow link, a window is what a read that
@@ -197,11 +202,16 @@ class LayerReader:
         self.read_ahead_spans = read_ahead_spans
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._prefetch_fetch_pool = ThreadPoolExecutor(
+            max_workers=PREFETCH_IN_FLIGHT, thread_name_prefix="prefetch-fetch"
+        )
         # One windows fetch per group fetch at most, and each group's fetch waits for its own:
-        # a thread per fetching thread (span workers, prefetch, background fetcher) means a
-        # windows request never queues behind another group's.
+        # a thread per fetching thread (span workers, prefetch fetches, background fetcher)
+        # means a windows request never queues behind another group's.
         self._windows_pool = (
-            ThreadPoolExecutor(max_workers=workers + 2, thread_name_prefix="window-fetch")
+            ThreadPoolExecutor(
+                max_workers=workers + PREFETCH_IN_FLIGHT + 1, thread_name_prefix="window-fetch"
+            )
             if windows is not None
             else None
         )
@@ -230,6 +240,7 @@ class LayerReader:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._prefetch_fetch_pool.shutdown(wait=False, cancel_futures=True)
         if self._windows_pool is not None:
             self._windows_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -270,9 +281,10 @@ class LayerReader:
     def prefetch(self, span_numbers: Iterable[int]) -> None:
         """Fetch spans in the background, in order; returns at once.
 
-        One background thread works through the list a few spans at a time and claims a span
-        only when it is about to fetch it, so reads never queue behind the prefetch list: they
-        fetch on the regular workers whatever the prefetch has not claimed yet."""
+        One background thread works through the list a step (PREFETCH_STEP_BYTES) at a time,
+        with PREFETCH_IN_FLIGHT steps' requests out at once on threads of their own, and claims
+        a span only when it is about to fetch it, so reads never queue behind the prefetch list:
+        they fetch on the regular workers whatever the prefetch has not claimed yet."""
         with self._lock:
             self._prefetches_running += 1
         self._prefetch_pool.submit(self._prefetch, list(span_numbers))
@@ -410,24 +422,58 @@ class LayerReader:
             return range(begin, stop)
 
     def _prefetch(self, span_numbers: list[int]) -> None:
+        slots = threading.BoundedSemaphore(PREFETCH_IN_FLIGHT)
+        in_flight: list[Future[None]] = []
         try:
-            for first in range(0, len(span_numbers), PREFETCH_WINDOW):
-                if self._closed:
-                    return
+            position = 0
+            while position < len(span_numbers) and not self._closed:
+                slots.acquire()  # claim a step only when its requests can go out at once
+                step, position = self._prefetch_step(span_numbers, position)
                 claimed: dict[int, _Attempt] = {}
-                for span_no in span_numbers[first : first + PREFETCH_WINDOW]:
+                for span_no in step:
                     attempt, is_new, _ = self._claim(span_no)
                     if attempt is not None and is_new:
                         claimed[span_no] = attempt
-                if claimed:
-                    self._node_activity.note_foreground_fetch()  # other layers wait for it
-                for group in self._coalesce(list(claimed)):
-                    self._fetch_group([(n, claimed[n]) for n in group])
-                with self._lock:
-                    self._counters.prefetch_spans += len(claimed)
+                if not claimed:
+                    slots.release()
+                    continue
+                self._node_activity.note_foreground_fetch()  # other layers wait for it
+                groups = [
+                    [(n, claimed[n]) for n in group] for group in self._coalesce(list(claimed))
+                ]
+                try:
+                    future = self._prefetch_fetch_pool.submit(self._fetch_groups, groups)
+                except RuntimeError:  # closed meanwhile: nobody fetches these any more
+                    slots.release()
+                    for span_no, attempt in claimed.items():
+                        self._fail(span_no, attempt, "the layer's reader was closed")
+                    return
+                future.add_done_callback(lambda _: slots.release())
+                in_flight = [f for f in in_flight if not f.done()] + [future]
+            futures_wait(in_flight)  # the list counts as running until its last span is in
         finally:
             with self._lock:
                 self._prefetches_running -= 1
+
+    def _fetch_groups(self, groups: list[list[tuple[int, _Attempt]]]) -> None:
+        """Prefetch worker: the groups of one step, one after another."""
+        for group in groups:
+            self._fetch_group(group)
+        with self._lock:  # counted once done: status shows what the prefetch has brought in
+            self._counters.prefetch_spans += sum(len(group) for group in groups)
+
+    def _prefetch_step(self, span_numbers: list[int], position: int) -> tuple[list[int], int]:
+        """The next spans of the list from position, PREFETCH_STEP_BYTES of them (at least
+        one), and where the step after starts."""
+        step: list[int] = []
+        size = 0
+        while position < len(span_numbers) and (not step or size < PREFETCH_STEP_BYTES):
+            span_no = span_numbers[position]
+            begin, end = fetch_range(self.index, span_no)
+            step.append(span_no)
+            size += end - begin
+            position += 1
+        return step, position
 
     def _digest(self, span_no: int) -> str:
         return self.index.spans[span_no].uncompressed_digest

@@ -208,10 +208,10 @@ def test_reads_do_not_queue_behind_the_prefetch_list(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tar, index = layer
-    monkeypatch.setattr(reader_module, "PREFETCH_WINDOW", 1)  # one slow request per span
+    monkeypatch.setattr(reader_module, "PREFETCH_STEP_BYTES", 1)  # one slow request per span
     reader = _reader(index, server.url, tmp_path)
     every_span = list(range(len(index.spans)))
-    assert len(every_span) >= 4  # the prefetch list takes >= 2 s
+    assert len(every_span) >= 4  # two requests at a time: the list takes >= 1 s
     server.delay = 0.5
     reader.prefetch(every_span)
     last = index.spans[-1]
