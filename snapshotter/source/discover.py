@@ -9,8 +9,11 @@ pull of that layer. Results are cached per manifest digest, so the N layers of o
 referrers lookup; "no index" is cached only briefly so an index pushed a moment later is seen.
 
 A pull Prepares an image's layers one after another, each waiting for its index to be fetched
-and decoded. So the first lookup of an image starts fetching and decoding every layer's index at
-once, in the background; each layer's Prepare then takes its (usually finished) result.
+and decoded, and the first one waits for the whole lookup: every sequential registry round trip
+there delays the first mount. So the lookup fetches the image manifest beside the referrers list
+and all listed artifact manifests at once; then it starts fetching and decoding every layer's
+index and the startup profile at once, in the background, and each layer's Prepare takes its
+(usually finished) result.
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ log = logging.getLogger("lazysnap.discover")
 
 # Index blobs fetched ahead of their Prepare are held in memory until it comes (or they expire).
 MAX_AHEAD_BYTES = 64 << 20
-AHEAD_WORKERS = 2
-LOOKUP_WORKERS = 2  # image manifests fetched beside their referrers lookup
+# Enough that the index blobs of a typical image (up to ~8 layers) and its startup profile all
+# go out at once: each one queued behind another costs the first Prepare a round trip.
+AHEAD_WORKERS = 10
+# The image manifest beside its referrers lookup, then every artifact manifest that lists.
+LOOKUP_WORKERS = 6
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,9 @@ class IndexDiscovery:
         self.negative_ttl = negative_ttl
         self.positive_ttl = positive_ttl
         self._cache: dict[str, _ImageIndexes] = {}
-        self._profiles: dict[str, StartupProfile | None] = {}  # by blob digest
+        # By blob digest: the profile's fetch + decode, started ahead or by the first Prepare
+        # that needs it; None when unusable (logged once, by the fetch).
+        self._profiles: dict[str, Future[StartupProfile | None]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         # "<repository>@<index blob digest>" -> (when, its fetch + decode running ahead)
@@ -179,14 +187,16 @@ class IndexDiscovery:
         return _fetch_index(self.client, ref, blob, layer_digest)
 
     def _fetch_ahead(self, ref: Reference, found: _ImageIndexes) -> None:
-        """Start fetching and decoding the index of every layer that will be Prepared lazily."""
+        """Start fetching and decoding the startup profile and the index of every layer that
+        will be Prepared lazily, all at once. Also with a single such layer: its index and the
+        profile then overlap instead of following each other."""
         wanted = [
             (layer_digest, blob)
             for layer_digest, blob in found.index_blobs.items()
             if found.layers[layer_digest].size >= self.min_layer_size
         ]
-        if len(wanted) < 2 or sum(blob.size for _, blob in wanted) > MAX_AHEAD_BYTES:
-            return  # nothing to overlap, or too much to hold
+        if not wanted:
+            return  # no layer of this image is mounted lazily: its profile is not needed either
         now = time.monotonic()
         with self._guard:
             for key in [
@@ -195,6 +205,15 @@ class IndexDiscovery:
                 del self._ahead[key]  # never asked for (e.g. the layer was already there)
             if self._ahead_pool is None:
                 self._ahead_pool = ThreadPoolExecutor(AHEAD_WORKERS, "index-ahead")
+            # Every lazy layer's Prepare reads the profile: it is fetched (and kept) anyway, so
+            # it is not held to MAX_AHEAD_BYTES, which bounds indexes that may never be asked for.
+            profile = found.profile
+            if profile is not None and profile.digest not in self._profiles:
+                self._profiles[profile.digest] = self._ahead_pool.submit(
+                    _fetch_profile, self.client, ref, profile
+                )
+            if sum(blob.size for _, blob in wanted) > MAX_AHEAD_BYTES:
+                return  # too much to hold: each Prepare fetches its own
             for layer_digest, blob in wanted:
                 key = f"{ref.repository}@{blob.digest}"
                 if key not in self._ahead:
@@ -211,17 +230,17 @@ class IndexDiscovery:
         if blob is None:
             return ()
         with self._guard:
-            known = blob.digest in self._profiles
-            profile = self._profiles.get(blob.digest)
-        if not known:
+            pending = self._profiles.get(blob.digest)
+            mine = pending is None
+            if pending is None:  # not fetched ahead: fetch it here, other Prepares wait for it
+                pending = self._profiles[blob.digest] = Future()
+        if mine:
+            fetched: StartupProfile | None = None
             try:
-                data = self.client.get_blob(ref.repository, blob.digest, MAX_PROFILE_BYTES)
-                profile = decode_profile(data, f"startup profile {blob.digest} of {ref}")
-            except (RegistryError, ProfileError) as exc:
-                log.warning("ignoring startup profile: %s", exc)
-                profile = None
-            with self._guard:
-                self._profiles[blob.digest] = profile
+                fetched = _fetch_profile(self.client, ref, blob)
+            finally:
+                pending.set_result(fetched)  # never leave the others waiting
+        profile = pending.result()
         return profile.names_for(layer_digest) if profile is not None else ()
 
     def _platform_manifest_digest(self, ref: Reference) -> str:
@@ -266,13 +285,31 @@ class IndexDiscovery:
         except BaseException:
             image_layers()  # a bad image manifest is the error to report, as when it came first
             raise
-        layers = image_layers()
+        # Every listed artifact manifest at once (one round trip, not one per artifact), while
+        # the image manifest may still be on its way.
+        artifacts = [
+            pool.submit(self.client.get_manifest, ref.with_digest(desc.digest))
+            for desc in result.descriptors
+        ]
+        try:
+            layers = image_layers()
+        except BaseException:
+            for pending in artifacts:
+                pending.cancel()
+            raise
         index_blobs: dict[str, Descriptor] = {}
         profile: Descriptor | None = None
         # Newest artifact wins when several exist: referrers lists give no order, so take the
-        # last one that names a layer (stable for a given registry answer).
-        for desc in result.descriptors:
-            artifact = self.client.get_manifest(ref.with_digest(desc.digest))
+        # last one that names a layer (stable for a given registry answer). Results are applied
+        # in the listed order, whichever arrived first; the first failing one in that order is
+        # the error reported, as when they were fetched one by one.
+        for pending in artifacts:
+            try:
+                artifact = pending.result()
+            except BaseException:
+                for later in artifacts:
+                    later.cancel()
+                raise
             for blob, layer_digest in _index_blobs(artifact):
                 if layer_digest in layers:
                     index_blobs[layer_digest] = blob
@@ -293,6 +330,22 @@ def _fetch_index(
 ) -> tuple[bytes, LayerIndex]:
     data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB_SIZE)
     return data, decode_index(data, expected_layer_digest=layer_digest)
+
+
+def _fetch_profile(
+    client: RegistryClient, ref: Reference, blob: Descriptor
+) -> StartupProfile | None:
+    """The startup profile blob, fetched and decoded; None (logged) when that fails. A profile
+    is only a hint: nothing about it may make a layer fail, so any error ends here."""
+    where = f"startup profile {blob.digest} of {ref}"
+    try:
+        data = client.get_blob(ref.repository, blob.digest, MAX_PROFILE_BYTES)
+        return decode_profile(data, where)
+    except (RegistryError, ProfileError) as exc:
+        log.warning("ignoring startup profile: %s", exc)
+    except Exception as exc:  # e.g. an OSError under the HTTP client: still only a hint lost
+        log.warning("ignoring %s: %s: %s", where, type(exc).__name__, exc)
+    return None
 
 
 def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:
