@@ -110,6 +110,12 @@ def trial_steps(record: Mapping[str, Any], events: Sequence[Event]) -> dict[str,
         for number, seconds in enumerate(prepares, 1):
             steps[f"pull: Prepare of layer {number}, round trip"] = seconds
         steps["pull: Puller.pull"] = _duration(timeline.first(pull, "puller:Puller.pull"))
+        # Newer checkouts resolve the image (pull/resolve.py) beside the grpc import and then
+        # call Puller.unpack; Puller.pull is no longer called there.
+        steps["pull: resolve_image (manifest + config)"] = _duration(
+            timeline.first(pull, "resolve:resolve_image")
+        )
+        steps["pull: Puller.unpack"] = _duration(timeline.first(pull, "puller:Puller.unpack"))
     steps["pull: exit after main returns"] = record.get("exit_gap_s")
     steps["pull: wall"] = record.get("pull_s")
     daemons = timeline.pids("daemon")

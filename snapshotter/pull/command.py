@@ -6,10 +6,17 @@ import argparse
 import atexit
 import gc
 import sys
+import threading
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from concurrent.futures import Future
 
 # Only argparse at import time: `lazysnap` builds every subcommand's parser on each start, and
 # `lazysnap serve` must not pay for grpc/httpx imports it never uses. run() imports the rest.
 
+T = TypeVar("T")
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SNAPSHOTTER = "lazysnap"
@@ -59,10 +66,8 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from snapshotter.pull.containerd_api import ContainerdClient, ContainerdError
     from snapshotter.pull.plan import ImageFormatError
-    from snapshotter.pull.progress import TerminalProgress
-    from snapshotter.pull.puller import Puller, PullError, PullOptions
+    from snapshotter.pull.resolve import PullError, resolve_image
     from snapshotter.remote.auth import CredentialStore
     from snapshotter.remote.client import RegistryClient
     from snapshotter.remote.errors import RegistryError
@@ -77,22 +82,25 @@ def run(args: argparse.Namespace) -> int:
         platform = Platform.parse(args.platform) if args.platform else Platform.host()
     except ValueError as err:
         return _fail(str(err))
-    progress = TerminalProgress()
+    hosts = HostsConfig(args.hosts_dir, plain_http=[ref.registry] if args.plain_http else [])
     try:
-        with ContainerdClient(args.address, args.namespace) as containerd:
-            containerd.connect()
-            hosts = HostsConfig(
-                args.hosts_dir, plain_http=[ref.registry] if args.plain_http else []
-            )
-            with RegistryClient(hosts, CredentialStore.from_docker_config()) as registry:
-                summary = Puller(
-                    containerd,
-                    registry,
-                    PullOptions(snapshotter=args.snapshotter, platform=platform),
-                    progress,
-                ).pull(image)
-    except ContainerdError as err:
-        return _fail(f"pulling {image}: {err}")
+        with RegistryClient(hosts, CredentialStore.from_docker_config()) as registry:
+            # The manifest and config requests go out while grpc and the containerd client
+            # load (~0.1 s either way): they are independent until the first snapshot call.
+            resolving = _in_background(resolve_image, registry, image, platform)
+            from snapshotter.pull.containerd_api import ContainerdClient, ContainerdError
+            from snapshotter.pull.progress import TerminalProgress
+            from snapshotter.pull.puller import Puller, PullOptions
+
+            progress = TerminalProgress()
+            try:
+                with ContainerdClient(args.address, args.namespace) as containerd:
+                    containerd.connect()
+                    options = PullOptions(snapshotter=args.snapshotter, platform=platform)
+                    resolved = resolving.result()
+                    summary = Puller(containerd, registry, options, progress).unpack(resolved)
+            except ContainerdError as err:
+                return _fail(f"pulling {image}: {err}")
     except RegistryError as err:
         return _fail(f"pulling {image}: {err}")
     except (PullError, ImageFormatError) as err:
@@ -101,6 +109,23 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"pulling {image}: interrupted")
     progress.summary(summary)
     return 0
+
+
+def _in_background(function: Callable[..., T], *args: object) -> Future[T]:
+    """function(*args) on a daemon thread: a pull that fails on containerd's side returns at
+    once instead of waiting for a slow registry (a pool's thread would be joined at exit)."""
+    from concurrent.futures import Future
+
+    future: Future[T] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # handed to whoever asks for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="resolve", daemon=True).start()
+    return future
 
 
 def _skip_final_collection() -> None:

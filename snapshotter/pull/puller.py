@@ -15,7 +15,7 @@ import base64
 import os
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -28,44 +28,22 @@ from snapshotter.pull.containerd_api import (
 )
 from snapshotter.pull.plan import (
     UNCOMPRESSED_LABEL,
-    ImageFormatError,
     LayerStep,
     child_gc_labels,
     distribution_source_label,
-    image_layers,
-    layer_steps,
-    parse_diff_ids,
     snapshot_gc_label,
 )
-from snapshotter.remote.manifest import Descriptor, Manifest, Platform
-from snapshotter.remote.reference import Reference, Repository
+from snapshotter.pull.resolve import (
+    PullError,
+    Registry,
+    ResolvedImage,
+    resolve_image,
+)
+from snapshotter.remote.manifest import Manifest, Platform
+from snapshotter.remote.reference import Reference
 
 READ_CHUNK = 1 << 20
 PREPARE_ATTEMPTS = 3  # as containerd's unpacker: a key clash is retried with a new key
-
-
-class PullError(Exception):
-    """The pull failed; the message names the image and the layer or object involved."""
-
-
-class BlobReader(Protocol):
-    def read(self, size: int = -1, /) -> bytes | None: ...
-
-
-class Registry(Protocol):
-    """The registry client calls a pull needs (snapshotter.remote.client.RegistryClient)."""
-
-    def get_manifest(self, ref: Reference) -> Manifest: ...
-
-    def resolve_platform(self, index: Manifest, platform: Platform) -> Descriptor: ...
-
-    def get_blob(self, repo: Repository, digest: str) -> bytes: ...
-
-    def stream_blob(
-        self, repo: Repository, digest: str, size: int | None = None
-    ) -> AbstractContextManager[BlobReader]:
-        """A readable stream of the blob that raises at its end if the digest is wrong."""
-        ...
 
 
 class LayerOutcome(StrEnum):
@@ -149,34 +127,15 @@ class Puller:
         self.progress: Progress = progress or SilentProgress()
 
     def pull(self, image: str) -> PullSummary:
-        started = time.monotonic()
-        summary = PullSummary(image=image)
-        try:
-            ref = Reference.parse(image)
-        except ValueError as err:
-            raise PullError(str(err)) from None
-        top = self.registry.get_manifest(ref)
-        summary.bytes_downloaded += len(top.data)
-        manifest = top
-        if top.is_index:
-            chosen = self.registry.resolve_platform(top, self.options.platform)
-            manifest = self.registry.get_manifest(ref.with_digest(chosen.digest))
-            summary.bytes_downloaded += len(manifest.data)
-        if manifest.is_index:
-            raise PullError(f"{image}: index {manifest.digest} nests another index; not supported")
-        summary.manifest_digest = manifest.digest
-        try:
-            config, layers = image_layers(manifest)
-        except ImageFormatError as err:
-            raise PullError(f"{image}: {err}") from None
-        config_data = self.registry.get_blob(ref.repository, config.digest)
-        summary.bytes_downloaded += len(config_data)
-        try:
-            diff_ids = parse_diff_ids(config_data, f"config {config.digest} of {image}")
-            steps = layer_steps(str(ref), manifest.digest, config.digest, layers, diff_ids)
-        except ImageFormatError as err:
-            raise PullError(f"{image}: {err}") from None
+        return self.unpack(resolve_image(self.registry, image, self.options.platform))
 
+    def unpack(self, resolved: ResolvedImage) -> PullSummary:
+        """The containerd half of a pull, from what resolve_image found."""
+        image, ref, top, manifest = resolved.image, resolved.ref, resolved.top, resolved.manifest
+        config, layers, steps = resolved.config, resolved.layers, resolved.steps
+        config_data = resolved.config_data
+        summary = PullSummary(image=image, manifest_digest=manifest.digest)
+        summary.bytes_downloaded = resolved.bytes_downloaded
         with self.containerd.lease():
             # Parents are written after their children so every GC reference label points at
             # content that is already there (the lease protects all of it meanwhile anyway).
@@ -198,7 +157,7 @@ class Puller:
                 )
             target = _Blob.of(top)
             self.containerd.put_image(image, target, {})
-        summary.seconds = time.monotonic() - started
+        summary.seconds = time.monotonic() - resolved.started
         return summary
 
     # -- blobs ------------------------------------------------------------------------------

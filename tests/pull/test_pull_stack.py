@@ -10,9 +10,11 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,6 +256,28 @@ def test_missing_containerd_names_the_socket(
     assert result.returncode == 1
     assert f"cannot reach containerd at {socket}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_missing_containerd_is_reported_at_once_while_the_registry_hangs(
+    containerd: Containerd, tmp_path: Path
+) -> None:
+    # The manifest request runs beside the containerd connection: a registry that never
+    # answers must not hold back the error the user can act on.
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        missing = tmp_path / "no-containerd.sock"
+        started = time.monotonic()
+        result = lazysnap_pull(
+            containerd, f"{host}/app:1", "default", "--plain-http", address=str(missing)
+        )
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert result.returncode == 1
+    assert f"cannot reach containerd at {missing}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert took < 20  # the registry client's own timeout is 30 s, with retries
 
 
 def test_unknown_image_names_it_and_leaves_nothing_behind(

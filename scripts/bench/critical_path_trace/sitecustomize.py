@@ -52,7 +52,13 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "ContainerdClient.put_image",
         "ContainerdClient.apply_layer",
     ),
-    "snapshotter.pull.puller": ("Puller.pull", "Puller._unpack_layer", "Puller._fetch_layer_blob"),
+    "snapshotter.pull.puller": (
+        "Puller.pull",
+        "Puller.unpack",
+        "Puller._unpack_layer",
+        "Puller._fetch_layer_blob",
+    ),
+    "snapshotter.pull.resolve": ("resolve_image",),
     "snapshotter.pull.command": ("run",),
     "snapshotter.remote.client": (
         "RegistryClient.get_manifest",
