@@ -51,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:
 import zstandard  # noqa: E402
 
 from snapshotter.fs.tree import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, LayerTree  # noqa: E402
-from snapshotter.index.build import build_layer_index  # noqa: E402
+from snapshotter.index.build import MAX_SPAN_SIZE, MIN_SPAN_SIZE, build_layer_index  # noqa: E402
 from snapshotter.index.codec import decode_index, encode_index_split  # noqa: E402
 from snapshotter.index.errors import IndexFormatError  # noqa: E402
 from snapshotter.index.model import Compression, LayerIndex  # noqa: E402
@@ -756,6 +756,12 @@ def parse_sizes(text: str) -> list[int]:
     sizes = [parse_size(part) for part in text.split(",") if part.strip()]
     if not sizes:
         raise argparse.ArgumentTypeError("no span size given")
+    for size in sizes:
+        if not MIN_SPAN_SIZE <= size <= MAX_SPAN_SIZE:
+            raise argparse.ArgumentTypeError(
+                f"span size {size} is outside the indexer's [{size_label(MIN_SPAN_SIZE)}, "
+                f"{size_label(MAX_SPAN_SIZE)}]"
+            )
     return sizes
 
 
@@ -798,6 +804,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.read_ahead_kb < 0:
         parser.error("--read-ahead-kb must be 0 or more")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: directory {args.json.parent} does not exist")
     return args
 
 
@@ -805,7 +813,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     image = load_image(args.image)
     commands = [tuple(args.command)] if args.command else list(DEFAULT_WORKLOADS)
     span_sizes: list[int] = args.span_sizes
-    progress(f"indexing {len(image.layers)} layers of {image.name} ({size_label(span_sizes[0])})")
+    progress(
+        f"indexing the {len(image.layers)} layer(s) of {image.name} ({size_label(span_sizes[0])})"
+    )
     indexes = index_layers(image, span_sizes[0])
     uncompressed = sum(index.uncompressed_size for index in indexes)
     # Room for the tree plus ext4's own metadata; the file is sparse.

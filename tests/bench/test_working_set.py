@@ -18,6 +18,7 @@ from snapshotter.index.codec import encode_window
 from snapshotter.index.spans import spans_for_range
 from tests.harness.images import (
     BuiltImage,
+    TarEntry,
     busybox_layer_tar,
     file,
     layer_tar,
@@ -53,13 +54,17 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
             file(KNOWN, _text(2, 1_500_000)),
             file("data/other", _text(3, 400_000)),
             file("data/gone", b"whited out above\n"),
+            file("data/sub/hidden", b"under an opaque directory above\n"),
         ]
     )
-    return write_oci_layout(
-        work / "layout",
-        "latest",
-        [busybox_layer_tar(work), data, layer_tar([whiteout("data/gone")])],
+    top = layer_tar(
+        [
+            whiteout("data/gone"),
+            TarEntry("data/sub/.wh..wh..opq"),
+            file("data/sub/shown", b"above the opaque marker\n"),
+        ]
     )
+    return write_oci_layout(work / "layout", "latest", [busybox_layer_tar(work), data, top])
 
 
 def _mounts_and_loops_under(path: Path) -> list[str]:
@@ -94,11 +99,13 @@ def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
     work = tmp_path / "work"
     work.mkdir()
     figures = tmp_path / "ws.json"
-    # `test ! -e` fails the workload (and the script) unless the top layer's whiteout applied.
-    result = _run_script(
-        image, work, "--json", str(figures), "--", "sh", "-c",
-        f"test ! -e /data/gone && cat /{KNOWN} > /dev/null",
-    )  # fmt: skip
+    # The tests fail the workload (and the script) unless the top layer's whiteout and opaque
+    # directory were applied.
+    shell = (
+        "test ! -e /data/gone && test ! -e /data/sub/hidden && test -e /data/sub/shown"
+        f" && cat /{KNOWN} > /dev/null"
+    )
+    result = _run_script(image, work, "--json", str(figures), "--", "sh", "-c", shell)
     assert result.returncode == 0, result.stderr
     raw: dict[str, Any] = json.loads(figures.read_text())
     [workload] = raw["workloads"]
@@ -128,7 +135,7 @@ def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
         assert by_size["layers"][2]["whole_files"]["spans"] == 0
     smallest = workload["by_span_size"][0]["layers"][1]["whole_files"]
     assert smallest["spans"] >= 3 and smallest["window_bytes"] > 0
-    assert f"| `sh -c test ! -e /data/gone && cat /{KNOWN} > /dev/null` | 128K | " in result.stdout
+    assert f"| `sh -c {shell}` | 128K | " in result.stdout
     assert _mounts_and_loops_under(work) == []
     assert list(work.iterdir()) == []
 
