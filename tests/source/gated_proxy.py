@@ -49,7 +49,7 @@ class Seen:
     path: str
     status: int
     started: float
-    finished: float
+    finished: float  # when the registry's answer was in, about to go to the client
 
 
 @dataclass
@@ -128,6 +128,10 @@ class GatedProxy:
             with self._changed:
                 for gate in gates:
                     gate.in_flight -= 1
+        # Recorded before it is sent: a client that has its answer finds it in `seen`.
+        with self._changed:
+            self.seen.append(Seen(method, path, status, started, time.monotonic()))
+            self._changed.notify_all()
         handler.send_response(status)
         for name, value in headers:
             handler.send_header(name, value)
@@ -135,9 +139,6 @@ class GatedProxy:
         handler.end_headers()
         if method != "HEAD":
             handler.wfile.write(body)
-        with self._changed:
-            self.seen.append(Seen(method, path, status, started, time.monotonic()))
-            self._changed.notify_all()
 
     def _wait_for_gates(self, gates: list[Gate]) -> None:
         with self._changed:
