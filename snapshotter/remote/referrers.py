@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -83,16 +84,32 @@ def find_referrers(
     artifact_type (any when None), and which mechanism answered."""
     repository = as_repository(repo)
     validate_digest(subject_digest, "subject digest")
-    from_api = _referrers_api(client, repository, subject_digest, artifact_type)
-    if from_api is not None:
-        return ReferrerResult(tuple(from_api), "referrers-api")
-    from_tag = _tag_fallback(client, repository, subject_digest, artifact_type)
+    # The tag fallback is asked at the same time as the API: on a registry without the API
+    # (docker-registry 2.8 among them) that saves the round trip the probe costs, and on one
+    # with it, one small request is wasted.
+    with ThreadPoolExecutor(1, "referrers-tag") as pool:
+        tag_lookup = pool.submit(_tag_fallback, client, repository, subject_digest, artifact_type)
+        try:
+            from_api = _referrers_api(client, repository, subject_digest, artifact_type)
+        except BaseException:
+            _settle(tag_lookup)
+            raise
+        if from_api is not None:
+            _settle(tag_lookup)
+            return ReferrerResult(tuple(from_api), "referrers-api")
+        from_tag = tag_lookup.result()
     if from_tag:
         return ReferrerResult(tuple(from_tag), "tag-fallback")
     from_oras = _oras(client, repository, subject_digest, artifact_type)
     if from_oras:
         return ReferrerResult(tuple(from_oras), "oras")
     return ReferrerResult((), "tag-fallback")
+
+
+def _settle(lookup: Future[list[Descriptor]]) -> None:
+    """Wait for a lookup whose answer is not needed; its failure is nobody's concern."""
+    with contextlib.suppress(Exception):
+        lookup.result()
 
 
 def _referrers_api(

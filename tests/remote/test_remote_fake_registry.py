@@ -342,7 +342,35 @@ def test_legacy_oras_endpoint_is_read(fakes: Callable[[], FakeServer]) -> None:
     assert found.source == "oras"
     assert [d.digest[-1] for d in found.descriptors] == ["7", "8"]
     paths = [s.path.split("?")[0] for s in fake.seen]
-    assert paths[:2] == [f"/v2/r/referrers/{subject}", f"/v2/r/manifests/sha256-{'6' * 64}"]
+    # the referrers API and the tag fallback are asked together, then the ORAS endpoint
+    assert sorted(paths[:2]) == [f"/v2/r/manifests/sha256-{'6' * 64}", f"/v2/r/referrers/{subject}"]
+    assert paths[2].startswith("/oras/artifacts/v1/r/")
+
+
+def test_the_tag_fallback_is_asked_while_the_referrers_api_is_still_answering(
+    fakes: Callable[[], FakeServer],
+) -> None:
+    # A registry without the API answers its probe with 404; the fallback must not wait for
+    # that answer (one round trip saved on every image's first Prepare over a slow link).
+    fake = fakes()
+    subject = "sha256:" + "5" * 64
+    tag_asked = threading.Event()
+    overlapped: list[bool] = []
+
+    def referrers(h: BaseHTTPRequestHandler) -> bool:
+        overlapped.append(tag_asked.wait(5))  # answer only once the fallback was asked
+        return send(h, 404, b"404 page not found\n", {"Content-Type": "text/plain"})
+
+    def fallback_tag(h: BaseHTTPRequestHandler) -> bool:
+        tag_asked.set()
+        return send(h, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
+
+    fake.routes["/v2/r/referrers/"] = referrers
+    fake.routes[f"/v2/r/manifests/sha256-{'5' * 64}"] = fallback_tag
+    with client_for(fake) as client:
+        found = find_referrers(client, Repository(fake.host, "r"), subject, "want")
+    assert found.descriptors == ()
+    assert overlapped == [True]
 
 
 def test_tag_list_whose_next_link_loops_back_ends_with_an_error(
