@@ -260,6 +260,8 @@ def _measure_steps(
                 containerd.namespace,
                 "--hosts-dir",
                 str(node.hosts_dir),
+                # run by the node's daemon, as a user's `lazysnap pull` is where it runs
+                *(["--daemon-address", str(node.daemon.socket)] if node.daemon else []),
             ],
             f"lazysnap pull {reference}",
             timeout=1800,

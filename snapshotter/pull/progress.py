@@ -7,8 +7,8 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
+from snapshotter.pull.outcome import LayerOutcome, PullSummary
 from snapshotter.pull.plan import LayerStep
-from snapshotter.pull.puller import LayerOutcome, PullSummary
 
 MB = 1_000_000
 
@@ -53,28 +53,39 @@ class TerminalProgress:
                 yield chunk
 
     def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
-        head = f"layer {step.position + 1}/{self._total} {_short(step.blob.digest)}"
-        if outcome is LayerOutcome.LAZY:
-            detail = f"lazy ({_mb(step.blob.size)} not downloaded)"
-        elif outcome is LayerOutcome.PRESENT:
-            detail = "already present"
-        elif downloaded:
-            detail = f"pulled {_mb(downloaded)}"
-        else:
-            detail = "unpacked (blob was in the content store)"
-        print(f"{head}: {detail}", file=self.out, flush=True)
+        line = layer_line(
+            step.position, self._total, step.blob.digest, step.blob.size, outcome, downloaded
+        )
+        print(line, file=self.out, flush=True)
 
     def summary(self, summary: PullSummary) -> None:
-        parts = [
-            f"{summary.count(LayerOutcome.LAZY)} lazy",
-            f"{summary.count(LayerOutcome.PULLED)} pulled",
-        ]
-        present = summary.count(LayerOutcome.PRESENT)
-        if present:
-            parts.append(f"{present} already present")
-        print(
-            f"{summary.image}: {_layers(len(summary.outcomes))} ({', '.join(parts)}), "
-            f"{_mb(summary.bytes_downloaded)} downloaded in {summary.seconds:.1f} s",
-            file=self.out,
-            flush=True,
-        )
+        print(summary_line(summary), file=self.out, flush=True)
+
+
+def layer_line(
+    position: int, total: int, digest: str, size: int, outcome: LayerOutcome, downloaded: int
+) -> str:
+    head = f"layer {position + 1}/{total} {_short(digest)}"
+    if outcome is LayerOutcome.LAZY:
+        detail = f"lazy ({_mb(size)} not downloaded)"
+    elif outcome is LayerOutcome.PRESENT:
+        detail = "already present"
+    elif downloaded:
+        detail = f"pulled {_mb(downloaded)}"
+    else:
+        detail = "unpacked (blob was in the content store)"
+    return f"{head}: {detail}"
+
+
+def summary_line(summary: PullSummary) -> str:
+    parts = [
+        f"{summary.count(LayerOutcome.LAZY)} lazy",
+        f"{summary.count(LayerOutcome.PULLED)} pulled",
+    ]
+    present = summary.count(LayerOutcome.PRESENT)
+    if present:
+        parts.append(f"{present} already present")
+    return (
+        f"{summary.image}: {_layers(len(summary.outcomes))} ({', '.join(parts)}), "
+        f"{_mb(summary.bytes_downloaded)} downloaded in {summary.seconds:.1f} s"
+    )

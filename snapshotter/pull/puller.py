@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
 from snapshotter.pull.containerd_api import (
@@ -26,6 +25,7 @@ from snapshotter.pull.containerd_api import (
     ContainerdError,
     ContainerdUnreachable,
 )
+from snapshotter.pull.outcome import LayerOutcome, PullSummary
 from snapshotter.pull.plan import (
     UNCOMPRESSED_LABEL,
     LayerStep,
@@ -44,24 +44,6 @@ from snapshotter.remote.reference import Reference
 
 READ_CHUNK = 1 << 20
 PREPARE_ATTEMPTS = 3  # as containerd's unpacker: a key clash is retried with a new key
-
-
-class LayerOutcome(StrEnum):
-    LAZY = "lazy"  # the snapshotter mounted it remotely: no blob fetched
-    PULLED = "pulled"  # blob fetched (or found in the content store) and unpacked
-    PRESENT = "present"  # the chain ID snapshot existed before this pull
-
-
-@dataclass
-class PullSummary:
-    image: str
-    manifest_digest: str = ""
-    outcomes: list[LayerOutcome] = field(default_factory=list)
-    bytes_downloaded: int = 0
-    seconds: float = 0.0
-
-    def count(self, outcome: LayerOutcome) -> int:
-        return sum(1 for o in self.outcomes if o is outcome)
 
 
 class Progress(Protocol):

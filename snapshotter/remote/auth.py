@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from snapshotter.remote.docker_config import default_docker_config_path
 from snapshotter.remote.errors import AuthenticationError, CredentialsError, redact_url
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,7 @@ class CredentialStore:
 
     @classmethod
     def default_config_path(cls) -> str:
-        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-        return os.path.join(base, "config.json")
+        return default_docker_config_path()
 
     @classmethod
     def from_docker_config(cls, path: str | os.PathLike[str] | None = None) -> CredentialStore:

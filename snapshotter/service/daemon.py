@@ -31,6 +31,7 @@ from snapshotter.core.layers import RemoteLayers
 
 if TYPE_CHECKING:
     from snapshotter.metrics import DaemonMetrics
+    from snapshotter.service.pull_server import PullServer
 
 log = logging.getLogger("lazysnap.daemon")
 
@@ -249,10 +250,13 @@ class Daemon:
             server.start()
             os.chmod(address, 0o660)
             log.info("serving snapshots of %s on %s", root, address)
+            pulls = _start_pull_server(address)
             sd_notify("READY=1")
             while not self._stop.wait(timeout=1.0):
                 pass
             sd_notify("STOPPING=1")
+            if pulls is not None:
+                pulls.stop()
             server.stop(GRACE_SECONDS).wait()
             log.info("stopped")
         finally:
@@ -261,6 +265,25 @@ class Daemon:
             core.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address)
+
+
+def _start_pull_server(address: str) -> PullServer | None:
+    """The pull socket beside address (snapshotter/pull/wire.py); the daemon serves
+    snapshots without it if it cannot listen there."""
+    from snapshotter.pull.wire import pull_socket_for
+    from snapshotter.service.pull_server import PullServer
+
+    pulls = PullServer(pull_socket_for(address))
+    try:
+        pulls.start()
+    except OSError as err:
+        log.warning(
+            "no pull socket at %s (%s): `lazysnap pull` will pull in its own process",
+            pulls.path,
+            err.strerror or err,
+        )
+        return None
+    return pulls
 
 
 def serve(config: Config) -> int:

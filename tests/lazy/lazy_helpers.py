@@ -85,11 +85,20 @@ class LazyStack:
         return self.lazysnap(*args, reference).stdout
 
     def pull(
-        self, reference: str, *, hosts_dir: Path | None = None, snapshotter: str = "lazysnap"
+        self,
+        reference: str,
+        *,
+        hosts_dir: Path | None = None,
+        snapshotter: str = "lazysnap",
+        through_daemon: bool = True,
     ) -> PullResult:
-        """`lazysnap pull` into this test's namespace; containerd's hosts dir unless given."""
+        """`lazysnap pull` into this test's namespace; containerd's hosts dir unless given.
+        By default run by this stack's daemon (its pull socket), as a user's pull is when
+        `lazysnap serve` runs; through_daemon=False pulls in the CLI's own process."""
+        where = ["--daemon-address", str(self.daemon.socket)] if through_daemon else ["--no-daemon"]
         result = self.lazysnap(
             "pull",
+            *where,
             "--address",
             str(self.containerd.address),
             "--namespace",

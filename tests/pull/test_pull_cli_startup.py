@@ -48,3 +48,21 @@ def test_help_lists_every_subcommand_and_each_has_its_options() -> None:
         check=True,
     )
     assert "--hosts-dir" in pull_help.stdout and "--snapshotter" in pull_help.stdout
+
+
+def test_a_pull_through_the_daemon_loads_neither_grpc_nor_httpx() -> None:
+    # That is what makes it faster than a pull in the CLI's own process (snapshotter/pull/wire.py).
+    loaded = _python(
+        "import sys\n"
+        "from snapshotter.cli import build_parser\n"
+        "from snapshotter.pull import command, wire\n"
+        "from snapshotter.pull.request import PullRequest\n"
+        "from snapshotter.remote.docker_config import default_docker_config_path\n"
+        "argv = ['pull', 'registry.example/app:1', '--daemon-address', '/nonexistent/x.sock']\n"
+        "args = build_parser(argv).parse_args(argv)\n"
+        "assert wire.pull_socket_for(command._daemon_address(args)) == '/nonexistent/x-pull.sock'\n"
+        "PullRequest('i', 'a', 'n', 's', docker_config=default_docker_config_path())\n"
+        "heavy = ('grpc', 'httpx', 'httpcore')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    assert loaded == "[]"

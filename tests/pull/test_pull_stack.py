@@ -88,6 +88,7 @@ def lazysnap_pull(
         "-m",
         "snapshotter.pull",
         image,
+        "--no-daemon",  # these tests cover the pull in the CLI's own process
         "--address",
         address or str(containerd.address),
         "--namespace",
