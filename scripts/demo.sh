@@ -79,7 +79,8 @@ say "indexing $IMAGE: one lazysnap index per layer, pushed to the registry as a 
 
 say "pulling $IMAGE with lazysnap pull: indexed layers are mounted, not downloaded"
 LOG_START=$(stat -c %s "$BASE/registry/registry.log")
-"$LAZYSNAP" pull --address "$CONTAINERD_ADDRESS" --namespace "$CONTAINERD_NAMESPACE" \
+"$LAZYSNAP" pull --daemon-address "$LAZYSNAP_SOCKET" \
+    --address "$CONTAINERD_ADDRESS" --namespace "$CONTAINERD_NAMESPACE" \
     --hosts-dir "$CONTAINERD_HOSTS_DIR" "$IMAGE"
 sleep 0.5  # the registry logs a request after answering it
 PULL_BYTES=$(blob_bytes_since "$LOG_START")
