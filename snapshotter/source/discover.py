@@ -101,7 +101,7 @@ class IndexDiscovery:
         self._cache: dict[str, _ImageIndexes] = {}
         # By blob digest: the profile's fetch + decode, started ahead or by the first Prepare
         # that needs it; None when unusable (logged once, by the fetch).
-        self._profiles: dict[str, Future[StartupProfile | None]] = {}
+        self._profiles: dict[str, Future[_ProfileFetch]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         # "<repository>@<index blob digest>" -> (when, its fetch + decode running ahead)
@@ -208,7 +208,7 @@ class IndexDiscovery:
             # Every lazy layer's Prepare reads the profile: it is fetched (and kept) anyway, so
             # it is not held to MAX_AHEAD_BYTES, which bounds indexes that may never be asked for.
             profile = found.profile
-            if profile is not None and profile.digest not in self._profiles:
+            if profile is not None and self._profile_wanted(profile.digest):
                 self._profiles[profile.digest] = self._ahead_pool.submit(
                     _fetch_profile, self.client, ref, profile
                 )
@@ -230,18 +230,29 @@ class IndexDiscovery:
         if blob is None:
             return ()
         with self._guard:
-            pending = self._profiles.get(blob.digest)
-            mine = pending is None
-            if pending is None:  # not fetched ahead: fetch it here, other Prepares wait for it
-                pending = self._profiles[blob.digest] = Future()
+            mine = self._profile_wanted(blob.digest)
+            if mine:  # not fetched ahead (or to retry): fetch it here, other Prepares wait for it
+                self._profiles[blob.digest] = Future()
+            pending = self._profiles[blob.digest]
         if mine:
-            fetched: StartupProfile | None = None
+            fetched = _ProfileFetch(None, time.monotonic())
             try:
                 fetched = _fetch_profile(self.client, ref, blob)
             finally:
                 pending.set_result(fetched)  # never leave the others waiting
-        profile = pending.result()
+        profile = pending.result().profile
         return profile.names_for(layer_digest) if profile is not None else ()
+
+    def _profile_wanted(self, digest: str) -> bool:
+        """Whether the profile blob must be fetched (now): never tried, or its fetch failed
+        (the registry, not the blob) longer than negative_ttl ago. Called under _guard."""
+        pending = self._profiles.get(digest)
+        if pending is None:
+            return True
+        if not pending.done():
+            return False
+        failed_at = pending.result().fetch_failed_at
+        return failed_at is not None and time.monotonic() - failed_at >= self.negative_ttl
 
     def _platform_manifest_digest(self, ref: Reference) -> str:
         top = self.client.get_manifest(ref)
@@ -332,20 +343,31 @@ def _fetch_index(
     return data, decode_index(data, expected_layer_digest=layer_digest)
 
 
-def _fetch_profile(
-    client: RegistryClient, ref: Reference, blob: Descriptor
-) -> StartupProfile | None:
-    """The startup profile blob, fetched and decoded; None (logged) when that fails. A profile
-    is only a hint: nothing about it may make a layer fail, so any error ends here."""
+@dataclass(frozen=True)
+class _ProfileFetch:
+    profile: StartupProfile | None  # None: unusable, logged
+    # When fetching it failed (the registry's doing: tried again after negative_ttl); None when
+    # it was fetched, or its bytes do not decode (a blob never changes: not tried again).
+    fetch_failed_at: float | None = None
+
+
+def _fetch_profile(client: RegistryClient, ref: Reference, blob: Descriptor) -> _ProfileFetch:
+    """The startup profile blob, fetched and decoded. A profile is only a hint: nothing about
+    it may make a layer fail, so any error ends here, logged."""
     where = f"startup profile {blob.digest} of {ref}"
     try:
         data = client.get_blob(ref.repository, blob.digest, MAX_PROFILE_BYTES)
-        return decode_profile(data, where)
-    except (RegistryError, ProfileError) as exc:
+    except Exception as exc:  # RegistryError, or e.g. an OSError under the HTTP client
+        detail = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+        log.warning("ignoring %s for now (tried again later): %s", where, detail)
+        return _ProfileFetch(None, time.monotonic())
+    try:
+        return _ProfileFetch(decode_profile(data, where))
+    except ProfileError as exc:
         log.warning("ignoring startup profile: %s", exc)
-    except Exception as exc:  # e.g. an OSError under the HTTP client: still only a hint lost
+    except Exception as exc:  # a decoder bug must not fail the layer either
         log.warning("ignoring %s: %s: %s", where, type(exc).__name__, exc)
-    return None
+    return _ProfileFetch(None)
 
 
 def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 import urllib.request
 from pathlib import Path
 
@@ -12,8 +13,16 @@ import pytest
 
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
+from snapshotter.remote.reference import Reference
+from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from tests.harness.registry import Registry
-from tests.source.index_artifacts import content, encoded_profile, push_artifact, push_image
+from tests.source.index_artifacts import (
+    content,
+    encoded_profile,
+    profile_of,
+    push_artifact,
+    push_image,
+)
 from tests.source.test_discover_ahead import labels
 from tests.source.test_discover_overlap import client_for, discovery_via
 
@@ -76,3 +85,32 @@ def test_an_unusable_profile_is_logged_once_and_every_layer_mounts(
         for mountpoint in mounted:
             lazy.unmount(str(mountpoint))
         lazy.close()
+
+
+def test_a_profile_the_registry_could_not_serve_is_fetched_again_later(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # A profile lost to a registry hiccup costs one pull its prefetch, not every pull until the
+    # daemon restarts; one that does not decode is not fetched again (a blob never changes).
+    repository = f"profile-retry/app{secrets.token_hex(4)}"
+    image = push_image(registry.host, repository, tmp_path, layers=3)
+    names = ["l0/f0", "l1/f0", "l2/f0"]
+    profile = encoded_profile(image, names)
+    artifact = push_artifact(
+        client_for(registry.host),
+        image,
+        span_size=64 << 10,
+        profile=profile,
+        created="2026-01-01T00:00:00.000000Z",
+    )
+    _delete_blob(registry, repository, artifact.profile_digest)
+    found = IndexDiscovery(
+        client_for(registry.host), BlobSettings(plain_http=(registry.host,)), negative_ttl=0.5
+    )
+    first_layer = labels(image.reference, image.layers[0].digest)
+    assert found(first_layer).prefetch_names == ()
+    back = client_for(registry.host).push_blob(Reference.parse(image.reference).repository, profile)
+    assert back == artifact.profile_digest
+    time.sleep(0.6)  # past negative_ttl
+    expected = profile_of(image, names).names_for(image.layers[0].digest)
+    assert expected and found(first_layer).prefetch_names == expected
