@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 from snapshotter.pull.outcome import LayerOutcome, PullSummary
 from snapshotter.pull.plan import LayerStep
@@ -38,15 +38,8 @@ class TerminalProgress:
         if not self.bars:
             yield from chunks
             return
-        from tqdm import tqdm  # only on a terminal: its import costs ~20 ms of every pull
-
-        with tqdm(
-            total=step.blob.size,
-            unit="B",
-            unit_scale=True,
-            desc=f"layer {step.position + 1}/{self._total} {_short(step.blob.digest)}",
-            file=self.out,
-            leave=False,
+        with download_bar(
+            self.out, step.position, self._total, step.blob.digest, step.blob.size
         ) as bar:
             for chunk in chunks:
                 bar.update(len(chunk))
@@ -62,10 +55,23 @@ class TerminalProgress:
         print(summary_line(summary), file=self.out, flush=True)
 
 
+def _layer_head(position: int, total: int, digest: str) -> str:
+    return f"layer {position + 1}/{total} {_short(digest)}"
+
+
+def download_bar(out: TextIO, position: int, total: int, digest: str, size: int) -> Any:
+    """A tqdm bar for one layer's download; also what `lazysnap pull` shows for a pull the
+    daemon runs (snapshotter/pull/wire.py)."""
+    from tqdm import tqdm  # only on a terminal: its import costs ~20 ms of every pull
+
+    desc = _layer_head(position, total, digest)
+    return tqdm(total=size, unit="B", unit_scale=True, desc=desc, file=out, leave=False)
+
+
 def layer_line(
     position: int, total: int, digest: str, size: int, outcome: LayerOutcome, downloaded: int
 ) -> str:
-    head = f"layer {position + 1}/{total} {_short(digest)}"
+    head = _layer_head(position, total, digest)
     if outcome is LayerOutcome.LAZY:
         detail = f"lazy ({_mb(size)} not downloaded)"
     elif outcome is LayerOutcome.PRESENT:

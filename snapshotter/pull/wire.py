@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from snapshotter.pull.outcome import LayerOutcome, PullSummary
 from snapshotter.pull.plan import LayerStep
-from snapshotter.pull.progress import layer_line, summary_line
+from snapshotter.pull.progress import download_bar, layer_line, summary_line
 from snapshotter.pull.request import PullRequest
 
 MAX_LINE = 1 << 20  # a request or an event line; anything longer is not ours
@@ -165,16 +165,9 @@ class _BarRenderer:
     def update(self, event: dict[str, Any]) -> None:
         if self._bar is None or self._digest != event["digest"]:
             self.close()
-            from tqdm import tqdm
-
             self._digest = event["digest"]
-            self._bar = tqdm(
-                total=event["size"],
-                unit="B",
-                unit_scale=True,
-                desc=f"layer {event['position'] + 1}/{event['total']} {self._digest[7:19]}",
-                file=self.out,
-                leave=False,
+            self._bar = download_bar(
+                self.out, event["position"], event["total"], self._digest, event["size"]
             )
         self._bar.update(event["done"] - self._bar.n)
 
