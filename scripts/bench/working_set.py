@@ -56,9 +56,10 @@ from snapshotter.index.codec import decode_index, encode_index_split  # noqa: E4
 from snapshotter.index.errors import IndexFormatError  # noqa: E402
 from snapshotter.index.model import Compression, LayerIndex  # noqa: E402
 from snapshotter.index.spans import spans_for_range  # noqa: E402
+from tests.harness.images import read_layout  # noqa: E402
+from tests.harness.procs import HarnessError  # noqa: E402
 
 TEST_IMAGES = Path(os.environ.get("LAZYSNAP_TEST_IMAGES", "/var/cache/lazysnap-test-images"))
-REF_NAME = "org.opencontainers.image.ref.name"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The start-up benchmark's pybig workloads (scripts/bench/startup_workloads.py).
 DEFAULT_WORKLOADS = (("python3", "-c", "print(1)"), ("python3", "-c", "import numpy, pandas"))
@@ -108,23 +109,19 @@ def load_image(spec: str) -> Image:
     if not (layout / "index.json").is_file():
         hint = "" if "/" in location else " (run scripts/build-test-images.sh)"
         raise WorkingSetError(f"image {spec!r}: {layout} is not an OCI layout{hint}")
-    index = _read_json(layout / "index.json", "image index")
-    entry = next(
-        (m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) == tag),
-        None,
-    )
-    if entry is None:
-        raise WorkingSetError(f"image {spec!r}: {layout} has no image tagged {tag!r}")
+    try:
+        built = read_layout(layout, tag)
+    except (HarnessError, OSError, ValueError, KeyError) as exc:
+        raise WorkingSetError(f"image {spec!r}: {exc}") from None
     blobs = layout / "blobs" / "sha256"
 
     def blob(digest: str) -> Path:
         return blobs / digest.split(":", 1)[1]
 
-    manifest = _read_json(blob(entry["digest"]), "manifest")
-    config = _read_json(blob(manifest["config"]["digest"]), "image config").get("config") or {}
+    config = _read_json(blob(built.config_digest), "image config").get("config") or {}
     layers = tuple(
-        Layer(d["digest"], d["mediaType"], d["size"], blob(d["digest"]))
-        for d in manifest.get("layers", [])
+        Layer(layer.digest, layer.media_type, layer.size, blob(layer.digest))
+        for layer in built.layers
     )
     for layer in layers:
         if not layer.blob.is_file():
