@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything lazysnap's daemon, tests and demo need on a fresh Debian 12, as root.
 # Idempotent and quiet on success: apt runs only when a package is missing, pip only when
-# pyproject.toml changed since the last install. Loud on failure (the failing step's log).
+# requirements.lock (every Python package, pinned with hashes) changed since the last install. Loud on failure (the failing step's log).
 #
 #   LAZYSNAP_VENV=/path   venv to create/use (default /opt/lazysnap-venv)
 #   PYTHON=python3.11     interpreter for a new venv (default python3)
@@ -78,9 +78,22 @@ if [[ ! -x $VENV/bin/python ]]; then
     "$PYTHON" -m venv "$VENV" >>"$LOG" 2>&1 || fail "$PYTHON -m venv $VENV"
 fi
 STAMP=$VENV/.lazysnap-deps
-WANT=$(cat "$REPO/pyproject.toml" "$0" | sha256sum | cut -c1-16)
+WANT=$(cat "$REPO/requirements.lock" "$0" | sha256sum | cut -c1-16)
 if [[ $(cat "$STAMP" 2>/dev/null) != "$WANT:$REPO" ]] || ! "$VENV/bin/python" -c 'import snapshotter' 2>/dev/null; then
-    echo "install-deps: pip install -e '$REPO[test]' into $VENV"
-    "$VENV/bin/python" -m pip install -q -e "$REPO[test]" >>"$LOG" 2>&1 || fail "pip install -e .[test]"
+    # Exactly the lock: every package pinned and hash-checked (requirements.lock, written by
+    # scripts/lock.sh), lazysnap itself editable without build isolation (its build requirements
+    # are in the lock too), and whatever else an older install left in the venv removed.
+    echo "install-deps: pip install -r requirements.lock (hash-checked) into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes \
+        -r "$REPO/requirements.lock" >>"$LOG" 2>&1 || fail "pip install -r requirements.lock"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        --no-build-isolation -e "$REPO" >>"$LOG" 2>&1 || fail "pip install -e $REPO"
+    extra=$("$VENV/bin/python" "$REPO/scripts/lock/extras.py" "$REPO/requirements.lock") \
+        || fail "comparing $VENV with requirements.lock"
+    if [[ -n $extra ]]; then
+        echo "install-deps: removing packages the lock does not name: $extra"
+        # shellcheck disable=SC2086  # a list of names
+        "$VENV/bin/python" -m pip uninstall -q -y $extra >>"$LOG" 2>&1 || fail "pip uninstall $extra"
+    fi
     echo "$WANT:$REPO" >"$STAMP"
 fi

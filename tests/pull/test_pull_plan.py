@@ -6,7 +6,7 @@ import hashlib
 import json
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
 from snapshotter.pull.plan import (
@@ -146,5 +146,8 @@ def test_cri_pull_request_encoding_matches_protobuf() -> None:
     image = "127.0.0.1:5000/" + "x" * 200 + ":latest"  # > 127 bytes: multi-byte varint length
     parsed = request_cls.FromString(pull_image_request(image))
     assert parsed.image.image == image  # type: ignore[attr-defined]
-    answer = response_cls(image_ref="sha256:" + "ab" * 32 + "é" * 70).SerializeToString()
+    # ParseDict, not the keyword constructor: types-protobuf's Message stubs changed what
+    # __init__ accepts (7.35.1.20261122 takes no field keywords); this types under both.
+    response = json_format.ParseDict({"imageRef": "sha256:" + "ab" * 32 + "é" * 70}, response_cls())
+    answer = response.SerializeToString()
     assert parse_pull_image_response(answer) == "sha256:" + "ab" * 32 + "é" * 70
