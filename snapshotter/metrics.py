@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from snapshotter.core.errors import AlreadyExists
-from snapshotter.core.layers import RemoteLayers, RemoteLayerUnavailable
+from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
 from snapshotter.core.mounts import OverlayFeatures
 from snapshotter.core.snapshotter import TARGET_SNAPSHOT_LABEL, MountList, Snapshotter
 
@@ -94,6 +94,8 @@ def fallback_reason(exc: BaseException) -> str:
     """A short, stable class for why a layer was not mounted lazily (a metric label value)."""
     if not isinstance(exc, RemoteLayerUnavailable):
         return "internal_error"  # a bug in the lazy path; the core falls back anyway
+    if exc.reason is not FallbackReason.OTHER:
+        return exc.reason.value  # raised with its class: no guessing from the wording
     from snapshotter.index.errors import IndexFormatError
     from snapshotter.remote.errors import AuthenticationError, CredentialsError, RegistryError
     from snapshotter.source.labels import LabelError
