@@ -158,7 +158,7 @@ trap 'rm -rf "$WORK"' EXIT
 pip_quiet() {  # pip_quiet PYTHON ARGS...: pip, its output shown only if it fails
     local python=$1
     shift
-    if ! "$python" -m pip --disable-pip-version-check -q "$@" >"$WORK/pip.log" 2>&1; then
+    if ! "$python" -m pip --disable-pip-version-check --quiet "$@" >"$WORK/pip.log" 2>&1; then
         cat "$WORK/pip.log" >&2
         die "pip $* failed"
     fi
@@ -169,24 +169,27 @@ pip_quiet() {  # pip_quiet PYTHON ARGS...: pip, its output shown only if it fail
 "$PYTHON" "$REPO/scripts/lock/subset.py" build "$REPO/requirements.lock" \
     "$REPO/scripts/lock/build.in" >"$WORK/build.lock"
 
-# Build the wheel from a copy: building in the checkout would leave build/ and egg-info there.
-say "building lazysnap's wheel"
-mkdir "$WORK/src"
-tar -C "$REPO" --exclude=__pycache__ -cf - pyproject.toml README.md snapshotter \
-    | tar -C "$WORK/src" -xf -
-"$PYTHON" -m venv "$WORK/build-venv"
-pip_quiet "$WORK/build-venv/bin/python" install --require-hashes -r "$WORK/build.lock"
-pip_quiet "$WORK/build-venv/bin/python" wheel --no-deps --no-build-isolation \
-    -w "$WORK/wheel" "$WORK/src"
-wheel=("$WORK"/wheel/lazysnap-*.whl)
-[[ -f ${wheel[0]} ]] || die "pip wheel made no lazysnap wheel"
-
 # A venv whose interpreter is gone (Python upgraded, --python changed) is rebuilt from scratch.
 if [[ -d $VENV ]] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     say "replacing $VENV: its interpreter no longer runs"
     rm -rf "$VENV"
 fi
 [[ -d $VENV ]] || "$PYTHON" -m venv "$VENV"
+
+# Build the wheel from a copy (building in the checkout would leave build/ and egg-info there),
+# in a venv without pip of its own: the node venv's pip installs into it (--python), which saves
+# the seconds ensurepip takes.
+say "building lazysnap's wheel"
+mkdir "$WORK/src"
+tar -C "$REPO" --exclude=__pycache__ -cf - pyproject.toml README.md snapshotter \
+    | tar -C "$WORK/src" -xf -
+"$PYTHON" -m venv --without-pip "$WORK/build-venv"
+build_pip() { pip_quiet "$VENV/bin/python" --python "$WORK/build-venv/bin/python" "$@"; }
+build_pip install --require-hashes -r "$WORK/build.lock"
+build_pip wheel --no-deps --no-build-isolation -w "$WORK/wheel" "$WORK/src"
+wheel=("$WORK"/wheel/lazysnap-*.whl)
+[[ -f ${wheel[0]} ]] || die "pip wheel made no lazysnap wheel"
+
 say "installing into $VENV (requirements.lock, runtime packages, hash-checked)"
 pip_quiet "$VENV/bin/python" install --require-hashes -r "$WORK/runtime.lock"
 # --force-reinstall: the version stays 0.1.0 while the code changes; a re-run must take it.
