@@ -132,7 +132,10 @@ fi
 # --- what the node must have --------------------------------------------------------------------
 
 missing=()
-command -v "$PYTHON" >/dev/null || missing+=(python3)
+if ! command -v "$PYTHON" >/dev/null; then
+    [[ $PYTHON == python3 ]] || die "--python $PYTHON: no such interpreter"
+    missing+=(python3)
+fi
 if command -v "$PYTHON" >/dev/null; then
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "$PYTHON is $("$PYTHON" -V 2>&1): lazysnap needs Python 3.11 or newer (--python)"
@@ -140,7 +143,8 @@ if command -v "$PYTHON" >/dev/null; then
 fi
 command -v fusermount3 >/dev/null || missing+=(fuse3)
 # mfusepy loads libfuse3 with ctypes: the library, not the -dev package.
-ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3 ' || missing+=(libfuse3-3)
+ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)  # not on a non-root PATH
+"$ldconfig" -p 2>/dev/null | grep -q 'libfuse3\.so\.3 ' || missing+=(libfuse3-3)
 if ((${#missing[@]})); then
     ((USE_APT)) || die "missing system packages: ${missing[*]}
   install them:  apt-get install --no-install-recommends ${missing[*]}
