@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from tests.harness.containerd import start_containerd
 from tests.harness.daemon import LazysnapDaemon
 from tests.harness.images import busybox_layer_tar, file, layer_tar, push, write_oci_layout
-from tests.harness.procs import mounts_under, unmount_all_under
+from tests.harness.procs import free_port, log_tail, mounts_under, spawn, unmount_all_under
 from tests.harness.registry import Registry
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -116,6 +117,34 @@ def _next_message(sock: socket.socket, timeout: float) -> bytes:
         return b""
 
 
+def healthz_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def check_accel_command(argv: list[str], workdir: Path) -> None:
+    """Run the accel unit's ExecStart as systemd would (credentials in $CREDENTIALS_DIRECTORY,
+    here on a free port) until it answers /healthz, then stop it: it must exit 0."""
+    credentials = workdir / "credentials"
+    credentials.mkdir(parents=True)
+    (credentials / "token").write_text("install-test-token\n")
+    (credentials / "config.json").write_text('{"auths": {}}\n')
+    port = free_port()
+    argv = [arg.replace("${CREDENTIALS_DIRECTORY}", str(credentials)) for arg in argv]
+    argv[argv.index("--listen") + 1] = f"127.0.0.1:{port}"
+    env = {**_clean_env(), "CREDENTIALS_DIRECTORY": str(credentials)}
+    env["DOCKER_CONFIG"] = str(credentials)
+    service = spawn("lazysnap accel serve", argv, workdir / "accel.log", env=env, cwd=Path("/"))
+    try:
+        service.wait_until(lambda: healthz_answers(port), f"/healthz on port {port}", 60)
+    finally:
+        returncode = service.stop(timeout=30)
+    assert returncode == 0, log_tail(workdir / "accel.log")
+
+
 def files_under(root: Path) -> list[Path]:
     return sorted(path for path in root.rglob("*") if not path.is_dir())
 
@@ -180,6 +209,12 @@ def test_install_serve_pull_upgrade_uninstall(
     assert unit_setting(serve_unit, "Type") == ["notify"]
     exec_start_argv = shlex.split(unit_setting(serve_unit, "ExecStart")[0])
     assert exec_start_argv == [str(installed.command), "serve", "--config", str(installed.config)]
+
+    # -- the accel unit's command runs on the installed venv -----------------------------------
+    accel_argv = shlex.split(
+        unit_setting(installed.unit_dir / "lazysnap-accel.service", "ExecStart")[0]
+    )
+    check_accel_command(accel_argv, workdir / "accel")
 
     # -- serve, as the unit runs it, with the config adapted to the test registry -------------
     containerd = start_containerd(
