@@ -28,9 +28,12 @@
 # (PyPI). Only the runtime part of the lock is installed: pip cannot install part of a hashed
 # lock, so scripts/lock/subset.py cuts it (pyproject.toml's [project] dependencies and what they
 # need), and lazysnap itself is installed as a wheel built here, in a throw-away venv holding
-# the lock's build packages (setuptools, wheel): the node venv gets no test tools, no compiler
-# needs, nothing unpinned, and no link back to this checkout (it can be deleted afterwards).
+# the lock's build packages (setuptools, wheel): the node venv gets no test tools, nothing
+# unpinned, and no link back to this checkout (it can be deleted afterwards).
 set -euo pipefail
+# Files readable by all whatever the caller's umask: lazysnap-accel.service runs as a dynamic
+# user that must read the venv.
+umask 022
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=""
@@ -95,6 +98,13 @@ mounts_under() {  # mount points below $1, from the kernel's table
 }
 
 uninstall() {
+    if ((PURGE)); then  # refuse before removing anything
+        local mounted
+        mounted=$(mounts_under "$STATE")
+        [[ -z $mounted ]] || die "not purging $STATE: still mounted there (stop the containers
+using lazysnap images, then umount):
+$mounted"
+    fi
     if systemd_running; then
         systemctl disable --now "${UNITS[@]}" 2>/dev/null || true
     fi
@@ -110,14 +120,11 @@ uninstall() {
     fi
     rm -rf "$VENV" "$DOC_DIR"
     if ((PURGE)); then
-        local mounted
-        mounted=$(mounts_under "$STATE")
-        [[ -z $mounted ]] || die "not purging $STATE: still mounted there (stop the containers
-using lazysnap images, then umount):
-$mounted"
         rm -rf "$STATE" "$RUN_DIR"
         rm -f "$CONFIG"
-        rmdir "$ETC" 2>/dev/null || say "left $ETC: it holds files this script did not write"
+        if [[ -d $ETC ]] && ! rmdir "$ETC" 2>/dev/null; then
+            say "left $ETC: it holds files this script did not write"
+        fi
         say "removed lazysnap, its config $CONFIG and its state $STATE"
     else
         say "removed lazysnap; kept $CONFIG and $STATE (--uninstall --purge removes them)"
@@ -173,7 +180,7 @@ pip_quiet() {  # pip_quiet PYTHON ARGS...: pip, its output shown only if it fail
 "$PYTHON" "$REPO/scripts/lock/subset.py" build "$REPO/requirements.lock" \
     "$REPO/scripts/lock/build.in" >"$WORK/build.lock"
 
-# A venv whose interpreter is gone (Python upgraded, --python changed) is rebuilt from scratch.
+# A venv whose interpreter no longer runs (its Python removed or upgraded) is rebuilt.
 if [[ -d $VENV ]] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     say "replacing $VENV: its interpreter no longer runs"
     rm -rf "$VENV"
