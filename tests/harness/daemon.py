@@ -82,11 +82,14 @@ class LazysnapDaemon:
     config: Path | None = None
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] | None = None
+    # The `lazysnap` command to run instead of this checkout's (e.g. an installed one): it runs
+    # as installed, without the checkout on PYTHONPATH.
+    program: Sequence[str] | None = None
     service: Service | None = field(default=None, repr=False)
 
     def argv(self) -> list[str]:
         argv = [
-            *lazysnap_command(),
+            *(lazysnap_command() if self.program is None else self.program),
             "serve",
             "--root",
             str(self.root),
@@ -104,9 +107,17 @@ class LazysnapDaemon:
                 f"lazysnap on {self.socket} is already running (pid {self.service.pid})"
             )
         env = dict(os.environ if self.env is None else self.env)
-        # `python -m snapshotter.cli` needs the checkout importable when not installed.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        self.service = spawn("lazysnap serve", self.argv(), self.log_path, env=env, cwd=REPO_ROOT)
+        if self.program is None:
+            # `python -m snapshotter.cli` needs the checkout importable when not installed.
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])
+            )
+        else:
+            env.pop("PYTHONPATH", None)
+        # cwd /, as systemd runs it: `python -m` (mount processes) puts the cwd on sys.path, and
+        # in the checkout that would import its code instead of the installed one.
+        cwd = REPO_ROOT if self.program is None else Path("/")
+        self.service = spawn("lazysnap serve", self.argv(), self.log_path, env=env, cwd=cwd)
         try:
             self.service.wait_until(
                 lambda: unix_socket_accepts(self.socket), f"listening on {self.socket}", timeout
