@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{target.target.platform} {target.target.subject.digest}: {state}")
                 print(report.summary())
                 if profile_argv:
-                    return _record_profiles(client, ref, report, args, profile_argv)
+                    return _record_profiles(client, ref, report, args, profile_argv, sign_key)
                 return 0
             if args.index_command == "sign":
                 assert sign_key is not None  # required argument
@@ -296,8 +296,10 @@ def _record_profiles(
     report: BuildReport,
     args: argparse.Namespace,
     argv: list[str],
+    sign_key: SigningKey | None,
 ) -> int:
-    """Record and attach the profile of the platform manifest this machine can run."""
+    """Record and attach the profile of the platform manifest this machine can run (the new
+    artifact signed with sign_key when given)."""
     from snapshotter.profile.attach import BlobAccess, profile_summary, record_and_attach
     from snapshotter.profile.record import ProfileRecordError
     from snapshotter.remote.auth import CredentialStore
@@ -337,6 +339,7 @@ def _record_profiles(
             command_text=args.profile,
             timeout=args.profile_timeout,
             access=access,
+            sign_key=sign_key,
         )
     except (ProfileRecordError, RegistryError) as exc:
         print(f"error: {args.image}: profile: {exc}", file=sys.stderr)

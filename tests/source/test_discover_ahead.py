@@ -16,6 +16,7 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from tests.harness.images import directory, file, layer_tar, push, write_oci_layout
 from tests.harness.registry import Registry
+from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 
@@ -32,7 +33,9 @@ def discovery(registry: Registry) -> IndexDiscovery:
     client = RegistryClient(
         HostsConfig(None, plain_http=(registry.host,)), CredentialStore.from_docker_config(None)
     )
-    return IndexDiscovery(client, BlobSettings(plain_http=(registry.host,)))
+    return IndexDiscovery(
+        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+    )
 
 
 def test_the_first_layer_of_an_image_fetches_every_index_at_once(
