@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.indexer.command import SIGN_KEY_ENV
-from snapshotter.trust.keys import write_key_pair
-from snapshotter.trust.policy import TrustPolicy
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, sha256_digest
+from snapshotter.remote.reference import Repository
+from snapshotter.trust.keys import SigningKey, load_signing_key, write_key_pair
+from snapshotter.trust.policy import TrustMode, TrustPolicy
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,26 @@ def sign_builds_with(keys: SigningKeys) -> None:
 def session_trust_policy() -> TrustPolicy:
     """What a daemon of this session trusts: the key builds sign with ($LAZYSNAP_SIGN_KEY's
     public half). For tests that construct IndexDiscovery themselves."""
-    from snapshotter.trust.keys import load_signing_key
-    from snapshotter.trust.policy import TrustMode
+    return TrustPolicy(TrustMode.SIGNED, (session_signing_key().public,))
 
+
+def session_signing_key() -> SigningKey:
     path = os.environ.get(SIGN_KEY_ENV)
     if not path:
         raise RuntimeError(
             f"${SIGN_KEY_ENV} is not set: the session signing key fixture did not run"
         )
-    return TrustPolicy(TrustMode.SIGNED, (load_signing_key(path).public,))
+    return load_signing_key(path)
+
+
+def sign_pushed(
+    client: RegistryClient, repository: Repository, manifest: bytes, key: SigningKey | None = None
+) -> str:
+    """Sign a manifest pushed to repository (the session key unless key), as `index build
+    --sign-key` signs its artifacts; the signature manifest's digest."""
+    from snapshotter.indexer.signing import sign_manifest
+
+    described = Descriptor(OCI_MANIFEST, sha256_digest(manifest), len(manifest))
+    signature = sign_manifest(client, repository, described, key or session_signing_key())
+    assert signature is not None, f"{described.digest} was already signed"
+    return signature
