@@ -19,12 +19,14 @@ from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.indexer.artifact import IndexedLayer
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
+from snapshotter.remote.auth import Credentials
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.signatures import find_signatures
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from snapshotter.trust.keys import generate_signing_key
 from snapshotter.trust.policy import TrustMode, TrustPolicy
+from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
 from tests.harness.trust import session_signing_key, session_trust_policy
 
@@ -33,6 +35,14 @@ pytestmark = pytest.mark.stack
 Index = Callable[..., CliResult]
 LAYER = 400 << 10
 BUILD_FLAGS = ("--plain-http", "--min-layer-size", "0", "--span-size", "65536")
+
+
+@pytest.fixture
+def native(peryx: Peryx, docker_config: Callable[[Target], None]) -> Target:
+    """A namespace on peryx (native referrers API), with the CLI's credentials for it."""
+    target = Target(peryx.host, peryx.route, Credentials("lazysnap", peryx.token))
+    docker_config(target)
+    return target
 
 
 @pytest.fixture(params=["dist", "native"])
