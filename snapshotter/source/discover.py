@@ -365,8 +365,9 @@ class IndexDiscovery:
         # last one that names a layer (stable for a given registry answer).
         for number, artifact in enumerate(fetched):
             covered = [(b, d) for b, d in _index_blobs(artifact) if d in layers]
-            if signatures:
-                verdict = self.trust.decide(artifact.digest, signatures[number].result())
+            if self.trust.checks_signatures:
+                found = signatures[number].result() if signatures else ()
+                verdict = self.trust.decide(artifact.digest, found)
                 if not verdict.trusted:
                     log.warning(
                         "not using lazysnap index artifact %s of %s@%s: %s",
@@ -385,12 +386,13 @@ class IndexDiscovery:
         for layer_digest in index_blobs:
             untrusted.pop(layer_digest, None)
         log.info(
-            "%s@%s: lazysnap index for %d of %d layers (via %s)",
+            "%s@%s: lazysnap index for %d of %d layers (via %s)%s",
             ref,
             manifest_digest,
             len(index_blobs),
             len(layers),
             result.source,
+            f"; {len(untrusted)} more only in untrusted artifacts" if untrusted else "",
         )
         return _ImageIndexes(
             layers, index_blobs, result.source, time.monotonic(), profile, untrusted

@@ -54,8 +54,14 @@ class TrustPolicy:
         return cls(TrustMode.PERMISSIVE)
 
     @property
-    def needs_signatures(self) -> bool:
+    def checks_signatures(self) -> bool:
+        """Whether artifacts must be signed to be used (decide() depends on signatures)."""
         return self.mode is TrustMode.SIGNED
+
+    @property
+    def needs_signatures(self) -> bool:
+        """Whether looking signatures up can change a decision (without keys, none can)."""
+        return self.mode is TrustMode.SIGNED and bool(self.keys)
 
     def describe(self) -> str:
         if self.mode is TrustMode.PERMISSIVE:
@@ -68,6 +74,12 @@ class TrustPolicy:
     def decide(self, artifact_digest: str, found: Sequence[FoundSignature]) -> Verdict:
         if self.mode is TrustMode.PERMISSIVE:
             return Verdict(True, "trust mode permissive")
+        if not self.keys:
+            return Verdict(
+                False,
+                "no public key configured to verify signatures with ([trust] public_keys)",
+                Refusal.UNTRUSTED_KEY,
+            )
         results: list[tuple[str, Checked]] = []
         for signature in found:
             if signature.payload is None:

@@ -140,7 +140,9 @@ def test_a_signed_payload_for_another_artifact_names_what_it_signed() -> None:
 
 def test_without_keys_nothing_is_trusted_and_permissive_trusts_everything() -> None:
     key = generate_signing_key()
-    assert not TrustPolicy().decide(ARTIFACT, [signed(key)]).trusted
+    verdict = TrustPolicy().decide(ARTIFACT, [signed(key)])
+    assert not verdict.trusted and "no public key configured" in verdict.reason
+    assert not TrustPolicy().needs_signatures  # nothing to look up: no key could verify them
     assert TrustPolicy.permissive().decide(ARTIFACT, []).trusted
 
 
