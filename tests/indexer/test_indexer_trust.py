@@ -8,6 +8,7 @@ $LAZYSNAP_SIGN_KEY), as a CI builder with --sign-key would."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +21,17 @@ from snapshotter.indexer.artifact import IndexedLayer
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
 from snapshotter.remote.auth import Credentials
+from snapshotter.remote.manifest import OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
-from snapshotter.remote.signatures import find_signatures
+from snapshotter.remote.signatures import (
+    SIGNATURE_ANNOTATION,
+    SIMPLESIGNING_MEDIA_TYPE,
+    find_signatures,
+    signature_tag,
+)
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.source.labels import LayerRequest
+from snapshotter.trust import simplesign
 from snapshotter.trust.keys import generate_signing_key
 from snapshotter.trust.policy import TrustMode, TrustPolicy
 from tests.harness.peryx import Peryx
@@ -159,3 +167,50 @@ def test_a_signing_build_does_not_adopt_a_cache_entry_its_key_did_not_sign(
         push_image(client, victim, dist.host, other, "v1")
     reused = lazysnap_index("build", f"{dist.host}/{other}:v1", *BUILD_FLAGS)
     assert reused.code == 0 and "0 layers indexed, 1 reused" in reused.out, reused.out
+
+
+def test_a_signature_in_cosigns_tag_mode_is_found(
+    lazysnap_index: Index, dist: Target, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cosign sign --key` in its default mode: a manifest tagged sha256-<hex>.sig whose layers
+    are simple signing payloads with the signature annotation (made here the way cosign lays it
+    out: an image config, no subject)."""
+    image = build_image(workdir, "v1", [random_layer("tagmode", LAYER)])
+    repo = f"{dist.namespace}/{unique('tagmode')}"
+    with dist.client() as client:
+        push_image(client, image, dist.host, repo, "v1")
+    ref = f"{dist.host}/{repo}:v1"
+    trusted, key = session_trust_policy(), session_signing_key()
+    monkeypatch.delenv(SIGN_KEY_ENV)
+    built = lazysnap_index("build", ref, *BUILD_FLAGS)
+    assert built.code == 0, built.err
+    artifact = built.out.split("pushed ", 1)[1].split()[0]
+    repository = Reference.parse(ref).repository
+    with dist.client() as client:
+        payload = simplesign.payload(str(repository), artifact)
+        config = json.dumps({"architecture": "", "os": "", "rootfs": {"type": "layers"}}).encode()
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": client.push_blob(repository, config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": SIMPLESIGNING_MEDIA_TYPE,
+                    "digest": client.push_blob(repository, payload),
+                    "size": len(payload),
+                    "annotations": {SIGNATURE_ANNOTATION: simplesign.sign(key, payload)},
+                }
+            ],
+        }
+        client.push_manifest(
+            repository, signature_tag(artifact), json.dumps(manifest).encode(), OCI_MANIFEST
+        )
+        [found] = find_signatures(client, repository, artifact)
+        assert found.where == f"tag {signature_tag(artifact)}"
+    layer = image.layers[0].digest
+    request = LayerRequest("chain", ref, image.manifest_digest, layer, (layer,))
+    assert _discovery(dist, trusted).resolve(request).blob.digest == layer
