@@ -7,7 +7,7 @@
     index sign IMAGE --sign-key FILE [--platform ...]... [--all-platforms] [--plain-http]
                      [--hosts-dir DIR]
     index show IMAGE [--platform ...]... [--all-platforms] [--plain-http] [--hosts-dir DIR]
-                     [--json]
+                     [--json] [--key PUB]...
 
 --sign-key defaults to $LAZYSNAP_SIGN_KEY (a CI job sets it once for every build).
 
@@ -162,6 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_common(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="public key (file or directory of *.pub) a node trusts: also say whether such a "
+        "node would use the artifact, and why not (repeatable; docs/trust.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,7 +239,15 @@ def run(args: argparse.Namespace) -> int:
             if args.index_command == "sign":
                 assert sign_key is not None  # required argument
                 return _sign(client, args, platforms, sign_key)
-            view = show_image_index(client, args.image, platforms, all_platforms=args.all_platforms)
+            trust = None
+            if args.key:
+                from snapshotter.trust.keys import load_public_keys
+                from snapshotter.trust.policy import TrustMode, TrustPolicy
+
+                trust = TrustPolicy(TrustMode.SIGNED, load_public_keys(args.key))
+            view = show_image_index(
+                client, args.image, platforms, all_platforms=args.all_platforms, trust=trust
+            )
             if args.json:
                 print(json.dumps(view.to_json(), indent=2))
             else:
@@ -240,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
     except (IndexBuildError, RegistryError, ArtifactError) as exc:
         print(f"error: {args.image}: {exc}", file=sys.stderr)
         return 1
+    except TrustKeyError as exc:
+        print(f"error: --key: {exc}", file=sys.stderr)
+        return 2
 
 
 def _key_id(key: SigningKey | None) -> str:

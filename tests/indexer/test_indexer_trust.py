@@ -36,7 +36,12 @@ from snapshotter.trust.keys import generate_signing_key
 from snapshotter.trust.policy import TrustMode, TrustPolicy
 from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
-from tests.harness.trust import session_signing_key, session_trust_policy
+from tests.harness.trust import (
+    SigningKeys,
+    make_keys,
+    session_signing_key,
+    session_trust_policy,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -64,7 +69,7 @@ def _discovery(target: Target, trust: TrustPolicy) -> IndexDiscovery:
 
 
 def test_a_signed_index_is_used_and_refused_under_another_key(
-    lazysnap_index: Index, target: Target, workdir: Path
+    lazysnap_index: Index, target: Target, workdir: Path, index_signing_keys: SigningKeys
 ) -> None:
     image = build_image(workdir, "v1", [random_layer("app", LAYER)])
     repo = f"{target.namespace}/{unique('signed')}"
@@ -94,6 +99,17 @@ def test_a_signed_index_is_used_and_refused_under_another_key(
     message = str(refused.value)
     assert "index not signed by a trusted key" in message
     assert artifact_digest in message and "signature by an untrusted key" in message
+
+    # `index show --key` says what a node trusting that key would decide, and why.
+    shown = lazysnap_index("show", ref, "--plain-http", "--key", str(index_signing_keys.public))
+    assert shown.code == 0 and f"trusted: signed by key {key_id}" in shown.out, shown.out
+    stranger_keys = make_keys(workdir / "stranger")
+    shown = lazysnap_index(
+        "show", ref, "--plain-http", "--json", "--key", str(stranger_keys.public)
+    )
+    [platform] = json.loads(shown.out)["platforms"]
+    assert platform["artifact"]["trusted"] is False
+    assert platform["artifact"]["trust"].startswith("signature by an untrusted key")
 
     # Building again finds the artifact and its signature by this key: nothing is pushed.
     again = lazysnap_index("build", ref, *BUILD_FLAGS)
