@@ -222,3 +222,18 @@ def test_config_refuses_a_missing_or_wrong_public_key_at_start(tmp_path: Path) -
     config.write_text(f'[trust]\npublic_keys = ["{good}"]\n')
     assert load_config(str(config)).trust.public_keys == (str(good),)
     assert load_config(None).trust.mode == "signed"
+
+
+def test_trust_keygen_command_writes_a_pair_and_never_replaces_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from snapshotter.cli import main
+
+    out = tmp_path / "keys"
+    assert main(["trust", "keygen", "--out", str(out)]) == 0
+    key = load_signing_key(str(out / "index.key"))
+    assert f"key {key.public.key_id}:" in capsys.readouterr().out
+    assert load_public_key(str(out / "index.pub")).key_id == key.public.key_id
+    assert main(["trust", "keygen", "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert load_signing_key(str(out / "index.key")).public.key_id == key.public.key_id
