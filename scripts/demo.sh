@@ -2,7 +2,8 @@
 # Set up and demo lazysnap on a fresh Debian 12 machine (as root):
 #   install deps, start a private stack under a temp dir (registry + lazysnap + containerd),
 #   push an image (the cached big Python image, else a small busybox one), build its lazysnap
-#   index (`lazysnap index build`), pull it lazily (`lazysnap pull`: layers mounted over FUSE,
+#   index signed with a fresh key the node trusts (`lazysnap trust keygen`, `lazysnap index
+#   build --sign-key`), pull it lazily (`lazysnap pull`: layers mounted over FUSE,
 #   not downloaded) and run a container that reads from the lazy layers.
 # Everything is stopped and removed on exit. KEEP=1 leaves the stack up for poking around
 # (stop it later with: python -m tests.harness down BASE).
@@ -32,8 +33,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "starting registry + lazysnap + containerd under $BASE"
-eval "$("$PY" -m tests.harness up "$BASE")"
+LAZYSNAP=$VENV/bin/lazysnap
+say "making the key pair that signs lazysnap indexes (the node uses only signed ones)"
+"$LAZYSNAP" trust keygen --out "$BASE/keys"
+
+say "starting registry + lazysnap + containerd under $BASE (trusting $BASE/keys/index.pub)"
+eval "$("$PY" -m tests.harness up "$BASE" --trust-key "$BASE/keys/index.pub")"
 echo "registry $REGISTRY, containerd $CONTAINERD_ADDRESS (namespace $CONTAINERD_NAMESPACE)"
 echo "lazysnap $LAZYSNAP_SOCKET (log $BASE/lazysnap/lazysnap.log)"
 
@@ -64,7 +69,6 @@ PYEOF
 )
     COMMAND=(sh -c 'echo "hello from a container on lazysnap: $(uname -sr)"; wc -c /data/blob0')
 fi
-LAZYSNAP=$VENV/bin/lazysnap
 # Blob bytes the registry sent (its access log) after log offset $1.
 blob_bytes_since() {
     tail -c +$(($1 + 1)) "$BASE/registry/registry.log" |
@@ -73,8 +77,8 @@ blob_bytes_since() {
             END { print n + 0 }'
 }
 
-say "indexing $IMAGE: one lazysnap index per layer, pushed to the registry as a referrer"
-"$LAZYSNAP" index build --plain-http --min-layer-size 0 "$IMAGE"
+say "indexing $IMAGE: one lazysnap index per layer, pushed to the registry as a referrer, signed"
+"$LAZYSNAP" index build --plain-http --min-layer-size 0 --sign-key "$BASE/keys/index.key" "$IMAGE"
 "$LAZYSNAP" index show --plain-http "$IMAGE"
 
 say "pulling $IMAGE with lazysnap pull: indexed layers are mounted, not downloaded"

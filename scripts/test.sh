@@ -42,7 +42,7 @@ check "mypy --strict (snapshotter)" "$BIN/mypy" --strict
 check "mypy --strict (tests)" env MYPYPATH="$REPO" "$BIN/mypy" --strict \
     --explicit-package-bases tests/harness tests/conftest.py tests/e2e tests/lazy tests/pull \
     tests/remote tests/index tests/stress tests/fs tests/unit tests/profile tests/source \
-    tests/status tests/install scripts/images scripts/lock
+    tests/status tests/install tests/trust scripts/images scripts/lock
 # These directories import their helpers as sibling modules (pytest's rootdir insertion).
 for dir in tests/accel tests/indexer; do
     check "mypy --strict ($dir)" env MYPYPATH="$REPO:$REPO/$dir" "$BIN/mypy" --strict \

@@ -48,7 +48,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-# -- index build | index show ------------------------------------------------------------------
+# -- index build | sign | show ------------------------------------------------------------------
 # The command modules import only argparse-level code at import time; run() loads the rest.
 
 
@@ -74,6 +74,16 @@ def _pull_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _accel_arguments(parser: argparse.ArgumentParser) -> None:
     from snapshotter.accel import command
+
+    command.add_arguments(parser)
+    parser.set_defaults(run=command.run)
+
+
+# -- trust keygen ------------------------------------------------------------------------------
+
+
+def _trust_arguments(parser: argparse.ArgumentParser) -> None:
+    from snapshotter.trust import command
 
     command.add_arguments(parser)
     parser.set_defaults(run=command.run)
@@ -120,6 +130,11 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "accel",
         "acceleration service: index images as registries report their pushes",
         _accel_arguments,
+    ),
+    Subcommand(
+        "trust",
+        "keys that sign lazysnap indexes (nodes use only indexes signed by a trusted key)",
+        _trust_arguments,
     ),
     Subcommand(
         "status",

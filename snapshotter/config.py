@@ -63,6 +63,16 @@ class FetchConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    # "signed": only indexes signed by one of public_keys; "permissive": any index (unsigned too)
+    mode: str = "signed"
+    public_keys: tuple[str, ...] = ()  # PEM public key files, or directories of *.pub files
+
+
+TRUST_MODES = ("signed", "permissive")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     address: str = ""  # "host:port" for Prometheus metrics; "" = off
 
@@ -77,6 +87,7 @@ class Config:
     fuse: FuseConfig = field(default_factory=FuseConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     @property
     def cache_dir(self) -> str:
@@ -135,10 +146,27 @@ def _validate(config: Config, source: str) -> Config:
             f"{source}: fetch.background_rate_bytes must be positive, "
             f"got {config.fetch.background_rate_bytes}"
         )
+    _validate_trust(config.trust, source)
     for name, text in (("root", config.root), ("address", config.address)):
         if not text:
             raise ConfigError(f"{source}: {name} must not be empty")
     return config
+
+
+def _validate_trust(trust: TrustConfig, source: str) -> None:
+    if trust.mode not in TRUST_MODES:
+        raise ConfigError(
+            f"{source}: trust.mode must be one of {', '.join(TRUST_MODES)}, got {trust.mode!r}"
+        )
+    if trust.public_keys:
+        # Read now, so a missing or wrong key stops the daemon at start naming the file, not
+        # later as every layer falling back. (Imported here: cryptography is not light.)
+        from snapshotter.trust.keys import TrustKeyError, load_public_keys
+
+        try:
+            load_public_keys(trust.public_keys)
+        except TrustKeyError as exc:
+            raise ConfigError(f"{source}: trust.public_keys: {exc}") from None
 
 
 def load_config(path: str | None = None, **overrides: Any) -> Config:

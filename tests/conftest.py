@@ -31,6 +31,7 @@ from tests.harness.daemon import (  # noqa: E402
 from tests.harness.images import PushedImage, build_busybox, push, read_layout  # noqa: E402
 from tests.harness.procs import HarnessError, log_tail, unmount_all_under  # noqa: E402
 from tests.harness.registry import Registry, start_registry  # noqa: E402
+from tests.harness.trust import SigningKeys, make_keys, sign_builds_with  # noqa: E402
 
 STACK_BINARIES = ("containerd", "ctr", "runc", "docker-registry", "skopeo", "dpkg-deb", "umount")
 TEST_IMAGES = Path(os.environ.get("LAZYSNAP_TEST_IMAGES", "/var/cache/lazysnap-test-images"))
@@ -114,18 +115,33 @@ def registry(stack_base: Path) -> Iterator[Registry]:
     instance.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_signing_keys() -> Iterator[SigningKeys]:
+    """The session's index signing key pair: every `index build` / `accel serve` signs with it
+    ($LAZYSNAP_SIGN_KEY) and the session daemon trusts it, so the suite runs the daemon's
+    secure default (`[trust] mode = "signed"`). Trust tests make other keys of their own."""
+    directory = Path(tempfile.mkdtemp(prefix="lzs-keys-"))
+    keys = make_keys(directory)
+    sign_builds_with(keys)
+    yield keys
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def containerd_hosts_dir(stack_base: Path) -> Path:
     """The session containerd's hosts dir (start_containerd writes it under its base)."""
     return stack_base / "containerd" / "certs.d"
 
 
 @pytest.fixture(scope="session")
-def _lazysnap_session(stack_base: Path, registry: Registry) -> Iterator[LazysnapDaemon | str]:
+def _lazysnap_session(
+    stack_base: Path, registry: Registry, index_signing_keys: SigningKeys
+) -> Iterator[LazysnapDaemon | str]:
     """The session daemon, or why it could not start (so overlayfs-only tests still run).
 
     Configured for lazy layers from the session registry (plain http), with containerd's hosts
     dir (so a test can route a registry of its own through hosts.toml), every indexed layer
-    lazy whatever its size, a short fetch timeout and a span cache smaller than pybig."""
+    lazy whatever its size (when signed by the session key), a short fetch timeout and a span
+    cache smaller than pybig."""
     reason = serve_available()
     if reason is not None:
         yield reason
@@ -139,6 +155,7 @@ def _lazysnap_session(stack_base: Path, registry: Registry) -> Iterator[Lazysnap
         # Off: tests assert what a lazy mount fetches on demand (and that a file nobody read is
         # not fetched yet); a background download of whole layers would race them.
         background_fetch=False,
+        trust_public_keys=(index_signing_keys.public,),
     )
     try:
         daemon = start_lazysnap(stack_base / "lazysnap", settings=settings)

@@ -27,8 +27,12 @@ def drop_caches() -> None:
 
 
 def lazysnap_config(hosts_dir: Path, registry_host: str) -> str:
-    """The daemon reads the registry the way containerd does: same hosts dir, plain http."""
-    return f'[remote]\nhosts_dir = "{hosts_dir}"\nplain_http = ["{registry_host}"]\n'
+    """The daemon reads the registry the way containerd does: same hosts dir, plain http. The
+    bench's indexes are unsigned: trust them (permissive), as before signatures existed."""
+    return (
+        f'[remote]\nhosts_dir = "{hosts_dir}"\nplain_http = ["{registry_host}"]\n'
+        '[trust]\nmode = "permissive"\n'
+    )
 
 
 def _pids_mentioning(text: str) -> list[int]:

@@ -22,6 +22,7 @@ from snapshotter.cli_types import (
     add_span_size_argument,
     at_least_one,
 )
+from snapshotter.indexer.command import add_sign_key_argument
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
@@ -119,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-layer index cache repository, as for `lazysnap index build` "
         "(its pushes are never indexed)",
     )
+    add_sign_key_argument(serve)
     serve.add_argument(
         "--token-file",
         metavar="FILE",
@@ -184,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from snapshotter.log import setup_logging
     from snapshotter.remote.auth import CredentialStore
     from snapshotter.remote.errors import RegistryError
+    from snapshotter.trust.keys import TrustKeyError, load_signing_key
 
     setup_logging(args.log_level)
     # The indexer and registry client log under their module names: show their warnings.
@@ -198,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"--hosts-dir {args.hosts_dir}: not a directory")
         token = read_token(args.token_file) if args.token_file else None
         credentials = CredentialStore.from_docker_config()
-    except (ConfigurationError, RegistryError) as exc:
+        sign_key = load_signing_key(args.sign_key) if args.sign_key else None
+    except (ConfigurationError, RegistryError, TrustKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -214,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
             min_layer_size=args.min_layer_size,
             layer_jobs=args.layer_jobs,
             cache_repo=args.cache_repo,
+            sign_key=sign_key,
         ),
     )
     clients = RegistryClients(args.hosts_dir, credentials, plain_http=args.plain_http)
@@ -241,6 +246,13 @@ def run(args: argparse.Namespace) -> int:
         "" if args.jobs == 1 else "s",
         "required" if token else "not required",
     )
+    if sign_key is not None:
+        log.info("signing index artifacts with key %s", sign_key.public.key_id)
+    else:
+        log.warning(
+            "no --sign-key: index artifacts are pushed unsigned (nodes in the default trust "
+            "mode will not use them)"
+        )
     stop.wait()
     log.info("stopping: running jobs finish, queued ones are dropped")
     service.stop()

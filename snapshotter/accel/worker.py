@@ -40,6 +40,7 @@ from snapshotter.remote.errors import (
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import Manifest
 from snapshotter.remote.reference import Reference
+from snapshotter.trust.keys import SigningKey
 
 log = logging.getLogger("lazysnap.accel")
 
@@ -58,6 +59,7 @@ class WorkerOptions:
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     layer_jobs: int = 1  # layers of one image indexed in parallel
     cache_repo: str | None = None
+    sign_key: SigningKey | None = None  # sign every artifact pushed (BuildOptions.sign_key)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def index_pushed_image(
         min_layer_size=options.min_layer_size,
         cache_repo=options.cache_repo,
         jobs=options.layer_jobs,
+        sign_key=options.sign_key,
     )
     try:
         report = build_image_index(client, image.reference, build)

@@ -32,7 +32,7 @@ from typing import BinaryIO, cast
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index_split
 from snapshotter.index.model import ARTIFACT_TYPE, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
-from snapshotter.indexer import layer_cache
+from snapshotter.indexer import layer_cache, signing
 from snapshotter.indexer.artifact import (
     EMPTY_CONFIG,
     ArtifactError,
@@ -44,9 +44,17 @@ from snapshotter.indexer.platforms import select_platforms
 from snapshotter.indexer.progress import BuildProgress
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, PlatformNotFound, RegistryError
-from snapshotter.remote.manifest import EMPTY_JSON, Descriptor, Manifest, Platform, sha256_digest
+from snapshotter.remote.manifest import (
+    EMPTY_JSON,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    Platform,
+    sha256_digest,
+)
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import ReferrerSource, find_referrers, push_referrer
+from snapshotter.trust.keys import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ class BuildOptions:
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     cache_repo: str | None = None  # default: layer_cache.default_cache_repo(image repo)
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Sign every artifact (and layer cache entry) pushed; reuse only what this key signed.
+    sign_key: SigningKey | None = None
 
 
 class LayerOutcome(StrEnum):
@@ -114,6 +124,7 @@ class TargetResult:
     artifact_digest: str | None  # None: no layer large enough, nothing to attach
     pushed: bool  # False when an equivalent artifact was already there
     source: ReferrerSource | None
+    signature_digest: str | None = None  # the signature pushed now (None: none, or one was there)
 
 
 @dataclass
@@ -195,7 +206,8 @@ def wanted_layers(target: Target, options: BuildOptions) -> list[Descriptor]:
 def existing_artifact(
     client: RegistryClient, repo: Repository, target: Target, options: BuildOptions
 ) -> tuple[str, ReferrerSource, list[IndexedLayer]] | None:
-    """A lazysnap artifact already referring to target that indexes every wanted layer."""
+    """A lazysnap artifact already referring to target that indexes every wanted layer (when
+    signing: and that options.sign_key signed; an unsigned one may be anyone's forgery)."""
     found = find_referrers(client, repo, target.subject.digest, ARTIFACT_TYPE)
     wanted = {layer.digest for layer in wanted_layers(target, options)}
     for desc in reversed(found.descriptors):  # later entries are the newer pushes
@@ -205,8 +217,16 @@ def existing_artifact(
         except (ArtifactError, ManifestNotFound) as exc:
             log.warning("ignoring referrer %s of %s: %s", desc.digest, target.subject.digest, exc)
             continue
-        if wanted <= {layer.layer_digest for layer in layers}:
-            return desc.digest, found.source, layers
+        if not wanted <= {layer.layer_digest for layer in layers}:
+            continue
+        if options.sign_key is not None and not signing.signed_by(
+            client, repo, desc.digest, options.sign_key
+        ):
+            log.info(
+                "artifact %s of %s is not signed by this key: not reusing it", desc.digest, repo
+            )
+            continue
+        return desc.digest, found.source, layers
     return None
 
 
@@ -218,7 +238,7 @@ def _index_one(
     options: BuildOptions,
     progress: BuildProgress,
 ) -> LayerResult:
-    cached = layer_cache.lookup(client, cache, layer.digest)
+    cached = layer_cache.lookup(client, cache, layer.digest, options.sign_key)
     if cached is not None:
         progress.skip(layer.size)
         return LayerResult(layer, LayerOutcome.REUSED, cached)
@@ -292,6 +312,7 @@ def _push(
     repo: Repository,
     cache: Repository,
     results: dict[str, LayerResult],
+    sign_key: SigningKey | None,
 ) -> None:
     for result in results.values():
         if result.indexed is None:
@@ -299,7 +320,7 @@ def _push(
         if result.outcome is LayerOutcome.BUILT and result.index_blob is not None:
             try:
                 layer_cache.publish(
-                    client, cache, result.indexed, result.index_blob, result.windows_blob
+                    client, cache, result.indexed, result.index_blob, result.windows_blob, sign_key
                 )
             except RegistryError as exc:
                 # The image still gets its index; only other images lose the reuse.
@@ -365,7 +386,7 @@ def build_image_index(
     built = _index_layers(client, repo, cache, list(pending.values()), options) if todo else {}
     report.layers.update(built)
     if todo:
-        _push(client, repo, cache, built)
+        _push(client, repo, cache, built, options.sign_key)
     for target in todo:
         layers = [
             built[layer.digest].indexed
@@ -374,6 +395,10 @@ def build_image_index(
         ]
         manifest = artifact_manifest(target.subject, [i for i in layers if i is not None])
         pushed = push_referrer(client, repo, manifest)
-        report.targets.append(TargetResult(target, pushed.digest, True, pushed.source))
+        signature = None
+        if options.sign_key is not None:
+            artifact = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
+            signature = signing.sign_manifest(client, repo, artifact, options.sign_key)
+        report.targets.append(TargetResult(target, pushed.digest, True, pushed.source, signature))
     report.seconds = time.monotonic() - started
     return report

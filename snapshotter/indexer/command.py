@@ -1,11 +1,15 @@
-"""The `lazysnap index` command line: `build` and `show` (the lead wires it into cli.py).
+"""The `lazysnap index` command line: `build`, `sign` and `show`.
 
     index build IMAGE [--platform os/arch[/variant]]... [--all-platforms] [--plain-http]
                       [--hosts-dir DIR] [--span-size N] [--min-layer-size N]
-                      [--cache-repo REPO] [--jobs N]
+                      [--cache-repo REPO] [--jobs N] [--sign-key FILE]
                       [--profile CMD [--profile-timeout SECONDS]]
+    index sign IMAGE --sign-key FILE [--platform ...]... [--all-platforms] [--plain-http]
+                     [--hosts-dir DIR]
     index show IMAGE [--platform ...]... [--all-platforms] [--plain-http] [--hosts-dir DIR]
-                     [--json]
+                     [--json] [--key PUB]...
+
+--sign-key defaults to $LAZYSNAP_SIGN_KEY (a CI job sets it once for every build).
 
 Exit status: 0 done, 1 the build/show failed (message on stderr names image, layer or
 registry), 2 bad arguments. Registry credentials come from the docker config.json
@@ -24,7 +28,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from snapshotter.indexer.build import BuildReport
     from snapshotter.remote.client import RegistryClient
+    from snapshotter.remote.manifest import Platform
     from snapshotter.remote.reference import Reference
+    from snapshotter.trust.keys import SigningKey
 
 from snapshotter.cli_types import add_min_layer_size_argument, add_span_size_argument, at_least_one
 
@@ -76,9 +82,27 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+SIGN_KEY_ENV = "LAZYSNAP_SIGN_KEY"
+
+
+def add_sign_key_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--sign-key FILE, defaulting to $LAZYSNAP_SIGN_KEY (also used by `accel serve`)."""
+    default = os.environ.get(SIGN_KEY_ENV) or None
+    parser.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        default=default,
+        required=required and default is None,
+        help="PEM ECDSA P-256 private key (`lazysnap trust keygen`) to sign every index "
+        "artifact pushed (cosign format: nodes with `[trust] public_keys` use only signed "
+        f"indexes; docs/trust.md); default ${SIGN_KEY_ENV}"
+        + (f" (now {default})" if default else ""),
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `build` and `show` sub-subcommands to the `index` command's parser."""
-    sub = parser.add_subparsers(dest="index_command", metavar="{build,show}", required=True)
+    """Add the `build`, `sign` and `show` sub-subcommands to the `index` command's parser."""
+    sub = parser.add_subparsers(dest="index_command", metavar="{build,sign,show}", required=True)
     build = sub.add_parser(
         "build",
         help="index an image's layers and push the index as an OCI referrer",
@@ -103,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="layers indexed in parallel (default: CPU count)",
     )
+    add_sign_key_argument(build)
     build.add_argument(
         "--profile",
         metavar="CMD",
@@ -119,6 +144,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop CMD after this long and keep what it read so far (default 60; a server "
         "never exits on its own)",
     )
+    sign = sub.add_parser(
+        "sign",
+        help="sign the index artifacts IMAGE already has (cosign signature, OCI referrer)",
+        description="Sign the newest lazysnap index artifact of each platform manifest of IMAGE "
+        "with --sign-key, unless that key signed it already. This vouches for the artifact the "
+        "registry holds now, whoever pushed it; `index build --sign-key` re-derives the index "
+        "from the layers instead.",
+    )
+    _add_common(sign)
+    add_sign_key_argument(sign, required=True)
     show = sub.add_parser(
         "show",
         help="show which layers of an image are indexed",
@@ -127,6 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_common(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="public key (file or directory of *.pub) a node trusts: also say whether such a "
+        "node would use the artifact, and why not (repeatable; docs/trust.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +197,15 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(profile_argv, str):
         print(f"error: {profile_argv}", file=sys.stderr)
         return 2
+    from snapshotter.trust.keys import TrustKeyError, load_signing_key
+
+    sign_key: SigningKey | None = None
+    try:
+        path = getattr(args, "sign_key", None)
+        sign_key = load_signing_key(path) if path else None
+    except TrustKeyError as exc:
+        print(f"error: --sign-key: {exc}", file=sys.stderr)
+        return 2
     try:
         hosts = HostsConfig(args.hosts_dir, plain_http=[ref.registry] if args.plain_http else [])
         with RegistryClient(hosts, CredentialStore.from_docker_config()) as client:
@@ -165,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
                     min_layer_size=args.min_layer_size,
                     cache_repo=args.cache_repo,
                     jobs=args.jobs,
+                    sign_key=sign_key,
                 )
                 report = build_image_index(client, args.image, options)
                 for target in report.targets:
@@ -174,12 +227,27 @@ def run(args: argparse.Namespace) -> int:
                         state = f"pushed {target.artifact_digest} ({target.source})"
                     else:
                         state = f"already indexed by {target.artifact_digest} ({target.source})"
+                    if target.signature_digest:
+                        state += f", signed by key {_key_id(sign_key)} ({target.signature_digest})"
+                    elif sign_key is not None and target.artifact_digest is not None:
+                        state += f", already signed by key {_key_id(sign_key)}"
                     print(f"{target.target.platform} {target.target.subject.digest}: {state}")
                 print(report.summary())
                 if profile_argv:
-                    return _record_profiles(client, ref, report, args, profile_argv)
+                    return _record_profiles(client, ref, report, args, profile_argv, sign_key)
                 return 0
-            view = show_image_index(client, args.image, platforms, all_platforms=args.all_platforms)
+            if args.index_command == "sign":
+                assert sign_key is not None  # required argument
+                return _sign(client, args, platforms, sign_key)
+            trust = None
+            if args.key:
+                from snapshotter.trust.keys import load_public_keys
+                from snapshotter.trust.policy import TrustMode, TrustPolicy
+
+                trust = TrustPolicy(TrustMode.SIGNED, load_public_keys(args.key))
+            view = show_image_index(
+                client, args.image, platforms, all_platforms=args.all_platforms, trust=trust
+            )
             if args.json:
                 print(json.dumps(view.to_json(), indent=2))
             else:
@@ -188,6 +256,39 @@ def run(args: argparse.Namespace) -> int:
     except (IndexBuildError, RegistryError, ArtifactError) as exc:
         print(f"error: {args.image}: {exc}", file=sys.stderr)
         return 1
+    except TrustKeyError as exc:
+        print(f"error: --key: {exc}", file=sys.stderr)
+        return 2
+
+
+def _key_id(key: SigningKey | None) -> str:
+    return key.public.key_id if key is not None else "-"
+
+
+def _sign(
+    client: RegistryClient,
+    args: argparse.Namespace,
+    platforms: tuple[Platform, ...],
+    key: SigningKey,
+) -> int:
+    from snapshotter.indexer.build import BuildOptions
+    from snapshotter.indexer.sign_existing import sign_image_indexes
+
+    options = BuildOptions(platforms=platforms, all_platforms=args.all_platforms)
+    unindexed = 0
+    for target in sign_image_indexes(client, args.image, key, options):
+        if target.artifact_digest is None:
+            unindexed += 1
+            state = "no lazysnap index: nothing to sign"
+        elif target.signature_digest is None:
+            state = f"{target.artifact_digest} already signed by key {key.public.key_id}"
+        else:
+            state = (
+                f"{target.artifact_digest} signed by key {key.public.key_id} "
+                f"({target.signature_digest})"
+            )
+        print(f"{target.platform} {target.subject_digest}: {state}")
+    return 1 if unindexed else 0
 
 
 def _profile_argv(args: argparse.Namespace) -> list[str] | str | None:
@@ -214,8 +315,10 @@ def _record_profiles(
     report: BuildReport,
     args: argparse.Namespace,
     argv: list[str],
+    sign_key: SigningKey | None,
 ) -> int:
-    """Record and attach the profile of the platform manifest this machine can run."""
+    """Record and attach the profile of the platform manifest this machine can run (the new
+    artifact signed with sign_key when given)."""
     from snapshotter.profile.attach import BlobAccess, profile_summary, record_and_attach
     from snapshotter.profile.record import ProfileRecordError
     from snapshotter.remote.auth import CredentialStore
@@ -255,6 +358,7 @@ def _record_profiles(
             command_text=args.profile,
             timeout=args.profile_timeout,
             access=access,
+            sign_key=sign_key,
         )
     except (ProfileRecordError, RegistryError) as exc:
         print(f"error: {args.image}: profile: {exc}", file=sys.stderr)

@@ -17,6 +17,12 @@ registry refuses the mount, copies them with GET + PUT). A cache manifest for an
 (mistagged, hostile) or one that cannot be read is ignored with a warning and the layer is
 indexed from its bytes.
 The first index stored for a layer wins: a later build with another --span-size reuses it.
+
+A build that signs (`--sign-key`) signs each cache entry it stores, and reuses only entries that
+carry a valid signature by its own key: anyone who can push to the cache repository could
+otherwise put a forged index there for the builder to adopt and sign. An entry without that
+signature is ignored (logged) and the layer indexed from its bytes; the entry is then re-stored
+and signed, so the next build reuses it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from urllib.parse import urljoin
 
 from snapshotter.index.codec import MAX_WINDOWS_BLOB
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
+from snapshotter.indexer import signing
 from snapshotter.indexer.artifact import (
     EMPTY_CONFIG,
     ArtifactError,
@@ -38,8 +45,9 @@ from snapshotter.indexer.artifact import (
 from snapshotter.remote.auth import repository_scope
 from snapshotter.remote.client import PUSH, RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, RegistryError
-from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST
+from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST, Descriptor, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
+from snapshotter.trust.keys import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +71,14 @@ def cache_tag(layer_digest: str) -> str:
     return f"layer-sha256-{match.group(1)}"
 
 
-def lookup(client: RegistryClient, cache: Repository, layer_digest: str) -> IndexedLayer | None:
-    """The cached index of layer_digest, or None (absent, unusable: warned)."""
+def lookup(
+    client: RegistryClient,
+    cache: Repository,
+    layer_digest: str,
+    sign_key: SigningKey | None = None,
+) -> IndexedLayer | None:
+    """The cached index of layer_digest, or None (absent, unusable: warned). With sign_key:
+    only an entry that key signed."""
     tag = cache_tag(layer_digest)
     ref = Reference(cache.registry, cache.name, tag=tag, tag_given=True)
     try:
@@ -79,6 +93,20 @@ def lookup(client: RegistryClient, cache: Repository, layer_digest: str) -> Inde
     except ArtifactError as exc:
         log.warning("ignoring layer index cache entry %s: %s", ref, exc)
         return None
+    if sign_key is not None:
+        try:
+            signed = signing.signed_by(client, cache, manifest.digest, sign_key)
+        except RegistryError as exc:
+            log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
+            return None
+        if not signed:
+            log.warning(
+                "ignoring layer index cache entry %s: not signed by key %s (indexing the layer "
+                "itself, then storing and signing its index)",
+                ref,
+                sign_key.public.key_id,
+            )
+            return None
     # An entry whose blobs are gone (a registry cleaned by hand, a broken mirror) would fail the
     # whole build when adopted: index the layer itself instead.
     for kind, digest in (("index", indexed.index_digest), ("windows", indexed.windows_digest)):
@@ -167,13 +195,16 @@ def publish(
     indexed: IndexedLayer,
     index_blob: bytes,
     windows_blob: bytes = b"",
+    sign_key: SigningKey | None = None,
 ) -> None:
     """Store a freshly built index (and its windows blob) in the cache repository under the
-    layer's tag."""
+    layer's tag; with sign_key, signed by it."""
     client.push_blob(cache, EMPTY_JSON, EMPTY_CONFIG.digest)
     if indexed.windows_digest:
         client.push_blob(cache, windows_blob, indexed.windows_digest)
     client.push_blob(cache, index_blob, indexed.index_digest)
-    client.push_manifest(
-        cache, cache_tag(indexed.layer_digest), cache_manifest(indexed), OCI_MANIFEST
-    )
+    manifest = cache_manifest(indexed)
+    client.push_manifest(cache, cache_tag(indexed.layer_digest), manifest, OCI_MANIFEST)
+    if sign_key is not None:
+        described = Descriptor(OCI_MANIFEST, sha256_digest(manifest), len(manifest))
+        signing.sign_manifest(client, cache, described, sign_key)

@@ -21,6 +21,8 @@ from snapshotter.remote.errors import ManifestNotFound
 from snapshotter.remote.manifest import Platform
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers
+from snapshotter.remote.signatures import find_signatures
+from snapshotter.trust.policy import TrustPolicy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +75,19 @@ class PlatformView:
     artifact_type: str | None
     source: str | None  # "referrers-api" | "tag-fallback" | "oras"
     layers: tuple[LayerView, ...]
+    trust: Verdict | None = None  # the node's decision for the artifact (with --key only)
 
     def to_json(self) -> dict[str, Any]:
-        artifact = None
+        artifact: dict[str, Any] | None = None
         if self.artifact_digest is not None:
             artifact = {
                 "digest": self.artifact_digest,
                 "artifactType": self.artifact_type,
                 "source": self.source,
             }
+            if self.trust is not None:
+                artifact["trusted"] = self.trust.trusted
+                artifact["trust"] = self.trust.reason
         return {
             "platform": self.platform,
             "manifest": self.manifest_digest,
@@ -114,6 +120,9 @@ class ShowReport:
                     f"  artifact {view.artifact_digest} artifactType {view.artifact_type} "
                     f"found by {view.source}"
                 )
+                if view.trust is not None:
+                    verdict = "trusted" if view.trust.trusted else "NOT trusted"
+                    lines.append(f"  {verdict}: {view.trust.reason}")
             lines.append(
                 f"  {'LAYER':<71} {'SIZE':>12} {'SPANS':>6} {'ENTRIES':>8} {'INDEX SIZE':>10} "
                 f"{'WINDOWS SIZE':>12}"
@@ -157,7 +166,9 @@ def _describe_index(
     }
 
 
-def _view(client: RegistryClient, repo: Repository, target: Target) -> PlatformView:
+def _view(
+    client: RegistryClient, repo: Repository, target: Target, trust: TrustPolicy | None
+) -> PlatformView:
     found = find_referrers(client, repo, target.subject.digest, ARTIFACT_TYPE)
     best: tuple[int, str, list[IndexedLayer]] | None = None
     image_layers = {layer.digest for layer in target.layers}
@@ -194,6 +205,9 @@ def _view(client: RegistryClient, repo: Repository, target: Target) -> PlatformV
                 indexed.windows_size if indexed.windows_digest else None,
             )
         )
+    verdict = None
+    if best is not None and trust is not None:
+        verdict = trust.decide(best[1], find_signatures(client, repo, best[1]))
     return PlatformView(
         target.platform,
         target.subject.digest,
@@ -201,6 +215,7 @@ def _view(client: RegistryClient, repo: Repository, target: Target) -> PlatformV
         ARTIFACT_TYPE if best else None,
         found.source if best else None,
         tuple(views),
+        verdict,
     )
 
 
@@ -210,12 +225,14 @@ def show_image_index(
     platforms: tuple[Platform, ...] = (),
     *,
     all_platforms: bool = False,
+    trust: TrustPolicy | None = None,
 ) -> ShowReport:
-    """Describe the lazysnap index of IMAGE. Raises RegistryError (incl. PlatformNotFound)."""
+    """Describe the lazysnap index of IMAGE; with trust, also whether a node with that policy
+    would use its artifact. Raises RegistryError (incl. PlatformNotFound)."""
     ref = Reference.parse(image)
     options = BuildOptions(platforms=platforms, all_platforms=all_platforms)
     targets, skipped = resolve_targets(client, ref, options)
     report = ShowReport(str(ref), skipped_platforms=skipped)
     for target in targets:
-        report.platforms.append(_view(client, ref.repository, target))
+        report.platforms.append(_view(client, ref.repository, target, trust))
     return report

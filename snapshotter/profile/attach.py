@@ -20,6 +20,7 @@ from pathlib import Path
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
+from snapshotter.indexer import signing
 from snapshotter.indexer.artifact import (
     ArtifactError,
     IndexedLayer,
@@ -42,9 +43,10 @@ from snapshotter.profile.record import (
 )
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import RegistryError
-from snapshotter.remote.manifest import Descriptor, Manifest
+from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer, referrer_manifest
+from snapshotter.trust.keys import SigningKey
 
 log = logging.getLogger("lazysnap.profile")
 
@@ -69,9 +71,13 @@ class AttachedProfile:
 
 
 def newest_index_artifact(
-    client: RegistryClient, ref: Reference, subject_digest: str
+    client: RegistryClient,
+    ref: Reference,
+    subject_digest: str,
+    sign_key: SigningKey | None = None,
 ) -> tuple[Manifest, list[IndexedLayer]] | None:
-    """The lazysnap artifact of a platform manifest that discovery would use."""
+    """The lazysnap artifact of a platform manifest that discovery would use (with sign_key:
+    the newest one that key signed, as the new artifact copies its index blobs and is signed)."""
     found = find_referrers(client, ref.repository, subject_digest, ARTIFACT_TYPE)
     for desc in reversed(found.descriptors):  # later entries are the newer pushes
         try:
@@ -80,8 +86,14 @@ def newest_index_artifact(
         except (ArtifactError, RegistryError) as exc:
             log.warning("ignoring referrer %s of %s: %s", desc.digest, subject_digest, exc)
             continue
-        if layers:
-            return manifest, layers
+        if not layers:
+            continue
+        if sign_key is not None and not signing.signed_by(
+            client, ref.repository, manifest.digest, sign_key
+        ):
+            log.info("artifact %s is not signed by the key: not building on it", manifest.digest)
+            continue
+        return manifest, layers
     return None
 
 
@@ -94,13 +106,14 @@ def record_and_attach(
     command_text: str,
     timeout: float,
     access: BlobAccess = BlobAccess(),
+    sign_key: SigningKey | None = None,
 ) -> AttachedProfile:
     """Record the profile of the platform manifest subject_digest of ref and push it. Raises
     ProfileRecordError (or RegistryError) naming what failed; nothing is pushed then."""
     image = client.get_manifest(ref.with_digest(subject_digest))
     if image.is_index:
         raise ProfileRecordError(f"{ref}@{subject_digest} is an index, not an image manifest")
-    artifact = newest_index_artifact(client, ref, subject_digest)
+    artifact = newest_index_artifact(client, ref, subject_digest, sign_key)
     if artifact is None:
         raise ProfileRecordError(
             f"{ref}@{subject_digest} has no lazysnap index: nothing to attach a profile to"
@@ -135,6 +148,9 @@ def record_and_attach(
     subject = Descriptor(image.media_type, image.digest, len(image.data))
     manifest = referrer_manifest(subject, ARTIFACT_TYPE, [*manifest_layers(indexed), profile_desc])
     pushed = push_referrer(client, ref.repository, manifest)
+    if sign_key is not None:
+        artifact_desc = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
+        signing.sign_manifest(client, ref.repository, artifact_desc, sign_key)
     return AttachedProfile(recording, pushed.digest, profile_digest, pushed.source)
 
 

@@ -14,6 +14,15 @@ there delays the first mount. So the lookup fetches the image manifest beside th
 and all listed artifact manifests at once; then it starts fetching and decoding every layer's
 index and the startup profile at once, in the background, and each layer's Prepare takes its
 (usually finished) result.
+
+Trust (snapshotter/trust, docs/trust.md): in the default `signed` mode an artifact contributes
+index blobs and its profile only once one of its cosign signatures verified against a
+configured key. The signatures of every listed artifact are looked up beside the artifact
+manifests; once those are in, the index blobs they list are fetched ahead while the signatures
+are still being checked (blobs are content-addressed: a blob fetched for an artifact that then
+fails verification is simply never used, as only verified artifacts' blobs are looked up).
+The newest verified artifact wins per layer; a layer only unverified artifacts cover falls
+back with reason untrusted_index and a message naming the artifact and why.
 """
 
 from __future__ import annotations
@@ -23,9 +32,9 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.codec import decode_index
@@ -50,7 +59,9 @@ from snapshotter.remote.errors import RegistryError
 from snapshotter.remote.manifest import Descriptor, Manifest
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers
+from snapshotter.remote.signatures import SignatureBlob, find_signatures
 from snapshotter.source.labels import LabelError, LayerRequest, parse_layer_request
+from snapshotter.trust.policy import TrustPolicy
 
 log = logging.getLogger("lazysnap.discover")
 
@@ -61,6 +72,9 @@ MAX_AHEAD_BYTES = 64 << 20
 AHEAD_WORKERS = 10
 # The image manifest beside its referrers lookup, then every artifact manifest that lists.
 LOOKUP_WORKERS = 6
+# Artifacts whose signatures are looked up, the newest listed: each costs a few round trips.
+# More unsigned artifacts pushed after a signed one can only make its layers fall back.
+MAX_VERIFIED_ARTIFACTS = 16
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,8 @@ class _ImageIndexes:
     source: str  # referrers-api | tag-fallback | oras
     found_at: float
     profile: Descriptor | None = None  # the newest startup profile blob of any artifact
+    # image layer digest -> why the artifacts indexing it are not trusted (none of them is)
+    untrusted: dict[str, str] = field(default_factory=dict)
 
 
 class IndexDiscovery:
@@ -89,12 +105,14 @@ class IndexDiscovery:
         client: RegistryClient,
         blob_settings: BlobSettings,
         *,
+        trust: TrustPolicy,
         min_layer_size: int = 0,
         negative_ttl: float = 30.0,
         positive_ttl: float = 600.0,
     ) -> None:
         self.client = client
         self.blob_settings = blob_settings
+        self.trust = trust
         self.min_layer_size = min_layer_size
         self.negative_ttl = negative_ttl
         self.positive_ttl = positive_ttl
@@ -134,6 +152,12 @@ class IndexDiscovery:
             )
         self._check_size(request.layer_digest, layer.size)
         blob = found.index_blobs.get(request.layer_digest)
+        if blob is None and request.layer_digest in found.untrusted:
+            raise RemoteLayerUnavailable(
+                f"index not signed by a trusted key for layer {request.layer_digest} of "
+                f"{ref}@{manifest_digest}: {found.untrusted[request.layer_digest]}",
+                FallbackReason.UNTRUSTED_INDEX,
+            )
         if blob is None:
             raise RemoteLayerUnavailable(
                 f"no lazysnap index for layer {request.layer_digest}: the index artifact of "
@@ -297,43 +321,93 @@ class IndexDiscovery:
             image_layers()  # a bad image manifest is the error to report, as when it came first
             raise
         # Every listed artifact manifest at once (one round trip, not one per artifact), while
-        # the image manifest may still be on its way.
+        # the image manifest may still be on its way; with them, each artifact's signatures.
+        listed = list(result.descriptors)[-MAX_VERIFIED_ARTIFACTS:]
         artifacts = [
-            pool.submit(self.client.get_manifest, ref.with_digest(desc.digest))
-            for desc in result.descriptors
+            pool.submit(self.client.get_manifest, ref.with_digest(desc.digest)) for desc in listed
+        ]
+        signatures = [
+            pool.submit(_signatures_of, self.client, ref, desc.digest)
+            for desc in (listed if self.trust.needs_signatures else [])
         ]
         try:
             layers = image_layers()
         except BaseException:
-            for pending in artifacts:
+            for pending in artifacts + signatures:
                 pending.cancel()
             raise
-        index_blobs: dict[str, Descriptor] = {}
-        profile: Descriptor | None = None
-        # Newest artifact wins when several exist: referrers lists give no order, so take the
-        # last one that names a layer (stable for a given registry answer). Results are applied
-        # in the listed order, whichever arrived first; the first failing one in that order is
-        # the error reported, as when they were fetched one by one.
+        fetched: list[Manifest] = []
+        # Results are applied in the listed order, whichever arrived first; the first failing
+        # one in that order is the error reported, as when they were fetched one by one.
         for pending in artifacts:
             try:
-                artifact = pending.result()
+                fetched.append(pending.result())
             except BaseException:
-                for later in artifacts:
+                for later in artifacts + signatures:
                     later.cancel()
                 raise
-            for blob, layer_digest in _index_blobs(artifact):
-                if layer_digest in layers:
-                    index_blobs[layer_digest] = blob
+        if signatures:
+            # Start the index blobs on their way while the signatures are checked; only those
+            # of verified artifacts are ever taken (resolve looks up verified ones only).
+            speculative = {
+                layer_digest: blob
+                for artifact in fetched
+                for blob, layer_digest in _index_blobs(artifact)
+                if layer_digest in layers
+            }
+            self._fetch_ahead(
+                ref, _ImageIndexes(layers, speculative, result.source, time.monotonic())
+            )
+        index_blobs: dict[str, Descriptor] = {}
+        untrusted: dict[str, str] = {}
+        profile: Descriptor | None = None
+        # Newest artifact wins when several exist: referrers lists give no order, so take the
+        # last one that names a layer (stable for a given registry answer).
+        for number, artifact in enumerate(fetched):
+            covered = [(b, d) for b, d in _index_blobs(artifact) if d in layers]
+            if self.trust.checks_signatures:
+                found = signatures[number].result() if signatures else ()
+                verdict = self.trust.decide(artifact.digest, found)
+                if not verdict.trusted:
+                    log.warning(
+                        "not using lazysnap index artifact %s of %s@%s: %s",
+                        artifact.digest,
+                        ref,
+                        manifest_digest,
+                        verdict.reason,
+                    )
+                    for _, layer_digest in covered:
+                        untrusted[layer_digest] = f"artifact {artifact.digest}: {verdict.reason}"
+                    continue
+                log.debug("index artifact %s: %s", artifact.digest, verdict.reason)
+            for blob, layer_digest in covered:
+                index_blobs[layer_digest] = blob
             profile = _newer_profile(profile, artifact)
+        for layer_digest in index_blobs:
+            untrusted.pop(layer_digest, None)
         log.info(
-            "%s@%s: lazysnap index for %d of %d layers (via %s)",
+            "%s@%s: lazysnap index for %d of %d layers (via %s)%s",
             ref,
             manifest_digest,
             len(index_blobs),
             len(layers),
             result.source,
+            f"; {len(untrusted)} more only in untrusted artifacts" if untrusted else "",
         )
-        return _ImageIndexes(layers, index_blobs, result.source, time.monotonic(), profile)
+        return _ImageIndexes(
+            layers, index_blobs, result.source, time.monotonic(), profile, untrusted
+        )
+
+
+def _signatures_of(
+    client: RegistryClient, ref: Reference, artifact_digest: str
+) -> tuple[SignatureBlob, ...]:
+    """The artifact's signatures; a registry failure looking them up is reported as one
+    unreadable signature (the artifact is then not trusted, and the log says why)."""
+    try:
+        return find_signatures(client, ref.repository, artifact_digest)
+    except RegistryError as exc:
+        return (SignatureBlob(f"signatures of {artifact_digest}", None, "", str(exc)),)
 
 
 def _fetch_index(

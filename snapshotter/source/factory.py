@@ -12,6 +12,8 @@ from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig, RegistryHost
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.trust.keys import load_public_keys
+from snapshotter.trust.policy import TrustMode, TrustPolicy
 
 log = logging.getLogger("lazysnap.source")
 
@@ -30,13 +32,22 @@ def lazy_layers_from_config(config: Config) -> LazyLayers:
         CredentialStore.from_docker_config(docker_config),
         timeout=remote.fetch_timeout_seconds,
     )
+    trust = trust_policy_from_config(config)
+    quiet = trust.mode is TrustMode.SIGNED and bool(trust.keys)
+    log.log(logging.INFO if quiet else logging.WARNING, "index trust: %s", trust.describe())
     discovery = IndexDiscovery(
         client,
         BlobSettings(remote.hosts_dir, remote.plain_http, docker_config),
+        trust=trust,
         min_layer_size=remote.min_layer_size,
     )
     threading.Thread(target=_warm_up, args=(client,), name="registry-warm-up", daemon=True).start()
     return from_config(config, resolve=discovery)
+
+
+def trust_policy_from_config(config: Config) -> TrustPolicy:
+    """[trust] as a policy (keys read here; config validation already read them once)."""
+    return TrustPolicy(TrustMode(config.trust.mode), load_public_keys(config.trust.public_keys))
 
 
 def _warm_up(client: RegistryClient) -> None:

@@ -1,9 +1,11 @@
 """`python -m tests.harness up|down|env BASE`: the local stack for the demo and for debugging.
 
-  up BASE [--no-lazysnap] [--cri]  start registry, lazysnap, containerd under BASE; record them
+  up BASE [--no-lazysnap] [--cri] [--trust-key PUB]...
+                                    start registry, lazysnap, containerd under BASE; record them
                                     in BASE/stack.json and print shell exports. lazysnap gets
                                     BASE/lazysnap/config.toml: plain http to the registry,
-                                    containerd's hosts dir, every indexed layer lazy
+                                    containerd's hosts dir, every indexed layer lazy that is
+                                    signed by a --trust-key ([trust] public_keys)
   env BASE                          print the exports again: eval "$(python -m tests.harness env B)"
   down BASE                         stop everything recorded in BASE/stack.json, in order
 
@@ -51,7 +53,9 @@ def _exports(base: Path, record: StackRecord) -> str:
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
 
 
-def up(base: Path, with_lazysnap: bool, cri: bool) -> StackRecord:
+def up(
+    base: Path, with_lazysnap: bool, cri: bool, trust_keys: tuple[Path, ...] = ()
+) -> StackRecord:
     base.mkdir(parents=True, exist_ok=True)
     if (base / STATE_FILE).exists():
         raise HarnessError(
@@ -67,7 +71,9 @@ def up(base: Path, with_lazysnap: bool, cri: bool) -> StackRecord:
             # Lazy layers from our registry: `lazysnap index build` + `lazysnap pull` then
             # mount every indexed layer over FUSE (the demo's point).
             settings = DaemonSettings(
-                hosts_dir=base / "containerd" / "certs.d", plain_http=(registry.host,)
+                hosts_dir=base / "containerd" / "certs.d",
+                plain_http=(registry.host,),
+                trust_public_keys=trust_keys,
             )
             daemon = start_lazysnap(base / "lazysnap", settings=settings)
         containerd = start_containerd(
@@ -132,13 +138,23 @@ def main(argv: list[str] | None = None) -> int:
         "--no-lazysnap", action="store_true", help="do not start the lazysnap daemon"
     )
     up_parser.add_argument("--cri", action="store_true", help="enable containerd's CRI plugin")
+    up_parser.add_argument(
+        "--trust-key",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PUB",
+        help="public key whose index signatures lazysnap trusts (repeatable; none: every "
+        "index falls back, the daemon's secure default)",
+    )
     for name, text in (("down", "stop the stack under BASE"), ("env", "print shell exports")):
         sub.add_parser(name, help=text).add_argument("base", type=Path)
     args = parser.parse_args(argv)
     base = args.base.resolve()
     try:
         if args.command == "up":
-            sys.stdout.write(_exports(base, up(base, not args.no_lazysnap, args.cri)))
+            keys = tuple(key.resolve() for key in args.trust_key)
+            sys.stdout.write(_exports(base, up(base, not args.no_lazysnap, args.cri, keys)))
         elif args.command == "env":
             sys.stdout.write(_exports(base, load(base)))
         else:

@@ -39,6 +39,10 @@ class DaemonSettings:
     log_level: str = "info"
     # [fetch] background: None leaves the daemon's default (and the key) out.
     background_fetch: bool | None = None
+    # [trust]: the keys whose signatures make an index usable (PEM files or directories), and
+    # the mode (None: the daemon's default, "signed").
+    trust_public_keys: Sequence[Path] = ()
+    trust_mode: str | None = None
 
 
 def _toml_string(value: str) -> str:
@@ -62,6 +66,10 @@ def write_config(path: Path, root: Path, socket: Path, settings: DaemonSettings)
     ]
     if settings.background_fetch is not None:
         lines += ["[fetch]", f"background = {str(settings.background_fetch).lower()}"]
+    keys = ", ".join(_toml_string(str(key)) for key in settings.trust_public_keys)
+    lines += ["[trust]", f"public_keys = [{keys}]"]
+    if settings.trust_mode is not None:
+        lines.append(f"mode = {_toml_string(settings.trust_mode)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path

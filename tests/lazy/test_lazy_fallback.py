@@ -26,6 +26,7 @@ from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer
 from tests.harness.images import MANIFEST_TYPE, PushedImage
 from tests.harness.procs import free_port
+from tests.harness.trust import sign_pushed
 from tests.lazy.lazy_helpers import DataImage, LazyStack, build_data_image, unique_name
 
 pytestmark = pytest.mark.stack
@@ -87,17 +88,17 @@ def _push_index_artifact(
     client: RegistryClient, image: PushedImage, layer_digest: str, index_blob: bytes
 ) -> str:
     """Push index_blob as the lazysnap index of layer_digest of image (a referrer of its
-    manifest, as `index build` would), whatever the bytes are. Returns the blob's digest."""
+    manifest, as `index build` would), whatever the bytes are, signed with the key the daemon
+    trusts: what a compromised signing key could push, which the index checks must still
+    catch. Returns the blob's digest."""
     repository = Reference.parse(image.reference).repository
     digest = client.push_blob(repository, index_blob)
     client.push_blob(repository, EMPTY_JSON)
     manifest_path = image.built.layout / "blobs" / "sha256" / image.built.manifest_digest[7:]
     subject = Descriptor(MANIFEST_TYPE, image.built.manifest_digest, manifest_path.stat().st_size)
-    push_referrer(
-        client,
-        repository,
-        artifact_manifest(subject, [IndexedLayer(layer_digest, digest, len(index_blob))]),
-    )
+    artifact = artifact_manifest(subject, [IndexedLayer(layer_digest, digest, len(index_blob))])
+    push_referrer(client, repository, artifact)
+    sign_pushed(client, repository, artifact)
     return digest
 
 

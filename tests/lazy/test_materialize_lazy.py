@@ -23,6 +23,7 @@ from tests.harness.containerd import Containerd, start_containerd
 from tests.harness.daemon import LazysnapDaemon, start_lazysnap
 from tests.harness.procs import unmount_all_under
 from tests.harness.registry import Registry
+from tests.harness.trust import SigningKeys
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.edge_layer import MOTD, edge_layer_tar, stack_layer
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
@@ -33,7 +34,7 @@ QUIET_SECONDS = 3  # long enough to start a container on the FUSE mounts first
 LOCAL_TIMEOUT_S = 120.0
 
 
-def _config(base: Path, registry: Registry, hosts_dir: Path) -> Path:
+def _config(base: Path, registry: Registry, hosts_dir: Path, trusted_key: Path) -> Path:
     path = base / "config.toml"
     base.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -50,6 +51,8 @@ def _config(base: Path, registry: Registry, hosts_dir: Path) -> Path:
                 "background = true",
                 f"background_quiet_seconds = {QUIET_SECONDS}",
                 "materialize = true",
+                "[trust]",
+                f'public_keys = ["{trusted_key}"]',
             ]
         )
         + "\n"
@@ -58,7 +61,9 @@ def _config(base: Path, registry: Registry, hosts_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def own_stack(registry: Registry) -> Iterator[tuple[Containerd, LazysnapDaemon]]:
+def own_stack(
+    registry: Registry, index_signing_keys: SigningKeys
+) -> Iterator[tuple[Containerd, LazysnapDaemon]]:
     base = Path(tempfile.mkdtemp(prefix="lzs-mat-", dir="/tmp"))  # short: unix socket paths
     containerd = start_containerd(
         base / "ctd",
@@ -66,7 +71,9 @@ def own_stack(registry: Registry) -> Iterator[tuple[Containerd, LazysnapDaemon]]
         registry_hosts=[registry.host],
     )
     try:
-        config = _config(base / "lazysnap", registry, containerd.hosts_dir)
+        config = _config(
+            base / "lazysnap", registry, containerd.hosts_dir, index_signing_keys.public
+        )
         daemon = start_lazysnap(base / "lazysnap", config=config)
     except BaseException:
         containerd.stop()

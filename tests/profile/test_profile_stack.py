@@ -25,6 +25,7 @@ from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from tests.harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
 from tests.harness.registry import Registry
+from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 BUSYBOX = Path("/bin/busybox")
@@ -96,7 +97,9 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
     assert "data/a" in profile.names_for(base)
     assert profile.names_for(top) == ("data/b",)
 
-    discovery = IndexDiscovery(client, BlobSettings(plain_http=(registry.host,)))
+    discovery = IndexDiscovery(
+        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+    )
     spec = discovery.resolve(LayerRequest("chain", str(ref), manifest_digest, base, (base,)))
     assert spec.prefetch_names == profile.names_for(base)
 

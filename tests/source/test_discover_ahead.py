@@ -16,6 +16,7 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from tests.harness.images import directory, file, layer_tar, push, write_oci_layout
 from tests.harness.registry import Registry
+from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 
@@ -32,7 +33,9 @@ def discovery(registry: Registry) -> IndexDiscovery:
     client = RegistryClient(
         HostsConfig(None, plain_http=(registry.host,)), CredentialStore.from_docker_config(None)
     )
-    return IndexDiscovery(client, BlobSettings(plain_http=(registry.host,)))
+    return IndexDiscovery(
+        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+    )
 
 
 def test_the_first_layer_of_an_image_fetches_every_index_at_once(
@@ -58,7 +61,8 @@ def test_the_first_layer_of_an_image_fetches_every_index_at_once(
     others = [first(labels(image.reference, digest)) for digest in layer_digests[1:]]
     # The later Prepares found their indexes already fetched: no registry request of their own.
     assert registry.blob_fetches(since) == fetched_by_first_prepare
-    assert len(fetched_by_first_prepare) == 3  # the three index blobs, each once
+    # The three index blobs and the payload of the index artifact's signature, each once.
+    assert len(fetched_by_first_prepare) == 4
     # ...and they get exactly what a discovery without the head start gets.
     for digest, spec in zip(layer_digests, [bottom, *others], strict=True):
         assert spec == fresh(labels(image.reference, digest))

@@ -16,6 +16,7 @@ from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.trust.policy import TrustPolicy
 from tests.harness.registry import Registry
 from tests.source.gated_proxy import GatedProxy
 from tests.source.index_artifacts import encoded_profile, push_artifact, push_image
@@ -36,7 +37,13 @@ def client_for(host: str) -> RegistryClient:
 
 
 def discovery_via(host: str) -> IndexDiscovery:
-    return IndexDiscovery(client_for(host), BlobSettings(plain_http=(host,)))
+    return IndexDiscovery(
+        # The artifacts here are pushed unsigned (index_artifacts.py): this is about the
+        # lookup's round trips, trust is tests/trust's subject.
+        client_for(host),
+        BlobSettings(plain_http=(host,)),
+        trust=TrustPolicy.permissive(),
+    )
 
 
 def manifest_get(digest: str) -> Callable[[str, str], bool]:

@@ -15,6 +15,7 @@ from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.trust.policy import TrustPolicy
 from tests.harness.registry import Registry
 from tests.source.index_artifacts import (
     content,
@@ -105,7 +106,10 @@ def test_a_profile_the_registry_could_not_serve_is_fetched_again_later(
     )
     _delete_blob(registry, repository, artifact.profile_digest)
     found = IndexDiscovery(
-        client_for(registry.host), BlobSettings(plain_http=(registry.host,)), negative_ttl=0.5
+        client_for(registry.host),
+        BlobSettings(plain_http=(registry.host,)),
+        trust=TrustPolicy.permissive(),  # unsigned artifacts of index_artifacts.py
+        negative_ttl=0.5,
     )
     first_layer = labels(image.reference, image.layers[0].digest)
     assert found(first_layer).prefetch_names == ()

@@ -13,6 +13,7 @@ from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.trust.policy import TrustPolicy
 
 LAYER = "sha256:" + "a" * 64
 
@@ -40,7 +41,12 @@ def test_small_labelled_layer_falls_back_without_a_registry_request() -> None:
     client = RegistryClient(
         HostsConfig(None, plain_http=(host,)), CredentialStore.anonymous(), retries=0
     )
-    discovery = IndexDiscovery(client, BlobSettings(plain_http=(host,)), min_layer_size=10 << 20)
+    discovery = IndexDiscovery(
+        client,
+        BlobSettings(plain_http=(host,)),
+        trust=TrustPolicy.permissive(),
+        min_layer_size=10 << 20,
+    )
     started = time.monotonic()
     with pytest.raises(RemoteLayerUnavailable, match=r"is 1000 bytes, under min_layer_size"):
         discovery(_labels(host, "1000"))
