@@ -220,11 +220,16 @@ def test_install_serve_pull_upgrade_uninstall(
     containerd = start_containerd(
         workdir / "containerd", proxy_socket=installed.socket, registry_hosts=[registry.host]
     )
+    # The operator's trust set-up: a key pair from the installed command, the node trusting
+    # its public key (the default policy uses signed indexes only).
+    keys = workdir / "keys"
+    run_installed(installed, "trust", "keygen", "--out", str(keys))
     example = installed.config.read_text()
     adapted = example + (
         "\n# test registry (tests/install)\n"
         f'[remote]\nhosts_dir = "{containerd.hosts_dir}"\nplain_http = ["{registry.host}"]\n'
         "min_layer_size = 0\n[fetch]\nbackground = false\n"
+        f'[trust]\npublic_keys = ["{keys / "index.pub"}"]\n'
     )
     installed.config.write_text(adapted)
     notify_path = workdir / "notify.sock"
@@ -251,7 +256,15 @@ def test_install_serve_pull_upgrade_uninstall(
         )
         image = push(built, registry.host, f"test/install-{secrets.token_hex(3)}", "latest")
         run_installed(
-            installed, "index", "build", "--plain-http", "--min-layer-size", "0", image.reference
+            installed,
+            "index",
+            "build",
+            "--plain-http",
+            "--min-layer-size",
+            "0",
+            "--sign-key",
+            str(keys / "index.key"),
+            image.reference,
         )
         pulled = run_installed(
             installed,
