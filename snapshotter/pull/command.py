@@ -9,6 +9,7 @@ import atexit
 import gc
 import os
 import sys
+from dataclasses import dataclass
 
 # Only argparse at import time: `lazysnap` builds every subcommand's parser on each start, and
 # `lazysnap serve` must not pay for grpc/httpx imports it never uses. run() imports the rest.
@@ -63,6 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "address in /etc/lazysnap/config.toml, else /run/lazysnap/lazysnap.sock",
     )
     parser.add_argument(
+        "--daemon-root",
+        default=None,
+        metavar="DIR",
+        help="the root of the local `lazysnap serve`, where it records why a layer was not "
+        "lazy (read when this process runs the pull); default: the root in "
+        "/etc/lazysnap/config.toml, else /var/lib/lazysnap",
+    )
+    parser.add_argument(
         "--no-daemon",
         action="store_true",
         help="pull in this process even when `lazysnap serve` could run it",
@@ -92,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_daemon:
         from snapshotter.pull.wire import DaemonUnavailable, pull_socket_for, pull_via_daemon
 
-        socket_path = pull_socket_for(_daemon_address(args))
+        socket_path = pull_socket_for(_daemon_config(args).address)
         try:
             problem = pull_via_daemon(socket_path, request, sys.stdout, sys.stdout.isatty())
         except DaemonUnavailable:
@@ -105,8 +114,16 @@ def run(args: argparse.Namespace) -> int:
     from snapshotter.pull.progress import TerminalProgress
 
     progress = TerminalProgress()
+    root = _daemon_config(args).root
+
+    def why_not_lazy(key: str) -> str | None:
+        from snapshotter.core.fallbacks import find_fallback
+
+        found = find_fallback(root, key)
+        return found.summary if found is not None else None
+
     try:
-        summary = execute(request, progress)
+        summary = execute(request, progress, why_not_lazy)
     except KeyboardInterrupt:
         return _fail(f"pulling {args.image}: interrupted")
     except Exception as err:
@@ -118,19 +135,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon_address(args: argparse.Namespace) -> str:
-    """The snapshots socket of the local `lazysnap serve`: --daemon-address, else the address
-    in its default config file, else the default address."""
-    if args.daemon_address:
-        return str(args.daemon_address)
-    from snapshotter.config import DEFAULT_ADDRESS, DEFAULT_CONFIG_PATH, ConfigError, load_config
+@dataclass(frozen=True)
+class _DaemonPlaces:
+    address: str  # its snapshots socket
+    root: str  # its state directory
 
+
+def _daemon_config(args: argparse.Namespace) -> _DaemonPlaces:
+    """Where the local `lazysnap serve` listens and keeps its state: --daemon-address and
+    --daemon-root, else what its default config file says, else the defaults."""
+    from snapshotter.config import (
+        DEFAULT_ADDRESS,
+        DEFAULT_CONFIG_PATH,
+        DEFAULT_ROOT,
+        ConfigError,
+        load_config,
+    )
+
+    address, root = DEFAULT_ADDRESS, DEFAULT_ROOT
     if os.path.exists(DEFAULT_CONFIG_PATH):
         try:
-            return load_config(DEFAULT_CONFIG_PATH).address
+            config = load_config(DEFAULT_CONFIG_PATH)
+            address, root = config.address, config.root
         except ConfigError:
             pass  # `lazysnap serve` would not start with it either
-    return DEFAULT_ADDRESS
+    return _DaemonPlaces(
+        str(args.daemon_address or address), os.path.abspath(args.daemon_root or root)
+    )
 
 
 def _skip_final_collection() -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from snapshotter.pull.outcome import PullSummary
-    from snapshotter.pull.puller import Progress
+    from snapshotter.pull.puller import Progress, WhyNotLazy
 
 
 class RequestError(ValueError):
@@ -72,9 +72,13 @@ def failure_message(request: PullRequest, exc: BaseException) -> str | None:
     return None
 
 
-def execute(request: PullRequest, progress: Progress) -> PullSummary:
-    """Run the pull here. Raises ValueError (bad reference or platform), PullError,
-    ImageFormatError, RegistryError or ContainerdError, each naming what failed.
+def execute(
+    request: PullRequest, progress: Progress, why_not_lazy: WhyNotLazy | None = None
+) -> PullSummary:
+    """Run the pull here; why_not_lazy looks up the snapshotter's reason for each layer it did
+    not mount lazily (progress.layer_done gets it). Raises ValueError (bad reference or
+    platform), PullError, ImageFormatError, RegistryError or ContainerdError, each naming what
+    failed.
 
     The manifest and config requests go out on a thread of their own while grpc and the
     containerd client load (~0.1 s either way, when this is a fresh process): they are
@@ -111,4 +115,5 @@ def execute(request: PullRequest, progress: Progress) -> PullSummary:
         with ContainerdClient(request.address, request.namespace) as containerd:
             containerd.connect()
             options = PullOptions(snapshotter=request.snapshotter, platform=platform)
-            return Puller(containerd, registry, options, progress).unpack(resolving.result())
+            puller = Puller(containerd, registry, options, progress, why_not_lazy)
+            return puller.unpack(resolving.result())

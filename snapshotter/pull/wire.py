@@ -6,7 +6,8 @@ opens fresh connections (~0.25 s of a 0.45 s lazy pull here); the daemon has all
     client -> daemon   one line: the PullRequest (snapshotter.pull.request)
     daemon -> client   event lines, then one final line:
         {"event": "bytes", "position", "total", "digest", "size", "done"}   (a few per second)
-        {"event": "layer", "position", "total", "digest", "size", "outcome", "downloaded"}
+        {"event": "layer", "position", "total", "digest", "size", "outcome", "downloaded",
+         "why_not_lazy"}   (the last: the snapshotter's reason for a layer pulled whole)
         {"event": "summary", "image", "outcomes", "bytes_downloaded", "seconds"}   final
         {"event": "error", "message"}                                             final
 
@@ -64,9 +65,11 @@ class EventWriter:
                 self._send({**self._layer(step), "event": "bytes", "done": done})
             yield chunk
 
-    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
+    def layer_done(
+        self, step: LayerStep, outcome: LayerOutcome, downloaded: int, why_not_lazy: str = ""
+    ) -> None:
         event = {**self._layer(step), "event": "layer", "outcome": outcome.value}
-        self._send({**event, "downloaded": downloaded})
+        self._send({**event, "downloaded": downloaded, "why_not_lazy": why_not_lazy})
 
     def _layer(self, step: LayerStep) -> dict[str, Any]:
         return {
@@ -131,6 +134,7 @@ def _render(lines: Any, out: TextIO, bars: bool, socket_path: str) -> str | None
                         event["size"],
                         outcome,
                         event["downloaded"],
+                        str(event.get("why_not_lazy") or ""),  # absent from older daemons
                     ),
                     file=out,
                     flush=True,

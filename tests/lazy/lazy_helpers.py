@@ -95,7 +95,11 @@ class LazyStack:
         """`lazysnap pull` into this test's namespace; containerd's hosts dir unless given.
         By default run by this stack's daemon (its pull socket), as a user's pull is when
         `lazysnap serve` runs; through_daemon=False pulls in the CLI's own process."""
-        where = ["--daemon-address", str(self.daemon.socket)] if through_daemon else ["--no-daemon"]
+        where = (
+            ["--daemon-address", str(self.daemon.socket)]
+            if through_daemon
+            else ["--no-daemon", "--daemon-root", str(self.daemon.root)]
+        )
         result = self.lazysnap(
             "pull",
             *where,
