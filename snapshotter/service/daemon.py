@@ -251,7 +251,7 @@ class Daemon:
             server.start()
             os.chmod(address, 0o660)
             log.info("serving snapshots of %s on %s", root, address)
-            pulls = _start_pull_server(address, core)
+            pulls = _start_pull_server(address, core, self.config)
             sd_notify("READY=1")
             while not self._stop.wait(timeout=1.0):
                 pass
@@ -268,7 +268,7 @@ class Daemon:
                 os.unlink(address)
 
 
-def _start_pull_server(address: str, core: Snapshotter) -> PullServer | None:
+def _start_pull_server(address: str, core: Snapshotter, config: Config) -> PullServer | None:
     """The pull socket beside address (snapshotter/pull/wire.py); the daemon serves
     snapshots without it if it cannot listen there."""
     from snapshotter.pull.wire import pull_socket_for
@@ -278,7 +278,7 @@ def _start_pull_server(address: str, core: Snapshotter) -> PullServer | None:
         found = core.fallbacks.find(key)
         return found.summary if found is not None else None
 
-    pulls = PullServer(pull_socket_for(address), why_not_lazy)
+    pulls = PullServer(pull_socket_for(address), why_not_lazy, config.remote)
     try:
         pulls.start()
     except OSError as err:

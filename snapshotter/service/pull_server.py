@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from snapshotter.config import RemoteConfig
 from snapshotter.pull.request import PullRequest, RequestError, execute, failure_message
 from snapshotter.pull.wire import MAX_LINE, EventWriter, summary_event
 
@@ -35,8 +36,16 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send({"event": "error", "message": str(err)})
             return
         log.info("pull of %s for a `lazysnap pull` client", request.image)
+        server = cast(_Server, self.server)
         try:
-            server = cast(_Server, self.server)
+            if server.remote is not None:
+                from snapshotter.pull.daemon_settings import daemon_setting_warnings
+                from snapshotter.remote.docker_config import default_docker_config_path
+
+                own = default_docker_config_path()  # this daemon's, from its environment
+                for warning in daemon_setting_warnings(request, server.remote, own):
+                    log.warning("pull of %s: %s", request.image, warning)
+                    self._send({"event": "warning", "message": warning})
             summary = execute(request, EventWriter(self._send), server.why_not_lazy)
         except BrokenPipeError:
             log.warning("pull of %s: the client went away; the pull stopped", request.image)
@@ -62,15 +71,22 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # a pull in progress does not hold the daemon's exit
     why_not_lazy: Callable[[str], str | None] | None = None
+    remote: RemoteConfig | None = None
 
 
 class PullServer:
     """Listens on path (mode 0600) until stop(). why_not_lazy: the daemon's own record of why
     a layer was not lazy, by Prepare key (the pull's output shows it)."""
 
-    def __init__(self, path: str, why_not_lazy: Callable[[str], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        why_not_lazy: Callable[[str], str | None] | None = None,
+        remote: RemoteConfig | None = None,
+    ) -> None:
         self.path = path
         self.why_not_lazy = why_not_lazy
+        self.remote = remote  # the daemon's registry settings: a pull whose differ is warned
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -81,6 +97,7 @@ class PullServer:
         try:
             self._server = _Server(self.path, _Handler)
             self._server.why_not_lazy = self.why_not_lazy
+            self._server.remote = self.remote
         finally:
             os.umask(old_umask)
         self._thread = threading.Thread(
