@@ -62,7 +62,10 @@ def failure_message(request: PullRequest, exc: BaseException) -> str | None:
     if isinstance(exc, (PullError, ImageFormatError)):
         return str(exc)
     if isinstance(exc, RegistryError):
-        return f"pulling {request.image}: {exc}"
+        message = str(exc)  # names the image once, whether or not the registry client did
+        if not message.startswith(request.image):
+            message = f"{request.image}: {message}"
+        return f"pulling {message}"
     # Not imported for this check (it loads grpc): an exception of it means it is loaded.
     containerd_api = sys.modules.get("snapshotter.pull.containerd_api")
     if containerd_api is not None and isinstance(exc, containerd_api.ContainerdError):

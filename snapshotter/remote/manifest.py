@@ -70,6 +70,19 @@ class Platform:
             str(obj.get("os", "")), str(obj.get("architecture", "")), str(obj.get("variant", ""))
         )
 
+    @classmethod
+    def of_image_config(cls, config: bytes) -> Platform | None:
+        """The platform an image config names (its os, architecture and variant); None when it
+        names none (or is not a JSON object): then nothing can be checked against it."""
+        try:
+            obj = json.loads(config)
+        except ValueError:
+            return None
+        found = cls.from_json(obj)
+        if found is None or not found.os or not found.architecture:
+            return None
+        return found.normalized()
+
     def normalized(self) -> Platform:
         arch = _ARCH_ALIASES.get(self.architecture.lower(), self.architecture.lower())
         variant = self.variant.lower()
