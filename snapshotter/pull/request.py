@@ -61,6 +61,8 @@ def failure_message(request: PullRequest, exc: BaseException) -> str | None:
 
     if isinstance(exc, (PullError, ImageFormatError)):
         return str(exc)
+    if isinstance(exc, ValueError):  # a bad reference, platform or hosts.toml: names it
+        return str(exc)
     if isinstance(exc, RegistryError):
         message = str(exc)  # names the image once, whether or not the registry client did
         if not message.startswith(request.image):
@@ -70,8 +72,6 @@ def failure_message(request: PullRequest, exc: BaseException) -> str | None:
     containerd_api = sys.modules.get("snapshotter.pull.containerd_api")
     if containerd_api is not None and isinstance(exc, containerd_api.ContainerdError):
         return f"pulling {request.image}: {exc}"
-    if isinstance(exc, ValueError):  # a bad reference or platform
-        return str(exc)
     return None
 
 
