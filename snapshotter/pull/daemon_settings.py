@@ -19,6 +19,11 @@ from snapshotter.remote.errors import RegistryError
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 
+# containerd's own snapshotters: a pull into one of them asks lazysnap for nothing.
+CONTAINERD_BUILTIN_SNAPSHOTTERS = frozenset(
+    {"overlayfs", "native", "btrfs", "zfs", "devmapper", "aufs", "blockfile"}
+)
+
 
 def daemon_setting_warnings(
     request: PullRequest, remote: RemoteConfig, daemon_default_docker_config: str
@@ -29,6 +34,8 @@ def daemon_setting_warnings(
     none (its $DOCKER_CONFIG or ~/.docker, which a client can only guess)."""
     if not remote.enable:
         return []  # nothing lazy to lose: each layer's line says `disabled`
+    if request.snapshotter in CONTAINERD_BUILTIN_SNAPSHOTTERS:
+        return []  # not unpacking into lazysnap: nothing could be lazy anyway
     try:
         registry = Reference.parse(request.image).registry
     except ValueError:
