@@ -7,6 +7,7 @@ loads the FUSE, HTTP or index code that other subcommands need.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -167,14 +168,33 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a process SIGPIPE ended
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    args = build_parser(words).parse_args(words)
-    run: Runner = args.run
     try:
-        return run(args)
+        args = build_parser(words).parse_args(words)  # --help prints here
+        run: Runner = args.run
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must be seen while it is caught
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (`lazysnap index show IMAGE | head -1`): stop quietly,
+    as a program ended by SIGPIPE would. Python ignores SIGPIPE, so a write raised instead;
+    stdout now points at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

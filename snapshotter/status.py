@@ -9,6 +9,8 @@ It works while `serve` is down because everything it shows is on disk beside the
     ROOT/snapshots/<id>/fs.lazysnap-spec.json -> the index (layer size, span count)
     ROOT/snapshots/<id>/fs.lazysnap-local marker: the layer was copied into plain files and its
                                          FUSE mount detached (snapshotter.fs.materialize)
+    ROOT/fallbacks.json                  why recent layers were pulled whole instead
+                                         (snapshotter.core.fallbacks)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from snapshotter.core.fallbacks import Fallback, read_fallbacks
 
 STATE_SUFFIX = ".lazysnap.json"
 SPEC_SUFFIX = ".lazysnap-spec.json"
@@ -42,6 +45,7 @@ LIVE = "live"  # mounted, answering, its mount process alive
 DEAD = "dead"  # a mount or state file is there, but nothing serves it
 UNMOUNTED = "unmounted"  # a lazy snapshot whose layer is not mounted at all
 LOCAL = "local"  # copied into plain files (materialized): no FUSE for new containers
+SHOWN_FALLBACKS = 20  # the table lists this many layers that were not lazy, newest first
 
 
 class StatusError(Exception):
@@ -119,6 +123,9 @@ class RootStatus:
     daemon: DaemonStatus
     cache: CacheStatus
     layers: list[LayerStatus]
+    # The last fallback of each layer that was pulled whole instead of mounted lazily, newest
+    # first (a layer lazy again since is not listed).
+    not_lazy: list[Fallback] = field(default_factory=list)
 
     @property
     def all_local(self) -> bool:
@@ -215,7 +222,19 @@ def collect_status(config: Config) -> RootStatus:
         daemon=daemon_status(root),
         cache=cache_status(config.cache_dir, config.cache.max_size_bytes),
         layers=layers,
+        not_lazy=_not_lazy(root, {layer.layer_digest for layer in layers}),
     )
+
+
+def _not_lazy(root: str, lazy_digests: set[str]) -> list[Fallback]:
+    """The newest recorded fallback of each layer that is not lazy now, newest first."""
+    newest: dict[str, Fallback] = {}
+    for entry in read_fallbacks(root):  # oldest first: later entries replace earlier ones
+        name = entry.layer_digest or entry.target
+        if name not in lazy_digests:
+            newest.pop(name, None)
+            newest[name] = entry
+    return list(reversed(newest.values()))
 
 
 def _layer_status(
@@ -408,6 +427,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
     ]
     if not status.layers:
         lines.append("no lazily mounted layers")
+        lines.extend(_not_lazy_lines(status, now))
         return "\n".join(lines) + "\n"
     local = sum(1 for layer in status.layers if layer.state == LOCAL)
     lines.insert(-1, f"layers  {local} of {len(status.layers)} local (plain files), rest on FUSE")
@@ -454,7 +474,21 @@ def render(status: RootStatus, now: float | None = None) -> str:
             lines.append(f"{where}  ({note})")
             continue
         lines.append(where + (f"  ({layer.problem})" if layer.problem else ""))
+    lines.extend(_not_lazy_lines(status, now))
     return "\n".join(lines) + "\n"
+
+
+def _not_lazy_lines(status: RootStatus, now: float) -> list[str]:
+    if not status.not_lazy:
+        return []
+    lines = ["", "not lazy (pulled whole), newest first:"]
+    for entry in status.not_lazy[:SHOWN_FALLBACKS]:
+        age = f"{max(0.0, now - entry.at):.0f}s ago"
+        lines.append(f"{_short(entry.layer_digest or entry.target)}  {age}  {entry.summary}")
+    hidden = len(status.not_lazy) - SHOWN_FALLBACKS
+    if hidden > 0:
+        lines.append(f"... {hidden} more: lazysnap status --json")
+    return lines
 
 
 def _fetched(layer: LayerStatus) -> str:

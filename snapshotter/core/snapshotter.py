@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from snapshotter.core import filters
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from snapshotter.core.layers import RemoteLayers, RemoteLayerUnavailable
+from snapshotter.core.fallbacks import Fallback, FallbackLog
+from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
 from snapshotter.core.metadata import Kind, MetaStore, SnapshotRecord, Transaction
 from snapshotter.core.mounts import (
     Mount,
@@ -57,6 +58,7 @@ _LAYER_DIGEST_LABELS = (
     "containerd.io/snapshot/cri.layer-digest",
     "containerd.io/snapshot/remote/stargz.digest",
 )
+_INTERNAL_ERROR = "internal_error"  # a bug in the lazy path (as the metrics name it)
 MAX_LABEL_SIZE = 4096  # containerd labels.Validate: len(key) + len(value), in bytes
 
 __all__ = [
@@ -135,11 +137,15 @@ def disk_usage(path: str) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _layer_name(labels: Mapping[str, str]) -> str:
+def _layer_digest(labels: Mapping[str, str]) -> str:
     for key in _LAYER_DIGEST_LABELS:
         if labels.get(key):
             return labels[key]
-    return labels.get(TARGET_SNAPSHOT_LABEL, "?")
+    return ""
+
+
+def _layer_name(labels: Mapping[str, str]) -> str:
+    return _layer_digest(labels) or labels.get(TARGET_SNAPSHOT_LABEL, "?")
 
 
 def _is_remote(record: SnapshotRecord) -> bool:
@@ -170,6 +176,8 @@ class Snapshotter:
         # holding the metadata lock (a remote mount in progress, a deletion): Cleanup skips them.
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
+        # Why recent layers were not lazy: read by `lazysnap status` and `lazysnap pull`.
+        self.fallbacks = FallbackLog(self.root)
 
     def close(self) -> None:
         self._store.close()
@@ -234,7 +242,16 @@ class Snapshotter:
         if self.remote is not None and labels.get(TARGET_SNAPSHOT_LABEL):
             return self._prepare_remote(key, parent, labels, self.remote)
         self._ready_parent_chain(parent)
-        return self._create(Kind.ACTIVE, key, parent, labels)
+        mounts = self._create(Kind.ACTIVE, key, parent, labels)
+        if labels.get(TARGET_SNAPSHOT_LABEL):  # a puller asked for a lazy layer
+            self._record_fallback(
+                key,
+                labels,
+                FallbackReason.DISABLED.value,
+                "this daemon serves no lazy layers (remote.enable = false, or they failed to "
+                "load: see the daemon's log at its start)",
+            )
+        return mounts
 
     def view(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
@@ -350,15 +367,19 @@ class Snapshotter:
             remote.mount(upper, labels)
             mounted = True
         except RemoteLayerUnavailable as why:
-            log.info("layer %s falls back to a full pull: %s", _layer_name(labels), why)
+            reason = why.reason.value
+            log.info("layer %s falls back to a full pull: %s: %s", _layer_name(labels), reason, why)
+            self._record_fallback(key, labels, reason, str(why))
             mounted = False
         except Exception as err:  # a bug in the lazy layer must not stop the pull
+            message = f"unexpected {type(err).__name__}: {err}"
             log.warning(
-                "layer %s falls back to a full pull: unexpected %s: %s",
+                "layer %s falls back to a full pull: %s: %s",
                 _layer_name(labels),
-                type(err).__name__,
-                err,
+                _INTERNAL_ERROR,
+                message,
             )
+            self._record_fallback(key, labels, _INTERNAL_ERROR, message)
             mounted = False
         try:
             if not mounted:  # an ordinary snapshot on top of parents that may be lazy
@@ -383,7 +404,15 @@ class Snapshotter:
             self._delete_tree(self._dir(snapshot_id))
             raise
         log.info("layer %s is mounted lazily as snapshot %s", _layer_name(labels), target)
+        self.fallbacks.forget_layer(_layer_digest(labels))
         raise AlreadyExists(f"target snapshot {target!r}: already exists")
+
+    def _record_fallback(
+        self, key: str, labels: Mapping[str, str], reason: str, message: str
+    ) -> None:
+        target = labels.get(TARGET_SNAPSHOT_LABEL, "")
+        fallback = Fallback(key, target, _layer_digest(labels), reason, message, time.time())
+        self.fallbacks.record(fallback)
 
     def _unmount_remote(self, upper: str) -> None:
         if self.remote is None:

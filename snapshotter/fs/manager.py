@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.config import Config
-from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
@@ -220,13 +220,17 @@ class LazyLayers:
         if self._serve_locally(os.path.abspath(mountpoint)):
             return  # already plain files: no registry, no FUSE
         if self.resolve is None:
-            raise RemoteLayerUnavailable("lazy layers: no resolver configured")
+            raise RemoteLayerUnavailable(
+                "lazy layers: no resolver configured", FallbackReason.DISABLED
+            )
         try:
             spec = self.resolve(labels)
         except RemoteLayerUnavailable:
             raise
         except Exception as exc:  # a resolver failure means "not lazily": fall back, say why
-            raise RemoteLayerUnavailable(f"resolving layer for {mountpoint}: {exc}") from exc
+            raise RemoteLayerUnavailable(
+                f"resolving layer for {mountpoint}: {exc}", FallbackReason.RESOLVER
+            ) from exc
         # Discovery (where the realistic failures are) is done; in the background, the process
         # starts while the caller goes on, and check() waits for it.
         self.mount_layer(mountpoint, spec, wait=not self.mount_in_background)
@@ -240,7 +244,9 @@ class LazyLayers:
         self._await_startup(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
-            raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
+            raise RemoteLayerUnavailable(
+                f"lazy layer at {mountpoint}: {problem}", FallbackReason.MOUNT
+            )
         self._watch(mountpoint)
 
     def on_settled(self, mountpoint: str, callback: SettledCallback) -> None:
@@ -262,7 +268,7 @@ class LazyLayers:
         else:
             problem = self._problem(mountpoint)
             why = f"lazy layer at {mountpoint}: {problem}"
-            outcome = RemoteLayerUnavailable(why) if problem else None
+            outcome = RemoteLayerUnavailable(why, FallbackReason.MOUNT) if problem else None
         _notify(callback, mountpoint, outcome)
 
     def unmount(self, mountpoint: str) -> None:
@@ -330,7 +336,9 @@ class LazyLayers:
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
             self.unmount(mountpoint)
         if not os.path.isdir(mountpoint):
-            raise RemoteLayerUnavailable(f"mountpoint {mountpoint} is not a directory")
+            raise RemoteLayerUnavailable(
+                f"mountpoint {mountpoint} is not a directory", FallbackReason.MOUNT
+            )
         if served_before:
             self._wipe_leftover_copy(mountpoint)
 
@@ -370,7 +378,9 @@ class LazyLayers:
             problem = self._problem(mountpoint)
             if problem:
                 self.unmount(mountpoint)
-                raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
+                raise RemoteLayerUnavailable(
+                    f"lazy layer at {mountpoint}: {problem}", FallbackReason.MOUNT
+                )
 
     def is_live(self, mountpoint: str) -> bool:
         mountpoint = os.path.abspath(mountpoint)
@@ -413,7 +423,7 @@ class LazyLayers:
             removed = wipe_contents(Path(mountpoint))
         except OSError as exc:
             raise RemoteLayerUnavailable(
-                f"removing an unfinished local copy in {mountpoint}: {exc}"
+                f"removing an unfinished local copy in {mountpoint}: {exc}", FallbackReason.MOUNT
             ) from exc
         if removed:
             log.info("removed an unfinished local copy of the layer at %s", mountpoint)
@@ -558,7 +568,9 @@ class LazyLayers:
         except OSError as exc:
             os.close(read_end)
             os.close(write_end)
-            raise RemoteLayerUnavailable(f"starting mount process for {mountpoint}: {exc}") from exc
+            raise RemoteLayerUnavailable(
+                f"starting mount process for {mountpoint}: {exc}", FallbackReason.MOUNT
+            ) from exc
         os.close(write_end)
         startup = _Startup(child, log_path, time.monotonic(), threading.Event())
         with self._lock:
@@ -660,7 +672,7 @@ class LazyLayers:
                 problem = f"mounting lazy layer at {mountpoint}: no answer from the mount process"
             if problem is not None:
                 self.unmount(mountpoint)
-                raise RemoteLayerUnavailable(problem)
+                raise RemoteLayerUnavailable(problem, FallbackReason.MOUNT)
 
     def _problem(self, mountpoint: str) -> str | None:
         return mount_problem(mountpoint)
@@ -676,7 +688,11 @@ class LazyLayers:
 
 
 def _startup_outcome(startup: _Startup) -> RemoteLayerUnavailable | None:
-    return None if startup.problem is None else RemoteLayerUnavailable(startup.problem)
+    return (
+        None
+        if startup.problem is None
+        else RemoteLayerUnavailable(startup.problem, FallbackReason.MOUNT)
+    )
 
 
 def _notify(
@@ -796,4 +812,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        raise RemoteLayerUnavailable(f"writing {path}: {exc.strerror}") from exc
+        raise RemoteLayerUnavailable(
+            f"writing {path}: {exc.strerror}", FallbackReason.MOUNT
+        ) from exc

@@ -161,8 +161,8 @@ def resolve_targets(
     that were not explicitly asked for."""
     top = client.get_manifest(ref)
     if not top.is_index:
-        if options.platforms:
-            log.info("%s is a single-platform manifest: --platform ignored", ref)
+        for want in options.platforms:  # each one asked for must be the image's
+            client.check_manifest_platform(top, want)
         return [_target("-", top)], []
     choices = select_platforms(top, options.platforms, all_platforms=options.all_platforms)
     targets: list[Target] = []

@@ -254,7 +254,10 @@ def run(args: argparse.Namespace) -> int:
                 print(view.render())
             return 0
     except (IndexBuildError, RegistryError, ArtifactError) as exc:
-        print(f"error: {args.image}: {exc}", file=sys.stderr)
+        message = str(exc)
+        if not message.startswith((args.image, str(ref))):  # each error names the image once
+            message = f"{args.image}: {message}"
+        print(f"error: {message}", file=sys.stderr)
         return 1
     except TrustKeyError as exc:
         print(f"error: --key: {exc}", file=sys.stderr)

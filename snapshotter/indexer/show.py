@@ -138,6 +138,11 @@ class ShowReport:
                 else:
                     cols = f"{'-':>6} {'-':>8} {'not indexed':>10}"
                 lines.append(f"  {layer.digest:<71} {layer.size:>12} {cols}")
+            if view.artifact_digest is not None and not any(layer.indexed for layer in view.layers):
+                lines.append(
+                    f"warning: artifact {view.artifact_digest} lists no index for any layer of "
+                    "this manifest: every layer is pulled whole"
+                )
         lines.extend(f"warning: {w}" for w in self.skipped_platforms)
         return "\n".join(lines)
 

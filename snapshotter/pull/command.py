@@ -9,6 +9,11 @@ import atexit
 import gc
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snapshotter.config import RemoteConfig
 
 # Only argparse at import time: `lazysnap` builds every subcommand's parser on each start, and
 # `lazysnap serve` must not pay for grpc/httpx imports it never uses. run() imports the rest.
@@ -60,13 +65,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SOCKET",
         help="the snapshots socket of the local `lazysnap serve`, whose pull socket runs the pull "
         "(it has grpc and its registry connections loaded: ~0.25 s faster); default: the "
-        "address in /etc/lazysnap/config.toml, else /run/lazysnap/lazysnap.sock",
+        "address in its config (--daemon-config), else /run/lazysnap/lazysnap.sock",
+    )
+    parser.add_argument(
+        "--daemon-config",
+        default=None,
+        metavar="FILE",
+        help="the config of the local `lazysnap serve` (default /etc/lazysnap/config.toml if it "
+        "exists): its address, its root (where it records why a layer was not lazy) and its "
+        "registry settings (this pull warns where they differ from its own)",
     )
     parser.add_argument(
         "--no-daemon",
         action="store_true",
         help="pull in this process even when `lazysnap serve` could run it",
     )
+
+
+def _warn(message: str) -> None:
+    print(f"lazysnap pull: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str) -> int:
@@ -89,12 +106,18 @@ def run(args: argparse.Namespace) -> int:
         hosts_dir=args.hosts_dir,
         docker_config=default_docker_config_path(),
     )
+    from snapshotter.config import ConfigError
+
+    try:
+        daemon = _daemon_config(args)
+    except ConfigError as err:
+        return _fail(str(err))
     if not args.no_daemon:
         from snapshotter.pull.wire import DaemonUnavailable, pull_socket_for, pull_via_daemon
 
-        socket_path = pull_socket_for(_daemon_address(args))
+        socket_path = pull_socket_for(daemon.address)
         try:
-            problem = pull_via_daemon(socket_path, request, sys.stdout, sys.stdout.isatty())
+            problem = pull_via_daemon(socket_path, request, sys.stdout, sys.stdout.isatty(), _warn)
         except DaemonUnavailable:
             pass  # no daemon here: pull in this process
         except KeyboardInterrupt:
@@ -102,11 +125,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             return 0 if problem is None else _fail(problem)
 
+    from snapshotter.pull.daemon_settings import daemon_setting_warnings
     from snapshotter.pull.progress import TerminalProgress
 
+    # A daemon started without DOCKER_CONFIG (as its systemd unit is) reads ~/.docker of root.
+    daemon_docker_config = os.path.join(os.path.expanduser("~root"), ".docker", "config.json")
+    for warning in daemon_setting_warnings(request, daemon.remote, daemon_docker_config):
+        _warn(warning)
     progress = TerminalProgress()
+    root = daemon.root
+
+    def why_not_lazy(key: str) -> str | None:
+        from snapshotter.core.fallbacks import find_fallback
+
+        found = find_fallback(root, key)
+        return found.summary if found is not None else None
+
     try:
-        summary = execute(request, progress)
+        summary = execute(request, progress, why_not_lazy)
     except KeyboardInterrupt:
         return _fail(f"pulling {args.image}: interrupted")
     except Exception as err:
@@ -118,19 +154,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon_address(args: argparse.Namespace) -> str:
-    """The snapshots socket of the local `lazysnap serve`: --daemon-address, else the address
-    in its default config file, else the default address."""
-    if args.daemon_address:
-        return str(args.daemon_address)
-    from snapshotter.config import DEFAULT_ADDRESS, DEFAULT_CONFIG_PATH, ConfigError, load_config
+@dataclass(frozen=True)
+class _DaemonPlaces:
+    address: str  # its snapshots socket
+    root: str  # its state directory
+    remote: RemoteConfig  # its registry settings ([remote])
 
-    if os.path.exists(DEFAULT_CONFIG_PATH):
+
+def _daemon_config(args: argparse.Namespace) -> _DaemonPlaces:
+    """Where the local `lazysnap serve` listens, keeps its state, and how it reaches
+    registries: from --daemon-config, else its default config file if there is one (ignored if
+    broken: `serve` would not start with it either), else the defaults; --daemon-address
+    overrides the address. ConfigError: --daemon-config names a file that is not a config."""
+    from snapshotter.config import (
+        DEFAULT_ADDRESS,
+        DEFAULT_CONFIG_PATH,
+        DEFAULT_ROOT,
+        ConfigError,
+        RemoteConfig,
+        load_config,
+    )
+
+    address, root, remote = DEFAULT_ADDRESS, DEFAULT_ROOT, RemoteConfig()
+    if args.daemon_config:
+        config = load_config(args.daemon_config)  # named on purpose: a bad one is an error
+        address, root, remote = config.address, config.root, config.remote
+    elif os.path.exists(DEFAULT_CONFIG_PATH):
         try:
-            return load_config(DEFAULT_CONFIG_PATH).address
+            config = load_config(DEFAULT_CONFIG_PATH)
+            address, root, remote = config.address, config.root, config.remote
         except ConfigError:
-            pass  # `lazysnap serve` would not start with it either
-    return DEFAULT_ADDRESS
+            pass
+    return _DaemonPlaces(str(args.daemon_address or address), os.path.abspath(root), remote)
 
 
 def _skip_final_collection() -> None:

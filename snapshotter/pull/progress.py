@@ -45,9 +45,17 @@ class TerminalProgress:
                 bar.update(len(chunk))
                 yield chunk
 
-    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
+    def layer_done(
+        self, step: LayerStep, outcome: LayerOutcome, downloaded: int, why_not_lazy: str = ""
+    ) -> None:
         line = layer_line(
-            step.position, self._total, step.blob.digest, step.blob.size, outcome, downloaded
+            step.position,
+            self._total,
+            step.blob.digest,
+            step.blob.size,
+            outcome,
+            downloaded,
+            why_not_lazy,
         )
         print(line, file=self.out, flush=True)
 
@@ -69,7 +77,13 @@ def download_bar(out: TextIO, position: int, total: int, digest: str, size: int)
 
 
 def layer_line(
-    position: int, total: int, digest: str, size: int, outcome: LayerOutcome, downloaded: int
+    position: int,
+    total: int,
+    digest: str,
+    size: int,
+    outcome: LayerOutcome,
+    downloaded: int,
+    why_not_lazy: str = "",
 ) -> str:
     head = _layer_head(position, total, digest)
     if outcome is LayerOutcome.LAZY:
@@ -80,6 +94,8 @@ def layer_line(
         detail = f"pulled {_mb(downloaded)}"
     else:
         detail = "unpacked (blob was in the content store)"
+    if why_not_lazy and outcome is LayerOutcome.PULLED:
+        detail += f" (not lazy: {why_not_lazy})"
     return f"{head}: {detail}"
 
 

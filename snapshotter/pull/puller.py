@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -55,7 +55,17 @@ class Progress(Protocol):
         """Pass chunks through, showing download progress."""
         ...
 
-    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None: ...
+    def layer_done(
+        self, step: LayerStep, outcome: LayerOutcome, downloaded: int, why_not_lazy: str = ""
+    ) -> None:
+        """why_not_lazy: for a layer the snapshotter did not mount lazily, what it recorded as
+        the reason ("" when it recorded none, or for a lazy or present layer)."""
+        ...
+
+
+# Given the key of an extraction snapshot the snapshotter did not mount lazily, the reason it
+# recorded ("<class>: <message>"), or None.
+WhyNotLazy = Callable[[str], str | None]
 
 
 class SilentProgress:
@@ -65,7 +75,9 @@ class SilentProgress:
     def blob_chunks(self, step: LayerStep, chunks: Iterator[bytes]) -> Iterator[bytes]:
         return chunks
 
-    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
+    def layer_done(
+        self, step: LayerStep, outcome: LayerOutcome, downloaded: int, why_not_lazy: str = ""
+    ) -> None:
         pass
 
 
@@ -102,11 +114,13 @@ class Puller:
         registry: Registry,
         options: PullOptions,
         progress: Progress | None = None,
+        why_not_lazy: WhyNotLazy | None = None,
     ) -> None:
         self.containerd = containerd
         self.registry = registry
         self.options = options
         self.progress: Progress = progress or SilentProgress()
+        self.why_not_lazy = why_not_lazy
 
     def pull(self, image: str) -> PullSummary:
         return self.unpack(resolve_image(self.registry, image, self.options.platform))
@@ -128,10 +142,10 @@ class Puller:
                 self._store_small_blob(ref, _Blob.of(top), child_gc_labels(top.manifests))
             for step in steps:
                 self.progress.layer_started(step, len(steps))
-                outcome, downloaded = self._unpack_layer(ref, step)
+                outcome, downloaded, why = self._unpack_layer(ref, step)
                 summary.outcomes.append(outcome)
                 summary.bytes_downloaded += downloaded
-                self.progress.layer_done(step, outcome, downloaded)
+                self.progress.layer_done(step, outcome, downloaded, why)
             if steps:
                 self.containerd.update_content_labels(
                     config.digest,
@@ -187,11 +201,12 @@ class Puller:
 
     # -- layers -----------------------------------------------------------------------------
 
-    def _unpack_layer(self, ref: Reference, step: LayerStep) -> tuple[LayerOutcome, int]:
+    def _unpack_layer(self, ref: Reference, step: LayerStep) -> tuple[LayerOutcome, int, str]:
+        """(outcome, bytes downloaded, why the snapshotter did not mount it lazily)."""
         sn = self.options.snapshotter
         where = f"layer {step.position + 1} ({step.blob.digest}) of {ref}"
         if self.containerd.stat_snapshot(sn, step.chain_id) is not None:
-            return LayerOutcome.PRESENT, 0
+            return LayerOutcome.PRESENT, 0, ""
         key = ""
         mounts = None
         for _ in range(PREPARE_ATTEMPTS):
@@ -202,7 +217,7 @@ class Puller:
             except AlreadyExists:
                 # The snapshotter committed the target itself: the layer is mounted lazily.
                 if self.containerd.stat_snapshot(sn, step.chain_id) is not None:
-                    return LayerOutcome.LAZY, 0
+                    return LayerOutcome.LAZY, 0, ""
             except ContainerdUnreachable:
                 raise
             except ContainerdError as err:
@@ -212,6 +227,8 @@ class Puller:
                 ) from None
         if mounts is None:
             raise PullError(f"{where}: could not prepare an extraction snapshot (key clash)")
+        # Asked now: the snapshotter recorded its reason before it answered the Prepare.
+        why = (self.why_not_lazy(key) or "") if self.why_not_lazy is not None else ""
         try:
             downloaded = self._fetch_layer_blob(ref, step)
             applied = self.containerd.apply_layer(step.blob, mounts)
@@ -224,12 +241,12 @@ class Puller:
         except AlreadyExists:
             # Someone else committed the same chain ID meanwhile: theirs is as good as ours.
             self._remove_quietly(key)
-            return LayerOutcome.PRESENT, 0
+            return LayerOutcome.PRESENT, 0, ""
         except BaseException:
             self._remove_quietly(key)
             raise
         self.containerd.update_content_labels(step.blob.digest, {UNCOMPRESSED_LABEL: step.diff_id})
-        return LayerOutcome.PULLED, downloaded
+        return LayerOutcome.PULLED, downloaded, why
 
     def _remove_quietly(self, key: str) -> None:
         with suppress(ContainerdError):

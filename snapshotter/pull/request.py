@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from snapshotter.pull.outcome import PullSummary
-    from snapshotter.pull.puller import Progress
+    from snapshotter.pull.puller import Progress, WhyNotLazy
 
 
 class RequestError(ValueError):
@@ -61,20 +61,27 @@ def failure_message(request: PullRequest, exc: BaseException) -> str | None:
 
     if isinstance(exc, (PullError, ImageFormatError)):
         return str(exc)
+    if isinstance(exc, ValueError):  # a bad reference, platform or hosts.toml: names it
+        return str(exc)
     if isinstance(exc, RegistryError):
-        return f"pulling {request.image}: {exc}"
+        message = str(exc)  # names the image once, whether or not the registry client did
+        if not message.startswith(request.image):
+            message = f"{request.image}: {message}"
+        return f"pulling {message}"
     # Not imported for this check (it loads grpc): an exception of it means it is loaded.
     containerd_api = sys.modules.get("snapshotter.pull.containerd_api")
     if containerd_api is not None and isinstance(exc, containerd_api.ContainerdError):
         return f"pulling {request.image}: {exc}"
-    if isinstance(exc, ValueError):  # a bad reference or platform
-        return str(exc)
     return None
 
 
-def execute(request: PullRequest, progress: Progress) -> PullSummary:
-    """Run the pull here. Raises ValueError (bad reference or platform), PullError,
-    ImageFormatError, RegistryError or ContainerdError, each naming what failed.
+def execute(
+    request: PullRequest, progress: Progress, why_not_lazy: WhyNotLazy | None = None
+) -> PullSummary:
+    """Run the pull here; why_not_lazy looks up the snapshotter's reason for each layer it did
+    not mount lazily (progress.layer_done gets it). Raises ValueError (bad reference or
+    platform), PullError, ImageFormatError, RegistryError or ContainerdError, each naming what
+    failed.
 
     The manifest and config requests go out on a thread of their own while grpc and the
     containerd client load (~0.1 s either way, when this is a fresh process): they are
@@ -111,4 +118,5 @@ def execute(request: PullRequest, progress: Progress) -> PullSummary:
         with ContainerdClient(request.address, request.namespace) as containerd:
             containerd.connect()
             options = PullOptions(snapshotter=request.snapshotter, platform=platform)
-            return Puller(containerd, registry, options, progress).unpack(resolving.result())
+            puller = Puller(containerd, registry, options, progress, why_not_lazy)
+            return puller.unpack(resolving.result())

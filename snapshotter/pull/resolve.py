@@ -18,6 +18,7 @@ from snapshotter.pull.plan import (
     layer_steps,
     parse_diff_ids,
 )
+from snapshotter.remote.errors import single_platform_mismatch
 from snapshotter.remote.manifest import Descriptor, Manifest, Platform
 from snapshotter.remote.reference import Reference, Repository
 
@@ -83,6 +84,10 @@ def resolve_image(registry: Registry, image: str, platform: Platform) -> Resolve
         raise PullError(f"{image}: {err}") from None
     config_data = registry.get_blob(ref.repository, config.digest)
     downloaded += len(config_data)
+    if not top.is_index:  # no platform was chosen: the image's one must be the one asked for
+        have = Platform.of_image_config(config_data)
+        if have is not None and platform.match_rank(have) is None:
+            raise single_platform_mismatch(image, platform.normalized(), have)
     try:
         diff_ids = parse_diff_ids(config_data, f"config {config.digest} of {image}")
         steps = layer_steps(str(ref), manifest.digest, config.digest, layers, diff_ids)

@@ -5,8 +5,10 @@ opens fresh connections (~0.25 s of a 0.45 s lazy pull here); the daemon has all
 
     client -> daemon   one line: the PullRequest (snapshotter.pull.request)
     daemon -> client   event lines, then one final line:
+        {"event": "warning", "message"}   before the pull starts (daemon_settings.py)
         {"event": "bytes", "position", "total", "digest", "size", "done"}   (a few per second)
-        {"event": "layer", "position", "total", "digest", "size", "outcome", "downloaded"}
+        {"event": "layer", "position", "total", "digest", "size", "outcome", "downloaded",
+         "why_not_lazy"}   (the last: the snapshotter's reason for a layer pulled whole)
         {"event": "summary", "image", "outcomes", "bytes_downloaded", "seconds"}   final
         {"event": "error", "message"}                                             final
 
@@ -64,9 +66,11 @@ class EventWriter:
                 self._send({**self._layer(step), "event": "bytes", "done": done})
             yield chunk
 
-    def layer_done(self, step: LayerStep, outcome: LayerOutcome, downloaded: int) -> None:
+    def layer_done(
+        self, step: LayerStep, outcome: LayerOutcome, downloaded: int, why_not_lazy: str = ""
+    ) -> None:
         event = {**self._layer(step), "event": "layer", "outcome": outcome.value}
-        self._send({**event, "downloaded": downloaded})
+        self._send({**event, "downloaded": downloaded, "why_not_lazy": why_not_lazy})
 
     def _layer(self, step: LayerStep) -> dict[str, Any]:
         return {
@@ -87,10 +91,17 @@ def summary_event(summary: PullSummary) -> dict[str, Any]:
     }
 
 
-def pull_via_daemon(socket_path: str, request: PullRequest, out: TextIO, bars: bool) -> str | None:
-    """Have the daemon at socket_path run request, printing what TerminalProgress would print.
-    Returns None when the pull succeeded, else the daemon's error message. Raises
-    DaemonUnavailable when no daemon answers (the caller then pulls in its own process)."""
+def pull_via_daemon(
+    socket_path: str,
+    request: PullRequest,
+    out: TextIO,
+    bars: bool,
+    warnings: Callable[[str], None] = lambda message: None,
+) -> str | None:
+    """Have the daemon at socket_path run request, printing what TerminalProgress would print
+    (and passing the daemon's warnings to warnings). Returns None when the pull succeeded,
+    else the daemon's error message. Raises DaemonUnavailable when no daemon answers (the
+    caller then pulls in its own process)."""
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.settimeout(CONNECT_TIMEOUT_S)
@@ -101,12 +112,14 @@ def pull_via_daemon(socket_path: str, request: PullRequest, out: TextIO, bars: b
         client.settimeout(None)  # a pull takes as long as it takes; the daemon owns timeouts
         client.sendall(json.dumps(request.to_json()).encode() + b"\n")
         with client.makefile("rb") as lines:
-            return _render(lines, out, bars, socket_path)
+            return _render(lines, out, bars, socket_path, warnings)
     finally:
         client.close()
 
 
-def _render(lines: Any, out: TextIO, bars: bool, socket_path: str) -> str | None:
+def _render(
+    lines: Any, out: TextIO, bars: bool, socket_path: str, warnings: Callable[[str], None]
+) -> str | None:
     renderer = _BarRenderer(out) if bars else None
     try:
         for raw in lines:
@@ -119,6 +132,8 @@ def _render(lines: Any, out: TextIO, bars: bool, socket_path: str) -> str | None
             kind = event.get("event") if isinstance(event, dict) else None
             if kind == "bytes" and renderer is not None:
                 renderer.update(event)
+            elif kind == "warning":
+                warnings(str(event["message"]))
             elif kind == "layer":
                 if renderer is not None:
                     renderer.close()
@@ -131,6 +146,7 @@ def _render(lines: Any, out: TextIO, bars: bool, socket_path: str) -> str | None
                         event["size"],
                         outcome,
                         event["downloaded"],
+                        str(event.get("why_not_lazy") or ""),  # absent from older daemons
                     ),
                     file=out,
                     flush=True,

@@ -39,6 +39,7 @@ from snapshotter.remote.errors import (
     RegistryUnavailable,
     UnexpectedResponse,
     redact_url,
+    single_platform_mismatch,
 )
 from snapshotter.remote.hosts import HostsConfig, RegistryHost
 from snapshotter.remote.manifest import (
@@ -462,7 +463,7 @@ class RegistryClient:
                 or "none"
             )
             raise PlatformNotFound(
-                f"index {index.where} has no manifest for platform {want} (has: {available})"
+                f"{index.where}: no manifest for platform {want} (the index offers: {available})"
             )
         ranked.sort(key=lambda item: (item[0], item[1]))
         chosen = ranked[0][2]
@@ -472,10 +473,21 @@ class RegistryClient:
             and not self.manifest_exists(index.reference, chosen.digest)
         ):
             raise PlatformNotFound(
-                f"index {index.where} lists platform {want} as {chosen.digest}, but the registry "
-                "does not have that manifest (sparse index)"
+                f"{index.where}: the index lists platform {want} as {chosen.digest}, but the "
+                "registry does not have that manifest (sparse index)"
             )
         return chosen
+
+    def check_manifest_platform(self, manifest: Manifest, platform: Platform) -> None:
+        """For an image manifest (not an index), reached without choosing a platform: raise
+        PlatformNotFound unless its config names a platform that runs as platform (a config
+        naming none passes: nothing to check)."""
+        config = manifest.config
+        if manifest.is_index or config is None or manifest.reference is None:
+            return
+        have = Platform.of_image_config(self.get_blob(manifest.reference.repository, config.digest))
+        if have is not None and platform.match_rank(have) is None:
+            raise single_platform_mismatch(manifest.where, platform.normalized(), have)
 
     def get_children(
         self, index: Manifest, platforms: Sequence[Platform] | None = None

@@ -61,6 +61,14 @@ class PlatformNotFound(RegistryError):
     """No manifest for the requested platform, or the one listed is absent (sparse index)."""
 
 
+def single_platform_mismatch(image: str, want: object, have: object) -> PlatformNotFound:
+    """An image that is one platform manifest (no index), for have, asked for as want."""
+    return PlatformNotFound(
+        f"{image}: no manifest for platform {want} (the image is a single-platform manifest "
+        f"for {have})"
+    )
+
+
 class RegistryUnavailable(RegistryError):
     """Connection errors, timeouts or 5xx/429 that outlasted the retries, on every host tried."""
 

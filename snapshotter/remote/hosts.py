@@ -12,12 +12,17 @@ Layout: `<hosts_dir>/<host[:port]>/hosts.toml` (falling back to `<hosts_dir>/_de
 
 Hosts are tried in file order (mirrors), then the server. Registries listed in `plain_http` (the
 `--plain-http` flag) are spoken to over http instead of https.
+
+A hosts.toml is read again when it changes (as containerd reads it per pull): each lookup
+stats the candidate files (a few microseconds) and reloads when the file found, its inode,
+size or mtime differ from what was read, so a long-running daemon sees an added mirror at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +35,10 @@ from snapshotter.remote.reference import DOCKER_HUB, DOCKER_HUB_ENDPOINT
 log = logging.getLogger(__name__)
 
 ALL_CAPABILITIES = frozenset({"pull", "resolve", "push"})
+
+# What identifies the contents of a hosts.toml as read: path, inode, size, mtime (ns). None: no
+# file (the built-in default host).
+_FileId = tuple[str, int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,29 @@ class HostsConfig:
     ) -> None:
         self.hosts_dir = os.fspath(hosts_dir) if hosts_dir is not None else None
         self.plain_http = frozenset(plain_http)
-        self._cache: dict[str, list[RegistryHost]] = {}
+        self._cache: dict[str, tuple[_FileId, list[RegistryHost]]] = {}
+        self._lock = threading.Lock()  # lookups come from many threads of the daemon
 
     def hosts_for(self, registry: str, capability: str) -> list[RegistryHost]:
-        """Endpoints for registry that offer capability (pull, resolve or push), in try order."""
-        if registry not in self._cache:
-            self._cache[registry] = self._load(registry)
-        found = [h for h in self._cache[registry] if capability in h.capabilities]
+        """Endpoints for registry that offer capability (pull, resolve or push), in try order,
+        from its hosts.toml as it is now (read again only when it changed)."""
+        file_id = self._file_id(registry)
+        with self._lock:
+            cached = self._cache.get(registry)
+        if cached is not None and cached[0] == file_id:
+            hosts = cached[1]
+        else:
+            hosts = self._load(registry, file_id[0] if file_id is not None else None)
+            with self._lock:
+                self._cache[registry] = (file_id, hosts)
+            if cached is not None:
+                log.info(
+                    "registry %s: hosts config changed (%s): now %s",
+                    registry,
+                    file_id[0] if file_id is not None else "removed",
+                    [h.url for h in hosts],
+                )
+        found = [h for h in hosts if capability in h.capabilities]
         if not found:
             raise HostsConfigError(
                 f"no host configured for registry {registry} has capability {capability!r}"
@@ -98,8 +123,17 @@ class HostsConfig:
                 return path
         return None
 
-    def _load(self, registry: str) -> list[RegistryHost]:
+    def _file_id(self, registry: str) -> _FileId:
         path = self._config_path(registry)
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # removed just now: the default host, until it is back
+        return (path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self, registry: str, path: str | None) -> list[RegistryHost]:
         if path is None:
             return [RegistryHost(self._default_server(registry))]
         try:

@@ -15,13 +15,18 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+# The archived ORAS artifacts spec: what its referrers endpoint lists. It has `blobs` where an
+# OCI manifest has `layers` (and no config).
+ORAS_ARTIFACT_MANIFEST = "application/vnd.cncf.oras.artifact.manifest.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
-ACCEPT_MANIFESTS = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+ACCEPT_MANIFESTS = ", ".join(
+    (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ORAS_ARTIFACT_MANIFEST)
+)
 
 
 def sha256_digest(data: bytes) -> str:
@@ -69,6 +74,19 @@ class Platform:
         return cls(
             str(obj.get("os", "")), str(obj.get("architecture", "")), str(obj.get("variant", ""))
         )
+
+    @classmethod
+    def of_image_config(cls, config: bytes) -> Platform | None:
+        """The platform an image config names (its os, architecture and variant); None when it
+        names none (or is not a JSON object): then nothing can be checked against it."""
+        try:
+            obj = json.loads(config)
+        except ValueError:
+            return None
+        found = cls.from_json(obj)
+        if found is None or not found.os or not found.architecture:
+            return None
+        return found.normalized()
 
     def normalized(self) -> Platform:
         arch = _ARCH_ALIASES.get(self.architecture.lower(), self.architecture.lower())
@@ -187,6 +205,9 @@ class Manifest:
 
     @property
     def layers(self) -> list[Descriptor]:
+        """The layers, or an ORAS artifact manifest's blobs (its equivalent)."""
+        if self.media_type == ORAS_ARTIFACT_MANIFEST:
+            return self._descriptors("blobs")
         return self._descriptors("layers")
 
     @property

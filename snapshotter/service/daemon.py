@@ -30,6 +30,7 @@ from snapshotter.core.errors import SnapshotError
 from snapshotter.core.layers import RemoteLayers
 
 if TYPE_CHECKING:
+    from snapshotter.core.snapshotter import Snapshotter
     from snapshotter.metrics import DaemonMetrics
     from snapshotter.service.pull_server import PullServer
 
@@ -250,7 +251,7 @@ class Daemon:
             server.start()
             os.chmod(address, 0o660)
             log.info("serving snapshots of %s on %s", root, address)
-            pulls = _start_pull_server(address)
+            pulls = _start_pull_server(address, core, self.config)
             sd_notify("READY=1")
             while not self._stop.wait(timeout=1.0):
                 pass
@@ -267,13 +268,17 @@ class Daemon:
                 os.unlink(address)
 
 
-def _start_pull_server(address: str) -> PullServer | None:
+def _start_pull_server(address: str, core: Snapshotter, config: Config) -> PullServer | None:
     """The pull socket beside address (snapshotter/pull/wire.py); the daemon serves
     snapshots without it if it cannot listen there."""
     from snapshotter.pull.wire import pull_socket_for
     from snapshotter.service.pull_server import PullServer
 
-    pulls = PullServer(pull_socket_for(address))
+    def why_not_lazy(key: str) -> str | None:
+        found = core.fallbacks.find(key)
+        return found.summary if found is not None else None
+
+    pulls = PullServer(pull_socket_for(address), why_not_lazy, config.remote)
     try:
         pulls.start()
     except OSError as err:

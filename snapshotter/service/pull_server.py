@@ -11,8 +11,10 @@ import logging
 import os
 import socketserver
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
+from snapshotter.config import RemoteConfig
 from snapshotter.pull.request import PullRequest, RequestError, execute, failure_message
 from snapshotter.pull.wire import MAX_LINE, EventWriter, summary_event
 
@@ -34,8 +36,17 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send({"event": "error", "message": str(err)})
             return
         log.info("pull of %s for a `lazysnap pull` client", request.image)
+        server = cast(_Server, self.server)
         try:
-            summary = execute(request, EventWriter(self._send))
+            if server.remote is not None:
+                from snapshotter.pull.daemon_settings import daemon_setting_warnings
+                from snapshotter.remote.docker_config import default_docker_config_path
+
+                own = default_docker_config_path()  # this daemon's, from its environment
+                for warning in daemon_setting_warnings(request, server.remote, own):
+                    log.warning("pull of %s: %s", request.image, warning)
+                    self._send({"event": "warning", "message": warning})
+            summary = execute(request, EventWriter(self._send), server.why_not_lazy)
         except BrokenPipeError:
             log.warning("pull of %s: the client went away; the pull stopped", request.image)
             return
@@ -59,13 +70,23 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # a pull in progress does not hold the daemon's exit
+    why_not_lazy: Callable[[str], str | None] | None = None
+    remote: RemoteConfig | None = None
 
 
 class PullServer:
-    """Listens on path (mode 0600) until stop()."""
+    """Listens on path (mode 0600) until stop(). why_not_lazy: the daemon's own record of why
+    a layer was not lazy, by Prepare key (the pull's output shows it)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        why_not_lazy: Callable[[str], str | None] | None = None,
+        remote: RemoteConfig | None = None,
+    ) -> None:
         self.path = path
+        self.why_not_lazy = why_not_lazy
+        self.remote = remote  # the daemon's registry settings: a pull whose differ is warned
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -75,6 +96,8 @@ class PullServer:
         old_umask = os.umask(0o177)  # born 0600, never briefly wider
         try:
             self._server = _Server(self.path, _Handler)
+            self._server.why_not_lazy = self.why_not_lazy
+            self._server.remote = self.remote
         finally:
             os.umask(old_umask)
         self._thread = threading.Thread(

@@ -55,7 +55,7 @@ from snapshotter.profile.model import (
     decode_profile,
 )
 from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.errors import RegistryError
+from snapshotter.remote.errors import AuthenticationError, CredentialsError, RegistryError
 from snapshotter.remote.manifest import Descriptor, Manifest
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers
@@ -131,13 +131,15 @@ class IndexDiscovery:
         try:
             request = parse_layer_request(labels)
         except LabelError as exc:
-            raise RemoteLayerUnavailable(str(exc)) from None
+            raise RemoteLayerUnavailable(str(exc), FallbackReason.LABELS) from None
         try:
             return self.resolve(request)
         except RemoteLayerUnavailable:
             raise
         except (RegistryError, IndexFormatError, ValueError, OSError) as exc:
-            raise RemoteLayerUnavailable(f"layer {request.layer_digest}: {exc}") from exc
+            raise RemoteLayerUnavailable(
+                f"layer {request.layer_digest}: {exc}", _reason_of(exc)
+            ) from exc
 
     def resolve(self, request: LayerRequest) -> LayerSpec:
         if request.layer_size is not None:  # known from the labels: no registry request
@@ -148,7 +150,8 @@ class IndexDiscovery:
         layer = found.layers.get(request.layer_digest)
         if layer is None:
             raise RemoteLayerUnavailable(
-                f"layer {request.layer_digest} is not in manifest {manifest_digest} of {ref}"
+                f"layer {request.layer_digest} is not in manifest {manifest_digest} of {ref}",
+                FallbackReason.NOT_IN_MANIFEST,
             )
         self._check_size(request.layer_digest, layer.size)
         blob = found.index_blobs.get(request.layer_digest)
@@ -165,17 +168,20 @@ class IndexDiscovery:
                 f"(looked up via {found.source}; layers under the build's min size stay unindexed)"
                 if found.index_blobs
                 else f"no lazysnap index for layer {request.layer_digest}: image "
-                f"{ref}@{manifest_digest} has none (looked up via {found.source})"
+                f"{ref}@{manifest_digest} has none (looked up via {found.source})",
+                FallbackReason.NO_INDEX,
             )
         if blob.size > MAX_INDEX_BLOB_SIZE:
             raise RemoteLayerUnavailable(
-                f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes"
+                f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes",
+                FallbackReason.BAD_INDEX,
             )
         data, index = self._index_blob(ref, blob, request.layer_digest)
         if index.compressed_size != layer.size:
             raise RemoteLayerUnavailable(
                 f"index {blob.digest} says layer {request.layer_digest} has "
-                f"{index.compressed_size} bytes, the image manifest says {layer.size}"
+                f"{index.compressed_size} bytes, the image manifest says {layer.size}",
+                FallbackReason.BAD_INDEX,
             )
         log.debug("layer %s: index %s (%s)", request.layer_digest, blob.digest, found.source)
         return LayerSpec(
@@ -196,7 +202,8 @@ class IndexDiscovery:
         if size < self.min_layer_size:
             raise RemoteLayerUnavailable(
                 f"layer {layer_digest} is {size} bytes, under min_layer_size "
-                f"{self.min_layer_size}: pulled whole"
+                f"{self.min_layer_size}: pulled whole",
+                FallbackReason.SMALL_LAYER,
             )
 
     def _index_blob(
@@ -312,7 +319,10 @@ class IndexDiscovery:
         def image_layers() -> dict[str, Descriptor]:
             image = image_future.result()
             if image.is_index:
-                raise RemoteLayerUnavailable(f"{ref}@{manifest_digest} is an index, not a manifest")
+                raise RemoteLayerUnavailable(
+                    f"{ref}@{manifest_digest} is an index, not a manifest",
+                    FallbackReason.NOT_IN_MANIFEST,
+                )
             return {d.digest: d for d in image.layers}
 
         try:
@@ -465,3 +475,14 @@ def _newer_profile(current: Descriptor | None, artifact: Manifest) -> Descriptor
         if current is None or created >= current.annotations.get(PROFILE_CREATED_ANNOTATION, ""):
             current = blob
     return current
+
+
+def _reason_of(exc: BaseException) -> FallbackReason:
+    """The class of an error that ended a layer's discovery."""
+    if isinstance(exc, AuthenticationError | CredentialsError):
+        return FallbackReason.AUTH
+    if isinstance(exc, RegistryError):
+        return FallbackReason.REGISTRY
+    if isinstance(exc, IndexFormatError):
+        return FallbackReason.BAD_INDEX
+    return FallbackReason.OTHER

@@ -17,10 +17,12 @@ from snapshotter.indexer.artifact import (
     indexed_layers,
 )
 from snapshotter.indexer.layer_cache import CacheNameError, cache_tag, default_cache_repo
+from snapshotter.indexer.show import LayerView, PlatformView, ShowReport
 from snapshotter.remote.manifest import (
     EMPTY_DIGEST,
     EMPTY_JSON,
     OCI_MANIFEST,
+    ORAS_ARTIFACT_MANIFEST,
     Descriptor,
     Manifest,
     sha256_digest,
@@ -84,3 +86,33 @@ def test_cache_names() -> None:
     assert cache_tag(LAYER) == "layer-sha256-" + "a" * 64
     with pytest.raises(CacheNameError, match="sha256:zz"):
         cache_tag("sha256:zz")
+
+
+def test_an_oras_artifact_manifest_lists_its_indexes_in_blobs() -> None:
+    blob = {
+        "mediaType": INDEX_BLOB_MEDIA_TYPE,
+        "digest": INDEX_BLOB,
+        "size": 321,
+        "annotations": {LAYER_DIGEST_ANNOTATION: LAYER},
+    }
+    data = json.dumps(
+        {"mediaType": ORAS_ARTIFACT_MANIFEST, "artifactType": ARTIFACT_TYPE, "blobs": [blob]}
+    ).encode()
+    manifest = Manifest(data, sha256_digest(data), ORAS_ARTIFACT_MANIFEST)
+    assert indexed_layers(manifest) == [IndexedLayer(LAYER, INDEX_BLOB, 321)]
+
+
+def test_index_show_warns_when_the_artifact_indexes_no_layer_of_the_manifest() -> None:
+    view = PlatformView(
+        "linux/amd64",
+        "sha256:" + "d" * 64,
+        "sha256:" + "e" * 64,
+        ARTIFACT_TYPE,
+        "oras",
+        (LayerView(LAYER, 1000, "application/vnd.oci.image.layer.v1.tar+gzip"),),
+    )
+    rendered = ShowReport("reg/app:1", [view]).render()
+    assert f"warning: artifact sha256:{'e' * 64} lists no index for any layer" in rendered
+    indexed = LayerView(LAYER, 1000, "x", INDEX_BLOB, 321, 1, 1, "gzip")
+    quiet = ShowReport("reg/app:1", [PlatformView("-", "d", "e", "t", "oras", (indexed,))])
+    assert "warning" not in quiet.render()

@@ -59,9 +59,13 @@ class LazyStack:
     # -- the commands a user runs ----------------------------------------------------------------
 
     def lazysnap(
-        self, *args: str, timeout: float = 300.0, check: bool = True
+        self,
+        *args: str,
+        timeout: float = 300.0,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT)}
         result = subprocess.run(
             [*lazysnap_command(), *args],
             capture_output=True,
@@ -95,7 +99,11 @@ class LazyStack:
         """`lazysnap pull` into this test's namespace; containerd's hosts dir unless given.
         By default run by this stack's daemon (its pull socket), as a user's pull is when
         `lazysnap serve` runs; through_daemon=False pulls in the CLI's own process."""
-        where = ["--daemon-address", str(self.daemon.socket)] if through_daemon else ["--no-daemon"]
+        where = (
+            ["--daemon-address", str(self.daemon.socket)]
+            if through_daemon
+            else ["--no-daemon", "--daemon-config", str(self.daemon.config)]
+        )
         result = self.lazysnap(
             "pull",
             *where,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +69,41 @@ def test_image_without_index_falls_back_and_runs(stack: LazyStack) -> None:
     pushed = stack.push(image.built, unique_name("test/lazy-noindex"))
     offset = stack.daemon_log_offset()
     line = assert_full_pull_runs(stack, image, pushed.reference, offset)
-    assert f"no lazysnap index for layer {image.data_layer}" in line, line
+    assert (
+        f"falls back to a full pull: no_index: no lazysnap index for layer {image.data_layer}"
+        in (line)
+    ), line
+
+
+def _pull_line(stdout: str, layer_digest: str) -> str:
+    short = layer_digest.split(":", 1)[1][:12]
+    [line] = [line for line in stdout.splitlines() if line.startswith("layer ") and short in line]
+    return line
+
+
+@pytest.mark.parametrize("through_daemon", [True, False], ids=["daemon", "own-process"])
+def test_pull_and_status_say_why_a_layer_was_not_lazy(
+    stack: LazyStack, through_daemon: bool
+) -> None:
+    """The reason the daemon recorded reaches the pull's layer line, whether the daemon ran the
+    pull or the CLI did (reading it from the daemon's root), and `lazysnap status` lists it."""
+    image = data_image(stack, "why")
+    pushed = stack.push(image.built, unique_name("test/lazy-why"))
+    pulled = stack.pull(pushed.reference, through_daemon=through_daemon)
+    assert (pulled.lazy, pulled.pulled) == (0, 1), pulled.stdout
+    line = _pull_line(pulled.stdout, image.data_layer)
+    assert "pulled" in line and "(not lazy: no_index: no lazysnap index for layer" in line, line
+    assert pushed.reference.split("/", 1)[1].split(":")[0] in line, line  # names the image
+
+    status = stack.lazysnap("status", "--root", str(stack.daemon.root)).stdout
+    short = image.data_layer.split(":", 1)[1][:12]
+    [listed] = [row for row in status.splitlines() if short in row and "no_index" in row]
+    assert "no lazysnap index for layer" in listed, status
+    as_json = json.loads(
+        stack.lazysnap("status", "--root", str(stack.daemon.root), "--json").stdout
+    )
+    reasons = {e["layer_digest"]: e["reason"] for e in as_json["not_lazy"]}
+    assert reasons.get(image.data_layer) == "no_index", as_json["not_lazy"]
 
 
 def _index_blob(client: RegistryClient, image: PushedImage, layer_digest: str) -> bytes:

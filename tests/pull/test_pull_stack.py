@@ -246,6 +246,7 @@ def test_bad_reference_is_a_clear_error(containerd: Containerd, namespace: str) 
     result = lazysnap_pull(containerd, "Not A Ref::", namespace)
     assert result.returncode == 1
     assert "'Not A Ref::'" in result.stderr
+    assert result.stderr.count("Not A Ref::") == 1, result.stderr  # named once
     assert "Traceback" not in result.stderr
 
 

@@ -3,6 +3,7 @@ plain-http override; bad files give errors naming the file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,34 @@ def test_bad_files_name_the_file(tmp_path: Path, text: str, message: str) -> Non
     with pytest.raises(HostsConfigError) as info:
         HostsConfig(tmp_path).hosts_for("r.example", "pull")
     assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_changed_hosts_file_is_read_again_and_an_unchanged_one_is_not(tmp_path: Path) -> None:
+    """A daemon sees a mirror added (or a file removed) at its next lookup, as containerd does
+    per pull; an unchanged file is not parsed again (its parse is reused)."""
+    config = HostsConfig(tmp_path)
+    [server] = config.hosts_for("reg.example:5000", "pull")
+    assert server.url == "https://reg.example:5000"
+    path = write(tmp_path, "reg.example:5000", 'server = "http://reg.example:5000"\n')
+    assert [h.url for h in config.hosts_for("reg.example:5000", "pull")] == [
+        "http://reg.example:5000"
+    ]
+    first = config.hosts_for("reg.example:5000", "pull")
+    assert config.hosts_for("reg.example:5000", "pull")[0] is first[0]  # not parsed again
+    # An edit in place that keeps the size: the mtime tells (set apart explicitly, as two
+    # writes within one timestamp tick would otherwise look alike).
+    path.write_text(
+        'server = "http://reg.example:5000"\n[host."http://mirror.example"]\n'
+        'capabilities = ["pull"]\n'
+    )
+    assert [h.url for h in config.hosts_for("reg.example:5000", "pull")] == [
+        "http://mirror.example",
+        "http://reg.example:5000",
+    ]
+    stat = path.stat()
+    same_size = path.read_text().replace("mirror.example", "mirror.exampl2")
+    path.write_text(same_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert config.hosts_for("reg.example:5000", "pull")[0].url == "http://mirror.exampl2"
+    path.unlink()
+    assert config.hosts_for("reg.example:5000", "pull")[0].url == "https://reg.example:5000"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, NotFound
-from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.fallbacks import DEFAULT_CAPACITY, find_fallback, read_fallbacks
+from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.core.metadata import Kind
 from snapshotter.core.mounts import mount_points_under
 from snapshotter.core.snapshotter import REMOTE_LABEL, Info, Snapshotter
@@ -34,6 +35,7 @@ class FakeRemoteLayers:
     def __init__(self, content: Path, fail_with: str | None = None) -> None:
         self.content = content
         self.fail_with = fail_with
+        self.fail_reason = FallbackReason.NO_INDEX
         self.mounted: dict[str, dict[str, str]] = {}
         self.calls: list[tuple[str, str]] = []
         self.block: threading.Event | None = None  # mount waits for it when set
@@ -51,7 +53,7 @@ class FakeRemoteLayers:
         if self.raise_unexpected:
             raise KeyError("bug in the lazy layer")
         if self.fail_with is not None:
-            raise RemoteLayerUnavailable(self.fail_with)
+            raise RemoteLayerUnavailable(self.fail_with, self.fail_reason)
         if labels.get("containerd.io/snapshot.ref", "") in self.fail_for:
             raise RemoteLayerUnavailable(self.fail_for[labels["containerd.io/snapshot.ref"]])
         if self.broken_starts > 0:
@@ -160,12 +162,68 @@ def test_an_unavailable_layer_falls_back_with_exactly_one_log_line(
     with pytest.raises(NotFound):
         core.stat(TARGET)
     assert fallback_lines(caplog) == [
-        f"layer {LAYER_DIGEST} falls back to a full pull: no index for this layer in the registry"
+        f"layer {LAYER_DIGEST} falls back to a full pull: no_index: "
+        "no index for this layer in the registry"
     ]
     # The ordinary snapshot works as usual: containerd unpacks into it and commits.
     Path(mount.source, "unpacked").write_text("tar contents")
     core.commit(TARGET, "extract-1")
     assert REMOTE_LABEL not in core.stat(TARGET).labels
+
+
+def test_why_a_layer_fell_back_is_kept_on_disk_for_other_processes(
+    core: Snapshotter, remote: FakeRemoteLayers, root: Path
+) -> None:
+    """`lazysnap pull` in its own process finds its Prepare's reason by the key it sent
+    (containerd prefixes it with namespace and id); `lazysnap status` reads them all."""
+    remote.fail_with = "registry says no"
+    remote.fail_reason = FallbackReason.REGISTRY
+    core.prepare("k8s.io/7/extract-1 sha256:x", "", layer_labels())
+    state = str(root / "state")
+    found = find_fallback(state, "extract-1 sha256:x")
+    assert found is not None
+    assert (found.reason, found.message, found.layer_digest) == (
+        "registry",
+        "registry says no",
+        LAYER_DIGEST,
+    )
+    assert found.summary == "registry: registry says no"
+    assert find_fallback(state, "extract-2 sha256:x") is None
+    # Mounted lazily later: the old reason no longer describes the layer.
+    remote.fail_with = None
+    with pytest.raises(AlreadyExists):
+        core.prepare("k8s.io/8/extract-2 sha256:x", "", layer_labels())
+    assert read_fallbacks(state) == []
+
+
+def test_the_fallback_record_is_bounded_and_survives_a_restart(
+    core: Snapshotter, remote: FakeRemoteLayers, root: Path
+) -> None:
+    remote.fail_with = "x" * 10_000
+    for n in range(DEFAULT_CAPACITY + 5):
+        labels = layer_labels(**{"containerd.io/snapshot.ref": f"{TARGET}-{n}"})
+        core.prepare(f"extract-{n}", "", labels)
+    entries = read_fallbacks(str(root / "state"))
+    assert len(entries) == DEFAULT_CAPACITY
+    assert entries[0].key == "extract-5" and entries[-1].key == f"extract-{DEFAULT_CAPACITY + 4}"
+    assert all(len(e.message) <= 2000 for e in entries)
+    reopened = Snapshotter(str(root / "state"), remote=remote)
+    try:
+        assert reopened.fallbacks.entries() == entries
+    finally:
+        reopened.close()
+
+
+def test_a_daemon_without_lazy_layers_records_why_for_a_lazy_request(root: Path) -> None:
+    sn = Snapshotter(str(root / "plain"), remote=None)
+    try:
+        sn.prepare("extract-1", "", layer_labels())
+        found = sn.fallbacks.find("extract-1")
+        assert found is not None and found.reason == "disabled", found
+        sn.prepare("plain-2", "", {})  # an ordinary Prepare asks for nothing lazy
+        assert sn.fallbacks.find("plain-2") is None
+    finally:
+        sn.close()
 
 
 def test_a_crashing_remote_implementation_also_falls_back(
@@ -175,7 +233,7 @@ def test_a_crashing_remote_implementation_also_falls_back(
     [mount] = core.prepare("extract-1", "", layer_labels())
     assert mount.type == "bind"
     [line] = fallback_lines(caplog)
-    assert "KeyError" in line and LAYER_DIGEST in line
+    assert "KeyError" in line and LAYER_DIGEST in line and "internal_error" in line
 
 
 def test_an_existing_target_answers_already_exists_without_mounting(
