@@ -54,6 +54,7 @@ from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.deaths import Death, DeathWatch, append_death, mount_table, overlays_using
 from snapshotter.fs.materialize import (
     Copy,
     LocalMarker,
@@ -65,7 +66,13 @@ from snapshotter.fs.materialize import (
     wipe_contents,
     write_marker,
 )
-from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
+from snapshotter.fs.mount_process import (
+    OOM_SCORE_ADJ,
+    READ_AHEAD_KB,
+    MountSpec,
+    read_state,
+    state_path_for,
+)
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.fs.zygote import (
     MOUNT_PROCESS_MODULE,
@@ -84,6 +91,8 @@ MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
+# A mount process that dies again this soon after being restarted is left for the next check().
+RESTART_MIN_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         mount_in_background=True,  # the core waits in check() before a mount is used
         materialize=config.fetch.materialize and config.fetch.background,
         zygote=config.fuse.zygote,
+        oom_score_adj=config.fuse.oom_score_adj,
     )
 
 
@@ -166,6 +176,7 @@ class LazyLayers:
         materialize: bool = False,
         materialize_retry_s: float = MATERIALIZE_RETRY_S,
         zygote: bool = False,
+        oom_score_adj: int = OOM_SCORE_ADJ,
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
@@ -182,6 +193,7 @@ class LazyLayers:
         self.mount_in_background = mount_in_background
         self.materialize = materialize
         self.materialize_retry_s = materialize_retry_s
+        self.oom_score_adj = oom_score_adj
         self._children: dict[str, MountChild] = {}
         self._startups: dict[str, _Startup] = {}
         self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
@@ -201,6 +213,9 @@ class LazyLayers:
         # The zygote forking mount processes; None: start them plainly (off, or given up on).
         self._zygote: Zygote | None = None
         self._zygote_lock = threading.Lock()  # held while it is asked, restarted or stopped
+        # Mount processes followed through pidfds: a death is reported and the process restarted.
+        self._deaths = DeathWatch(self._mount_process_died)
+        self._restarted: dict[str, float] = {}  # mountpoint -> when its process was restarted
         if zygote:
             try:  # now, so that its imports are done by the first lazy Prepare
                 self._zygote = Zygote.start(self.python)
@@ -208,7 +223,9 @@ class LazyLayers:
                 log.warning("mount-process zygote: %s; starting mount processes plainly", exc)
 
     def close(self) -> None:
-        """Stop the zygote (mount processes live on, as after the daemon exits)."""
+        """Stop the zygote and the death watch (mount processes live on, as after the daemon
+        exits)."""
+        self._deaths.close()
         with self._zygote_lock:
             if self._zygote is not None:
                 self._zygote.close()
@@ -242,6 +259,7 @@ class LazyLayers:
         if problem:
             raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
         self._watch(mountpoint)
+        self._follow(mountpoint)
 
     def on_settled(self, mountpoint: str, callback: SettledCallback) -> None:
         """Call callback once the mount at mountpoint is live or has failed: with None, or with
@@ -267,6 +285,7 @@ class LazyLayers:
 
     def unmount(self, mountpoint: str) -> None:
         mountpoint = os.path.abspath(mountpoint)
+        self._deaths.forget(mountpoint)  # its process ends now because it is told to
         with self._lock:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
@@ -326,6 +345,7 @@ class LazyLayers:
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
             self._watch(mountpoint)
+            self._follow(mountpoint)
             return
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
             self.unmount(mountpoint)
@@ -356,6 +376,7 @@ class LazyLayers:
             background_quiet_seconds=self.background.quiet_seconds,
             background_rate_bytes=self.background.rate_bytes,
             access_log=access_log,
+            oom_score_adj=self.oom_score_adj,
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
@@ -613,6 +634,7 @@ class LazyLayers:
                 mountpoint,
                 time.monotonic() - startup.started,
             )
+            self._deaths.follow(mountpoint, startup.child.pid)
         else:
             if answer is None:
                 why = f"not ready within {self.ready_timeout:g}s"
@@ -631,6 +653,69 @@ class LazyLayers:
         outcome = _startup_outcome(startup)
         for callback in observers:
             _notify(callback, mountpoint, outcome)
+
+    # -- mount-process deaths (fs/deaths.py) -------------------------------------------------------
+
+    def _follow(self, mountpoint: str) -> None:
+        """Follow the live mount process of mountpoint (from its state file) for its death."""
+        state = read_state(mountpoint)
+        pid = _as_pid(state.get("pid")) if state else None
+        if pid is not None and self._deaths.followed(mountpoint) != pid:
+            self._deaths.follow(mountpoint, pid)
+
+    def _mount_process_died(self, mountpoint: str, pid: int) -> None:
+        """A followed mount process exited without being told to. If its mount is dead (not
+        detached on purpose), name the containers it strands, record it, restart the process."""
+        with self._mount_lock(mountpoint):
+            with self._lock:
+                child = self._children.get(mountpoint)
+            exit_note = _death_note(child) if child is not None and child.pid == pid else ""
+            if read_marker(mountpoint) is not None or _mount_status(mountpoint) != "dead":
+                log.info("mount process %d of %s exited%s", pid, mountpoint, exit_note)
+                return
+            with self._lock:
+                if child is not None and child.pid == pid:
+                    del self._children[mountpoint]
+                last_restart = self._restarted.get(mountpoint)
+                restart = (
+                    last_restart is None
+                    or time.monotonic() - last_restart >= RESTART_MIN_INTERVAL_S
+                )
+                if restart:
+                    self._restarted[mountpoint] = time.monotonic()
+            if isinstance(child, ForkedChild) and child.pid == pid:
+                child.close()
+            state = read_state(mountpoint) or {}
+            digest = str(state.get("layer_digest") or "?")
+            stranded = overlays_using(mountpoint, mount_table())
+            append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
+            names = ", ".join(s.name() for s in stranded) or "none found"
+            log.error(
+                "mount process %d of lazy layer %s at %s died%s: its FUSE connection is gone. "
+                "%d mount(s) still read through it and get ENOTCONN until they are restarted "
+                "(no new process can take over a dead connection): %s",
+                pid,
+                digest,
+                mountpoint,
+                exit_note,
+                len(stranded),
+                names,
+            )
+            if not restart:
+                log.warning(
+                    "mount process of %s died again within %.0fs of its restart: not restarting "
+                    "it now; the next container using the layer mounts it again",
+                    mountpoint,
+                    RESTART_MIN_INTERVAL_S,
+                )
+                return
+            _detach(mountpoint)  # the stranded mounts keep their own reference to it
+            try:
+                self._start(mountpoint, sidecar(mountpoint, ".lazysnap-spec.json"))
+            except RemoteLayerUnavailable as exc:
+                log.error("restarting the mount process of %s: %s", mountpoint, exc)
+                return
+            log.warning("started a new mount process for %s (for new containers)", mountpoint)
 
     def _mount_lock(self, mountpoint: str) -> threading.RLock:
         with self._lock:
@@ -748,6 +833,16 @@ def _signal(pid: int, child: MountChild | None, signum: int) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+def _death_note(child: MountChild) -> str:
+    """How a mount process ended, as far as the daemon can tell."""
+    if isinstance(child, ForkedChild):
+        return " (the zygote logs its exit status)"
+    status = child.poll()
+    if status is None:
+        return ""
+    return f" (killed by signal {-status})" if status < 0 else f" (exit status {status})"
 
 
 def _exit_note(child: MountChild) -> str:
