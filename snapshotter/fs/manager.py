@@ -91,6 +91,7 @@ MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
+DEAD_CONNECTION = "FUSE connection is gone (ENOTCONN)"  # mount_problem(): its process died
 # A mount process that dies again this soon after being restarted is left for the next check().
 RESTART_MIN_INTERVAL_S = 60.0
 
@@ -216,6 +217,7 @@ class LazyLayers:
         # Mount processes followed through pidfds: a death is reported and the process restarted.
         self._deaths = DeathWatch(self._mount_process_died)
         self._restarted: dict[str, float] = {}  # mountpoint -> when its process was restarted
+        self._reported_deaths: dict[str, int] = {}  # mountpoint -> pid whose death was reported
         if zygote:
             try:  # now, so that its imports are done by the first lazy Prepare
                 self._zygote = Zygote.start(self.python)
@@ -257,6 +259,8 @@ class LazyLayers:
         self._await_startup(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
+            if problem == DEAD_CONNECTION:
+                self._death_found_late(mountpoint)
             raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
         self._watch(mountpoint)
         self._follow(mountpoint)
@@ -669,13 +673,16 @@ class LazyLayers:
         with self._mount_lock(mountpoint):
             with self._lock:
                 child = self._children.get(mountpoint)
-            exit_note = _death_note(child) if child is not None and child.pid == pid else ""
+                ours = child is not None and child.pid == pid
+                if ours:
+                    del self._children[mountpoint]
+            note = _death_note(child) if child is not None and ours else ""
+            if isinstance(child, ForkedChild) and ours:
+                child.close()
             if read_marker(mountpoint) is not None or _mount_status(mountpoint) != "dead":
-                log.info("mount process %d of %s exited%s", pid, mountpoint, exit_note)
+                log.info("mount process %d of %s exited%s", pid, mountpoint, note)
                 return
             with self._lock:
-                if child is not None and child.pid == pid:
-                    del self._children[mountpoint]
                 last_restart = self._restarted.get(mountpoint)
                 restart = (
                     last_restart is None
@@ -683,24 +690,7 @@ class LazyLayers:
                 )
                 if restart:
                     self._restarted[mountpoint] = time.monotonic()
-            if isinstance(child, ForkedChild) and child.pid == pid:
-                child.close()
-            state = read_state(mountpoint) or {}
-            digest = str(state.get("layer_digest") or "?")
-            stranded = overlays_using(mountpoint, mount_table())
-            append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
-            names = ", ".join(s.name() for s in stranded) or "none found"
-            log.error(
-                "mount process %d of lazy layer %s at %s died%s: its FUSE connection is gone. "
-                "%d mount(s) still read through it and get ENOTCONN until they are restarted "
-                "(no new process can take over a dead connection): %s",
-                pid,
-                digest,
-                mountpoint,
-                exit_note,
-                len(stranded),
-                names,
-            )
+            self._report_death(mountpoint, pid, note, restart)
             if not restart:
                 log.warning(
                     "mount process of %s died again within %.0fs of its restart: not restarting "
@@ -716,6 +706,37 @@ class LazyLayers:
                 log.error("restarting the mount process of %s: %s", mountpoint, exc)
                 return
             log.warning("started a new mount process for %s (for new containers)", mountpoint)
+
+    def _death_found_late(self, mountpoint: str) -> None:
+        """check() found the mount dead without the watch having reported it (the process died
+        while the daemon was down): report it now; the caller mounts the layer again."""
+        with self._mount_lock(mountpoint):
+            state = read_state(mountpoint)
+            pid = _as_pid(state.get("pid")) if state else None
+            if pid is not None and _mount_status(mountpoint) == "dead":
+                self._report_death(mountpoint, pid, " (while the daemon was not watching)", False)
+
+    def _report_death(self, mountpoint: str, pid: int, note: str, restart: bool) -> None:
+        """Log and record the death of pid under mountpoint, once per pid."""
+        with self._lock:
+            if self._reported_deaths.get(mountpoint) == pid:
+                return
+            self._reported_deaths[mountpoint] = pid
+        state = read_state(mountpoint) or {}
+        digest = str(state.get("layer_digest") or "?")
+        stranded = overlays_using(mountpoint, mount_table())
+        append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
+        log.error(
+            "mount process %d of lazy layer %s at %s died%s: its FUSE connection is gone. "
+            "%d mount(s) still read through it and get ENOTCONN until they are restarted "
+            "(no new process can take over a dead connection): %s",
+            pid,
+            digest,
+            mountpoint,
+            note,
+            len(stranded),
+            ", ".join(s.name() for s in stranded) or "none found",
+        )
 
     def _mount_lock(self, mountpoint: str) -> threading.RLock:
         with self._lock:
@@ -777,7 +798,7 @@ def mount_problem(mountpoint: str) -> str | None:
     """Why the lazy mount at mountpoint is not usable, or None if it is live and served."""
     status = _mount_status(mountpoint)
     if status == "dead":
-        return "FUSE connection is gone (ENOTCONN)"
+        return DEAD_CONNECTION
     if status == "absent":
         return "not mounted"
     state = read_state(mountpoint)

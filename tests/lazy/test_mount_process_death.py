@@ -196,3 +196,68 @@ def test_mount_process_killed_under_a_running_container(stack: LazyStack) -> Non
             reader.wait(timeout=60)
     stderr = reader.stderr.read() if reader.stderr else ""
     assert "not connected" in stderr, stderr
+
+
+def test_mount_process_killed_while_the_daemon_is_down(stack: LazyStack) -> None:
+    """The mount process dies while `lazysnap serve` is down (nothing follows it): the restarted
+    daemon finds the dead mount, logs and records the death with the container it strands, and
+    mounts the layer again, so status shows the layer live and the container to restart."""
+    image = build_data_image(stack.workdir / "death-down", {"big": 4 * MIB})
+    pushed = stack.push(image.built, unique_name("test/death-down"))
+    stack.index_build(pushed.reference, "--span-size", str(MIB))
+    assert stack.pull(pushed.reference).lazy == 2
+    digest = image.data_layer
+    mountpoint = stack.lazy_mount(digest)
+    old_pid = _state(mountpoint)["pid"]
+    container = unique_name("lzs-death-down")
+    reader = subprocess.Popen(
+        [
+            "ctr",
+            "-a",
+            str(stack.containerd.address),
+            "-n",
+            stack.namespace,
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            pushed.reference,
+            container,
+            "sh",
+            "-c",
+            "head -c 1 /data/big >/dev/null && echo started; read go || echo stdin closed",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdin is not None
+    try:
+        assert _next_line(_lines_of(reader), 120, "start") == "started"
+        stack.daemon.stop()
+        os.kill(old_pid, signal.SIGKILL)
+        _wait_for(lambda: not Path(f"/proc/{old_pid}").exists(), 10, "the mount process gone")
+        log_offset = stack.daemon_log_offset()
+        stack.daemon.start()
+        _wait_for(
+            lambda: os.path.ismount(mountpoint) and _state(mountpoint)["pid"] != old_pid,
+            60,
+            "the layer mounted again after the restart",
+        )
+        logged = stack.daemon_log_since(log_offset)
+        assert f"mount process {old_pid} of lazy layer {digest}" in logged, logged[-3000:]
+        layer = _status_layer(stack, digest)
+        assert layer["state"] == "live" and layer["deaths"] == 1, layer
+        assert layer["stranded"] == [f"{stack.namespace}/{container}"], layer
+    finally:
+        reader.stdin.close()
+        try:
+            reader.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stack.containerd.ctr(
+                "tasks", "kill", "-s", "SIGKILL", container, namespace=stack.namespace, check=False
+            )
+            reader.wait(timeout=60)
+        if not stack.daemon.alive():
+            stack.daemon.start()
