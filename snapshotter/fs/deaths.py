@@ -234,12 +234,14 @@ class DeathWatch:
                     target=self._run, name="mount-process deaths", daemon=True
                 )
                 self._thread.start()
-        self._wake()
+            self._wake()  # under the lock: close() cannot have let the thread close the pipe
 
     def forget(self, mountpoint: str) -> None:
         with self._lock:
+            if self._closed or mountpoint not in self._followed:
+                return  # (once closed, the thread may have closed the wake pipe)
             self._retire(mountpoint)
-        self._wake()
+            self._wake()
 
     def followed(self, mountpoint: str) -> int | None:
         with self._lock:
@@ -248,22 +250,23 @@ class DeathWatch:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             for mountpoint in list(self._followed):
                 self._retire(mountpoint)
-            started = self._thread is not None
-        if started:
-            self._wake()  # the thread closes the pipe on its way out
-        else:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            if self._thread is not None:
+                self._wake()  # the thread closes the pipe on its way out
+                return
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     def _retire(self, mountpoint: str) -> None:
         old = self._followed.pop(mountpoint, None)
         if old is not None:
             self._retired.append(old[1])
 
-    def _wake(self) -> None:
+    def _wake(self) -> None:  # called holding the lock, never once closed (see close())
         with contextlib.suppress(OSError):
             os.write(self._wake_write, b"w")
 

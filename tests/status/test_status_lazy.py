@@ -191,6 +191,17 @@ def test_status_tells_a_dead_mount_from_an_unmounted_one_and_sees_it_come_back(
     lazy = lazy_root
     layer = mount_lazily(lazy)
     assert layer.pid is not None
+    # While the daemon runs it notices the death and starts a new process (fs/deaths.py).
+    os.kill(layer.pid, signal.SIGKILL)
+    revived = wait_for(
+        lazy, "restarted the dead process", lambda now: now.state == LIVE and now.deaths == 1
+    )
+    assert revived.pid not in (None, layer.pid) and revived.stranded == ()
+    assert "died 1 time(s)" in status_cli(lazy.root).stdout
+    layer = revived
+    assert layer.pid is not None
+
+    lazy.layers.close()  # the daemon stops following its mount processes: as if it were down
     os.kill(layer.pid, signal.SIGKILL)  # a crashed mount process leaves its FUSE mount behind
     # (for an instant while the process dies the kernel answers ECONNABORTED, not ENOTCONN)
     dead = wait_for(lazy, "noticed the dead process", lambda layer: layer.state == DEAD)
