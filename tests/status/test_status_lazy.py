@@ -217,8 +217,8 @@ def test_status_tells_a_dead_mount_from_an_unmounted_one_and_sees_it_come_back(
             (rootfs / READ_FILE).read_bytes()
         assert failed.value.errno == errno.ENOTCONN
         assert (Path(revived.mountpoint) / READ_FILE).read_bytes()  # new containers are fine
-        shown = status_cli(lazy.root).stdout
-        assert "died 1 time(s)" in shown and f"restart them: {rootfs}" in shown, shown
+        table = status_cli(lazy.root).stdout
+        assert "died 1 time(s)" in table and f"restart them: {rootfs}" in table, table
         assert _deaths_metrics(lazy) == (1, 1)
     finally:
         subprocess.run(["umount", str(rootfs)], check=True)
