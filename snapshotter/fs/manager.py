@@ -293,6 +293,7 @@ class LazyLayers:
         with self._lock:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
+            self._reported_deaths.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
         if copy is not None:
             copy.cancel()  # a copy that already finished sees this before writing its marker
@@ -683,13 +684,16 @@ class LazyLayers:
                 log.info("mount process %d of %s exited%s", pid, mountpoint, note)
                 return
             with self._lock:
-                last_restart = self._restarted.get(mountpoint)
-                restart = (
-                    last_restart is None
-                    or time.monotonic() - last_restart >= RESTART_MIN_INTERVAL_S
-                )
+                now = time.monotonic()
+                # Only restarts within the interval matter: forget older ones (bounded).
+                self._restarted = {
+                    path: when
+                    for path, when in self._restarted.items()
+                    if now - when < RESTART_MIN_INTERVAL_S
+                }
+                restart = mountpoint not in self._restarted
                 if restart:
-                    self._restarted[mountpoint] = time.monotonic()
+                    self._restarted[mountpoint] = now
             self._report_death(mountpoint, pid, note, restart)
             if not restart:
                 log.warning(
