@@ -13,6 +13,7 @@ FUSE_NOTIFY_RESEND first), or mfusepy on libfuse3 given /dev/fd/N. Scenarios:
 
     no-holder           nobody else holds the fd: what the reader gets
     resend              holder + protocol-level successor that sends NOTIFY_RESEND
+    resend-overlay      the same, read through an overlay on the mount (a container's view)
     no-resend           the same without NOTIFY_RESEND (a request was in flight at the kill)
     libfuse-successor   mfusepy predecessor, mfusepy successor on /dev/fd/N
     nodeids             mfusepy predecessor, protocol-level successor
@@ -156,7 +157,7 @@ def _answer(
             out += dirent
         return out
     if opcode == STATFS:
-        return struct.pack("<QQQQQQIIII", 0, 0, 0, 0, 0, 4096, 255, 4096, 0, 0) + bytes(24)
+        return struct.pack("<QQQQQIIII", 0, 0, 0, 0, 0, 4096, 255, 4096, 0) + bytes(24)
     raise OSError(errno.ENOSYS, "not implemented")  # RELEASE, FLUSH, GETXATTR, ...
 
 
@@ -255,11 +256,21 @@ class Bench:
             time.sleep(0.005)
         return os.stat(self.mnt).st_dev
 
-    def reader(self, name: str, expected: str) -> subprocess.Popen[str]:
-        """Reads name in 1 MiB preads (20 ms apart); prints 'ok <longest gap>' or the error."""
+    def overlay(self) -> Path:
+        """An overlay with the mount as its lowerdir, as a container's rootfs has."""
+        base = self.mnt.with_name(self.mnt.name + "-overlay")
+        for directory in ("rootfs", "upper", "work"):
+            (base / directory).mkdir(parents=True)
+        options = f"lowerdir={self.mnt},upperdir={base}/upper,workdir={base}/work"
+        rootfs = str(base / "rootfs")
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, rootfs], check=True)
+        return base / "rootfs"
+
+    def reader(self, path: Path, expected: str) -> subprocess.Popen[str]:
+        """Reads path in 1 MiB preads (20 ms apart); prints 'ok <longest gap>' or the error."""
         code = f"""
 import hashlib, os, sys, time
-fd = os.open({str(self.mnt / name)!r}, os.O_RDONLY)
+fd = os.open({str(path)!r}, os.O_RDONLY)
 digest, offset, last, gap = hashlib.sha256(), 0, time.monotonic(), 0.0
 while True:
     try:
@@ -273,9 +284,9 @@ print("ok" if digest.hexdigest() == {expected!r} else "WRONG BYTES", "%.2f" % ga
 """
         return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
-    def probe(self, relative: str) -> str:
+    def probe(self, relative: str, base: Path | None = None) -> str:
         """Read a file through the mount in a child (a hang must not stop the script)."""
-        code = f"print(open({str(self.mnt / relative)!r}).read().strip())"
+        code = f"print(open({str((base or self.mnt) / relative)!r}).read().strip())"
         try:
             done = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, timeout=10
@@ -304,7 +315,9 @@ def _finish(reader: subprocess.Popen[str], timeout: float) -> str:
     return out.strip()
 
 
-def scenario_kill(bench: Bench, *, hold: bool, successor: str) -> dict[str, Any]:
+def scenario_kill(
+    bench: Bench, *, hold: bool, successor: str, overlay: bool = False
+) -> dict[str, Any]:
     name, expected = bench.big_file(64)
     bench.fresh_mountpoint()
     fd = bench.mount_held()
@@ -312,7 +325,8 @@ def scenario_kill(bench: Bench, *, hold: bool, successor: str) -> dict[str, Any]
     if not hold:
         os.close(fd)
     bench.wait_mounted()
-    reader = bench.reader(name, expected)
+    base = bench.overlay() if overlay else bench.mnt
+    reader = bench.reader(base / name, expected)
     time.sleep(0.5)
     _kill(first)
     time.sleep(2.0)
@@ -324,7 +338,9 @@ def scenario_kill(bench: Bench, *, hold: bool, successor: str) -> dict[str, Any]
         second = bench.protocol_server(fd, *extra)
         result["reader"] = _finish(reader, 20)
         result["seconds_after_successor_start"] = round(time.monotonic() - started, 2)
-        result["new_lookup_in_known_dir"] = bench.probe("sub/deeper/f49")
+        result["new_lookup_in_known_dir"] = bench.probe("sub/deeper/f49", base)
+        if overlay:
+            subprocess.run(["umount", str(base)], check=True)
         bench.unmount()
         second.wait(10)
         os.close(fd)
@@ -433,6 +449,7 @@ def main() -> int:
                 "no-holder": scenario_kill(bench, hold=False, successor=""),
                 "resend": scenario_kill(bench, hold=True, successor="resend"),
                 "no-resend": scenario_kill(bench, hold=True, successor="no-resend"),
+                "resend-overlay": scenario_kill(bench, hold=True, successor="resend", overlay=True),
                 "libfuse-successor": scenario_after_mfusepy(bench, "mfusepy"),
                 "nodeids": scenario_after_mfusepy(bench, "protocol"),
                 "throughput": scenario_throughput(bench, args.throughput_mib, args.rounds),
