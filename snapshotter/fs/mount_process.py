@@ -352,8 +352,12 @@ def _raise_read_ahead(device: int, read_ahead_kb: int) -> None:
 def _set_oom_score_adj(value: int) -> None:
     try:
         Path("/proc/self/oom_score_adj").write_text(f"{value}\n")
-    except OSError as exc:  # lowering it needs CAP_SYS_RESOURCE; not fatal
-        log.warning("cannot set oom_score_adj to %d: %s", value, exc)
+    except OSError as exc:  # lowering it needs CAP_SYS_RESOURCE: expected without it
+        log.info(
+            "cannot set oom_score_adj to %d (%s): lowering it needs CAP_SYS_RESOURCE",
+            value,
+            exc.strerror,
+        )
 
 
 def run(spec: MountSpec, ready_fd: int | None) -> int:
