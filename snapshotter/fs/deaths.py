@@ -185,8 +185,10 @@ def mount_table(path: str = MOUNTINFO) -> list[MountEntry]:
 
 def overlays_using(mountpoint: str, mounts: list[MountEntry]) -> list[Stranded]:
     """The mounts that read through the FUSE mount at mountpoint: overlays with it as a
-    lowerdir (containerd shortens long option strings to paths relative to the snapshots
-    directory, hence the suffix match) and other mounts of the same device (bind mounts)."""
+    lowerdir and other mounts of the same device (bind mounts). containerd writes lowerdirs
+    relative to the snapshots directory when the option string would not fit a page (images of
+    very many layers): such a "<id>/fs" is matched by suffix, so it may also name a container
+    of another snapshotter whose snapshot has the same id (rare; worth a look, never harmful)."""
     mountpoint = mountpoint.rstrip("/")
     own = [m for m in mounts if m.target == mountpoint and m.fstype.startswith("fuse")]
     devices = {m.device for m in own}
