@@ -703,9 +703,12 @@ class LazyLayers:
                     RESTART_MIN_INTERVAL_S,
                 )
                 return
+            spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+            if not spec_path.exists():
+                return  # being unmounted (its snapshot removed): nothing to serve any more
             _detach(mountpoint)  # the stranded mounts keep their own reference to it
             try:
-                self._start(mountpoint, sidecar(mountpoint, ".lazysnap-spec.json"))
+                self._start(mountpoint, spec_path)
             except RemoteLayerUnavailable as exc:
                 log.error("restarting the mount process of %s: %s", mountpoint, exc)
                 return
