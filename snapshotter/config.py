@@ -46,6 +46,9 @@ class FuseConfig:
     read_ahead_kb: int = 4096  # per-mount bdi read_ahead_kb: 4096 gives 1 MiB FUSE reads
     # Fork mount processes from a pre-started process that imported their code (fs/zygote.py).
     zygote: bool = True
+    # Written to each mount process's /proc/PID/oom_score_adj: its death strands every container
+    # reading the layer (docs/how-it-works.md), so the OOM killer should pick them first.
+    oom_score_adj: int = -500
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,11 @@ def _validate(config: Config, source: str) -> Config:
     ):
         if value < 0:
             raise ConfigError(f"{source}: {key} must not be negative, got {value}")
+    if not -1000 <= config.fuse.oom_score_adj <= 1000:
+        raise ConfigError(
+            f"{source}: fuse.oom_score_adj must be between -1000 and 1000, "
+            f"got {config.fuse.oom_score_adj}"
+        )
     if config.fetch.background_rate_bytes <= 0:
         raise ConfigError(
             f"{source}: fetch.background_rate_bytes must be positive, "

@@ -19,6 +19,7 @@ Two sources, neither of which makes the core know about metrics:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -344,11 +345,30 @@ class LazyLayerCollector(Collector):
             for digest, counters in sorted(totals.items()):
                 family.add_metric((digest,), counters.get(key, 0))
             yield family
+        yield from self._deaths()
         cache = cache_status(self.cache_dir, self.cache_max_bytes)
         yield GaugeMetricFamily("lazysnap_cache_bytes", "Bytes in the span cache", cache.bytes)
         yield GaugeMetricFamily("lazysnap_cache_spans", "Spans in the span cache", cache.spans)
         yield GaugeMetricFamily(
             "lazysnap_cache_max_bytes", "Configured span cache limit", cache.max_bytes
+        )
+
+    def _deaths(self) -> Iterator[Any]:
+        from snapshotter.fs.deaths import mount_table, records_under
+
+        records = records_under(os.path.join(self.root, "snapshots"))
+        table = mount_table() if records else []
+        yield CounterMetricFamily(
+            "lazysnap_mount_process_deaths",
+            "Mount processes that died under their mount (not unmounted), since the layers "
+            "were mounted",
+            value=sum(r.count for r in records.values()),
+        )
+        yield GaugeMetricFamily(
+            "lazysnap_mounts_on_dead_connections",
+            "Mounts (container rootfs) still reading through the FUSE connection of a dead "
+            "mount process: ENOTCONN until restarted",
+            value=sum(len(r.stranded_now(table)) for r in records.values()),
         )
 
 

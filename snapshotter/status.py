@@ -11,6 +11,8 @@ It works while `serve` is down because everything it shows is on disk beside the
                                          FUSE mount detached (snapshotter.fs.materialize)
     ROOT/fallbacks.json                  why recent layers were pulled whole instead
                                          (snapshotter.core.fallbacks)
+    ROOT/snapshots/<id>/fs.lazysnap-deaths.json  deaths of its mount processes, and the
+                                         containers each stranded (snapshotter.fs.deaths)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -94,6 +96,11 @@ class LayerStatus:
     background: str  # the mount process's background fetch state; "" if it reports none
     updated_at: float | None
     local_since: float | None = None  # when the layer went local (time.time()); None: lazy
+    # Its mount processes that died under their mount (fs/deaths.py), the last one's time, and
+    # the mounts (containers) still on a dead connection: they must be restarted.
+    deaths: int = 0
+    last_death_at: float | None = None
+    stranded: tuple[str, ...] = ()
 
     @property
     def fetched_percent(self) -> float | None:
@@ -259,6 +266,10 @@ def _layer_status(
         state, problem = UNMOUNTED, "no mount process (no state file)"
     else:
         state, problem = mount.state, mount.problem or ""
+    from snapshotter.fs.deaths import mount_table, read_record  # standard library only
+
+    deaths = read_record(mountpoint)
+    stranded = deaths.stranded_now(mount_table()) if deaths.count else []
     return LayerStatus(
         layer_digest=digest,
         snapshot_id=snapshot_id,
@@ -277,6 +288,9 @@ def _layer_status(
         background=mount.background if mount else "",
         updated_at=mount.updated_at if mount else None,
         local_since=local_since,
+        deaths=deaths.count,
+        last_death_at=deaths.last[-1].noticed_at if deaths.last else None,
+        stranded=tuple(s.name() for s in stranded),
     )
 
 
@@ -474,6 +488,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
             lines.append(f"{where}  ({note})")
             continue
         lines.append(where + (f"  ({layer.problem})" if layer.problem else ""))
+    lines.extend(_death_lines(status.layers, now))
     lines.extend(_not_lazy_lines(status, now))
     return "\n".join(lines) + "\n"
 
@@ -488,6 +503,25 @@ def _not_lazy_lines(status: RootStatus, now: float) -> list[str]:
     hidden = len(status.not_lazy) - SHOWN_FALLBACKS
     if hidden > 0:
         lines.append(f"... {hidden} more: lazysnap status --json")
+    return lines
+
+
+def _death_lines(layers: list[LayerStatus], now: float) -> list[str]:
+    lines = []
+    for layer in layers:
+        if not layer.deaths:
+            continue
+        ago = "" if layer.last_death_at is None else f", last {now - layer.last_death_at:.0f}s ago"
+        lines.append(
+            f"{_short(layer.layer_digest)}  mount process died {layer.deaths} time(s){ago}"
+        )
+        if layer.stranded:
+            lines.append(
+                "  still on its dead FUSE connection (ENOTCONN), restart them: "
+                + ", ".join(layer.stranded)
+            )
+    if lines:
+        lines.insert(0, "")
     return lines
 
 

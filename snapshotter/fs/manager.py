@@ -54,6 +54,7 @@ from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.deaths import Death, DeathWatch, append_death, mount_table, overlays_using
 from snapshotter.fs.materialize import (
     Copy,
     LocalMarker,
@@ -65,7 +66,13 @@ from snapshotter.fs.materialize import (
     wipe_contents,
     write_marker,
 )
-from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
+from snapshotter.fs.mount_process import (
+    OOM_SCORE_ADJ,
+    READ_AHEAD_KB,
+    MountSpec,
+    read_state,
+    state_path_for,
+)
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.fs.zygote import (
     MOUNT_PROCESS_MODULE,
@@ -84,6 +91,9 @@ MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
+DEAD_CONNECTION = "FUSE connection is gone (ENOTCONN)"  # mount_problem(): its process died
+# A mount process that dies again this soon after being restarted is left for the next check().
+RESTART_MIN_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         mount_in_background=True,  # the core waits in check() before a mount is used
         materialize=config.fetch.materialize and config.fetch.background,
         zygote=config.fuse.zygote,
+        oom_score_adj=config.fuse.oom_score_adj,
     )
 
 
@@ -166,6 +177,7 @@ class LazyLayers:
         materialize: bool = False,
         materialize_retry_s: float = MATERIALIZE_RETRY_S,
         zygote: bool = False,
+        oom_score_adj: int = OOM_SCORE_ADJ,
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
@@ -182,6 +194,7 @@ class LazyLayers:
         self.mount_in_background = mount_in_background
         self.materialize = materialize
         self.materialize_retry_s = materialize_retry_s
+        self.oom_score_adj = oom_score_adj
         self._children: dict[str, MountChild] = {}
         self._startups: dict[str, _Startup] = {}
         self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
@@ -201,6 +214,10 @@ class LazyLayers:
         # The zygote forking mount processes; None: start them plainly (off, or given up on).
         self._zygote: Zygote | None = None
         self._zygote_lock = threading.Lock()  # held while it is asked, restarted or stopped
+        # Mount processes followed through pidfds: a death is reported and the process restarted.
+        self._deaths = DeathWatch(self._mount_process_died)
+        self._restarted: dict[str, float] = {}  # mountpoint -> when its process was restarted
+        self._reported_deaths: dict[str, int] = {}  # mountpoint -> pid whose death was reported
         if zygote:
             try:  # now, so that its imports are done by the first lazy Prepare
                 self._zygote = Zygote.start(self.python)
@@ -208,7 +225,9 @@ class LazyLayers:
                 log.warning("mount-process zygote: %s; starting mount processes plainly", exc)
 
     def close(self) -> None:
-        """Stop the zygote (mount processes live on, as after the daemon exits)."""
+        """Stop the zygote and the death watch (mount processes live on, as after the daemon
+        exits)."""
+        self._deaths.close()
         with self._zygote_lock:
             if self._zygote is not None:
                 self._zygote.close()
@@ -244,10 +263,13 @@ class LazyLayers:
         self._await_startup(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
+            if problem == DEAD_CONNECTION:
+                self._death_found_late(mountpoint)
             raise RemoteLayerUnavailable(
                 f"lazy layer at {mountpoint}: {problem}", FallbackReason.MOUNT
             )
         self._watch(mountpoint)
+        self._follow(mountpoint)
 
     def on_settled(self, mountpoint: str, callback: SettledCallback) -> None:
         """Call callback once the mount at mountpoint is live or has failed: with None, or with
@@ -273,9 +295,11 @@ class LazyLayers:
 
     def unmount(self, mountpoint: str) -> None:
         mountpoint = os.path.abspath(mountpoint)
+        self._deaths.forget(mountpoint)  # its process ends now because it is told to
         with self._lock:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
+            self._reported_deaths.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
         if copy is not None:
             copy.cancel()  # a copy that already finished sees this before writing its marker
@@ -332,6 +356,7 @@ class LazyLayers:
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
             self._watch(mountpoint)
+            self._follow(mountpoint)
             return
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
             self.unmount(mountpoint)
@@ -364,6 +389,7 @@ class LazyLayers:
             background_quiet_seconds=self.background.quiet_seconds,
             background_rate_bytes=self.background.rate_bytes,
             access_log=access_log,
+            oom_score_adj=self.oom_score_adj,
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
@@ -625,6 +651,7 @@ class LazyLayers:
                 mountpoint,
                 time.monotonic() - startup.started,
             )
+            self._deaths.follow(mountpoint, startup.child.pid)
         else:
             if answer is None:
                 why = f"not ready within {self.ready_timeout:g}s"
@@ -643,6 +670,92 @@ class LazyLayers:
         outcome = _startup_outcome(startup)
         for callback in observers:
             _notify(callback, mountpoint, outcome)
+
+    # -- mount-process deaths (fs/deaths.py) -------------------------------------------------------
+
+    def _follow(self, mountpoint: str) -> None:
+        """Follow the live mount process of mountpoint (from its state file) for its death."""
+        state = read_state(mountpoint)
+        pid = _as_pid(state.get("pid")) if state else None
+        if pid is not None and self._deaths.followed(mountpoint) != pid:
+            self._deaths.follow(mountpoint, pid)
+
+    def _mount_process_died(self, mountpoint: str, pid: int) -> None:
+        """A followed mount process exited without being told to. If its mount is dead (not
+        detached on purpose), name the containers it strands, record it, restart the process."""
+        with self._mount_lock(mountpoint):
+            with self._lock:
+                child = self._children.get(mountpoint)
+                ours = child is not None and child.pid == pid
+                if ours:
+                    del self._children[mountpoint]
+            note = _death_note(child) if child is not None and ours else ""
+            if isinstance(child, ForkedChild) and ours:
+                child.close()
+            if read_marker(mountpoint) is not None or _mount_status(mountpoint) != "dead":
+                log.info("mount process %d of %s exited%s", pid, mountpoint, note)
+                return
+            with self._lock:
+                now = time.monotonic()
+                # Only restarts within the interval matter: forget older ones (bounded).
+                self._restarted = {
+                    path: when
+                    for path, when in self._restarted.items()
+                    if now - when < RESTART_MIN_INTERVAL_S
+                }
+                restart = mountpoint not in self._restarted
+                if restart:
+                    self._restarted[mountpoint] = now
+            self._report_death(mountpoint, pid, note, restart)
+            if not restart:
+                log.warning(
+                    "mount process of %s died again within %.0fs of its restart: not restarting "
+                    "it now; the next container using the layer mounts it again",
+                    mountpoint,
+                    RESTART_MIN_INTERVAL_S,
+                )
+                return
+            spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+            if not spec_path.exists():
+                return  # being unmounted (its snapshot removed): nothing to serve any more
+            _detach(mountpoint)  # the stranded mounts keep their own reference to it
+            try:
+                self._start(mountpoint, spec_path)
+            except RemoteLayerUnavailable as exc:
+                log.error("restarting the mount process of %s: %s", mountpoint, exc)
+                return
+            log.warning("started a new mount process for %s (for new containers)", mountpoint)
+
+    def _death_found_late(self, mountpoint: str) -> None:
+        """check() found the mount dead without the watch having reported it (the process died
+        while the daemon was down): report it now; the caller mounts the layer again."""
+        with self._mount_lock(mountpoint):
+            state = read_state(mountpoint)
+            pid = _as_pid(state.get("pid")) if state else None
+            if pid is not None and _mount_status(mountpoint) == "dead":
+                self._report_death(mountpoint, pid, " (while the daemon was not watching)", False)
+
+    def _report_death(self, mountpoint: str, pid: int, note: str, restart: bool) -> None:
+        """Log and record the death of pid under mountpoint, once per pid."""
+        with self._lock:
+            if self._reported_deaths.get(mountpoint) == pid:
+                return
+            self._reported_deaths[mountpoint] = pid
+        state = read_state(mountpoint) or {}
+        digest = str(state.get("layer_digest") or "?")
+        stranded = overlays_using(mountpoint, mount_table())
+        append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
+        log.error(
+            "mount process %d of lazy layer %s at %s died%s: its FUSE connection is gone. "
+            "%d mount(s) still read through it and get ENOTCONN until they are restarted "
+            "(no new process can take over a dead connection): %s",
+            pid,
+            digest,
+            mountpoint,
+            note,
+            len(stranded),
+            ", ".join(s.name() for s in stranded) or "none found",
+        )
 
     def _mount_lock(self, mountpoint: str) -> threading.RLock:
         with self._lock:
@@ -708,7 +821,7 @@ def mount_problem(mountpoint: str) -> str | None:
     """Why the lazy mount at mountpoint is not usable, or None if it is live and served."""
     status = _mount_status(mountpoint)
     if status == "dead":
-        return "FUSE connection is gone (ENOTCONN)"
+        return DEAD_CONNECTION
     if status == "absent":
         return "not mounted"
     state = read_state(mountpoint)
@@ -764,6 +877,16 @@ def _signal(pid: int, child: MountChild | None, signum: int) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+def _death_note(child: MountChild) -> str:
+    """How a mount process ended, as far as the daemon can tell."""
+    if isinstance(child, ForkedChild):
+        return " (the zygote logs its exit status)"
+    status = child.poll()
+    if status is None:
+        return ""
+    return f" (killed by signal {-status})" if status < 0 else f" (exit status {status})"
 
 
 def _exit_note(child: MountChild) -> str:

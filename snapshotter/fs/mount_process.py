@@ -50,6 +50,7 @@ from snapshotter.index.spans import spans_for_files
 log = logging.getLogger("lazysnap.fs")
 
 READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
+OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
 STATE_INTERVAL_S = 2.0
 MOUNT_WAIT_S = 30.0
 MOUNT_POLL_S = 0.002  # the mount goes live a few ms after libfuse starts: "ready" follows soon
@@ -81,6 +82,9 @@ class MountSpec:
     background_rate_bytes: int = DEFAULT_RATE_BYTES
     # Profile recording: append "<monotonic ns> <entry name>" here on each file's first read.
     access_log: str = ""
+    # Our /proc/self/oom_score_adj: the OOM killer picking a mount process strands every
+    # container reading its layer (fs/deaths.py).
+    oom_score_adj: int = OOM_SCORE_ADJ
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +105,7 @@ class MountSpec:
             "background_quiet_seconds": self.background_quiet_seconds,
             "background_rate_bytes": self.background_rate_bytes,
             "access_log": self.access_log,
+            "oom_score_adj": self.oom_score_adj,
         }
 
     @classmethod
@@ -140,6 +145,7 @@ class MountSpec:
             ),
             background_rate_bytes=get("background_rate_bytes", int, DEFAULT_RATE_BYTES),
             access_log=get("access_log", str, ""),
+            oom_score_adj=get("oom_score_adj", int, OOM_SCORE_ADJ),
         )
         if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
             raise SpecError(
@@ -147,6 +153,8 @@ class MountSpec:
             )
         if not all(isinstance(name, str) for name in spec.prefetch_names):
             raise SpecError(f"{source}: prefetch_names must be a list of entry names")
+        if not -1000 <= spec.oom_score_adj <= 1000:
+            raise SpecError(f"{source}: oom_score_adj must be between -1000 and 1000")
         if spec.read_ahead_spans < 0:
             raise SpecError(f"{source}: read_ahead_spans must be >= 0 (0 turns read-ahead off)")
         if spec.background_quiet_seconds < 0 or spec.background_rate_bytes <= 0:
@@ -341,8 +349,20 @@ def _raise_read_ahead(device: int, read_ahead_kb: int) -> None:
         log.warning("cannot raise readahead in %s: %s", bdi, exc)
 
 
+def _set_oom_score_adj(value: int) -> None:
+    try:
+        Path("/proc/self/oom_score_adj").write_text(f"{value}\n")
+    except OSError as exc:  # lowering it needs CAP_SYS_RESOURCE: expected without it
+        log.info(
+            "cannot set oom_score_adj to %d (%s): lowering it needs CAP_SYS_RESOURCE",
+            value,
+            exc.strerror,
+        )
+
+
 def run(spec: MountSpec, ready_fd: int | None) -> int:
     reporter = _Reporter(ready_fd)
+    _set_oom_score_adj(spec.oom_score_adj)
     try:
         index = load_index(spec.index_path)
         if spec.blob.digest and spec.blob.digest != index.layer_digest:

@@ -21,6 +21,7 @@ from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.deaths import DeathRecord, read_record
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.status import cache_usage, mount_statuses
@@ -260,20 +261,38 @@ def test_killing_the_parent_does_not_break_an_ongoing_read(
         manager.unmount(str(mnt))
 
 
-def test_a_dead_mount_process_is_detected_and_mounting_again_recovers(
+def wait_for_deaths(mnt: Path, count: int) -> DeathRecord:
+    deadline = time.monotonic() + 10
+    while (record := read_record(str(mnt))).count < count:
+        assert time.monotonic() < deadline, f"{count} death(s) not recorded: {record}"
+        time.sleep(0.02)
+    return record
+
+
+def test_a_dead_mount_process_is_restarted_and_a_second_death_soon_after_waits_for_a_mount(
     layer: Layer, manager: LazyLayers, tmp_path: Path
 ) -> None:
     mnt = _mount(manager, layer, tmp_path / "fs")
     state = read_state(str(mnt))
     assert state is not None and state["layer_digest"] == layer.index.layer_digest
     os.kill(state["pid"], signal.SIGKILL)
-    manager._children[str(mnt)].wait(timeout=10)
+    record = wait_for_deaths(mnt, 1)
+    assert record.last[-1].pid == state["pid"] and record.last[-1].restarted
+    manager.check(str(mnt), {})  # waits for the new process
+    restarted = read_state(str(mnt))
+    assert restarted is not None and restarted["pid"] != state["pid"]
+    assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+
+    os.kill(restarted["pid"], signal.SIGKILL)  # again, soon: not restarted this time
+    assert not wait_for_deaths(mnt, 2).last[-1].restarted
     with pytest.raises(RemoteLayerUnavailable, match="ENOTCONN"):
         manager.check(str(mnt), {})
+    assert read_record(str(mnt)).count == 2  # check() does not report it a second time
     manager.mount_layer(str(mnt), layer.spec())
     assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     manager.unmount(str(mnt))
     assert os.listdir(mnt) == [] and read_state(str(mnt)) is None
+    assert read_record(str(mnt)).count == 2  # a clean unmount is no death
     with pytest.raises(RemoteLayerUnavailable, match="not mounted"):
         manager.check(str(mnt), {})
 

@@ -16,7 +16,7 @@ from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.mount_process import read_state
 from tests.fs.fs_helpers import built_index, compress, make_tar, rich_members
-from tests.fs.test_fs_mount import Layer
+from tests.fs.test_fs_mount import Layer, wait_for_deaths
 
 pytestmark = pytest.mark.stack
 TARGET = "ns/1/sha256:" + "cd" * 32
@@ -102,9 +102,17 @@ def test_a_dead_mount_process_is_replaced_when_a_container_uses_the_layer(
     core, resolver = stack
     mountpoint = lazy_mountpoint(core, tmp_path)
     core.prepare("container", TARGET)
+    first = read_state(str(mountpoint))
+    assert first is not None
+    # The daemon restarts a dead mount process once at once; dying again soon after, it is left
+    # for the next use of the layer. Its mount now answers ENOTCONN.
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_for_deaths(mountpoint, 1)
+    core.mounts("container")  # waits for the restarted process
     state = read_state(str(mountpoint))
-    assert state is not None
-    os.kill(state["pid"], signal.SIGKILL)  # its mount now answers ENOTCONN
+    assert state is not None and state["pid"] != first["pid"]
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for_deaths(mountpoint, 2)
 
     # Without the registry the layer cannot come back: the user is told which layer it is.
     resolver.down = True

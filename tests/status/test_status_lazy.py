@@ -3,6 +3,7 @@ mounts it through the real FUSE mount process, from a local HTTP server answerin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -185,12 +186,48 @@ def test_metrics_collector_reports_the_same_figures_per_layer(lazy_root: LazyRoo
     assert samples[("lazysnap_cache_spans", ())] == read.spans_cached
 
 
+def _deaths_metrics(lazy: LazyRoot) -> tuple[float, float]:
+    """(mount process deaths, mounts on dead connections) as the metrics endpoint has them."""
+    collector = LazyLayerCollector(str(lazy.root), lazy.config.cache_dir, 64 << 20)
+    values = {f.name: f.samples[0].value for f in collector.collect() if f.samples}
+    return values["lazysnap_mount_process_deaths"], values["lazysnap_mounts_on_dead_connections"]
+
+
 def test_status_tells_a_dead_mount_from_an_unmounted_one_and_sees_it_come_back(
     lazy_root: LazyRoot,
 ) -> None:
     lazy = lazy_root
     layer = mount_lazily(lazy)
     assert layer.pid is not None
+    # A container's rootfs: an overlay with the layer as its lowerdir.
+    rootfs, work = lazy.root.parent / "rootfs", lazy.root.parent / "overlay"
+    for directory in (rootfs, work / "upper", work / "work"):
+        directory.mkdir(parents=True)
+    overlay = f"lowerdir={layer.mountpoint},upperdir={work}/upper,workdir={work}/work"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", overlay, str(rootfs)], check=True)
+    try:
+        # While the daemon runs it notices the death and starts a new process (fs/deaths.py);
+        # the overlay keeps the dead connection, and status names it until it is gone.
+        os.kill(layer.pid, signal.SIGKILL)
+        revived = wait_for(
+            lazy, "restarted the dead process", lambda now: now.state == LIVE and now.deaths == 1
+        )
+        assert revived.pid not in (None, layer.pid) and revived.stranded == (str(rootfs),)
+        with pytest.raises(OSError) as failed:
+            (rootfs / READ_FILE).read_bytes()
+        assert failed.value.errno == errno.ENOTCONN
+        assert (Path(revived.mountpoint) / READ_FILE).read_bytes()  # new containers are fine
+        table = status_cli(lazy.root).stdout
+        assert "died 1 time(s)" in table and f"restart them: {rootfs}" in table, table
+        assert _deaths_metrics(lazy) == (1, 1)
+    finally:
+        subprocess.run(["umount", str(rootfs)], check=True)
+    assert collect_status(lazy.config).layers[0].stranded == ()
+    assert _deaths_metrics(lazy) == (1, 0)
+    layer = revived
+    assert layer.pid is not None
+
+    lazy.layers.close()  # the daemon stops following its mount processes: as if it were down
     os.kill(layer.pid, signal.SIGKILL)  # a crashed mount process leaves its FUSE mount behind
     # (for an instant while the process dies the kernel answers ECONNABORTED, not ENOTCONN)
     dead = wait_for(lazy, "noticed the dead process", lambda layer: layer.state == DEAD)
