@@ -54,6 +54,7 @@ from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, SpanCache
 from snapshotter.fs.materialize import (
     Copy,
     LocalMarker,
@@ -65,7 +66,13 @@ from snapshotter.fs.materialize import (
     wipe_contents,
     write_marker,
 )
-from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
+from snapshotter.fs.mount_process import (
+    READ_AHEAD_KB,
+    MountSpec,
+    read_state,
+    state_path_for,
+    write_private_file,
+)
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.fs.zygote import (
     MOUNT_PROCESS_MODULE,
@@ -125,6 +132,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
     return LazyLayers(
         config.cache_dir,
         config.cache.max_size_bytes,
+        cache_reserve=DiskReserve(config.cache.min_free_bytes, config.cache.min_free_percent),
         resolve=resolve,
         fetch_timeout=config.remote.fetch_timeout_seconds,
         read_ahead_kb=config.fuse.read_ahead_kb,
@@ -152,6 +160,7 @@ class LazyLayers:
         cache_dir: str,
         cache_max_bytes: int,
         *,
+        cache_reserve: DiskReserve = NO_RESERVE,
         resolve: Resolver | None = None,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
         workers: int = DEFAULT_WORKERS,
@@ -169,6 +178,8 @@ class LazyLayers:
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
+        self.cache_reserve = cache_reserve
+        self._span_cache: SpanCache | None = None  # for the blobs' user records (unmount)
         self.resolve = resolve
         self.fetch_timeout = fetch_timeout
         self.workers = workers
@@ -294,6 +305,7 @@ class LazyLayers:
             self._wait_exit(pid, child, STOP_TIMEOUT_S)
         if isinstance(child, ForkedChild):
             child.close()
+        self._cache_users(_spec_digest(mountpoint), mountpoint, add=False)
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
@@ -325,6 +337,8 @@ class LazyLayers:
             self._await_startup(mountpoint)  # a layer being mounted: see how that ends first
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
+            # mounted by a version that kept no user records: record it now
+            self._cache_users(_spec_digest(mountpoint), mountpoint, add=True)
             self._watch(mountpoint)
             return
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
@@ -345,6 +359,8 @@ class LazyLayers:
             blob=spec.blob,
             cache_dir=self.cache_dir,
             cache_max_bytes=self.cache_max_bytes,
+            cache_min_free_bytes=self.cache_reserve.min_free_bytes,
+            cache_min_free_percent=self.cache_reserve.min_free_percent,
             fetch_timeout=self.fetch_timeout,
             workers=self.workers,
             allow_other=self.allow_other,
@@ -359,6 +375,7 @@ class LazyLayers:
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
+        self._cache_users(spec.blob.digest, mountpoint, add=True)
         try:
             self._start(mountpoint, spec_path)
         except RemoteLayerUnavailable:
@@ -537,7 +554,8 @@ class LazyLayers:
         read_end, write_end = os.pipe()
         log_path = sidecar(mountpoint, ".lazysnap.log")
         try:
-            with open(log_path, "ab") as log_file:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            with open(log_fd, "ab") as log_file:
                 child = self._fork(spec_path, write_end, log_file.fileno()) or subprocess.Popen(
                     [
                         self.python,
@@ -662,6 +680,32 @@ class LazyLayers:
                 self.unmount(mountpoint)
                 raise RemoteLayerUnavailable(problem)
 
+    def _cache_users(self, layer_digest: str, mountpoint: str, *, add: bool) -> None:
+        """Record (add) or release this mount as a user of the blob's spans: releasing the last
+        user deletes them, so a removed image gives its disk back now, not at eviction."""
+        if not layer_digest:
+            return
+        try:
+            with self._lock:
+                if self._span_cache is None:
+                    self._span_cache = SpanCache(self.cache_dir, self.cache_max_bytes)
+                cache = self._span_cache
+            if add:
+                cache.add_user(layer_digest, mountpoint)
+                return
+            freed = cache.release_user(layer_digest, mountpoint)
+        except (OSError, CacheError) as exc:  # the spans then wait for eviction: log only
+            log.warning(
+                "span cache %s: recording users of %s: %s", self.cache_dir, layer_digest, exc
+            )
+            return
+        if freed:
+            log.info(
+                "layer %s has no mount left: %d MiB of its spans deleted from the cache",
+                layer_digest,
+                freed >> 20,
+            )
+
     def _problem(self, mountpoint: str) -> str | None:
         return mount_problem(mountpoint)
 
@@ -673,6 +717,16 @@ class LazyLayers:
         deadline = time.monotonic() + timeout
         while _is_mount_process(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _spec_digest(mountpoint: str) -> str:
+    """The blob digest in the mount's spec sidecar; "" if there is none or it is unreadable."""
+    try:
+        spec = json.loads(sidecar(mountpoint, ".lazysnap-spec.json").read_text())
+        digest = spec["blob"]["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return digest if isinstance(digest, str) else ""
 
 
 def _startup_outcome(startup: _Startup) -> RemoteLayerUnavailable | None:
@@ -791,9 +845,12 @@ def _tail(path: Path) -> str:
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        write_private_file(tmp, data)
         os.rename(tmp, path)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        raise RemoteLayerUnavailable(f"writing {path}: {exc.strerror}") from exc
+        fix = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f" (the filesystem of {path.parent} is full: free space there)"
+        raise RemoteLayerUnavailable(f"writing {path}: {exc.strerror}{fix}") from exc
