@@ -52,6 +52,8 @@ log = logging.getLogger("lazysnap.fs")
 READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
 STATE_INTERVAL_S = 2.0
 MOUNT_WAIT_S = 30.0
+# Background fetch states after which no span comes in any more without a read asking for it.
+_DONE = (BackgroundState.COMPLETE, BackgroundState.DEGRADED)
 MOUNT_POLL_S = 0.002  # the mount goes live a few ms after libfuse starts: "ready" follows soon
 
 
@@ -308,7 +310,7 @@ class _StateKeeper(threading.Thread):
             self.background.start()
         while not self.stopped.wait(self.spec.state_interval):
             self.write_state()
-            if self.background.state is BackgroundState.COMPLETE and self.busy_meter:
+            if self.background.state in _DONE and self.busy_meter:
                 self.busy_meter.counting = False  # see BusyMeter.counting
         self.background.stop()
 
