@@ -311,7 +311,7 @@ def test_a_node_that_never_stops_being_busy_still_converges(
 def test_a_span_whose_bytes_never_verify_is_given_up_and_the_rest_completes(
     layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
 ) -> None:
-    tar, index, server = layer
+    _, index, server = layer
     bad = len(index.spans) // 2
     spans = list(index.spans)
     spans[bad] = dataclasses.replace(spans[bad], digest="sha256:" + "0" * 64)
