@@ -15,7 +15,9 @@ the plain directory under its mount, writes the marker, and lazily detaches the 
 containers started afterwards read plain files; running ones keep the detached mount (and its
 process) alive until they exit. A local layer is never mounted again (check() and a restart
 take the marker as "live"); a failed copy is logged, wiped and tried again later, while FUSE
-keeps serving.
+keeps serving, up to MATERIALIZE_MAX_ATTEMPTS times (once if the helper says no retry can help);
+then the manager gives up and records why beside the mountpoint (status shows
+"materialize failed: ..."; deleting that record makes it try again).
 
 With mount_in_background (what the daemon uses), mount() returns once the process is started,
 without waiting for it to be ready: the core then answers Prepare at once and the layers of an
@@ -56,14 +58,18 @@ from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, SpanCache
 from snapshotter.fs.materialize import (
+    FAILED_SUFFIX,
     Copy,
     LocalMarker,
     MaterializeError,
     bind_path,
+    failure_recorded,
     plain_directory_on_parent_fs,
     read_marker,
+    remove_failure,
     remove_marker,
     wipe_contents,
+    write_failure,
     write_marker,
 )
 from snapshotter.fs.mount_process import (
@@ -90,6 +96,7 @@ LOG_TAIL_BYTES = 2000
 MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
+MATERIALIZE_MAX_ATTEMPTS = 3
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
 
 
@@ -201,6 +208,7 @@ class LazyLayers:
         self._known: set[str] = set()
         self._copies: dict[str, Copy] = {}
         self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
+        self._attempts: dict[str, int] = {}  # mountpoint -> failed copies so far
         # A copy works the disk and a core: like background fetch, it waits for a quiet node.
         self._node_activity = NodeActivity(cache_dir)
         self._busy = BusyGate(self._node_activity, self.background.quiet_seconds)
@@ -281,6 +289,7 @@ class LazyLayers:
         with self._lock:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
+            self._attempts.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
         if copy is not None:
             copy.cancel()  # a copy that already finished sees this before writing its marker
@@ -288,6 +297,7 @@ class LazyLayers:
             # From here on the directory's contents are a leftover (deleted with the snapshot,
             # or wiped by the next mount), whatever else fails below.
             remove_marker(mountpoint)
+            remove_failure(mountpoint)
         state = read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         with self._lock:
@@ -466,6 +476,8 @@ class LazyLayers:
             not_before, _ = self._retry.get(mountpoint, (0.0, 0.0))
         if time.monotonic() < not_before or read_marker(mountpoint) is not None:
             return
+        if failure_recorded(mountpoint):
+            return  # given up on; the record says why (deleting it asks for a new try)
         state = read_state(mountpoint)
         if not state or state.get("background") != BACKGROUND_COMPLETE:
             return
@@ -483,7 +495,7 @@ class LazyLayers:
         return self._busy.remaining() <= 0
 
     def _materialize(self, mountpoint: str, layer_digest: str) -> bool:
-        copy = Copy(mountpoint, python=self.python)
+        copy = Copy(mountpoint, python=self.python, reserve=self.cache_reserve)
         with self._lock:
             if mountpoint in self._copies:
                 return False
@@ -494,7 +506,7 @@ class LazyLayers:
                 copy.run()
             except MaterializeError as exc:
                 if not copy.cancelled:
-                    self._failed(mountpoint, layer_digest, str(exc))
+                    self._failed(mountpoint, layer_digest, str(exc), permanent=exc.permanent)
                 return False
             with self._finish_lock:
                 if copy.cancelled:  # unmounted meanwhile: the copy is a leftover now
@@ -505,8 +517,10 @@ class LazyLayers:
                     self._failed(mountpoint, layer_digest, str(exc))
                     return False
                 _detach(mountpoint)
+                remove_failure(mountpoint)
                 with self._lock:
                     self._retry.pop(mountpoint, None)
+                    self._attempts.pop(mountpoint, None)
             log.info(
                 "layer %s at %s is local now (copied in %.1fs): FUSE mount detached, its "
                 "process ends when no container uses it",
@@ -519,11 +533,28 @@ class LazyLayers:
             with self._lock:
                 self._copies.pop(mountpoint, None)
 
-    def _failed(self, mountpoint: str, layer_digest: str, why: str) -> None:
+    def _failed(
+        self, mountpoint: str, layer_digest: str, why: str, *, permanent: bool = False
+    ) -> None:
         with self._lock:
+            attempts = self._attempts.get(mountpoint, 0) + 1
+            self._attempts[mountpoint] = attempts
             _, delay = self._retry.get(mountpoint, (0.0, 0.0))
             delay = min(MATERIALIZE_RETRY_MAX_S, delay * 2) if delay else self.materialize_retry_s
             self._retry[mountpoint] = (time.monotonic() + delay, delay)
+        if permanent or attempts >= MATERIALIZE_MAX_ATTEMPTS:
+            write_failure(mountpoint, why, attempts, time.time())
+            log.warning(
+                "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
+                "failed %d time(s), giving up: %s (`lazysnap status` shows it; delete %s to "
+                "try again)",
+                layer_digest or "?",
+                mountpoint,
+                attempts,
+                why,
+                mountpoint + FAILED_SUFFIX,
+            )
+            return
         log.warning(
             "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
             "failed: %s; trying again in %.0fs",
