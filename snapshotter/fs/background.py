@@ -8,8 +8,9 @@ of FUSE requests for `quiet_seconds`, which yields to a busy node for at most
 `activity.MAX_BUSY_DEFERRAL_S`), fetches one span per request in layer order
 on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces
 itself to `rate_bytes` compressed bytes per second, and stops for good when every span is cached
-or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound: filling
-a bounded cache would only evict spans someone needed.
+or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound, or its
+filesystem into the cache's disk reserve: filling a bounded cache would only evict spans
+someone needed.
 
 A span whose bytes do not fit the index (they do not verify, or the index points outside the
 blob) is given up on after MAX_BAD_DATA_FAILURES tries: trying again gets the same bytes. The
@@ -108,7 +109,10 @@ class BackgroundFetcher(threading.Thread):
             if self.reader.is_cached(next_span):
                 next_span += 1
                 continue
-            room = cache.max_bytes * CACHE_HIGH_WATER - cache.approximate_usage().bytes
+            room = min(
+                cache.max_bytes * CACHE_HIGH_WATER - cache.approximate_usage().bytes,
+                cache.disk_room(),  # a disk at its reserve: filling would only evict
+            )
             if cache.stored_size(spans[next_span].uncompressed_size) > room:
                 return BackgroundState.CACHE_FULL
             self.state = BackgroundState.FETCHING

@@ -453,6 +453,12 @@ class SpanCache:
             self._reported.discard(condition)
         log.info("span cache %s: caching spans again (%s cleared)", self.directory, condition)
 
+    def disk_room(self) -> int:
+        """Bytes the cache may still add on its filesystem before reaching the reserve (without
+        evicting); negative when the reserve is eaten into already."""
+        space = disk_space(self.directory)
+        return space.free - self.reserve.bytes_for(space.total)
+
     def disk_limited(self) -> bool:
         """True while this process could not cache a span for lack of disk space."""
         with self._report_lock:
