@@ -420,3 +420,35 @@ def test_the_root_and_the_metadata_are_private_whatever_the_umask(
         path = root / name
         if path.exists():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+def test_prepare_on_a_full_disk_names_the_filesystem_and_the_fix(
+    daemon_dir: Path, daemons: list[DaemonProcess]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = daemon_dir / "small-root"
+    root.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64,mode=0700", "tmpfs", str(root)],
+        check=True,
+    )
+    try:
+        daemon = start_daemon(root, daemon_dir / "s.sock", daemon_dir / "log")
+        daemons.append(daemon)
+        prepare(daemon.stub, "first")
+        filler = root / "filler"  # a container's writes fill the disk; then inodes run out too
+        with contextlib.suppress(OSError):
+            filler.write_bytes(b"x" * (2 << 20))
+        for n in range(64):
+            with contextlib.suppress(OSError):
+                (root / f"f{n}").touch()
+        with pytest.raises(grpc.RpcError) as raised:
+            prepare(daemon.stub, "second")
+        message = raised.value.details() or ""
+        assert "is full: free space there" in message, message
+        assert str(root) in message, message
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        subprocess.run(["umount", "-l", str(root)], check=False)
