@@ -137,7 +137,8 @@ def write_marker(mountpoint: str, marker: LocalMarker) -> None:
     path = marker_path(mountpoint)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
             f.write(json.dumps(marker.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())

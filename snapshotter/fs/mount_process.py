@@ -356,7 +356,8 @@ class AccessLog:
     recorder reads it after unmounting; lines of several layers' logs merge by time)."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="ascii")  # noqa: SIM115
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._file = open(fd, "a", encoding="ascii")  # noqa: SIM115
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 

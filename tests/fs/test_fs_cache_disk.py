@@ -4,6 +4,7 @@ keeps what it writes private whatever the umask."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -15,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.fs.blob_source import BlobSpec, FileBlobSource
 from snapshotter.fs.cache import DiskReserve, SpanCache, disk_space
+from snapshotter.fs.mount_process import (
+    MountSpec,
+    _Reporter,
+    _StateKeeper,
+    read_state,
+    state_path_for,
+)
+from snapshotter.fs.reader import LayerReader
+from tests.fs.fs_helpers import built_index, make_tar, rich_members
 
 SPAN = 100 << 10
 
@@ -133,3 +144,41 @@ def test_what_the_cache_writes_is_private_whatever_the_umask(tmp_path: Path) -> 
         for name in files:
             mode = stat.S_IMODE(os.stat(os.path.join(top, name)).st_mode)
             assert mode == 0o600, f"{top}/{name} is {mode:o}"
+
+
+def test_a_state_file_that_cannot_be_written_is_logged_once_and_serving_goes_on(
+    small_disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tar = make_tar(rich_members())
+    index = built_index(tar, "tar")
+    blob = tmp_path / "blob"
+    blob.write_bytes(tar)
+    mountpoint = small_disk / "fs"
+    mountpoint.mkdir()
+    spec = MountSpec(
+        mountpoint=str(mountpoint),
+        index_path="unused",
+        blob=BlobSpec("file", str(blob), index.layer_digest),
+        cache_dir=str(tmp_path / "cache"),
+        cache_max_bytes=1 << 30,
+    )
+    reader = LayerReader(index, FileBlobSource(str(blob)), SpanCache(spec.cache_dir, 1 << 30))
+    keeper = _StateKeeper(spec, reader, _Reporter(None), 0)
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError):
+        filler.write_bytes(b"f" * (4 << 20))  # the disk is full now
+    caplog.set_level(logging.INFO, logger="lazysnap.fs")
+    for _ in range(3):
+        keeper.write_state()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    assert not list(small_disk.glob("fs.lazysnap.json*")), "a temp file was left behind"
+    big = next(e for e in index.entries if e.name == "usr/lib/big.bin")
+    assert reader.read(big, 0, big.size) == tar[big.offset : big.offset + big.size]
+    filler.unlink()
+    keeper.write_state()
+    state = read_state(str(mountpoint))
+    assert state is not None and state["layer_digest"] == index.layer_digest
+    assert stat.S_IMODE(state_path_for(str(mountpoint)).stat().st_mode) == 0o600
+    assert any("written again" in r.getMessage() for r in caplog.records)
+    reader.close()
