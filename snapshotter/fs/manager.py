@@ -285,6 +285,11 @@ class LazyLayers:
         _notify(callback, mountpoint, outcome)
 
     def unmount(self, mountpoint: str) -> None:
+        self._unmount(mountpoint, release_spans=True)
+
+    def _unmount(self, mountpoint: str, *, release_spans: bool) -> None:
+        """release_spans: this mount stops using its blob (the last user's spans are deleted);
+        False when it is about to be mounted again."""
         mountpoint = os.path.abspath(mountpoint)
         with self._lock:
             self._known.discard(mountpoint)
@@ -315,7 +320,8 @@ class LazyLayers:
             self._wait_exit(pid, child, STOP_TIMEOUT_S)
         if isinstance(child, ForkedChild):
             child.close()
-        self._cache_users(_spec_digest(mountpoint), mountpoint, add=False)
+        if release_spans:
+            self._cache_users(_spec_digest(mountpoint), mountpoint, add=False)
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
@@ -352,7 +358,7 @@ class LazyLayers:
             self._watch(mountpoint)
             return
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
-            self.unmount(mountpoint)
+            self._unmount(mountpoint, release_spans=False)  # its spans serve the new mount
         if not os.path.isdir(mountpoint):
             raise RemoteLayerUnavailable(f"mountpoint {mountpoint} is not a directory")
         if served_before:

@@ -266,13 +266,19 @@ def test_a_dead_mount_process_is_detected_and_mounting_again_recovers(
     mnt = _mount(manager, layer, tmp_path / "fs")
     state = read_state(str(mnt))
     assert state is not None and state["layer_digest"] == layer.index.layer_digest
+    assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     os.kill(state["pid"], signal.SIGKILL)
     manager._children[str(mnt)].wait(timeout=10)
     with pytest.raises(RemoteLayerUnavailable, match="ENOTCONN"):
         manager.check(str(mnt), {})
     manager.mount_layer(str(mnt), layer.spec())
+    requests = layer.server.request_count()
     assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+    assert layer.server.request_count() == requests  # its spans outlived the dead process
+    spans = tmp_path / "cache" / "spans" / "sha256" / layer.index.layer_digest[7:]
+    assert spans.is_dir()
     manager.unmount(str(mnt))
+    assert not spans.exists()  # the layer's last mount is gone: so are its spans
     assert os.listdir(mnt) == [] and read_state(str(mnt)) is None
     with pytest.raises(RemoteLayerUnavailable, match="not mounted"):
         manager.check(str(mnt), {})
