@@ -39,6 +39,10 @@ class RemoteConfig:
 class CacheConfig:
     dir: str = ""  # "" = ROOT/cache
     max_size_bytes: int = 10 << 30
+    # Free space the cache leaves on its filesystem: the larger of the two (at most half the
+    # filesystem); fs.cache.DiskReserve's defaults (not imported: keeps config light).
+    min_free_bytes: int = 1 << 30
+    min_free_percent: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ def _validate(config: Config, source: str) -> Config:
         ("remote.fetch_timeout_seconds", config.remote.fetch_timeout_seconds),
         ("remote.min_layer_size", config.remote.min_layer_size),
         ("cache.max_size_bytes", config.cache.max_size_bytes),
+        ("cache.min_free_bytes", config.cache.min_free_bytes),
         ("fuse.read_ahead_kb", config.fuse.read_ahead_kb),
         ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds),
         ("fetch.read_ahead_spans", config.fetch.read_ahead_spans),
@@ -148,6 +153,11 @@ def _validate(config: Config, source: str) -> Config:
         raise ConfigError(
             f"{source}: fuse.oom_score_adj must be between -1000 and 1000, "
             f"got {config.fuse.oom_score_adj}"
+        )
+    if not 0 <= config.cache.min_free_percent <= 50:
+        raise ConfigError(
+            f"{source}: cache.min_free_percent must be within 0..50, "
+            f"got {config.cache.min_free_percent}"
         )
     if config.fetch.background_rate_bytes <= 0:
         raise ConfigError(

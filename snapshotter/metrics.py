@@ -61,6 +61,11 @@ _LAYER_COUNTERS = (
         "lazysnap_layer_readahead_spans",
         "Spans fetched ahead of a sequential read before it needed them",
     ),
+    (
+        "degraded_spans",
+        "lazysnap_layer_degraded_spans",
+        "Spans background fetch gave up on: their bytes never verify (reads of them get EIO)",
+    ),
 )
 
 

@@ -13,6 +13,7 @@ It works while `serve` is down because everything it shows is on disk beside the
                                          (snapshotter.core.fallbacks)
     ROOT/snapshots/<id>/fs.lazysnap-deaths.json  deaths of its mount processes, and the
                                          containers each stranded (snapshotter.fs.deaths)
+    ROOT/snapshots/<id>/fs.lazysnap-materialize-failed  why copying it gave up (JSON)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -36,6 +37,7 @@ from snapshotter.core.fallbacks import Fallback, read_fallbacks
 STATE_SUFFIX = ".lazysnap.json"
 SPEC_SUFFIX = ".lazysnap-spec.json"
 LOCAL_SUFFIX = ".lazysnap-local"  # as snapshotter.fs.materialize writes it
+MATERIALIZE_FAILED_SUFFIX = ".lazysnap-materialize-failed"  # ditto
 REMOTE_LABEL = "containerd.io/snapshot/remote"  # as snapshotter.core.snapshotter sets it
 # Where pullers put the compressed layer digest (CRI, ctr-remote), as the core reads them.
 LAYER_DIGEST_LABELS = (
@@ -66,7 +68,9 @@ class LazyMount:
     updated_at: float | None  # when the process last wrote its counters
     cache_dir: str
     counters: dict[str, int] = field(default_factory=dict)
-    background: str = ""  # background fetch: off|waiting|fetching|complete|cache-full|stopped
+    # background fetch: off|waiting|fetching|complete|degraded|cache-full|stopped
+    background: str = ""
+    cache_disk_limited: bool = False  # spans served uncached: the cache's disk is at its reserve
 
     @property
     def state(self) -> str:
@@ -101,12 +105,21 @@ class LayerStatus:
     deaths: int = 0
     last_death_at: float | None = None
     stranded: tuple[str, ...] = ()
+    # compressed bytes of distinct spans verified by the current mount process (None: a mount
+    # process that does not report it)
+    bytes_verified: int | None = None
+    degraded_spans: int = 0  # spans background fetch gave up on (their bytes never verify)
+    materialize_failed: str = ""  # why copying the layer to plain files gave up; "" if it did not
+    cache_disk_limited: bool = False  # spans served uncached: the cache's disk is at its reserve
 
     @property
     def fetched_percent(self) -> float | None:
+        """Share of the layer's compressed bytes this mount process fetched and verified: never
+        above 100, however often a span was fetched again (a failed try, an eviction)."""
         if not self.layer_size:
             return None
-        return 100.0 * self.bytes_fetched / self.layer_size
+        fetched = self.bytes_fetched if self.bytes_verified is None else self.bytes_verified
+        return min(100.0, 100.0 * fetched / self.layer_size)
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,7 @@ def lazy_mounts(root: str) -> list[LazyMount]:
                 updated_at=_float(state.get("updated_at")),
                 cache_dir=_str(state.get("cache_dir")),
                 background=_str(state.get("background")),
+                cache_disk_limited=state.get("cache_disk_limited") is True,
                 counters={k: v for k, v in counters.items() if isinstance(v, int)}
                 if isinstance(counters, dict)
                 else {},
@@ -291,7 +305,23 @@ def _layer_status(
         deaths=deaths.count,
         last_death_at=deaths.last[-1].noticed_at if deaths.last else None,
         stranded=tuple(s.name() for s in stranded),
+        bytes_verified=counters.get("bytes_verified"),
+        degraded_spans=counters.get("degraded_spans", 0),
+        materialize_failed=_materialize_failed(mountpoint) if local_since is None else "",
+        cache_disk_limited=mount.cache_disk_limited if mount else False,
     )
+
+
+def _materialize_failed(mountpoint: str) -> str:
+    """Why copying the layer to plain files gave up, from its record; "" if it did not."""
+    try:
+        data = json.loads(Path(mountpoint + MATERIALIZE_FAILED_SUFFIX).read_text())
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError):
+        return "gave up (its record is unreadable)"
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, str) and reason else "gave up"
 
 
 def _local_since(mountpoint: str) -> float | None:
@@ -487,7 +517,20 @@ def render(status: RootStatus, now: float | None = None) -> str:
                 note += f", its process {layer.pid} still serves containers started before"
             lines.append(f"{where}  ({note})")
             continue
-        lines.append(where + (f"  ({layer.problem})" if layer.problem else ""))
+        notes = [layer.problem] if layer.problem else []
+        if layer.degraded_spans:
+            notes.append(
+                f"degraded: {layer.degraded_spans} span(s) never verified, reads of them fail "
+                "with EIO; rebuild the layer's index (lazysnap index build)"
+            )
+        if layer.materialize_failed:
+            notes.append(f"materialize failed: {layer.materialize_failed}")
+        if layer.cache_disk_limited:
+            notes.append(
+                "span cache at its disk reserve: spans served without caching; free space "
+                "on the cache's filesystem or adjust [cache] min_free_bytes / min_free_percent"
+            )
+        lines.append(where + "".join(f"  ({note})" for note in notes))
     lines.extend(_death_lines(status.layers, now))
     lines.extend(_not_lazy_lines(status, now))
     return "\n".join(lines) + "\n"
@@ -526,10 +569,11 @@ def _death_lines(layers: list[LayerStatus], now: float) -> list[str]:
 
 
 def _fetched(layer: LayerStatus) -> str:
+    fetched = layer.bytes_fetched if layer.bytes_verified is None else layer.bytes_verified
     if layer.layer_size is None:
-        return f"{_size(layer.bytes_fetched)} of ?"
+        return f"{_size(fetched)} of ?"
     percent = layer.fetched_percent or 0.0
-    return f"{_size(layer.bytes_fetched)} of {_size(layer.layer_size)} ({percent:.0f}%)"
+    return f"{_size(fetched)} of {_size(layer.layer_size)} ({percent:.0f}%)"
 
 
 def _short(digest: str) -> str:

@@ -12,8 +12,10 @@ come from a counter row so that an id handed out by a committed transaction is n
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -218,6 +220,18 @@ class Transaction:
         self._conn.execute("DELETE FROM snapshots WHERE id = ?", (record.id,))
 
 
+def _make_private(path: str) -> None:
+    """The database (and its WAL files, which sqlite creates with the database's mode) 0600
+    whatever the umask: it names every image layer this node holds."""
+    if path == ":memory:":
+        return
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
 class MetaStore:
     """The sqlite file; transactions are serialised by a lock (one writer, like bolt)."""
 
@@ -225,6 +239,7 @@ class MetaStore:
         self.path = path
         self._lock = threading.RLock()
         try:
+            _make_private(path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per operation.
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")

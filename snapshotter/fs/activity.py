@@ -56,7 +56,7 @@ class _Mark:
             os.utime(self.path)
         except FileNotFoundError:
             with contextlib.suppress(OSError):
-                self.path.touch()
+                self.path.touch(mode=0o600)  # empty, but ours: 0600 like every file
         except OSError:
             pass  # a read-only or full cache disk: the layer's own clock still works
 

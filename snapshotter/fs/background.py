@@ -8,8 +8,16 @@ of FUSE requests for `quiet_seconds`, which yields to a busy node for at most
 `activity.MAX_BUSY_DEFERRAL_S`), fetches one span per request in layer order
 on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces
 itself to `rate_bytes` compressed bytes per second, and stops for good when every span is cached
-or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound: filling
-a bounded cache would only evict spans someone needed.
+or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound, or its
+filesystem into the cache's disk reserve: filling a bounded cache would only evict spans
+someone needed.
+
+A span whose bytes do not fit the index (they do not verify, or the index points outside the
+blob) is given up on after MAX_BAD_DATA_FAILURES tries: trying again gets the same bytes. The
+layer then ends `degraded` rather than `complete` (status and metrics show it; reads of that
+span keep failing with EIO, every other span is served). A failure that may pass (registry
+down, timeout) is retried after a pause that doubles up to MAX_ERROR_BACKOFF_S, so a registry
+that is gone for long costs a request every few minutes, not a stream of them.
 """
 
 from __future__ import annotations
@@ -31,12 +39,15 @@ CACHE_HIGH_WATER = 0.9  # of the cache bound; above it background fetch stops
 DEFAULT_QUIET_S = 5.0
 DEFAULT_RATE_BYTES = 32 << 20
 _ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
+MAX_ERROR_BACKOFF_S = 300.0
+MAX_BAD_DATA_FAILURES = 3
 
 
 class BackgroundState(StrEnum):
     WAITING = "waiting"  # for the layer to be quiet
     FETCHING = "fetching"
     COMPLETE = "complete"  # every span cached
+    DEGRADED = "degraded"  # every span cached but those whose bytes never verified
     CACHE_FULL = "cache-full"  # stopped at the cache's high-water mark
     STOPPED = "stopped"  # mount going away
 
@@ -55,8 +66,15 @@ class BackgroundSettings:
 
 
 class BackgroundFetcher(threading.Thread):
-    def __init__(self, reader: LayerReader, settings: BackgroundSettings) -> None:
+    def __init__(
+        self,
+        reader: LayerReader,
+        settings: BackgroundSettings,
+        *,
+        error_backoff_s: float = _ERROR_BACKOFF_S,
+    ) -> None:
         super().__init__(name="background-fetch", daemon=True)
+        self.error_backoff_s = error_backoff_s
         self.reader = reader
         self.settings = settings
         self.state = BackgroundState.WAITING
@@ -83,13 +101,18 @@ class BackgroundFetcher(threading.Thread):
         spans = self.reader.index.spans
         cache = self.reader.cache
         next_span = 0
+        given_up = 0
+        backoff = self.error_backoff_s
         while next_span < len(spans):
             if not self._wait_until_quiet():
                 return BackgroundState.STOPPED
             if self.reader.is_cached(next_span):
                 next_span += 1
                 continue
-            room = cache.max_bytes * CACHE_HIGH_WATER - cache.approximate_usage().bytes
+            room = min(
+                cache.max_bytes * CACHE_HIGH_WATER - cache.approximate_usage().bytes,
+                cache.disk_room(),  # a disk at its reserve: filling would only evict
+            )
             if cache.stored_size(spans[next_span].uncompressed_size) > room:
                 return BackgroundState.CACHE_FULL
             self.state = BackgroundState.FETCHING
@@ -97,15 +120,30 @@ class BackgroundFetcher(threading.Thread):
             errors_before = self.reader.counters().fetch_errors
             fetched = self.reader.fetch_in_background(next_span)
             if self.reader.counters().fetch_errors > errors_before:
-                if self._stop_event.wait(_ERROR_BACKOFF_S):
+                if self.reader.bad_data_failures(next_span) >= MAX_BAD_DATA_FAILURES:
+                    log.warning(
+                        "background fetch of %s: giving up on span %d, whose bytes do not fit "
+                        "the index after %d tries (reads of it fail with EIO; the layer's "
+                        "index or blob is wrong: rebuild the index)",
+                        self.reader.layer_digest,
+                        next_span,
+                        MAX_BAD_DATA_FAILURES,
+                    )
+                    self.reader.mark_degraded(next_span)
+                    given_up += 1
+                    next_span += 1
+                    continue
+                if self._stop_event.wait(backoff):
                     return BackgroundState.STOPPED
+                backoff = min(MAX_ERROR_BACKOFF_S, backoff * 2)
                 continue  # retry the same span (a read may have fetched it meanwhile)
+            backoff = self.error_backoff_s
             next_span += 1
             # Pace: fetched bytes at `rate` would have taken this long.
             pause = fetched / self.settings.rate_bytes - (time.monotonic() - started)
             if pause > 0 and self._stop_event.wait(pause):
                 return BackgroundState.STOPPED
-        return BackgroundState.COMPLETE
+        return BackgroundState.DEGRADED if given_up else BackgroundState.COMPLETE
 
     def _wait_until_quiet(self) -> bool:
         """True once the node has been quiet for quiet_seconds; False if stopped first."""

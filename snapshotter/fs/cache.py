@@ -4,6 +4,8 @@ Layout under the cache directory:
     spans/<algorithm>/<hex>/<span number>   header + inflated, verified bytes of one span
     tmp/<pid>.<random>                      a span being written, at its full size from the
                                             start (its reservation); renamed into spans/
+    users/<algorithm>/<hex>/<key>           one empty file per mount serving the blob: the spans
+                                            of a blob are deleted when its last user is released
     lock                                    flock'd by whoever changes spans/, tmp/ or the ledger
     ledger                                  "<bytes> <spans>" (zero-padded, rewritten in
                                             place under the lock): running total of span files plus
@@ -33,6 +35,16 @@ raised before room is used and lowered only by what this process removed itself,
 that eviction does recounts it), so the cache never grows past max_bytes because of it. Temp
 files of dead processes (or stale ones) are removed by that scan, which also drops their
 reservation.
+
+The disk: the cache also keeps a free-space reserve on its filesystem (DiskReserve, statvfs),
+whatever max_bytes says: a put that would leave less free evicts LRU spans first, and if that
+cannot make room it stores nothing (the reader serves the span from memory): containers writing
+to the same disk, and the metadata, keep working. Each condition is logged once per process,
+with the filesystem and the keys that change it, and again after it cleared.
+
+Privacy: directories are created 0700 and files 0600 whatever the umask (spans are plaintext of
+files the image may keep 0600); spans/ and tmp/ are tightened at open, so the spans a former
+version left readable are not reachable by other users either.
 """
 
 from __future__ import annotations
@@ -68,8 +80,69 @@ _LEDGER_TEMP_PREFIX = "ledger."  # ledgers were once written there and renamed i
 _LEDGER_DIGITS = 20  # every record the same width: an in-place rewrite leaves no old tail
 
 
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+RESERVE_CONFIG_KEYS = "[cache] min_free_bytes / min_free_percent"
+
+
 class CacheError(ValueError):
     """Bad cache configuration or key; the message names it."""
+
+
+@dataclass(frozen=True)
+class DiskReserve:
+    """Free space the cache leaves on its filesystem: the larger of min_free_bytes and
+    min_free_percent of the filesystem, but at most half of it (so a small disk still caches
+    something rather than nothing)."""
+
+    min_free_bytes: int = 1 << 30
+    min_free_percent: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0 or not 0 <= self.min_free_percent <= 50:
+            raise CacheError(
+                f"disk reserve: min_free_bytes must be >= 0 ({self.min_free_bytes}) and "
+                f"min_free_percent within 0..50 ({self.min_free_percent})"
+            )
+
+    def bytes_for(self, filesystem_bytes: int) -> int:
+        wanted = max(self.min_free_bytes, int(filesystem_bytes * self.min_free_percent / 100))
+        return min(wanted, filesystem_bytes // 2)
+
+
+NO_RESERVE = DiskReserve(0, 0.0)
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    total: int
+    free: int  # for an unprivileged writer (f_bavail): what root must not use up either
+
+
+def disk_space(path: str | os.PathLike[str]) -> DiskSpace:
+    st = os.statvfs(path)
+    return DiskSpace(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
+
+
+def private_directory(path: Path) -> None:
+    """Create path (and each missing parent) 0700, or tighten it to 0700 if it exists."""
+    _make_private_dirs(path)
+    if path.stat().st_mode & 0o777 != _DIR_MODE:
+        os.chmod(path, _DIR_MODE)
+
+
+def _make_private_dirs(path: Path) -> None:
+    """mkdir -p where every directory created is 0700 whatever the umask."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, _DIR_MODE)
+            os.chmod(directory, _DIR_MODE)  # the umask may have taken bits off; none added
 
 
 @dataclass(frozen=True)
@@ -86,13 +159,24 @@ class _SpanFile:
 
 
 class SpanCache:
-    def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        reserve: DiskReserve = NO_RESERVE,
+    ) -> None:
         if max_bytes <= 0:
             raise CacheError(f"span cache {directory}: max_bytes must be positive, not {max_bytes}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.reserve = reserve
         self._spans = self.directory / "spans"
         self._tmp = self.directory / "tmp"
+        self._users = self.directory / "users"
+        # Conditions logged once (until they clear): "reserve", "nospace"
+        self._reported: set[str] = set()
+        self._report_lock = threading.Lock()
         self._lock_path = self.directory / "lock"
         self._ledger = self.directory / "ledger"
         self._touched: dict[Path, float] = {}
@@ -102,8 +186,10 @@ class SpanCache:
         self._checked: set[tuple[int, int]] = set()
         self._checked_lock = threading.Lock()
         try:
-            self._spans.mkdir(parents=True, exist_ok=True)
-            self._tmp.mkdir(exist_ok=True)
+            if not self.directory.exists():
+                private_directory(self.directory)
+            for sub in (self._spans, self._tmp, self._users):
+                private_directory(sub)
         except OSError as exc:
             raise CacheError(f"span cache {self.directory}: cannot create: {exc}") from exc
         self._remove_orphaned_temp_files()
@@ -206,6 +292,43 @@ class SpanCache:
             self._remember_checked(written)  # data is the verified span itself
         return renamed or self._holds(path, header)
 
+    def add_user(self, layer_digest: str, key: str) -> None:
+        """Note that a mount (key: any stable name of it, e.g. its mountpoint) serves the blob,
+        so that release_user() of another mount does not delete spans it still reads."""
+        path = self._user_path(layer_digest, key)
+        with self._locked():
+            private_directory(path.parent)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE))
+
+    def release_user(self, layer_digest: str, key: str) -> int:
+        """The mount key no longer serves the blob; if no other mount does, its spans are
+        deleted (they would only wait for eviction, holding disk). Returns the bytes freed."""
+        path = self._user_path(layer_digest, key)
+        with self._locked():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            if _scandir(path.parent):
+                return 0
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+            spans_dir = self.span_path(layer_digest, 0).parent
+            freed = 0
+            removed = 0
+            for span in _scandir(spans_dir):
+                try:
+                    size = span.stat().st_size
+                    os.unlink(span.path)
+                except FileNotFoundError:
+                    continue
+                freed += size
+                removed += 1
+            with contextlib.suppress(OSError):
+                spans_dir.rmdir()
+            if removed:
+                total, count = self._read_ledger()
+                self._write_ledger(max(0, total - freed), max(0, count - removed))
+            return freed
+
     def usage(self) -> CacheUsage:
         files = list(self._scan())
         return CacheUsage(bytes=sum(f.size for f in files), spans=len(files))
@@ -216,6 +339,11 @@ class SpanCache:
         return CacheUsage(bytes=total, spans=count)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _user_path(self, layer_digest: str, key: str) -> Path:
+        blob_dir = self.span_path(layer_digest, 0).parent.relative_to(self._spans)
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self._users / blob_dir / name
 
     def _holds(self, path: Path, header: bytes) -> bool:
         try:
@@ -238,16 +366,109 @@ class SpanCache:
                 if total + size > self.max_bytes:
                     self._write_ledger(total, count)  # the rest is other writers' reservations
                     return False
+            if not self._room_on_disk(size):
+                return False
             tmp = self._tmp / f"{os.getpid()}.{secrets.token_hex(8)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
             try:
                 _allocate(fd, size)
                 self._write_ledger(total + size, count)
+            except OSError as exc:
+                os.close(fd)
+                tmp.unlink()
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self._report(
+                    "nospace",
+                    "span cache %s: no space left on %s (%s): spans are served without being "
+                    "cached until there is room; free disk space, or set %s higher, or move "
+                    "[cache] dir to a bigger filesystem",
+                    self.directory,
+                    self._mount_point(),
+                    os.strerror(exc.errno),
+                    RESERVE_CONFIG_KEYS,
+                )
+                return False
             except BaseException:
                 os.close(fd)
                 tmp.unlink()
                 raise
+            self._clear_reported("nospace")
             return tmp, fd
+
+    def _room_on_disk(self, size: int) -> bool:
+        """Whether size more bytes leave the reserve free on the cache's filesystem, evicting
+        least recently used spans until they do; logs once when they cannot. Under the lock."""
+        space = disk_space(self.directory)
+        keep = self.reserve.bytes_for(space.total)
+        if space.free - size >= keep:
+            self._clear_reported("reserve")
+            return True
+        if keep:
+            files = sorted(self._scan(), key=lambda f: f.mtime_ns)
+            freed_bytes, freed_spans = 0, 0
+            for victim in files:
+                try:
+                    victim.path.unlink()
+                except FileNotFoundError:
+                    continue
+                freed_bytes += victim.size
+                freed_spans += 1
+                with contextlib.suppress(OSError):
+                    victim.path.parent.rmdir()
+                if disk_space(self.directory).free - size >= keep:
+                    break
+            if freed_spans:
+                total, count = self._read_ledger()
+                self._write_ledger(max(0, total - freed_bytes), max(0, count - freed_spans))
+            space = disk_space(self.directory)
+            if space.free - size >= keep:
+                return True
+        self._report(
+            "reserve",
+            "span cache %s: the filesystem %s has %d KiB free and keeps %d KiB free for "
+            "containers, too little for a span of %d KiB: spans are served without being cached "
+            "until there is room; free disk space, or lower %s, or move [cache] dir to a bigger "
+            "filesystem",
+            self.directory,
+            self._mount_point(),
+            space.free >> 10,
+            keep >> 10,
+            size >> 10,
+            RESERVE_CONFIG_KEYS,
+        )
+        return False
+
+    def _report(self, condition: str, message: str, *args: object) -> None:
+        with self._report_lock:
+            if condition in self._reported:
+                return
+            self._reported.add(condition)
+        log.warning(message, *args)
+
+    def _clear_reported(self, condition: str) -> None:
+        with self._report_lock:
+            if condition not in self._reported:
+                return
+            self._reported.discard(condition)
+        log.info("span cache %s: caching spans again (%s cleared)", self.directory, condition)
+
+    def disk_room(self) -> int:
+        """Bytes the cache may still add on its filesystem before reaching the reserve (without
+        evicting); negative when the reserve is eaten into already."""
+        space = disk_space(self.directory)
+        return space.free - self.reserve.bytes_for(space.total)
+
+    def disk_limited(self) -> bool:
+        """True while this process could not cache a span for lack of disk space."""
+        with self._report_lock:
+            return bool(self._reported)
+
+    def _mount_point(self) -> str:
+        path = self.directory.resolve()
+        while not os.path.ismount(path) and path != path.parent:
+            path = path.parent
+        return str(path)
 
     def _commit(self, path: Path, header: bytes, tmp: Path, size: int) -> bool:
         """Rename the filled temp file into place (its reservation becomes the span's room);
@@ -264,7 +485,7 @@ class SpanCache:
                     replaced = os.fstat(existing.fileno()).st_size
             except FileNotFoundError:
                 pass
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private_dirs(path.parent)
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
@@ -290,7 +511,7 @@ class SpanCache:
     def _locked(self) -> Iterator[None]:
         # A fresh open file description per call: flock then excludes other threads of this
         # process as well as other processes.
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -359,7 +580,7 @@ class SpanCache:
         # over the old one cost ~2 ms per update here (ext4 flushes a file that replaces
         # another on rename), twice per span stored, with every writer queued on the lock.
         # A record that a crash tore fails to parse and is recounted by a scan.
-        fd = os.open(self._ledger, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self._ledger, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
             os.pwrite(fd, f"{total:0{_LEDGER_DIGITS}d} {count:0{_LEDGER_DIGITS}d}\n".encode(), 0)
         finally:

@@ -15,7 +15,9 @@ the plain directory under its mount, writes the marker, and lazily detaches the 
 containers started afterwards read plain files; running ones keep the detached mount (and its
 process) alive until they exit. A local layer is never mounted again (check() and a restart
 take the marker as "live"); a failed copy is logged, wiped and tried again later, while FUSE
-keeps serving.
+keeps serving, up to MATERIALIZE_MAX_ATTEMPTS times (once if the helper says no retry can help);
+then the manager gives up and records why beside the mountpoint (status shows
+"materialize failed: ..."; deleting that record makes it try again).
 
 With mount_in_background (what the daemon uses), mount() returns once the process is started,
 without waiting for it to be ready: the core then answers Prepare at once and the layers of an
@@ -54,16 +56,21 @@ from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, SpanCache
 from snapshotter.fs.deaths import Death, DeathWatch, append_death, mount_table, overlays_using
 from snapshotter.fs.materialize import (
+    FAILED_SUFFIX,
     Copy,
     LocalMarker,
     MaterializeError,
     bind_path,
+    failure_recorded,
     plain_directory_on_parent_fs,
     read_marker,
+    remove_failure,
     remove_marker,
     wipe_contents,
+    write_failure,
     write_marker,
 )
 from snapshotter.fs.mount_process import (
@@ -72,6 +79,7 @@ from snapshotter.fs.mount_process import (
     MountSpec,
     read_state,
     state_path_for,
+    write_private_file,
 )
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.fs.zygote import (
@@ -90,6 +98,7 @@ LOG_TAIL_BYTES = 2000
 MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
+MATERIALIZE_MAX_ATTEMPTS = 3
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
 DEAD_CONNECTION = "FUSE connection is gone (ENOTCONN)"  # mount_problem(): its process died
 # A mount process that dies again this soon after being restarted is left for the next check().
@@ -135,6 +144,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
     return LazyLayers(
         config.cache_dir,
         config.cache.max_size_bytes,
+        cache_reserve=DiskReserve(config.cache.min_free_bytes, config.cache.min_free_percent),
         resolve=resolve,
         fetch_timeout=config.remote.fetch_timeout_seconds,
         read_ahead_kb=config.fuse.read_ahead_kb,
@@ -163,6 +173,7 @@ class LazyLayers:
         cache_dir: str,
         cache_max_bytes: int,
         *,
+        cache_reserve: DiskReserve = NO_RESERVE,
         resolve: Resolver | None = None,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
         workers: int = DEFAULT_WORKERS,
@@ -181,6 +192,8 @@ class LazyLayers:
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
+        self.cache_reserve = cache_reserve
+        self._span_cache: SpanCache | None = None  # for the blobs' user records (unmount)
         self.resolve = resolve
         self.fetch_timeout = fetch_timeout
         self.workers = workers
@@ -203,6 +216,7 @@ class LazyLayers:
         self._known: set[str] = set()
         self._copies: dict[str, Copy] = {}
         self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
+        self._attempts: dict[str, int] = {}  # mountpoint -> failed copies so far
         # A copy works the disk and a core: like background fetch, it waits for a quiet node.
         self._node_activity = NodeActivity(cache_dir)
         self._busy = BusyGate(self._node_activity, self.background.quiet_seconds)
@@ -294,12 +308,18 @@ class LazyLayers:
         _notify(callback, mountpoint, outcome)
 
     def unmount(self, mountpoint: str) -> None:
+        self._unmount(mountpoint, release_spans=True)
+
+    def _unmount(self, mountpoint: str, *, release_spans: bool) -> None:
+        """release_spans: this mount stops using its blob (the last user's spans are deleted);
+        False when it is about to be mounted again."""
         mountpoint = os.path.abspath(mountpoint)
         self._deaths.forget(mountpoint)  # its process ends now because it is told to
         with self._lock:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
             self._reported_deaths.pop(mountpoint, None)
+            self._attempts.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
         if copy is not None:
             copy.cancel()  # a copy that already finished sees this before writing its marker
@@ -307,6 +327,7 @@ class LazyLayers:
             # From here on the directory's contents are a leftover (deleted with the snapshot,
             # or wiped by the next mount), whatever else fails below.
             remove_marker(mountpoint)
+            remove_failure(mountpoint)
         state = read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         with self._lock:
@@ -324,6 +345,8 @@ class LazyLayers:
             self._wait_exit(pid, child, STOP_TIMEOUT_S)
         if isinstance(child, ForkedChild):
             child.close()
+        if release_spans:
+            self._cache_users(_spec_digest(mountpoint), mountpoint, add=False)
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
@@ -355,11 +378,13 @@ class LazyLayers:
             self._await_startup(mountpoint)  # a layer being mounted: see how that ends first
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
+            # mounted by a version that kept no user records: record it now
+            self._cache_users(_spec_digest(mountpoint), mountpoint, add=True)
             self._watch(mountpoint)
             self._follow(mountpoint)
             return
         if _mount_status(mountpoint) != "absent":  # dead or orphaned mount: clear it first
-            self.unmount(mountpoint)
+            self._unmount(mountpoint, release_spans=False)  # its spans serve the new mount
         if not os.path.isdir(mountpoint):
             raise RemoteLayerUnavailable(
                 f"mountpoint {mountpoint} is not a directory", FallbackReason.MOUNT
@@ -378,6 +403,8 @@ class LazyLayers:
             blob=spec.blob,
             cache_dir=self.cache_dir,
             cache_max_bytes=self.cache_max_bytes,
+            cache_min_free_bytes=self.cache_reserve.min_free_bytes,
+            cache_min_free_percent=self.cache_reserve.min_free_percent,
             fetch_timeout=self.fetch_timeout,
             workers=self.workers,
             allow_other=self.allow_other,
@@ -393,6 +420,7 @@ class LazyLayers:
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
+        self._cache_users(spec.blob.digest, mountpoint, add=True)
         try:
             self._start(mountpoint, spec_path)
         except RemoteLayerUnavailable:
@@ -485,6 +513,8 @@ class LazyLayers:
             not_before, _ = self._retry.get(mountpoint, (0.0, 0.0))
         if time.monotonic() < not_before or read_marker(mountpoint) is not None:
             return
+        if failure_recorded(mountpoint):
+            return  # given up on; the record says why (deleting it asks for a new try)
         state = read_state(mountpoint)
         if not state or state.get("background") != BACKGROUND_COMPLETE:
             return
@@ -502,7 +532,7 @@ class LazyLayers:
         return self._busy.remaining() <= 0
 
     def _materialize(self, mountpoint: str, layer_digest: str) -> bool:
-        copy = Copy(mountpoint, python=self.python)
+        copy = Copy(mountpoint, python=self.python, reserve=self.cache_reserve)
         with self._lock:
             if mountpoint in self._copies:
                 return False
@@ -513,7 +543,7 @@ class LazyLayers:
                 copy.run()
             except MaterializeError as exc:
                 if not copy.cancelled:
-                    self._failed(mountpoint, layer_digest, str(exc))
+                    self._failed(mountpoint, layer_digest, str(exc), permanent=exc.permanent)
                 return False
             with self._finish_lock:
                 if copy.cancelled:  # unmounted meanwhile: the copy is a leftover now
@@ -524,8 +554,10 @@ class LazyLayers:
                     self._failed(mountpoint, layer_digest, str(exc))
                     return False
                 _detach(mountpoint)
+                remove_failure(mountpoint)
                 with self._lock:
                     self._retry.pop(mountpoint, None)
+                    self._attempts.pop(mountpoint, None)
             log.info(
                 "layer %s at %s is local now (copied in %.1fs): FUSE mount detached, its "
                 "process ends when no container uses it",
@@ -538,11 +570,28 @@ class LazyLayers:
             with self._lock:
                 self._copies.pop(mountpoint, None)
 
-    def _failed(self, mountpoint: str, layer_digest: str, why: str) -> None:
+    def _failed(
+        self, mountpoint: str, layer_digest: str, why: str, *, permanent: bool = False
+    ) -> None:
         with self._lock:
+            attempts = self._attempts.get(mountpoint, 0) + 1
+            self._attempts[mountpoint] = attempts
             _, delay = self._retry.get(mountpoint, (0.0, 0.0))
             delay = min(MATERIALIZE_RETRY_MAX_S, delay * 2) if delay else self.materialize_retry_s
             self._retry[mountpoint] = (time.monotonic() + delay, delay)
+        if permanent or attempts >= MATERIALIZE_MAX_ATTEMPTS:
+            write_failure(mountpoint, why, attempts, time.time())
+            log.warning(
+                "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
+                "failed %d time(s), giving up: %s (`lazysnap status` shows it; delete %s to "
+                "try again)",
+                layer_digest or "?",
+                mountpoint,
+                attempts,
+                why,
+                mountpoint + FAILED_SUFFIX,
+            )
+            return
         log.warning(
             "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
             "failed: %s; trying again in %.0fs",
@@ -573,7 +622,8 @@ class LazyLayers:
         read_end, write_end = os.pipe()
         log_path = sidecar(mountpoint, ".lazysnap.log")
         try:
-            with open(log_path, "ab") as log_file:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            with open(log_fd, "ab") as log_file:
                 child = self._fork(spec_path, write_end, log_file.fileno()) or subprocess.Popen(
                     [
                         self.python,
@@ -787,6 +837,32 @@ class LazyLayers:
                 self.unmount(mountpoint)
                 raise RemoteLayerUnavailable(problem, FallbackReason.MOUNT)
 
+    def _cache_users(self, layer_digest: str, mountpoint: str, *, add: bool) -> None:
+        """Record (add) or release this mount as a user of the blob's spans: releasing the last
+        user deletes them, so a removed image gives its disk back now, not at eviction."""
+        if not layer_digest:
+            return
+        try:
+            with self._lock:
+                if self._span_cache is None:
+                    self._span_cache = SpanCache(self.cache_dir, self.cache_max_bytes)
+                cache = self._span_cache
+            if add:
+                cache.add_user(layer_digest, mountpoint)
+                return
+            freed = cache.release_user(layer_digest, mountpoint)
+        except (OSError, CacheError) as exc:  # the spans then wait for eviction: log only
+            log.warning(
+                "span cache %s: recording users of %s: %s", self.cache_dir, layer_digest, exc
+            )
+            return
+        if freed:
+            log.info(
+                "layer %s has no mount left: %d MiB of its spans deleted from the cache",
+                layer_digest,
+                freed >> 20,
+            )
+
     def _problem(self, mountpoint: str) -> str | None:
         return mount_problem(mountpoint)
 
@@ -798,6 +874,16 @@ class LazyLayers:
         deadline = time.monotonic() + timeout
         while _is_mount_process(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _spec_digest(mountpoint: str) -> str:
+    """The blob digest in the mount's spec sidecar; "" if there is none or it is unreadable."""
+    try:
+        spec = json.loads(sidecar(mountpoint, ".lazysnap-spec.json").read_text())
+        digest = spec["blob"]["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return digest if isinstance(digest, str) else ""
 
 
 def _startup_outcome(startup: _Startup) -> RemoteLayerUnavailable | None:
@@ -930,11 +1016,14 @@ def _tail(path: Path) -> str:
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        write_private_file(tmp, data)
         os.rename(tmp, path)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        fix = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f" (the filesystem of {path.parent} is full: free space there)"
         raise RemoteLayerUnavailable(
-            f"writing {path}: {exc.strerror}", FallbackReason.MOUNT
+            f"writing {path}: {exc.strerror}{fix}", FallbackReason.MOUNT
         ) from exc

@@ -21,6 +21,14 @@ process (`python -m snapshotter.fs.materialize copy MOUNTPOINT`) under unshare, 
 ionice. It wipes the underlying directory first (what a crashed copy left) and again when cp
 fails, so a half-copied tree is never left, and never visible: it sits under the FUSE mount.
 Without the marker, anything in the underlying directory is such a leftover.
+
+Bounds: before copying, the helper reads the layer's index (through the mount's spec) and
+refuses a layer whose regular files (one per name, hardlinks once) add up to more than its
+uncompressed size: entries that alias one file's data would make cp write many times the layer
+(EXIT_NEVER: no retry helps). It also refuses when the files would not leave the disk reserve
+free on the target's filesystem. cp then runs under a watchdog that kills it once it has
+written (/proc/<pid>/io wchar: every write, copy_file_range and sendfile) more than those bytes,
+or once the filesystem's free space falls under the reserve (someone else is filling it).
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
+from snapshotter.index.model import EntryType, LayerIndex
+
 LOCAL_SUFFIX = ".lazysnap-local"
 BIND_SUFFIX = ".lazysnap-bind"
 HELPER_MODULE = "snapshotter.fs.materialize"
@@ -47,10 +58,40 @@ NAMESPACE = ("unshare", "--mount", "--propagation", "private")
 CP = ("cp", "-a", "--preserve=xattr", "--no-target-directory")  # explicit xattr: failures count
 STOP_TIMEOUT_S = 10.0
 EXIT_BUSY = 3  # another helper holds the flock on this layer
+EXIT_NEVER = 4  # the layer cannot be copied whatever is retried (its index does not allow it)
+FAILED_SUFFIX = ".lazysnap-materialize-failed"  # why the manager gave up copying (JSON)
+SPEC_SUFFIX = ".lazysnap-spec.json"  # the mount's spec (fs/manager.py writes it)
+WATCH_INTERVAL_S = 0.1
+# Room per file and directory beyond its bytes (inode, directory entry, a partial block).
+ENTRY_OVERHEAD_BYTES = 4096
 
 
 class MaterializeError(Exception):
-    """The copy did not complete; the message names the layer's mountpoint and the cause."""
+    """The copy did not complete; the message names the layer's mountpoint and the cause.
+    permanent: trying again cannot help (the index does not allow a bounded copy)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class CopyBudget:
+    """What a copy of a layer may write: its regular files' bytes, and with each entry's
+    overhead, the room it needs on the target's filesystem."""
+
+    file_bytes: int
+    room_bytes: int
+    layer_bytes: int  # the uncompressed layer (the tar stream), from the index
+
+
+def copy_budget(index: LayerIndex) -> CopyBudget:
+    """The budget for copying the tree built from index: the last entry of a name wins (as in
+    the tree), hardlinks share their target's data."""
+    last = {entry.name: entry for entry in index.entries}
+    file_bytes = sum(e.size for e in last.values() if e.type is EntryType.REG)
+    room = file_bytes + ENTRY_OVERHEAD_BYTES * len(last)
+    return CopyBudget(file_bytes, room, index.uncompressed_size)
 
 
 @dataclass(frozen=True)
@@ -96,7 +137,8 @@ def write_marker(mountpoint: str, marker: LocalMarker) -> None:
     path = marker_path(mountpoint)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
             f.write(json.dumps(marker.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -145,12 +187,39 @@ def plain_directory_on_parent_fs(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and own.st_dev == parent.st_dev
 
 
-class Copy:
-    """One run of the copy helper for one mountpoint; cancel() from another thread ends it."""
+def write_failure(mountpoint: str, reason: str, attempts: int, when: float) -> None:
+    """Record that copying the layer gave up (for `lazysnap status`), 0600; best effort."""
+    path = Path(mountpoint.rstrip("/") + FAILED_SUFFIX)
+    record = {"reason": reason, "attempts": attempts, "gave_up_at": when}
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
+            f.write(json.dumps(record) + "\n")
 
-    def __init__(self, mountpoint: str, *, python: str = sys.executable) -> None:
+
+def failure_recorded(mountpoint: str) -> bool:
+    return Path(mountpoint.rstrip("/") + FAILED_SUFFIX).exists()
+
+
+def remove_failure(mountpoint: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        Path(mountpoint.rstrip("/") + FAILED_SUFFIX).unlink()
+
+
+class Copy:
+    """One run of the copy helper for one mountpoint; cancel() from another thread ends it.
+    reserve: the free space the copy leaves on the target's filesystem."""
+
+    def __init__(
+        self,
+        mountpoint: str,
+        *,
+        python: str = sys.executable,
+        reserve: DiskReserve = NO_RESERVE,
+    ) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.python = python
+        self.reserve = reserve
         self.cancelled = False
         self._child: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -163,6 +232,10 @@ class Copy:
             "-m",
             HELPER_MODULE,
             "copy",
+            "--min-free-bytes",
+            str(self.reserve.min_free_bytes),
+            "--min-free-percent",
+            str(self.reserve.min_free_percent),
             self.mountpoint,
         ]
 
@@ -194,7 +267,7 @@ class Copy:
             raise MaterializeError(f"copy of {self.mountpoint}: another copy is running")
         if child.returncode != 0:
             detail = why[-1] if why else f"helper exited {child.returncode}"
-            raise MaterializeError(detail)
+            raise MaterializeError(detail, permanent=child.returncode == EXIT_NEVER)
 
     def cancel(self) -> None:
         """End the helper (and its cp) and wait for it. The partial copy stays under the FUSE
@@ -214,7 +287,9 @@ class Copy:
 
 
 class _HelperError(Exception):
-    pass
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -230,7 +305,95 @@ def _first_lines(text: str, count: int = 2) -> str:
     return " | ".join(lines[:count]) + more
 
 
-def _copy_in_namespace(mountpoint: str) -> None:
+def _budget_for(mountpoint: str) -> CopyBudget:
+    """The copy budget from the index the mount serves (its spec names the index file)."""
+    spec_path = Path(mountpoint.rstrip("/") + SPEC_SUFFIX)
+    try:
+        index_path = json.loads(spec_path.read_text())["index_path"]
+        data = Path(index_path).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _HelperError(f"reading the layer's index through {spec_path}: {exc}") from None
+    from snapshotter.index.codec import decode_index
+
+    try:
+        index = decode_index(data)
+    except Exception as exc:  # the codec's errors name what is wrong
+        raise _HelperError(f"index {index_path}: {exc}") from None
+    budget = copy_budget(index)
+    if budget.file_bytes > budget.layer_bytes:
+        raise _HelperError(
+            f"its files add up to {budget.file_bytes} bytes, more than the layer's "
+            f"{budget.layer_bytes} uncompressed bytes (index entries share data): a copy "
+            "would write more than the layer holds; it stays on FUSE",
+            permanent=True,
+        )
+    return budget
+
+
+def _check_room(target: Path, budget: CopyBudget, reserve: DiskReserve) -> int:
+    """The free space under which the copy is stopped; _HelperError if it cannot fit."""
+    space = disk_space(target)
+    keep = reserve.bytes_for(space.total)
+    if space.free - budget.room_bytes < keep:
+        raise _HelperError(
+            f"needs {budget.room_bytes >> 20} MiB on the filesystem of {target}, which has "
+            f"{space.free >> 20} MiB free and keeps {keep >> 20} MiB free for containers "
+            "([cache] min_free_bytes / min_free_percent): free space there"
+        )
+    return keep
+
+
+def _written(pid: int) -> int:
+    """Bytes process pid has written (write, copy_file_range, sendfile): /proc/<pid>/io."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _run_bounded(command: list[str], target: Path, max_bytes: int, keep_free: int) -> str:
+    """Run cp; kill it once it wrote more than max_bytes or the filesystem of target has less
+    than keep_free left. "" if it ended by itself, else why it was stopped."""
+    try:
+        child = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+    except OSError as exc:
+        raise _HelperError(f"{command[0]}: {exc.strerror}") from exc
+    stopped = ""
+    while True:
+        try:
+            child.wait(WATCH_INTERVAL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        written = _written(child.pid)
+        if written > max_bytes:
+            stopped = (
+                f"cp wrote {written} bytes, more than the layer's files ({max_bytes}): stopped"
+            )
+        elif disk_space(target).free < keep_free:
+            stopped = (
+                f"the filesystem of {target} fell under the {keep_free >> 20} MiB kept free "
+                "for containers during the copy: stopped ([cache] min_free_bytes / "
+                "min_free_percent)"
+            )
+        if stopped:
+            child.kill()
+            child.wait()
+            break
+    assert child.stderr is not None
+    errors = child.stderr.read().decode(errors="replace")
+    child.stderr.close()
+    if not stopped and child.returncode != 0:
+        stopped = f"cp failed (exit {child.returncode}): {_first_lines(errors)}"
+    return stopped
+
+
+def _copy_in_namespace(mountpoint: str, reserve: DiskReserve = NO_RESERVE) -> None:
     """Bind the snapshot dir (non-recursively: its FUSE submount is not carried over) so that
     <bind>/<name> is the underlying directory, wipe it, cp -a the mount into it, sync it."""
     snapshot_dir, name = os.path.split(mountpoint.rstrip("/"))
@@ -250,7 +413,7 @@ def _copy_in_namespace(mountpoint: str) -> None:
         if mounted.returncode != 0:
             raise _HelperError(f"bind mount of {snapshot_dir}: {_first_lines(mounted.stderr)}")
         try:
-            _copy_into(mountpoint, bind / name)
+            _copy_into(mountpoint, bind / name, reserve)
         finally:
             _run(["umount", str(bind)])
     finally:
@@ -259,18 +422,21 @@ def _copy_in_namespace(mountpoint: str) -> None:
             bind.rmdir()
 
 
-def _copy_into(mountpoint: str, target: Path) -> None:
+def _copy_into(mountpoint: str, target: Path, reserve: DiskReserve = NO_RESERVE) -> None:
     if not plain_directory_on_parent_fs(str(target)):
         raise _HelperError(f"{target} is not the plain directory under {mountpoint}")
     if os.stat(mountpoint).st_dev == os.stat(target).st_dev:
         raise _HelperError(f"{mountpoint} is not mounted: nothing to copy from")
+    budget = _budget_for(mountpoint)
     try:
         wipe_contents(target)
-        copied = _run([*CP, "--", mountpoint, str(target)])
-        if copied.returncode != 0:
-            raise _HelperError(
-                f"cp failed (exit {copied.returncode}): {_first_lines(copied.stderr)}"
-            )
+        keep_free = _check_room(target, budget, reserve)
+        # xattrs and symlink targets are not counted by wchar; the overhead covers them.
+        stopped = _run_bounded(
+            [*CP, "--", mountpoint, str(target)], target, budget.room_bytes, keep_free
+        )
+        if stopped:
+            raise _HelperError(stopped)
         synced = _run(["sync", "-f", str(target)])
         if synced.returncode != 0:
             raise _HelperError(f"sync -f {target}: {_first_lines(synced.stderr)}")
@@ -287,11 +453,17 @@ def main(argv: list[str] | None = None) -> int:
         "lazysnap serve inside `unshare --mount --propagation private`).",
     )
     parser.add_argument("action", choices=["copy"])
+    parser.add_argument("--min-free-bytes", type=int, default=0)
+    parser.add_argument("--min-free-percent", type=float, default=0.0)
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)
     try:
-        _copy_in_namespace(os.path.abspath(args.mountpoint))
+        reserve = DiskReserve(args.min_free_bytes, args.min_free_percent)
+        _copy_in_namespace(os.path.abspath(args.mountpoint), reserve)
     except _HelperError as exc:
+        print(f"materializing {args.mountpoint}: {exc}", file=sys.stderr)
+        return EXIT_NEVER if exc.permanent else 1
+    except CacheError as exc:
         print(f"materializing {args.mountpoint}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

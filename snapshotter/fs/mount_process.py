@@ -35,7 +35,7 @@ from snapshotter.fs.background import (
     BackgroundState,
 )
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
-from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.cache import CacheError, DiskReserve, SpanCache
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_READ_AHEAD_SPANS,
@@ -53,6 +53,8 @@ READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
 OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
 STATE_INTERVAL_S = 2.0
 MOUNT_WAIT_S = 30.0
+# Background fetch states after which no span comes in any more without a read asking for it.
+_DONE = (BackgroundState.COMPLETE, BackgroundState.DEGRADED)
 MOUNT_POLL_S = 0.002  # the mount goes live a few ms after libfuse starts: "ready" follows soon
 
 
@@ -67,6 +69,9 @@ class MountSpec:
     blob: BlobSpec
     cache_dir: str
     cache_max_bytes: int
+    # Free space the cache leaves on its filesystem (fs.cache.DiskReserve); 0/0: none.
+    cache_min_free_bytes: int = 0
+    cache_min_free_percent: float = 0.0
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S
     workers: int = DEFAULT_WORKERS
     allow_other: bool = True
@@ -93,6 +98,8 @@ class MountSpec:
             "blob": self.blob.to_json(),
             "cache_dir": self.cache_dir,
             "cache_max_bytes": self.cache_max_bytes,
+            "cache_min_free_bytes": self.cache_min_free_bytes,
+            "cache_min_free_percent": self.cache_min_free_percent,
             "fetch_timeout": self.fetch_timeout,
             "workers": self.workers,
             "allow_other": self.allow_other,
@@ -131,6 +138,8 @@ class MountSpec:
             blob=blob,
             cache_dir=get("cache_dir", str),
             cache_max_bytes=get("cache_max_bytes", int),
+            cache_min_free_bytes=get("cache_min_free_bytes", int, 0),
+            cache_min_free_percent=float(get("cache_min_free_percent", (int, float), 0.0)),
             fetch_timeout=float(get("fetch_timeout", (int, float), DEFAULT_FETCH_TIMEOUT_S)),
             workers=get("workers", int, DEFAULT_WORKERS),
             allow_other=get("allow_other", bool, True),
@@ -150,6 +159,11 @@ class MountSpec:
         if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
             raise SpecError(
                 f"{source}: cache_max_bytes, workers, fetch_timeout and read_ahead_kb must be > 0"
+            )
+        if spec.cache_min_free_bytes < 0 or not 0 <= spec.cache_min_free_percent <= 50:
+            raise SpecError(
+                f"{source}: cache_min_free_bytes must be >= 0 and cache_min_free_percent "
+                "within 0..50"
             )
         if not all(isinstance(name, str) for name in spec.prefetch_names):
             raise SpecError(f"{source}: prefetch_names must be a list of entry names")
@@ -190,6 +204,18 @@ def state_path_for(mountpoint: str) -> Path:
     """The state file that sits next to a mountpoint: <mountpoint>.lazysnap.json."""
     path = Path(mountpoint.rstrip("/") or "/")
     return path.with_name(path.name + ".lazysnap.json")
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create or replace the bytes of path, mode 0600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def read_state(mountpoint: str) -> dict[str, Any] | None:
@@ -265,6 +291,7 @@ class _StateKeeper(threading.Thread):
         self.stopped = threading.Event()
         self.became_ready = threading.Event()
         self.started_at = time.time()
+        self._state_write_failed = False
 
     def run(self) -> None:
         deadline = time.monotonic() + MOUNT_WAIT_S
@@ -291,7 +318,7 @@ class _StateKeeper(threading.Thread):
             self.background.start()
         while not self.stopped.wait(self.spec.state_interval):
             self.write_state()
-            if self.background.state is BackgroundState.COMPLETE and self.busy_meter:
+            if self.background.state in _DONE and self.busy_meter:
                 self.busy_meter.counting = False  # see BusyMeter.counting
         self.background.stop()
 
@@ -306,13 +333,29 @@ class _StateKeeper(threading.Thread):
             "counters": self.reader.counters().as_dict(),
             "background": str(self.background.state) if self.spec.background else "off",
         }
+        if self.reader.cache.disk_limited():
+            state["cache_disk_limited"] = True  # spans served without being cached
         path = state_path_for(self.spec.mountpoint)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(state, indent=1) + "\n")
+            write_private_file(tmp, (json.dumps(state, indent=1) + "\n").encode())
             os.rename(tmp, path)
         except OSError as exc:
-            log.warning("cannot write state file %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            # A full disk must not fill the log either: once, until a write succeeds again.
+            if not self._state_write_failed:
+                log.warning(
+                    "cannot write state file %s: %s (serving goes on; `lazysnap status` shows "
+                    "old counters until it can)",
+                    path,
+                    exc,
+                )
+            self._state_write_failed = True
+            return
+        if self._state_write_failed:
+            log.info("state file %s written again", path)
+        self._state_write_failed = False
 
 
 class AccessLog:
@@ -321,7 +364,8 @@ class AccessLog:
     recorder reads it after unmounting; lines of several layers' logs merge by time)."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="ascii")  # noqa: SIM115
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._file = open(fd, "a", encoding="ascii")  # noqa: SIM115
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
@@ -370,7 +414,11 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
                 f"index file {spec.index_path} describes layer {index.layer_digest}, "
                 f"not blob {spec.blob.digest}"
             )
-        cache = SpanCache(spec.cache_dir, spec.cache_max_bytes)
+        cache = SpanCache(
+            spec.cache_dir,
+            spec.cache_max_bytes,
+            reserve=DiskReserve(spec.cache_min_free_bytes, spec.cache_min_free_percent),
+        )
         blob = open_blob_source(spec.blob, timeout=spec.fetch_timeout)
         windows = open_windows_source(spec, index)
         device_before = os.stat(spec.mountpoint).st_dev

@@ -52,8 +52,10 @@ from typing import Protocol
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import CacheError, SpanCache
 from snapshotter.index.codec import decode_window
+from snapshotter.index.errors import SpanVerificationError
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
+from snapshotter.remote.errors import BlobFetchError
 
 DEFAULT_WORKERS = 4
 DEFAULT_FETCH_TIMEOUT_S = 30.0
@@ -117,6 +119,10 @@ class ReaderCounters:
     background_spans: int = 0  # spans fetched by the background fetcher
     background_bytes: int = 0  # compressed bytes of those
     readahead_spans: int = 0  # spans whose fetch read-ahead started before a read needed them
+    # compressed bytes of the distinct spans this process verified: never more than the layer
+    # (bytes_fetched counts every attempt, failed ones and re-fetches after eviction too)
+    bytes_verified: int = 0
+    degraded_spans: int = 0  # spans background fetch gave up on: their bytes never verified
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -227,6 +233,11 @@ class LayerReader:
         self._node_activity = NodeActivity(cache.directory)  # every layer sharing the cache
         # File data offset -> its read stream, least recently read first.
         self._streams: OrderedDict[int, _Stream] = OrderedDict()
+        self._verified_spans: set[int] = set()  # for bytes_verified
+        # Span number -> failures in which the registry's answer did not fit the index (bytes
+        # that do not verify, a range outside the blob): trying again will not help.
+        self._bad_data: dict[int, int] = {}
+        self._degraded: set[int] = set()
 
     @property
     def layer_digest(self) -> str:
@@ -297,6 +308,19 @@ class LayerReader:
                 return -math.inf
             own = time.monotonic() - self._last_demand_miss
         return min(own, self._node_activity.seconds_since_foreground_fetch())
+
+    def bad_data_failures(self, span_no: int) -> int:
+        """How often the span's bytes did not fit the index (see _is_bad_data)."""
+        with self._lock:
+            return self._bad_data.get(span_no, 0)
+
+    def mark_degraded(self, span_no: int) -> None:
+        """Background fetch gave up on the span: counted for status and metrics (reads still
+        try it, and get EIO while its bytes do not verify)."""
+        with self._lock:
+            if span_no not in self._degraded:
+                self._degraded.add(span_no)
+                self._counters.degraded_spans += 1
 
     def is_cached(self, span_no: int) -> bool:
         return self.cache.contains(self.layer_digest, span_no, self._digest(span_no))
@@ -582,13 +606,14 @@ class LayerReader:
                         self.index, span_no, raw[begin - first : end - first], window
                     )
                 except Exception as exc:
-                    self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}")
+                    self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}", _is_bad_data(exc))
                 else:
                     self._succeed(span_no, attempt, data)
                 del pending[span_no]
         except Exception as exc:
+            bad_data = _is_bad_data(exc)
             for span_no, attempt in sorted(pending.items()):
-                self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}")
+                self._fail(span_no, attempt, f"{type(exc).__name__}: {exc}", bad_data)
 
     def _start_windows_fetch(self, span_numbers: list[int]) -> _WindowsFetch | None:
         """Start fetching the windows of consecutive spans (one range of the windows blob) on
@@ -639,6 +664,10 @@ class LayerReader:
         with self._lock:
             self._counters.spans_fetched += 1
             self._counters.spans_cached += int(stored)
+            if span_no not in self._verified_spans:
+                self._verified_spans.add(span_no)
+                self._counters.bytes_verified += self.index.spans[span_no].compressed_size
+            self._bad_data.pop(span_no, None)
             current = self._attempts.get(span_no)
             if current is not None and (current is attempt or not current.future.done()):
                 # ours, or a newer attempt that replaced ours after its deadline: serve it too
@@ -647,9 +676,22 @@ class LayerReader:
             with contextlib.suppress(InvalidStateError):  # resolved by a late fetch already
                 served.future.set_result(data)
 
-    def _fail(self, span_no: int, attempt: _Attempt, cause: str) -> None:
+    def _fail(self, span_no: int, attempt: _Attempt, cause: str, bad_data: bool = False) -> None:
         with self._lock:
             self._counters.fetch_errors += 1
+            if bad_data:
+                self._bad_data[span_no] = self._bad_data.get(span_no, 0) + 1
             attempt.ended = time.monotonic()  # kept in _attempts: it fails fast for a while
         with contextlib.suppress(InvalidStateError):  # served by a late fetch already
             attempt.future.set_exception(SpanReadError(self.layer_digest, span_no, cause))
+
+
+def _is_bad_data(exc: BaseException) -> bool:
+    """The registry answered, and its answer does not fit the index: bytes that do not verify,
+    or a range outside the blob (the index claims more than the blob holds). Unlike a refused
+    connection or a timeout, another try gets the same answer."""
+    if isinstance(exc, SpanVerificationError):
+        return True
+    if isinstance(exc, BlobFetchError):
+        return exc.cause.startswith(("outside the blob", "HTTP 416", "short read"))
+    return False

@@ -52,6 +52,30 @@ class DaemonError(Exception):
         self.exit_code = exit_code
 
 
+def private_directory_check(path: str, key: str, *, tighten: bool) -> None:
+    """Refuse a directory another user could write to (they could plant spans or state that
+    our processes trust, or swap files under them): it must belong to us and not be group- or
+    other-writable. tighten: also take away read access of others (the root is ours alone;
+    a configured cache dir may be shared, its subdirectories are made 0700 by the cache)."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise DaemonError(f"{key} {path}: {err.strerror}") from None
+    problems = []
+    if st.st_uid != os.geteuid():
+        problems.append(f"owned by uid {st.st_uid}, not {os.geteuid()}")
+    if st.st_mode & 0o022:
+        problems.append(f"writable by other users (mode {stat.S_IMODE(st.st_mode):04o})")
+    if problems:
+        raise DaemonError(
+            f"{key} {path} is {' and '.join(problems)}: other users could change what lazysnap "
+            f"serves; fix it with `chown {os.geteuid()} {path} && chmod go-w {path}`, or "
+            "configure a directory of its own"
+        )
+    if tighten and st.st_mode & 0o077:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 @dataclass
 class RootLock:
     """An exclusive fcntl lock on ROOT/lock, holding our pid for the error message of others."""
@@ -194,6 +218,10 @@ class Daemon:
             os.makedirs(root, mode=0o700, exist_ok=True)
         except OSError as err:
             raise DaemonError(f"cannot create root {root}: {err.strerror}") from None
+        private_directory_check(root, "root", tighten=True)
+        cache_dir = os.path.abspath(config.cache_dir)
+        if os.path.isdir(cache_dir):  # else the span cache creates it 0700
+            private_directory_check(cache_dir, "[cache] dir", tighten=False)
         lock = RootLock.acquire(root)
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,7 @@ blocks of 100 and answers an empty store with an empty stream.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -88,6 +89,17 @@ def _namespace(context: Any) -> str:
     return "-"
 
 
+def _disk_full_hint(err: OSError) -> str:
+    """What to do about a full filesystem, naming it (the path in err is on it)."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    where = f"the filesystem of {err.filename}" if err.filename else "lazysnap's root filesystem"
+    return (
+        f" ({where} is full: free space there; lazysnap's span cache keeps "
+        "[cache] min_free_bytes / min_free_percent free on its own filesystem)"
+    )
+
+
 class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
     def __init__(self, core: Snapshotter) -> None:
         self.core = core
@@ -103,7 +115,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         except OSError as err:
             # Not a containerd error class: containerd sees Unknown with the message.
             log.error("%s failed: %s", what, err)
-            context.abort(grpc.StatusCode.UNKNOWN, f"{what}: {err}")
+            context.abort(grpc.StatusCode.UNKNOWN, f"{what}: {err}{_disk_full_hint(err)}")
         raise AssertionError("unreachable: context.abort raises")
 
     def Prepare(self, request: Any, context: Any) -> Any:

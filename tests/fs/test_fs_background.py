@@ -3,6 +3,7 @@ converges to fully cached, on-demand reads never wait for it, and it stops at th
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from snapshotter.fs.background import (
     CACHE_HIGH_WATER,
+    MAX_BAD_DATA_FAILURES,
     BackgroundFetcher,
     BackgroundSettings,
     BackgroundState,
@@ -304,3 +306,26 @@ def test_a_node_that_never_stops_being_busy_still_converges(
         fetcher.stop()
         for server in servers:
             server.stop()
+
+
+def test_a_span_whose_bytes_never_verify_is_given_up_and_the_rest_completes(
+    layer: tuple[bytes, LayerIndex, BlobServer], tmp_path: Path
+) -> None:
+    _, index, server = layer
+    bad = len(index.spans) // 2
+    spans = list(index.spans)
+    spans[bad] = dataclasses.replace(spans[bad], digest="sha256:" + "0" * 64)
+    wrong = dataclasses.replace(index, spans=tuple(spans))
+    reader = _reader(wrong, server, SpanCache(tmp_path / "cache", 1 << 30))
+    fetcher = BackgroundFetcher(reader, FAST, error_backoff_s=0.01)
+    _run(fetcher)
+    assert fetcher.state is BackgroundState.DEGRADED
+    assert all(reader.is_cached(n) for n in range(len(index.spans)) if n != bad)
+    assert not reader.is_cached(bad)
+    counters = reader.counters()
+    assert counters.degraded_spans == 1
+    assert counters.fetch_errors == MAX_BAD_DATA_FAILURES  # then it stopped trying
+    total = sum(span.compressed_size for span in index.spans)
+    assert counters.bytes_verified == total - index.spans[bad].compressed_size
+    assert counters.bytes_fetched > counters.bytes_verified  # the failed tries, counted apart
+    reader.close()

@@ -5,7 +5,6 @@ fills up mid-put."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -157,9 +156,7 @@ def test_a_put_that_fills_the_disk_fails_cleanly_and_gives_its_room_back(
 ) -> None:
     cache = SpanCache(small_disk, 1 << 20)  # the limit allows what the disk does not
     big = b"b" * (128 << 10)
-    with pytest.raises(OSError) as failure:
-        cache.put(_layer("big"), 0, big, _sha(big))
-    assert failure.value.errno == errno.ENOSPC
+    assert not cache.put(_layer("big"), 0, big, _sha(big))  # served uncached, no error
     assert not cache.contains(_layer("big"), 0)
     assert not list((small_disk / "tmp").iterdir()), "half a span left in tmp/"
     small = b"s" * 1000

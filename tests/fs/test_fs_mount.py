@@ -275,6 +275,7 @@ def test_a_dead_mount_process_is_restarted_and_a_second_death_soon_after_waits_f
     mnt = _mount(manager, layer, tmp_path / "fs")
     state = read_state(str(mnt))
     assert state is not None and state["layer_digest"] == layer.index.layer_digest
+    assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     os.kill(state["pid"], signal.SIGKILL)
     record = wait_for_deaths(mnt, 1)
     assert record.last[-1].pid == state["pid"] and record.last[-1].restarted
@@ -289,8 +290,13 @@ def test_a_dead_mount_process_is_restarted_and_a_second_death_soon_after_waits_f
         manager.check(str(mnt), {})
     assert read_record(str(mnt)).count == 2  # check() does not report it a second time
     manager.mount_layer(str(mnt), layer.spec())
+    requests = layer.server.request_count()
     assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+    assert layer.server.request_count() == requests  # its spans outlived the dead process
+    spans = tmp_path / "cache" / "spans" / "sha256" / layer.index.layer_digest[7:]
+    assert spans.is_dir()
     manager.unmount(str(mnt))
+    assert not spans.exists()  # the layer's last mount is gone: so are its spans
     assert os.listdir(mnt) == [] and read_state(str(mnt)) is None
     assert read_record(str(mnt)).count == 2  # a clean unmount is no death
     with pytest.raises(RemoteLayerUnavailable, match="not mounted"):

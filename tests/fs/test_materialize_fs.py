@@ -3,6 +3,8 @@ its FUSE mount, which is then detached. Real FUSE mounts, real cp, a real tmpfs 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -19,8 +21,9 @@ import pytest
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
-from snapshotter.fs.manager import LazyLayers
+from snapshotter.fs.manager import MATERIALIZE_MAX_ATTEMPTS, LazyLayers
 from snapshotter.fs.materialize import (
+    FAILED_SUFFIX,
     LocalMarker,
     bind_path,
     marker_path,
@@ -203,7 +206,8 @@ def test_a_failing_copy_leaves_fuse_serving_and_no_partial_tree(
             manager.mount_layer(str(mnt), layer.spec())
             assert _wait_for(lambda: "stays lazy" in caplog.text), caplog.text
         [line] = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
-        assert layer.index.layer_digest in line and "No space left on device" in line, line
+        # refused before cp wrote anything: the files would not leave the reserve free
+        assert layer.index.layer_digest in line and "free space there" in line, line
         assert _is_mounted(mnt) and not manager.is_local(str(mnt))
         manager.check(str(mnt), {})
         assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
@@ -353,3 +357,80 @@ def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
         assert NodeActivity(str(tmp_path / "cache")).seconds_since_busy() == math.inf
     finally:
         many.server.stop()
+
+
+def _aliasing(layer: Layer, copies: int) -> Layer:
+    """The layer's index with `copies` more files that all point at big.bin's data: a tree
+    whose files add up to many times the layer."""
+    big = next(e for e in layer.index.entries if e.name == "usr/lib/big.bin")
+    extra = tuple(dataclasses.replace(big, name=f"usr/lib/alias-{n}.bin") for n in range(copies))
+    index = dataclasses.replace(layer.index, entries=(*layer.index.entries, *extra))
+    return Layer(layer.tar, layer.blob, index)
+
+
+def test_a_copy_that_would_write_more_than_the_layer_gives_up_at_once(
+    layer: Layer,
+    managers: list[LazyLayers],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    aliased = _aliasing(layer, 50)
+    try:
+        manager = _manager(tmp_path)
+        managers.append(manager)
+        mnt = tmp_path / "fs"
+        mnt.mkdir()
+        with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
+            manager.mount_layer(str(mnt), aliased.spec())
+            assert _wait_for(lambda: "giving up" in caplog.text), caplog.text
+        [line] = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+        assert "more than the layer's" in line and "failed 1 time(s)" in line, line
+        assert _underlying(mnt) == []  # nothing was copied
+        # FUSE keeps serving the aliases
+        assert (mnt / "usr/lib/alias-7.bin").read_bytes() == layer.data("usr/lib/big.bin")
+        [status] = mount_statuses(str(tmp_path))
+        assert status.live and not status.local
+        record = json.loads((tmp_path / f"fs{FAILED_SUFFIX}").read_text())
+        assert "more than the layer's" in record["reason"] and record["attempts"] == 1
+        time.sleep(2.5)  # the watcher polls every second: it does not try again
+        assert sum("giving up" in r.getMessage() for r in caplog.records) == 1
+        assert not any("trying again" in r.getMessage() for r in caplog.records)
+        manager.unmount(str(mnt))
+        assert not (tmp_path / f"fs{FAILED_SUFFIX}").exists()
+    finally:
+        aliased.server.stop()
+
+
+def test_a_copy_that_keeps_failing_is_tried_three_times_then_given_up(
+    layer: Layer,
+    managers: list[LazyLayers],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(small)], check=True)
+    try:
+        manager = LazyLayers(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=5,
+            background=QUICK,
+            materialize=True,
+            materialize_retry_s=0.2,
+        )
+        managers.append(manager)
+        mnt = small / "fs"
+        mnt.mkdir()
+        with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
+            manager.mount_layer(str(mnt), layer.spec())
+            assert _wait_for(lambda: "giving up" in caplog.text), caplog.text
+        tries = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
+        assert len(tries) == MATERIALIZE_MAX_ATTEMPTS, tries
+        assert "failed 3 time(s)" in tries[-1] and "free space there" in tries[-1]
+        time.sleep(2.5)
+        assert sum("stays lazy" in r.getMessage() for r in caplog.records) == len(tries)
+        assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
+        manager.unmount(str(mnt))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

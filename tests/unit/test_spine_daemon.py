@@ -372,3 +372,83 @@ def test_startup_errors_name_the_file_and_touch_nothing(daemon_dir: Path) -> Non
     assert f"{root}/metadata.db: cannot open snapshot metadata" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (daemon_dir / "s.sock").exists()
+
+
+def test_a_root_or_cache_dir_others_can_write_to_is_refused(daemon_dir: Path) -> None:
+    root = daemon_dir / "open-root"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    result = subprocess.run(
+        serve_command(root, daemon_dir / "s.sock"), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert f"root {root} is writable by other users" in result.stderr
+    assert "chmod go-w" in result.stderr
+    assert not (root / "metadata.db").exists()
+
+    shared = daemon_dir / "shared-cache"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp: sticky, but anyone can create names in it
+    config = daemon_dir / "cache.toml"
+    config.write_text(f'[cache]\ndir = "{shared}"\n')
+    private_root = daemon_dir / "root"
+    result = subprocess.run(
+        [*serve_command(private_root, daemon_dir / "s.sock"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"[cache] dir {shared} is writable by other users" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_root_and_the_metadata_are_private_whatever_the_umask(
+    daemon_dir: Path, daemons: list[DaemonProcess]
+) -> None:
+    root = daemon_dir / "root"
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    old = os.umask(0o022)
+    try:
+        daemons.append(start_daemon(root, daemon_dir / "s.sock", daemon_dir / "log"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert (root / "metadata.db").exists()
+    for name in ("metadata.db", "metadata.db-wal"):
+        path = root / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+def test_prepare_on_a_full_disk_names_the_filesystem_and_the_fix(
+    daemon_dir: Path, daemons: list[DaemonProcess]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = daemon_dir / "small-root"
+    root.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64,mode=0700", "tmpfs", str(root)],
+        check=True,
+    )
+    try:
+        daemon = start_daemon(root, daemon_dir / "s.sock", daemon_dir / "log")
+        daemons.append(daemon)
+        prepare(daemon.stub, "first")
+        filler = root / "filler"  # a container's writes fill the disk; then inodes run out too
+        with contextlib.suppress(OSError):
+            filler.write_bytes(b"x" * (2 << 20))
+        for n in range(64):
+            with contextlib.suppress(OSError):
+                (root / f"f{n}").touch()
+        with pytest.raises(grpc.RpcError) as raised:
+            prepare(daemon.stub, "second")
+        message = raised.value.details() or ""
+        assert "is full: free space there" in message, message
+        assert str(root) in message, message
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        subprocess.run(["umount", "-l", str(root)], check=False)
