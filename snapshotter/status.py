@@ -9,6 +9,9 @@ It works while `serve` is down because everything it shows is on disk beside the
     ROOT/snapshots/<id>/fs.lazysnap-spec.json -> the index (layer size, span count)
     ROOT/snapshots/<id>/fs.lazysnap-local marker: the layer was copied into plain files and its
                                          FUSE mount detached (snapshotter.fs.materialize)
+    ROOT/snapshots/<id>/fs.lazysnap-check the completion check's verdict on the layer
+    ROOT/completion-ledger.json          index blobs refused on this node, check counts
+                                         (both snapshotter.fs.refusals, standard library only)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -42,6 +45,10 @@ LIVE = "live"  # mounted, answering, its mount process alive
 DEAD = "dead"  # a mount or state file is there, but nothing serves it
 UNMOUNTED = "unmounted"  # a lazy snapshot whose layer is not mounted at all
 LOCAL = "local"  # copied into plain files (materialized): no FUSE for new containers
+# The completion check's verdict on a layer, as shown.
+VERIFIED = "verified"  # the tar stream matched the diffID and the index's TOC
+TOC_ONLY = "toc-only"  # matched the TOC; no diffID was known, so the layer stays lazy
+REFUSED = "refused"  # failed: the index is refused on this node, reads get EIO
 
 
 class StatusError(Exception):
@@ -90,6 +97,10 @@ class LayerStatus:
     background: str  # the mount process's background fetch state; "" if it reports none
     updated_at: float | None
     local_since: float | None = None  # when the layer went local (time.time()); None: lazy
+    # The completion check (snapshotter.fs.completion): VERIFIED, TOC_ONLY, REFUSED, or ""
+    # while not checked yet; check_detail says what it compared, or what differed.
+    completion_check: str = ""
+    check_detail: str = ""
 
     @property
     def fetched_percent(self) -> float | None:
@@ -119,6 +130,9 @@ class RootStatus:
     daemon: DaemonStatus
     cache: CacheStatus
     layers: list[LayerStatus]
+    # The node's completion-check ledger: index blobs refused here, and checks passed/failed.
+    refused_indexes: list[dict[str, Any]] = field(default_factory=list)
+    completion_checks: dict[str, int] = field(default_factory=dict)
 
     @property
     def all_local(self) -> bool:
@@ -210,11 +224,16 @@ def collect_status(config: Config) -> RootStatus:
         layers.append(
             _layer_status(config, mountpoint, mount.snapshot_id, "", mount.layer_digest, mount)
         )
+    from snapshotter.fs.refusals import RefusalLedger
+
+    ledger = RefusalLedger(root)
     return RootStatus(
         root=root,
         daemon=daemon_status(root),
         cache=cache_status(config.cache_dir, config.cache.max_size_bytes),
         layers=layers,
+        refused_indexes=[asdict(entry) for entry in ledger.refusals()],
+        completion_checks=ledger.counts(),
     )
 
 
@@ -232,6 +251,7 @@ def _layer_status(
     cache_dir = (mount.cache_dir if mount else "") or config.cache_dir
     local_since = _local_since(mountpoint)
     pid = mount.pid if mount else None
+    check, check_detail = _completion_check(mountpoint)
     if local_since is not None:
         state, problem = LOCAL, ""
         # The detached mount's process still runs for containers started before, or is gone.
@@ -258,7 +278,20 @@ def _layer_status(
         background=mount.background if mount else "",
         updated_at=mount.updated_at if mount else None,
         local_since=local_since,
+        completion_check=check,
+        check_detail=check_detail,
     )
+
+
+def _completion_check(mountpoint: str) -> tuple[str, str]:
+    from snapshotter.fs.refusals import read_verdict
+
+    verdict = read_verdict(mountpoint)
+    if verdict is None:
+        return "", ""
+    if verdict.failed:
+        return REFUSED, verdict.detail
+    return (VERIFIED if verdict.diff_id else TOC_ONLY), verdict.detail
 
 
 def _local_since(mountpoint: str) -> float | None:
@@ -408,7 +441,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
     ]
     if not status.layers:
         lines.append("no lazily mounted layers")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _refused_lines(status)) + "\n"
     local = sum(1 for layer in status.layers if layer.state == LOCAL)
     lines.insert(-1, f"layers  {local} of {len(status.layers)} local (plain files), rest on FUSE")
     header = (
@@ -421,6 +454,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
         "HITS",
         "ERRORS",
         "BACKGROUND",
+        "CHECK",
         "UPDATED",
     )
     rows = [header]
@@ -436,6 +470,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
                 str(layer.cache_hits),
                 str(layer.read_errors) + ("" if layer.eio is None else f" ({layer.eio} EIO)"),
                 layer.background or "-",
+                layer.completion_check or "-",
                 "-" if layer.updated_at is None else f"{max(0.0, now - layer.updated_at):.0f}s ago",
             )
         )
@@ -454,7 +489,21 @@ def render(status: RootStatus, now: float | None = None) -> str:
             lines.append(f"{where}  ({note})")
             continue
         lines.append(where + (f"  ({layer.problem})" if layer.problem else ""))
-    return "\n".join(lines) + "\n"
+        if layer.completion_check == REFUSED:
+            lines.append(f"  FAILED its completion check, reads get EIO: {layer.check_detail}")
+    return "\n".join(lines + _refused_lines(status)) + "\n"
+
+
+def _refused_lines(status: RootStatus) -> list[str]:
+    if not status.refused_indexes:
+        return []
+    lines = ["", f"{len(status.refused_indexes)} index blob(s) refused on this node:"]
+    for entry in status.refused_indexes:
+        lines.append(
+            f"  {entry['index_digest']}  layer {_short(str(entry['layer_digest']))}  "
+            f"image {entry['image'] or '?'}: {entry['why']}"
+        )
+    return lines
 
 
 def _fetched(layer: LayerStatus) -> str:

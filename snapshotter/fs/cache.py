@@ -206,6 +206,27 @@ class SpanCache:
             self._remember_checked(written)  # data is the verified span itself
         return renamed or self._holds(path, header)
 
+    def evict_layer(self, layer_digest: str) -> int:
+        """Remove every cached span of layer_digest (all indexes' numbering of it); returns how
+        many were removed. A reader that has a span open keeps reading it; others miss."""
+        layer_dir = self.span_path(layer_digest, 0).parent
+        removed = freed = 0
+        with self._locked():
+            total, count = self._read_ledger()  # before: a missing ledger is recounted by a scan
+            for span in _scandir(layer_dir):
+                try:
+                    size = span.stat().st_size
+                    os.unlink(span.path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+                freed += size
+            with contextlib.suppress(OSError):
+                layer_dir.rmdir()
+            if removed:
+                self._write_ledger(max(0, total - freed), max(0, count - removed))
+        return removed
+
     def usage(self) -> CacheUsage:
         files = list(self._scan())
         return CacheUsage(bytes=sum(f.size for f in files), spans=len(files))

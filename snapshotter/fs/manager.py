@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -50,10 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.config import Config
-from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.completion import FAILED as CHECK_FAILED
+from snapshotter.fs.completion import PASSED as CHECK_PASSED
+from snapshotter.fs.completion import CheckError, CheckReport, CompletionCheck
 from snapshotter.fs.materialize import (
     Copy,
     LocalMarker,
@@ -65,8 +70,24 @@ from snapshotter.fs.materialize import (
     wipe_contents,
     write_marker,
 )
-from snapshotter.fs.mount_process import READ_AHEAD_KB, MountSpec, read_state, state_path_for
+from snapshotter.fs.mount_process import (
+    READ_AHEAD_KB,
+    MountSpec,
+    SpecError,
+    read_state,
+    state_path_for,
+)
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
+from snapshotter.fs.refusals import (
+    LedgerError,
+    RefusalLedger,
+    RefusedIndex,
+    Verdict,
+    read_verdict,
+    remove_verdict,
+    short_detail,
+    write_verdict,
+)
 from snapshotter.fs.zygote import (
     MOUNT_PROCESS_MODULE,
     ZYGOTE_NAME,
@@ -83,6 +104,7 @@ LOG_TAIL_BYTES = 2000
 MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
+CHECK_STEP = "its completion check"
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
 
 
@@ -94,6 +116,12 @@ class LayerSpec:
     index_bytes: bytes | None = None
     index_path: str | None = None
     prefetch_names: tuple[str, ...] = ()  # this layer's part of the image's startup profile
+    # For the completion check (fs/completion.py): the layer's diffID from the image config
+    # ("" when unknown: the check can then only compare the TOC, and the layer stays lazy), and
+    # where the index came from (named in the refusal ledger if the check fails).
+    diff_id: str = ""
+    artifact_digest: str = ""
+    image: str = ""
 
     def __post_init__(self) -> None:
         if (self.index_bytes is None) == (self.index_path is None):
@@ -138,6 +166,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         mount_in_background=True,  # the core waits in check() before a mount is used
         materialize=config.fetch.materialize and config.fetch.background,
         zygote=config.fuse.zygote,
+        ledger=RefusalLedger(config.root),
     )
 
 
@@ -166,6 +195,7 @@ class LazyLayers:
         materialize: bool = False,
         materialize_retry_s: float = MATERIALIZE_RETRY_S,
         zygote: bool = False,
+        ledger: RefusalLedger | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
@@ -182,6 +212,11 @@ class LazyLayers:
         self.mount_in_background = mount_in_background
         self.materialize = materialize
         self.materialize_retry_s = materialize_retry_s
+        # The completion check runs on every layer whose background fetch completes (always
+        # on); its refusals are kept node-wide here (default: beside the cache directory).
+        self.ledger = ledger or RefusalLedger(os.path.dirname(os.path.abspath(cache_dir)))
+        self._checks: dict[str, CompletionCheck] = {}
+        self._lazy_only: set[str] = set()  # passed without a diffID: logged once, stays lazy
         self._children: dict[str, MountChild] = {}
         self._startups: dict[str, _Startup] = {}
         self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
@@ -219,6 +254,7 @@ class LazyLayers:
     def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
         if self._serve_locally(os.path.abspath(mountpoint)):
             return  # already plain files: no registry, no FUSE
+        _raise_if_refused(os.path.abspath(mountpoint))
         if self.resolve is None:
             raise RemoteLayerUnavailable("lazy layers: no resolver configured")
         try:
@@ -238,6 +274,7 @@ class LazyLayers:
         if self._serve_locally(mountpoint):
             return
         self._await_startup(mountpoint)
+        _raise_if_refused(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
             raise RemoteLayerUnavailable(f"lazy layer at {mountpoint}: {problem}")
@@ -271,6 +308,10 @@ class LazyLayers:
             self._known.discard(mountpoint)
             self._retry.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
+            check = self._checks.get(mountpoint)
+            self._lazy_only.discard(mountpoint)
+        if check is not None:
+            check.cancel()
         if copy is not None:
             copy.cancel()  # a copy that already finished sees this before writing its marker
         with self._finish_lock:
@@ -297,6 +338,7 @@ class LazyLayers:
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
+        remove_verdict(mountpoint)  # a refusal stays in the ledger: discovery refuses the index
         with contextlib.suppress(OSError):  # a copy helper that was killed leaves it, empty
             bind_path(mountpoint).rmdir()
 
@@ -356,6 +398,10 @@ class LazyLayers:
             background_quiet_seconds=self.background.quiet_seconds,
             background_rate_bytes=self.background.rate_bytes,
             access_log=access_log,
+            diff_id=spec.diff_id,
+            index_digest=_file_digest(index_path),
+            artifact_digest=spec.artifact_digest,
+            image=spec.image,
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
@@ -388,7 +434,11 @@ class LazyLayers:
             return True
         state = read_state(mountpoint) or {}
         digest = state.get("layer_digest")
-        return self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+        layer_digest = digest if isinstance(digest, str) else ""
+        verdict = read_verdict(mountpoint) or self._verify(mountpoint, layer_digest)
+        if verdict is None or not self._may_materialize(mountpoint, verdict):
+            return False
+        return self._materialize(mountpoint, layer_digest)
 
     # -- materialization ---------------------------------------------------------------------------
 
@@ -419,8 +469,9 @@ class LazyLayers:
             log.info("removed an unfinished local copy of the layer at %s", mountpoint)
 
     def _watch(self, mountpoint: str) -> None:
-        """Remember mountpoint for the materialize watcher (started on first use)."""
-        if not self.materialize:
+        """Remember mountpoint for the watcher (started on first use): it runs the completion
+        check of a layer whose background fetch is complete, then materializes it (if on)."""
+        if not self.materialize and not self.background.enabled:
             return
         with self._lock:
             self._known.add(mountpoint)
@@ -457,7 +508,139 @@ class LazyLayers:
         if self._problem(mountpoint) is not None:
             return  # not served: check() mounts it again when it is used
         digest = state.get("layer_digest")
-        self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+        layer_digest = digest if isinstance(digest, str) else ""
+        verdict = read_verdict(mountpoint)
+        if verdict is None:
+            verdict = self._verify(mountpoint, layer_digest)
+        if verdict is None or not self.materialize:
+            return
+        if not self._may_materialize(mountpoint, verdict):
+            return
+        self._materialize(mountpoint, layer_digest)
+
+    # -- the completion check ----------------------------------------------------------------------
+
+    def _verify(self, mountpoint: str, layer_digest: str) -> Verdict | None:
+        """Run the completion check of the layer at mountpoint (all its spans cached) and
+        record the verdict; None when there is none yet (spans missing, helper failed: tried
+        again later). A failure refuses the index (see _refuse)."""
+        spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+        try:
+            spec = MountSpec.load(str(spec_path))
+        except SpecError as exc:
+            log.warning("completion check of the layer at %s: %s", mountpoint, exc)
+            return None
+        check = CompletionCheck(str(spec_path), python=self.python)
+        with self._lock:
+            if mountpoint in self._checks:
+                return None
+            self._checks[mountpoint] = check
+        try:
+            try:
+                report = check.run()
+            except CheckError as exc:
+                if not check.cancelled:
+                    self._failed(mountpoint, layer_digest, str(exc), CHECK_STEP)
+                return None
+            if check.cancelled:
+                return None
+            return self._record(mountpoint, spec, report)
+        finally:
+            with self._lock:
+                self._checks.pop(mountpoint, None)
+
+    def _record(self, mountpoint: str, spec: MountSpec, report: CheckReport) -> Verdict | None:
+        layer_digest = spec.blob.digest
+        if report.result not in (CHECK_PASSED, CHECK_FAILED):  # a span went missing
+            self._failed(mountpoint, layer_digest, report.detail, CHECK_STEP)
+            return None
+        verdict = Verdict(
+            result=report.result,
+            detail=short_detail(report.detail),
+            layer_digest=layer_digest,
+            index_digest=spec.index_digest,
+            diff_id=spec.diff_id,
+            checked_at=time.time(),
+        )
+        if verdict.failed:
+            self._refuse(mountpoint, spec, verdict)
+            return verdict
+        try:
+            write_verdict(mountpoint, verdict)
+            self.ledger.record_pass()
+        except LedgerError as exc:
+            self._failed(mountpoint, layer_digest, str(exc), "recording its completion check")
+            return None
+        log.info(
+            "layer %s at %s passed its completion check (%s; %.1fs)",
+            layer_digest,
+            mountpoint,
+            report.detail,
+            report.seconds,
+        )
+        return verdict
+
+    def _refuse(self, mountpoint: str, spec: MountSpec, verdict: Verdict) -> None:
+        """Fail closed: the verdict file first (the mount process reads it and answers EIO from
+        then on, also after a restart), then the node's ledger (later Prepares of this index
+        fall back), then the layer's spans go from the cache. Never materialized."""
+        with self._finish_lock:
+            try:
+                write_verdict(mountpoint, verdict)
+            except LedgerError as exc:
+                log.error("%s", exc)  # the ledger below still refuses the index
+        try:
+            self.ledger.record_refusal(
+                RefusedIndex(
+                    index_digest=spec.index_digest,
+                    layer_digest=verdict.layer_digest,
+                    why=verdict.detail,
+                    artifact_digest=spec.artifact_digest,
+                    image=spec.image,
+                    refused_at=verdict.checked_at,
+                )
+            )
+        except LedgerError as exc:
+            log.error("%s", exc)
+        evicted = 0
+        try:
+            evicted = SpanCache(self.cache_dir, self.cache_max_bytes).evict_layer(
+                verdict.layer_digest
+            )
+        except (CacheError, OSError) as exc:
+            log.error("evicting the spans of layer %s: %s", verdict.layer_digest, exc)
+        log.error(
+            "layer %s (image %s) FAILED its completion check: index blob %s (artifact %s) is "
+            "refused on this node; its mount at %s fails every read with EIO, later Prepares "
+            "of it fall back to a full pull, %d cached spans were evicted: %s",
+            verdict.layer_digest or "?",
+            spec.image or "?",
+            spec.index_digest or "?",
+            spec.artifact_digest or "?",
+            mountpoint,
+            evicted,
+            verdict.detail,
+        )
+
+    def _may_materialize(self, mountpoint: str, verdict: Verdict) -> bool:
+        """Only a layer that passed against its diffID becomes plain files: without one, the
+        check could compare the TOC only, not the file data, so the layer stays on FUSE (whose
+        every span is verified against the index)."""
+        if verdict.failed:
+            return False
+        if verdict.diff_id:
+            return True
+        with self._lock:
+            first = mountpoint not in self._lazy_only
+            self._lazy_only.add(mountpoint)
+        if first:
+            log.warning(
+                "layer %s at %s stays lazy: its diffID is unknown (image config not read), so "
+                "its completion check covered the TOC only, not the file data",
+                verdict.layer_digest or "?",
+                mountpoint,
+            )
+        return False
 
     def _node_quiet(self) -> bool:
         quiet = self.background.quiet_seconds
@@ -502,16 +685,19 @@ class LazyLayers:
             with self._lock:
                 self._copies.pop(mountpoint, None)
 
-    def _failed(self, mountpoint: str, layer_digest: str, why: str) -> None:
+    def _failed(
+        self, mountpoint: str, layer_digest: str, why: str, step: str = "copying it to local disk"
+    ) -> None:
         with self._lock:
             _, delay = self._retry.get(mountpoint, (0.0, 0.0))
             delay = min(MATERIALIZE_RETRY_MAX_S, delay * 2) if delay else self.materialize_retry_s
             self._retry[mountpoint] = (time.monotonic() + delay, delay)
         log.warning(
-            "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
-            "failed: %s; trying again in %.0fs",
+            "layer %s at %s stays lazy (FUSE keeps serving it): %s failed: %s; trying again "
+            "in %.0fs",
             layer_digest or "?",
             mountpoint,
+            step,
             why,
             delay,
         )
@@ -786,6 +972,27 @@ def _tail(path: Path) -> str:
     except OSError:
         return ""
     return " | ".join(lines[-3:])
+
+
+def _raise_if_refused(mountpoint: str) -> None:
+    verdict = read_verdict(mountpoint)
+    if verdict is not None and verdict.failed:
+        raise RemoteLayerUnavailable(
+            f"lazy layer at {mountpoint} failed its completion check (index "
+            f"{verdict.index_digest or '?'} refused on this node): {verdict.detail}",
+            reason=FallbackReason.REFUSED_INDEX,
+        )
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise RemoteLayerUnavailable(f"reading index file {path}: {exc.strerror}") from exc
+    return "sha256:" + digest.hexdigest()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -18,6 +18,7 @@ index and the startup profile at once, in the background, and each layer's Prepa
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,9 +26,10 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
+from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import (
@@ -61,6 +63,8 @@ MAX_AHEAD_BYTES = 64 << 20
 AHEAD_WORKERS = 10
 # The image manifest beside its referrers lookup, then every artifact manifest that lists.
 LOOKUP_WORKERS = 6
+# The image config (for the layers' diffIDs, which the completion check hashes against).
+MAX_CONFIG_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ class _ImageIndexes:
     source: str  # referrers-api | tag-fallback | oras
     found_at: float
     profile: Descriptor | None = None  # the newest startup profile blob of any artifact
+    # image layer digest -> its diffID (rootfs.diff_ids of the image config, fetched beside
+    # the artifact manifests); {} when the config could not be read (logged)
+    diff_ids: Future[dict[str, str]] | None = None
+    artifacts: dict[str, str] | None = None  # image layer digest -> its index's artifact
 
 
 class IndexDiscovery:
@@ -92,12 +100,14 @@ class IndexDiscovery:
         min_layer_size: int = 0,
         negative_ttl: float = 30.0,
         positive_ttl: float = 600.0,
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self.client = client
         self.blob_settings = blob_settings
         self.min_layer_size = min_layer_size
         self.negative_ttl = negative_ttl
         self.positive_ttl = positive_ttl
+        self.refusals = refusals  # index blobs that failed this node's completion check
         self._cache: dict[str, _ImageIndexes] = {}
         # By blob digest: the profile's fetch + decode, started ahead or by the first Prepare
         # that needs it; None when unusable (logged once, by the fetch).
@@ -143,6 +153,13 @@ class IndexDiscovery:
                 else f"no lazysnap index for layer {request.layer_digest}: image "
                 f"{ref}@{manifest_digest} has none (looked up via {found.source})"
             )
+        refused = self.refusals.refused(blob.digest) if self.refusals is not None else None
+        if refused is not None:
+            raise RemoteLayerUnavailable(
+                f"index blob {blob.digest} for layer {request.layer_digest} failed the "
+                f"completion check on this node before (refused): {refused.why}",
+                reason=FallbackReason.REFUSED_INDEX,
+            )
         if blob.size > MAX_INDEX_BLOB_SIZE:
             raise RemoteLayerUnavailable(
                 f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes"
@@ -166,6 +183,9 @@ class IndexDiscovery:
             ),
             index_bytes=data,
             prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),
+            diff_id=found.diff_ids.result().get(request.layer_digest, "") if found.diff_ids else "",
+            artifact_digest=(found.artifacts or {}).get(request.layer_digest, ""),
+            image=request.image_ref,
         )
 
     def _check_size(self, layer_digest: str, size: int) -> None:
@@ -284,6 +304,9 @@ class IndexDiscovery:
                 self._lookup_pool = ThreadPoolExecutor(LOOKUP_WORKERS, "index-lookup")
             pool = self._lookup_pool
         image_future = pool.submit(self.client.get_manifest, ref.with_digest(manifest_digest))
+        # The config follows the image manifest at once, overlapping the referrers lookup and
+        # the artifact manifests: no round trip of its own on the way to the first mount.
+        diff_ids = pool.submit(_diff_ids, self.client, ref, image_future)
 
         def image_layers() -> dict[str, Descriptor]:
             image = image_future.result()
@@ -309,12 +332,13 @@ class IndexDiscovery:
                 pending.cancel()
             raise
         index_blobs: dict[str, Descriptor] = {}
+        index_artifacts: dict[str, str] = {}
         profile: Descriptor | None = None
         # Newest artifact wins when several exist: referrers lists give no order, so take the
         # last one that names a layer (stable for a given registry answer). Results are applied
         # in the listed order, whichever arrived first; the first failing one in that order is
         # the error reported, as when they were fetched one by one.
-        for pending in artifacts:
+        for pending, listed in zip(artifacts, result.descriptors, strict=True):
             try:
                 artifact = pending.result()
             except BaseException:
@@ -324,6 +348,7 @@ class IndexDiscovery:
             for blob, layer_digest in _index_blobs(artifact):
                 if layer_digest in layers:
                     index_blobs[layer_digest] = blob
+                    index_artifacts[layer_digest] = listed.digest
             profile = _newer_profile(profile, artifact)
         log.info(
             "%s@%s: lazysnap index for %d of %d layers (via %s)",
@@ -333,7 +358,15 @@ class IndexDiscovery:
             len(layers),
             result.source,
         )
-        return _ImageIndexes(layers, index_blobs, result.source, time.monotonic(), profile)
+        return _ImageIndexes(
+            layers,
+            index_blobs,
+            result.source,
+            time.monotonic(),
+            profile,
+            diff_ids,
+            index_artifacts,
+        )
 
 
 def _fetch_index(
@@ -341,6 +374,33 @@ def _fetch_index(
 ) -> tuple[bytes, LayerIndex]:
     data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB_SIZE)
     return data, decode_index(data, expected_layer_digest=layer_digest)
+
+
+def _diff_ids(
+    client: RegistryClient, ref: Reference, image_future: Future[Manifest]
+) -> dict[str, str]:
+    """Image layer digest -> diffID, from the image config (rootfs.diff_ids, by position);
+    {} when the config cannot be read: the completion check then compares the TOC only and
+    the layer stays lazy (logged here, once per lookup)."""
+    try:
+        image = image_future.result()
+    except Exception:  # the lookup reports the image manifest's own failure
+        return {}
+    config = image.config
+    where = f"image config of {ref}@{image.digest}"
+    try:
+        if config is None:
+            raise ValueError("the image manifest has no config")
+        data = client.get_blob(ref.repository, config.digest, max_size=MAX_CONFIG_BYTES)
+        found = json.loads(data).get("rootfs", {}).get("diff_ids")
+        if not isinstance(found, list) or not all(isinstance(d, str) for d in found):
+            raise ValueError("rootfs.diff_ids is not a list of digests")
+        if len(found) != len(image.layers):
+            raise ValueError(f"{len(found)} diffIDs for {len(image.layers)} layers")
+    except Exception as exc:  # RegistryError, JSON, shape: all mean "no diffIDs"
+        log.warning("%s: %s; lazy layers of it are checked against their TOC only", where, exc)
+        return {}
+    return {layer.digest: diff_id for layer, diff_id in zip(image.layers, found, strict=True)}
 
 
 @dataclass(frozen=True)
