@@ -381,6 +381,14 @@ class LazyLayers:
             index_path = str(sidecar(mountpoint, ".lazysnap-index"))
             _write_atomically(Path(index_path), spec.index_bytes)
         assert index_path is not None
+        index_digest = _file_digest(index_path)
+        refused = self.ledger.refused(index_digest)
+        if refused is not None:  # discovery refuses it first; this holds for any caller
+            raise RemoteLayerUnavailable(
+                f"index {index_digest} of layer {refused.layer_digest} failed the completion "
+                f"check on this node before (refused): {refused.why}",
+                reason=FallbackReason.REFUSED_INDEX,
+            )
         mount_spec = MountSpec(
             mountpoint=mountpoint,
             index_path=os.path.abspath(index_path),
@@ -399,7 +407,7 @@ class LazyLayers:
             background_rate_bytes=self.background.rate_bytes,
             access_log=access_log,
             diff_id=spec.diff_id,
-            index_digest=_file_digest(index_path),
+            index_digest=index_digest,
             artifact_digest=spec.artifact_digest,
             image=spec.image,
         )

@@ -315,9 +315,15 @@ class _StateKeeper(threading.Thread):
         if verdict is None or not verdict.failed:
             return
         self.refused = True
-        self.background.stop()
         self.refuse(f"layer {self.reader.layer_digest} failed its completion check: "
                     f"{verdict.detail}")  # fmt: skip
+        self.background.stop()
+        if self.background.is_alive():
+            self.background.join(self.spec.fetch_timeout + 5)
+        # The daemon evicted the layer's spans already; reads since then (before this process
+        # saw the verdict) may have fetched some again: nothing of it may stay.
+        with contextlib.suppress(OSError, ValueError):
+            self.reader.cache.evict_layer(self.reader.layer_digest)
 
     def write_state(self) -> None:
         state = {
