@@ -503,8 +503,15 @@ class LazyLayers:
 
     def _consider(self, mountpoint: str) -> None:
         with self._lock:
-            if mountpoint not in self._known or mountpoint in self._startups:
+            if mountpoint not in self._known:
                 return
+            startup = self._startups.get(mountpoint)
+            if startup is not None:
+                if not startup.done.is_set() or startup.problem is not None:
+                    return  # still starting, or failed: check() cleans that away
+                # Ready, but no container used it yet (check() was not called): a layer
+                # nobody reads still completes, is checked and materialized.
+                del self._startups[mountpoint]
             not_before, _ = self._retry.get(mountpoint, (0.0, 0.0))
         if time.monotonic() < not_before or read_marker(mountpoint) is not None:
             return
