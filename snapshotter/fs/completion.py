@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapshotter.fs.cache import SpanCache
@@ -84,11 +85,43 @@ class CheckReport:
         )
 
 
+class Pacer:
+    """Keeps a loop at or under rate_bytes per second (None: as fast as it goes): the check
+    shares the node with containers, and a sibling hyperthread hashing at full speed slows
+    their reads even at nice 19 (docs/benchmarks.md, "Completion check")."""
+
+    def __init__(
+        self,
+        rate_bytes: int | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate_bytes = rate_bytes
+        self._clock = clock
+        self._sleep = sleep
+        self._started = clock()
+        self._done = 0
+
+    def account(self, count: int) -> None:
+        if not self.rate_bytes:
+            return
+        self._done += count
+        ahead = self._done / self.rate_bytes - (self._clock() - self._started)
+        if ahead > 0:
+            self._sleep(ahead)
+
+
 def check_layer(
-    index: LayerIndex, cache: SpanCache, diff_id: str, *, chunk: int = CHUNK
+    index: LayerIndex,
+    cache: SpanCache,
+    diff_id: str,
+    *,
+    chunk: int = CHUNK,
+    pacer: Pacer | None = None,
 ) -> CheckReport:
     """Read the layer's tar stream from the cache and compare it with the diffID (when given)
     and with the index's TOC. Never raises for what the bytes say: that is the verdict."""
+    pacer = pacer or Pacer(None)
     hasher = hashlib.sha256()
     parser = TarTocParser()
     parse_error = ""
@@ -113,6 +146,7 @@ def check_layer(
                     parse_error = f"the tar stream does not parse at byte {position}: {exc}"
             offset += length
             position += length
+            pacer.account(length)
     stream_digest = "sha256:" + hasher.hexdigest()
     problems = []
     if diff_id and stream_digest != diff_id:
@@ -210,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, CacheError) as exc:
         print(f"completion check of {args.spec}: {exc}", file=sys.stderr)
         return 1
-    report = check_layer(index, cache, spec.diff_id)
+    # Paced like background fetch: [fetch] background_rate_bytes, here uncompressed bytes.
+    report = check_layer(index, cache, spec.diff_id, pacer=Pacer(spec.background_rate_bytes))
     timed = CheckReport(
         report.result,
         report.detail,

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.completion import FAILED, INCOMPLETE, PASSED, CheckReport, check_layer
+from snapshotter.fs.completion import (
+    FAILED,
+    INCOMPLETE,
+    PASSED,
+    CheckReport,
+    Pacer,
+    check_layer,
+)
 from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
 from snapshotter.index.codec import decode_window, encode_index_split
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
@@ -237,3 +244,20 @@ def test_the_ledger_keeps_refusals_and_counts_across_instances(tmp_path: Path) -
     assert refused is not None and refused.why == "mode"
     assert again.refused("sha256:" + "3" * 64) is None
     assert again.counts() == {"passed": 1, "failed": 1}
+
+
+def test_the_pacer_holds_the_check_to_its_rate() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(100, clock=lambda: now[0], sleep=sleep)
+    pacer.account(50)  # 0.5 s worth at 100 B/s, done instantly: wait the rest
+    now[0] += 0.2  # work that took longer than its share
+    pacer.account(10)
+    pacer.account(100)
+    assert slept == [0.5, pytest.approx(0.9)]
+    assert now[0] == pytest.approx(1.6)  # 160 bytes at 100 B/s
