@@ -389,6 +389,9 @@ class LazyLayers:
                 f"check on this node before (refused): {refused.why}",
                 reason=FallbackReason.REFUSED_INDEX,
             )
+        verdict = read_verdict(mountpoint)
+        if verdict is not None and verdict.index_digest != index_digest:
+            remove_verdict(mountpoint)  # a pass speaks for its own index only
         mount_spec = MountSpec(
             mountpoint=mountpoint,
             index_path=os.path.abspath(index_path),
@@ -559,13 +562,15 @@ class LazyLayers:
                 return None
             if check.cancelled:
                 return None
-            return self._record(mountpoint, spec, report)
+            return self._record(mountpoint, spec, report, layer_digest)
         finally:
             with self._lock:
                 self._checks.pop(mountpoint, None)
 
-    def _record(self, mountpoint: str, spec: MountSpec, report: CheckReport) -> Verdict | None:
-        layer_digest = spec.blob.digest
+    def _record(
+        self, mountpoint: str, spec: MountSpec, report: CheckReport, layer_digest: str
+    ) -> Verdict | None:
+        layer_digest = spec.blob.digest or layer_digest
         if report.result not in (CHECK_PASSED, CHECK_FAILED):  # a span went missing
             self._failed(mountpoint, layer_digest, report.detail, CHECK_STEP)
             return None

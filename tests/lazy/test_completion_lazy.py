@@ -247,6 +247,9 @@ def test_a_forged_index_fails_the_completion_check_and_is_refused_for_good(
     # Reads on the mount fail closed, file data and directories alike.
     _wait_for(lambda: _read_errno(mountpoint / "data/text") == errno.EIO, 10, "EIO on the mount")
     assert _read_errno(mountpoint / "etc/passwd") == errno.EIO
+    # A new container on the layer is refused, naming why.
+    started = stack.run(image.reference, "true")
+    assert started.returncode != 0 and "failed its completion check" in started.stderr, started
 
     # A restart changes nothing: the mount still refuses, and the ledger is on disk.
     stack.daemon.restart()
