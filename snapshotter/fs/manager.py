@@ -8,9 +8,17 @@ own session so that it survives restarts of `lazysnap serve`. Beside the mountpo
     <mountpoint>.lazysnap.log         the process's log (EIO lines name layer, span and cause)
     <mountpoint>.lazysnap-local       marker: the layer was copied into the directory under the
                                       mount and the FUSE mount detached (fs/materialize.py)
+    <mountpoint>.lazysnap-check       the completion check's verdict (fs/refusals.py)
 A mountpoint that is still live with a live process is re-attached, not mounted again.
 
-With materialize on, a watcher thread copies each layer whose background fetch is complete into
+A watcher thread first runs the completion check (fs/completion.py, in a helper process) on
+each layer whose background fetch is complete, always: the layer's tar stream against its
+diffID and its index's TOC. A pass is recorded; a failure refuses the index on this node for
+good (verdict file, which makes the mount process fail every read with EIO; the node's ledger,
+which discovery and mount_layer consult; the layer's spans evicted) and the layer is never
+materialized. Only a layer that passed against a known diffID is materialized.
+
+With materialize on, the watcher thread copies each layer whose background fetch is complete into
 the plain directory under its mount, writes the marker, and lazily detaches the FUSE mount:
 containers started afterwards read plain files; running ones keep the detached mount (and its
 process) alive until they exit. A local layer is never mounted again (check() and a restart
@@ -338,7 +346,8 @@ class LazyLayers:
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
-        remove_verdict(mountpoint)  # a refusal stays in the ledger: discovery refuses the index
+        # The verdict stays: a refused layer must stay refused on whatever mounts it next; it
+        # goes with the snapshot's directory when the snapshot is removed.
         with contextlib.suppress(OSError):  # a copy helper that was killed leaves it, empty
             bind_path(mountpoint).rmdir()
 

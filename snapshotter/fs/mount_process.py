@@ -7,7 +7,8 @@ on --ready-fd only once the mount is live (the mountpoint's device changed and i
 was raised), or "error: <why>" if it cannot mount. While mounted it keeps a state file next to
 the mountpoint (pid, mountpoint, layer digest, counters) for `lazysnap status` and for the
 manager re-attaching after a restart. SIGTERM unmounts cleanly (libfuse's handler ends the loop
-and unmounts).
+and unmounts). A failed completion check (the daemon's verdict file beside the mountpoint, read
+at start and every state interval) makes every request but a stat of the root fail with EIO.
 """
 
 from __future__ import annotations

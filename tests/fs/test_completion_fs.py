@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -105,12 +107,30 @@ def test_a_forged_index_is_refused_and_its_mount_fails_closed(
             manager.check(str(mnt), {})
         assert checked.value.reason is FallbackReason.REFUSED_INDEX
         # A new mount process (the old one killed) starts refused: the verdict file stays.
+        spec_copy = tmp_path / "spec.json"
+        spec_copy.write_bytes(Path(str(mnt) + ".lazysnap-spec.json").read_bytes())
         pid = int((read_state(str(mnt)) or {})["pid"])
         os.kill(pid, signal.SIGKILL)
         assert _wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 10)
         with pytest.raises(RemoteLayerUnavailable) as again:
             manager.mount_layer(str(mnt), layer.spec())
         assert again.value.reason is FallbackReason.REFUSED_INDEX
+        # A mount process started on the spec anyway (by hand) reads the verdict and refuses.
+        assert read_verdict(str(mnt)) == verdict
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        started = subprocess.Popen(
+            [sys.executable, "-m", "snapshotter.fs.mount_process", "--spec", str(spec_copy)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert _wait_for(lambda: os.path.ismount(mnt), 30)
+            assert _read_errno(mnt / "etc/hosts") == errno.EIO
+        finally:
+            started.terminate()
+            _, stderr = started.communicate(timeout=30)
+        assert b"failed its completion check before: every read gets EIO" in stderr
     finally:
         layer.server.stop()
 
