@@ -8,11 +8,12 @@ and every span inflated into a fresh span cache, as background fetch leaves it. 
 - the check helper exactly as the daemon runs it (`python -m snapshotter.fs.completion --spec`,
   here without nice so its CPU time is what it costs), timed by its rusage: CPU seconds (user +
   system) per GB of uncompressed tar checked, and wall seconds;
-- a foreground read workload alone, then while the check runs at the daemon's priority (nice 19,
-  ionice best-effort 7): a single thread reading every span of the cache in 128 KiB pieces
-  through SpanCache.read, as a mount process serves cache hits (a fresh SpanCache per pass, so
-  each span file is hashed once again, as in a new mount process). Alone and beside the check
-  alternate, so both see the same machine load; the slowdown compares medians.
+- a foreground read workload beside the check run at the daemon's priority (nice 19, ionice
+  best-effort 7), unpaced and paced as the daemon runs it: a single thread reading every span
+  of the cache in 128 KiB pieces through SpanCache.read, as a mount process serves cache hits
+  (a fresh SpanCache per pass, so each span file is hashed once again, as in a new mount
+  process). The check is stopped (SIGSTOP) and continued every 3 passes, so passes alone and
+  beside it interleave at the same machine load; the slowdown compares their medians.
 
 Prints a markdown table and the command line; temporary files go to a private directory that is
 removed at the end.
@@ -24,10 +25,12 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +53,7 @@ from snapshotter.index.spans import inflate_span  # noqa: E402
 
 PYBIG = Path("/var/cache/lazysnap-test-images/pybig")
 READ_PIECE = 128 << 10
+PASSES_PER_WINDOW = 3
 
 
 @dataclass(frozen=True)
@@ -144,18 +148,23 @@ def foreground_pass(work: Path, layer: Layer) -> float:
 def foreground(
     work: Path, reader_layer: Layer, checked: Layer, trials: int, paced: bool
 ) -> tuple[float, float]:
-    """(median MB/s of read passes alone, median MB/s of passes while a check of `checked`
-    runs at the daemon's priority); alone and beside alternate, for as long as the check."""
-    alone, beside = [], []
+    """(median MB/s of read passes alone, median MB/s of passes beside the check of `checked`
+    at the daemon's priority). Alone and beside interleave within each check's run: the check
+    is stopped (SIGSTOP) for every other group of passes, so both see the same machine load."""
+    alone: list[float] = []
+    beside: list[float] = []
     for _ in range(trials):
         child = start_check(checked, niced=True, paced=paced)
-        started = time.monotonic()
+        running = True
         while child.poll() is None:
-            beside.append(foreground_pass(work, reader_layer))
+            for _ in range(PASSES_PER_WINDOW):
+                (beside if running else alone).append(foreground_pass(work, reader_layer))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGCONT if not running else signal.SIGSTOP)
+            running = not running
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGCONT)
         child.wait()
-        until = time.monotonic() + (time.monotonic() - started)
-        while time.monotonic() < until:
-            alone.append(foreground_pass(work, reader_layer))
     return statistics.median(alone), statistics.median(beside)
 
 

@@ -87,8 +87,8 @@ class CheckReport:
 
 class Pacer:
     """Keeps a loop at or under rate_bytes per second (None: as fast as it goes): the check
-    shares the node with containers, and a sibling hyperthread hashing at full speed slows
-    their reads even at nice 19 (docs/benchmarks.md, "Completion check")."""
+    shares the node with containers, and hashing at full speed slowed their reads by up to
+    28 % even at nice 19 (docs/benchmarks.md, "Completion check")."""
 
     def __init__(
         self,
