@@ -4,7 +4,9 @@ evicted, the ledger keeps it), a genuine one is verified and materialized."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -153,5 +155,25 @@ def test_a_genuine_index_is_verified_then_materialized(manager: LazyLayers, tmp_
         assert verdict is not None and not verdict.failed and verdict.diff_id
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
         assert RefusalLedger(str(tmp_path)).counts() == {"passed": 1, "failed": 0}
+    finally:
+        layer.server.stop()
+
+
+def test_without_a_diff_id_the_layer_is_checked_against_its_toc_and_stays_lazy(
+    manager: LazyLayers, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layer = _layer(None)
+    try:
+        mnt = tmp_path / "snapshots" / "1" / "fs"
+        mnt.mkdir(parents=True)
+        spec = dataclasses.replace(layer.spec(), diff_id="")  # the image config was not read
+        with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
+            manager.mount_layer(str(mnt), spec)
+            assert _wait_for(lambda: "stays lazy: its diffID is unknown" in caplog.text)
+        verdict = read_verdict(str(mnt))
+        assert verdict is not None and not verdict.failed and not verdict.diff_id
+        assert "TOC only" in verdict.detail
+        assert not manager.is_local(str(mnt)) and os.path.ismount(mnt)
+        assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     finally:
         layer.server.stop()
