@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -65,6 +66,7 @@ AHEAD_WORKERS = 10
 LOOKUP_WORKERS = 6
 # The image config (for the layers' diffIDs, which the completion check hashes against).
 MAX_CONFIG_BYTES = 4 << 20
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -386,15 +388,19 @@ def _diff_ids(
         image = image_future.result()
     except Exception:  # the lookup reports the image manifest's own failure
         return {}
-    config = image.config
+    if image.is_index:
+        return {}  # so does the lookup
     where = f"image config of {ref}@{image.digest}"
     try:
+        config = image.config
         if config is None:
             raise ValueError("the image manifest has no config")
         data = client.get_blob(ref.repository, config.digest, max_size=MAX_CONFIG_BYTES)
         found = json.loads(data).get("rootfs", {}).get("diff_ids")
-        if not isinstance(found, list) or not all(isinstance(d, str) for d in found):
-            raise ValueError("rootfs.diff_ids is not a list of digests")
+        if not isinstance(found, list) or not all(
+            isinstance(d, str) and _SHA256.fullmatch(d) for d in found
+        ):
+            raise ValueError("rootfs.diff_ids is not a list of sha256 digests")
         if len(found) != len(image.layers):
             raise ValueError(f"{len(found)} diffIDs for {len(image.layers)} layers")
     except Exception as exc:  # RegistryError, JSON, shape: all mean "no diffIDs"
