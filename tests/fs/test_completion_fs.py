@@ -80,8 +80,10 @@ def test_a_forged_index_is_refused_and_its_mount_fails_closed(
         mnt = tmp_path / "snapshots" / "1" / "fs"
         mnt.mkdir(parents=True)
         manager.mount_layer(str(mnt), layer.spec())
-        # Before the check the forged mode is what the mount serves.
+        # Before the check the forged mode is what the mount serves; the file's pages are now
+        # in the kernel's page cache (kept across opens).
         assert os.stat(mnt / "etc/hosts").st_mode & 0o7777 == 0o4755
+        assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
         assert _wait_for(lambda: read_verdict(str(mnt)) is not None), read_state(str(mnt))
         verdict = read_verdict(str(mnt))
         assert verdict is not None and verdict.failed
