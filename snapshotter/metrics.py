@@ -350,6 +350,22 @@ class LazyLayerCollector(Collector):
             for digest, counters in sorted(totals.items()):
                 family.add_metric((digest,), counters.get(key, 0))
             yield family
+        from snapshotter.fs.refusals import RefusalLedger
+
+        ledger = RefusalLedger(self.root)  # kept by the daemon's manager, over restarts
+        checks = CounterMetricFamily(
+            "lazysnap_completion_check",
+            "Completion checks of fully fetched lazy layers (diffID and TOC), by result",
+            labels=("result",),
+        )
+        for result, count in sorted(ledger.counts().items()):
+            checks.add_metric((result,), count)
+        yield checks
+        yield GaugeMetricFamily(
+            "lazysnap_refused_indexes",
+            "Index blobs refused on this node after failing the completion check",
+            value=len(ledger.refusals()),
+        )
         yield from self._deaths()
         cache = cache_status(self.cache_dir, self.cache_max_bytes)
         yield GaugeMetricFamily("lazysnap_cache_bytes", "Bytes in the span cache", cache.bytes)

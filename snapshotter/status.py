@@ -14,6 +14,9 @@ It works while `serve` is down because everything it shows is on disk beside the
     ROOT/snapshots/<id>/fs.lazysnap-deaths.json  deaths of its mount processes, and the
                                          containers each stranded (snapshotter.fs.deaths)
     ROOT/snapshots/<id>/fs.lazysnap-materialize-failed  why copying it gave up (JSON)
+    ROOT/snapshots/<id>/fs.lazysnap-check the completion check's verdict on the layer
+    ROOT/completion-ledger.json          index blobs refused on this node, check counts
+                                         (both snapshotter.fs.refusals, standard library only)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -50,6 +53,10 @@ DEAD = "dead"  # a mount or state file is there, but nothing serves it
 UNMOUNTED = "unmounted"  # a lazy snapshot whose layer is not mounted at all
 LOCAL = "local"  # copied into plain files (materialized): no FUSE for new containers
 SHOWN_FALLBACKS = 20  # the table lists this many layers that were not lazy, newest first
+# The completion check's verdict on a layer, as shown.
+VERIFIED = "verified"  # the tar stream matched the diffID and the index's TOC
+TOC_ONLY = "toc-only"  # matched the TOC; no diffID was known, so the layer stays lazy
+REFUSED = "refused"  # failed: the index is refused on this node, reads get EIO
 
 
 class StatusError(Exception):
@@ -111,6 +118,10 @@ class LayerStatus:
     degraded_spans: int = 0  # spans background fetch gave up on (their bytes never verify)
     materialize_failed: str = ""  # why copying the layer to plain files gave up; "" if it did not
     cache_disk_limited: bool = False  # spans served uncached: the cache's disk is at its reserve
+    # The completion check (snapshotter.fs.completion): VERIFIED, TOC_ONLY, REFUSED, or ""
+    # while not checked yet; check_detail says what it compared, or what differed.
+    completion_check: str = ""
+    check_detail: str = ""
 
     @property
     def fetched_percent(self) -> float | None:
@@ -146,6 +157,9 @@ class RootStatus:
     # The last fallback of each layer that was pulled whole instead of mounted lazily, newest
     # first (a layer lazy again since is not listed).
     not_lazy: list[Fallback] = field(default_factory=list)
+    # The node's completion-check ledger: index blobs refused here, and checks passed/failed.
+    refused_indexes: list[dict[str, Any]] = field(default_factory=list)
+    completion_checks: dict[str, int] = field(default_factory=dict)
 
     @property
     def all_local(self) -> bool:
@@ -238,12 +252,17 @@ def collect_status(config: Config) -> RootStatus:
         layers.append(
             _layer_status(config, mountpoint, mount.snapshot_id, "", mount.layer_digest, mount)
         )
+    from snapshotter.fs.refusals import RefusalLedger
+
+    ledger = RefusalLedger(root)
     return RootStatus(
         root=root,
         daemon=daemon_status(root),
         cache=cache_status(config.cache_dir, config.cache.max_size_bytes),
         layers=layers,
         not_lazy=_not_lazy(root, {layer.layer_digest for layer in layers}),
+        refused_indexes=[asdict(entry) for entry in ledger.refusals()],
+        completion_checks=ledger.counts(),
     )
 
 
@@ -272,6 +291,7 @@ def _layer_status(
     cache_dir = (mount.cache_dir if mount else "") or config.cache_dir
     local_since = _local_since(mountpoint)
     pid = mount.pid if mount else None
+    check, check_detail = _completion_check(mountpoint)
     if local_since is not None:
         state, problem = LOCAL, ""
         # The detached mount's process still runs for containers started before, or is gone.
@@ -309,6 +329,8 @@ def _layer_status(
         degraded_spans=counters.get("degraded_spans", 0),
         materialize_failed=_materialize_failed(mountpoint) if local_since is None else "",
         cache_disk_limited=mount.cache_disk_limited if mount else False,
+        completion_check=check,
+        check_detail=check_detail,
     )
 
 
@@ -322,6 +344,17 @@ def _materialize_failed(mountpoint: str) -> str:
         return "gave up (its record is unreadable)"
     reason = data.get("reason") if isinstance(data, dict) else None
     return reason if isinstance(reason, str) and reason else "gave up"
+
+
+def _completion_check(mountpoint: str) -> tuple[str, str]:
+    from snapshotter.fs.refusals import read_verdict
+
+    verdict = read_verdict(mountpoint)
+    if verdict is None:
+        return "", ""
+    if verdict.failed:
+        return REFUSED, verdict.detail
+    return (VERIFIED if verdict.diff_id else TOC_ONLY), verdict.detail
 
 
 def _local_since(mountpoint: str) -> float | None:
@@ -472,7 +505,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
     if not status.layers:
         lines.append("no lazily mounted layers")
         lines.extend(_not_lazy_lines(status, now))
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _refused_lines(status)) + "\n"
     local = sum(1 for layer in status.layers if layer.state == LOCAL)
     lines.insert(-1, f"layers  {local} of {len(status.layers)} local (plain files), rest on FUSE")
     header = (
@@ -485,6 +518,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
         "HITS",
         "ERRORS",
         "BACKGROUND",
+        "CHECK",
         "UPDATED",
     )
     rows = [header]
@@ -500,6 +534,7 @@ def render(status: RootStatus, now: float | None = None) -> str:
                 str(layer.cache_hits),
                 str(layer.read_errors) + ("" if layer.eio is None else f" ({layer.eio} EIO)"),
                 layer.background or "-",
+                layer.completion_check or "-",
                 "-" if layer.updated_at is None else f"{max(0.0, now - layer.updated_at):.0f}s ago",
             )
         )
@@ -531,9 +566,23 @@ def render(status: RootStatus, now: float | None = None) -> str:
                 "on the cache's filesystem or adjust [cache] min_free_bytes / min_free_percent"
             )
         lines.append(where + "".join(f"  ({note})" for note in notes))
+        if layer.completion_check == REFUSED:
+            lines.append(f"  FAILED its completion check, reads get EIO: {layer.check_detail}")
     lines.extend(_death_lines(status.layers, now))
     lines.extend(_not_lazy_lines(status, now))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _refused_lines(status)) + "\n"
+
+
+def _refused_lines(status: RootStatus) -> list[str]:
+    if not status.refused_indexes:
+        return []
+    lines = ["", f"{len(status.refused_indexes)} index blob(s) refused on this node:"]
+    for entry in status.refused_indexes:
+        lines.append(
+            f"  {entry['index_digest']}  layer {_short(str(entry['layer_digest']))}  "
+            f"image {entry['image'] or '?'}: {entry['why']}"
+        )
+    return lines
 
 
 def _not_lazy_lines(status: RootStatus, now: float) -> list[str]:

@@ -311,23 +311,33 @@ class SpanCache:
                 return 0
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
-            spans_dir = self.span_path(layer_digest, 0).parent
-            freed = 0
-            removed = 0
-            for span in _scandir(spans_dir):
-                try:
-                    size = span.stat().st_size
-                    os.unlink(span.path)
-                except FileNotFoundError:
-                    continue
-                freed += size
-                removed += 1
-            with contextlib.suppress(OSError):
-                spans_dir.rmdir()
-            if removed:
-                total, count = self._read_ledger()
-                self._write_ledger(max(0, total - freed), max(0, count - removed))
-            return freed
+            return self._delete_layer_spans(layer_digest)[1]
+
+    def evict_layer(self, layer_digest: str) -> int:
+        """Remove every cached span of layer_digest (all indexes' numbering of it); returns how
+        many were removed. A reader that has a span open keeps reading it; others miss."""
+        with self._locked():
+            return self._delete_layer_spans(layer_digest)[0]
+
+    def _delete_layer_spans(self, layer_digest: str) -> tuple[int, int]:
+        """Under the cache lock: unlink every span of layer_digest and account for them;
+        (spans removed, bytes freed)."""
+        layer_dir = self.span_path(layer_digest, 0).parent
+        removed = freed = 0
+        total, count = self._read_ledger()  # before: a missing ledger is recounted by a scan
+        for span in _scandir(layer_dir):
+            try:
+                size = span.stat().st_size
+                os.unlink(span.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+            freed += size
+        with contextlib.suppress(OSError):
+            layer_dir.rmdir()
+        if removed:
+            self._write_ledger(max(0, total - freed), max(0, count - removed))
+        return removed, freed
 
     def usage(self) -> CacheUsage:
         files = list(self._scan())

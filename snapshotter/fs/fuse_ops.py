@@ -18,6 +18,7 @@ does not pass cache_readdir from opendir to the kernel (fuse_lib_opendir copies 
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import errno
 import logging
@@ -50,6 +51,13 @@ if mfusepy.fuse_version_major != 3:
     )
 
 
+# libfuse >= 3.1: drop the kernel's cached pages, attributes and dentry of a path (refuse()).
+_invalidate_path = getattr(mfusepy._libfuse, "fuse_invalidate_path", None)
+if _invalidate_path is not None:
+    _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    _invalidate_path.restype = ctypes.c_int
+
+
 class AccessRecorder(Protocol):
     """Told the entry name of every file whose data is read (profile recording)."""
 
@@ -71,12 +79,17 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         self.recorder = recorder
         self._fs_blocks = (tree.total_size + 4095) // 4096
         self._has_xattrs: bool | None = None  # found on the first getxattr, off the startup path
+        # Set when the layer failed its completion check: every request but statfs (and a stat
+        # of the root, so the mount stays recognisable as a live one) fails with EIO.
+        self.refused: str | None = None
+        self._fuse: int | None = None  # libfuse's struct fuse *, taken in init
         # A burst of requests (a container starting) holds back background work node-wide.
         self.busy_meter = BusyMeter(NodeActivity(reader.cache.directory))
 
     # -- setup -----------------------------------------------------------------------------------
 
     def init_with_config(self, conn: Any, config: Any) -> None:
+        self._fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
         if conn is not None and conn.capable & FUSE_CAP_CACHE_SYMLINKS:
             conn.want |= FUSE_CAP_CACHE_SYMLINKS
         if config is not None:
@@ -86,9 +99,28 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
             config.attr_timeout = CACHE_TIMEOUT_S
             config.negative_timeout = CACHE_TIMEOUT_S
 
+    def refuse(self, why: str) -> None:
+        """Fail closed from now on: every later request gets EIO, and what the kernel cached
+        (pages, attributes, dentries) is dropped so it asks again. Call from outside a FUSE
+        request (the state keeper's thread): notifying the kernel from inside one can block."""
+        if self.refused is not None:
+            return
+        self.refused = why
+        log.error("refusing every read of this layer (EIO): %s", why)
+        fuse = self._fuse
+        if _invalidate_path is None or not fuse:
+            return
+        for name, _ in self.tree.walk():
+            _invalidate_path(fuse, ("/" + name).encode("utf-8", "surrogateescape"))
+
+    def _check_refused(self, path: str | None = None) -> None:
+        if self.refused is not None and path != "/":
+            raise _fail(errno.EIO)
+
     # -- metadata --------------------------------------------------------------------------------
 
     def _node(self, path: str) -> Inode:
+        self._check_refused(path)
         node = self.tree.lookup(path)
         if node is None:
             raise _fail(errno.ENOENT)
@@ -96,11 +128,13 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         self.busy_meter.tick()
+        self._check_refused(path)
         node = self.tree.inode(fh) if fh else None
         return _attributes(node or self._node(path))
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
         self.busy_meter.tick()
+        self._check_refused()
         node = self._node(path)
         if not node.is_dir:
             raise _fail(errno.ENOTDIR)
@@ -122,6 +156,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return node.symlink_target
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        self._check_refused()
         if self._has_xattrs is None:
             self._has_xattrs = any(node.xattrs for _, node in self.tree.walk())
         if not self._has_xattrs:
@@ -157,6 +192,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         self.busy_meter.tick()
+        self._check_refused()
         node = self.tree.inode(fh) if fh else None
         if node is None and path is not None:
             node = self.tree.lookup(path)

@@ -8,9 +8,17 @@ own session so that it survives restarts of `lazysnap serve`. Beside the mountpo
     <mountpoint>.lazysnap.log         the process's log (EIO lines name layer, span and cause)
     <mountpoint>.lazysnap-local       marker: the layer was copied into the directory under the
                                       mount and the FUSE mount detached (fs/materialize.py)
+    <mountpoint>.lazysnap-check       the completion check's verdict (fs/refusals.py)
 A mountpoint that is still live with a live process is re-attached, not mounted again.
 
-With materialize on, a watcher thread copies each layer whose background fetch is complete into
+A watcher thread first runs the completion check (fs/completion.py, in a helper process) on
+each layer whose background fetch is complete, always: the layer's tar stream against its
+diffID and its index's TOC. A pass is recorded; a failure refuses the index on this node for
+good (verdict file, which makes the mount process fail every read with EIO; the node's ledger,
+which discovery and mount_layer consult; the layer's spans evicted) and the layer is never
+materialized. Only a layer that passed against a known diffID is materialized.
+
+With materialize on, the watcher thread copies each layer whose background fetch is complete into
 the plain directory under its mount, writes the marker, and lazily detaches the FUSE mount:
 containers started afterwards read plain files; running ones keep the detached mount (and its
 process) alive until they exit. A local layer is never mounted again (check() and a restart
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +66,9 @@ from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, SpanCache
+from snapshotter.fs.completion import FAILED as CHECK_FAILED
+from snapshotter.fs.completion import PASSED as CHECK_PASSED
+from snapshotter.fs.completion import CheckError, CheckReport, CompletionCheck
 from snapshotter.fs.deaths import Death, DeathWatch, append_death, mount_table, overlays_using
 from snapshotter.fs.materialize import (
     FAILED_SUFFIX,
@@ -77,11 +89,22 @@ from snapshotter.fs.mount_process import (
     OOM_SCORE_ADJ,
     READ_AHEAD_KB,
     MountSpec,
+    SpecError,
     read_state,
     state_path_for,
     write_private_file,
 )
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
+from snapshotter.fs.refusals import (
+    LedgerError,
+    RefusalLedger,
+    RefusedIndex,
+    Verdict,
+    read_verdict,
+    remove_verdict,
+    short_detail,
+    write_verdict,
+)
 from snapshotter.fs.zygote import (
     MOUNT_PROCESS_MODULE,
     ZYGOTE_NAME,
@@ -99,6 +122,7 @@ MATERIALIZE_POLL_S = 1.0  # the mount process refreshes its state file every 2 s
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to MATERIALIZE_RETRY_MAX_S
 MATERIALIZE_RETRY_MAX_S = 3600.0
 MATERIALIZE_MAX_ATTEMPTS = 3
+CHECK_STEP = "its completion check"
 BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every span is cached
 DEAD_CONNECTION = "FUSE connection is gone (ENOTCONN)"  # mount_problem(): its process died
 # A mount process that dies again this soon after being restarted is left for the next check().
@@ -113,6 +137,12 @@ class LayerSpec:
     index_bytes: bytes | None = None
     index_path: str | None = None
     prefetch_names: tuple[str, ...] = ()  # this layer's part of the image's startup profile
+    # For the completion check (fs/completion.py): the layer's diffID from the image config
+    # ("" when unknown: the check can then only compare the TOC, and the layer stays lazy), and
+    # where the index came from (named in the refusal ledger if the check fails).
+    diff_id: str = ""
+    artifact_digest: str = ""
+    image: str = ""
 
     def __post_init__(self) -> None:
         if (self.index_bytes is None) == (self.index_path is None):
@@ -159,6 +189,7 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         materialize=config.fetch.materialize and config.fetch.background,
         zygote=config.fuse.zygote,
         oom_score_adj=config.fuse.oom_score_adj,
+        ledger=RefusalLedger(config.root),
     )
 
 
@@ -189,6 +220,7 @@ class LazyLayers:
         materialize_retry_s: float = MATERIALIZE_RETRY_S,
         zygote: bool = False,
         oom_score_adj: int = OOM_SCORE_ADJ,
+        ledger: RefusalLedger | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
@@ -208,6 +240,11 @@ class LazyLayers:
         self.materialize = materialize
         self.materialize_retry_s = materialize_retry_s
         self.oom_score_adj = oom_score_adj
+        # The completion check runs on every layer whose background fetch completes (always
+        # on); its refusals are kept node-wide here (default: beside the cache directory).
+        self.ledger = ledger or RefusalLedger(os.path.dirname(os.path.abspath(cache_dir)))
+        self._checks: dict[str, CompletionCheck] = {}
+        self._lazy_only: set[str] = set()  # passed without a diffID: logged once, stays lazy
         self._children: dict[str, MountChild] = {}
         self._startups: dict[str, _Startup] = {}
         self._mount_locks: dict[str, threading.RLock] = {}  # one mount/startup at a time
@@ -252,6 +289,7 @@ class LazyLayers:
     def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
         if self._serve_locally(os.path.abspath(mountpoint)):
             return  # already plain files: no registry, no FUSE
+        _raise_if_refused(os.path.abspath(mountpoint))
         if self.resolve is None:
             raise RemoteLayerUnavailable(
                 "lazy layers: no resolver configured", FallbackReason.DISABLED
@@ -275,6 +313,7 @@ class LazyLayers:
         if self._serve_locally(mountpoint):
             return
         self._await_startup(mountpoint)
+        _raise_if_refused(mountpoint)
         problem = self._problem(mountpoint)
         if problem:
             if problem == DEAD_CONNECTION:
@@ -321,6 +360,10 @@ class LazyLayers:
             self._reported_deaths.pop(mountpoint, None)
             self._attempts.pop(mountpoint, None)
             copy = self._copies.get(mountpoint)
+            check = self._checks.get(mountpoint)
+            self._lazy_only.discard(mountpoint)
+        if check is not None:
+            check.cancel()
         if copy is not None:
             copy.cancel()  # a copy that already finished sees this before writing its marker
         with self._finish_lock:
@@ -350,6 +393,8 @@ class LazyLayers:
         for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
             with contextlib.suppress(FileNotFoundError):
                 sidecar(mountpoint, suffix).unlink()
+        # The verdict stays: a refused layer must stay refused on whatever mounts it next; it
+        # goes with the snapshot's directory when the snapshot is removed.
         with contextlib.suppress(OSError):  # a copy helper that was killed leaves it, empty
             bind_path(mountpoint).rmdir()
 
@@ -397,6 +442,17 @@ class LazyLayers:
             index_path = str(sidecar(mountpoint, ".lazysnap-index"))
             _write_atomically(Path(index_path), spec.index_bytes)
         assert index_path is not None
+        index_digest = _file_digest(index_path)
+        refused = self.ledger.refused(index_digest)
+        if refused is not None:  # discovery refuses it first; this holds for any caller
+            raise RemoteLayerUnavailable(
+                f"index {index_digest} of layer {refused.layer_digest} failed the completion "
+                f"check on this node before (refused): {refused.why}",
+                reason=FallbackReason.REFUSED_INDEX,
+            )
+        verdict = read_verdict(mountpoint)
+        if verdict is not None and verdict.index_digest != index_digest:
+            remove_verdict(mountpoint)  # a pass speaks for its own index only
         mount_spec = MountSpec(
             mountpoint=mountpoint,
             index_path=os.path.abspath(index_path),
@@ -417,6 +473,10 @@ class LazyLayers:
             background_rate_bytes=self.background.rate_bytes,
             access_log=access_log,
             oom_score_adj=self.oom_score_adj,
+            diff_id=spec.diff_id,
+            index_digest=index_digest,
+            artifact_digest=spec.artifact_digest,
+            image=spec.image,
         )
         spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
@@ -452,7 +512,11 @@ class LazyLayers:
             return True
         state = read_state(mountpoint) or {}
         digest = state.get("layer_digest")
-        return self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+        layer_digest = digest if isinstance(digest, str) else ""
+        verdict = read_verdict(mountpoint) or self._verify(mountpoint, layer_digest)
+        if verdict is None or not self._may_materialize(mountpoint, verdict):
+            return False
+        return self._materialize(mountpoint, layer_digest)
 
     # -- materialization ---------------------------------------------------------------------------
 
@@ -483,8 +547,9 @@ class LazyLayers:
             log.info("removed an unfinished local copy of the layer at %s", mountpoint)
 
     def _watch(self, mountpoint: str) -> None:
-        """Remember mountpoint for the materialize watcher (started on first use)."""
-        if not self.materialize:
+        """Remember mountpoint for the watcher (started on first use): it runs the completion
+        check of a layer whose background fetch is complete, then materializes it (if on)."""
+        if not self.materialize and not self.background.enabled:
             return
         with self._lock:
             self._known.add(mountpoint)
@@ -508,8 +573,15 @@ class LazyLayers:
 
     def _consider(self, mountpoint: str) -> None:
         with self._lock:
-            if mountpoint not in self._known or mountpoint in self._startups:
+            if mountpoint not in self._known:
                 return
+            startup = self._startups.get(mountpoint)
+            if startup is not None:
+                if not startup.done.is_set() or startup.problem is not None:
+                    return  # still starting, or failed: check() cleans that away
+                # Ready, but no container used it yet (check() was not called): a layer
+                # nobody reads still completes, is checked and materialized.
+                del self._startups[mountpoint]
             not_before, _ = self._retry.get(mountpoint, (0.0, 0.0))
         if time.monotonic() < not_before or read_marker(mountpoint) is not None:
             return
@@ -523,7 +595,141 @@ class LazyLayers:
         if self._problem(mountpoint) is not None:
             return  # not served: check() mounts it again when it is used
         digest = state.get("layer_digest")
-        self._materialize(mountpoint, digest if isinstance(digest, str) else "")
+        layer_digest = digest if isinstance(digest, str) else ""
+        verdict = read_verdict(mountpoint)
+        if verdict is None:
+            verdict = self._verify(mountpoint, layer_digest)
+        if verdict is None or not self.materialize:
+            return
+        if not self._may_materialize(mountpoint, verdict):
+            return
+        self._materialize(mountpoint, layer_digest)
+
+    # -- the completion check ----------------------------------------------------------------------
+
+    def _verify(self, mountpoint: str, layer_digest: str) -> Verdict | None:
+        """Run the completion check of the layer at mountpoint (all its spans cached) and
+        record the verdict; None when there is none yet (spans missing, helper failed: tried
+        again later). A failure refuses the index (see _refuse)."""
+        spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+        try:
+            spec = MountSpec.load(str(spec_path))
+        except SpecError as exc:
+            log.warning("completion check of the layer at %s: %s", mountpoint, exc)
+            return None
+        check = CompletionCheck(str(spec_path), python=self.python)
+        with self._lock:
+            if mountpoint in self._checks:
+                return None
+            self._checks[mountpoint] = check
+        try:
+            try:
+                report = check.run()
+            except CheckError as exc:
+                if not check.cancelled:
+                    self._failed(mountpoint, layer_digest, str(exc), CHECK_STEP)
+                return None
+            if check.cancelled:
+                return None
+            return self._record(mountpoint, spec, report, layer_digest)
+        finally:
+            with self._lock:
+                self._checks.pop(mountpoint, None)
+
+    def _record(
+        self, mountpoint: str, spec: MountSpec, report: CheckReport, layer_digest: str
+    ) -> Verdict | None:
+        layer_digest = spec.blob.digest or layer_digest
+        if report.result not in (CHECK_PASSED, CHECK_FAILED):  # a span went missing
+            self._failed(mountpoint, layer_digest, report.detail, CHECK_STEP)
+            return None
+        verdict = Verdict(
+            result=report.result,
+            detail=short_detail(report.detail),
+            layer_digest=layer_digest,
+            index_digest=spec.index_digest,
+            diff_id=spec.diff_id,
+            checked_at=time.time(),
+        )
+        if verdict.failed:
+            self._refuse(mountpoint, spec, verdict)
+            return verdict
+        try:
+            write_verdict(mountpoint, verdict)
+            self.ledger.record_pass()
+        except LedgerError as exc:
+            self._failed(mountpoint, layer_digest, str(exc), "recording its completion check")
+            return None
+        log.info(
+            "layer %s at %s passed its completion check (%s; %.1fs)",
+            layer_digest,
+            mountpoint,
+            report.detail,
+            report.seconds,
+        )
+        return verdict
+
+    def _refuse(self, mountpoint: str, spec: MountSpec, verdict: Verdict) -> None:
+        """Fail closed: the verdict file first (the mount process reads it and answers EIO from
+        then on, also after a restart), then the node's ledger (later Prepares of this index
+        fall back), then the layer's spans go from the cache. Never materialized."""
+        with self._finish_lock:
+            try:
+                write_verdict(mountpoint, verdict)
+            except LedgerError as exc:
+                log.error("%s", exc)  # the ledger below still refuses the index
+        try:
+            self.ledger.record_refusal(
+                RefusedIndex(
+                    index_digest=spec.index_digest,
+                    layer_digest=verdict.layer_digest,
+                    why=verdict.detail,
+                    artifact_digest=spec.artifact_digest,
+                    image=spec.image,
+                    refused_at=verdict.checked_at,
+                )
+            )
+        except LedgerError as exc:
+            log.error("%s", exc)
+        evicted = 0
+        try:
+            evicted = SpanCache(self.cache_dir, self.cache_max_bytes).evict_layer(
+                verdict.layer_digest
+            )
+        except (CacheError, OSError) as exc:
+            log.error("evicting the spans of layer %s: %s", verdict.layer_digest, exc)
+        log.error(
+            "layer %s (image %s) FAILED its completion check: index blob %s (artifact %s) is "
+            "refused on this node; its mount at %s fails every read with EIO, later Prepares "
+            "of it fall back to a full pull, %d cached spans were evicted: %s",
+            verdict.layer_digest or "?",
+            spec.image or "?",
+            spec.index_digest or "?",
+            spec.artifact_digest or "?",
+            mountpoint,
+            evicted,
+            verdict.detail,
+        )
+
+    def _may_materialize(self, mountpoint: str, verdict: Verdict) -> bool:
+        """Only a layer that passed against its diffID becomes plain files: without one, the
+        check could compare the TOC only, not the file data, so the layer stays on FUSE (whose
+        every span is verified against the index)."""
+        if verdict.failed:
+            return False
+        if verdict.diff_id:
+            return True
+        with self._lock:
+            first = mountpoint not in self._lazy_only
+            self._lazy_only.add(mountpoint)
+        if first:
+            log.warning(
+                "layer %s at %s stays lazy: its diffID is unknown (image config not read), so "
+                "its completion check covered the TOC only, not the file data",
+                verdict.layer_digest or "?",
+                mountpoint,
+            )
+        return False
 
     def _node_quiet(self) -> bool:
         quiet = self.background.quiet_seconds
@@ -571,7 +777,13 @@ class LazyLayers:
                 self._copies.pop(mountpoint, None)
 
     def _failed(
-        self, mountpoint: str, layer_digest: str, why: str, *, permanent: bool = False
+        self,
+        mountpoint: str,
+        layer_digest: str,
+        why: str,
+        step: str = "copying it to local disk",
+        *,
+        permanent: bool = False,
     ) -> None:
         with self._lock:
             attempts = self._attempts.get(mountpoint, 0) + 1
@@ -582,21 +794,22 @@ class LazyLayers:
         if permanent or attempts >= MATERIALIZE_MAX_ATTEMPTS:
             write_failure(mountpoint, why, attempts, time.time())
             log.warning(
-                "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
-                "failed %d time(s), giving up: %s (`lazysnap status` shows it; delete %s to "
-                "try again)",
+                "layer %s at %s stays lazy (FUSE keeps serving it): %s failed %d time(s), "
+                "giving up: %s (`lazysnap status` shows it; delete %s to try again)",
                 layer_digest or "?",
                 mountpoint,
+                step,
                 attempts,
                 why,
                 mountpoint + FAILED_SUFFIX,
             )
             return
         log.warning(
-            "layer %s at %s stays lazy (FUSE keeps serving it): copying it to local disk "
-            "failed: %s; trying again in %.0fs",
+            "layer %s at %s stays lazy (FUSE keeps serving it): %s failed: %s; trying again "
+            "in %.0fs",
             layer_digest or "?",
             mountpoint,
+            step,
             why,
             delay,
         )
@@ -1011,6 +1224,27 @@ def _tail(path: Path) -> str:
     except OSError:
         return ""
     return " | ".join(lines[-3:])
+
+
+def _raise_if_refused(mountpoint: str) -> None:
+    verdict = read_verdict(mountpoint)
+    if verdict is not None and verdict.failed:
+        raise RemoteLayerUnavailable(
+            f"lazy layer at {mountpoint} failed its completion check (index "
+            f"{verdict.index_digest or '?'} refused on this node): {verdict.detail}",
+            reason=FallbackReason.REFUSED_INDEX,
+        )
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise RemoteLayerUnavailable(f"reading index file {path}: {exc.strerror}") from exc
+    return "sha256:" + digest.hexdigest()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

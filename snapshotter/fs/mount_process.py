@@ -7,7 +7,8 @@ on --ready-fd only once the mount is live (the mountpoint's device changed and i
 was raised), or "error: <why>" if it cannot mount. While mounted it keeps a state file next to
 the mountpoint (pid, mountpoint, layer digest, counters) for `lazysnap status` and for the
 manager re-attaching after a restart. SIGTERM unmounts cleanly (libfuse's handler ends the loop
-and unmounts).
+and unmounts). A failed completion check (the daemon's verdict file beside the mountpoint, read
+at start and every state interval) makes every request but a stat of the root fail with EIO.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from snapshotter.fs.reader import (
     BlobSource,
     LayerReader,
 )
+from snapshotter.fs.refusals import read_verdict
 from snapshotter.fs.tree import LayerTree, LayerTreeError
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_files
@@ -90,6 +93,12 @@ class MountSpec:
     # Our /proc/self/oom_score_adj: the OOM killer picking a mount process strands every
     # container reading its layer (fs/deaths.py).
     oom_score_adj: int = OOM_SCORE_ADJ
+    # What the completion check (fs/completion.py) and its records need: the layer's diffID
+    # from the image config ("" unknown), and where the index came from.
+    diff_id: str = ""
+    index_digest: str = ""
+    artifact_digest: str = ""
+    image: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +122,10 @@ class MountSpec:
             "background_rate_bytes": self.background_rate_bytes,
             "access_log": self.access_log,
             "oom_score_adj": self.oom_score_adj,
+            "diff_id": self.diff_id,
+            "index_digest": self.index_digest,
+            "artifact_digest": self.artifact_digest,
+            "image": self.image,
         }
 
     @classmethod
@@ -155,6 +168,10 @@ class MountSpec:
             background_rate_bytes=get("background_rate_bytes", int, DEFAULT_RATE_BYTES),
             access_log=get("access_log", str, ""),
             oom_score_adj=get("oom_score_adj", int, OOM_SCORE_ADJ),
+            diff_id=get("diff_id", str, ""),
+            index_digest=get("index_digest", str, ""),
+            artifact_digest=get("artifact_digest", str, ""),
+            image=get("image", str, ""),
         )
         if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
             raise SpecError(
@@ -288,6 +305,8 @@ class _StateKeeper(threading.Thread):
         self.device_before = device_before
         self.background = BackgroundFetcher(reader, spec.background_settings())
         self.busy_meter: BusyMeter | None = None  # the FUSE operations', once they exist
+        self.refuse: Callable[[str], None] | None = None  # the FUSE operations' refuse()
+        self.refused = False
         self.stopped = threading.Event()
         self.became_ready = threading.Event()
         self.started_at = time.time()
@@ -314,13 +333,33 @@ class _StateKeeper(threading.Thread):
         self.became_ready.set()
         self.reporter.send("ready")
         log.info("mounted %s at %s", self.reader.layer_digest, self.spec.mountpoint)
-        if self.spec.background:
+        if self.spec.background and not self.refused:
             self.background.start()
         while not self.stopped.wait(self.spec.state_interval):
+            self.check_verdict()
             self.write_state()
             if self.background.state in _DONE and self.busy_meter:
                 self.busy_meter.counting = False  # see BusyMeter.counting
         self.background.stop()
+
+    def check_verdict(self) -> None:
+        """A failed completion check (the daemon's verdict file beside the mountpoint) makes
+        the mount fail closed, for good: background fetch stops, every read gets EIO."""
+        if self.refused or self.refuse is None:
+            return
+        verdict = read_verdict(self.spec.mountpoint)
+        if verdict is None or not verdict.failed:
+            return
+        self.refused = True
+        self.refuse(f"layer {self.reader.layer_digest} failed its completion check: "
+                    f"{verdict.detail}")  # fmt: skip
+        self.background.stop()
+        if self.background.is_alive():
+            self.background.join(self.spec.fetch_timeout + 5)
+        # The daemon evicted the layer's spans already; reads since then (before this process
+        # saw the verdict) may have fetched some again: nothing of it may stay.
+        with contextlib.suppress(OSError, ValueError):
+            self.reader.cache.evict_layer(self.reader.layer_digest)
 
     def write_state(self) -> None:
         state = {
@@ -332,6 +371,7 @@ class _StateKeeper(threading.Thread):
             "cache_dir": self.spec.cache_dir,
             "counters": self.reader.counters().as_dict(),
             "background": str(self.background.state) if self.spec.background else "off",
+            "refused": self.refused,
         }
         if self.reader.cache.disk_limited():
             state["cache_disk_limited"] = True  # spans served without being cached
@@ -463,10 +503,19 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
     from snapshotter.fs import fuse_ops  # loads libfuse3; kept out of the spec checks above
 
     keeper = _StateKeeper(spec, reader, reporter, device_before)
+    verdict = read_verdict(spec.mountpoint)
+    refused_before = verdict.detail if verdict is not None and verdict.failed else None
+    if refused_before is not None:  # refused before this process started: fail closed at once
+        keeper.refused = True
+        log.error("layer %s failed its completion check before: every read gets EIO: %s",
+                  index.layer_digest, refused_before)  # fmt: skip
     keeper.start()
     try:
         operations = fuse_ops.LayerOperations(tree, reader, access_log)
+        if refused_before is not None:
+            operations.refused = refused_before
         keeper.busy_meter = operations.busy_meter
+        keeper.refuse = operations.refuse
         fuse_ops.serve(
             operations,
             spec.mountpoint,

@@ -27,7 +27,9 @@ back with reason untrusted_index and a message naming the artifact and why.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
+from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import (
@@ -75,6 +78,9 @@ LOOKUP_WORKERS = 6
 # Artifacts whose signatures are looked up, the newest listed: each costs a few round trips.
 # More unsigned artifacts pushed after a signed one can only make its layers fall back.
 MAX_VERIFIED_ARTIFACTS = 16
+# The image config (for the layers' diffIDs, which the completion check hashes against).
+MAX_CONFIG_BYTES = 4 << 20
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,10 @@ class _ImageIndexes:
     profile: Descriptor | None = None  # the newest startup profile blob of any artifact
     # image layer digest -> why the artifacts indexing it are not trusted (none of them is)
     untrusted: dict[str, str] = field(default_factory=dict)
+    # image layer digest -> its diffID (rootfs.diff_ids of the image config, fetched beside
+    # the artifact manifests); {} when the config could not be read (logged)
+    diff_ids: Future[dict[str, str]] | None = None
+    artifacts: dict[str, str] | None = None  # image layer digest -> its index's artifact
 
 
 class IndexDiscovery:
@@ -109,6 +119,7 @@ class IndexDiscovery:
         min_layer_size: int = 0,
         negative_ttl: float = 30.0,
         positive_ttl: float = 600.0,
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self.client = client
         self.blob_settings = blob_settings
@@ -116,6 +127,7 @@ class IndexDiscovery:
         self.min_layer_size = min_layer_size
         self.negative_ttl = negative_ttl
         self.positive_ttl = positive_ttl
+        self.refusals = refusals  # index blobs that failed this node's completion check
         self._cache: dict[str, _ImageIndexes] = {}
         # By blob digest: the profile's fetch + decode, started ahead or by the first Prepare
         # that needs it; None when unusable (logged once, by the fetch).
@@ -171,6 +183,13 @@ class IndexDiscovery:
                 f"{ref}@{manifest_digest} has none (looked up via {found.source})",
                 FallbackReason.NO_INDEX,
             )
+        refused = self.refusals.refused(blob.digest) if self.refusals is not None else None
+        if refused is not None:
+            raise RemoteLayerUnavailable(
+                f"index blob {blob.digest} for layer {request.layer_digest} failed the "
+                f"completion check on this node before (refused): {refused.why}",
+                reason=FallbackReason.REFUSED_INDEX,
+            )
         if blob.size > MAX_INDEX_BLOB_SIZE:
             raise RemoteLayerUnavailable(
                 f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes",
@@ -196,6 +215,9 @@ class IndexDiscovery:
             ),
             index_bytes=data,
             prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),
+            diff_id=found.diff_ids.result().get(request.layer_digest, "") if found.diff_ids else "",
+            artifact_digest=(found.artifacts or {}).get(request.layer_digest, ""),
+            image=request.image_ref,
         )
 
     def _check_size(self, layer_digest: str, size: int) -> None:
@@ -315,6 +337,9 @@ class IndexDiscovery:
                 self._lookup_pool = ThreadPoolExecutor(LOOKUP_WORKERS, "index-lookup")
             pool = self._lookup_pool
         image_future = pool.submit(self.client.get_manifest, ref.with_digest(manifest_digest))
+        # The config follows the image manifest at once, overlapping the referrers lookup and
+        # the artifact manifests: no round trip of its own on the way to the first mount.
+        diff_ids = pool.submit(_diff_ids, self.client, ref, image_future)
 
         def image_layers() -> dict[str, Descriptor]:
             image = image_future.result()
@@ -369,6 +394,7 @@ class IndexDiscovery:
                 ref, _ImageIndexes(layers, speculative, result.source, time.monotonic())
             )
         index_blobs: dict[str, Descriptor] = {}
+        index_artifacts: dict[str, str] = {}
         untrusted: dict[str, str] = {}
         profile: Descriptor | None = None
         # Newest artifact wins when several exist: referrers lists give no order, so take the
@@ -392,6 +418,7 @@ class IndexDiscovery:
                 log.debug("index artifact %s: %s", artifact.digest, verdict.reason)
             for blob, layer_digest in covered:
                 index_blobs[layer_digest] = blob
+                index_artifacts[layer_digest] = artifact.digest
             profile = _newer_profile(profile, artifact)
         for layer_digest in index_blobs:
             untrusted.pop(layer_digest, None)
@@ -405,7 +432,14 @@ class IndexDiscovery:
             f"; {len(untrusted)} more only in untrusted artifacts" if untrusted else "",
         )
         return _ImageIndexes(
-            layers, index_blobs, result.source, time.monotonic(), profile, untrusted
+            layers,
+            index_blobs,
+            result.source,
+            time.monotonic(),
+            profile,
+            untrusted,
+            diff_ids,
+            index_artifacts,
         )
 
 
@@ -425,6 +459,37 @@ def _fetch_index(
 ) -> tuple[bytes, LayerIndex]:
     data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB_SIZE)
     return data, decode_index(data, expected_layer_digest=layer_digest)
+
+
+def _diff_ids(
+    client: RegistryClient, ref: Reference, image_future: Future[Manifest]
+) -> dict[str, str]:
+    """Image layer digest -> diffID, from the image config (rootfs.diff_ids, by position);
+    {} when the config cannot be read: the completion check then compares the TOC only and
+    the layer stays lazy (logged here, once per lookup)."""
+    try:
+        image = image_future.result()
+    except Exception:  # the lookup reports the image manifest's own failure
+        return {}
+    if image.is_index:
+        return {}  # so does the lookup
+    where = f"image config of {ref}@{image.digest}"
+    try:
+        config = image.config
+        if config is None:
+            raise ValueError("the image manifest has no config")
+        data = client.get_blob(ref.repository, config.digest, max_size=MAX_CONFIG_BYTES)
+        found = json.loads(data).get("rootfs", {}).get("diff_ids")
+        if not isinstance(found, list) or not all(
+            isinstance(d, str) and _SHA256.fullmatch(d) for d in found
+        ):
+            raise ValueError("rootfs.diff_ids is not a list of sha256 digests")
+        if len(found) != len(image.layers):
+            raise ValueError(f"{len(found)} diffIDs for {len(image.layers)} layers")
+    except Exception as exc:  # RegistryError, JSON, shape: all mean "no diffIDs"
+        log.warning("%s: %s; lazy layers of it are checked against their TOC only", where, exc)
+        return {}
+    return {layer.digest: diff_id for layer, diff_id in zip(image.layers, found, strict=True)}
 
 
 @dataclass(frozen=True)

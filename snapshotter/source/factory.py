@@ -8,6 +8,7 @@ import threading
 
 from snapshotter.config import Config
 from snapshotter.fs.manager import LazyLayers, from_config
+from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig, RegistryHost
@@ -40,6 +41,7 @@ def lazy_layers_from_config(config: Config) -> LazyLayers:
         BlobSettings(remote.hosts_dir, remote.plain_http, docker_config),
         trust=trust,
         min_layer_size=remote.min_layer_size,
+        refusals=RefusalLedger(config.root),
     )
     threading.Thread(target=_warm_up, args=(client,), name="registry-warm-up", daemon=True).start()
     return from_config(config, resolve=discovery)

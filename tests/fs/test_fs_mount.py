@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -58,6 +59,7 @@ class Layer:
         return LayerSpec(
             blob=BlobSpec("url", self.server.url, self.index.layer_digest),
             index_bytes=encode_index(self.index),
+            diff_id="sha256:" + hashlib.sha256(self.tar).hexdigest(),  # the image config's
         )
 
     def data(self, name: str) -> bytes:

@@ -237,6 +237,8 @@ def test_a_copy_left_by_a_crash_is_wiped_and_redone(
     )
     view.rmdir()
     assert _underlying(mnt) == ["etc"]
+    # Only a layer that passed its completion check is copied, and that needs every span.
+    assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
     assert manager.materialize_now(str(mnt))
     assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
 

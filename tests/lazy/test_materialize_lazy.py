@@ -234,6 +234,9 @@ def test_a_converged_image_runs_from_plain_files_equal_to_containerds_unpack(
     _wait_for(lambda: bool(_status(stack)["all_local"]), LOCAL_TIMEOUT_S, "all layers local")
     status = _status(stack)
     assert status["layers_local"] == 3
+    # Each layer passed its completion check (diffID and TOC) before it was copied.
+    assert [layer["completion_check"] for layer in _layers(stack)] == ["verified"] * 3
+    assert status["refused_indexes"] == []
     snapshots = stack.daemon.root / "snapshots"
     assert not [p for p in snapshots.glob("*/fs") if os.path.ismount(p)], "a FUSE mount is left"
 

@@ -61,8 +61,13 @@ def test_the_first_layer_of_an_image_fetches_every_index_at_once(
     others = [first(labels(image.reference, digest)) for digest in layer_digests[1:]]
     # The later Prepares found their indexes already fetched: no registry request of their own.
     assert registry.blob_fetches(since) == fetched_by_first_prepare
-    # The three index blobs and the payload of the index artifact's signature, each once.
-    assert len(fetched_by_first_prepare) == 4
+    # The three index blobs, each once, the payload of the index artifact's signature and the
+    # image config (for the layers' diffIDs).
+    assert image.built.config_digest in fetched_by_first_prepare
+    assert len(fetched_by_first_prepare) == 5
+    assert all(fetch.requests == 1 for fetch in fetched_by_first_prepare.values())
+    # Each layer's spec carries its diffID from the config, for the completion check.
+    assert [spec.diff_id for spec in (bottom, *others)] == [x.diff_id for x in image.layers]
     # ...and they get exactly what a discovery without the head start gets.
     for digest, spec in zip(layer_digests, [bottom, *others], strict=True):
         assert spec == fresh(labels(image.reference, digest))

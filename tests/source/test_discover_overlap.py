@@ -68,7 +68,7 @@ def test_artifacts_index_blobs_and_profile_are_requested_together(
         ),
         together=2,
     )
-    blobs = proxy.gate(lambda method, path: method == "GET" and "/blobs/" in path, together=4)
+    blobs = proxy.gate(lambda method, path: method == "GET" and "/blobs/" in path, together=5)
 
     through_proxy = f"{proxy.host}/{repository}:v1"
     found = discovery_via(proxy.host)
@@ -77,10 +77,11 @@ def test_artifacts_index_blobs_and_profile_are_requested_together(
     others = [found(labels(through_proxy, digest)) for digest in layer_digests[1:]]
 
     assert artifacts.peak == 2  # both artifact manifests in flight at once
-    assert blobs.peak == 4  # three index blobs and the profile in flight at once
-    # Each index blob and the profile was fetched once: the later Prepares found theirs ahead.
+    # three index blobs, the profile and the image config (diffIDs) in flight at once
+    assert blobs.peak == 5
+    # Each was fetched once: the later Prepares found theirs ahead.
     fetched = proxy.blob_gets()
-    assert len(fetched) == len(set(fetched)) == 4
+    assert len(fetched) == len(set(fetched)) == 5
     specs = [bottom, *others]
     assert [spec.index_bytes for spec in specs] == [
         indexed.index_bytes[digest] for digest in layer_digests
