@@ -40,9 +40,10 @@ from tests.lazy.lazy_helpers import LazyStack, _concatenated, mount_log, unique_
 pytestmark = pytest.mark.stack
 QUIET_SECONDS = 1
 CHECK_TIMEOUT_S = 40.0
-# These tests serve unsigned, forged indexes: once the daemon has an index trust policy, it
-# must be permissive here (one line, e.g. '[trust]', 'policy = "permissive"').
-TRUST_PERMISSIVE: tuple[str, ...] = ()
+# These tests serve unsigned, forged indexes: the daemon opts in to permissive trust (the
+# default, signed, never mounts them: tests/lazy/test_forgery_acceptance.py), which is where the
+# completion check is the only line of defence.
+TRUST_PERMISSIVE: tuple[str, ...] = ("[trust]", 'mode = "permissive"')
 TEXT = b"".join(b"%06d a line of text that compresses well\n" % i for i in range(60000))
 SECRET = hashlib.sha256(b"secret").digest() * 4096  # 128 KiB
 

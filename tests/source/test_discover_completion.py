@@ -22,6 +22,7 @@ from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from tests.harness.forge import genuine_index
 from tests.harness.images import PushedImage, directory, file, layer_tar, push, write_oci_layout
 from tests.harness.registry import Registry
+from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 
@@ -59,7 +60,9 @@ def test_without_a_readable_config_the_spec_has_no_diff_id_and_says_why(
     with urllib.request.urlopen(urllib.request.Request(url, method="DELETE")) as answer:
         assert answer.status == 202
     [layer] = image.layers
-    found = IndexDiscovery(_client(registry), BlobSettings(plain_http=(registry.host,)))
+    found = IndexDiscovery(
+        _client(registry), BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+    )
     with caplog.at_level(logging.WARNING, logger="lazysnap.discover"):
         spec = found(_labels(image.reference, layer.digest))
     assert spec.diff_id == ""  # the layer still mounts; the check can compare its TOC only
@@ -75,7 +78,12 @@ def test_a_refused_index_blob_falls_back_naming_the_refusal(
     client = _client(registry)
     ledger = RefusalLedger(str(tmp_path / "root"))
     blobs = genuine_index(client, image.reference, layer.digest)
-    found = IndexDiscovery(client, BlobSettings(plain_http=(registry.host,)), refusals=ledger)
+    found = IndexDiscovery(
+        client,
+        BlobSettings(plain_http=(registry.host,)),
+        trust=session_trust_policy(),
+        refusals=ledger,
+    )
     spec = found(_labels(image.reference, layer.digest))
     assert spec.diff_id == layer.diff_id and spec.image == image.reference
     assert spec.artifact_digest.startswith("sha256:")
