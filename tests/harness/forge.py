@@ -207,6 +207,9 @@ def push_forged(
     manifest = client.get_manifest(ref)
     subject = Descriptor(manifest.media_type, manifest.digest, len(manifest.data))
     index = forged.decoded()
+    client.push_blob(
+        ref.repository, b"{}"
+    )  # the artifact's empty config: a fresh repository lacks it
     client.push_blob(ref.repository, forged.index)
     layer = IndexedLayer(layer_digest, forged.index_digest, len(forged.index))
     if index.windows is not None:
