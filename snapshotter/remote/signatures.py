@@ -81,9 +81,15 @@ def find_signatures(
                 payloads.append((where, _NO_LAYER, _failed(exc)))
                 continue
             payloads.extend(_payloads(pool, client, repository, where, manifest))
-        tag_manifest = tagged.result()
+        where = f"tag {signature_tag(digest)}"
+        try:
+            tag_manifest = tagged.result()
+        except RegistryError as exc:
+            # cosign's tag mode is a second place to look, not a requirement: a registry (or
+            # mirror chain) failing it must not hide signatures found as referrers.
+            payloads.append((where, _NO_LAYER, _failed(exc)))
+            tag_manifest = None
         if tag_manifest is not None:
-            where = f"tag {signature_tag(digest)}"
             payloads.extend(_payloads(pool, client, repository, where, tag_manifest))
         found: list[SignatureBlob] = []
         for where, layer, fetch in payloads:

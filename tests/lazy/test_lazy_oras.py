@@ -22,6 +22,7 @@ from snapshotter.remote.manifest import ORAS_ARTIFACT_MANIFEST, sha256_digest
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers
 from tests.harness.images import MANIFEST_TYPE
+from tests.harness.trust import sign_pushed
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
 from tests.source.gated_proxy import GatedProxy
 
@@ -95,6 +96,10 @@ def test_an_index_in_an_oras_artifact_manifest_is_used(stack: LazyStack) -> None
             },
         }
     ).encode()
+    with RegistryClient(HostsConfig(plain_http=[stack.registry.host])) as client:
+        # Signed by the key the daemon trusts, as `index sign` would: a signature is a referrer
+        # of the artifact's digest, whatever kind of manifest the artifact is.
+        sign_pushed(client, Reference.parse(target.reference).repository, oras_manifest)
     repository = Reference.parse(target.reference).repository.name
     proxy = OrasProxy(stack.registry.host, repository, manifest_digest, oras_manifest).start()
     hosts = stack.containerd.hosts_dir / proxy.host
