@@ -45,8 +45,22 @@ from snapshotter.index.tar_toc import MAX_ENTRIES, MAX_ENTRY_SIZE
 MAGIC = b"LZSNAPIX"
 _HEADER = struct.Struct(">8sHHQ")
 _JSON_LEN = struct.Struct(">I")
-MAX_PAYLOAD = 512 << 20
-MAX_SPANS = 1 << 22
+# Caps on what one index may make a reader build (docs/index-format.md "Limits" has the
+# measured memory behind them). Decoding costs ~1 KB of Python objects per entry and the mount
+# process keeps ~1.7 KB per entry, so the entry cap bounds a mount at a few hundred MB; the
+# payload, JSON and value caps bound what a crafted index costs before any entry is checked.
+MAX_PAYLOAD = 256 << 20
+# A real index inflates 2-9x (JSON of real layers, windows); 64x leaves room for very regular
+# names while a 14 KB zstd bomb can no longer declare 160 MiB.
+MAX_PAYLOAD_RATIO = 64
+PAYLOAD_RATIO_SLACK = 1 << 20  # tiny indexes compress poorly or not at all: never refused
+MAX_JSON = 64 << 20
+# Upper bound on JSON values (commas + opening brackets + 1), checked before json.loads builds
+# them: a value costs up to ~64 bytes of Python objects (an empty list), so this bounds the
+# parse at ~340 MB whatever the JSON holds. A real entry is 16 values, a span 10.
+MAX_JSON_VALUES = 20 * MAX_ENTRIES
+MAX_NAME_BYTES = 32 << 20  # all entry names together (UTF-8): the tree keeps them all
+MAX_SPANS = 1 << 18
 MAX_SPAN_UNCOMPRESSED = 256 << 20  # a reader allocates this much per span
 MAX_WINDOW = 32768
 # A window's zstd frame: at most zstd's compress bound for 32 KiB (32944 bytes) plus slack.
@@ -227,7 +241,8 @@ def _blob_ref(blob: memoryview, offset: Any, length: Any, field: str, limit: int
     return bytes(blob[off : off + size])
 
 
-def _read_payload(data: bytes) -> tuple[int, bytes]:
+def _read_payload(data: bytes) -> tuple[int, bytes, memoryview]:
+    """(version, JSON text, blob section) of index bytes, after the header's checks."""
     if len(data) < _HEADER.size:
         raise _bad("header", f"{len(data)} bytes is too short for a lazysnap index")
     magic, version, flags, payload_len = _HEADER.unpack_from(data)
@@ -240,15 +255,54 @@ def _read_payload(data: bytes) -> tuple[int, bytes]:
         raise _bad("flags", f"unknown flags {flags:#x}")
     if payload_len > MAX_PAYLOAD:
         raise _bad("payload length", f"{payload_len} exceeds the {MAX_PAYLOAD} byte cap")
-    try:
-        payload = zstandard.ZstdDecompressor().decompress(
-            data[_HEADER.size :], max_output_size=payload_len
+    ratio_cap = MAX_PAYLOAD_RATIO * len(data) + PAYLOAD_RATIO_SLACK
+    if payload_len > ratio_cap:
+        raise _bad(
+            "payload length",
+            f"{payload_len} bytes from a {len(data)} byte blob: more than {MAX_PAYLOAD_RATIO}x "
+            f"the blob + {PAYLOAD_RATIO_SLACK} (a compression bomb?)",
         )
+    if payload_len < _JSON_LEN.size:
+        raise _bad("payload", "too short")
+    return version, *_inflate_payload(memoryview(data)[_HEADER.size :], payload_len)
+
+
+def _inflate_payload(frame: memoryview, payload_len: int) -> tuple[bytes, memoryview]:
+    """(JSON text, blob section), inflating at most payload_len bytes whatever the frame says.
+
+    zstandard's one-shot decompress allocates what the frame declares and ignores
+    max_output_size then, so a declared size must equal payload_len (already capped); an
+    undeclared one is bounded by max_output_size. The JSON length is read first, from a
+    4-byte streaming read, so an oversized JSON is refused before anything is inflated."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared >= 0 and declared != payload_len:  # -1: not declared
+            raise _bad("payload", f"zstd frame declares {declared} bytes, header {payload_len}")
+        with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as r:
+            head = r.read(_JSON_LEN.size)
+        if len(head) < _JSON_LEN.size:
+            raise _bad("payload", "too short")
+        (json_len,) = _JSON_LEN.unpack(head)
+        if json_len > payload_len - _JSON_LEN.size:
+            raise _bad("payload", f"JSON length {json_len} exceeds the payload")
+        if json_len > MAX_JSON:
+            raise _bad("payload", f"JSON of {json_len} bytes exceeds the {MAX_JSON} byte cap")
+        payload = zstandard.ZstdDecompressor().decompress(frame, max_output_size=payload_len)
     except zstandard.ZstdError as exc:
         raise _bad("payload", f"zstd frame is corrupt or truncated: {exc}") from None
     if len(payload) != payload_len:
         raise _bad("payload", f"inflates to {len(payload)} bytes, header says {payload_len}")
-    return version, payload
+    end = _JSON_LEN.size + json_len
+    return payload[_JSON_LEN.size : end], memoryview(payload)[end:]
+
+
+def _check_json_shape(text: bytes) -> None:
+    """Bound what json.loads may build before it builds anything: an upper bound on its
+    values (each value but the first in a container follows a comma; a bracket or comma
+    inside a string only overcounts)."""
+    values = text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+    if values > MAX_JSON_VALUES:
+        raise _bad("payload", f"JSON holds up to {values} values, more than {MAX_JSON_VALUES}")
 
 
 def _windows(raw: Any) -> WindowsBlob:
@@ -386,6 +440,25 @@ def _names_look_safe(raw: list[Any]) -> bool:
     return not any(bad in joined for bad in ("//", "/./", "/../", "\0", "\n"))
 
 
+def _check_name_limits(raw: list[Any]) -> None:
+    """The names together: at most MAX_NAME_BYTES of UTF-8 (the mount keeps them all)."""
+    names = [item[0] for item in raw if type(item) is list and item and type(item[0]) is str]
+    total = sum(map(len, names))  # characters: a lower bound on the bytes
+    if total <= MAX_NAME_BYTES // 4:
+        return  # even 4 bytes per character fits
+    total = sum(len(_utf8(name, "entries name")) for name in names)
+    if total > MAX_NAME_BYTES:
+        raise _bad("entries", f"names total {total} bytes, more than {MAX_NAME_BYTES}")
+
+
+def _utf8(text: str, field: str) -> bytes:
+    """text as the bytes the kernel sees (tar's undecodable bytes were surrogate-escaped)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise _bad(field, f"{text!r:.80} has a lone surrogate: not a file name") from None
+
+
 _REG, _HARDLINK, _SYMLINK, _DIR = (
     EntryType.REG,
     EntryType.HARDLINK,
@@ -403,6 +476,7 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
     _entry_error re-checks field by field to name the problem."""
     if type(raw) is not list or len(raw) > MAX_ENTRIES:
         raise _bad("entries", f"expected a list of at most {MAX_ENTRIES} entries")
+    _check_name_limits(raw)
     entries: list[TocEntry] = []
     seen: dict[str, EntryType] = {}
     bad_name: Callable[[str], object] = _BAD_NAME.search
@@ -411,6 +485,7 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
     new = object.__new__
     setattr_ = object.__setattr__
     blob_len = len(blob)
+    owners: dict[str, str] = {}
     for i, item in enumerate(raw):
         if type(item) is not list or len(item) != 14:
             raise _bad(f"entries[{i}]", "expected 14 fields")
@@ -476,12 +551,17 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
         # frozen-dataclass construction goes through object.__setattr__ per field: filling
         # __dict__ directly is ~3x faster for the same validated values
         entry = new(TocEntry)
+        # json.loads makes a new str per occurrence: share the few owner names (~100 bytes
+        # per entry for as long as the index lives)
+        uname = owners.setdefault(uname, uname)
+        gname = owners.setdefault(gname, gname)
         setattr_(entry, "__dict__", {
             "name": name, "type": kind, "mode": mode, "uid": uid, "gid": gid, "uname": uname,
             "gname": gname, "size": size, "mtime_ns": mtime, "link_target": link,
             "devmajor": major, "devminor": minor, "xattrs": xattrs, "offset": offset,
         })  # fmt: skip
         entries.append(entry)
+        raw[i] = None  # its parsed list is garbage now: the next entries reuse the memory
         seen[name] = kind  # type: ignore[assignment]  # ok implies kind is not None
     return tuple(entries)
 
@@ -500,22 +580,19 @@ def decode_index(data: bytes, *, expected_layer_digest: str | None = None) -> La
 
 
 def _decode(data: bytes, expected_layer_digest: str | None) -> LayerIndex:
-    version, payload = _read_payload(data)
-    if len(payload) < _JSON_LEN.size:
-        raise _bad("payload", "too short")
-    (json_len,) = _JSON_LEN.unpack_from(payload)
-    if json_len > len(payload) - _JSON_LEN.size:
-        raise _bad("payload", f"JSON length {json_len} exceeds the payload")
+    version, text, blob_section = _read_payload(data)
+    _check_json_shape(text)
     try:
-        document = json.loads(payload[_JSON_LEN.size : _JSON_LEN.size + json_len])
+        document = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise _bad("payload", f"JSON is malformed: {exc}") from None
+    del text  # the objects are built: the text no longer counts towards the peak
     expected_keys = _KEYS if version == FORMAT_VERSION else _KEYS | {"windows"}
     if type(document) is not dict or set(document) != expected_keys:
         keys = sorted(document) if type(document) is dict else type(document).__name__
         raise _bad("document", f"expected keys {sorted(expected_keys)}, got {keys}")
     windows = _windows(document["windows"]) if version == FORMAT_VERSION_EXTERNAL_WINDOWS else None
-    blob = memoryview(payload)[_JSON_LEN.size + json_len :]
+    blob = blob_section
     layer_digest = _digest(document["layer_digest"], "layer_digest")
     if expected_layer_digest is not None and layer_digest != expected_layer_digest:
         raise _bad("layer_digest", f"index is for {layer_digest}, expected {expected_layer_digest}")
