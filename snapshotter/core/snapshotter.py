@@ -46,6 +46,7 @@ from snapshotter.core.mounts import (
     probe_overlay_features,
     snapshot_mounts,
 )
+from snapshotter.tree_removal import remove_tree
 
 log = logging.getLogger("lazysnap.core")
 
@@ -607,7 +608,7 @@ class Snapshotter:
                 return
         try:
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+                remove_tree(path)  # shutil.rmtree recurses: a deep layer would never go
             else:
                 os.unlink(path)
         except FileNotFoundError:

@@ -61,6 +61,12 @@ MAX_JSON = 64 << 20
 MAX_JSON_VALUES = 20 * MAX_ENTRIES
 MAX_NAME_BYTES = 32 << 20  # all entry names together (UTF-8): the tree keeps them all
 MAX_SPANS = 1 << 18
+# What Linux can hold (and the copy of a layer to plain files can recreate): NAME_MAX bytes
+# per name component, PATH_MAX - 1 bytes per name or symlink target; and a depth far beyond
+# any image's (they stay under ~30) that still bounds the directory tree a mount builds.
+NAME_MAX = 255
+PATH_MAX = 4096
+MAX_DEPTH = 512
 MAX_SPAN_UNCOMPRESSED = 256 << 20  # a reader allocates this much per span
 MAX_WINDOW = 32768
 # A window's zstd frame: at most zstd's compress bound for 32 KiB (32944 bytes) plus slack.
@@ -374,7 +380,12 @@ def _spans(
 
 
 def _entry_error(
-    item: list[Any], i: int, blob: memoryview, usize: int, seen: dict[str, EntryType]
+    item: list[Any],
+    i: int,
+    blob: memoryview,
+    usize: int,
+    seen: dict[str, EntryType],
+    data_end: int,
 ) -> InvalidIndex:
     """Slow path: find and name what is wrong with an entry the fast path rejected."""
     name = _safe_name(item[0], f"entries[{i}].name")
@@ -401,7 +412,13 @@ def _entry_error(
         return _bad(where + ".link_target", f"a {kind} has no link target")
     _int(item[10], where + ".devmajor", 0, _MAX_DEV)
     _int(item[11], where + ".devminor", 0, _MAX_DEV)
-    _int(item[12], where + ".offset", 0, usize - size if kind is EntryType.REG else 0)
+    offset = _int(item[12], where + ".offset", 0, usize - size if kind is EntryType.REG else 0)
+    if kind is EntryType.REG and offset < data_end:
+        return _bad(
+            where + ".offset",
+            f"data at {offset} overlaps the previous file's, which ends at {data_end} "
+            "(file data must follow each other in tar order)",
+        )
     refs = item[13]
     if type(refs) is not list:
         return _bad(where + ".xattrs", "expected a list")
@@ -440,23 +457,52 @@ def _names_look_safe(raw: list[Any]) -> bool:
     return not any(bad in joined for bad in ("//", "/./", "/../", "\0", "\n"))
 
 
+def name_limits_problem(name: str, link_target: str, symlink: bool) -> str | None:
+    """Why Linux (and the copy of a layer to plain files) cannot hold this entry, or None:
+    more than NAME_MAX bytes in a component, PATH_MAX - 1 bytes or MAX_DEPTH components in
+    the name, a symlink target over PATH_MAX - 1 bytes, or text that is no file name (a lone
+    surrogate that no undecodable tar byte gives). UTF-8 bytes, as the kernel counts."""
+    try:
+        encoded = name.encode("utf-8", "surrogateescape")
+        target = link_target.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return "name or link target has a lone surrogate: not a file name"
+    if len(encoded) > PATH_MAX - 1:
+        return f"name is {len(encoded)} bytes, more than PATH_MAX - 1 = {PATH_MAX - 1}"
+    parts = encoded.split(b"/")
+    if len(parts) > MAX_DEPTH:
+        return f"name is {len(parts)} components deep, more than {MAX_DEPTH}"
+    longest = max(parts, key=len)
+    if len(longest) > NAME_MAX:
+        return (
+            f"component {longest[:40]!r}... is {len(longest)} bytes, more than NAME_MAX = "
+            f"{NAME_MAX}"
+        )
+    if symlink and len(target) > PATH_MAX - 1:
+        return f"link target is {len(target)} bytes, more than PATH_MAX - 1 = {PATH_MAX - 1}"
+    return None
+
+
 def _check_name_limits(raw: list[Any]) -> None:
-    """The names together: at most MAX_NAME_BYTES of UTF-8 (the mount keeps them all)."""
-    names = [item[0] for item in raw if type(item) is list and item and type(item[0]) is str]
-    total = sum(map(len, names))  # characters: a lower bound on the bytes
-    if total <= MAX_NAME_BYTES // 4:
-        return  # even 4 bytes per character fits
-    total = sum(len(_utf8(name, "entries name")) for name in names)
+    """name_limits_problem of every entry, and all names together at most MAX_NAME_BYTES (the
+    mount keeps them all). Fast path: an ASCII name of at most 63 characters with an ASCII
+    link target of at most 63 is within every limit (~4 ms for 13k entries)."""
+    total = 0
+    for item in raw:
+        if type(item) is not list or len(item) != 14:
+            continue  # the entry check names what is wrong with it
+        name, link = item[0], item[9]
+        if type(name) is not str or type(link) is not str:
+            continue
+        if len(name) <= 63 and len(link) <= 63 and name.isascii() and link.isascii():
+            total += len(name)
+            continue
+        why = name_limits_problem(name, link, item[1] == "symlink")
+        if why is not None:
+            raise _bad(f"entry {name[:80]!r}{'...' if len(name) > 80 else ''}", why)
+        total += len(name.encode("utf-8", "surrogateescape"))
     if total > MAX_NAME_BYTES:
         raise _bad("entries", f"names total {total} bytes, more than {MAX_NAME_BYTES}")
-
-
-def _utf8(text: str, field: str) -> bytes:
-    """text as the bytes the kernel sees (tar's undecodable bytes were surrogate-escaped)."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise _bad(field, f"{text!r:.80} has a lone surrogate: not a file name") from None
 
 
 _REG, _HARDLINK, _SYMLINK, _DIR = (
@@ -486,6 +532,11 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
     setattr_ = object.__setattr__
     blob_len = len(blob)
     owners: dict[str, str] = {}
+    # Regular files' data lie in tar order, one after another: a range overlapping the one
+    # before (a crafted index) would make the copy to plain files write the same bytes again
+    # and again, for as many entries as point at them. (An empty file reads no bytes: its
+    # offset only has to keep the order.)
+    data_end = 0
     for i, item in enumerate(raw):
         if type(item) is not list or len(item) != 14:
             raise _bad(f"entries[{i}]", "expected 14 fields")
@@ -525,7 +576,7 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
         )  # fmt: skip
         if ok:
             if kind is _REG:
-                ok = 0 <= size <= MAX_ENTRY_SIZE and 0 <= offset <= usize - size
+                ok = 0 <= size <= MAX_ENTRY_SIZE and data_end <= offset <= usize - size
             else:
                 ok = size == 0 and offset == 0
                 if kind is _HARDLINK:
@@ -547,7 +598,9 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
                     break
                 xattrs[ref[0]] = bytes(blob[ref[1] : ref[1] + ref[2]])
         if not ok:
-            raise _entry_error(item, i, blob, usize, seen)
+            raise _entry_error(item, i, blob, usize, seen, data_end)
+        if kind is _REG:
+            data_end = offset + size
         # frozen-dataclass construction goes through object.__setattr__ per field: filling
         # __dict__ directly is ~3x faster for the same validated values
         entry = new(TocEntry)
