@@ -15,12 +15,17 @@ from typing import Protocol
 from snapshotter.index.codec import MAX_SPAN_UNCOMPRESSED, MAX_SPANS, name_limits_problem
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.gzip_spans import GzipSpanBuilder
-from snapshotter.index.model import DEFAULT_SPAN_SIZE, Compression, EntryType, LayerIndex, Span
+from snapshotter.index.model import (
+    DEFAULT_SPAN_SIZE,
+    MAX_SPAN_SIZE,
+    MIN_SPAN_SIZE,
+    Compression,
+    EntryType,
+    LayerIndex,
+    Span,
+)
 from snapshotter.index.tar_toc import TarTocParser
 from snapshotter.index.zstd_spans import ZSTD_MAGIC, ZstdSpanBuilder, is_skippable
-
-MIN_SPAN_SIZE = 64 << 10
-MAX_SPAN_SIZE = 64 << 20
 
 _GZIP_SUFFIXES = ("tar+gzip", "tar.gzip", "rootfs.diff.tar.gzip", "tar.gz")
 _ZSTD_SUFFIXES = ("tar+zstd",)
