@@ -3,10 +3,13 @@ memory is spent (docs/index-format.md "Limits")."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,10 @@ import zstandard
 
 from snapshotter.index import codec
 from snapshotter.index.codec import decode_index
-from snapshotter.index.errors import InvalidIndex
+from snapshotter.index.errors import InvalidIndex, SpanVerificationError
+from snapshotter.index.model import Compression, LayerIndex, Span
+from snapshotter.index.spans import inflate_span
+from tests.index.conftest import GZIP_MT
 from tests.index.crafted import (
     MAGIC,
     document_blob,
@@ -27,7 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 PEAK_CHILD = """
 import sys
 from snapshotter.index.codec import decode_index
-from snapshotter.index.errors import InvalidIndex
+from snapshotter.index.errors import InvalidIndex, SpanVerificationError
+from snapshotter.index.model import Compression, LayerIndex, Span
+from snapshotter.index.spans import inflate_span
+from tests.index.conftest import GZIP_MT
 data = open(sys.argv[1], "rb").read()
 try:
     decode_index(data)
@@ -112,3 +121,32 @@ def test_total_name_bytes_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(codec, "MAX_NAME_BYTES", total - 1)
     with pytest.raises(InvalidIndex, match=f"names total {total} bytes, more than {total - 1}"):
         decode_index(document_blob(document))
+
+
+def _span0_of(data: bytes, output: bytes) -> tuple[LayerIndex, bytes]:
+    def digest(b: bytes) -> str:
+        return "sha256:" + hashlib.sha256(b).hexdigest()
+
+    span = Span(0, len(data), 0, len(output), digest(data), digest(output))
+    index = LayerIndex(
+        "sha256:" + "0" * 64, GZIP_MT, Compression.GZIP, len(data), len(output), 1 << 20, (),
+        (span,),
+    )  # fmt: skip
+    return index, data
+
+
+def test_a_span_of_many_empty_gzip_members_is_refused_in_linear_time() -> None:
+    """An attacker's index and blob (the digest matches their bytes): 400k empty members
+    before the data took minutes of CPU (zlib copies the rest of the input per member)."""
+    empty, real = gzip.compress(b"", mtime=0), gzip.compress(b"x" * 100, mtime=0)
+    index, data = _span0_of(empty * 400_000 + real, b"x" * 100)
+    started = time.thread_time()
+    with pytest.raises(SpanVerificationError, match="more than 4096 gzip members"):
+        inflate_span(index, 0, data)
+    assert time.thread_time() - started < 1.0
+
+
+def test_a_span_with_a_few_empty_gzip_members_still_reads() -> None:
+    empty, real = gzip.compress(b"", mtime=0), gzip.compress(b"x" * 100_000, mtime=0)
+    index, data = _span0_of(empty * 100 + real + empty, b"x" * 100_000)
+    assert inflate_span(index, 0, data) == b"x" * 100_000
