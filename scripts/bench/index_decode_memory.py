@@ -9,6 +9,8 @@ decode_index refused the blob and how long it took. Cases (tests/index/crafted.p
   bomb-160MiB      ~14 KB blob whose payload is 160 MiB of `[],[],...` (issue 12)
   bomb-values-cap  `[],[],...` with as many values as MAX_JSON_VALUES allows, in a blob
                    padded to pass the compression-ratio cap: the worst a crafted index costs
+  strings-cap      `["ab","ab",...]` up to the string cap, padded likewise: a new str per
+                   value, the costliest JSON per value counted
   entries-1M       1,000,000 valid entries (~850 KB blob; over MAX_ENTRIES)
   entries-cap-decode  MAX_ENTRIES valid entries, decoded (what the daemon's discovery pays)
   entries-cap      the same, decoded and then built into a LayerTree as a mount process
@@ -36,7 +38,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.index.crafted import document_blob, empty_lists_bomb, many_entries  # noqa: E402
+from tests.index.crafted import (  # noqa: E402
+    document_blob,
+    empty_lists_bomb,
+    many_entries,
+    short_strings_bomb,
+)
 
 CHILD = r"""
 import json, sys, time
@@ -75,6 +82,14 @@ def _values_cap_bomb() -> bytes:
     return empty_lists_bomb(json_bytes, padding)
 
 
+def _strings_cap() -> bytes:
+    from snapshotter.index.codec import MAX_JSON_STRINGS, MAX_PAYLOAD_RATIO, PAYLOAD_RATIO_SLACK
+
+    count = MAX_JSON_STRINGS - 1
+    padding = (5 * count - PAYLOAD_RATIO_SLACK) // (MAX_PAYLOAD_RATIO - 1) + 1
+    return short_strings_bomb(count, padding)
+
+
 def _entries_cap() -> bytes:
     from snapshotter.index.tar_toc import MAX_ENTRIES
 
@@ -84,6 +99,7 @@ def _entries_cap() -> bytes:
 CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     "bomb-160MiB": (lambda: empty_lists_bomb(160 << 20), "decode"),
     "bomb-values-cap": (_values_cap_bomb, "decode"),
+    "strings-cap": (_strings_cap, "decode"),
     "entries-1M": (lambda: document_blob(many_entries(1_000_000)), "decode"),
     "entries-cap-decode": (_entries_cap, "decode"),
     "entries-cap": (_entries_cap, "tree"),

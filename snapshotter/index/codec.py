@@ -46,8 +46,8 @@ MAGIC = b"LZSNAPIX"
 _HEADER = struct.Struct(">8sHHQ")
 _JSON_LEN = struct.Struct(">I")
 # Caps on what one index may make a reader build (docs/index-format.md "Limits" has the
-# measured memory behind them). Decoding costs ~1 KB of Python objects per entry and the mount
-# process keeps ~1.7 KB per entry, so the entry cap bounds a mount at a few hundred MB; the
+# measured memory behind them). Decoding costs ~1.1 KB of Python objects per entry and the
+# mount process keeps ~1.3 KB per entry, so the entry cap bounds a mount at ~350 MB; the
 # payload, JSON and value caps bound what a crafted index costs before any entry is checked.
 MAX_PAYLOAD = 256 << 20
 # A real index inflates 2-9x (JSON of real layers, windows); 64x leaves room for very regular
@@ -55,10 +55,12 @@ MAX_PAYLOAD = 256 << 20
 MAX_PAYLOAD_RATIO = 64
 PAYLOAD_RATIO_SLACK = 1 << 20  # tiny indexes compress poorly or not at all: never refused
 MAX_JSON = 64 << 20
-# Upper bound on JSON values (commas + opening brackets + 1), checked before json.loads builds
-# them: a value costs up to ~64 bytes of Python objects (an empty list), so this bounds the
-# parse at ~340 MB whatever the JSON holds. A real entry is 16 values, a span 10.
+# Upper bounds on JSON values (commas + opening brackets + 1) and strings (quotes / 2), checked
+# before json.loads builds them: a value costs up to ~64 bytes of Python objects (an empty list,
+# a new 2-character str), so a crafted JSON costs about what the largest real index does (~250
+# MB, measured). A real entry is 16 values and 5 strings (+1 per xattr), a span 10 and 2.
 MAX_JSON_VALUES = 20 * MAX_ENTRIES
+MAX_JSON_STRINGS = 8 * MAX_ENTRIES
 MAX_NAME_BYTES = 32 << 20  # all entry names together (UTF-8): the tree keeps them all
 MAX_SPANS = 1 << 18
 # What Linux can hold (and the copy of a layer to plain files can recreate): NAME_MAX bytes
@@ -309,6 +311,9 @@ def _check_json_shape(text: bytes) -> None:
     values = text.count(b",") + text.count(b"[") + text.count(b"{") + 1
     if values > MAX_JSON_VALUES:
         raise _bad("payload", f"JSON holds up to {values} values, more than {MAX_JSON_VALUES}")
+    strings = text.count(b'"') // 2  # an escaped quote inside a string only overcounts
+    if strings > MAX_JSON_STRINGS:
+        raise _bad("payload", f"JSON holds up to {strings} strings, more than {MAX_JSON_STRINGS}")
 
 
 def _windows(raw: Any) -> WindowsBlob:

@@ -113,3 +113,20 @@ def empty_lists_bomb(json_bytes: int, padding: int = 0) -> bytes:
         yield b"[]]"
 
     return index_blob(text(), 3 * count + 4, os.urandom(padding))
+
+
+def short_strings_bomb(count: int, padding: int = 0) -> bytes:
+    """`["ab","ab",...]`: json.loads makes a new ~56-byte str per 5 bytes of text (only dict
+    keys are shared), the costliest JSON per value counted."""
+    piece = b'"ab",' * 65536
+
+    def text() -> Iterator[bytes]:
+        yield b"["
+        left = count
+        while left > 0:
+            take = min(left, 65536)
+            yield piece[: 5 * take] if take < 65536 else piece
+            left -= take
+        yield b'"ab"]'
+
+    return index_blob(text(), 5 * count + 6, os.urandom(padding))

@@ -150,3 +150,11 @@ def test_a_span_with_a_few_empty_gzip_members_still_reads() -> None:
     empty, real = gzip.compress(b"", mtime=0), gzip.compress(b"x" * 100_000, mtime=0)
     index, data = _span0_of(empty * 100 + real + empty, b"x" * 100_000)
     assert inflate_span(index, 0, data) == b"x" * 100_000
+
+
+def test_string_count_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    document = many_entries(20)  # 21 entries x 5 strings, 2 span digests, keys: ~120 strings
+    decode_index(document_blob(document))
+    monkeypatch.setattr(codec, "MAX_JSON_STRINGS", 100)
+    with pytest.raises(InvalidIndex, match=r"JSON holds up to \d+ strings, more than 100"):
+        decode_index(document_blob(document))
