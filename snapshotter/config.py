@@ -131,7 +131,7 @@ def _ranges(config: Config) -> tuple[tuple[str, float, float, float], ...]:
     return (
         ("remote.fetch_timeout_seconds", config.remote.fetch_timeout_seconds, 0.1, 3600.0),
         ("remote.min_layer_size", config.remote.min_layer_size, 0, MAX_BYTES),
-        ("cache.max_size_bytes", config.cache.max_size_bytes, 0, MAX_BYTES),
+        ("cache.max_size_bytes", config.cache.max_size_bytes, 1, MAX_BYTES),  # the cache needs > 0
         ("fuse.read_ahead_kb", config.fuse.read_ahead_kb, 0, MAX_READ_AHEAD_KB),
         ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds, 0.0,
          MAX_SECONDS),

@@ -86,7 +86,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[remote]\nenable = 'yes'", "remote.enable must be a boolean"),
         ("[remote]\nplain_http = 'host'", "remote.plain_http must be a list of strings"),
         ("[cache]\nmax_size_bytes = true", "cache.max_size_bytes must be an integer"),
-        ("[cache]\nmax_size_bytes = -1", "cache.max_size_bytes must be between 0 and"),
+        ("[cache]\nmax_size_bytes = -1", "cache.max_size_bytes must be between 1 and"),
         ("remote = 3", "[remote] must be a table"),
         ("log_level = 'loud'", "log_level must be one of"),
         ("root = ''", "root must not be empty"),
@@ -115,6 +115,7 @@ def test_bad_files_name_the_key_and_the_file(tmp_path: Path, text: str, named: s
         ("[remote]\nmin_layer_size = -5", "remote.min_layer_size must be between 0 and"),
         ("[cache]\nmax_size_bytes = 1e30", "cache.max_size_bytes must be an integer"),
         ("[cache]\nmax_size_bytes = 2251799813685249", "cache.max_size_bytes must be between"),
+        ("[cache]\nmax_size_bytes = 0", "cache.max_size_bytes must be between 1 and"),
         ("[fetch]\nbackground_quiet_seconds = 1e9", "fetch.background_quiet_seconds must be "
          "between 0.0 and 86400.0"),
         ("[fetch]\nbackground_rate_bytes = 0", "fetch.background_rate_bytes must be between 1"),
