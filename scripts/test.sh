@@ -53,7 +53,7 @@ check "mypy --strict (tests/bench)" env MYPYPATH="$REPO:$REPO/scripts/bench" "$B
     --strict --explicit-package-bases tests/bench \
     scripts/bench/critical_path_decode.py scripts/bench/bench_index_size.py \
     scripts/bench/critical_path_trace/sitecustomize.py scripts/bench/working_set.py \
-    scripts/bench/bench_completion_check.py
+    scripts/bench/bench_completion_check.py scripts/bench/index_decode_memory.py
 
 # LAZYSNAP_REQUIRE_STACK=1: a stack test that cannot run is an error, not a silent skip.
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words

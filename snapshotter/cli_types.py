@@ -6,7 +6,12 @@ import argparse
 import re
 from collections.abc import Callable
 
-from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.index.model import (
+    DEFAULT_MIN_LAYER_SIZE,
+    DEFAULT_SPAN_SIZE,
+    MAX_SPAN_SIZE,
+    MIN_SPAN_SIZE,
+)
 
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]i?[bB]?|[bB])?")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -24,6 +29,19 @@ def positive_size(text: str) -> int:
     value = byte_size(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return value
+
+
+def span_size(text: str) -> int:
+    """A span size within what the builder accepts: checked while parsing the command line,
+    so a bad value stops the command before any work (even when every layer is indexed
+    already and no build would have seen it)."""
+    value = byte_size(text)
+    if not MIN_SPAN_SIZE <= value <= MAX_SPAN_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"span size {text!r} is outside [{MIN_SPAN_SIZE}, {MAX_SPAN_SIZE}] bytes "
+            "(64KiB to 64MiB)"
+        )
     return value
 
 
@@ -46,11 +64,11 @@ def add_span_size_argument(parser: argparse.ArgumentParser) -> None:
     """--span-size, for everything that builds layer indexes (`index build`, `accel serve`)."""
     parser.add_argument(
         "--span-size",
-        type=positive_size,
+        type=span_size,
         default=DEFAULT_SPAN_SIZE,
         metavar="N",
-        help="uncompressed bytes per independently readable span: the unit of every fetch "
-        f"(default {DEFAULT_SPAN_SIZE})",
+        help="uncompressed bytes per independently readable span: the unit of every fetch, "
+        f"64KiB to 64MiB (default {DEFAULT_SPAN_SIZE})",
     )
 
 

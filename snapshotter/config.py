@@ -82,6 +82,8 @@ TRUST_MODES = ("signed", "permissive")
 @dataclass(frozen=True)
 class MetricsConfig:
     address: str = ""  # "host:port" for Prometheus metrics; "" = off
+    # The endpoint has no authentication: an address other than loopback must be asked for.
+    allow_non_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,37 +135,41 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, source: str) -
     return cls(**values)
 
 
+# Allowed ranges of the numeric keys (docs/configuration.md lists them): wide enough for any
+# real setup, narrow enough that a typo (an extra digit, a unit mix-up) is an error, not a
+# value the kernel or the fetch loop would choke on.
+MAX_BYTES = 1 << 50  # 1 PiB
+MAX_SECONDS = 86400.0
+MAX_READ_AHEAD_KB = 1 << 20  # 1 GiB of kernel read-ahead per mount
+MAX_READ_AHEAD_SPANS = 256
+
+
+def _ranges(config: Config) -> tuple[tuple[str, float, float, float], ...]:
+    """(key, value, lowest, highest allowed) of every numeric key."""
+    return (
+        ("remote.fetch_timeout_seconds", config.remote.fetch_timeout_seconds, 0.1, 3600.0),
+        ("remote.min_layer_size", config.remote.min_layer_size, 0, MAX_BYTES),
+        ("cache.max_size_bytes", config.cache.max_size_bytes, 1, MAX_BYTES),  # the cache needs > 0
+        ("cache.min_free_bytes", config.cache.min_free_bytes, 0, MAX_BYTES),
+        ("cache.min_free_percent", config.cache.min_free_percent, 0.0, 50.0),
+        ("fuse.oom_score_adj", config.fuse.oom_score_adj, -1000, 1000),
+        ("fuse.read_ahead_kb", config.fuse.read_ahead_kb, 0, MAX_READ_AHEAD_KB),
+        ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds, 0.0,
+         MAX_SECONDS),
+        ("fetch.background_rate_bytes", config.fetch.background_rate_bytes, 1, MAX_BYTES),
+        ("fetch.read_ahead_spans", config.fetch.read_ahead_spans, 0, MAX_READ_AHEAD_SPANS),
+    )  # fmt: skip
+
+
 def _validate(config: Config, source: str) -> Config:
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
         )
-    for key, value in (
-        ("remote.fetch_timeout_seconds", config.remote.fetch_timeout_seconds),
-        ("remote.min_layer_size", config.remote.min_layer_size),
-        ("cache.max_size_bytes", config.cache.max_size_bytes),
-        ("cache.min_free_bytes", config.cache.min_free_bytes),
-        ("fuse.read_ahead_kb", config.fuse.read_ahead_kb),
-        ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds),
-        ("fetch.read_ahead_spans", config.fetch.read_ahead_spans),
-    ):
-        if value < 0:
-            raise ConfigError(f"{source}: {key} must not be negative, got {value}")
-    if not -1000 <= config.fuse.oom_score_adj <= 1000:
-        raise ConfigError(
-            f"{source}: fuse.oom_score_adj must be between -1000 and 1000, "
-            f"got {config.fuse.oom_score_adj}"
-        )
-    if not 0 <= config.cache.min_free_percent <= 50:
-        raise ConfigError(
-            f"{source}: cache.min_free_percent must be within 0..50, "
-            f"got {config.cache.min_free_percent}"
-        )
-    if config.fetch.background_rate_bytes <= 0:
-        raise ConfigError(
-            f"{source}: fetch.background_rate_bytes must be positive, "
-            f"got {config.fetch.background_rate_bytes}"
-        )
+    for key, value, low, high in _ranges(config):
+        # not (low <= value <= high) also refuses TOML's nan; inf is out of every range
+        if not low <= value <= high:
+            raise ConfigError(f"{source}: {key} must be between {low} and {high}, got {value}")
     _validate_trust(config.trust, source)
     for name, text in (("root", config.root), ("address", config.address)):
         if not text:

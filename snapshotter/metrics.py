@@ -18,6 +18,7 @@ Two sources, neither of which makes the core know about metrics:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -437,6 +438,17 @@ class DaemonMetrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP literals (127.0.0.0/8, ::1); a wildcard (0.0.0.0,
+    ::) or any other name or address reaches the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: whatever it resolves to, not known to be loopback
 
 
 def parse_address(address: str) -> tuple[str, int]:

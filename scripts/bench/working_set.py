@@ -51,10 +51,15 @@ if str(REPO_ROOT) not in sys.path:
 import zstandard  # noqa: E402
 
 from snapshotter.fs.tree import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, LayerTree  # noqa: E402
-from snapshotter.index.build import MAX_SPAN_SIZE, MIN_SPAN_SIZE, build_layer_index  # noqa: E402
+from snapshotter.index.build import build_layer_index  # noqa: E402
 from snapshotter.index.codec import decode_index, encode_index_split  # noqa: E402
 from snapshotter.index.errors import IndexFormatError  # noqa: E402
-from snapshotter.index.model import Compression, LayerIndex  # noqa: E402
+from snapshotter.index.model import (  # noqa: E402
+    MAX_SPAN_SIZE,
+    MIN_SPAN_SIZE,
+    Compression,
+    LayerIndex,
+)
 from snapshotter.index.spans import spans_for_range  # noqa: E402
 from tests.harness.images import read_layout  # noqa: E402
 from tests.harness.procs import HarnessError  # noqa: E402

@@ -47,6 +47,7 @@ from snapshotter.core.mounts import (
     probe_overlay_features,
     snapshot_mounts,
 )
+from snapshotter.tree_removal import remove_tree
 
 log = logging.getLogger("lazysnap.core")
 
@@ -636,7 +637,7 @@ class Snapshotter:
                 return
         try:
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+                remove_tree(path)  # shutil.rmtree recurses: a deep layer would never go
             else:
                 os.unlink(path)
         except FileNotFoundError:

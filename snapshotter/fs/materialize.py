@@ -38,7 +38,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
 from snapshotter.index.model import EntryType, LayerIndex
+from snapshotter.tree_removal import clear_directory
 
 LOCAL_SUFFIX = ".lazysnap-local"
 BIND_SUFFIX = ".lazysnap-bind"
@@ -163,16 +163,9 @@ def wipe_contents(directory: Path) -> int:
     """Remove everything inside directory (not the directory itself); returns the number of
     top-level entries removed. Only for a plain directory: the caller makes sure no mount
     sits on it."""
-    removed = 0
     with os.scandir(directory) as entries:
-        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-    for name, is_dir in names:
-        path = directory / name
-        if is_dir:
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        removed += 1
+        removed = sum(1 for _ in entries)
+    clear_directory(directory)  # any depth: a crafted layer may nest thousands of directories
     return removed
 
 

@@ -6,7 +6,8 @@ The tree is what overlayfs expects to find in a lowerdir holding the extracted l
 - a whiteout `.wh.NAME` is a character device 0/0 called NAME;
 - an opaque marker `.wh..wh..opq` becomes xattr trusted.overlay.opaque="y" on its directory;
 - a later entry with the same name replaces the earlier one (tar extraction order), except that
-  a directory over a directory only updates its metadata, as `tar x` does.
+  a directory over a directory only updates its metadata, as `tar x` does;
+- a symlink's mode is 0777 whatever its header says, as on every Linux filesystem.
 
 Inode numbers are assigned in TOC order, so they are stable across remounts of the same index.
 """
@@ -29,6 +30,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 META_PREFIX = ".wh..wh."
 OPAQUE_XATTR = "trusted.overlay.opaque"
 IMPLICIT_DIR_MODE = 0o755
+SYMLINK_MODE = 0o777
 DIR_SIZE = 4096
 
 _TYPE_BITS = {
@@ -242,6 +244,9 @@ class _Builder:
             node.size = DIR_SIZE
             node.nlink = 2
         elif entry.type is EntryType.SYMLINK:
+            # Linux ignores a symlink's own permission bits and every unpack shows 0777
+            # (lrwxrwxrwx) whatever the tar header says (often 0644 from some writers).
+            node.mode = stat.S_IFLNK | SYMLINK_MODE
             node.symlink_target = entry.link_target
             node.size = len(entry.link_target.encode("utf-8", "surrogateescape"))
         elif entry.type in (EntryType.CHAR, EntryType.BLOCK):

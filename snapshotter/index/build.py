@@ -12,15 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from snapshotter.index.codec import MAX_SPAN_UNCOMPRESSED, MAX_SPANS
+from snapshotter.index.codec import MAX_SPAN_UNCOMPRESSED, MAX_SPANS, name_limits_problem
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.gzip_spans import GzipSpanBuilder
-from snapshotter.index.model import DEFAULT_SPAN_SIZE, Compression, LayerIndex, Span
+from snapshotter.index.model import (
+    DEFAULT_SPAN_SIZE,
+    MAX_SPAN_SIZE,
+    MIN_SPAN_SIZE,
+    Compression,
+    EntryType,
+    LayerIndex,
+    Span,
+)
 from snapshotter.index.tar_toc import TarTocParser
 from snapshotter.index.zstd_spans import ZSTD_MAGIC, ZstdSpanBuilder, is_skippable
-
-MIN_SPAN_SIZE = 64 << 10
-MAX_SPAN_SIZE = 64 << 20
 
 _GZIP_SUFFIXES = ("tar+gzip", "tar.gzip", "rootfs.diff.tar.gzip", "tar.gz")
 _ZSTD_SUFFIXES = ("tar+zstd",)
@@ -147,6 +152,9 @@ def build_layer_index(
     for entry in entries:
         if entry.offset + entry.size > usize:
             raise InvalidLayer(f"tar entry {entry.name!r} extends past the end of the layer")
+        why = name_limits_problem(entry.name, entry.link_target, entry.type is EntryType.SYMLINK)
+        if why is not None:
+            raise InvalidLayer(f"tar entry {entry.name[:80]!r}: {why}")
     # never produce an index that decode_index would refuse
     if len(spans) > MAX_SPANS:
         raise InvalidLayer(f"layer needs {len(spans)} spans, more than {MAX_SPANS}")

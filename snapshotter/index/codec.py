@@ -45,8 +45,30 @@ from snapshotter.index.tar_toc import MAX_ENTRIES, MAX_ENTRY_SIZE
 MAGIC = b"LZSNAPIX"
 _HEADER = struct.Struct(">8sHHQ")
 _JSON_LEN = struct.Struct(">I")
-MAX_PAYLOAD = 512 << 20
-MAX_SPANS = 1 << 22
+# Caps on what one index may make a reader build (docs/index-format.md "Limits" has the
+# measured memory behind them). Decoding costs ~1.1 KB of Python objects per entry and the
+# mount process keeps ~1.3 KB per entry, so the entry cap bounds a mount at ~350 MB; the
+# payload, JSON and value caps bound what a crafted index costs before any entry is checked.
+MAX_PAYLOAD = 256 << 20
+# A real index inflates 2-9x (JSON of real layers, windows); 64x leaves room for very regular
+# names while a 14 KB zstd bomb can no longer declare 160 MiB.
+MAX_PAYLOAD_RATIO = 64
+PAYLOAD_RATIO_SLACK = 1 << 20  # tiny indexes compress poorly or not at all: never refused
+MAX_JSON = 64 << 20
+# Upper bounds on JSON values (commas + opening brackets + 1) and strings (quotes / 2), checked
+# before json.loads builds them: a value costs up to ~64 bytes of Python objects (an empty list,
+# a new 2-character str), so a crafted JSON costs about what the largest real index does (~250
+# MB, measured). A real entry is 16 values and 5 strings (+1 per xattr), a span 10 and 2.
+MAX_JSON_VALUES = 20 * MAX_ENTRIES
+MAX_JSON_STRINGS = 8 * MAX_ENTRIES
+MAX_NAME_BYTES = 32 << 20  # all entry names together (UTF-8): the tree keeps them all
+MAX_SPANS = 1 << 18
+# What Linux can hold (and the copy of a layer to plain files can recreate): NAME_MAX bytes
+# per name component, PATH_MAX - 1 bytes per name or symlink target; and a depth far beyond
+# any image's (they stay under ~30) that still bounds the directory tree a mount builds.
+NAME_MAX = 255
+PATH_MAX = 4096
+MAX_DEPTH = 512
 MAX_SPAN_UNCOMPRESSED = 256 << 20  # a reader allocates this much per span
 MAX_WINDOW = 32768
 # A window's zstd frame: at most zstd's compress bound for 32 KiB (32944 bytes) plus slack.
@@ -227,7 +249,8 @@ def _blob_ref(blob: memoryview, offset: Any, length: Any, field: str, limit: int
     return bytes(blob[off : off + size])
 
 
-def _read_payload(data: bytes) -> tuple[int, bytes]:
+def _read_payload(data: bytes) -> tuple[int, bytes, memoryview]:
+    """(version, JSON text, blob section) of index bytes, after the header's checks."""
     if len(data) < _HEADER.size:
         raise _bad("header", f"{len(data)} bytes is too short for a lazysnap index")
     magic, version, flags, payload_len = _HEADER.unpack_from(data)
@@ -240,15 +263,57 @@ def _read_payload(data: bytes) -> tuple[int, bytes]:
         raise _bad("flags", f"unknown flags {flags:#x}")
     if payload_len > MAX_PAYLOAD:
         raise _bad("payload length", f"{payload_len} exceeds the {MAX_PAYLOAD} byte cap")
-    try:
-        payload = zstandard.ZstdDecompressor().decompress(
-            data[_HEADER.size :], max_output_size=payload_len
+    ratio_cap = MAX_PAYLOAD_RATIO * len(data) + PAYLOAD_RATIO_SLACK
+    if payload_len > ratio_cap:
+        raise _bad(
+            "payload length",
+            f"{payload_len} bytes from a {len(data)} byte blob: more than {MAX_PAYLOAD_RATIO}x "
+            f"the blob + {PAYLOAD_RATIO_SLACK} (a compression bomb?)",
         )
+    if payload_len < _JSON_LEN.size:
+        raise _bad("payload", "too short")
+    return version, *_inflate_payload(memoryview(data)[_HEADER.size :], payload_len)
+
+
+def _inflate_payload(frame: memoryview, payload_len: int) -> tuple[bytes, memoryview]:
+    """(JSON text, blob section), inflating at most payload_len bytes whatever the frame says.
+
+    zstandard's one-shot decompress allocates what the frame declares and ignores
+    max_output_size then, so a declared size must equal payload_len (already capped); an
+    undeclared one is bounded by max_output_size. The JSON length is read first, from a
+    4-byte streaming read, so an oversized JSON is refused before anything is inflated."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared >= 0 and declared != payload_len:  # -1: not declared
+            raise _bad("payload", f"zstd frame declares {declared} bytes, header {payload_len}")
+        with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as r:
+            head = r.read(_JSON_LEN.size)
+        if len(head) < _JSON_LEN.size:
+            raise _bad("payload", "too short")
+        (json_len,) = _JSON_LEN.unpack(head)
+        if json_len > payload_len - _JSON_LEN.size:
+            raise _bad("payload", f"JSON length {json_len} exceeds the payload")
+        if json_len > MAX_JSON:
+            raise _bad("payload", f"JSON of {json_len} bytes exceeds the {MAX_JSON} byte cap")
+        payload = zstandard.ZstdDecompressor().decompress(frame, max_output_size=payload_len)
     except zstandard.ZstdError as exc:
         raise _bad("payload", f"zstd frame is corrupt or truncated: {exc}") from None
     if len(payload) != payload_len:
         raise _bad("payload", f"inflates to {len(payload)} bytes, header says {payload_len}")
-    return version, payload
+    end = _JSON_LEN.size + json_len
+    return payload[_JSON_LEN.size : end], memoryview(payload)[end:]
+
+
+def _check_json_shape(text: bytes) -> None:
+    """Bound what json.loads may build before it builds anything: an upper bound on its
+    values (each value but the first in a container follows a comma; a bracket or comma
+    inside a string only overcounts)."""
+    values = text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+    if values > MAX_JSON_VALUES:
+        raise _bad("payload", f"JSON holds up to {values} values, more than {MAX_JSON_VALUES}")
+    strings = text.count(b'"') // 2  # an escaped quote inside a string only overcounts
+    if strings > MAX_JSON_STRINGS:
+        raise _bad("payload", f"JSON holds up to {strings} strings, more than {MAX_JSON_STRINGS}")
 
 
 def _windows(raw: Any) -> WindowsBlob:
@@ -320,7 +385,12 @@ def _spans(
 
 
 def _entry_error(
-    item: list[Any], i: int, blob: memoryview, usize: int, seen: dict[str, EntryType]
+    item: list[Any],
+    i: int,
+    blob: memoryview,
+    usize: int,
+    seen: dict[str, EntryType],
+    data_end: int,
 ) -> InvalidIndex:
     """Slow path: find and name what is wrong with an entry the fast path rejected."""
     name = _safe_name(item[0], f"entries[{i}].name")
@@ -347,7 +417,13 @@ def _entry_error(
         return _bad(where + ".link_target", f"a {kind} has no link target")
     _int(item[10], where + ".devmajor", 0, _MAX_DEV)
     _int(item[11], where + ".devminor", 0, _MAX_DEV)
-    _int(item[12], where + ".offset", 0, usize - size if kind is EntryType.REG else 0)
+    offset = _int(item[12], where + ".offset", 0, usize - size if kind is EntryType.REG else 0)
+    if kind is EntryType.REG and offset < data_end:
+        return _bad(
+            where + ".offset",
+            f"data at {offset} overlaps the previous file's, which ends at {data_end} "
+            "(file data must follow each other in tar order)",
+        )
     refs = item[13]
     if type(refs) is not list:
         return _bad(where + ".xattrs", "expected a list")
@@ -386,6 +462,54 @@ def _names_look_safe(raw: list[Any]) -> bool:
     return not any(bad in joined for bad in ("//", "/./", "/../", "\0", "\n"))
 
 
+def name_limits_problem(name: str, link_target: str, symlink: bool) -> str | None:
+    """Why Linux (and the copy of a layer to plain files) cannot hold this entry, or None:
+    more than NAME_MAX bytes in a component, PATH_MAX - 1 bytes or MAX_DEPTH components in
+    the name, a symlink target over PATH_MAX - 1 bytes, or text that is no file name (a lone
+    surrogate that no undecodable tar byte gives). UTF-8 bytes, as the kernel counts."""
+    try:
+        encoded = name.encode("utf-8", "surrogateescape")
+        target = link_target.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return "name or link target has a lone surrogate: not a file name"
+    if len(encoded) > PATH_MAX - 1:
+        return f"name is {len(encoded)} bytes, more than PATH_MAX - 1 = {PATH_MAX - 1}"
+    parts = encoded.split(b"/")
+    if len(parts) > MAX_DEPTH:
+        return f"name is {len(parts)} components deep, more than {MAX_DEPTH}"
+    longest = max(parts, key=len)
+    if len(longest) > NAME_MAX:
+        return (
+            f"component {longest[:40]!r}... is {len(longest)} bytes, more than NAME_MAX = "
+            f"{NAME_MAX}"
+        )
+    if symlink and len(target) > PATH_MAX - 1:
+        return f"link target is {len(target)} bytes, more than PATH_MAX - 1 = {PATH_MAX - 1}"
+    return None
+
+
+def _check_name_limits(raw: list[Any]) -> None:
+    """name_limits_problem of every entry, and all names together at most MAX_NAME_BYTES (the
+    mount keeps them all). Fast path: an ASCII name of at most 63 characters with an ASCII
+    link target of at most 63 is within every limit (~4 ms for 13k entries)."""
+    total = 0
+    for item in raw:
+        if type(item) is not list or len(item) != 14:
+            continue  # the entry check names what is wrong with it
+        name, link = item[0], item[9]
+        if type(name) is not str or type(link) is not str:
+            continue
+        if len(name) <= 63 and len(link) <= 63 and name.isascii() and link.isascii():
+            total += len(name)
+            continue
+        why = name_limits_problem(name, link, item[1] == "symlink")
+        if why is not None:
+            raise _bad(f"entry {name[:80]!r}{'...' if len(name) > 80 else ''}", why)
+        total += len(name.encode("utf-8", "surrogateescape"))
+    if total > MAX_NAME_BYTES:
+        raise _bad("entries", f"names total {total} bytes, more than {MAX_NAME_BYTES}")
+
+
 _REG, _HARDLINK, _SYMLINK, _DIR = (
     EntryType.REG,
     EntryType.HARDLINK,
@@ -403,6 +527,7 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
     _entry_error re-checks field by field to name the problem."""
     if type(raw) is not list or len(raw) > MAX_ENTRIES:
         raise _bad("entries", f"expected a list of at most {MAX_ENTRIES} entries")
+    _check_name_limits(raw)
     entries: list[TocEntry] = []
     seen: dict[str, EntryType] = {}
     bad_name: Callable[[str], object] = _BAD_NAME.search
@@ -411,6 +536,12 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
     new = object.__new__
     setattr_ = object.__setattr__
     blob_len = len(blob)
+    owners: dict[str, str] = {}
+    # Regular files' data lie in tar order, one after another: a range overlapping the one
+    # before (a crafted index) would make the copy to plain files write the same bytes again
+    # and again, for as many entries as point at them. (An empty file reads no bytes: its
+    # offset only has to keep the order.)
+    data_end = 0
     for i, item in enumerate(raw):
         if type(item) is not list or len(item) != 14:
             raise _bad(f"entries[{i}]", "expected 14 fields")
@@ -450,7 +581,7 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
         )  # fmt: skip
         if ok:
             if kind is _REG:
-                ok = 0 <= size <= MAX_ENTRY_SIZE and 0 <= offset <= usize - size
+                ok = 0 <= size <= MAX_ENTRY_SIZE and data_end <= offset <= usize - size
             else:
                 ok = size == 0 and offset == 0
                 if kind is _HARDLINK:
@@ -472,16 +603,23 @@ def _entries(raw: Any, blob: memoryview, usize: int) -> tuple[TocEntry, ...]:
                     break
                 xattrs[ref[0]] = bytes(blob[ref[1] : ref[1] + ref[2]])
         if not ok:
-            raise _entry_error(item, i, blob, usize, seen)
+            raise _entry_error(item, i, blob, usize, seen, data_end)
+        if kind is _REG:
+            data_end = offset + size
         # frozen-dataclass construction goes through object.__setattr__ per field: filling
         # __dict__ directly is ~3x faster for the same validated values
         entry = new(TocEntry)
+        # json.loads makes a new str per occurrence: share the few owner names (~100 bytes
+        # per entry for as long as the index lives)
+        uname = owners.setdefault(uname, uname)
+        gname = owners.setdefault(gname, gname)
         setattr_(entry, "__dict__", {
             "name": name, "type": kind, "mode": mode, "uid": uid, "gid": gid, "uname": uname,
             "gname": gname, "size": size, "mtime_ns": mtime, "link_target": link,
             "devmajor": major, "devminor": minor, "xattrs": xattrs, "offset": offset,
         })  # fmt: skip
         entries.append(entry)
+        raw[i] = None  # its parsed list is garbage now: the next entries reuse the memory
         seen[name] = kind  # type: ignore[assignment]  # ok implies kind is not None
     return tuple(entries)
 
@@ -500,22 +638,19 @@ def decode_index(data: bytes, *, expected_layer_digest: str | None = None) -> La
 
 
 def _decode(data: bytes, expected_layer_digest: str | None) -> LayerIndex:
-    version, payload = _read_payload(data)
-    if len(payload) < _JSON_LEN.size:
-        raise _bad("payload", "too short")
-    (json_len,) = _JSON_LEN.unpack_from(payload)
-    if json_len > len(payload) - _JSON_LEN.size:
-        raise _bad("payload", f"JSON length {json_len} exceeds the payload")
+    version, text, blob_section = _read_payload(data)
+    _check_json_shape(text)
     try:
-        document = json.loads(payload[_JSON_LEN.size : _JSON_LEN.size + json_len])
+        document = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise _bad("payload", f"JSON is malformed: {exc}") from None
+    del text  # the objects are built: the text no longer counts towards the peak
     expected_keys = _KEYS if version == FORMAT_VERSION else _KEYS | {"windows"}
     if type(document) is not dict or set(document) != expected_keys:
         keys = sorted(document) if type(document) is dict else type(document).__name__
         raise _bad("document", f"expected keys {sorted(expected_keys)}, got {keys}")
     windows = _windows(document["windows"]) if version == FORMAT_VERSION_EXTERNAL_WINDOWS else None
-    blob = memoryview(payload)[_JSON_LEN.size + json_len :]
+    blob = blob_section
     layer_digest = _digest(document["layer_digest"], "layer_digest")
     if expected_layer_digest is not None and layer_digest != expected_layer_digest:
         raise _bad("layer_digest", f"index is for {layer_digest}, expected {expected_layer_digest}")

@@ -29,6 +29,8 @@ LAYER_DIGEST_ANNOTATION = "dev.lazysnap.layer.digest"
 # a third fewer bytes per cold start, and with a profile 2-3x faster starts on a 100 Mbit/s
 # link; costs a 3x bigger index and ~25 % of loopback cold sequential-read speed.
 DEFAULT_SPAN_SIZE = 1 << 20
+MIN_SPAN_SIZE = 64 << 10
+MAX_SPAN_SIZE = 64 << 20
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
 # Largest encoded index blob a reader fetches from a registry (it is held in memory whole).
 MAX_INDEX_BLOB_SIZE = 256 << 20

@@ -182,12 +182,26 @@ def _daemon_metrics(config: Config, root: str) -> DaemonMetrics | None:
     then, so serve without metrics starts as fast as before."""
     if not config.metrics.address:
         return None
-    from snapshotter.metrics import DaemonMetrics, MetricsError, parse_address
+    from snapshotter.metrics import DaemonMetrics, MetricsError, is_loopback, parse_address
 
+    address = config.metrics.address
     try:
-        parse_address(config.metrics.address)
+        host, _ = parse_address(address)
     except MetricsError as err:
         raise DaemonError(str(err), EXIT_CONFIG) from None
+    if not is_loopback(host):
+        if not config.metrics.allow_non_loopback:
+            raise DaemonError(
+                f"metrics.address {address!r} is not loopback: the metrics endpoint has no "
+                "authentication, so serving it to the network takes [metrics] "
+                "allow_non_loopback = true",
+                EXIT_CONFIG,
+            )
+        log.warning(
+            "metrics on %s, not loopback (metrics.allow_non_loopback = true): anyone who can "
+            "reach it reads them, without authentication",
+            address,
+        )
     return DaemonMetrics(root, config.cache_dir, config.cache.max_size_bytes)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import tarfile
+import time
 
 import pytest
 import zstandard
@@ -14,6 +15,7 @@ from snapshotter.index.build import build_layer_index
 from snapshotter.index.errors import IndexFormatError, InvalidLayer
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import inflate_span
+from snapshotter.index.tar_toc import MAX_REPLACED_DIRS
 from tests.index.conftest import GZIP_MT, TAR_MT, ZSTD_MT, OnlyRead, node, reg, tar_bytes
 
 
@@ -157,6 +159,35 @@ def test_replacing_a_hardlink_target_is_refused() -> None:
         InvalidLayer, match="'a' replaces an earlier entry that 'h' is hardlinked to"
     ):
         index_of(tar_bytes(members))
+
+
+def test_a_hardlink_target_freed_by_replacing_its_link_can_be_replaced() -> None:
+    members = [
+        reg("a", b"1"),
+        node("h", tarfile.LNKTYPE, linkname="a"),
+        reg("h", b"h is a file now"),
+        reg("a", b"2"),
+    ]
+    assert [e.name for e in index_of(tar_bytes(members)).entries] == ["h", "a"]
+
+
+def test_many_duplicates_index_in_linear_time() -> None:
+    """Each duplicate rebuilt the whole TOC: 16k entries took 30 s, 262k would take hours."""
+    names = [f"f{i}" for i in range(20_000)]
+    tar = tar_bytes([reg(name) for name in names] + [reg(name, b"2") for name in names])
+    started = time.thread_time()
+    entries = index_of(tar).entries
+    assert time.thread_time() - started < 10
+    assert [(e.name, e.size) for e in entries] == [(name, 1) for name in names]
+
+
+def test_replacing_too_many_directories_is_refused() -> None:
+    members = []
+    for i in range(MAX_REPLACED_DIRS + 1):
+        members += [node(f"d{i}", tarfile.DIRTYPE), reg(f"d{i}/f"), reg(f"d{i}", b"file")]
+    with pytest.raises(InvalidLayer, match=f"replaces more than {MAX_REPLACED_DIRS} directories"):
+        index_of(tar_bytes(members))
+    index_of(tar_bytes(members[:-3]))  # one fewer is fine
 
 
 def _header_with_size(name: bytes, size_field: bytes) -> bytes:

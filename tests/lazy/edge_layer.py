@@ -67,6 +67,10 @@ MEMBERS = (
     _Member("opt/edge/relative", tarfile.SYMTYPE, mode=0o777, link="../../usr/bin/python3"),
     _Member("opt/edge/absolute", tarfile.SYMTYPE, mode=0o777, link="/etc/motd"),
     _Member("opt/edge/dangling", tarfile.SYMTYPE, mode=0o777, link="/nowhere"),
+    # Modes other than 0777 in a symlink's header (Python's tarfile writes 0644): every unpack
+    # shows 0777 (lrwxrwxrwx), and so must a lazy mount.
+    _Member("opt/edge/link-0644", tarfile.SYMTYPE, mode=0o644, link="setuid"),
+    _Member("opt/edge/link-0600", tarfile.SYMTYPE, mode=0o600, uid=1234, link="owned"),
     _Member("opt/edge/fifo", tarfile.FIFOTYPE, mode=0o600),
     _Member("opt/edge/null", tarfile.CHRTYPE, mode=0o666, dev=(1, 3)),
 )

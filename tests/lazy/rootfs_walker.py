@@ -5,7 +5,7 @@ else is needed). Mount points other than / (proc, sys, dev, the files runc bind-
 /etc/hosts, the /run tmpfs) are skipped: they are not the image's. Keys per path: type (S_IFMT),
 mode (permission bits), uid, gid, xattrs (hex values), for non-directories nlink, mtime_ns and
 link_group (the first path of a hardlinked inode), for files size and sha256 (or "error: ..."),
-for symlinks target, for devices rdev.
+for symlinks target and size, for devices rdev.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def describe(
         record["sha256"] = content_sha256(path)
     elif stat.S_ISLNK(st.st_mode):
         record["target"] = os.readlink(path)
+        record["size"] = st.st_size
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         record["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
     return record

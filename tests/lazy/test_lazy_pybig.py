@@ -105,6 +105,9 @@ def _assert_edge_layer_applied(tree: dict[str, dict[str, object]]) -> None:
     assert tree["/opt/edge/null"]["rdev"] == [1, 3]
     assert tree["/opt/edge/fifo"]["type"] == stat.S_IFIFO
     assert tree["/opt/edge/absolute"]["target"] == "/etc/motd"
+    for link in ("/opt/edge/link-0644", "/opt/edge/link-0600"):  # header 0644 / 0600
+        assert (tree[link]["type"], tree[link]["mode"]) == (stat.S_IFLNK, 0o777), link
+    assert tree["/opt/edge/link-0600"]["uid"] == 1234
 
 
 def test_pybig_rootfs_through_lazysnap_equals_containerds_own_unpack(

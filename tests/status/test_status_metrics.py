@@ -325,6 +325,42 @@ def test_a_bad_metrics_address_stops_serve_with_a_clear_error(workdir: Path) -> 
     assert not (workdir / "root").exists()
 
 
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "[::]:0", "10.1.2.3:9199", "metrics.lan:9199"])
+def test_a_metrics_address_reaching_the_network_needs_an_opt_in(
+    workdir: Path, address: str
+) -> None:
+    config = workdir / "config.toml"
+    config.write_text(f'[metrics]\naddress = "{address}"\n')
+    result = subprocess.run(
+        [*serve_command(workdir / "root", workdir / "s.sock"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"metrics.address {address!r} is not loopback" in result.stderr
+    assert "allow_non_loopback = true" in result.stderr and "Traceback" not in result.stderr
+    assert not (workdir / "root").exists()
+
+
+def test_a_non_loopback_metrics_address_with_the_opt_in_is_served_and_logged(
+    workdir: Path, daemons: list[DaemonProcess]
+) -> None:
+    daemon = start_with_config(
+        workdir,
+        daemons,
+        '[remote]\nenable = false\n[metrics]\naddress = "0.0.0.0:0"\nallow_non_loopback = true\n',
+    )
+    deadline = time.monotonic() + 10
+    while "serving metrics on" not in daemon.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "metrics on 0.0.0.0:0, not loopback (metrics.allow_non_loopback = true)" in daemon.log
+    served = re.search(r"serving metrics on http://[^:]+:(\d+)/metrics", daemon.log)
+    assert served is not None, daemon.log
+    assert ("process_resident_memory_bytes", ()) in scrape(int(served[1]))
+    assert daemon.stop() == 0
+
+
 def test_a_taken_metrics_port_stops_serve_and_leaves_nothing_behind(workdir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

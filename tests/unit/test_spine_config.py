@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cli import build_parser
-from snapshotter.config import Config, ConfigError, load_config
+from snapshotter.config import Config, ConfigError, _ranges, load_config
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -86,7 +86,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[remote]\nenable = 'yes'", "remote.enable must be a boolean"),
         ("[remote]\nplain_http = 'host'", "remote.plain_http must be a list of strings"),
         ("[cache]\nmax_size_bytes = true", "cache.max_size_bytes must be an integer"),
-        ("[cache]\nmax_size_bytes = -1", "cache.max_size_bytes must not be negative"),
+        ("[cache]\nmax_size_bytes = -1", "cache.max_size_bytes must be between 1 and"),
         ("remote = 3", "[remote] must be a table"),
         ("log_level = 'loud'", "log_level must be one of"),
         ("root = ''", "root must not be empty"),
@@ -98,6 +98,45 @@ def test_bad_files_name_the_key_and_the_file(tmp_path: Path, text: str, named: s
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert named in str(raised.value) and path in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        # issue 12: accepted before, and written to the bdi's read_ahead_kb
+        ("[fuse]\nread_ahead_kb = 99999999999999999999", "fuse.read_ahead_kb must be between 0 "
+         "and 1048576, got 99999999999999999999"),
+        ("[fuse]\nread_ahead_kb = 9999999999999", "fuse.read_ahead_kb must be between 0 and "
+         "1048576, got 9999999999999"),
+        ("[remote]\nfetch_timeout_seconds = 0", "remote.fetch_timeout_seconds must be between "
+         "0.1 and 3600.0, got 0.0"),
+        ("[remote]\nfetch_timeout_seconds = nan", "remote.fetch_timeout_seconds must be between"),
+        ("[remote]\nfetch_timeout_seconds = inf", "got inf"),
+        ("[remote]\nmin_layer_size = -5", "remote.min_layer_size must be between 0 and"),
+        ("[cache]\nmax_size_bytes = 1e30", "cache.max_size_bytes must be an integer"),
+        ("[cache]\nmax_size_bytes = 2251799813685249", "cache.max_size_bytes must be between"),
+        ("[cache]\nmax_size_bytes = 0", "cache.max_size_bytes must be between 1 and"),
+        ("[fetch]\nbackground_quiet_seconds = 1e9", "fetch.background_quiet_seconds must be "
+         "between 0.0 and 86400.0"),
+        ("[fetch]\nbackground_rate_bytes = 0", "fetch.background_rate_bytes must be between 1"),
+        ("[fetch]\nread_ahead_spans = 100000", "fetch.read_ahead_spans must be between 0 and 256"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_name_the_key_and_the_range(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert named in str(raised.value) and path in str(raised.value)
+
+
+def test_every_numeric_key_has_a_documented_range() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    for key, _, _, _ in _ranges(load_config(None)):
+        name = key.split(".")[1]
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{name}`"))
+        assert "Allowed:" in row, key
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
@@ -132,3 +171,22 @@ def test_serve_does_not_import_fuse_or_http_code_when_remote_is_off(tmp_path: Pa
         [sys.executable, "-c", probe, path], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("value", ["5", "32k", "65M", "0"])
+@pytest.mark.parametrize("command", [["index", "build"], ["accel", "serve"]])
+def test_span_size_out_of_range_stops_the_command_before_any_work(
+    command: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # an image on a host that does not exist: parsing must refuse before anything resolves it
+    extra = ["registry.invalid/app:1"] if command[0] == "index" else []
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, "--span-size", value, *extra])
+    assert exited.value.code == 2
+    assert f"span size {value!r} is outside [65536, 67108864] bytes" in capsys.readouterr().err
+
+
+def test_span_size_limits_are_accepted() -> None:
+    for value, size in (("64k", 64 << 10), ("64M", 64 << 20), ("1M", 1 << 20)):
+        args = build_parser().parse_args(["index", "build", "--span-size", value, "r/a:1"])
+        assert args.span_size == size
