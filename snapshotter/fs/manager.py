@@ -92,8 +92,8 @@ from snapshotter.fs.mount_process import (
     SpecError,
     read_state,
     state_path_for,
-    write_private_file,
 )
+from snapshotter.fs.private_files import replace_private
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.fs.refusals import (
     LedgerError,
@@ -371,6 +371,8 @@ class LazyLayers:
             # or wiped by the next mount), whatever else fails below.
             remove_marker(mountpoint)
             remove_failure(mountpoint)
+            if release_spans:  # the snapshot goes: a refusal stays in the node's ledger
+                remove_verdict(mountpoint)
         state = read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         with self._lock:
@@ -981,6 +983,14 @@ class LazyLayers:
             spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
             if not spec_path.exists():
                 return  # being unmounted (its snapshot removed): nothing to serve any more
+            verdict = read_verdict(mountpoint)
+            if verdict is not None and verdict.failed:
+                log.warning(
+                    "not restarting the mount process of %s: its index failed the completion "
+                    "check (the layer is refused on this node)",
+                    mountpoint,
+                )
+                return
             _detach(mountpoint)  # the stranded mounts keep their own reference to it
             try:
                 self._start(mountpoint, spec_path)
@@ -1248,13 +1258,9 @@ def _file_digest(path: str) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        write_private_file(tmp, data)
-        os.rename(tmp, path)
+        replace_private(path, data)
     except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
         fix = ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             fix = f" (the filesystem of {path.parent} is full: free space there)"

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
+from snapshotter.fs.private_files import replace_private
 from snapshotter.index.model import EntryType, LayerIndex
 from snapshotter.tree_removal import clear_directory
 
@@ -135,22 +136,9 @@ def write_marker(mountpoint: str, marker: LocalMarker) -> None:
     """Write the marker atomically and durably (temp file, fsync, rename, fsync of the dir).
     Raises MaterializeError naming the file."""
     path = marker_path(mountpoint)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "w") as f:
-            f.write(json.dumps(marker.to_json()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_private(path, (json.dumps(marker.to_json()) + "\n").encode(), durable=True)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise MaterializeError(f"writing {path}: {exc.strerror}") from exc
 
 

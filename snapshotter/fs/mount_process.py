@@ -38,6 +38,7 @@ from snapshotter.fs.background import (
 )
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, DiskReserve, SpanCache
+from snapshotter.fs.private_files import replace_private
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_READ_AHEAD_SPANS,
@@ -223,18 +224,6 @@ def state_path_for(mountpoint: str) -> Path:
     return path.with_name(path.name + ".lazysnap.json")
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Create or replace the bytes of path, mode 0600 whatever the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
 def read_state(mountpoint: str) -> dict[str, Any] | None:
     try:
         state = json.loads(state_path_for(mountpoint).read_text())
@@ -376,13 +365,9 @@ class _StateKeeper(threading.Thread):
         if self.reader.cache.disk_limited():
             state["cache_disk_limited"] = True  # spans served without being cached
         path = state_path_for(self.spec.mountpoint)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            write_private_file(tmp, (json.dumps(state, indent=1) + "\n").encode())
-            os.rename(tmp, path)
+            replace_private(path, (json.dumps(state, indent=1) + "\n").encode())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             # A full disk must not fill the log either: once, until a write succeeds again.
             if not self._state_write_failed:
                 log.warning(

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapshotter.fs.private_files import replace_private
+
 CHECK_SUFFIX = ".lazysnap-check"
 LEDGER_NAME = "completion-ledger.json"
 MAX_REFUSED = 4096
@@ -224,22 +226,10 @@ def _parse(path: Path) -> _Ledger:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Temp file, fsync, rename, fsync of the directory; LedgerError naming path."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    """Private, atomic and durable (fs/private_files.py); LedgerError naming path."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_private(path, text.encode(), durable=True)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise LedgerError(f"writing {path}: {exc.strerror}") from exc
 
 

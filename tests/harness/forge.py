@@ -6,7 +6,7 @@ an attacker with push access to the repository (but not to the image) can publis
 then makes it the newest index artifact of the image (the one discovery uses), with the
 project's own artifact push.
 
-    remap          file A's entry points at file B's bytes (data offset and size)
+    remap          files A and B swap names (each keeping its mode and owner): A serves B's bytes
     change_mode    a file's mode changed (e.g. 0600 -> 0644)
     add_setuid_and_device   a setuid root-owned file and a 0666 character device added
     add_path       an extra path (e.g. etc/anything) added
@@ -86,12 +86,28 @@ def _encoded(index: LayerIndex, windows: bytes) -> IndexBlobs:
 
 
 def remap(genuine: IndexBlobs, victim: str, source: str) -> IndexBlobs:
-    """victim's entry serves source's bytes (its data offset and size)."""
+    """victim's name serves source's bytes (and source's name victim's), each keeping its own
+    mode and owner: the two entries swap names, modes and owners. File data stays in tar order,
+    so the index passes decode_index, which refuses entries whose data ranges overlap."""
     index = genuine.decoded()
-    data = _regular(index, source)
-    _regular(index, victim)
-    forged = _replace_entry(index, victim, offset=data.offset, size=data.size)
-    return _encoded(forged, genuine.windows)
+    a, b = _regular(index, victim), _regular(index, source)
+
+    def swapped(entry: TocEntry, other: TocEntry) -> TocEntry:
+        return dataclasses.replace(
+            entry,
+            name=other.name,
+            mode=other.mode,
+            uid=other.uid,
+            gid=other.gid,
+            uname=other.uname,
+            gname=other.gname,
+        )
+
+    entries = tuple(
+        swapped(e, a) if e.name == source else swapped(e, b) if e.name == victim else e
+        for e in index.entries
+    )
+    return _encoded(dataclasses.replace(index, entries=entries), genuine.windows)
 
 
 def change_mode(genuine: IndexBlobs, name: str, mode: int) -> IndexBlobs:
@@ -101,26 +117,30 @@ def change_mode(genuine: IndexBlobs, name: str, mode: int) -> IndexBlobs:
     return _encoded(_replace_entry(index, name, mode=mode), genuine.windows)
 
 
+def _after_all_data(index: LayerIndex) -> int:
+    """Where an added file's (empty) data may sit: after every file's data, as in a tar. An
+    added file cannot share another file's bytes: decode_index refuses overlapping data."""
+    end = max((e.offset + e.size for e in index.entries if e.type is EntryType.REG), default=0)
+    return min(-(-end // 512) * 512, index.uncompressed_size)
+
+
 def add_setuid_and_device(
     genuine: IndexBlobs,
-    data_from: str,
     setuid_name: str = "usr/bin/forged-suid",
     device_name: str = "dev/forged-tty",
 ) -> IndexBlobs:
-    """A root-owned 04755 file (with data_from's bytes) and a 0666 character device 5:0."""
+    """A root-owned 04755 (empty) file and a 0666 character device 5:0."""
     index = genuine.decoded()
-    data = _regular(index, data_from)
     added = (
-        TocEntry(setuid_name, EntryType.REG, 0o4755, size=data.size, offset=data.offset),
+        TocEntry(setuid_name, EntryType.REG, 0o4755, offset=_after_all_data(index)),
         TocEntry(device_name, EntryType.CHAR, 0o666, devmajor=5, devminor=0),
     )
     return _encoded(dataclasses.replace(index, entries=index.entries + added), genuine.windows)
 
 
-def add_path(genuine: IndexBlobs, data_from: str, name: str = "etc/anything") -> IndexBlobs:
+def add_path(genuine: IndexBlobs, name: str = "etc/anything") -> IndexBlobs:
     index = genuine.decoded()
-    data = _regular(index, data_from)
-    added = TocEntry(name, EntryType.REG, 0o644, size=data.size, offset=data.offset)
+    added = TocEntry(name, EntryType.REG, 0o644, offset=_after_all_data(index))
     return _encoded(dataclasses.replace(index, entries=(*index.entries, added)), genuine.windows)
 
 

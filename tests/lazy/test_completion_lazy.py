@@ -117,18 +117,18 @@ class Forgery:
 FORGERIES = {
     "remap": Forgery(
         lambda genuine, _: forge.remap(genuine, "data/secret", "etc/passwd"),
-        "'data/secret': size is",
+        "name is 'data/secret' in the index, 'etc/passwd' in the tar stream",
     ),
     "mode": Forgery(
         lambda genuine, _: forge.change_mode(genuine, "data/secret", 0o644),
         "'data/secret': mode is 0o644 in the index, 0o600 in the tar stream",
     ),
     "setuid-and-device": Forgery(
-        lambda genuine, _: forge.add_setuid_and_device(genuine, "bin/busybox"),
+        lambda genuine, _: forge.add_setuid_and_device(genuine),
         "'usr/bin/forged-suid' (reg) is not in the layer",
     ),
     "added-path": Forgery(
-        lambda genuine, _: forge.add_path(genuine, "data/secret"),
+        lambda genuine, _: forge.add_path(genuine),
         "'etc/anything' (reg) is not in the layer",
     ),
     "window": Forgery(
