@@ -23,19 +23,15 @@ CompletionCheck and reads one JSON line from its stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.tar_toc import TarTocParser
@@ -44,7 +40,6 @@ from snapshotter.index.toc_compare import first_difference
 HELPER_MODULE = "snapshotter.fs.completion"
 NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")  # as the materialize copy
 CHUNK = 4 << 20  # bytes of a span read (and hashed, parsed) at a time
-STOP_TIMEOUT_S = 10.0
 
 PASSED = "passed"
 FAILED = "failed"
@@ -177,52 +172,33 @@ class CompletionCheck:
     def __init__(self, spec_path: str, *, python: str = sys.executable) -> None:
         self.spec_path = spec_path
         self.python = python
-        self.cancelled = False
-        self._child: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
+        self._process = CancellableProcess()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._process.cancelled
 
     def command(self) -> list[str]:
         return [*NICE, self.python, "-m", HELPER_MODULE, "--spec", self.spec_path]
 
     def run(self) -> CheckReport:
         """The helper's report; CheckError if it could not give one (or was cancelled)."""
-        with self._lock:
-            if self.cancelled:
-                raise CheckError("cancelled")
-            try:
-                child = subprocess.Popen(
-                    self.command(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    cwd="/",
-                )
-            except OSError as exc:
-                raise CheckError(f"starting the completion check helper: {exc}") from exc
-            self._child = child
-        stdout, stderr = child.communicate()
-        if self.cancelled:
-            raise CheckError("cancelled")
-        lines = stdout.decode(errors="replace").strip().splitlines()
-        if child.returncode != 0 or not lines:
-            why = stderr.decode(errors="replace").strip().splitlines()
-            raise CheckError(why[-1] if why else f"helper exited {child.returncode}")
+        try:
+            finished = self._process.run(self.command(), stdout=True)
+        except HelperCancelled:
+            raise CheckError("cancelled") from None
+        except OSError as exc:
+            raise CheckError(f"starting the completion check helper: {exc}") from exc
+        lines = finished.stdout.decode(errors="replace").strip().splitlines()
+        if finished.returncode != 0 or not lines:
+            raise CheckError(finished.last_error_line())
         try:
             return CheckReport.from_json(json.loads(lines[-1]))
         except ValueError as exc:
             raise CheckError(f"completion check helper answered {lines[-1]!r:.200}") from exc
 
     def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-            child = self._child
-        if child is None or child.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(STOP_TIMEOUT_S)
+        self._process.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,14 +38,13 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
+from snapshotter.fs.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.fs.private_files import replace_private
 from snapshotter.index.model import EntryType, LayerIndex
 from snapshotter.tree_removal import clear_directory
@@ -57,7 +56,6 @@ HELPER_MODULE = "snapshotter.fs.materialize"
 NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")
 NAMESPACE = ("unshare", "--mount", "--propagation", "private")
 CP = ("cp", "-a", "--preserve=xattr", "--no-target-directory")  # explicit xattr: failures count
-STOP_TIMEOUT_S = 10.0
 EXIT_BUSY = 3  # another helper holds the flock on this layer
 EXIT_NEVER = 4  # the layer cannot be copied whatever is retried (its index does not allow it)
 FAILED_SUFFIX = ".lazysnap-materialize-failed"  # why the manager gave up copying (JSON)
@@ -201,9 +199,11 @@ class Copy:
         self.mountpoint = os.path.abspath(mountpoint)
         self.python = python
         self.reserve = reserve
-        self.cancelled = False
-        self._child: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
+        self._process = CancellableProcess()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._process.cancelled
 
     def command(self) -> list[str]:
         return [
@@ -223,45 +223,25 @@ class Copy:
     def run(self) -> None:
         """Copy the tree the mount serves into its underlying directory and sync it; raises
         MaterializeError (the underlying directory is then empty again)."""
-        with self._lock:
-            if self.cancelled:
-                raise MaterializeError(f"copy of {self.mountpoint}: cancelled")
-            try:
-                child = subprocess.Popen(
-                    self.command(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,  # cancel() ends the helper and its cp together
-                    cwd="/",
-                )
-            except OSError as exc:
-                raise MaterializeError(
-                    f"starting the copy helper for {self.mountpoint}: {exc}"
-                ) from exc
-            self._child = child
-        _, stderr = child.communicate()
-        why = stderr.decode(errors="replace").strip().splitlines()
-        if self.cancelled:
-            raise MaterializeError(f"copy of {self.mountpoint}: cancelled")
-        if child.returncode == EXIT_BUSY:
+        try:
+            finished = self._process.run(self.command())
+        except HelperCancelled:
+            raise MaterializeError(f"copy of {self.mountpoint}: cancelled") from None
+        except OSError as exc:
+            raise MaterializeError(
+                f"starting the copy helper for {self.mountpoint}: {exc}"
+            ) from exc
+        if finished.returncode == EXIT_BUSY:
             raise MaterializeError(f"copy of {self.mountpoint}: another copy is running")
-        if child.returncode != 0:
-            detail = why[-1] if why else f"helper exited {child.returncode}"
-            raise MaterializeError(detail, permanent=child.returncode == EXIT_NEVER)
+        if finished.returncode != 0:
+            raise MaterializeError(
+                finished.last_error_line(), permanent=finished.returncode == EXIT_NEVER
+            )
 
     def cancel(self) -> None:
         """End the helper (and its cp) and wait for it. The partial copy stays under the FUSE
         mount, hidden; the next copy, or the next mount of the layer, wipes it."""
-        with self._lock:
-            self.cancelled = True
-            child = self._child
-        if child is None or child.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(STOP_TIMEOUT_S)
+        self._process.cancel()
 
 
 # -- the helper: runs in its own mount namespace ---------------------------------------------------
