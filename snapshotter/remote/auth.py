@@ -145,16 +145,18 @@ class CredentialStore:
 
     def get(self, host: str) -> Credentials | None:
         """Docker's rule (cli/config/configfile: getConfiguredCredentialStore and the native
-        store): the host's `credHelpers` entry, else `credsStore`, decides alone when set; its
-        "not found" means anonymous even if `auths` has the host. Only without a helper are
-        `auths` entries used. One deviation: where docker fails the pull because the helper
-        failed, we fall back to the `auths` entry (or anonymous) after one WARNING."""
+        store): the host's `credHelpers` entry, else `credsStore`, is asked first, and what it
+        answers wins over `auths`. Docker stops there; we fall back to the host's `auths` entry
+        (else anonymous) when the helper has nothing ("not found") or fails (after one WARNING),
+        where docker would go anonymous or fail the pull. So lazysnap authenticates wherever
+        docker would, with the same credentials, and a config with both (an `auths` entry
+        written by hand beside a desktop `credsStore`) keeps working."""
         key = normalize_host(host)
         helper = self._helpers.get(key, self._default_helper)
         if helper is None:
             return self._entries.get(key)
-        result = self._helper_result(helper, key)
-        return self._entries.get(key) if result.failed else result.credentials
+        from_helper = self._helper_result(helper, key).credentials
+        return from_helper if from_helper is not None else self._entries.get(key)
 
     def _helper_result(self, helper: str, key: str) -> _HelperResult:
         with self._lock:
@@ -174,7 +176,7 @@ class CredentialStore:
         try:
             answer = run_helper(helper, helper_server_url(key), timeout=self._helper_timeout)
         except HelperError as exc:
-            fallback = "its auths entry" if key in self._entries else "anonymous access"
+            fallback = "its 'auths' entry" if key in self._entries else "anonymous access"
             log.warning(
                 "credential helper %s for %s failed: %s; using %s for %s (retried after %g s)",
                 program,
@@ -187,7 +189,7 @@ class CredentialStore:
             return _HelperResult(None, True, self._clock() + self._failure_ttl)
         expires_at = self._clock() + self._answer_ttl
         if answer is None:
-            log.debug("credential helper %s has no credentials for %s: anonymous", program, key)
+            log.debug("credential helper %s has no credentials for %s", program, key)
             return _HelperResult(None, False, expires_at)
         if answer.is_identity_token:
             with self._lock:

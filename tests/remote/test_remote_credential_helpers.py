@@ -138,7 +138,7 @@ def test_a_hanging_helper_is_killed_at_the_timeout(
     assert "did not answer within 1 s" in line
 
 
-def test_precedence_is_dockers_helper_of_the_host_then_creds_store_then_auths(
+def test_precedence_is_the_hosts_helper_then_creds_store_then_auths(
     fake: Fake, tmp_path: Path
 ) -> None:
     doc: dict[str, object] = {
@@ -149,12 +149,12 @@ def test_precedence_is_dockers_helper_of_the_host_then_creds_store_then_auths(
     store = store_for(tmp_path, doc)
     assert store.get("ecr.example") == Credentials("user-of-docker-credential-other", SECRET)
     assert store.get("hub.example") == Credentials("user-of-docker-credential-fake", SECRET)
-    # The helper's "not found" is anonymous even though auths holds the host (as in docker).
-    fake.mode("notfound")
-    assert store_for(tmp_path, doc).get("hub.example") is None
-    # A failed helper falls back to the auths entry (docker would fail the pull instead).
-    fake.mode("fail")
-    assert store_for(tmp_path, doc).get("hub.example") == Credentials("c", "d")
+    # Where the helper has nothing or fails, the auths entry is used (docker would go
+    # anonymous or fail the pull); without one, the host is anonymous.
+    for mode in ("notfound", "fail"):
+        fake.mode(mode)
+        assert store_for(tmp_path, doc).get("hub.example") == Credentials("c", "d"), mode
+        assert store_for(tmp_path, doc).get("elsewhere.example") is None, mode
     # Without any helper, auths is used and nothing runs.
     runs = len(fake.runs)
     assert store_for(tmp_path, {"auths": doc["auths"]}).get("ecr.example") == Credentials("a", "b")
