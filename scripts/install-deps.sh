@@ -18,6 +18,7 @@ APT_PACKAGES=(
     containerd runc docker-registry fuse3 libfuse2 libfuse3-dev pkg-config skopeo umoci
     busybox-static debootstrap golang-go golang-github-containerd-containerd-dev pigz jq curl
     iproute2 apache2-utils hyperfine python3 python3-venv python3-dev ca-certificates openssl
+    golang-docker-credential-helpers pass gnupg  # docker-credential-pass for tests/remote
     systemd  # systemd-analyze verify of the units (tests/install); PID 1 stays what it is
 )
 LOG=$(mktemp /tmp/lazysnap-install-deps.XXXXXX.log)

@@ -16,16 +16,26 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 from urllib.parse import urlsplit
 
 import httpx
 
+from snapshotter.remote.credential_helper import (
+    DEFAULT_HELPER_TIMEOUT,
+    HELPER_PREFIX,
+    HelperError,
+    helper_server_url,
+    run_helper,
+)
 from snapshotter.remote.docker_config import default_docker_config_path
 from snapshotter.remote.errors import AuthenticationError, CredentialsError, redact_url
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token service omits expires_in (token spec)
+HELPER_ANSWER_TTL = 300.0  # seconds a helper's answer (credentials or "not found") is reused
+HELPER_FAILURE_TTL = 30.0  # seconds before a failed helper is run again for that host
 _HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
 
@@ -53,12 +63,27 @@ class Credentials:
 
 
 class CredentialStore:
-    """Credentials per registry host, read once from a docker config.json (or given directly)."""
+    """Credentials per registry host: from a docker config.json's `auths`, from the credential
+    helpers it names (run on demand, answers cached briefly), or given directly."""
 
-    def __init__(self, entries: Mapping[str, Credentials] | None = None) -> None:
+    def __init__(
+        self,
+        entries: Mapping[str, Credentials] | None = None,
+        *,
+        helper_timeout: float = DEFAULT_HELPER_TIMEOUT,
+        answer_ttl: float = HELPER_ANSWER_TTL,
+        failure_ttl: float = HELPER_FAILURE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._entries = {normalize_host(h): c for h, c in (entries or {}).items()}
         self._helpers: dict[str, str] = {}
         self._default_helper: str | None = None
+        self._helper_timeout = helper_timeout
+        self._answer_ttl = answer_ttl
+        self._failure_ttl = failure_ttl
+        self._clock = clock
+        self._answers: dict[str, _HelperResult] = {}
+        self._host_locks: dict[str, threading.Lock] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -71,9 +96,18 @@ class CredentialStore:
         return default_docker_config_path()
 
     @classmethod
-    def from_docker_config(cls, path: str | os.PathLike[str] | None = None) -> CredentialStore:
-        """Read `auths` from a docker config.json. A missing file (at the default path or the
-        given one) means anonymous access; an unreadable or malformed one is an error."""
+    def from_docker_config(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        helper_timeout: float = DEFAULT_HELPER_TIMEOUT,
+        answer_ttl: float = HELPER_ANSWER_TTL,
+        failure_ttl: float = HELPER_FAILURE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> CredentialStore:
+        """Read `auths`, `credHelpers` and `credsStore` from a docker config.json (helpers run
+        later, per host, in get). A missing file (at the default path or the given one) means
+        anonymous access; an unreadable or malformed one is an error."""
         config_path = os.fspath(path) if path is not None else cls.default_config_path()
         try:
             with open(config_path, encoding="utf-8") as f:
@@ -85,7 +119,12 @@ class CredentialStore:
             raise CredentialsError(f"cannot read docker config {config_path}: {exc}") from None
         if not isinstance(doc, dict):
             raise CredentialsError(f"docker config {config_path} is not a JSON object")
-        store = cls()
+        store = cls(
+            helper_timeout=helper_timeout,
+            answer_ttl=answer_ttl,
+            failure_ttl=failure_ttl,
+            clock=clock,
+        )
         auths = doc.get("auths") or {}
         if not isinstance(auths, dict):
             raise CredentialsError(f"docker config {config_path}: 'auths' is not an object")
@@ -94,30 +133,101 @@ class CredentialStore:
             if creds is not None:
                 store._entries[normalize_host(host)] = creds
         helpers = doc.get("credHelpers") or {}
-        if isinstance(helpers, dict):
-            store._helpers = {normalize_host(h): str(v) for h, v in helpers.items()}
-        if isinstance(doc.get("credsStore"), str):
-            store._default_helper = doc["credsStore"]
+        if not isinstance(helpers, dict):
+            raise CredentialsError(f"docker config {config_path}: 'credHelpers' is not an object")
+        for host, name in helpers.items():
+            if _helper_name(config_path, f"credHelpers[{host!r}]", name):
+                store._helpers[normalize_host(host)] = name
+        default = doc.get("credsStore")
+        if _helper_name(config_path, "credsStore", default):
+            store._default_helper = default
         return store
 
     def get(self, host: str) -> Credentials | None:
+        """Docker's rule (cli/config/configfile: getConfiguredCredentialStore and the native
+        store): the host's `credHelpers` entry, else `credsStore`, is asked first, and what it
+        answers wins over `auths`. Docker stops there; we fall back to the host's `auths` entry
+        (else anonymous) when the helper has nothing ("not found") or fails (after one WARNING),
+        where docker would go anonymous or fail the pull. So lazysnap authenticates wherever
+        docker would, with the same credentials, and a config with both (an `auths` entry
+        written by hand beside a desktop `credsStore`) keeps working."""
         key = normalize_host(host)
-        creds = self._entries.get(key)
-        if creds is None:
-            helper = self._helpers.get(key, self._default_helper)
-            if helper is not None:
-                with self._lock:
-                    if key not in self._warned:
-                        self._warned.add(key)
-                        log.warning(
-                            "docker config names credential helper docker-credential-%s for %s; "
-                            "credential helpers are not supported, so %s is accessed anonymously "
-                            "(put an 'auths' entry in the config instead)",
-                            helper,
-                            key,
-                            key,
-                        )
-        return creds
+        helper = self._helpers.get(key, self._default_helper)
+        if helper is None:
+            return self._entries.get(key)
+        from_helper = self._helper_result(helper, key).credentials
+        return from_helper if from_helper is not None else self._entries.get(key)
+
+    def _helper_result(self, helper: str, key: str) -> _HelperResult:
+        with self._lock:
+            host_lock = self._host_locks.setdefault(key, threading.Lock())
+        with host_lock:  # one helper run per host at a time; concurrent readers share it
+            with self._lock:
+                cached = self._answers.get(key)
+            if cached is not None and self._clock() < cached.expires_at:
+                return cached
+            result = self._run_helper(helper, key)
+            with self._lock:
+                self._answers[key] = result
+            return result
+
+    def _run_helper(self, helper: str, key: str) -> _HelperResult:
+        program = HELPER_PREFIX + helper
+        try:
+            answer = run_helper(helper, helper_server_url(key), timeout=self._helper_timeout)
+        except HelperError as exc:
+            fallback = "its 'auths' entry" if key in self._entries else "anonymous access"
+            log.warning(
+                "credential helper %s for %s failed: %s; using %s for %s (retried after %g s)",
+                program,
+                key,
+                exc,
+                fallback,
+                key,
+                self._failure_ttl,
+            )
+            return _HelperResult(None, True, self._clock() + self._failure_ttl)
+        expires_at = self._clock() + self._answer_ttl
+        if answer is None:
+            log.debug("credential helper %s has no credentials for %s", program, key)
+            return _HelperResult(None, False, expires_at)
+        if answer.is_identity_token:
+            with self._lock:
+                first = key not in self._warned
+                self._warned.add(key)
+            if first:  # same treatment as an identitytoken in config.json auths
+                log.warning(
+                    "credential helper %s gave an identity token (OAuth2 refresh token) for %s, "
+                    "which is not supported; %s is accessed anonymously",
+                    program,
+                    key,
+                    key,
+                )
+            return _HelperResult(None, False, expires_at)
+        log.debug("credentials for %s from %s (user %r)", key, program, answer.username)
+        return _HelperResult(Credentials(answer.username, answer.secret), False, expires_at)
+
+
+@dataclass(frozen=True)
+class _HelperResult:
+    credentials: Credentials | None
+    failed: bool  # the helper could not answer (as opposed to answering "not found")
+    expires_at: float
+
+
+_HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _helper_name(path: str, where: str, name: object) -> TypeGuard[str]:
+    """True for a usable helper name; empty or absent means none (as in docker). A name that
+    is not a plain word would run some other program (`docker-credential-../x`): refused."""
+    if name is None or name == "":
+        return False
+    if not isinstance(name, str) or not _HELPER_NAME.fullmatch(name):
+        raise CredentialsError(
+            f"docker config {path}: {where} is not a credential helper name: {name!r}"
+        )
+    return True
 
 
 def _parse_auth_entry(path: str, host: str, entry: object) -> Credentials | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from snapshotter.remote.auth import (
     parse_www_authenticate,
 )
 from snapshotter.remote.errors import CredentialsError
-from tests.remote.conftest import LogRecorder
 
 
 def test_parse_bearer_and_basic_challenges() -> None:
@@ -66,17 +64,6 @@ def test_missing_config_is_anonymous_and_bad_config_names_the_file(tmp_path: Pat
     bad.write_text(json.dumps({"auths": {"r.io": {"auth": "!!!"}}}))
     with pytest.raises(CredentialsError, match=r"auths\['r.io'\].auth"):
         CredentialStore.from_docker_config(bad)
-
-
-def test_credential_helpers_are_reported_once(tmp_path: Path, logs: LogRecorder) -> None:
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"credHelpers": {"123.dkr.ecr.example": "ecr-login"}}))
-    store = CredentialStore.from_docker_config(config)
-    with logs.at_level(logging.WARNING):
-        assert store.get("123.dkr.ecr.example") is None
-        assert store.get("123.dkr.ecr.example") is None
-    warnings = [r for r in logs.records if "docker-credential-ecr-login" in r.getMessage()]
-    assert len(warnings) == 1 and "not supported" in warnings[0].getMessage()
 
 
 def test_token_is_cached_per_scope_and_refreshed_before_expiry() -> None:
