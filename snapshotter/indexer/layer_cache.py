@@ -1,4 +1,4 @@
-"""Layer-level reuse of indexes, registry-wide.
+"""Layer-level reuse of indexes, per namespace (or one --cache-repo).
 
 An index depends only on the layer's bytes, and base layers are shared by many images, so every
 built index is also stored once per layer in a cache repository:
