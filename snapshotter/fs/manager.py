@@ -444,7 +444,12 @@ class LazyLayers:
             index_path = str(sidecar(mountpoint, ".lazysnap-index"))
             _write_atomically(Path(index_path), spec.index_bytes)
         assert index_path is not None
-        index_digest = _file_digest(index_path)
+        # The bytes discovery fetched are hashed as they are, not read back from the file.
+        index_digest = (
+            "sha256:" + hashlib.sha256(spec.index_bytes).hexdigest()
+            if spec.index_bytes is not None
+            else _file_digest(index_path)
+        )
         refused = self.ledger.refused(index_digest)
         if refused is not None:  # discovery refuses it first; this holds for any caller
             raise RemoteLayerUnavailable(
