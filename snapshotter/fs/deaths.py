@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapshotter.fs.private_files import replace_private
+
 log = logging.getLogger("lazysnap.fs")
 
 DEATHS_SUFFIX = ".lazysnap-deaths.json"
@@ -154,15 +156,11 @@ def append_death(mountpoint: str, death: Death) -> DeathRecord:
     old = read_record(mountpoint)
     record = DeathRecord(old.count + 1, (*old.last, death)[-KEPT_DEATHS:])
     path = deaths_path(mountpoint)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     data = {"count": record.count, "last": [asdict(d) for d in record.last]}
     try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.rename(tmp, path)
+        replace_private(path, (json.dumps(data, indent=1) + "\n").encode())
     except OSError as exc:
         log.warning("cannot record the death in %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return record
 
 
