@@ -41,7 +41,8 @@ from prometheus_client.registry import Collector
 from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
 from snapshotter.core.mounts import OverlayFeatures
-from snapshotter.core.snapshotter import TARGET_SNAPSHOT_LABEL, MountList, Snapshotter
+from snapshotter.core.snapshotter import MountList, Snapshotter
+from snapshotter.vocabulary.labels import TARGET_REF
 
 log = logging.getLogger("lazysnap.metrics")
 
@@ -282,7 +283,7 @@ class MeteredSnapshotter(Snapshotter):
     def prepare(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> MountList:
-        wants_lazy = self.remote is not None and bool((labels or {}).get(TARGET_SNAPSHOT_LABEL))
+        wants_lazy = self.remote is not None and bool((labels or {}).get(TARGET_REF))
         self._watch.begin()
         try:
             mounts = super().prepare(key, parent, labels)

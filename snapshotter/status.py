@@ -36,17 +36,12 @@ from typing import Any
 
 from snapshotter.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from snapshotter.core.fallbacks import Fallback, read_fallbacks
+from snapshotter.vocabulary.labels import is_remote, layer_digest_of
 
 STATE_SUFFIX = ".lazysnap.json"
 SPEC_SUFFIX = ".lazysnap-spec.json"
 LOCAL_SUFFIX = ".lazysnap-local"  # as snapshotter.fs.materialize writes it
 MATERIALIZE_FAILED_SUFFIX = ".lazysnap-materialize-failed"  # ditto
-REMOTE_LABEL = "containerd.io/snapshot/remote"  # as snapshotter.core.snapshotter sets it
-# Where pullers put the compressed layer digest (CRI, ctr-remote), as the core reads them.
-LAYER_DIGEST_LABELS = (
-    "containerd.io/snapshot/cri.layer-digest",
-    "containerd.io/snapshot/remote/stargz.digest",
-)
 
 LIVE = "live"  # mounted, answering, its mount process alive
 DEAD = "dead"  # a mount or state file is there, but nothing serves it
@@ -405,9 +400,9 @@ def _remote_snapshots(root: str) -> dict[int, tuple[str, str]]:
             labels = json.loads(labels_text)
         except ValueError:
             continue
-        if not isinstance(labels, dict) or labels.get(REMOTE_LABEL) != "remote":
+        if not isinstance(labels, dict) or not is_remote(labels):
             continue
-        digest = next((labels[k] for k in LAYER_DIGEST_LABELS if labels.get(k)), "")
+        digest = layer_digest_of(labels)
         found[int(snapshot_id)] = (str(key), str(digest))
     return found
 

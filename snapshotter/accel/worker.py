@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from snapshotter.accel.events import PushedImage
 from snapshotter.accel.jobs import Outcome
-from snapshotter.index.model import ARTIFACT_TYPE, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from snapshotter.indexer.build import (
     BuildOptions,
     BuildReport,
@@ -41,6 +41,7 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import Manifest
 from snapshotter.remote.reference import Reference
 from snapshotter.trust.keys import SigningKey
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE
 
 log = logging.getLogger("lazysnap.accel")
 

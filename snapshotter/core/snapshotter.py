@@ -48,23 +48,20 @@ from snapshotter.core.mounts import (
     snapshot_mounts,
 )
 from snapshotter.tree_removal import remove_tree
+from snapshotter.vocabulary.labels import (
+    REMOTE_LABEL,
+    REMOTE_LABEL_VALUE,
+    TARGET_REF,
+    is_remote,
+    layer_digest_of,
+)
 
 log = logging.getLogger("lazysnap.core")
 
-TARGET_SNAPSHOT_LABEL = "containerd.io/snapshot.ref"
-REMOTE_LABEL = "containerd.io/snapshot/remote"
-REMOTE_LABEL_VALUE = "remote"
-# Where the pullers put the compressed layer digest (CRI, ctr-remote); used in log lines only.
-_LAYER_DIGEST_LABELS = (
-    "containerd.io/snapshot/cri.layer-digest",
-    "containerd.io/snapshot/remote/stargz.digest",
-)
 _INTERNAL_ERROR = "internal_error"  # a bug in the lazy path (as the metrics name it)
 MAX_LABEL_SIZE = 4096  # containerd labels.Validate: len(key) + len(value), in bytes
 
 __all__ = [
-    "REMOTE_LABEL",
-    "TARGET_SNAPSHOT_LABEL",
     "Info",
     "Kind",
     "Mount",
@@ -138,19 +135,12 @@ def disk_usage(path: str) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _layer_digest(labels: Mapping[str, str]) -> str:
-    for key in _LAYER_DIGEST_LABELS:
-        if labels.get(key):
-            return labels[key]
-    return ""
-
-
 def _layer_name(labels: Mapping[str, str]) -> str:
-    return _layer_digest(labels) or labels.get(TARGET_SNAPSHOT_LABEL, "?")
+    return layer_digest_of(labels) or labels.get(TARGET_REF, "?")
 
 
 def _is_remote(record: SnapshotRecord) -> bool:
-    return record.labels.get(REMOTE_LABEL) == REMOTE_LABEL_VALUE
+    return is_remote(record.labels)
 
 
 class Snapshotter:
@@ -240,11 +230,11 @@ class Snapshotter:
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> MountList:
         labels = dict(labels or {})
-        if self.remote is not None and labels.get(TARGET_SNAPSHOT_LABEL):
+        if self.remote is not None and labels.get(TARGET_REF):
             return self._prepare_remote(key, parent, labels, self.remote)
         self._ready_parent_chain(parent)
         mounts = self._create(Kind.ACTIVE, key, parent, labels)
-        if labels.get(TARGET_SNAPSHOT_LABEL):  # a puller asked for a lazy layer
+        if labels.get(TARGET_REF):  # a puller asked for a lazy layer
             self._record_fallback(
                 key,
                 labels,
@@ -334,7 +324,7 @@ class Snapshotter:
         self, key: str, parent: str, labels: dict[str, str], remote: RemoteLayers
     ) -> MountList:
         validate_labels(labels)
-        target = labels[TARGET_SNAPSHOT_LABEL]
+        target = labels[TARGET_REF]
         with self._store.transaction(writable=True) as tx:
             self._check_new(tx, key, parent)
             if tx.find(target) is not None:
@@ -405,14 +395,14 @@ class Snapshotter:
             self._delete_tree(self._dir(snapshot_id))
             raise
         log.info("layer %s is mounted lazily as snapshot %s", _layer_name(labels), target)
-        self.fallbacks.forget_layer(_layer_digest(labels))
+        self.fallbacks.forget_layer(layer_digest_of(labels))
         raise AlreadyExists(f"target snapshot {target!r}: already exists")
 
     def _record_fallback(
         self, key: str, labels: Mapping[str, str], reason: str, message: str
     ) -> None:
-        target = labels.get(TARGET_SNAPSHOT_LABEL, "")
-        fallback = Fallback(key, target, _layer_digest(labels), reason, message, time.time())
+        target = labels.get(TARGET_REF, "")
+        fallback = Fallback(key, target, layer_digest_of(labels), reason, message, time.time())
         self.fallbacks.record(fallback)
 
     def _unmount_remote(self, upper: str) -> None:

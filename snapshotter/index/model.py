@@ -20,11 +20,6 @@ from enum import StrEnum
 FORMAT_VERSION = 1  # windows inline in the index blob
 FORMAT_VERSION_EXTERNAL_WINDOWS = 2  # windows in their own blob (LayerIndex.windows)
 SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_EXTERNAL_WINDOWS)
-ARTIFACT_TYPE = "application/vnd.lazysnap.index.v1+json"
-INDEX_BLOB_MEDIA_TYPE = "application/vnd.lazysnap.index.layer.v1"
-# The windows blob of a version-2 index blob; listed right after it, same layer annotation.
-WINDOWS_BLOB_MEDIA_TYPE = "application/vnd.lazysnap.index.windows.v1"
-LAYER_DIGEST_ANNOTATION = "dev.lazysnap.layer.digest"
 # 1 MiB: measured against 4 MiB in the start-up benchmark (docs/bench-startup.md, "Span size"):
 # a third fewer bytes per cold start, and with a profile 2-3x faster starts on a 100 Mbit/s
 # link; costs a 3x bigger index and ~25 % of loopback cold sequential-read speed.

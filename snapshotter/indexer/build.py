@@ -31,15 +31,9 @@ from typing import BinaryIO, cast
 
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index_split
-from snapshotter.index.model import ARTIFACT_TYPE, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from snapshotter.indexer import layer_cache, signing
-from snapshotter.indexer.artifact import (
-    EMPTY_CONFIG,
-    ArtifactError,
-    IndexedLayer,
-    artifact_manifest,
-    indexed_layers,
-)
+from snapshotter.indexer.artifact import EMPTY_CONFIG, artifact_manifest
 from snapshotter.indexer.platforms import select_platforms
 from snapshotter.indexer.progress import BuildProgress
 from snapshotter.remote.client import RegistryClient
@@ -55,6 +49,12 @@ from snapshotter.remote.manifest import (
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import ReferrerSource, find_referrers, push_referrer
 from snapshotter.trust.keys import SigningKey
+from snapshotter.vocabulary.artifact import (
+    ARTIFACT_TYPE,
+    ArtifactError,
+    IndexedLayer,
+    indexed_layers,
+)
 
 log = logging.getLogger(__name__)
 

@@ -174,7 +174,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so `lazysnap --help` and other subcommands stay fast.
-    from snapshotter.indexer.artifact import ArtifactError
     from snapshotter.indexer.build import BuildOptions, IndexBuildError, build_image_index
     from snapshotter.indexer.show import show_image_index
     from snapshotter.remote.auth import CredentialStore
@@ -183,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from snapshotter.remote.hosts import HostsConfig
     from snapshotter.remote.manifest import Platform
     from snapshotter.remote.reference import Reference
+    from snapshotter.vocabulary.artifact import ArtifactError
 
     try:
         platforms = tuple(Platform.parse(p) for p in args.platform)

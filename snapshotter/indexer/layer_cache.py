@@ -35,19 +35,14 @@ from urllib.parse import urljoin
 from snapshotter.index.codec import MAX_WINDOWS_BLOB
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer import signing
-from snapshotter.indexer.artifact import (
-    EMPTY_CONFIG,
-    ArtifactError,
-    IndexedLayer,
-    cache_manifest,
-    cached_index_for,
-)
+from snapshotter.indexer.artifact import EMPTY_CONFIG, cache_manifest
 from snapshotter.remote.auth import repository_scope
 from snapshotter.remote.client import PUSH, RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, RegistryError
 from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST, Descriptor, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.trust.keys import SigningKey
+from snapshotter.vocabulary.artifact import ArtifactError, IndexedLayer, cached_index_for
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapshotter.index.codec import decode_index
-from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
-from snapshotter.indexer.artifact import ArtifactError, IndexedLayer, indexed_layers
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.build import BuildOptions, Target, resolve_targets
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import ManifestNotFound
@@ -23,6 +22,12 @@ from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers
 from snapshotter.remote.signatures import find_signatures
 from snapshotter.trust.policy import TrustPolicy, Verdict
+from snapshotter.vocabulary.artifact import (
+    ARTIFACT_TYPE,
+    ArtifactError,
+    IndexedLayer,
+    indexed_layers,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from snapshotter.index.model import ARTIFACT_TYPE
 from snapshotter.indexer import signing
-from snapshotter.indexer.artifact import ArtifactError, indexed_layers
 from snapshotter.indexer.build import BuildOptions, resolve_targets
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import RegistryError
@@ -22,6 +20,7 @@ from snapshotter.remote.manifest import Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers
 from snapshotter.trust.keys import SigningKey
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, ArtifactError, indexed_layers
 
 log = logging.getLogger(__name__)
 

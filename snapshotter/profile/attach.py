@@ -19,20 +19,10 @@ from pathlib import Path
 
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
-from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer import signing
-from snapshotter.indexer.artifact import (
-    ArtifactError,
-    IndexedLayer,
-    indexed_layers,
-    manifest_layers,
-)
-from snapshotter.profile.model import (
-    PROFILE_CREATED_ANNOTATION,
-    PROFILE_MEDIA_TYPE,
-    StartupProfile,
-    encode_profile,
-)
+from snapshotter.indexer.artifact import manifest_layers
+from snapshotter.profile.model import StartupProfile, encode_profile
 from snapshotter.profile.record import (
     LayerSource,
     ProfileRecordError,
@@ -47,6 +37,14 @@ from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer, referrer_manifest
 from snapshotter.trust.keys import SigningKey
+from snapshotter.vocabulary.artifact import (
+    ARTIFACT_TYPE,
+    PROFILE_CREATED_ANNOTATION,
+    PROFILE_MEDIA_TYPE,
+    ArtifactError,
+    IndexedLayer,
+    indexed_layers,
+)
 
 log = logging.getLogger("lazysnap.profile")
 

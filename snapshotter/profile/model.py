@@ -16,8 +16,6 @@ import json
 import re
 from dataclasses import dataclass
 
-PROFILE_MEDIA_TYPE = "application/vnd.lazysnap.profile.v1+json"
-PROFILE_CREATED_ANNOTATION = "dev.lazysnap.profile.created"  # RFC 3339, picks the newest
 PROFILE_VERSION = 1
 MAX_PROFILE_BYTES = 64 << 20
 MAX_ENTRIES = 1 << 20

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapshotter.remote.manifest import MANIFEST_TYPES, Descriptor, Manifest
-from snapshotter.source.labels import (
+from snapshotter.vocabulary.labels import (
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,

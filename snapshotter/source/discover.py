@@ -42,17 +42,9 @@ from snapshotter.fs.manager import LayerSpec
 from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
-from snapshotter.index.model import (
-    ARTIFACT_TYPE,
-    INDEX_BLOB_MEDIA_TYPE,
-    LAYER_DIGEST_ANNOTATION,
-    MAX_INDEX_BLOB_SIZE,
-    LayerIndex,
-)
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE, LayerIndex
 from snapshotter.profile.model import (
     MAX_PROFILE_BYTES,
-    PROFILE_CREATED_ANNOTATION,
-    PROFILE_MEDIA_TYPE,
     ProfileError,
     StartupProfile,
     decode_profile,
@@ -65,6 +57,13 @@ from snapshotter.remote.referrers import find_referrers
 from snapshotter.remote.signatures import SignatureBlob, find_signatures
 from snapshotter.source.labels import LabelError, LayerRequest, parse_layer_request
 from snapshotter.trust.policy import TrustPolicy
+from snapshotter.vocabulary.artifact import (
+    ARTIFACT_TYPE,
+    IndexedLayer,
+    ProfileBlob,
+    artifact_contents,
+    newest_profile,
+)
 
 log = logging.getLogger("lazysnap.discover")
 
@@ -97,10 +96,10 @@ class _ImageIndexes:
     """What one platform manifest's lookup found."""
 
     layers: dict[str, Descriptor]  # image layer digest -> its descriptor in the image manifest
-    index_blobs: dict[str, Descriptor]  # image layer digest -> index blob descriptor
+    index_blobs: dict[str, IndexedLayer]  # image layer digest -> its index blob
     source: str  # referrers-api | tag-fallback | oras
     found_at: float
-    profile: Descriptor | None = None  # the newest startup profile blob of any artifact
+    profile: ProfileBlob | None = None  # the newest startup profile blob of any artifact
     # image layer digest -> why the artifacts indexing it are not trusted (none of them is)
     untrusted: dict[str, str] = field(default_factory=dict)
     # image layer digest -> its diffID (rootfs.diff_ids of the image config, fetched beside
@@ -183,26 +182,27 @@ class IndexDiscovery:
                 f"{ref}@{manifest_digest} has none (looked up via {found.source})",
                 FallbackReason.NO_INDEX,
             )
-        refused = self.refusals.refused(blob.digest) if self.refusals is not None else None
+        refused = self.refusals.refused(blob.index_digest) if self.refusals is not None else None
         if refused is not None:
             raise RemoteLayerUnavailable(
-                f"index blob {blob.digest} for layer {request.layer_digest} failed the "
+                f"index blob {blob.index_digest} for layer {request.layer_digest} failed the "
                 f"completion check on this node before (refused): {refused.why}",
                 reason=FallbackReason.REFUSED_INDEX,
             )
-        if blob.size > MAX_INDEX_BLOB_SIZE:
+        if blob.index_size > MAX_INDEX_BLOB_SIZE:
             raise RemoteLayerUnavailable(
-                f"index blob {blob.digest} for layer {request.layer_digest} is {blob.size} bytes",
+                f"index blob {blob.index_digest} for layer {request.layer_digest} is "
+                f"{blob.index_size} bytes",
                 FallbackReason.BAD_INDEX,
             )
         data, index = self._index_blob(ref, blob, request.layer_digest)
         if index.compressed_size != layer.size:
             raise RemoteLayerUnavailable(
-                f"index {blob.digest} says layer {request.layer_digest} has "
+                f"index {blob.index_digest} says layer {request.layer_digest} has "
                 f"{index.compressed_size} bytes, the image manifest says {layer.size}",
                 FallbackReason.BAD_INDEX,
             )
-        log.debug("layer %s: index %s (%s)", request.layer_digest, blob.digest, found.source)
+        log.debug("layer %s: index %s (%s)", request.layer_digest, blob.index_digest, found.source)
         return LayerSpec(
             blob=BlobSpec(
                 kind="registry",
@@ -229,12 +229,12 @@ class IndexDiscovery:
             )
 
     def _index_blob(
-        self, ref: Reference, blob: Descriptor, layer_digest: str
+        self, ref: Reference, blob: IndexedLayer, layer_digest: str
     ) -> tuple[bytes, LayerIndex]:
         """The index blob, fetched and decoded (checked to describe layer_digest): taken from
         the background fetch if one ran ahead, else fetched now. Errors are the same either way."""
         with self._guard:
-            ahead = self._ahead.pop(f"{ref.repository}@{blob.digest}", None)
+            ahead = self._ahead.pop(f"{ref.repository}@{blob.index_digest}", None)
         if ahead is not None:
             return ahead[1].result()
         return _fetch_index(self.client, ref, blob, layer_digest)
@@ -265,10 +265,10 @@ class IndexDiscovery:
                 self._profiles[profile.digest] = self._ahead_pool.submit(
                     _fetch_profile, self.client, ref, profile
                 )
-            if sum(blob.size for _, blob in wanted) > MAX_AHEAD_BYTES:
+            if sum(blob.index_size for _, blob in wanted) > MAX_AHEAD_BYTES:
                 return  # too much to hold: each Prepare fetches its own
             for layer_digest, blob in wanted:
-                key = f"{ref.repository}@{blob.digest}"
+                key = f"{ref.repository}@{blob.index_digest}"
                 if key not in self._ahead:
                     future = self._ahead_pool.submit(
                         _fetch_index, self.client, ref, blob, layer_digest
@@ -276,7 +276,7 @@ class IndexDiscovery:
                     self._ahead[key] = (now, future)
 
     def _profile_names(
-        self, ref: Reference, blob: Descriptor | None, layer_digest: str
+        self, ref: Reference, blob: ProfileBlob | None, layer_digest: str
     ) -> tuple[str, ...]:
         """This layer's part of the image's startup profile. A profile is only a hint: one that
         cannot be fetched or decoded is logged once and the layer mounts without it."""
@@ -381,26 +381,28 @@ class IndexDiscovery:
                 for later in artifacts + signatures:
                     later.cancel()
                 raise
+        # What each lists (its artifactType is what the referrers lookup asked for).
+        contents = [artifact_contents(artifact) for artifact in fetched]
         if signatures:
             # Start the index blobs on their way while the signatures are checked; only those
             # of verified artifacts are ever taken (resolve looks up verified ones only).
             speculative = {
-                layer_digest: blob
-                for artifact in fetched
-                for blob, layer_digest in _index_blobs(artifact)
-                if layer_digest in layers
+                blob.layer_digest: blob
+                for holds in contents
+                for blob in holds.layers
+                if blob.layer_digest in layers
             }
             self._fetch_ahead(
                 ref, _ImageIndexes(layers, speculative, result.source, time.monotonic())
             )
-        index_blobs: dict[str, Descriptor] = {}
+        index_blobs: dict[str, IndexedLayer] = {}
         index_artifacts: dict[str, str] = {}
         untrusted: dict[str, str] = {}
-        profile: Descriptor | None = None
+        profile: ProfileBlob | None = None
         # Newest artifact wins when several exist: referrers lists give no order, so take the
         # last one that names a layer (stable for a given registry answer).
-        for number, artifact in enumerate(fetched):
-            covered = [(b, d) for b, d in _index_blobs(artifact) if d in layers]
+        for number, (artifact, holds) in enumerate(zip(fetched, contents, strict=True)):
+            covered = [blob for blob in holds.layers if blob.layer_digest in layers]
             if self.trust.checks_signatures:
                 found = signatures[number].result() if signatures else ()
                 verdict = self.trust.decide(artifact.digest, found)
@@ -412,14 +414,16 @@ class IndexDiscovery:
                         manifest_digest,
                         verdict.reason,
                     )
-                    for _, layer_digest in covered:
-                        untrusted[layer_digest] = f"artifact {artifact.digest}: {verdict.reason}"
+                    for blob in covered:
+                        untrusted[blob.layer_digest] = (
+                            f"artifact {artifact.digest}: {verdict.reason}"
+                        )
                     continue
                 log.debug("index artifact %s: %s", artifact.digest, verdict.reason)
-            for blob, layer_digest in covered:
-                index_blobs[layer_digest] = blob
-                index_artifacts[layer_digest] = artifact.digest
-            profile = _newer_profile(profile, artifact)
+            for blob in covered:
+                index_blobs[blob.layer_digest] = blob
+                index_artifacts[blob.layer_digest] = artifact.digest
+            profile = newest_profile(profile, holds.profiles)
         for layer_digest in index_blobs:
             untrusted.pop(layer_digest, None)
         log.info(
@@ -455,9 +459,9 @@ def _signatures_of(
 
 
 def _fetch_index(
-    client: RegistryClient, ref: Reference, blob: Descriptor, layer_digest: str
+    client: RegistryClient, ref: Reference, blob: IndexedLayer, layer_digest: str
 ) -> tuple[bytes, LayerIndex]:
-    data = client.get_blob(ref.repository, blob.digest, max_size=MAX_INDEX_BLOB_SIZE)
+    data = client.get_blob(ref.repository, blob.index_digest, max_size=MAX_INDEX_BLOB_SIZE)
     return data, decode_index(data, expected_layer_digest=layer_digest)
 
 
@@ -500,7 +504,7 @@ class _ProfileFetch:
     fetch_failed_at: float | None = None
 
 
-def _fetch_profile(client: RegistryClient, ref: Reference, blob: Descriptor) -> _ProfileFetch:
+def _fetch_profile(client: RegistryClient, ref: Reference, blob: ProfileBlob) -> _ProfileFetch:
     """The startup profile blob, fetched and decoded. A profile is only a hint: nothing about
     it may make a layer fail, so any error ends here, logged."""
     where = f"startup profile {blob.digest} of {ref}"
@@ -517,29 +521,6 @@ def _fetch_profile(client: RegistryClient, ref: Reference, blob: Descriptor) -> 
     except Exception as exc:  # a decoder bug must not fail the layer either
         log.warning("ignoring %s: %s: %s", where, type(exc).__name__, exc)
     return _ProfileFetch(None)
-
-
-def _index_blobs(artifact: Manifest) -> list[tuple[Descriptor, str]]:
-    """The index blobs an artifact lists, by layer. Windows blobs carry the same layer
-    annotation but are not index blobs: the mount process finds its windows blob through the
-    index's own `windows` key and fetches windows only with their spans."""
-    found = []
-    for blob in artifact.layers:
-        layer_digest = blob.annotations.get(LAYER_DIGEST_ANNOTATION, "")
-        if layer_digest and blob.media_type == INDEX_BLOB_MEDIA_TYPE:
-            found.append((blob, layer_digest))
-    return found
-
-
-def _newer_profile(current: Descriptor | None, artifact: Manifest) -> Descriptor | None:
-    """The startup profile blob with the latest creation time among current and artifact's."""
-    for blob in artifact.layers:
-        if blob.media_type != PROFILE_MEDIA_TYPE:
-            continue
-        created = blob.annotations.get(PROFILE_CREATED_ANNOTATION, "")
-        if current is None or created >= current.annotations.get(PROFILE_CREATED_ANNOTATION, ""):
-            current = blob
-    return current
 
 
 def _reason_of(exc: BaseException) -> FallbackReason:

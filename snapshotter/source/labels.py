@@ -1,9 +1,7 @@
 """Which image layer a Prepare call is about, read from the labels containerd passes.
 
-containerd forwards these on Prepare of an unpack target: CRI's
-`containerd.io/snapshot/cri.*` (when disable_snapshot_annotations = false), stargz's
-`containerd.io/snapshot/remote/stargz.*` (ctr-remote rpull, nerdctl) and the target name in
-`containerd.io/snapshot.ref`. `lazysnap pull` sets the CRI keys, so all three reach one parser.
+The CRI, stargz and lazysnap-pull dialects (their keys: snapshotter/vocabulary/labels.py) all
+reach this one parser.
 """
 
 from __future__ import annotations
@@ -11,22 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-TARGET_REF = "containerd.io/snapshot.ref"
-REMOTE_LABEL = "containerd.io/snapshot/remote"
-
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-
-STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
-STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
-STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
-# stargz labels carry no manifest digest; lazysnap pull adds it under this key.
-MANIFEST_DIGEST_FALLBACK = "containerd.io/snapshot/remote/lazysnap.manifest-digest"
-# The compressed size of the layer blob, set by `lazysnap pull`: a layer under min_layer_size
-# then falls back at once, without looking up the image's indexes in the registry.
-LAYER_SIZE = "containerd.io/snapshot/remote/lazysnap.layer-size"
+from snapshotter.vocabulary.labels import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    LAYER_SIZE,
+    MANIFEST_DIGEST_FALLBACK,
+    STARGZ_DIGEST,
+    STARGZ_LAYERS,
+    STARGZ_REFERENCE,
+    TARGET_REF,
+)
 
 
 class LabelError(ValueError):

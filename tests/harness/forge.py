@@ -21,21 +21,14 @@ import hashlib
 from dataclasses import dataclass
 
 from snapshotter.index.codec import decode_index, decode_window, encode_index, encode_window
-from snapshotter.index.model import (
-    ARTIFACT_TYPE,
-    Compression,
-    EntryType,
-    LayerIndex,
-    Span,
-    TocEntry,
-    WindowsBlob,
-)
+from snapshotter.index.model import Compression, EntryType, LayerIndex, Span, TocEntry, WindowsBlob
 from snapshotter.index.spans import _inflate_gzip  # the inflate a reader does, unchecked
-from snapshotter.indexer.artifact import IndexedLayer, artifact_manifest, indexed_layers
+from snapshotter.indexer.artifact import artifact_manifest
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.manifest import Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, IndexedLayer, indexed_layers
 
 
 class ForgeError(Exception):

@@ -7,15 +7,7 @@ import re
 
 import pytest
 
-from snapshotter.index.model import ARTIFACT_TYPE, INDEX_BLOB_MEDIA_TYPE, LAYER_DIGEST_ANNOTATION
-from snapshotter.indexer.artifact import (
-    ArtifactError,
-    IndexedLayer,
-    artifact_manifest,
-    cache_manifest,
-    cached_index_for,
-    indexed_layers,
-)
+from snapshotter.indexer.artifact import artifact_manifest, cache_manifest
 from snapshotter.indexer.layer_cache import CacheNameError, cache_tag, default_cache_repo
 from snapshotter.indexer.show import LayerView, PlatformView, ShowReport
 from snapshotter.remote.manifest import (
@@ -26,6 +18,15 @@ from snapshotter.remote.manifest import (
     Descriptor,
     Manifest,
     sha256_digest,
+)
+from snapshotter.vocabulary.artifact import (
+    ARTIFACT_TYPE,
+    INDEX_BLOB_MEDIA_TYPE,
+    LAYER_DIGEST_ANNOTATION,
+    ArtifactError,
+    IndexedLayer,
+    cached_index_for,
+    indexed_layers,
 )
 
 LAYER = "sha256:" + "a" * 64

@@ -9,13 +9,13 @@ import pytest
 from indexer_helpers import unique
 
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
-from snapshotter.indexer.artifact import IndexedLayer
 from snapshotter.indexer.layer_cache import adopt
 from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import sha256_digest
 from snapshotter.remote.reference import Repository
+from snapshotter.vocabulary.artifact import IndexedLayer
 from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
 

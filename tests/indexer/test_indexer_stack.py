@@ -21,12 +21,12 @@ from indexer_helpers import (
     writes_since,
 )
 
-from snapshotter.index.model import ARTIFACT_TYPE, WINDOWS_BLOB_MEDIA_TYPE
 from snapshotter.indexer.layer_cache import cache_tag
 from snapshotter.remote.auth import Credentials
 from snapshotter.remote.errors import ManifestNotFound
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import fallback_tag
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, WINDOWS_BLOB_MEDIA_TYPE
 from tests.harness.images import BuiltImage, file, layer_tar
 from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry

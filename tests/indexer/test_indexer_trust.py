@@ -17,7 +17,6 @@ import pytest
 from indexer_helpers import CliResult, Target, build_image, push_image, random_layer, unique
 
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
-from snapshotter.indexer.artifact import IndexedLayer
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
 from snapshotter.remote.auth import Credentials
@@ -34,6 +33,7 @@ from snapshotter.source.labels import LayerRequest
 from snapshotter.trust import simplesign
 from snapshotter.trust.keys import generate_signing_key
 from snapshotter.trust.policy import TrustMode, TrustPolicy
+from snapshotter.vocabulary.artifact import IndexedLayer
 from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
 from tests.harness.trust import (

@@ -13,23 +13,20 @@ import pytest
 from indexer_helpers import CliResult, Target, build_image, push_image, random_layer, unique
 
 from snapshotter.index.codec import decode_index
-from snapshotter.index.model import (
-    INDEX_BLOB_MEDIA_TYPE,
-    LAYER_DIGEST_ANNOTATION,
-    MAX_INDEX_BLOB_SIZE,
-    WINDOWS_BLOB_MEDIA_TYPE,
-)
-from snapshotter.indexer.artifact import (
-    IndexedLayer,
-    artifact_manifest,
-    cache_manifest,
-    cached_index_for,
-    indexed_layers,
-)
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
+from snapshotter.indexer.artifact import artifact_manifest, cache_manifest
 from snapshotter.indexer.layer_cache import cache_tag
 from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
-from snapshotter.source.discover import _index_blobs
+from snapshotter.vocabulary.artifact import (
+    INDEX_BLOB_MEDIA_TYPE,
+    LAYER_DIGEST_ANNOTATION,
+    WINDOWS_BLOB_MEDIA_TYPE,
+    IndexedLayer,
+    artifact_contents,
+    cached_index_for,
+    indexed_layers,
+)
 from tests.harness.images import file, layer_tar
 
 LAYER = "sha256:" + "a" * 64
@@ -59,7 +56,8 @@ def test_the_windows_blob_follows_its_index_blob_and_round_trips() -> None:
     cached = cached_index_for(_manifest(cache_manifest(layers[0])), LAYER)
     assert cached == layers[0]
     # discovery takes the index blobs only: the windows blob shares the layer annotation
-    assert [(d.digest, layer) for d, layer in _index_blobs(_manifest(raw))] == [
+    listed = artifact_contents(_manifest(raw)).layers
+    assert [(blob.index_digest, blob.layer_digest) for blob in listed] == [
         (INDEX_BLOB, LAYER),
         (INDEX_BLOB, OTHER),
     ]

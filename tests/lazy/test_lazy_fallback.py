@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.index.model import ARTIFACT_TYPE
-from snapshotter.indexer.artifact import IndexedLayer, artifact_manifest, indexed_layers
+from snapshotter.indexer.artifact import artifact_manifest
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, IndexedLayer, indexed_layers
 from tests.harness.images import MANIFEST_TYPE, PushedImage
 from tests.harness.procs import free_port
 from tests.harness.trust import sign_pushed

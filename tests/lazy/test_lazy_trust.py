@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.index.model import ARTIFACT_TYPE
-from snapshotter.indexer.artifact import IndexedLayer, artifact_manifest, indexed_layers
+from snapshotter.indexer.artifact import artifact_manifest
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
@@ -35,6 +34,7 @@ from snapshotter.remote.signatures import (
     push_signature,
 )
 from snapshotter.trust import simplesign
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, IndexedLayer, indexed_layers
 from tests.harness.containerd import Containerd, start_containerd
 from tests.harness.daemon import DaemonSettings, LazysnapDaemon, lazysnap_command, start_lazysnap
 from tests.harness.images import PushedImage

@@ -13,16 +13,20 @@ import pytest
 
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
-from snapshotter.index.model import LAYER_DIGEST_ANNOTATION, WINDOWS_BLOB_MEDIA_TYPE
 from snapshotter.indexer import command
 from snapshotter.profile.attach import newest_index_artifact
-from snapshotter.profile.model import PROFILE_MEDIA_TYPE, decode_profile
+from snapshotter.profile.model import decode_profile
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.source.labels import LayerRequest
+from snapshotter.vocabulary.artifact import (
+    LAYER_DIGEST_ANNOTATION,
+    PROFILE_MEDIA_TYPE,
+    WINDOWS_BLOB_MEDIA_TYPE,
+)
 from tests.harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
 from tests.harness.registry import Registry
 from tests.harness.trust import session_trust_policy

@@ -24,7 +24,7 @@ from snapshotter._proto.containerd.services.snapshots.v1 import (
 from snapshotter._proto.containerd.services.snapshots.v1 import (
     snapshots_pb2_grpc as pb_grpc,
 )
-from snapshotter.source.labels import TARGET_REF
+from snapshotter.vocabulary.labels import TARGET_REF
 
 
 @dataclass

@@ -21,7 +21,8 @@ from snapshotter.pull.plan import (
     parse_diff_ids,
 )
 from snapshotter.remote.manifest import Descriptor, Manifest
-from snapshotter.source.labels import CRI_IMAGE_LAYERS, parse_layer_request
+from snapshotter.source.labels import parse_layer_request
+from snapshotter.vocabulary.labels import CRI_IMAGE_LAYERS
 from tests.pull.cri import parse_pull_image_response, pull_image_request
 
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"

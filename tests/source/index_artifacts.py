@@ -12,19 +12,18 @@ from pathlib import Path
 
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index
-from snapshotter.index.model import ARTIFACT_TYPE
-from snapshotter.indexer.artifact import IndexedLayer, manifest_layers
-from snapshotter.profile.model import (
-    PROFILE_CREATED_ANNOTATION,
-    PROFILE_MEDIA_TYPE,
-    ProfileEntry,
-    StartupProfile,
-    encode_profile,
-)
+from snapshotter.indexer.artifact import manifest_layers
+from snapshotter.profile.model import ProfileEntry, StartupProfile, encode_profile
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import push_referrer, referrer_manifest
+from snapshotter.vocabulary.artifact import (
+    ARTIFACT_TYPE,
+    PROFILE_CREATED_ANNOTATION,
+    PROFILE_MEDIA_TYPE,
+    IndexedLayer,
+)
 from tests.harness.images import (
     MANIFEST_TYPE,
     PushedImage,

@@ -20,7 +20,8 @@ from snapshotter.core.fallbacks import DEFAULT_CAPACITY, find_fallback, read_fal
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.core.metadata import Kind
 from snapshotter.core.mounts import mount_points_under
-from snapshotter.core.snapshotter import REMOTE_LABEL, Info, Snapshotter
+from snapshotter.core.snapshotter import Info, Snapshotter
+from snapshotter.vocabulary.labels import REMOTE_LABEL
 
 LAYER_DIGEST = "sha256:" + "ab" * 32
 TARGET = "ns/1/sha256:" + "cd" * 32
