@@ -322,6 +322,7 @@ def _record_profiles(
 ) -> int:
     """Record and attach the profile of the platform manifest this machine can run (the new
     artifact signed with sign_key when given)."""
+    from snapshotter.indexer.signing import KeySigner
     from snapshotter.profile.attach import BlobAccess, profile_summary, record_and_attach
     from snapshotter.profile.record import ProfileRecordError
     from snapshotter.remote.auth import CredentialStore
@@ -361,7 +362,7 @@ def _record_profiles(
             command_text=args.profile,
             timeout=args.profile_timeout,
             access=access,
-            sign_key=sign_key,
+            signer=KeySigner(client, sign_key) if sign_key is not None else None,
         )
     except (ProfileRecordError, RegistryError) as exc:
         print(f"error: {args.image}: profile: {exc}", file=sys.stderr)

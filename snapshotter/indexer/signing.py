@@ -8,6 +8,7 @@ signature differs every time: re-signing would add a signature manifest per buil
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.manifest import Descriptor
@@ -37,3 +38,18 @@ def sign_manifest(
     payload = simplesign.payload(str(repo), manifest.digest)
     pushed = push_signature(client, repo, manifest, payload, simplesign.sign(key, payload))
     return pushed.digest
+
+
+@dataclass(frozen=True)
+class KeySigner:
+    """Signing with one key in the registry of client: what profile attach is handed (it signs
+    the artifact it pushes, and builds only on artifacts the key signed)."""
+
+    client: RegistryClient
+    key: SigningKey
+
+    def signed(self, repository: Repository, digest: str) -> bool:
+        return signed_by(self.client, repository, digest, self.key)
+
+    def sign(self, repository: Repository, manifest: Descriptor) -> None:
+        sign_manifest(self.client, repository, manifest, self.key)

@@ -16,12 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
-from snapshotter.indexer import signing
-from snapshotter.indexer.artifact import manifest_layers
 from snapshotter.profile.model import StartupProfile, encode_profile
 from snapshotter.profile.record import (
     LayerSource,
@@ -34,15 +33,14 @@ from snapshotter.profile.record import (
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import RegistryError
 from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest
-from snapshotter.remote.reference import Reference
+from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers, push_referrer, referrer_manifest
-from snapshotter.trust.keys import SigningKey
 from snapshotter.vocabulary.artifact import (
     ARTIFACT_TYPE,
-    PROFILE_CREATED_ANNOTATION,
-    PROFILE_MEDIA_TYPE,
+    ArtifactBlob,
     ArtifactError,
     IndexedLayer,
+    ProfileBlob,
     indexed_layers,
 )
 
@@ -60,6 +58,15 @@ class BlobAccess:
     docker_config: str = ""
 
 
+class ArtifactSigner(Protocol):
+    """Signs what the indexer pushes (snapshotter/indexer/signing.py, with the build's key):
+    the artifact a profile builds on must carry its signature, and the new one gets it."""
+
+    def signed(self, repository: Repository, digest: str) -> bool: ...
+
+    def sign(self, repository: Repository, manifest: Descriptor) -> None: ...
+
+
 @dataclass(frozen=True)
 class AttachedProfile:
     recording: Recording
@@ -72,10 +79,10 @@ def newest_index_artifact(
     client: RegistryClient,
     ref: Reference,
     subject_digest: str,
-    sign_key: SigningKey | None = None,
+    signer: ArtifactSigner | None = None,
 ) -> tuple[Manifest, list[IndexedLayer]] | None:
-    """The lazysnap artifact of a platform manifest that discovery would use (with sign_key:
-    the newest one that key signed, as the new artifact copies its index blobs and is signed)."""
+    """The lazysnap artifact of a platform manifest that discovery would use (with signer: the
+    newest one it signed, as the new artifact copies its index blobs and is signed)."""
     found = find_referrers(client, ref.repository, subject_digest, ARTIFACT_TYPE)
     for desc in reversed(found.descriptors):  # later entries are the newer pushes
         try:
@@ -86,9 +93,7 @@ def newest_index_artifact(
             continue
         if not layers:
             continue
-        if sign_key is not None and not signing.signed_by(
-            client, ref.repository, manifest.digest, sign_key
-        ):
+        if signer is not None and not signer.signed(ref.repository, manifest.digest):
             log.info("artifact %s is not signed by the key: not building on it", manifest.digest)
             continue
         return manifest, layers
@@ -104,14 +109,14 @@ def record_and_attach(
     command_text: str,
     timeout: float,
     access: BlobAccess = BlobAccess(),
-    sign_key: SigningKey | None = None,
+    signer: ArtifactSigner | None = None,
 ) -> AttachedProfile:
     """Record the profile of the platform manifest subject_digest of ref and push it. Raises
     ProfileRecordError (or RegistryError) naming what failed; nothing is pushed then."""
     image = client.get_manifest(ref.with_digest(subject_digest))
     if image.is_index:
         raise ProfileRecordError(f"{ref}@{subject_digest} is an index, not an image manifest")
-    artifact = newest_index_artifact(client, ref, subject_digest, sign_key)
+    artifact = newest_index_artifact(client, ref, subject_digest, signer)
     if artifact is None:
         raise ProfileRecordError(
             f"{ref}@{subject_digest} has no lazysnap index: nothing to attach a profile to"
@@ -137,19 +142,20 @@ def record_and_attach(
     profile_bytes = encode_profile(recording.profile)
     profile_digest = client.push_blob(ref.repository, profile_bytes)
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    profile_desc = Descriptor(
-        PROFILE_MEDIA_TYPE,
-        profile_digest,
-        len(profile_bytes),
-        annotations={PROFILE_CREATED_ANNOTATION: created},
-    )
+    blobs = [
+        *(blob for layer in indexed for blob in layer.blobs()),
+        ProfileBlob(profile_digest, len(profile_bytes), created).blob(),
+    ]
     subject = Descriptor(image.media_type, image.digest, len(image.data))
-    manifest = referrer_manifest(subject, ARTIFACT_TYPE, [*manifest_layers(indexed), profile_desc])
+    manifest = referrer_manifest(subject, ARTIFACT_TYPE, [_descriptor(blob) for blob in blobs])
     pushed = push_referrer(client, ref.repository, manifest)
-    if sign_key is not None:
-        artifact_desc = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
-        signing.sign_manifest(client, ref.repository, artifact_desc, sign_key)
+    if signer is not None:
+        signer.sign(ref.repository, Descriptor(OCI_MANIFEST, pushed.digest, len(manifest)))
     return AttachedProfile(recording, pushed.digest, profile_digest, pushed.source)
+
+
+def _descriptor(blob: ArtifactBlob) -> Descriptor:
+    return Descriptor(blob.media_type, blob.digest, blob.size, annotations=dict(blob.annotations))
 
 
 def _layer_spec(
