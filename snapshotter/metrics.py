@@ -2,14 +2,14 @@
 
 Imported only when metrics are enabled, so a daemon without them never loads prometheus-client.
 Two sources, neither of which makes the core know about metrics:
-- Prepare outcomes (lazy / fallback by reason class / ordinary) are counted by
-  MeteredSnapshotter, which observes the core's prepare from outside, and a thin wrapper around
-  the injected RemoteLayers that notes, for the Prepare running on the same thread, whether the
-  mount worked and why not. A lazy mount may still be starting when its Prepare answers (the
-  daemon mounts in the background): it counts as "lazy" once the mount is live, or as
-  "lazy_failed" if it never became so; until then it is in lazy_layers_starting. The outcome
-  comes from the manager's on_settled() observer (LazyLayers), which holds no lock while the
-  mount starts; a RemoteLayers without one is asked with check() on a thread of its own.
+- Prepare outcomes (lazy / fallback by reason class / ordinary) are counted by PrepareOutcomes,
+  the observer the core is given (snapshotter/core/outcomes.py): the core tells it each
+  Prepare's outcome and, for a fallback, the FallbackReason the failure carried. A lazy mount
+  may still be starting when its Prepare answers (the daemon mounts in the background): it
+  counts as "lazy" once the mount is live, or as "lazy_failed" if it never became so; until
+  then it is in lazy_layers_starting. The outcome comes from the manager's on_settled()
+  observer (LazyLayers), which holds no lock while the mount starts; a RemoteLayers without one
+  is asked with check() on a thread of its own.
 - Lazy layers' figures (bytes and spans fetched, cache hits, read errors, per layer digest) and
   the cache's size are read at scrape time by LazyLayerCollector from the mount processes' state
   files and the cache directory: mount processes are separate processes that outlive serve, and
@@ -22,8 +22,8 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import (
@@ -38,11 +38,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
-from snapshotter.core.mounts import OverlayFeatures
-from snapshotter.core.snapshotter import MountList, Snapshotter
-from snapshotter.vocabulary.labels import TARGET_REF
+from snapshotter.core.outcomes import PreparedLayer, PrepareOutcome
+from snapshotter.core.snapshotter import Snapshotter
 
 log = logging.getLogger("lazysnap.metrics")
 
@@ -75,127 +73,16 @@ class MetricsError(Exception):
     """The metrics endpoint cannot be served; the message names the address."""
 
 
-# -- why a layer fell back ----------------------------------------------------------------------
-
-# Reasons raised without an exception of their own, by their wording: first the manager's
-# (snapshotter/fs/manager.py; their messages may quote a mount process log, so they go first),
-# then discovery's (snapshotter/source/discover.py).
-_REASON_PREFIXES = (
-    ("lazy layers: no resolver configured", "disabled"),
-    ("resolving layer for", "resolver"),
-    ("mounting lazy layer", "mount"),
-    ("starting mount process", "mount"),
-    ("mountpoint ", "mount"),
-    ("writing ", "mount"),
-)
-_REASON_PHRASES = (
-    ("under min_layer_size", "small_layer"),
-    ("no lazysnap index", "no_index"),
-    ("is not in manifest", "not_in_manifest"),
-    ("is an index, not a manifest", "not_in_manifest"),
-    ("says layer", "bad_index"),
-    ("index blob", "bad_index"),
-)
-
-
-def fallback_reason(exc: BaseException) -> str:
-    """A short, stable class for why a layer was not mounted lazily (a metric label value)."""
-    if not isinstance(exc, RemoteLayerUnavailable):
-        return "internal_error"  # a bug in the lazy path; the core falls back anyway
-    if exc.reason is not FallbackReason.OTHER:
-        return exc.reason.value  # raised with its class: no guessing from the wording
-    from snapshotter.index.errors import IndexFormatError
-    from snapshotter.remote.errors import AuthenticationError, CredentialsError, RegistryError
-    from snapshotter.source.labels import LabelError
-
-    for cause in _chain(exc):
-        if isinstance(cause, LabelError):
-            return "labels"
-        if isinstance(cause, AuthenticationError | CredentialsError):
-            return "auth"
-        if isinstance(cause, RegistryError):
-            return "registry"
-        if isinstance(cause, IndexFormatError):
-            return "bad_index"
-    message = str(exc)
-    for prefix, reason in _REASON_PREFIXES:
-        if message.startswith(prefix):
-            return reason
-    for phrase, reason in _REASON_PHRASES:
-        if phrase in message:
-            return reason
-    return "other"
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """exc, then its causes and contexts (a `raise ... from None` still keeps the context)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 # -- Prepare outcomes -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountAttempt:
-    mounted: bool
-    reason: str = ""  # fallback_reason() when not mounted
-    mountpoint: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-class MountWatch:
-    """Notes the outcome of remote mounts made on a thread while it runs a Prepare."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def begin(self) -> None:
-        self._local.watching = True
-        self._local.attempt = None
-
-    def note(self, attempt: MountAttempt) -> None:
-        if getattr(self._local, "watching", False):
-            self._local.attempt = attempt
-
-    def note_unmount(self, mountpoint: str) -> None:
-        """The Prepare undid its mount (e.g. the target appeared meanwhile): no lazy layer."""
-        attempt: MountAttempt | None = getattr(self._local, "attempt", None)
-        if attempt is not None and attempt.mountpoint == mountpoint:
-            self._local.attempt = None
-
-    def end(self) -> MountAttempt | None:
-        self._local.watching = False
-        attempt: MountAttempt | None = getattr(self._local, "attempt", None)
-        self._local.attempt = None
-        return attempt
-
-
-class WatchedRemoteLayers:
-    """A RemoteLayers that tells the watch whether each mount worked; otherwise transparent."""
-
-    def __init__(self, inner: RemoteLayers, watch: MountWatch) -> None:
-        self.inner = inner
-        self.watch = watch
-
-    def mount(self, mountpoint: str, labels: Mapping[str, str]) -> None:
-        try:
-            self.inner.mount(mountpoint, labels)
-        except BaseException as exc:
-            self.watch.note(MountAttempt(mounted=False, reason=fallback_reason(exc)))
-            raise
-        self.watch.note(MountAttempt(mounted=True, mountpoint=mountpoint, labels=dict(labels)))
-
-    def check(self, mountpoint: str, labels: Mapping[str, str]) -> None:
-        self.inner.check(mountpoint, labels)
-
-    def unmount(self, mountpoint: str) -> None:
-        self.watch.note_unmount(mountpoint)
-        self.inner.unmount(mountpoint)
+def fallback_reason(exc: BaseException) -> str:
+    """A short, stable class for why a layer was not mounted lazily (a metric label value): the
+    FallbackReason the failure carries; internal_error for any other exception (a bug in the
+    lazy path, which the core falls back from anyway)."""
+    if isinstance(exc, RemoteLayerUnavailable):
+        return exc.reason.value
+    return FallbackReason.INTERNAL_ERROR.value
 
 
 @runtime_checkable
@@ -229,18 +116,18 @@ class PrepareCounter:
     def count(self, outcome: str, reason: str = "") -> None:
         self.counter.labels(outcome=outcome, reason=reason).inc()
 
-    def follow(self, remote: RemoteLayers, attempt: MountAttempt) -> None:
+    def follow(self, remote: RemoteLayers, layer: PreparedLayer) -> None:
         """Count a lazily answered Prepare once its mount is live or failed; the Prepare does not
         wait. Asked through on_settled() where there is one: check() waits holding the layer's
         lock and cleans a failed mount away, which is the core's business, not the metrics'."""
         self.starting.inc()
         if isinstance(remote, SettleObservable):
-            remote.on_settled(attempt.mountpoint, self._settled)
+            remote.on_settled(layer.mountpoint, self._settled)
             return
         threading.Thread(
             target=self._settle,
-            args=(remote, attempt),
-            name=f"metrics-mount {attempt.mountpoint}",
+            args=(remote, layer),
+            name=f"metrics-mount {layer.mountpoint}",
             daemon=True,
         ).start()
 
@@ -253,9 +140,9 @@ class PrepareCounter:
         finally:
             self.starting.dec()
 
-    def _settle(self, remote: RemoteLayers, attempt: MountAttempt) -> None:
+    def _settle(self, remote: RemoteLayers, layer: PreparedLayer) -> None:
         try:
-            remote.check(attempt.mountpoint, attempt.labels)
+            remote.check(layer.mountpoint, layer.labels)
         except Exception as exc:  # any failure is this mount's outcome
             self.count(LAZY_FAILED, fallback_reason(exc))
         else:
@@ -264,45 +151,24 @@ class PrepareCounter:
             self.starting.dec()
 
 
-class MeteredSnapshotter(Snapshotter):
-    """The core, with each Prepare's outcome counted. Everything else is the core's own."""
+@dataclass(frozen=True)
+class PrepareOutcomes:
+    """The core's Prepare observer: counts each outcome, following lazy mounts until they
+    settle (through remote, the RemoteLayers the core mounts with)."""
 
-    def __init__(
-        self,
-        root: str,
-        prepares: PrepareCounter,
-        remote: RemoteLayers | None = None,
-        features: OverlayFeatures | None = None,
+    prepares: PrepareCounter
+    remote: RemoteLayers | None
+
+    def __call__(
+        self, layer: PreparedLayer, outcome: PrepareOutcome, reason: FallbackReason | None
     ) -> None:
-        self._prepares = prepares
-        self._watch = MountWatch()
-        self._inner_remote = remote
-        watched = WatchedRemoteLayers(remote, self._watch) if remote is not None else None
-        super().__init__(root, remote=watched, features=features)
-
-    def prepare(
-        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
-    ) -> MountList:
-        wants_lazy = self.remote is not None and bool((labels or {}).get(TARGET_REF))
-        self._watch.begin()
-        try:
-            mounts = super().prepare(key, parent, labels)
-        except AlreadyExists:
-            # AlreadyExists after a mount that worked is the lazy answer; without one, the
-            # target was simply there already (not a Prepare outcome worth counting).
-            attempt = self._watch.end()
-            if attempt is not None and attempt.mounted and self._inner_remote is not None:
-                self._prepares.follow(self._inner_remote, attempt)
-            raise
-        except BaseException:
-            self._watch.end()
-            raise
-        attempt = self._watch.end()
-        if not wants_lazy:
-            self._prepares.count(ORDINARY)
+        if outcome is PrepareOutcome.LAZY:
+            if self.remote is not None:
+                self.prepares.follow(self.remote, layer)
+        elif outcome is PrepareOutcome.FALLBACK:
+            self.prepares.count(FALLBACK, (reason or FallbackReason.OTHER).value)
         else:
-            self._prepares.count(FALLBACK, attempt.reason if attempt else "other")
-        return mounts
+            self.prepares.count(ORDINARY)
 
 
 # -- figures read at scrape time ---------------------------------------------------------------
@@ -415,8 +281,9 @@ class DaemonMetrics:
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
-    def snapshotter(self, root: str, remote: RemoteLayers | None) -> MeteredSnapshotter:
-        return MeteredSnapshotter(root, self.prepares, remote=remote)
+    def snapshotter(self, root: str, remote: RemoteLayers | None) -> Snapshotter:
+        """The core over root, telling these metrics each Prepare's outcome."""
+        return Snapshotter(root, remote=remote, observer=PrepareOutcomes(self.prepares, remote))
 
     def serve(self, address: str) -> None:
         """Serve /metrics on address ("host:port") from a background thread."""

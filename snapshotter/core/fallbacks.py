@@ -35,7 +35,7 @@ class Fallback:
     key: str  # the snapshot key of the Prepare, as the snapshotter saw it
     target: str  # containerd.io/snapshot.ref: the chain ID it would have been committed as
     layer_digest: str  # the compressed layer's digest, "" when the labels name none
-    reason: str  # a FallbackReason value, or "internal_error" (a bug in the lazy path)
+    reason: str  # a FallbackReason value
     message: str
     at: float  # seconds since the epoch
 

@@ -30,11 +30,13 @@ class FallbackReason(StrEnum):
     RESOLVER = "resolver"
     MOUNT = "mount"  # the mount process failed
     OTHER = "other"
+    INTERNAL_ERROR = "internal_error"  # a bug in the lazy path: not a RemoteLayerUnavailable
 
 
 class RemoteLayerUnavailable(Exception):
     """This layer cannot be served lazily; the message says why (logged once by the core),
-    `reason` classifies it (OTHER: classified from the cause chain by whoever reports it)."""
+    `reason` classifies it: whoever raises it knows the cause, so it sets the reason (metrics,
+    `lazysnap status` and `lazysnap pull` read it as it is)."""
 
     def __init__(self, message: str, reason: FallbackReason = FallbackReason.OTHER) -> None:
         super().__init__(message)

@@ -47,6 +47,7 @@ from snapshotter.core.mounts import (
     probe_overlay_features,
     snapshot_mounts,
 )
+from snapshotter.core.outcomes import PreparedLayer, PrepareObserver, PrepareOutcome
 from snapshotter.tree_removal import remove_tree
 from snapshotter.vocabulary.labels import (
     REMOTE_LABEL,
@@ -58,7 +59,6 @@ from snapshotter.vocabulary.labels import (
 
 log = logging.getLogger("lazysnap.core")
 
-_INTERNAL_ERROR = "internal_error"  # a bug in the lazy path (as the metrics name it)
 MAX_LABEL_SIZE = 4096  # containerd labels.Validate: len(key) + len(value), in bytes
 
 __all__ = [
@@ -151,9 +151,11 @@ class Snapshotter:
         root: str,
         remote: RemoteLayers | None = None,
         features: OverlayFeatures | None = None,
+        observer: PrepareObserver | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.remote = remote
+        self.observer = observer  # told each Prepare's outcome (the daemon's metrics)
         self.features = features if features is not None else probe_overlay_features()
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.snapshots_dir = os.path.join(self.root, "snapshots")
@@ -238,10 +240,12 @@ class Snapshotter:
             self._record_fallback(
                 key,
                 labels,
-                FallbackReason.DISABLED.value,
+                FallbackReason.DISABLED,
                 "this daemon serves no lazy layers (remote.enable = false, or they failed to "
                 "load: see the daemon's log at its start)",
             )
+        # Counted as ordinary even then: this daemon serves no lazy layer to fall back from.
+        self._observe(PreparedLayer(key, labels), PrepareOutcome.ORDINARY)
         return mounts
 
     def view(
@@ -354,23 +358,22 @@ class Snapshotter:
         remote: RemoteLayers,
     ) -> MountList:
         upper = self._upper(snapshot_id)
+        reason: FallbackReason | None = None  # why not, when not mounted
         try:
             remote.mount(upper, labels)
             mounted = True
         except RemoteLayerUnavailable as why:
-            reason = why.reason.value
+            reason = why.reason
             log.info("layer %s falls back to a full pull: %s: %s", _layer_name(labels), reason, why)
             self._record_fallback(key, labels, reason, str(why))
             mounted = False
         except Exception as err:  # a bug in the lazy layer must not stop the pull
+            reason = FallbackReason.INTERNAL_ERROR
             message = f"unexpected {type(err).__name__}: {err}"
             log.warning(
-                "layer %s falls back to a full pull: %s: %s",
-                _layer_name(labels),
-                _INTERNAL_ERROR,
-                message,
+                "layer %s falls back to a full pull: %s: %s", _layer_name(labels), reason, message
             )
-            self._record_fallback(key, labels, _INTERNAL_ERROR, message)
+            self._record_fallback(key, labels, reason, message)
             mounted = False
         try:
             if not mounted:  # an ordinary snapshot on top of parents that may be lazy
@@ -383,27 +386,45 @@ class Snapshotter:
                         detach_mount(upper)
                     record = tx.insert(snapshot_id, Kind.ACTIVE, key, parent_id, labels, _now_ns())
                     self._inherit_owner(tx, record, upper)
-                    return self._mounts(tx, record)
-                if tx.find(target) is not None:
-                    raise AlreadyExists(f"target snapshot {target!r}: already exists")
-                remote_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
-                tx.insert(snapshot_id, Kind.COMMITTED, target, parent_id, remote_labels, _now_ns())
+                    mounts = self._mounts(tx, record)
+                else:
+                    if tx.find(target) is not None:
+                        raise AlreadyExists(f"target snapshot {target!r}: already exists")
+                    remote_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
+                    tx.insert(
+                        snapshot_id, Kind.COMMITTED, target, parent_id, remote_labels, _now_ns()
+                    )
         except BaseException:
             # Whatever failed, the reserved directory belongs to no snapshot: release it.
             if mounted:
                 self._unmount_remote(upper)
             self._delete_tree(self._dir(snapshot_id))
             raise
+        if not mounted:
+            self._observe(PreparedLayer(key, labels), PrepareOutcome.FALLBACK, reason)
+            return mounts
         log.info("layer %s is mounted lazily as snapshot %s", _layer_name(labels), target)
         self.fallbacks.forget_layer(layer_digest_of(labels))
+        self._observe(PreparedLayer(key, labels, upper), PrepareOutcome.LAZY)
         raise AlreadyExists(f"target snapshot {target!r}: already exists")
 
     def _record_fallback(
-        self, key: str, labels: Mapping[str, str], reason: str, message: str
+        self, key: str, labels: Mapping[str, str], reason: FallbackReason, message: str
     ) -> None:
         target = labels.get(TARGET_REF, "")
-        fallback = Fallback(key, target, layer_digest_of(labels), reason, message, time.time())
-        self.fallbacks.record(fallback)
+        digest = layer_digest_of(labels)
+        self.fallbacks.record(Fallback(key, target, digest, reason.value, message, time.time()))
+
+    def _observe(
+        self, layer: PreparedLayer, outcome: PrepareOutcome, reason: FallbackReason | None = None
+    ) -> None:
+        """Tell the observer; its failure is logged, never the Prepare's."""
+        if self.observer is None:
+            return
+        try:
+            self.observer(layer, outcome, reason)
+        except Exception:
+            log.exception("the Prepare observer failed on %s (%s)", layer.key, outcome)
 
     def _unmount_remote(self, upper: str) -> None:
         if self.remote is None:

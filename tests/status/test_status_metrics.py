@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.core.errors import AlreadyExists
-from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec, LazyLayers
@@ -114,7 +114,9 @@ def test_the_endpoint_counts_lazy_fallback_and_ordinary_prepares(
 
     with pytest.raises(AlreadyExists):
         core.prepare("extract-1", "", labels("chain-1"))
-    remote.fail_with = RemoteLayerUnavailable(f"no lazysnap index for layer {LAYER} of x")
+    remote.fail_with = RemoteLayerUnavailable(
+        f"no lazysnap index for layer {LAYER} of x", FallbackReason.NO_INDEX
+    )
     core.prepare("extract-2", "", labels("chain-2"))
     remote.fail_with = KeyError("a bug in the lazy path")
     core.prepare("extract-3", "", labels("chain-3"))
@@ -159,7 +161,9 @@ class StartingRemoteLayers(ScriptedRemoteLayers):
         if not self.started[mountpoint].wait(30):
             raise RemoteLayerUnavailable("test: mount never finished starting")
         if mountpoint in self.fails:
-            raise RemoteLayerUnavailable(f"mounting lazy layer at {mountpoint}: process exited")
+            raise RemoteLayerUnavailable(
+                f"mounting lazy layer at {mountpoint}: process exited", FallbackReason.MOUNT
+            )
         super().check(mountpoint, labels)
 
 

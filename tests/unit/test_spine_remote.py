@@ -20,6 +20,7 @@ from snapshotter.core.fallbacks import DEFAULT_CAPACITY, find_fallback, read_fal
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.core.metadata import Kind
 from snapshotter.core.mounts import mount_points_under
+from snapshotter.core.outcomes import PreparedLayer, PrepareOutcome
 from snapshotter.core.snapshotter import Info, Snapshotter
 from snapshotter.vocabulary.labels import REMOTE_LABEL
 
@@ -170,6 +171,46 @@ def test_an_unavailable_layer_falls_back_with_exactly_one_log_line(
     Path(mount.source, "unpacked").write_text("tar contents")
     core.commit(TARGET, "extract-1")
     assert REMOTE_LABEL not in core.stat(TARGET).labels
+
+
+def test_the_observer_is_told_each_prepare_outcome_with_its_reason(
+    root: Path, remote: FakeRemoteLayers
+) -> None:
+    """What the metrics learn from the core: lazy (with where it is mounted), fallback with the
+    reason the failure carried (internal_error for a bug), ordinary; a Prepare that finds its
+    target already there, or fails, tells nothing."""
+    told: list[tuple[str, PrepareOutcome, FallbackReason | None, str]] = []
+
+    def observer(
+        layer: PreparedLayer, outcome: PrepareOutcome, reason: FallbackReason | None
+    ) -> None:
+        told.append((layer.key, outcome, reason, layer.mountpoint))
+
+    sn = Snapshotter(str(root / "state"), remote=remote, observer=observer)
+    try:
+        with pytest.raises(AlreadyExists):
+            sn.prepare("extract-1", "", layer_labels())
+        [(key, outcome, reason, mountpoint)] = told
+        assert (key, outcome, reason) == ("extract-1", PrepareOutcome.LAZY, None)
+        assert mountpoint in remote.mounted
+        with pytest.raises(AlreadyExists):  # the target is there: no new outcome
+            sn.prepare("extract-2", "", layer_labels())
+        remote.fail_with, remote.fail_reason = "registry says no", FallbackReason.REGISTRY
+        sn.prepare("extract-3", "", layer_labels(**{"containerd.io/snapshot.ref": "other"}))
+        remote.fail_with, remote.raise_unexpected = None, True
+        sn.prepare("extract-4", "", layer_labels(**{"containerd.io/snapshot.ref": "third"}))
+        sn.prepare("container", TARGET)
+        with pytest.raises(NotFound):  # a failed Prepare: no outcome
+            sn.prepare("orphan", "missing-parent")
+        assert [(key, outcome, reason) for key, outcome, reason, _ in told[1:]] == [
+            ("extract-3", PrepareOutcome.FALLBACK, FallbackReason.REGISTRY),
+            ("extract-4", PrepareOutcome.FALLBACK, FallbackReason.INTERNAL_ERROR),
+            ("container", PrepareOutcome.ORDINARY, None),
+        ]
+    finally:
+        for mountpoint in list(remote.mounted):
+            remote.unmount(mountpoint)
+        sn.close()
 
 
 def test_why_a_layer_fell_back_is_kept_on_disk_for_other_processes(
