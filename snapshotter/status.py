@@ -5,6 +5,7 @@ It works while `serve` is down because everything it shows is on disk beside the
                                          is still held (so: alive)
     ROOT/metadata.db                     which snapshots are lazy (label
                                          containerd.io/snapshot/remote), read-only
+                                         (snapshotter.core.metadata.read_snapshots)
     ROOT/snapshots/<id>/fs.lazysnap.json state file of the mount process serving <id>/fs
     ROOT/snapshots/<id>/fs.lazysnap-spec.json -> the index (layer size, span count)
     ROOT/snapshots/<id>/fs.lazysnap-local marker: the layer was copied into plain files and its
@@ -381,30 +382,14 @@ def _process_alive(pid: int | None) -> bool:
 
 def _remote_snapshots(root: str) -> dict[int, tuple[str, str]]:
     """id -> (name, layer digest) of every lazy snapshot in ROOT/metadata.db, read-only."""
-    path = os.path.join(root, "metadata.db")
-    if not os.path.exists(path):
-        return {}
-    import sqlite3  # here, not at the top: other subcommands' start-up need not pay for it
+    # Here, not at the top: other subcommands' start-up need not pay for sqlite.
+    from snapshotter.core.metadata import MetadataError, read_snapshots
 
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            rows = conn.execute("SELECT id, key, labels FROM snapshots").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error as err:
-        raise StatusError(f"cannot read snapshot metadata {path}: {err}") from None
-    found = {}
-    for snapshot_id, key, labels_text in rows:
-        try:
-            labels = json.loads(labels_text)
-        except ValueError:
-            continue
-        if not isinstance(labels, dict) or not is_remote(labels):
-            continue
-        digest = layer_digest_of(labels)
-        found[int(snapshot_id)] = (str(key), str(digest))
-    return found
+        records = read_snapshots(os.path.join(root, "metadata.db"))
+    except MetadataError as err:
+        raise StatusError(str(err)) from None
+    return {r.id: (r.key, layer_digest_of(r.labels)) for r in records if is_remote(r.labels)}
 
 
 def _index_facts(mountpoint: str) -> tuple[int | None, int | None]:

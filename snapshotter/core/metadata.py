@@ -279,3 +279,29 @@ class MetaStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def read_snapshots(path: str) -> list[SnapshotRecord]:
+    """Every snapshot in the metadata file at path, opened read-only: for `lazysnap status`,
+    which reads beside a running daemon (or none) and must never write. [] when there is no
+    file; a row whose labels or kind do not parse is left out. MetadataError naming the file
+    when it cannot be read."""
+    if not os.path.exists(path):
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute(_SELECT).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        raise MetadataError(f"cannot read snapshot metadata {path}: {err}") from None
+    found = []
+    for row in rows:
+        try:
+            record = _record(row)
+        except (ValueError, AssertionError):  # labels not JSON, or an unknown kind
+            continue
+        if isinstance(record.labels, dict):
+            found.append(record)
+    return found

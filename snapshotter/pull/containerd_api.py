@@ -341,16 +341,6 @@ class ContainerdClient:
 
     # -- images -----------------------------------------------------------------------------
 
-    def get_image(self, name: str) -> images_pb2.Image | None:
-        try:
-            resp = self._call(
-                f"get image {name}", self._images.Get, images_pb2.GetImageRequest(name=name)
-            )
-        except NotFound:
-            return None
-        image: images_pb2.Image = resp.image
-        return image
-
     def put_image(self, name: str, target: Descriptor, labels: Mapping[str, str]) -> None:
         """Create the image record, or point the existing one at target (containerd's
         createNewImage: Create, on ALREADY_EXISTS Update)."""
