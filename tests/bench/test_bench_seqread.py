@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from bench_seqread import OFF, ON, Trial, report, summarize, trial_order
+
+from bench.seqread import OFF, ON, Trial, report, summarize, trial_order
 
 
 def _trial(trial: int, mode: str, seconds: float, inflate: float) -> Trial:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 from indexer_helpers import unique
 
+from harness.peryx import Peryx
+from harness.registry import Registry
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.artifact import IndexedLayer
 from snapshotter.indexer.layer_cache import adopt
@@ -16,8 +18,6 @@ from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import sha256_digest
 from snapshotter.remote.reference import Repository
-from tests.harness.peryx import Peryx
-from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 

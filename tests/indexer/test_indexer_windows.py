@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from indexer_helpers import CliResult, Target, build_image, push_image, random_layer, unique
 
+from harness.images import file, layer_tar
 from snapshotter.index.codec import decode_index
 from snapshotter.index.model import (
     INDEX_BLOB_MEDIA_TYPE,
@@ -30,7 +31,6 @@ from snapshotter.indexer.layer_cache import cache_tag
 from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.source.discover import _index_blobs
-from tests.harness.images import file, layer_tar
 
 LAYER = "sha256:" + "a" * 64
 OTHER = "sha256:" + "e" * 64

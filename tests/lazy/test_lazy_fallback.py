@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import MANIFEST_TYPE, PushedImage
+from harness.procs import free_port
+from harness.trust import sign_pushed
 from snapshotter.index.model import ARTIFACT_TYPE
 from snapshotter.indexer.artifact import IndexedLayer, artifact_manifest, indexed_layers
 from snapshotter.remote.auth import CredentialStore
@@ -25,9 +28,6 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer
-from tests.harness.images import MANIFEST_TYPE, PushedImage
-from tests.harness.procs import free_port
-from tests.harness.trust import sign_pushed
 from tests.lazy.lazy_helpers import DataImage, LazyStack, build_data_image, unique_name
 
 pytestmark = pytest.mark.stack

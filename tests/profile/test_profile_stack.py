@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
+from harness.registry import Registry
+from harness.trust import session_trust_policy
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
 from snapshotter.index.model import LAYER_DIGEST_ANNOTATION, WINDOWS_BLOB_MEDIA_TYPE
@@ -23,9 +26,6 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.source.labels import LayerRequest
-from tests.harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
-from tests.harness.registry import Registry
-from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 BUSYBOX = Path("/bin/busybox")

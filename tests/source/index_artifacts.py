@@ -10,6 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.images import (
+    MANIFEST_TYPE,
+    PushedImage,
+    directory,
+    file,
+    layer_tar,
+    push,
+    write_oci_layout,
+)
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import ARTIFACT_TYPE
@@ -25,15 +34,6 @@ from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import push_referrer, referrer_manifest
-from tests.harness.images import (
-    MANIFEST_TYPE,
-    PushedImage,
-    directory,
-    file,
-    layer_tar,
-    push,
-    write_oci_layout,
-)
 
 FILES_PER_LAYER = 3
 FILE_SIZE = 150_000
