@@ -5,7 +5,8 @@ import connects. The graph here is computed with `ast` from every import stateme
 module: at module top, inside functions (the lazy imports the CLI and the daemon use) and under
 TYPE_CHECKING. The tests fail on (a) an import cycle between modules or between packages, (b)
 an arrow in the code the doc does not draw, (c) an arrow the doc draws that the code lacks; each
-message names the importing modules and the doc line to change.
+message names the importing modules and the doc line to change. A second block,
+`repository-imports`, draws the same way how snapshotter, harness, bench and tests use each other.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "snapshotter"
 DOC = REPO / "docs" / "architecture.md"
-FENCE_OPEN = "```imports"
+FENCE_OPEN = "```imports"  # snapshotter's packages and top-level modules
+REPOSITORY_FENCE = "```repository-imports"  # the repository's top-level packages
+REPOSITORY_PACKAGES = ("bench", "harness", "snapshotter", "tests")
 FENCE_CLOSE = "```"
 ARROW = re.compile(r"^(?P<source>[\w.]+)\s*->\s*(?P<targets>.*)$")
 
@@ -58,17 +61,25 @@ class Import:
 
 @dataclass
 class ImportGraph:
-    """The modules of a package and every import between them."""
+    """The modules of some packages and every import between them, grouped into units: the
+    subpackages and top-level modules of one package (depth 1), or whole packages (depth 0)."""
 
-    package: str
-    root: Path  # the directory holding the package (error messages show paths from here)
+    scope: str  # what the units are parts of, as messages name it: "snapshotter/" (or "")
+    root: Path  # the directory holding the packages (error messages show paths from here)
     modules: dict[str, Path]
     imports: list[Import]
+    depth: int = 1
 
     def unit(self, module: str) -> str | None:
-        """The package or top-level module a module belongs to (None: the package itself)."""
+        """The unit a module belongs to (None: the package's own __init__ at depth 1)."""
         parts = module.split(".")
-        return parts[1] if len(parts) > 1 else None
+        return parts[self.depth] if len(parts) > self.depth else None
+
+    @property
+    def unit_kind(self) -> str:
+        if self.depth:
+            return f"package or top-level module of {self.scope}"
+        return f"package checked here ({', '.join(sorted(self.units()))})"
 
     def units(self) -> set[str]:
         return {unit for unit in map(self.unit, self.modules) if unit is not None}
@@ -124,22 +135,29 @@ def imported_names(node: ast.Import | ast.ImportFrom, importer: str, is_package:
     return [f"{base}.{alias.name}" for alias in node.names]
 
 
-def import_graph(package_dir: Path) -> ImportGraph:
+def import_graph(package_dir: Path, *more: Path, depth: int = 1) -> ImportGraph:
+    """The graph of one package's modules (units: its subpackages and top-level modules), or
+    with `more` and depth 0, of several packages beside it (units: the packages)."""
     root = package_dir.parent
-    package = package_dir.name
-    modules = {module_name(path, root): path for path in sorted(package_dir.rglob("*.py"))}
+    packages = tuple(directory.name for directory in (package_dir, *more))
+    modules = {
+        module_name(path, root): path
+        for directory in (package_dir, *more)
+        for path in sorted(directory.rglob("*.py"))
+    }
     imports: dict[Import, None] = {}  # ordered set: `from m import a, b` is one edge
     for importer, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if not isinstance(node, ast.Import | ast.ImportFrom):
                 continue
             for name in imported_names(node, importer, path.name == "__init__.py"):
-                if name != package and not name.startswith(package + "."):
+                if name.partition(".")[0] not in packages:
                     continue
                 target = resolve(name, modules)
                 if target is not None:
                     imports[Import(importer, target, path, node.lineno)] = None
-    return ImportGraph(package, root, modules, list(imports))
+    scope = f"{package_dir.name}/" if depth else ""
+    return ImportGraph(scope, root, modules, list(imports), depth)
 
 
 @dataclass
@@ -148,6 +166,7 @@ class DocArrows:
 
     path: Path
     name: str  # as error messages show it
+    fence: str
     targets: dict[str, set[str]] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=dict)  # unit -> line of its arrow list
     problems: list[str] = field(default_factory=list)
@@ -155,17 +174,17 @@ class DocArrows:
     def line_of(self, unit: str) -> str:
         line = self.lines.get(unit)
         if line is None:
-            return f"{self.name} (no `{unit} ->` line: add one to the imports block)"
+            return f"{self.name} (no `{unit} ->` line: add one to the {self.fence[3:]} block)"
         return f"{self.name} line {line} (`{unit} -> ...`)"
 
 
-def parse_doc(path: Path, name: str | None = None) -> DocArrows:
-    doc = DocArrows(path, name or path.name)
+def parse_doc(path: Path, name: str | None = None, fence: str = FENCE_OPEN) -> DocArrows:
+    doc = DocArrows(path, name or path.name, fence)
     lines = path.read_text().splitlines()
     try:
-        start = next(n for n, text in enumerate(lines) if text.strip() == FENCE_OPEN)
+        start = next(n for n, text in enumerate(lines) if text.strip() == fence)
     except StopIteration:
-        doc.problems.append(f"{doc.name} has no {FENCE_OPEN} block")
+        doc.problems.append(f"{doc.name} has no {fence} block")
         return doc
     for number, text in enumerate(lines[start + 1 :], start=start + 2):
         text = text.split("#", 1)[0].strip()
@@ -186,7 +205,7 @@ def parse_doc(path: Path, name: str | None = None) -> DocArrows:
             continue
         doc.lines[source] = number
         doc.targets[source] = {t.strip() for t in match["targets"].split(",") if t.strip()}
-    doc.problems.append(f"{doc.name}: the {FENCE_OPEN} block is not closed")
+    doc.problems.append(f"{doc.name}: the {fence} block is not closed")
     return doc
 
 
@@ -347,14 +366,14 @@ def coverage_problems(graph: ImportGraph, doc: DocArrows) -> list[str]:
     problems = list(doc.problems)
     for unit in sorted(units - set(doc.lines)):
         problems.append(
-            f"{graph.package}/{unit} has no line in {doc.name}'s imports block: add "
+            f"{graph.scope}{unit} has no line in {doc.name}'s {doc.fence[3:]} block: add "
             f"`{unit} -> ...` (its arrows, or nothing after the arrow)"
         )
     for source, number in sorted(doc.lines.items()):
         for name in sorted(({source} | doc.targets[source]) - units):
             problems.append(
-                f"{doc.name} line {number} names `{name}`, which is no package or "
-                f"top-level module of {graph.package}/: fix or remove it"
+                f"{doc.name} line {number} names `{name}`, which is no {graph.unit_kind}: "
+                "fix or remove it"
             )
     return problems
 
@@ -397,6 +416,20 @@ def test_no_import_cycle_between_modules(graph: ImportGraph) -> None:
 
 def test_no_import_cycle_between_packages(graph: ImportGraph, doc: DocArrows) -> None:
     problems = package_cycle_problems(graph, doc=doc)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_repository_packages_import_each_other_as_the_doc_draws() -> None:
+    """snapshotter imports none of the rest; harness (the real stack) neither the tests nor the
+    benchmarks, so both can use it."""
+    graph = import_graph(*(REPO / name for name in REPOSITORY_PACKAGES), depth=0)
+    doc = parse_doc(DOC, "docs/architecture.md", REPOSITORY_FENCE)
+    problems = [
+        *coverage_problems(graph, doc),
+        *undrawn_arrow_problems(graph, doc),
+        *unused_arrow_problems(graph, doc),
+        *package_cycle_problems(graph, frozenset(), doc),
+    ]
     assert not problems, "\n".join(problems)
 
 
