@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import harness.daemon as harness_daemon
 from bench.critical_path_steps import parse_trace
 from bench.startup_node import ColdNode
 from harness.procs import HarnessError
@@ -64,19 +63,15 @@ class TrialRecord:
 @contextlib.contextmanager
 def variant_environment(variant: Variant, trace_file: Path, level: str) -> Iterator[None]:
     """While active, processes started from here import the variant's checkout and trace to
-    trace_file. The harness puts its own checkout first on the daemon's PYTHONPATH
-    (harness.daemon.REPO_ROOT), so that is pointed at the variant too."""
+    trace_file (the daemon is started from the variant by ColdNode.reset(checkout))."""
     keys = ("PYTHONPATH", "LAZYSNAP_TRACE", "LAZYSNAP_TRACE_LEVEL")
     saved_env = {key: os.environ.get(key) for key in keys}
-    saved_root = harness_daemon.REPO_ROOT
     os.environ["PYTHONPATH"] = f"{TRACE_DIR}{os.pathsep}{variant.path}"
     os.environ["LAZYSNAP_TRACE"] = str(trace_file)
     os.environ["LAZYSNAP_TRACE_LEVEL"] = level
-    harness_daemon.REPO_ROOT = variant.path
     try:
         yield
     finally:
-        harness_daemon.REPO_ROOT = saved_root
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -99,7 +94,7 @@ def run_trial(
     trace_file = out_dir / f"{name}.log"
     trace_file.unlink(missing_ok=True)
     with variant_environment(variant, trace_file, level):
-        node.reset()
+        node.reset(checkout=variant.path)
         containerd, daemon = node.running()
         time.sleep(0.5)  # let the daemon's start-up work (pool, metrics) finish first
         loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])

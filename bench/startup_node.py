@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.containerd import Containerd, start_containerd, write_hosts_toml
-from harness.daemon import LazysnapDaemon, start_lazysnap
+from harness.daemon import REPO_ROOT, LazysnapDaemon, start_lazysnap
 from harness.procs import pid_alive, unmount_all_under
 
 
@@ -89,8 +89,8 @@ class ColdNode:
                     os.kill(pid, signal.SIGKILL)
         unmount_all_under(self.base)
 
-    def reset(self) -> None:
-        """Make the node cold and start it again."""
+    def reset(self, checkout: Path = REPO_ROOT) -> None:
+        """Make the node cold and start it again (lazysnap's code from `checkout`)."""
         self.stop()
         shutil.rmtree(self.containerd_base, ignore_errors=True)
         shutil.rmtree(self.lazysnap_base, ignore_errors=True)
@@ -99,7 +99,7 @@ class ColdNode:
         write_hosts_toml(self.hosts_dir, self.registry_host)  # the daemon reads it too
         config = self.lazysnap_base / "config.toml"
         config.write_text(lazysnap_config(self.hosts_dir, self.registry_host))
-        self.daemon = start_lazysnap(self.lazysnap_base, config=config)
+        self.daemon = start_lazysnap(self.lazysnap_base, config=config, checkout=checkout)
         self.containerd = start_containerd(
             self.containerd_base,
             proxy_socket=self.daemon.socket,

@@ -93,6 +93,9 @@ class LazysnapDaemon:
     # The `lazysnap` command to run instead of this checkout's (e.g. an installed one): it runs
     # as installed, without the checkout on PYTHONPATH.
     program: Sequence[str] | None = None
+    # Whose code `python -m snapshotter.cli` runs when program is None: this checkout, or
+    # another one (a benchmark comparing two revisions).
+    checkout: Path = REPO_ROOT
     service: Service | None = field(default=None, repr=False)
 
     def argv(self) -> list[str]:
@@ -118,13 +121,13 @@ class LazysnapDaemon:
         if self.program is None:
             # `python -m snapshotter.cli` needs the checkout importable when not installed.
             env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])
+                filter(None, [str(self.checkout), env.get("PYTHONPATH")])
             )
         else:
             env.pop("PYTHONPATH", None)
         # cwd /, as systemd runs it: `python -m` (mount processes) puts the cwd on sys.path, and
         # in the checkout that would import its code instead of the installed one.
-        cwd = REPO_ROOT if self.program is None else Path("/")
+        cwd = self.checkout if self.program is None else Path("/")
         self.service = spawn("lazysnap serve", self.argv(), self.log_path, env=env, cwd=cwd)
         try:
             self.service.wait_until(
@@ -176,11 +179,12 @@ def start_lazysnap(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
+    checkout: Path = REPO_ROOT,
 ) -> LazysnapDaemon:
     """Start `lazysnap serve --root BASE/root --address BASE/lazysnap.sock` (log in BASE).
 
     settings: write BASE/config.toml from them (lazy layers from the test registries);
-    config: use that file instead. Neither: built-in defaults."""
+    config: use that file instead. Neither: built-in defaults. checkout: whose code runs."""
     base.mkdir(parents=True, exist_ok=True)
     if settings is not None:
         if config is not None:
@@ -193,6 +197,7 @@ def start_lazysnap(
         config=config,
         extra_args=extra_args,
         env=env,
+        checkout=checkout,
     )
     daemon.start(timeout)
     return daemon
