@@ -6,6 +6,9 @@ They drive the real stack through `harness` (registry, containerd, `lazysnap ser
 `snapshotter` like any other user; nothing in `snapshotter` or `tests` is imported from here,
 and only tests/bench imports this package. This module imports only the standard library, so a
 worker that must load `snapshotter` from another checkout (index_build) can still choose it.
+A few programs start children by file path, which therefore import nothing of `bench`:
+critical_path_decode (runs a variant checkout's decoder), startup_delayline (the shaped link's
+delay line) and fuse_takeover's FUSE servers.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ OFF, ON = "read-ahead off", "read-ahead on"
 
 
 def progress(message: str) -> None:
-    print(f"[bench_seqread] {message}", file=sys.stderr, flush=True)
+    print(f"[bench.seqread] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""bench_seqread.py's pure parts: the summary's medians and ratios, and the rotating order."""
+"""bench.seqread's pure parts: the summary's medians and ratios, and the rotating order."""
 
 from __future__ import annotations
 
