@@ -6,7 +6,7 @@
 #   build --sign-key`), pull it lazily (`lazysnap pull`: layers mounted over FUSE,
 #   not downloaded) and run a container that reads from the lazy layers.
 # Everything is stopped and removed on exit. KEEP=1 leaves the stack up for poking around
-# (stop it later with: python -m tests.harness down BASE).
+# (stop it later with: python -m harness down BASE).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,11 +24,11 @@ bash scripts/install-deps.sh
 BASE=$(mktemp -d /tmp/lazysnap-demo-XXXXXX)
 cleanup() {
     if [[ ${KEEP:-0} == 1 ]]; then
-        echo "stack left running under $BASE; stop it with: $PY -m tests.harness down $BASE"
+        echo "stack left running under $BASE; stop it with: $PY -m harness down $BASE"
         return
     fi
     say "cleaning up"
-    if [[ -f $BASE/stack.json ]]; then "$PY" -m tests.harness down "$BASE" || true; fi
+    if [[ -f $BASE/stack.json ]]; then "$PY" -m harness down "$BASE" || true; fi
     rm -rf "$BASE"
 }
 trap cleanup EXIT
@@ -38,7 +38,7 @@ say "making the key pair that signs lazysnap indexes (the node uses only signed 
 "$LAZYSNAP" trust keygen --out "$BASE/keys"
 
 say "starting registry + lazysnap + containerd under $BASE (trusting $BASE/keys/index.pub)"
-eval "$("$PY" -m tests.harness up "$BASE" --trust-key "$BASE/keys/index.pub")"
+eval "$("$PY" -m harness up "$BASE" --trust-key "$BASE/keys/index.pub")"
 echo "registry $REGISTRY, containerd $CONTAINERD_ADDRESS (namespace $CONTAINERD_NAMESPACE)"
 echo "lazysnap $LAZYSNAP_SOCKET (log $BASE/lazysnap/lazysnap.log)"
 
@@ -57,7 +57,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.harness.images import busybox_layer_tar, directory, file, layer_tar, push, write_oci_layout
+from harness.images import busybox_layer_tar, directory, file, layer_tar, push, write_oci_layout
 
 base, registry = Path(sys.argv[1]), sys.argv[2]
 layout = base / "images" / "busybox"

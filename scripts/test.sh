@@ -40,20 +40,17 @@ check "ruff format --check" "$BIN/ruff" format --check .
 # tests/ has no __init__.py: map it to module names from the repo root.
 check "mypy --strict (snapshotter)" "$BIN/mypy" --strict
 check "mypy --strict (tests)" env MYPYPATH="$REPO" "$BIN/mypy" --strict \
-    --explicit-package-bases tests/harness tests/conftest.py tests/e2e tests/lazy tests/pull \
+    --explicit-package-bases tests/conftest.py tests/e2e tests/lazy tests/pull \
     tests/remote tests/index tests/stress tests/fs tests/unit tests/profile tests/source \
-    tests/status tests/install tests/trust scripts/images scripts/lock
+    tests/status tests/install tests/trust tests/bench scripts/images scripts/lock
 # These directories import their helpers as sibling modules (pytest's rootdir insertion).
 for dir in tests/accel tests/indexer; do
     check "mypy --strict ($dir)" env MYPYPATH="$REPO:$REPO/$dir" "$BIN/mypy" --strict \
         --explicit-package-bases "$dir"
 done
-# The tests import the bench tools; these are programs of their own (nothing imports them).
-check "mypy --strict (tests/bench)" env MYPYPATH="$REPO:$REPO/scripts/bench" "$BIN/mypy" \
-    --strict --explicit-package-bases tests/bench \
-    scripts/bench/critical_path_decode.py scripts/bench/bench_index_size.py \
-    scripts/bench/critical_path_trace/sitecustomize.py scripts/bench/working_set.py \
-    scripts/bench/bench_completion_check.py scripts/bench/index_decode_memory.py
+# The stack harness (tests and benchmarks use it) and the benchmarks (python -m bench.NAME).
+check "mypy --strict (harness, bench)" env MYPYPATH="$REPO" "$BIN/mypy" --strict \
+    --explicit-package-bases harness bench
 
 # LAZYSNAP_REQUIRE_STACK=1: a stack test that cannot run is an error, not a silent skip.
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words

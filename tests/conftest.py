@@ -1,4 +1,4 @@
-"""Session fixtures for the real stack (tests/harness) and handling of the `stack` mark.
+"""Session fixtures for the real stack (harness) and handling of the `stack` mark.
 
 Tests marked `stack` need root and the real programs; they are skipped, with the reason, when
 either is missing - unless LAZYSNAP_REQUIRE_STACK=1 (scripts/test.sh, CI), where a missing
@@ -19,19 +19,19 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `tests.harness` is imported as a package from the root
+    sys.path.insert(0, str(REPO_ROOT))  # `harness` is imported as a package from the root
 
-from tests.harness.containerd import Containerd, start_containerd  # noqa: E402
-from tests.harness.daemon import (  # noqa: E402
+from harness.containerd import Containerd, start_containerd  # noqa: E402
+from harness.daemon import (  # noqa: E402
     DaemonSettings,
     LazysnapDaemon,
     serve_available,
     start_lazysnap,
 )
-from tests.harness.images import PushedImage, build_busybox, push, read_layout  # noqa: E402
-from tests.harness.procs import HarnessError, log_tail, unmount_all_under  # noqa: E402
-from tests.harness.registry import Registry, start_registry  # noqa: E402
-from tests.harness.trust import SigningKeys, make_keys, sign_builds_with  # noqa: E402
+from harness.images import PushedImage, build_busybox, push, read_layout  # noqa: E402
+from harness.procs import HarnessError, log_tail, unmount_all_under  # noqa: E402
+from harness.registry import Registry, start_registry  # noqa: E402
+from harness.trust import SigningKeys, make_keys, sign_builds_with  # noqa: E402
 
 STACK_BINARIES = ("containerd", "ctr", "runc", "docker-registry", "skopeo", "dpkg-deb", "umount")
 TEST_IMAGES = Path(os.environ.get("LAZYSNAP_TEST_IMAGES", "/var/cache/lazysnap-test-images"))

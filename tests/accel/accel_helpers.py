@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness.images import BuiltImage, sha256_digest
-from tests.harness.procs import HarnessError, Service, log_tail, run, spawn
+from harness.images import BuiltImage, sha256_digest
+from harness.procs import HarnessError, Service, log_tail, run, spawn
 
 _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/events")
 

@@ -30,10 +30,10 @@ from accel_helpers import (
     write_platform_index,
 )
 
+from harness.images import BuiltImage, file, layer_tar, push, write_oci_layout
+from harness.procs import HarnessError
+from harness.registry import NotificationEndpoint, Registry, start_registry
 from snapshotter.remote.signatures import COSIGN_SIGNATURE_ARTIFACT_TYPE
-from tests.harness.images import BuiltImage, file, layer_tar, push, write_oci_layout
-from tests.harness.procs import HarnessError
-from tests.harness.registry import NotificationEndpoint, Registry, start_registry
 
 pytestmark = pytest.mark.stack
 
@@ -227,7 +227,7 @@ def test_the_services_own_pushes_do_not_loop(stack: Stack) -> None:
     jobs = wait_quiet(stack, repo)
     # One build: the image. The artifact manifest it pushed comes back once (it has no tag,
     # so only its artifactType tells it apart) and is ignored, and so is the signature of that
-    # artifact (the session signs builds: tests/harness/trust.py); the sha256-<hex> tag indexes
+    # artifact (the session signs builds: harness/trust.py); the sha256-<hex> tag indexes
     # and the layer cache repository's pushes are never even queued.
     assert (jobs[0]["digest"], jobs[0]["outcome"]) == (image.manifest_digest, "indexed")
     later = {(j["digest"], j["outcome"], j["detail"]) for j in jobs[1:]}

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import critical_path
 import pytest
-from critical_path_steps import TraceError, parse_trace, summary_table, trial_steps
-from critical_path_trials import TRACE_DIR
+
+from bench import critical_path
+from bench.critical_path_steps import TraceError, parse_trace, summary_table, trial_steps
+from bench.critical_path_trials import TRACE_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = 1000.0

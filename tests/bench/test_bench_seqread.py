@@ -1,9 +1,10 @@
-"""bench_seqread.py's pure parts: the summary's medians and ratios, and the rotating order."""
+"""bench.seqread's pure parts: the summary's medians and ratios, and the rotating order."""
 
 from __future__ import annotations
 
 import pytest
-from bench_seqread import OFF, ON, Trial, report, summarize, trial_order
+
+from bench.seqread import OFF, ON, Trial, report, summarize, trial_order
 
 
 def _trial(trial: int, mode: str, seconds: float, inflate: float) -> Trial:

@@ -8,11 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import startup
-from startup_report import load, write_report
-from startup_workloads import FULL, LAZY, LAZY_PROFILE, WORKLOADS_BY_NAME, TrialResult
 
-COMMAND = "/opt/lazysnap-venv/bin/python scripts/bench/startup.py --trials 3"
+from bench import startup
+from bench.startup_report import load, write_report
+from bench.startup_workloads import FULL, LAZY, LAZY_PROFILE, WORKLOADS_BY_NAME, TrialResult
+
+COMMAND = "/opt/lazysnap-venv/bin/python -m bench.startup --trials 3"
 
 
 def _trial(

@@ -11,13 +11,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from startup_link import Shape, shaped_link
 
-from tests.harness.images import file, layer_tar, push, write_oci_layout
-from tests.harness.registry import Registry, start_registry
+from bench.startup_link import Shape, shaped_link
+from harness.images import file, layer_tar, push, write_oci_layout
+from harness.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-STARTUP = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "startup.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # `python -m bench.startup` runs from here
 
 
 def _netns_names() -> set[str]:
@@ -50,7 +50,8 @@ def test_shaped_link_is_100mbit_20ms_and_is_torn_down(tmp_path: Path) -> None:
 
 def test_quick_run_measures_every_configuration(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(STARTUP), "--quick", "--results", str(tmp_path)],
+        [sys.executable, "-m", "bench.startup", "--quick", "--results", str(tmp_path)],
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=900,

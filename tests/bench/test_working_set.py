@@ -1,4 +1,4 @@
-"""scripts/bench/working_set.py end to end on a small image built here: busybox, a layer of
+"""bench/working_set.py end to end on a small image built here: busybox, a layer of
 data files, and a layer whiting one of them out."""
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from typing import Any
 
 import pytest
 
-from snapshotter.index.build import build_layer_index
-from snapshotter.index.codec import encode_window
-from snapshotter.index.spans import spans_for_range
-from tests.harness.images import (
+from harness.images import (
     BuiltImage,
     TarEntry,
     busybox_layer_tar,
@@ -25,8 +22,12 @@ from tests.harness.images import (
     whiteout,
     write_oci_layout,
 )
+from snapshotter.index.build import build_layer_index
+from snapshotter.index.codec import encode_window
+from snapshotter.index.spans import spans_for_range
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "working_set.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # `python -m bench.working_set` runs from here
+PROGRAM = [sys.executable, "-m", "bench.working_set"]
 KNOWN = "data/known"
 SPAN_SIZES = (128 << 10, 1 << 20)
 
@@ -80,8 +81,7 @@ def _mounts_and_loops_under(path: Path) -> list[str]:
 
 def _run_script(image: BuiltImage, work: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     argv = [
-        sys.executable,
-        str(SCRIPT),
+        *PROGRAM,
         "--image",
         str(image.layout),
         "--span-sizes",
@@ -90,7 +90,9 @@ def _run_script(image: BuiltImage, work: Path, *extra: str) -> subprocess.Comple
         str(work),
         *extra,
     ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
 
 
 def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
@@ -146,9 +148,11 @@ def test_an_interrupted_run_leaves_no_mount_loop_device_or_temp_dir(
 ) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    argv = [sys.executable, str(SCRIPT), "--image", str(image.layout), "--span-sizes", "1M",
+    argv = [*PROGRAM, "--image", str(image.layout), "--span-sizes", "1M",
             "--work-dir", str(work), "--", "sleep", "60"]  # fmt: skip
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        argv, cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     try:
         assert process.stderr is not None
         for line in process.stderr:

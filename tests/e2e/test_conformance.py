@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import pytest
 
-from tests.harness.daemon import lazysnap_command, serve_available
+from harness.daemon import lazysnap_command, serve_available
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.containerd import Containerd
-from tests.harness.daemon import LazysnapDaemon
-from tests.harness.images import PushedImage, build_busybox, push
-from tests.harness.procs import HarnessError
-from tests.harness.registry import Registry
+from harness.containerd import Containerd
+from harness.daemon import LazysnapDaemon
+from harness.images import PushedImage, build_busybox, push
+from harness.procs import HarnessError
+from harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 

@@ -1,5 +1,5 @@
 """The harness's own promises that other tests build on: the registry's fetch accounting,
-basic auth, and `python -m tests.harness up/down` leaving nothing behind."""
+basic auth, and `python -m harness up/down` leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.containerd import RUNC_STATE, start_containerd
-from tests.harness.images import PushedImage, build_busybox, push
-from tests.harness.procs import HarnessError, mounts_under, pid_alive
-from tests.harness.registry import BlobFetches, Registry, TokenAuth, start_registry
+from harness.containerd import RUNC_STATE, start_containerd
+from harness.images import PushedImage, build_busybox, push
+from harness.procs import HarnessError, mounts_under, pid_alive
+from harness.registry import BlobFetches, Registry, TokenAuth, start_registry
 
 pytestmark = pytest.mark.stack
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def test_basic_auth_registry_refuses_anonymous_push(tmp_path: Path) -> None:
 
 def test_cli_up_then_down_leaves_no_process_or_mount(tmp_path: Path) -> None:
     base = tmp_path / "stack"
-    harness = [sys.executable, "-m", "tests.harness"]
+    harness = [sys.executable, "-m", "harness"]
     up = subprocess.run(
         [*harness, "up", str(base), "--no-lazysnap"],
         cwd=REPO_ROOT,

@@ -8,9 +8,9 @@ import secrets
 
 import pytest
 
-from tests.harness.containerd import Containerd
-from tests.harness.daemon import LazysnapDaemon
-from tests.harness.images import PushedImage
+from harness.containerd import Containerd
+from harness.daemon import LazysnapDaemon
+from harness.images import PushedImage
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

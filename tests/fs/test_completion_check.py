@@ -1,6 +1,6 @@
 """The completion check without a stack: the TOC comparison names each differing field, and
 check_layer (over a real span cache filled the way a reader fills it) passes a genuine index
-and fails every forgery of tests/harness/forge.py, naming what differed."""
+and fails every forgery of harness/forge.py, naming what differed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import forge
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.completion import (
     FAILED,
@@ -28,7 +29,6 @@ from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import inflate_span
 from snapshotter.index.toc_compare import TOC_FIELDS, first_difference
 from tests.fs.fs_helpers import Member, built_index, compress, make_tar, rich_members
-from tests.harness import forge
 
 ENTRY = TocEntry(
     "usr/bin/tool",

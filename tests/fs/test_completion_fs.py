@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import forge
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.cache import SpanCache
@@ -25,7 +26,6 @@ from snapshotter.fs.refusals import RefusalLedger, read_verdict
 from snapshotter.index.codec import encode_index
 from tests.fs.fs_helpers import built_index, make_tar, rich_members
 from tests.fs.test_fs_mount import Layer
-from tests.harness import forge
 
 pytestmark = pytest.mark.stack
 QUICK = BackgroundSettings(quiet_seconds=0.0)

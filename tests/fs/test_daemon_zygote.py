@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.daemon import DaemonSettings, LazysnapDaemon, start_lazysnap
+from harness.procs import pid_alive
 from snapshotter.fs.zygote import ZYGOTE_NAME
-from tests.harness.daemon import DaemonSettings, LazysnapDaemon, start_lazysnap
-from tests.harness.procs import pid_alive
 
 pytestmark = pytest.mark.stack
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.registry import Registry
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
@@ -43,7 +44,6 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
-from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 FETCH_TIMEOUT = 3.0

@@ -4,6 +4,7 @@ into reads, and it refuses hostile streams in bounded memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import struct
@@ -81,6 +82,31 @@ def test_zlib_and_zlib_ng_cut_identical_spans(
     name: str, layers: dict[str, Layer], built: dict[str, LayerIndex]
 ) -> None:
     assert build_spans(layers[name].blob, TEST_SPAN_SIZE, "zlib") == list(built[name].spans)
+
+
+@pytest.mark.parametrize("name", GZIP_LAYERS)
+def test_an_index_built_with_system_zlib_is_the_same_index(
+    name: str, layers: dict[str, Layer], built: dict[str, LayerIndex]
+) -> None:
+    """The fallback where zlib-ng is unusable (and bench.index_build --system-zlib) only changes
+    the speed of build_layer_index."""
+    zlib_library = load_inflate_library("zlib")
+    calls = 0
+
+    def counted_inflate(*args: object) -> int:
+        nonlocal calls
+        calls += 1
+        return zlib_library.inflate(*args)
+
+    layer = layers[name]
+    index = build_layer_index(
+        OnlyRead(layer.blob),
+        media_type=layer.media_type,
+        span_size=TEST_SPAN_SIZE,
+        inflate_library=dataclasses.replace(zlib_library, inflate=counted_inflate),
+    )
+    assert calls > 0  # the library given inflated the layer
+    assert index == built[name]
 
 
 def test_tiny_reads_cut_the_same_spans(

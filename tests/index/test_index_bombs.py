@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from snapshotter.index import codec
-from snapshotter.index.codec import decode_index
-from snapshotter.index.errors import InvalidIndex, SpanVerificationError
-from snapshotter.index.model import Compression, LayerIndex, Span
-from snapshotter.index.spans import inflate_span
-from tests.index.conftest import GZIP_MT
-from tests.index.crafted import (
+from harness.crafted import (
     MAGIC,
     document_blob,
     empty_lists_bomb,
     index_blob,
     many_entries,
 )
+from snapshotter.index import codec
+from snapshotter.index.codec import decode_index
+from snapshotter.index.errors import InvalidIndex, SpanVerificationError
+from snapshotter.index.model import Compression, LayerIndex, Span
+from snapshotter.index.spans import inflate_span
+from tests.index.conftest import GZIP_MT
 
 REPO = Path(__file__).resolve().parents[2]
 PEAK_CHILD = """

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from harness.crafted import document_blob, entry, index_blob, layer_document
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import MAX_DEPTH, NAME_MAX, PATH_MAX, decode_index, encode_index
 from snapshotter.index.errors import InvalidIndex, InvalidLayer
 from tests.index.conftest import TAR_MT, OnlyRead, node, reg, tar_bytes
-from tests.index.crafted import document_blob, entry, index_blob, layer_document
 
 
 def decode_entries(*entries: list[Any], size: int = 1 << 20) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from indexer_helpers import CliResult, Target, unique
 
+from harness.peryx import Peryx, start_peryx
+from harness.procs import HarnessError
+from harness.registry import Registry
 from snapshotter.indexer import command
-from tests.harness.peryx import Peryx, start_peryx
-from tests.harness.procs import HarnessError
-from tests.harness.registry import Registry
 
 
 @pytest.fixture(scope="session")

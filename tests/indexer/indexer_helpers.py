@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.images import BuiltImage, file, layer_tar, write_oci_layout
 from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform, build_index
 from snapshotter.remote.reference import Repository
-from tests.harness.images import BuiltImage, file, layer_tar, write_oci_layout
 
 # Writes seen in docker-registry's access log: "PUT /v2/<repo>/manifests/<ref> HTTP/1.1" 201
 _WRITE = re.compile(r'"(PUT|POST|PATCH|DELETE) /v2/(\S+) HTTP/[0-9.]+" (\d{3})')

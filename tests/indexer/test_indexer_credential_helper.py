@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from indexer_helpers import CliResult, Target, build_image, push_image, random_layer, unique
 
+from harness.credential_pass import pass_store
+from harness.peryx import Peryx
+from harness.procs import HarnessError
 from snapshotter.remote.auth import Credentials
-from tests.harness.credential_pass import pass_store
-from tests.harness.peryx import Peryx
-from tests.harness.procs import HarnessError
 
 pytestmark = pytest.mark.stack
 

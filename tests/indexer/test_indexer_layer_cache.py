@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 from indexer_helpers import unique
 
+from harness.peryx import Peryx
+from harness.registry import Registry
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.layer_cache import adopt
 from snapshotter.remote.auth import Credentials, CredentialStore
@@ -16,8 +18,6 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import sha256_digest
 from snapshotter.remote.reference import Repository
 from snapshotter.vocabulary.artifact import IndexedLayer
-from tests.harness.peryx import Peryx
-from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 

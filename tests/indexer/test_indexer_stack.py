@@ -21,15 +21,15 @@ from indexer_helpers import (
     writes_since,
 )
 
+from harness.images import BuiltImage, file, layer_tar
+from harness.peryx import Peryx
+from harness.registry import Registry
 from snapshotter.indexer.layer_cache import cache_tag
 from snapshotter.remote.auth import Credentials
 from snapshotter.remote.errors import ManifestNotFound
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import fallback_tag
 from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, WINDOWS_BLOB_MEDIA_TYPE
-from tests.harness.images import BuiltImage, file, layer_tar
-from tests.harness.peryx import Peryx
-from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 

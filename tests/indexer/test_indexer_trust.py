@@ -3,7 +3,7 @@ through the referrers tag schema) and peryx (native OCI 1.1 referrers API). A no
 uses a signed index, refuses it under a key it does not trust; a signing build reuses only
 layer cache entries its own key signed.
 
-Every `index build` here signs with the session key (tests/harness/trust.py sets
+Every `index build` here signs with the session key (harness/trust.py sets
 $LAZYSNAP_SIGN_KEY), as a CI builder with --sign-key would."""
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from pathlib import Path
 import pytest
 from indexer_helpers import CliResult, Target, build_image, push_image, random_layer, unique
 
+from harness.peryx import Peryx
+from harness.registry import Registry
+from harness.trust import (
+    SigningKeys,
+    make_keys,
+    session_signing_key,
+    session_trust_policy,
+)
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
@@ -34,14 +42,6 @@ from snapshotter.trust import simplesign
 from snapshotter.trust.keys import generate_signing_key
 from snapshotter.trust.policy import TrustMode, TrustPolicy
 from snapshotter.vocabulary.artifact import IndexedLayer
-from tests.harness.peryx import Peryx
-from tests.harness.registry import Registry
-from tests.harness.trust import (
-    SigningKeys,
-    make_keys,
-    session_signing_key,
-    session_trust_policy,
-)
 
 pytestmark = pytest.mark.stack
 

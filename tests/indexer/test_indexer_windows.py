@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from indexer_helpers import CliResult, Target, build_image, push_image, random_layer, unique
 
+from harness.images import file, layer_tar
 from snapshotter.index.codec import decode_index
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.artifact import artifact_manifest, cache_manifest
@@ -27,7 +28,6 @@ from snapshotter.vocabulary.artifact import (
     cached_index_for,
     indexed_layers,
 )
-from tests.harness.images import file, layer_tar
 
 LAYER = "sha256:" + "a" * 64
 OTHER = "sha256:" + "e" * 64

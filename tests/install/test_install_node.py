@@ -21,11 +21,11 @@ from typing import NoReturn
 
 import pytest
 
-from tests.harness.containerd import start_containerd
-from tests.harness.daemon import LazysnapDaemon
-from tests.harness.images import busybox_layer_tar, file, layer_tar, push, write_oci_layout
-from tests.harness.procs import free_port, log_tail, mounts_under, spawn, unmount_all_under
-from tests.harness.registry import Registry
+from harness.containerd import start_containerd
+from harness.daemon import LazysnapDaemon
+from harness.images import busybox_layer_tar, file, layer_tar, push, write_oci_layout
+from harness.procs import free_port, log_tail, mounts_under, spawn, unmount_all_under
+from harness.registry import Registry
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.containerd import Containerd
-from tests.harness.daemon import LazysnapDaemon
-from tests.harness.procs import HarnessError
-from tests.harness.registry import Registry
+from harness.containerd import Containerd
+from harness.daemon import LazysnapDaemon
+from harness.procs import HarnessError
+from harness.registry import Registry
 from tests.lazy.lazy_helpers import LazyStack, unique_name
 
 

@@ -16,7 +16,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.images import (
+from harness.images import (
     FIXED_MTIME,
     LAYER_TYPES,
     MANIFEST_TYPE,

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.containerd import Containerd
-from tests.harness.daemon import LazysnapDaemon, lazysnap_command
-from tests.harness.images import (
+from harness.containerd import Containerd
+from harness.daemon import LazysnapDaemon, lazysnap_command
+from harness.images import (
     BuiltImage,
     PushedImage,
     busybox_layer_tar,
@@ -27,7 +27,7 @@ from tests.harness.images import (
     push,
     write_oci_layout,
 )
-from tests.harness.registry import Registry
+from harness.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FALLBACK_PHRASE = "falls back to a full pull"

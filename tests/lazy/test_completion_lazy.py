@@ -25,15 +25,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import forge
+from harness.containerd import Containerd, start_containerd
+from harness.daemon import LazysnapDaemon, start_lazysnap
+from harness.images import busybox_layer_tar, file, layer_tar, write_oci_layout
+from harness.procs import unmount_all_under
+from harness.registry import Registry
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from tests.harness import forge
-from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.daemon import LazysnapDaemon, start_lazysnap
-from tests.harness.images import busybox_layer_tar, file, layer_tar, write_oci_layout
-from tests.harness.procs import unmount_all_under
-from tests.harness.registry import Registry
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.lazy_helpers import LazyStack, _concatenated, mount_log, unique_name
 

@@ -31,16 +31,16 @@ from pathlib import Path
 
 import pytest
 
+from harness.containerd import Containerd, start_containerd
+from harness.daemon import LazysnapDaemon, start_lazysnap
+from harness.images import PushedImage
+from harness.procs import unmount_all_under
+from harness.registry import Registry
 from snapshotter.fs.cache import disk_space
 from snapshotter.index.codec import decode_index, encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
 from snapshotter.remote.reference import Reference
-from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.daemon import LazysnapDaemon, start_lazysnap
-from tests.harness.images import PushedImage
-from tests.harness.procs import unmount_all_under
-from tests.harness.registry import Registry
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
 from tests.lazy.test_lazy_fallback import _index_blob, _push_index_artifact, registry_client

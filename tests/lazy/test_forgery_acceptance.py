@@ -1,5 +1,5 @@
 """Issue 11's acceptance, with the default trust policy (signed indexes only) of the session
-daemon: a forged index (tests/harness/forge.py: every field check passes, span digests agree
+daemon: a forged index (harness/forge.py: every field check passes, span digests agree
 with the real blob) pushed by someone who can push to a repository changes nothing any
 container on the node sees.
 
@@ -22,12 +22,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness import forge
+from harness.images import PushedImage, busybox_layer_tar, file, layer_tar, write_oci_layout
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
-from tests.harness import forge
-from tests.harness.images import PushedImage, busybox_layer_tar, file, layer_tar, write_oci_layout
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.lazy_helpers import LazyStack, _concatenated, unique_name
 from tests.lazy.test_completion_lazy import FORGERIES, SECRET, TEXT

@@ -10,11 +10,11 @@ import subprocess
 
 import pytest
 
+from harness.daemon import lazysnap_command
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, Descriptor, Platform, build_index
 from snapshotter.remote.reference import Reference
-from tests.harness.daemon import lazysnap_command
 from tests.lazy.lazy_helpers import REPO_ROOT, LazyStack, build_data_image, unique_name
 
 pytestmark = pytest.mark.stack

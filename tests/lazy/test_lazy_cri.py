@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.containerd import CRI_NAMESPACE
-from tests.harness.images import PushedImage
+from harness.containerd import CRI_NAMESPACE
+from harness.images import PushedImage
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
 from tests.pull.cri import cri_pull_image
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import MANIFEST_TYPE, PushedImage
+from harness.procs import free_port
+from harness.trust import sign_pushed
 from snapshotter.indexer.artifact import artifact_manifest
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
@@ -25,9 +28,6 @@ from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers, push_referrer
 from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, IndexedLayer, indexed_layers
-from tests.harness.images import MANIFEST_TYPE, PushedImage
-from tests.harness.procs import free_port
-from tests.harness.trust import sign_pushed
 from tests.lazy.lazy_helpers import DataImage, LazyStack, build_data_image, unique_name
 
 pytestmark = pytest.mark.stack

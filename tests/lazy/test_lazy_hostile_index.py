@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.index.crafted import document_blob, empty_lists_bomb, many_entries
+from harness.crafted import document_blob, empty_lists_bomb, many_entries
 from tests.lazy.lazy_helpers import LazyStack, unique_name
 from tests.lazy.test_lazy_fallback import (
     _push_index_artifact,

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 
-from tests.harness.procs import free_port
+from harness.procs import free_port
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
 

@@ -15,14 +15,14 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from harness.images import MANIFEST_TYPE
+from harness.trust import sign_pushed
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import ORAS_ARTIFACT_MANIFEST, sha256_digest
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.referrers import find_referrers
 from snapshotter.vocabulary.artifact import ARTIFACT_TYPE
-from tests.harness.images import MANIFEST_TYPE
-from tests.harness.trust import sign_pushed
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name
 from tests.source.gated_proxy import GatedProxy
 

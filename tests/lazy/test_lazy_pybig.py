@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import BuiltImage, PushedImage
 from tests.conftest import SESSION_CACHE_MAX_BYTES
-from tests.harness.images import BuiltImage, PushedImage
 from tests.lazy.edge_layer import edge_layer_tar, stack_layer
 from tests.lazy.lazy_helpers import LazyStack, unique_name
 

@@ -20,6 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.containerd import Containerd, start_containerd
+from harness.daemon import DaemonSettings, LazysnapDaemon, lazysnap_command, start_lazysnap
+from harness.images import PushedImage
+from harness.procs import unmount_all_under
+from harness.registry import Registry
+from harness.trust import make_keys
 from snapshotter.indexer.artifact import artifact_manifest
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.remote.auth import CredentialStore
@@ -35,12 +41,6 @@ from snapshotter.remote.signatures import (
 )
 from snapshotter.trust import simplesign
 from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, IndexedLayer, indexed_layers
-from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.daemon import DaemonSettings, LazysnapDaemon, lazysnap_command, start_lazysnap
-from tests.harness.images import PushedImage
-from tests.harness.procs import unmount_all_under
-from tests.harness.registry import Registry
-from tests.harness.trust import make_keys
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.lazy_helpers import (
     REPO_ROOT,

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.daemon import LazysnapDaemon, start_lazysnap
-from tests.harness.procs import unmount_all_under
-from tests.harness.registry import Registry
-from tests.harness.trust import SigningKeys
+from harness.containerd import Containerd, start_containerd
+from harness.daemon import LazysnapDaemon, start_lazysnap
+from harness.procs import unmount_all_under
+from harness.registry import Registry
+from harness.trust import SigningKeys
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.edge_layer import MOTD, edge_layer_tar, stack_layer
 from tests.lazy.lazy_helpers import LazyStack, build_data_image, unique_name

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
+from harness.registry import Registry
+from harness.trust import session_trust_policy
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
 from snapshotter.indexer import command
@@ -27,9 +30,6 @@ from snapshotter.vocabulary.artifact import (
     PROFILE_MEDIA_TYPE,
     WINDOWS_BLOB_MEDIA_TYPE,
 )
-from tests.harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
-from tests.harness.registry import Registry
-from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 BUSYBOX = Path("/bin/busybox")

@@ -20,14 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.pull.plan import chain_ids
-from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.manifest import OCI_INDEX, Descriptor, Platform, build_index
-from snapshotter.remote.reference import Reference
-from tests.harness.containerd import CRI_NAMESPACE, Containerd, start_containerd
-from tests.harness.daemon import LazysnapDaemon
-from tests.harness.images import (
+from harness.containerd import CRI_NAMESPACE, Containerd, start_containerd
+from harness.daemon import LazysnapDaemon
+from harness.images import (
     PushedImage,
     busybox_layer_tar,
     file,
@@ -35,7 +30,12 @@ from tests.harness.images import (
     push,
     write_oci_layout,
 )
-from tests.harness.registry import Registry
+from harness.registry import Registry
+from snapshotter.pull.plan import chain_ids
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.manifest import OCI_INDEX, Descriptor, Platform, build_index
+from snapshotter.remote.reference import Reference
 from tests.pull.cri import cri_pull_image
 from tests.pull.lazy_fake import LazyFake, serve_lazy_fake
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.peryx import Peryx, start_peryx
+from harness.procs import HarnessError
+from harness.registry import Registry, TokenAuth, start_registry
+from harness.token_issuer import TokenIssuer
 from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from tests.harness.peryx import Peryx, start_peryx
-from tests.harness.procs import HarnessError
-from tests.harness.registry import Registry, TokenAuth, start_registry
-from tests.harness.token_issuer import TokenIssuer
 
 MakeClient = Callable[..., RegistryClient]
 

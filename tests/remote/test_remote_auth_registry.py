@@ -1,5 +1,5 @@
 """Auth against real registries: docker-registry with htpasswd Basic auth, and with bearer
-token auth from a token issuer run by the test (tests/harness/token_issuer.py). Credentials
+token auth from a token issuer run by the test (harness/token_issuer.py). Credentials
 come from a docker config.json; tokens that expire are refreshed; no secret reaches a log."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.registry import Registry
+from harness.token_issuer import TokenIssuer
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
@@ -21,8 +23,6 @@ from snapshotter.remote.errors import AuthenticationError
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import sha256_digest
 from snapshotter.remote.reference import Reference, Repository
-from tests.harness.registry import Registry
-from tests.harness.token_issuer import TokenIssuer
 from tests.remote.conftest import BASIC_USERS, TOKEN_USERS, LogRecorder, write_docker_config
 from tests.remote.util import push_image
 

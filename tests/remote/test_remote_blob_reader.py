@@ -10,11 +10,11 @@ import uuid
 
 import pytest
 
+from harness.registry import Registry
 from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import BlobFetchError
 from snapshotter.remote.reference import Repository
-from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.stack
 

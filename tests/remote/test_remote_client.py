@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from harness.registry import Registry
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import (
     BlobNotFound,
@@ -19,7 +20,6 @@ from snapshotter.remote.errors import (
 )
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Platform, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
-from tests.harness.registry import Registry
 from tests.remote.conftest import LogRecorder
 from tests.remote.util import index_bytes, push_image
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.credential_pass import PassStore, pass_store
+from harness.procs import HarnessError
+from harness.registry import Registry
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from tests.harness.credential_pass import PassStore, pass_store
-from tests.harness.procs import HarnessError
-from tests.harness.registry import Registry
 from tests.remote.conftest import BASIC_USERS, TOKEN_USERS, LogRecorder
 from tests.remote.test_remote_auth_registry import roundtrip
 

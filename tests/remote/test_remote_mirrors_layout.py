@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.procs import free_port
+from harness.registry import Registry
 from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import RegistryError
@@ -21,8 +23,6 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.layout import push_oci_layout
 from snapshotter.remote.manifest import OCI_MANIFEST, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
-from tests.harness.procs import free_port
-from tests.harness.registry import Registry
 from tests.remote.util import CONFIG_TYPE, LAYER_TYPE, push_image
 
 pytestmark = pytest.mark.stack

@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 
+from harness.peryx import Peryx
+from harness.registry import Registry
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.manifest import (
     EMPTY_JSON,
@@ -27,8 +29,6 @@ from snapshotter.remote.referrers import (
     push_referrer,
     referrer_manifest,
 )
-from tests.harness.peryx import Peryx
-from tests.harness.registry import Registry
 from tests.remote.conftest import LogRecorder
 from tests.remote.util import push_image
 

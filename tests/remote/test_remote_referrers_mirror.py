@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.procs import free_port
+from harness.registry import Registry
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
 from snapshotter.remote.referrers import find_referrers
-from tests.harness.procs import free_port
-from tests.harness.registry import Registry
 from tests.remote.test_remote_referrers import INDEX_TYPE, push_artifact
 from tests.remote.util import push_image
 

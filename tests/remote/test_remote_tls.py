@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.procs import run
 from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import BlobFetchError, RegistryUnavailable
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
-from tests.harness.procs import run
 
 DATA = os.urandom(10_000)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()

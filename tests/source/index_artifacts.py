@@ -10,6 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.images import (
+    MANIFEST_TYPE,
+    PushedImage,
+    directory,
+    file,
+    layer_tar,
+    push,
+    write_oci_layout,
+)
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index
 from snapshotter.indexer.artifact import manifest_layers
@@ -23,15 +32,6 @@ from snapshotter.vocabulary.artifact import (
     PROFILE_CREATED_ANNOTATION,
     PROFILE_MEDIA_TYPE,
     IndexedLayer,
-)
-from tests.harness.images import (
-    MANIFEST_TYPE,
-    PushedImage,
-    directory,
-    file,
-    layer_tar,
-    push,
-    write_oci_layout,
 )
 
 FILES_PER_LAYER = 3

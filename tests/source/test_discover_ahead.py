@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import directory, file, layer_tar, push, write_oci_layout
+from harness.registry import Registry
+from harness.trust import session_trust_policy
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
-from tests.harness.images import directory, file, layer_tar, push, write_oci_layout
-from tests.harness.registry import Registry
-from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from harness.forge import genuine_index
+from harness.images import PushedImage, directory, file, layer_tar, push, write_oci_layout
+from harness.registry import Registry
+from harness.trust import session_trust_policy
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
-from tests.harness.forge import genuine_index
-from tests.harness.images import PushedImage, directory, file, layer_tar, push, write_oci_layout
-from tests.harness.registry import Registry
-from tests.harness.trust import session_trust_policy
 
 pytestmark = pytest.mark.stack
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import directory, file, layer_tar, push, write_oci_layout
+from harness.registry import Registry
 from snapshotter.core.layers import RemoteLayerUnavailable
-from tests.harness.images import directory, file, layer_tar, push, write_oci_layout
-from tests.harness.registry import Registry
 from tests.source.test_discover_ahead import discovery, labels
 
 pytestmark = pytest.mark.stack

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.registry import Registry
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
-from tests.harness.registry import Registry
 from tests.source.gated_proxy import GatedProxy
 from tests.source.index_artifacts import encoded_profile, push_artifact, push_image
 from tests.source.test_discover_ahead import labels

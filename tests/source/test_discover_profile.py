@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.registry import Registry
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
-from tests.harness.registry import Registry
 from tests.source.index_artifacts import (
     content,
     encoded_profile,
