@@ -38,12 +38,7 @@ KNOWN_MODULE_CYCLES: frozenset[frozenset[str]] = frozenset(
         frozenset({"snapshotter.fs.mount_process", "snapshotter.fs.zygote"}),
     }
 )
-KNOWN_PACKAGE_CYCLES: frozenset[frozenset[str]] = frozenset(
-    {
-        # indexer/command runs profile/attach, which uses indexer's artifact and signing.
-        frozenset({"indexer", "profile"}),
-    }
-)
+KNOWN_PACKAGE_CYCLES: frozenset[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True)
