@@ -38,6 +38,7 @@ log = logging.getLogger("lazysnap.cri")
 IMAGE_SERVICES = ("runtime.v1.ImageService", "runtime.v1alpha2.ImageService")
 PULL_IMAGE = "PullImage"
 MAX_MESSAGE_BYTES = 16 << 20  # kubelet's CRI message limit (ListImages of a large node)
+NO_DEADLINE_S = 1e9
 WORKERS = 16  # concurrent calls: a PullImage may take minutes while ImageStatus calls go on
 # Metadata a gRPC stack sets itself: forwarding it would duplicate or contradict the upstream's.
 _OWN_METADATA = ("user-agent", "grpc-", ":")
@@ -134,7 +135,9 @@ def _forwarder(
     def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
         if remember is not None:
             remember(request)
-        remaining = context.time_remaining()
+        remaining: float | None = context.time_remaining()
+        if remaining is not None and remaining > NO_DEADLINE_S:
+            remaining = None  # the client set none: grpc reports ~292 years
         call: Any = forward.future(
             request,
             timeout=remaining,

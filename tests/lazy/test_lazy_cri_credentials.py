@@ -95,7 +95,7 @@ class PrivateStack:
             return log.read().decode(errors="replace")
 
 
-def cri_call(socket: Path, method: str, request: bytes, timeout: float = 300.0) -> bytes:
+def cri_call(socket: Path, method: str, request: bytes, timeout: float | None = 300.0) -> bytes:
     with grpc.insecure_channel(f"unix://{socket}") as channel:
         call = channel.unary_unary(
             IMAGE_SERVICE + method, request_serializer=None, response_deserializer=None
@@ -137,12 +137,8 @@ def private(stack_base: Path, index_signing_keys: SigningKeys) -> Iterator[Priva
         started.append(registry)
         other = start_registry(base / "other", token_auth=auth)
         started.append(other)
-        containerd = start_containerd(
-            base / "containerd",
-            proxy_socket=base / "lazysnap" / "lazysnap.sock",
-            registry_hosts=[registry.host, other.host],
-            cri=True,
-        )
+        # The daemon first: containerd dials its snapshotter socket on the first pull.
+        hosts_dir = base / "containerd" / "certs.d"  # start_containerd writes it there
         node_config = base / "node-docker-config.json"
         node_config.write_text("{}")  # the node has no registry credentials at all
         config = write_config(
@@ -150,7 +146,7 @@ def private(stack_base: Path, index_signing_keys: SigningKeys) -> Iterator[Priva
             base / "lazysnap" / "root",
             base / "lazysnap" / "lazysnap.sock",
             DaemonSettings(
-                hosts_dir=containerd.hosts_dir,
+                hosts_dir=hosts_dir,
                 plain_http=(registry.host, other.host),
                 background_fetch=False,
                 trust_public_keys=(index_signing_keys.public,),
@@ -162,9 +158,16 @@ def private(stack_base: Path, index_signing_keys: SigningKeys) -> Iterator[Priva
         config.write_text(
             text + "[cri]\n"
             f'image_service_socket = "{base / "cri.sock"}"\n'
-            f'containerd_cri_socket = "{containerd.address}"\n'
+            f'containerd_cri_socket = "{base / "containerd" / "containerd.sock"}"\n'
         )
         daemon = start_lazysnap(base / "lazysnap", config=config)
+        containerd = start_containerd(
+            base / "containerd",
+            proxy_socket=base / "lazysnap" / "lazysnap.sock",
+            registry_hosts=[registry.host, other.host],
+            cri=True,
+        )
+        assert containerd.address == base / "containerd" / "containerd.sock"
         builder = base / "builder"
         builder.mkdir()
         token = base64.b64encode(f"{USER}:{secret}".encode()).decode()
@@ -207,6 +210,10 @@ def test_calls_through_the_proxy_get_containerd_s_answers(private: PrivateStack)
         assert through == direct, method
     assert pushed.reference.encode() in cri_call(
         private.cri_socket, "ImageStatus", image_request(pushed.reference)
+    )
+    # A call without a deadline is forwarded without one.
+    assert cri_call(private.cri_socket, "ListImages", b"", timeout=None) == cri_call(
+        private.containerd.address, "ListImages", b"", timeout=None
     )
     # ImageFsInfo carries the time it was measured: the same filesystem, the same shape.
     through = cri_call(private.cri_socket, "ImageFsInfo", b"", timeout=60)
@@ -300,6 +307,9 @@ def assert_secret_nowhere(stack: PrivateStack) -> None:
             for needle in needles:
                 assert needle not in data, f"the pull secret is in {path}"
     assert searched > 5, f"only {searched} files under {daemon_dir}"
+    for args in (("status",), ("status", "--json")):
+        shown = stack.lazysnap(*args, "--root", str(stack.daemon.root)).stdout
+        assert stack.secret not in shown, f"the pull secret is in lazysnap {' '.join(args)}"
     pids = mount_process_pids(stack.daemon.root)
     assert pids, "no live mount process to look at"
     daemon_pid = stack.daemon.pid
