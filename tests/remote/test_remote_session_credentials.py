@@ -22,7 +22,7 @@ from snapshotter.remote.session_credentials import PullAuth, SessionCredentials
 from tests.harness.procs import HarnessError
 from tests.harness.registry import Registry, TokenAuth, start_registry
 from tests.harness.token_issuer import TokenIssuer
-from tests.remote.conftest import TOKEN_USERS
+from tests.remote.conftest import BASIC_USERS, TOKEN_USERS
 from tests.remote.util import push_image
 
 pytestmark = pytest.mark.stack
@@ -128,3 +128,27 @@ def test_a_registry_token_is_sent_as_it_is(
     assert client.get_manifest(app).layers
     assert len(token_issuer.issued) == before, "a registry token needs no token service"
     client.close()
+
+
+def test_a_basic_auth_refusal_names_the_given_credentials(basic_registry: Registry) -> None:
+    user, password = next(iter(BASIC_USERS.items()))
+    writer = RegistryClient(
+        HostsConfig(plain_http=[basic_registry.host]),
+        CredentialStore({basic_registry.host: Credentials(user, password)}),
+        timeout=10,
+        retries=1,
+    )
+    repo = Repository(basic_registry.host, unique("team/basic"))
+    push_image(writer, repo, "v1", layer=os.urandom(1000))
+    writer.close()
+    app = Reference(repo.registry, repo.name, tag="v1", tag_given=True)
+    right = session_client([basic_registry.host], {app: PullAuth(user, password)})
+    assert right.get_manifest(app).layers
+    right.close()
+    wrong = session_client([basic_registry.host], {app: PullAuth(user, "not-" + password)})
+    with pytest.raises(AuthenticationError) as refused:
+        wrong.get_manifest(app)
+    assert f"HTTP 401 for user {user!r} (from the CRI PullImage of this image)" in str(
+        refused.value
+    )
+    wrong.close()
