@@ -15,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +96,16 @@ class PrivateStack:
             return log.read().decode(errors="replace")
 
 
-def cri_call(socket: Path, method: str, request: bytes, timeout: float | None = 300.0) -> bytes:
+def cri_call(
+    socket: Path,
+    method: str,
+    request: bytes,
+    timeout: float | None = 300.0,
+    service: str = IMAGE_SERVICE,
+) -> bytes:
     with grpc.insecure_channel(f"unix://{socket}") as channel:
         call = channel.unary_unary(
-            IMAGE_SERVICE + method, request_serializer=None, response_deserializer=None
+            service + method, request_serializer=None, response_deserializer=None
         )
         response: bytes = call(request, timeout=timeout)
     return response
@@ -159,6 +166,7 @@ def private(stack_base: Path, index_signing_keys: SigningKeys) -> Iterator[Priva
             text + "[cri]\n"
             f'image_service_socket = "{base / "cri.sock"}"\n'
             f'containerd_cri_socket = "{base / "containerd" / "containerd.sock"}"\n'
+            '[metrics]\naddress = "127.0.0.1:0"\n'
         )
         daemon = start_lazysnap(base / "lazysnap", config=config)
         containerd = start_containerd(
@@ -210,6 +218,12 @@ def test_calls_through_the_proxy_get_containerd_s_answers(private: PrivateStack)
         assert through == direct, method
     assert pushed.reference.encode() in cri_call(
         private.cri_socket, "ImageStatus", image_request(pushed.reference)
+    )
+    # kubelet's older API version is served the same way.
+    old = "/runtime.v1alpha2.ImageService/"
+    request = image_request(pushed.reference)
+    assert cri_call(private.cri_socket, "ImageStatus", request, 60, old) == cri_call(
+        private.containerd.address, "ImageStatus", request, 60, old
     )
     # A call without a deadline is forwarded without one.
     assert cri_call(private.cri_socket, "ListImages", b"", timeout=None) == cri_call(
@@ -332,6 +346,17 @@ def test_straight_to_containerd_the_private_image_falls_back_with_the_reason(
     assert AUTH_REFUSED in line and "anonymous access" in line, line
     status = private.lazysnap("status", "--root", str(private.daemon.root)).stdout
     assert f"auth: layer {image.data_layer}: {AUTH_REFUSED}" in status, status
+    metrics = scrape_metrics(private)
+    assert re.search(r'lazysnap_prepares_total\{outcome="fallback",reason="auth"\} [1-9]', metrics)
+    assert private.secret not in metrics
+
+
+def scrape_metrics(stack: PrivateStack) -> str:
+    ports = re.findall(r"serving metrics on http://127\.0\.0\.1:(\d+)/", stack.daemon.log())
+    assert ports, "the daemon logged no metrics address"
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports[-1]}/metrics", timeout=10) as response:
+        text: str = response.read().decode()
+    return text
 
 
 def lazysnap_pull(stack: PrivateStack, reference: str) -> str:
