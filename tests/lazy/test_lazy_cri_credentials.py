@@ -8,13 +8,16 @@ containerd with its CRI plugin, and a `lazysnap serve` whose node has no registr
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -283,8 +286,6 @@ def test_a_private_image_pulled_through_the_proxy_is_lazy_runs_and_leaks_nothing
         "sha256sum", "/data/payload",
         namespace=CRI_NAMESPACE, timeout=120,
     )  # fmt: skip
-    import hashlib
-
     assert result.stdout.startswith(hashlib.sha256(image.files["data/payload"]).hexdigest())
     assert_secret_nowhere(private)
 
@@ -411,3 +412,42 @@ def test_a_restart_forgets_them_and_wrong_node_credentials_fall_back(
     assert f"credentials of user {USER!r} (HTTP 401)" in output, output
     status = private.lazysnap("status", "--root", str(private.daemon.root)).stdout
     assert f"auth: layer {third.data_layer}: {AUTH_REFUSED}" in status, status
+
+
+def live_mount_process(stack: PrivateStack, layer: str, not_pid: int = 0) -> int:
+    """The pid of the live mount process serving layer (other than not_pid), waited for."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for state_file in stack.daemon.root.glob("snapshots/*/fs.lazysnap.json"):
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            pid = state.get("pid")
+            if (
+                state.get("layer_digest") == layer
+                and isinstance(pid, int)
+                and pid != not_pid
+                and Path(f"/proc/{pid}").exists()
+                and os.path.ismount(str(state.get("mountpoint")))
+            ):
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no live mount process of {layer} (other than {not_pid})")
+
+
+def test_a_mount_process_started_again_after_its_death_gets_the_credentials_again(
+    private: PrivateStack,
+) -> None:
+    image, pushed = private.private_image(private.registry, "team/restarted")
+    cri_pull(private, private.cri_socket, pushed, password_auth(private))
+    first = live_mount_process(private, image.data_layer)
+    os.kill(first, signal.SIGKILL)
+    live_mount_process(private, image.data_layer, not_pid=first)
+    # Nothing of the payload was read before: the new process fetches it with the secret.
+    result = private.containerd.ctr(
+        "run", "--rm", "--snapshotter", "lazysnap", pushed.reference, unique_name("lzs-cri"),
+        "sha256sum", "/data/payload",
+        namespace=CRI_NAMESPACE, timeout=120,
+    )  # fmt: skip
+    assert result.stdout.startswith(hashlib.sha256(image.files["data/payload"]).hexdigest())
