@@ -299,9 +299,13 @@ class Daemon:
                 raise DaemonError(f"cannot listen on {address}")
             server.start()
             os.chmod(address, 0o660)
+            try:
+                cri = _start_cri_proxy(self.config, session)
+            except DaemonError:
+                server.stop(0).wait()
+                raise
             log.info("serving snapshots of %s on %s", root, address)
             pulls = _start_pull_server(address, core, self.config)
-            cri = _start_cri_proxy(self.config, session)
             sd_notify("READY=1")
             while not self._stop.wait(timeout=1.0):
                 pass

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from snapshotter._proto.cri.runtime.v1 import pull_pb2
 from snapshotter.remote.session_credentials import PullAuth, SessionCredentials
 from snapshotter.service.cri_proxy import pull_credentials
+from tests.unit.spine_helpers import serve_command
 
 
 def request(image: str, **auth: str) -> bytes:
@@ -72,3 +75,21 @@ def test_credentials_expire_and_the_store_is_bounded() -> None:
 def test_no_secret_in_repr() -> None:
     text = repr(PullAuth("ann", "hunter2", "idtok", "regtok"))
     assert "ann" in text and not any(s in text for s in ("hunter2", "idtok", "regtok"))
+
+
+def test_a_cri_socket_that_cannot_be_bound_stops_the_daemon_naming_the_key(
+    daemon_dir: Path,
+) -> None:
+    config = daemon_dir / "cri.toml"
+    config.write_text(
+        '[remote]\nenable = false\n[cri]\nimage_service_socket = "/proc/self/none/cri.sock"\n'
+    )
+    result = subprocess.run(
+        [*serve_command(daemon_dir / "r", daemon_dir / "s.sock"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cri.image_service_socket" in result.stderr and "Traceback" not in result.stderr
+    assert not (daemon_dir / "s.sock").exists()  # containerd is not left a half-started daemon
