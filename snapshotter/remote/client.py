@@ -797,4 +797,3 @@ def _repository_in(response: httpx.Response) -> str:
     given with an image), or "" when the URL does not say."""
     match = _API_REPOSITORY.search(response.request.url.path)
     return match.group(1) if match else ""
-
