@@ -46,6 +46,8 @@ class TokenIssuer:
     users: dict[str, str] | None = None  # None: anonymous may get tokens
     expires_in: int = 300  # what the answer tells the client
     registry_lifetime: float = 300.0  # how long the registry will accept the token
+    # OAuth2 refresh tokens (docker's identity tokens) it accepts, and the user each stands for
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
     issued: list[IssuedToken] = field(default_factory=list)
     refused: int = 0
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
@@ -98,6 +100,9 @@ class TokenIssuer:
             def do_GET(self) -> None:
                 issuer._answer(self)
 
+            def do_POST(self) -> None:
+                issuer._answer_oauth(self)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass  # keep test output quiet
 
@@ -136,6 +141,38 @@ class TokenIssuer:
         token = self.sign(user or "", scopes, query.get("service", [self.service])[0])
         self.issued.append(IssuedToken(user, scopes, token))
         body = json.dumps({"token": token, "expires_in": self.expires_in}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _answer_oauth(self, handler: BaseHTTPRequestHandler) -> None:
+        """The token spec's OAuth2 POST: grant_type password (containerd's first try with a
+        user and password) or refresh_token (an identity token)."""
+        length = int(handler.headers.get("Content-Length") or 0)
+        form = parse_qs(handler.rfile.read(length).decode())
+
+        def one(name: str) -> str:
+            return form.get(name, [""])[0]
+
+        user: str | None = None
+        if one("grant_type") == "password":
+            if self.users is not None and self.users.get(one("username")) == one("password"):
+                user = one("username")
+        elif one("grant_type") == "refresh_token":
+            user = self.refresh_tokens.get(one("refresh_token"))
+        if user is None:
+            self.refused += 1
+            handler.send_response(401)
+            handler.send_header("Content-Type", "application/json")
+            handler.end_headers()
+            handler.wfile.write(b'{"details":"bad credentials"}')
+            return
+        scopes = tuple(one("scope").split())
+        token = self.sign(user, scopes, one("service") or self.service)
+        self.issued.append(IssuedToken(user, scopes, token))
+        body = json.dumps({"access_token": token, "expires_in": self.expires_in}).encode()
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))

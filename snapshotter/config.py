@@ -87,6 +87,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CriConfig:
+    # The CRI image service kubelet talks to (--image-service-endpoint); "" = off. Every call
+    # is forwarded to containerd_cri_socket; a PullImage's credentials are kept in memory.
+    image_service_socket: str = ""
+    containerd_cri_socket: str = "/run/containerd/containerd.sock"
+    credential_ttl_seconds: float = 3600.0  # how long an image's pull credentials are kept
+
+
+@dataclass(frozen=True)
 class Config:
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
@@ -97,6 +106,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
 
     @property
     def cache_dir(self) -> str:
@@ -158,6 +168,7 @@ def _ranges(config: Config) -> tuple[tuple[str, float, float, float], ...]:
          MAX_SECONDS),
         ("fetch.background_rate_bytes", config.fetch.background_rate_bytes, 1, MAX_BYTES),
         ("fetch.read_ahead_spans", config.fetch.read_ahead_spans, 0, MAX_READ_AHEAD_SPANS),
+        ("cri.credential_ttl_seconds", config.cri.credential_ttl_seconds, 1.0, MAX_SECONDS),
     )  # fmt: skip
 
 
@@ -174,6 +185,11 @@ def _validate(config: Config, source: str) -> Config:
     for name, text in (("root", config.root), ("address", config.address)):
         if not text:
             raise ConfigError(f"{source}: {name} must not be empty")
+    if config.cri.image_service_socket and not config.cri.containerd_cri_socket:
+        raise ConfigError(
+            f"{source}: cri.containerd_cri_socket must not be empty when "
+            "cri.image_service_socket is set (the proxy forwards every call there)"
+        )
     return config
 
 

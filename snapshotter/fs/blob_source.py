@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from snapshotter.fs import credential_channel
 from snapshotter.fs.reader import BlobSource
 from snapshotter.remote.errors import BlobFetchError, redact_url
 from snapshotter.remote.url_blob import UrlBlobSource
@@ -145,6 +146,9 @@ def _registry_source(spec: BlobSpec, timeout: float) -> BlobSource:
             if spec.docker_config
             else CredentialStore.anonymous()
         )
+        given = credential_channel.credentials_for(repository)  # with the image, in memory
+        if given is not None:
+            credentials.consult_first(given)
         hosts = HostsConfig(spec.hosts_dir or None, plain_http=spec.plain_http)
         # one quick retry: a read that outlives the fetch timeout is an EIO anyway
         client = RegistryClient(hosts, credentials, timeout=timeout, retries=1)

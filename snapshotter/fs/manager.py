@@ -62,6 +62,7 @@ from pathlib import Path
 
 from snapshotter.config import Config
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
+from snapshotter.fs import credential_channel
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
@@ -112,6 +113,7 @@ from snapshotter.fs.zygote import (
     Zygote,
     ZygoteError,
 )
+from snapshotter.remote.session_credentials import SessionCredentials
 
 log = logging.getLogger("lazysnap.fs")
 
@@ -243,6 +245,8 @@ class LazyLayers:
         # The completion check runs on every layer whose background fetch completes (always
         # on); its refusals are kept node-wide here (default: beside the cache directory).
         self.ledger = ledger or RefusalLedger(os.path.dirname(os.path.abspath(cache_dir)))
+        # Pull credentials given with images (the CRI proxy's), handed to their mount processes
+        self.session_credentials: SessionCredentials | None = None
         self._checks: dict[str, CompletionCheck] = {}
         self._lazy_only: set[str] = set()  # passed without a diffID: logged once, stays lazy
         self._children: dict[str, MountChild] = {}
@@ -841,10 +845,14 @@ class LazyLayers:
         """Start the mount process; a thread waits for its ready line (see _await_startup)."""
         read_end, write_end = os.pipe()
         log_path = sidecar(mountpoint, ".lazysnap.log")
+        creds_fd = credential_channel.open_channel(self.session_credentials, str(spec_path))
+        creds_args = [] if creds_fd is None else [credential_channel.ARGUMENT, str(creds_fd)]
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             with open(log_fd, "ab") as log_file:
-                child = self._fork(spec_path, write_end, log_file.fileno()) or subprocess.Popen(
+                child = self._fork(
+                    spec_path, write_end, log_file.fileno(), creds_fd
+                ) or subprocess.Popen(
                     [
                         self.python,
                         "-m",
@@ -853,11 +861,12 @@ class LazyLayers:
                         str(spec_path),
                         "--ready-fd",
                         str(write_end),
+                        *creds_args,
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
-                    pass_fds=(write_end,),
+                    pass_fds=(write_end,) if creds_fd is None else (write_end, creds_fd),
                     start_new_session=True,  # survives serve restarts and its signals
                     cwd="/",
                 )
@@ -867,6 +876,9 @@ class LazyLayers:
             raise RemoteLayerUnavailable(
                 f"starting mount process for {mountpoint}: {exc}", FallbackReason.MOUNT
             ) from exc
+        finally:
+            if creds_fd is not None:
+                os.close(creds_fd)
         os.close(write_end)
         startup = _Startup(child, log_path, time.monotonic(), threading.Event())
         with self._lock:
@@ -879,7 +891,9 @@ class LazyLayers:
             daemon=True,
         ).start()
 
-    def _fork(self, spec_path: Path, ready_fd: int, log_fd: int) -> ForkedChild | None:
+    def _fork(
+        self, spec_path: Path, ready_fd: int, log_fd: int, creds_fd: int | None = None
+    ) -> ForkedChild | None:
         """A mount process forked by the zygote, or None: start one plainly. A zygote that fails
         is restarted once; if the new one fails too, the zygote is given up on for good."""
         with self._zygote_lock:
@@ -887,7 +901,7 @@ class LazyLayers:
             if zygote is None:
                 return None
             try:
-                return zygote.fork(str(spec_path), ready_fd, log_fd)
+                return zygote.fork(str(spec_path), ready_fd, log_fd, creds_fd)
             except ZygoteError as exc:
                 log.warning(
                     "mount-process zygote (pid %d) failed: %s; starting a new one", zygote.pid, exc
@@ -897,7 +911,7 @@ class LazyLayers:
             fresh: Zygote | None = None
             try:
                 fresh = Zygote.start(self.python)
-                child = fresh.fork(str(spec_path), ready_fd, log_fd)
+                child = fresh.fork(str(spec_path), ready_fd, log_fd, creds_fd)
             except ZygoteError as exc:
                 log.warning(
                     "mount-process zygote failed again (%s): starting mount processes plainly "

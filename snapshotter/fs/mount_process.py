@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter.fs import credential_channel
 from snapshotter.fs.activity import BusyMeter
 from snapshotter.fs.background import (
     DEFAULT_QUIET_S,
@@ -545,6 +546,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--ready-fd", type=int, help="write 'ready' or 'error: ...' here once")
     parser.add_argument(
+        credential_channel.ARGUMENT,
+        type=int,
+        dest="credentials_fd",
+        help="read the image's pull credentials from this fd (fs/credential_channel.py)",
+    )
+    parser.add_argument(
         "--zygote-fd",
         type=int,
         help="be the daemon's zygote (snapshotter.fs.zygote): fork mount processes on request",
@@ -604,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s lazysnap-mount[%(process)d] %(message)s",
         stream=sys.stderr,
     )
+    if args.credentials_fd is not None:
+        credential_channel.receive(args.credentials_fd)
     try:
         spec = _spec_from_args(args)
     except SpecError as exc:

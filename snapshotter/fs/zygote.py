@@ -58,6 +58,7 @@ class ChildRequest:
     spec_path: str
     ready_fd: int
     log_fd: int
+    credentials_fd: int | None = None  # fs/credential_channel.py: the image's pull credentials
 
 
 # -- the daemon's side -----------------------------------------------------------------------
@@ -130,16 +131,20 @@ class Zygote:
             theirs.close()
         return cls(process, ours)
 
-    def fork(self, spec_path: str, ready_fd: int, log_fd: int) -> ForkedChild:
-        """A mount process for spec_path, reporting on ready_fd, writing to log_fd (both stay
-        the caller's to close). Raises ZygoteError if the zygote does not answer with one."""
+    def fork(
+        self, spec_path: str, ready_fd: int, log_fd: int, credentials_fd: int | None = None
+    ) -> ForkedChild:
+        """A mount process for spec_path, reporting on ready_fd, writing to log_fd, reading its
+        pull credentials from credentials_fd (all stay the caller's to close). Raises
+        ZygoteError if the zygote does not answer with one."""
         with self._lock:
             status = self.process.poll()
             if status is not None:
                 raise ZygoteError(f"it exited ({_exit_text(status)})")
-            request = json.dumps({"spec": spec_path}).encode()
+            fds = [ready_fd, log_fd] + ([] if credentials_fd is None else [credentials_fd])
+            request = json.dumps({"spec": spec_path, "credentials": len(fds) == 3}).encode()
             try:
-                socket.send_fds(self._channel, [request], [ready_fd, log_fd])
+                socket.send_fds(self._channel, [request], fds)
             except OSError as exc:
                 raise ZygoteError(self._gone(f"sending it the request: {exc}")) from exc
             try:
@@ -222,7 +227,7 @@ def serve(channel_fd: int) -> ChildRequest | None:
         if not readable:
             continue
         try:
-            message, fds, _flags, _address = socket.recv_fds(channel, MAX_REQUEST_BYTES, 2)
+            message, fds, _flags, _address = socket.recv_fds(channel, MAX_REQUEST_BYTES, 3)
         except OSError as exc:
             log.error("reading a request: %s", exc)
             return None
@@ -252,7 +257,10 @@ def become_mount_process(request: ChildRequest) -> list[str]:
     os.close(request.log_fd)
     os.chdir("/")
     logging.root.handlers.clear()  # main() sets up the mount process's own log format
-    return ["--spec", request.spec_path, "--ready-fd", str(request.ready_fd)]
+    argv = ["--spec", request.spec_path, "--ready-fd", str(request.ready_fd)]
+    if request.credentials_fd is not None:
+        argv += ["--credentials-fd", str(request.credentials_fd)]
+    return argv
 
 
 def _import_mount_code() -> None:
@@ -271,12 +279,13 @@ def _import_mount_code() -> None:
 
 def _request(message: bytes, fds: list[int]) -> ChildRequest | None:
     try:
-        spec = json.loads(message).get("spec")
+        fields = json.loads(message)
+        spec, credentials = fields.get("spec"), fields.get("credentials") is True
     except (json.JSONDecodeError, AttributeError):
         return None
-    if not isinstance(spec, str) or len(fds) != 2:
+    if not isinstance(spec, str) or len(fds) != (3 if credentials else 2):
         return None
-    return ChildRequest(spec, fds[0], fds[1])
+    return ChildRequest(spec, fds[0], fds[1], fds[2] if credentials else None)
 
 
 def _fork(channel: socket.socket, request: ChildRequest) -> ChildRequest | None:
@@ -297,6 +306,8 @@ def _fork(channel: socket.socket, request: ChildRequest) -> ChildRequest | None:
     os.close(go_read)
     os.close(request.ready_fd)  # the child's alone now: its exit must reach the manager as EOF
     os.close(request.log_fd)
+    if request.credentials_fd is not None:
+        os.close(request.credentials_fd)
     try:
         if _send(channel, {"pid": pid}):
             os.write(go_write, b"g")

@@ -30,6 +30,8 @@ from snapshotter.remote.credential_helper import (
 )
 from snapshotter.remote.docker_config import default_docker_config_path
 from snapshotter.remote.errors import AuthenticationError, CredentialsError, redact_url
+from snapshotter.remote.session_credentials import ORIGIN as SESSION_ORIGIN
+from snapshotter.remote.session_credentials import PullAuth, SessionCredentials
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,30 @@ def repository_scope(name: str, actions: Sequence[str]) -> str:
 class Credentials:
     username: str
     password: str = field(repr=False)
+    # Given with an image (remote/session_credentials.py): an OAuth2 refresh token for the
+    # token endpoint, or a bearer token sent as it is; origin says where they came from.
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+    origin: str = ""
 
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+    def describe(self) -> str:
+        """Who they are, for messages (never a secret)."""
+        what = (
+            "a registry token"
+            if self.registry_token
+            else "an identity token"
+            if self.identity_token
+            else f"user {self.username!r}"
+        )
+        return f"{what} (from {self.origin})" if self.origin else what
+
+    @classmethod
+    def from_pull_auth(cls, auth: PullAuth, origin: str = SESSION_ORIGIN) -> Credentials:
+        return cls(auth.username, auth.password, auth.identity_token, auth.registry_token, origin)
 
 
 class CredentialStore:
@@ -86,6 +108,23 @@ class CredentialStore:
         self._host_locks: dict[str, threading.Lock] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        self._session: SessionCredentials | None = None
+
+    def consult_first(self, session: SessionCredentials) -> None:
+        """Credentials given with an image (per host AND repository) win over every other
+        source for that repository only; a request naming no repository never gets them."""
+        self._session = session
+
+    def _from_session(self, host: str, repository: str) -> Credentials | None:
+        if self._session is None or not repository:
+            return None
+        auth = self._session.get(normalize_host(host), repository)
+        return Credentials.from_pull_auth(auth) if auth is not None else None
+
+    def registry_token(self, host: str, repository: str) -> str | None:
+        """A bearer token given for this repository, to send as it is (no token service)."""
+        creds = self._from_session(host, repository)
+        return creds.registry_token if creds is not None and creds.registry_token else None
 
     @classmethod
     def anonymous(cls) -> CredentialStore:
@@ -143,14 +182,18 @@ class CredentialStore:
             store._default_helper = default
         return store
 
-    def get(self, host: str) -> Credentials | None:
-        """Docker's rule (cli/config/configfile: getConfiguredCredentialStore and the native
+    def get(self, host: str, repository: str = "") -> Credentials | None:
+        """Credentials given with an image of this repository (consult_first) come first.
+        Then docker's rule (cli/config/configfile: getConfiguredCredentialStore and the native
         store): the host's `credHelpers` entry, else `credsStore`, is asked first, and what it
         answers wins over `auths`. Docker stops there; we fall back to the host's `auths` entry
         (else anonymous) when the helper has nothing ("not found") or fails (after one WARNING),
         where docker would go anonymous or fail the pull. So lazysnap authenticates wherever
         docker would, with the same credentials, and a config with both (an `auths` entry
         written by hand beside a desktop `credsStore`) keeps working."""
+        given = self._from_session(host, repository)
+        if given is not None:
+            return given
         key = normalize_host(host)
         helper = self._helpers.get(key, self._default_helper)
         if helper is None:
@@ -337,10 +380,14 @@ class Authenticator:
     def authorization(self, host: str, scopes: Sequence[str]) -> str | None:
         """Header to send before any challenge was seen for this request."""
         host = normalize_host(host)
+        repository = _repository_of(scopes)
+        direct = self.credentials.registry_token(host, repository)
+        if direct is not None:
+            return f"Bearer {direct}"
         with self._lock:
             scheme = self._schemes.get(host)
         if scheme == "basic":
-            creds = self.credentials.get(host)
+            creds = self.credentials.get(host, repository)
             return creds.basic_header() if creds else None
         if scheme == "bearer":
             return self._bearer(host, scopes, stale=None)
@@ -351,6 +398,10 @@ class Authenticator:
     ) -> str | None:
         """A 401 came back. Returns the header to retry with, or None when retrying is useless."""
         host = normalize_host(host)
+        repository = _repository_of(scopes)
+        direct = self.credentials.registry_token(host, repository)
+        if direct is not None:  # sent already, or to send now; nothing else is tried
+            return None if f"Bearer {direct}" == sent else f"Bearer {direct}"
         challenges = parse_www_authenticate(www_authenticate or "")
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
@@ -365,7 +416,7 @@ class Authenticator:
                 self._realms[host] = realm
             return self._bearer(host, all_scopes, stale=sent)
         if basic is not None or (not challenges and sent is None):
-            creds = self.credentials.get(host)
+            creds = self.credentials.get(host, repository)
             with self._lock:
                 self._schemes[host] = "basic"
             if creds is None:
@@ -397,7 +448,10 @@ class Authenticator:
                 " ".join(scopes),
             )
             value, lifetime = self._fetch(
-                realm.realm, realm.service, list(scopes), self.credentials.get(host)
+                realm.realm,
+                realm.service,
+                list(scopes),
+                self.credentials.get(host, _repository_of(scopes)),
             )
             with self._lock:
                 self._tokens[key] = _Token(value, now + lifetime, lifetime)
@@ -410,16 +464,21 @@ class Authenticator:
         if service:
             params.append(("service", service))
         params.extend(("scope", s) for s in scopes)
-        headers = {"Authorization": creds.basic_header()} if creds else {}
         where = redact_url(realm)
         try:
-            response = httpx.get(realm, params=params, headers=headers, timeout=self._timeout)
+            if creds is not None and creds.identity_token:
+                response = _refresh_token_grant(
+                    realm, service, scopes, creds.identity_token, self._timeout
+                )
+            else:
+                headers = {"Authorization": creds.basic_header()} if creds else {}
+                response = httpx.get(realm, params=params, headers=headers, timeout=self._timeout)
         except httpx.HTTPError as exc:
             raise AuthenticationError(
                 f"token service {where} unreachable: {type(exc).__name__}: {exc}"
             ) from None
         if response.status_code in (401, 403):
-            who = f"credentials of user {creds.username!r}" if creds else "anonymous access"
+            who = f"credentials of {creds.describe()}" if creds else "anonymous access"
             raise AuthenticationError(
                 f"token service {where} refused {who} (HTTP {response.status_code})"
             )
@@ -443,3 +502,31 @@ class Authenticator:
             else DEFAULT_TOKEN_LIFETIME
         )
         return value, lifetime
+
+
+OAUTH_CLIENT_ID = "lazysnap"
+
+
+def _refresh_token_grant(
+    realm: str, service: str | None, scopes: Sequence[str], refresh_token: str, timeout: float
+) -> httpx.Response:
+    """An identity token is an OAuth2 refresh token: POST it to the token endpoint (the token
+    spec's oauth flow) for an access token of these scopes."""
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": refresh_token,
+        "client_id": OAUTH_CLIENT_ID,
+        "scope": " ".join(scopes),
+    }
+    if service:
+        form["service"] = service
+    return httpx.post(realm, data=form, timeout=timeout)
+
+
+def _repository_of(scopes: Sequence[str]) -> str:
+    """The repository a request is for: its first `repository:NAME:actions` scope."""
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        if kind == "repository" and ":" in rest:
+            return rest.rpartition(":")[0]
+    return ""

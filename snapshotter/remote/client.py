@@ -375,8 +375,8 @@ class RegistryClient:
         suffix = f" ({detail})" if detail else ""
         where = f"{what} on {host.url}"
         if status in (401, 403):
-            creds = self.credentials.get(host.host)
-            who = f"user {creds.username!r}" if creds else "anonymous access (no credentials found)"
+            creds = self.credentials.get(host.host, _repository_in(response))
+            who = creds.describe() if creds else "anonymous access (no credentials found)"
             raise AuthenticationError(f"{where}: HTTP {status} for {who}{suffix}")
         if status == 404:
             raise not_found(f"{where}: not found{suffix}")
@@ -787,3 +787,13 @@ def _open_source(data: bytes | Path) -> Iterator[io.BufferedIOBase]:
     else:
         with open(data, "rb") as f:
             yield f
+
+
+_API_REPOSITORY = re.compile(r"/v2/(.+?)/(?:manifests|blobs|referrers|tags)/")
+
+
+def _repository_in(response: httpx.Response) -> str:
+    """The repository a registry API request was about (credentials are per repository when
+    given with an image), or "" when the URL does not say."""
+    match = _API_REPOSITORY.search(response.request.url.path)
+    return match.group(1) if match else ""

@@ -32,6 +32,8 @@ from snapshotter.core.layers import RemoteLayers
 if TYPE_CHECKING:
     from snapshotter.core.snapshotter import Snapshotter
     from snapshotter.metrics import DaemonMetrics
+    from snapshotter.remote.session_credentials import SessionCredentials
+    from snapshotter.service.cri_proxy import CriProxy
     from snapshotter.service.pull_server import PullServer
 
 log = logging.getLogger("lazysnap.daemon")
@@ -139,8 +141,11 @@ def _remove_stale_socket(address: str) -> None:
     os.unlink(address)  # we hold the root lock, so no live daemon of ours owns it
 
 
-def load_remote_layers(config: Config) -> RemoteLayers | None:
-    """The lazy-layer implementation, or None (plain overlay snapshots only).
+def load_remote_layers(
+    config: Config, session: SessionCredentials | None = None
+) -> RemoteLayers | None:
+    """The lazy-layer implementation, or None (plain overlay snapshots only). session: the
+    CRI proxy's in-memory pull credentials, consulted before the node's docker config.
 
     snapshotter.source.factory assembles registry client, index discovery and the FUSE layer
     manager; it is imported only here so that a daemon with remote layers disabled never loads
@@ -155,7 +160,7 @@ def load_remote_layers(config: Config) -> RemoteLayers | None:
         log.warning("remote layers unavailable (%s): serving ordinary snapshots", err)
         return None
     try:
-        return lazy_layers_from_config(config)
+        return lazy_layers_from_config(config, session)
     except Exception as err:  # a bad hosts dir or docker config must not stop the daemon
         log.warning("remote layers unavailable (%s): serving ordinary snapshots", err)
         return None
@@ -245,9 +250,10 @@ class Daemon:
             except OSError as err:
                 raise DaemonError(f"cannot create socket directory: {err}") from None
             _remove_stale_socket(address)
-            remote = load_remote_layers(config)
+            session = _session_credentials(config)
+            remote = load_remote_layers(config, session)
             try:
-                self._serve(root, address, remote, metrics)
+                self._serve(root, address, remote, metrics, session)
             finally:
                 close_remote_layers(remote)
         finally:
@@ -260,6 +266,7 @@ class Daemon:
         address: str,
         remote: RemoteLayers | None,
         metrics: DaemonMetrics | None,
+        session: SessionCredentials | None,
     ) -> None:
         """Open the core over root and serve it on address until told to stop."""
         # Heavy imports only now: `lazysnap --help` and config errors stay instant.
@@ -292,6 +299,11 @@ class Daemon:
                 raise DaemonError(f"cannot listen on {address}")
             server.start()
             os.chmod(address, 0o660)
+            try:
+                cri = _start_cri_proxy(self.config, session)
+            except DaemonError:
+                server.stop(0).wait()
+                raise
             log.info("serving snapshots of %s on %s", root, address)
             pulls = _start_pull_server(address, core, self.config)
             sd_notify("READY=1")
@@ -300,6 +312,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             if pulls is not None:
                 pulls.stop()
+            if cri is not None:
+                cri.stop(GRACE_SECONDS)
             server.stop(GRACE_SECONDS).wait()
             log.info("stopped")
         finally:
@@ -331,6 +345,34 @@ def _start_pull_server(address: str, core: Snapshotter, config: Config) -> PullS
         )
         return None
     return pulls
+
+
+def _session_credentials(config: Config) -> SessionCredentials | None:
+    """The in-memory store of the CRI proxy's pull credentials, when the proxy is on."""
+    if not config.cri.image_service_socket:
+        return None
+    from snapshotter.remote.session_credentials import SessionCredentials
+
+    return SessionCredentials(config.cri.credential_ttl_seconds)
+
+
+def _start_cri_proxy(config: Config, session: SessionCredentials | None) -> CriProxy | None:
+    """The CRI image-service proxy ([cri] image_service_socket), or None when off. A socket it
+    cannot listen on stops the daemon: kubelet pointed at it would fail every pull."""
+    if session is None:
+        return None
+    from snapshotter.service.cri_proxy import CriProxy
+
+    proxy = CriProxy(
+        os.path.abspath(config.cri.image_service_socket),
+        config.cri.containerd_cri_socket,
+        session,
+    )
+    try:
+        proxy.start()
+    except OSError as err:
+        raise DaemonError(f"cri.image_service_socket: {err}") from None
+    return proxy
 
 
 def serve(config: Config) -> int:

@@ -80,6 +80,7 @@ MAX_VERIFIED_ARTIFACTS = 16
 # The image config (for the layers' diffIDs, which the completion check hashes against).
 MAX_CONFIG_BYTES = 4 << 20
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+AUTH_REFUSED = "registry refused the credentials we have"
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,10 @@ class IndexDiscovery:
         except RemoteLayerUnavailable:
             raise
         except (RegistryError, IndexFormatError, ValueError, OSError) as exc:
-            raise RemoteLayerUnavailable(
-                f"layer {request.layer_digest}: {exc}", _reason_of(exc)
-            ) from exc
+            reason = _reason_of(exc)
+            # The class in words: `lazysnap pull`, status and the log say it, not only "auth".
+            why = f"{AUTH_REFUSED}: {exc}" if reason is FallbackReason.AUTH else str(exc)
+            raise RemoteLayerUnavailable(f"layer {request.layer_digest}: {why}", reason) from exc
 
     def resolve(self, request: LayerRequest) -> LayerSpec:
         if request.layer_size is not None:  # known from the labels: no registry request

@@ -12,6 +12,7 @@ from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig, RegistryHost
+from snapshotter.remote.session_credentials import SessionCredentials
 from snapshotter.source.discover import BlobSettings, IndexDiscovery
 from snapshotter.trust.keys import load_public_keys
 from snapshotter.trust.policy import TrustMode, TrustPolicy
@@ -23,14 +24,21 @@ log = logging.getLogger("lazysnap.source")
 _DEFAULT_TLS_HOST = RegistryHost(url="https://registry.invalid")
 
 
-def lazy_layers_from_config(config: Config) -> LazyLayers:
+def lazy_layers_from_config(
+    config: Config, session: SessionCredentials | None = None
+) -> LazyLayers:
+    """session: pull credentials the CRI proxy keeps in memory per repository; discovery and
+    the mount processes (handed them through a pipe) try them before the docker config."""
     remote = config.remote
     # Resolve the default credentials path once, here: mount processes get it explicitly, so
     # layer reads use the same credentials as discovery (an empty path would mean anonymous).
     docker_config = remote.docker_config or CredentialStore.default_config_path()
+    credentials = CredentialStore.from_docker_config(docker_config)
+    if session is not None:
+        credentials.consult_first(session)
     client = RegistryClient(
         HostsConfig(remote.hosts_dir or None, plain_http=remote.plain_http),
-        CredentialStore.from_docker_config(docker_config),
+        credentials,
         timeout=remote.fetch_timeout_seconds,
     )
     trust = trust_policy_from_config(config)
@@ -44,7 +52,9 @@ def lazy_layers_from_config(config: Config) -> LazyLayers:
         refusals=RefusalLedger(config.root),
     )
     threading.Thread(target=_warm_up, args=(client,), name="registry-warm-up", daemon=True).start()
-    return from_config(config, resolve=discovery)
+    layers = from_config(config, resolve=discovery)
+    layers.session_credentials = session
+    return layers
 
 
 def trust_policy_from_config(config: Config) -> TrustPolicy:
