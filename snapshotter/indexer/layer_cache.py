@@ -1,51 +1,75 @@
-"""Layer-level reuse of indexes, per namespace (or one --cache-repo).
+"""Layer-level reuse of indexes across a registry: every configured cache repository.
 
 An index depends only on the layer's bytes, and base layers are shared by many images, so every
-built index is also stored once per layer in a cache repository:
+built index is also stored per layer in cache repositories (cache_repositories), looked up in
+this order, first usable hit wins:
 
-* repository: `--cache-repo`, else `<first path component of the image repo>/lazysnap-index-
-  cache` (`team/app` -> `team/lazysnap-index-cache`), or `lazysnap-index-cache` for a
-  single-component repository. Registries grant write permission per namespace (Harbor
-  projects, peryx routes, Docker Hub users), so the default stays where the user can push.
-* tag: `layer-sha256-<hex of the layer digest>` on an OCI manifest (artifactType ARTIFACT_TYPE,
-  empty config) whose layers are the index blob and, for a version-2 index, its windows blob,
-  annotated with the layer digest.
+1. `<first path component of the image repo>/lazysnap-index-cache` (`team/app` ->
+   `team/lazysnap-index-cache`; `lazysnap-index-cache` for a single-component repository):
+   registries grant write permission per namespace (Harbor projects, Docker Hub users), so
+   the image's own namespace is where the builder can most likely push;
+2. each `--cache-repo`, in the order given;
+3. unless switched off (`--no-shared-cache`), the registry-wide `lazysnap-index-cache`: what
+   lets `other/app` reuse the base layers `team/app` indexed.
 
-Before indexing a layer the builder GETs that tag. On a hit it never reads the layer: it
-cross-repo mounts the index blob and its windows blob into the image repository (or, when the
-registry refuses the mount, copies them with GET + PUT). A cache manifest for another layer
-(mistagged, hostile) or one that cannot be read is ignored with a warning and the layer is
-indexed from its bytes.
-The first index stored for a layer wins: a later build with another --span-size reuses it.
+A new index is stored in each of them the builder may push to: a 401/403 (or any registry
+error) on one is logged and the next one tried; the image's own artifact never depends on it.
 
-A build that signs (`--sign-key`) signs each cache entry it stores, and reuses only entries that
-carry a valid signature by its own key: anyone who can push to the cache repository could
-otherwise put a forged index there for the builder to adopt and sign. An entry without that
-signature is ignored (logged) and the layer indexed from its bytes; the entry is then re-stored
-and signed, so the next build reuses it.
+In each repository the entry is the tag `layer-sha256-<hex of the layer digest>`; its root is a
+variant manifest or an OCI index of variants (cache_entry: span size, index format version).
+A build uses only a variant of its own span size and of a format version it reads; storing a
+variant keeps the entry's shape unless a second variant turns a manifest into an index.
+
+On a hit the builder never reads the layer: it cross-repo mounts the index blob and its windows
+blob into the image repository (or, when the registry refuses the mount, copies them with GET +
+PUT). A variant for another layer (mistagged, hostile), one that cannot be read, or one whose
+blobs are gone is ignored with a warning and the layer is indexed from its bytes. The same
+checks run on a variant whether it is the entry's root or one listed by an index.
+
+A build that signs (`--sign-key`) signs each variant manifest it stores, and reuses only
+variants that carry a valid signature by its own key (the signature is on the variant
+manifest, in the cache repository; an index root is not signed, it only points at variants):
+anyone who can push to a cache repository could otherwise put a forged index there for the
+builder to adopt and sign. A variant without that signature is ignored (logged) and the layer
+indexed from its bytes; the variant is then stored again, signed, so the next build reuses it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import urljoin
 
-from snapshotter.index.codec import MAX_WINDOWS_BLOB
-from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
+from snapshotter.index.codec import MAX_WINDOWS_BLOB, decode_index
+from snapshotter.index.errors import IndexFormatError
+from snapshotter.index.model import LAYER_DIGEST_ANNOTATION, MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer import signing
-from snapshotter.indexer.artifact import (
-    EMPTY_CONFIG,
-    ArtifactError,
-    IndexedLayer,
-    cache_manifest,
-    cached_index_for,
+from snapshotter.indexer.artifact import EMPTY_CONFIG, ArtifactError, IndexedLayer, cached_index_for
+from snapshotter.indexer.cache_entry import (
+    CacheEntry,
+    CacheEntryError,
+    Shape,
+    Variant,
+    VariantKey,
+    parse_entry,
+    updated_root,
+    variant_descriptor,
+    variant_manifest,
 )
 from snapshotter.remote.auth import repository_scope
 from snapshotter.remote.client import PUSH, RegistryClient
-from snapshotter.remote.errors import ManifestNotFound, RegistryError
-from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST, Descriptor, sha256_digest
+from snapshotter.remote.errors import (
+    AuthenticationError,
+    ManifestNotFound,
+    NotFoundError,
+    RegistryError,
+    UnexpectedResponse,
+)
+from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST, Descriptor, Manifest
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.trust.keys import SigningKey
 
@@ -53,6 +77,7 @@ log = logging.getLogger(__name__)
 
 CACHE_REPO_NAME = "lazysnap-index-cache"
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
+_ROOT_WRITE_ATTEMPTS = 3  # a registry honouring If-Match refused a racing update: read again
 
 
 class CacheNameError(ValueError):
@@ -64,6 +89,17 @@ def default_cache_repo(image_repo: str) -> str:
     return f"{head}/{CACHE_REPO_NAME}" if sep else CACHE_REPO_NAME
 
 
+def cache_repositories(
+    image: Repository, extra: Sequence[str] = (), *, shared: bool = True
+) -> tuple[Repository, ...]:
+    """The cache repositories for an image, in lookup order, each once: its own namespace's,
+    then extra (--cache-repo), then the registry-wide one unless not shared."""
+    names = [default_cache_repo(image.name), *extra]
+    if shared:
+        names.append(CACHE_REPO_NAME)
+    return tuple(Repository(image.registry, name) for name in dict.fromkeys(names))
+
+
 def cache_tag(layer_digest: str) -> str:
     match = _SHA256.fullmatch(layer_digest)
     if match is None:
@@ -71,61 +107,167 @@ def cache_tag(layer_digest: str) -> str:
     return f"layer-sha256-{match.group(1)}"
 
 
+@dataclass(frozen=True)
+class CacheHit:
+    """A usable variant: where it is, what it holds."""
+
+    repository: Repository
+    indexed: IndexedLayer
+    key: VariantKey
+    manifest_digest: str  # the variant manifest (what a signature covers)
+    shape: Shape  # of the entry it was found in
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """Why a variant is not used; warn: it is broken or untrusted (not just another span size)."""
+
+    reason: str
+    warn: bool = True
+
+
 def lookup(
+    client: RegistryClient,
+    caches: Sequence[Repository],
+    layer_digest: str,
+    span_size: int,
+    sign_key: SigningKey | None = None,
+) -> CacheHit | None:
+    """The first usable cached index of layer_digest for span_size in caches (in order), or
+    None (absent or unusable everywhere: said why in the log). With sign_key: only a variant
+    that key signed."""
+    for cache in caches:
+        hit = _lookup_in(client, cache, layer_digest, span_size, sign_key)
+        if hit is not None:
+            log.info(
+                "layer %s: reusing its index from cache %s (%s, %s entry)",
+                layer_digest,
+                cache,
+                hit.key,
+                hit.shape,
+            )
+            return hit
+    return None
+
+
+def _lookup_in(
     client: RegistryClient,
     cache: Repository,
     layer_digest: str,
-    sign_key: SigningKey | None = None,
-) -> IndexedLayer | None:
-    """The cached index of layer_digest, or None (absent, unusable: warned). With sign_key:
-    only an entry that key signed."""
-    tag = cache_tag(layer_digest)
-    ref = Reference(cache.registry, cache.name, tag=tag, tag_given=True)
+    span_size: int,
+    sign_key: SigningKey | None,
+) -> CacheHit | None:
+    ref = Reference(cache.registry, cache.name, tag=cache_tag(layer_digest), tag_given=True)
     try:
-        manifest = client.get_manifest(ref)
-    except ManifestNotFound:
+        entry = _read_entry(client, ref)
+    except CacheEntryError as exc:
+        log.warning("ignoring layer index cache entry %s: %s", ref, exc)
+        return None
+    except AuthenticationError as exc:
+        log.info("layer index cache %s not readable with these credentials: %s", cache, exc)
         return None
     except RegistryError as exc:
-        log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
+        log.warning("layer index cache %s unreadable, trying the next: %s", ref, exc)
         return None
+    if entry is None:
+        return None
+    candidates = entry.candidates(span_size)
+    if not candidates:
+        log.info(
+            "layer index cache entry %s has no variant for span size %d (it has: %s)",
+            ref,
+            span_size,
+            "; ".join(entry.keys()),
+        )
+    for variant in candidates:
+        try:
+            manifest = _variant_manifest(client, cache, entry, variant)
+            found = _examine(client, cache, manifest, layer_digest)
+            if not isinstance(found, _Rejected):
+                found = _usable(client, cache, manifest.digest, *found, span_size, sign_key)
+        except RegistryError as exc:
+            found = _Rejected(f"unreadable: {exc}")
+        if isinstance(found, _Rejected):
+            where = (
+                f"{ref}"
+                if entry.shape == "manifest"
+                else f"{ref} variant {variant.descriptor.digest}"
+            )
+            (log.warning if found.warn else log.info)(
+                "not using layer index cache entry %s: %s", where, found.reason
+            )
+            continue
+        indexed, key = found
+        return CacheHit(cache, indexed, key, manifest.digest, entry.shape)
+    return None
+
+
+def _read_entry(client: RegistryClient, ref: Reference) -> CacheEntry | None:
+    """The entry under ref's tag, None when there is none. CacheEntryError: neither shape."""
+    try:
+        root = client.get_manifest(ref)
+    except ManifestNotFound:
+        return None
+    return parse_entry(root)
+
+
+def _variant_manifest(
+    client: RegistryClient, cache: Repository, entry: CacheEntry, variant: Variant
+) -> Manifest:
+    if entry.shape == "manifest":
+        return entry.root
+    ref = Reference(cache.registry, cache.name, digest=variant.descriptor.digest)
+    return client.get_manifest(ref)
+
+
+def _examine(
+    client: RegistryClient, cache: Repository, manifest: Manifest, layer_digest: str
+) -> tuple[IndexedLayer, VariantKey] | _Rejected:
+    """What a variant manifest holds for layer_digest and its key, by the checks every
+    variant gets, root or listed: it must index this layer (not a mistagged or hostile one),
+    and say its span size and format version, or (written before they were stated) have an
+    index blob that says them and describes this layer."""
     try:
         indexed = cached_index_for(manifest, layer_digest)
     except ArtifactError as exc:
-        log.warning("ignoring layer index cache entry %s: %s", ref, exc)
-        return None
-    if sign_key is not None:
-        try:
-            signed = signing.signed_by(client, cache, manifest.digest, sign_key)
-        except RegistryError as exc:
-            log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
-            return None
-        if not signed:
-            log.warning(
-                "ignoring layer index cache entry %s: not signed by key %s (indexing the layer "
-                "itself, then storing and signing its index)",
-                ref,
-                sign_key.public.key_id,
-            )
-            return None
-    # An entry whose blobs are gone (a registry cleaned by hand, a broken mirror) would fail the
-    # whole build when adopted: index the layer itself instead.
+        return _Rejected(str(exc))
+    key = VariantKey.from_annotations(manifest.annotations)
+    if key is not None:
+        return indexed, key
+    try:
+        data = client.get_blob(cache, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
+    except NotFoundError:
+        return _Rejected(f"its index blob {indexed.index_digest} is missing")
+    try:
+        index = decode_index(data, expected_layer_digest=layer_digest)
+    except IndexFormatError as exc:
+        return _Rejected(f"its index blob {indexed.index_digest}: {exc}")
+    return indexed, VariantKey(index.span_size, index.version)
+
+
+def _usable(
+    client: RegistryClient,
+    cache: Repository,
+    manifest_digest: str,
+    indexed: IndexedLayer,
+    key: VariantKey,
+    span_size: int,
+    sign_key: SigningKey | None,
+) -> tuple[IndexedLayer, VariantKey] | _Rejected:
+    problem = key.problem(span_size)
+    if problem is not None:
+        return _Rejected(problem, warn=False)
+    if sign_key is not None and not signing.signed_by(client, cache, manifest_digest, sign_key):
+        return _Rejected(
+            f"not signed by key {sign_key.public.key_id} (indexing the layer itself, then "
+            "storing and signing its index)"
+        )
+    # A variant whose blobs are gone (a registry cleaned by hand, a broken mirror) would fail
+    # the whole build when adopted: index the layer itself instead.
     for kind, digest in (("index", indexed.index_digest), ("windows", indexed.windows_digest)):
-        if not digest:
-            continue
-        try:
-            present = client.blob_exists(cache, digest)
-        except RegistryError as exc:
-            log.warning("layer index cache %s unreadable, indexing the layer itself: %s", ref, exc)
-            return None
-        if not present:
-            log.warning(
-                "ignoring layer index cache entry %s: its %s blob %s is missing",
-                ref,
-                kind,
-                digest,
-            )
-            return None
-    return indexed
+        if digest and not client.blob_exists(cache, digest):
+            return _Rejected(f"its {kind} blob {digest} is missing")
+    return indexed, key
 
 
 def adopt(
@@ -191,20 +333,135 @@ def _mount(client: RegistryClient, source: Repository, target: Repository, diges
 
 def publish(
     client: RegistryClient,
-    cache: Repository,
+    caches: Sequence[Repository],
     indexed: IndexedLayer,
+    key: VariantKey,
     index_blob: bytes,
     windows_blob: bytes = b"",
     sign_key: SigningKey | None = None,
-) -> None:
-    """Store a freshly built index (and its windows blob) in the cache repository under the
-    layer's tag; with sign_key, signed by it."""
+) -> list[Repository]:
+    """Store a freshly built index (and its windows blob) as the `key` variant of the layer's
+    entry in every cache repository that lets us push; with sign_key, signed by it. Returns
+    where it was stored; each refusal is logged, none raises."""
+    stored: list[Repository] = []
+    for cache in caches:
+        try:
+            shape = _publish_in(
+                client, cache, indexed, key, index_blob, windows_blob, sign_key, stored[:1]
+            )
+        except AuthenticationError as exc:
+            log.info(
+                "layer %s: not storing its index in cache %s (no push permission there): %s",
+                indexed.layer_digest,
+                cache,
+                exc,
+            )
+            continue
+        except RegistryError as exc:
+            log.warning(
+                "layer %s: could not store its index in cache %s: %s",
+                indexed.layer_digest,
+                cache,
+                exc,
+            )
+            continue
+        log.info(
+            "layer %s: stored its index (%s) in cache %s (%s entry)",
+            indexed.layer_digest,
+            key,
+            cache,
+            shape,
+        )
+        stored.append(cache)
+    if not stored:
+        # The image still gets its index; only other images lose the reuse.
+        log.warning(
+            "layer %s: its index is in no cache repository (tried %s): other images will index "
+            "it again",
+            indexed.layer_digest,
+            ", ".join(map(str, caches)),
+        )
+    return stored
+
+
+def _publish_in(
+    client: RegistryClient,
+    cache: Repository,
+    indexed: IndexedLayer,
+    key: VariantKey,
+    index_blob: bytes,
+    windows_blob: bytes,
+    sign_key: SigningKey | None,
+    mount_from: list[Repository],
+) -> Shape:
+    source = mount_from[0] if mount_from else None
     client.push_blob(cache, EMPTY_JSON, EMPTY_CONFIG.digest)
     if indexed.windows_digest:
-        client.push_blob(cache, windows_blob, indexed.windows_digest)
-    client.push_blob(cache, index_blob, indexed.index_digest)
-    manifest = cache_manifest(indexed)
-    client.push_manifest(cache, cache_tag(indexed.layer_digest), manifest, OCI_MANIFEST)
+        client.push_blob(cache, windows_blob, indexed.windows_digest, mount_from=source)
+    client.push_blob(cache, index_blob, indexed.index_digest, mount_from=source)
+    manifest = variant_manifest(indexed, key)
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    new = variant_descriptor(indexed.layer_digest, manifest, digest, key)
+    tag = cache_tag(indexed.layer_digest)
+    ref = Reference(cache.registry, cache.name, tag=tag, tag_given=True)
+    shape: Shape = "manifest"
+    for attempt in range(_ROOT_WRITE_ATTEMPTS):
+        try:
+            entry = _read_entry(client, ref)
+        except CacheEntryError as exc:
+            log.warning("replacing layer index cache entry %s: %s", ref, exc)
+            entry = None
+        others = _kept_variants(client, cache, entry, indexed.layer_digest) if entry else []
+        planned = updated_root(
+            entry.shape if entry else None, others, indexed.layer_digest, new, manifest, key
+        )
+        shape = planned.shape
+        if entry is not None and planned.data == entry.root.data:
+            break  # already stored (a deterministic rebuild): nothing to write
+        if planned.shape == "index":  # an index may only name manifests the repository has
+            client.push_manifest(cache, digest, manifest, OCI_MANIFEST)
+        try:
+            client.push_manifest(
+                cache,
+                tag,
+                planned.data,
+                planned.media_type,
+                if_match=entry.root.etag if entry is not None else None,
+            )
+        except UnexpectedResponse as exc:
+            if exc.status == 412 and attempt + 1 < _ROOT_WRITE_ATTEMPTS:
+                continue  # another builder updated the entry meanwhile: merge with theirs
+            raise
+        break
     if sign_key is not None:
-        described = Descriptor(OCI_MANIFEST, sha256_digest(manifest), len(manifest))
-        signing.sign_manifest(client, cache, described, sign_key)
+        signing.sign_manifest(
+            client, cache, Descriptor(OCI_MANIFEST, digest, len(manifest)), sign_key
+        )
+    return shape
+
+
+def _kept_variants(
+    client: RegistryClient, cache: Repository, entry: CacheEntry, layer_digest: str
+) -> list[Variant]:
+    """The variants of entry to keep beside a new one: this layer's, with their keys. An index
+    entry's hints are taken as they are (they only decide what stays listed); a variant that
+    states no key is read to learn it, and dropped if it cannot be (gone, broken, another
+    layer's)."""
+    kept: list[Variant] = []
+    for variant in entry.variants:
+        hinted = variant.descriptor.annotations.get(LAYER_DIGEST_ANNOTATION) == layer_digest
+        if entry.shape == "index" and variant.key is not None and hinted:
+            kept.append(variant)
+            continue
+        try:
+            manifest = _variant_manifest(client, cache, entry, variant)
+            found = _examine(client, cache, manifest, layer_digest)
+        except RegistryError as exc:
+            found = _Rejected(str(exc))
+        if isinstance(found, _Rejected):
+            log.info(
+                "dropping variant %s from cache entry: %s", variant.descriptor.digest, found.reason
+            )
+            continue
+        kept.append(Variant(variant.descriptor, found[1]))
+    return kept
