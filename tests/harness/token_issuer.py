@@ -48,6 +48,8 @@ class TokenIssuer:
     registry_lifetime: float = 300.0  # how long the registry will accept the token
     issued: list[IssuedToken] = field(default_factory=list)
     refused: int = 0
+    # Repositories anyone may pull but nobody may push to (a namespace the user cannot write).
+    read_only: set[str] = field(default_factory=set)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -147,9 +149,10 @@ class TokenIssuer:
         for scope in scopes:
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
-            access.append(
-                {"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]}
-            )
+            granted = [a for a in actions.split(",") if a]
+            if kind == "repository" and name in self.read_only:
+                granted = [a for a in granted if a == "pull"]
+            access.append({"type": kind, "name": name, "actions": granted})
         now = int(time.time())
         claims = {
             "iss": self.issuer,
