@@ -338,6 +338,7 @@ def _push(
     results: dict[str, LayerResult],
     sign_key: SigningKey | None,
 ) -> None:
+    published: list[layer_cache.Published] = []
     for result in results.values():
         if result.indexed is None:
             continue
@@ -346,7 +347,7 @@ def _push(
             and result.index_blob is not None
             and result.variant is not None
         ):
-            layer_cache.publish(  # logs what it could not store; never fails the image
+            stored = layer_cache.publish(  # never fails the image
                 client,
                 caches,
                 result.indexed,
@@ -355,12 +356,14 @@ def _push(
                 result.windows_blob,
                 sign_key,
             )
+            published.append(stored)
             if result.indexed.windows_digest:
                 client.push_blob(repo, result.windows_blob, result.indexed.windows_digest)
             client.push_blob(repo, result.index_blob, result.indexed.index_digest)
         elif result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
             layer_cache.adopt(client, result.cached_in, repo, result.indexed)
     client.push_blob(repo, EMPTY_JSON, EMPTY_CONFIG.digest)
+    layer_cache.report_refusals(published)
 
 
 def build_image_index(

@@ -37,11 +37,10 @@ indexed from its bytes; the variant is then stored again, signed, so the next bu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
 from snapshotter.index.codec import MAX_WINDOWS_BLOB, decode_index
@@ -69,7 +68,13 @@ from snapshotter.remote.errors import (
     RegistryError,
     UnexpectedResponse,
 )
-from snapshotter.remote.manifest import EMPTY_JSON, OCI_MANIFEST, Descriptor, Manifest
+from snapshotter.remote.manifest import (
+    EMPTY_JSON,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    sha256_digest,
+)
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.trust.keys import SigningKey
 
@@ -188,11 +193,9 @@ def _lookup_in(
         except RegistryError as exc:
             found = _Rejected(f"unreadable: {exc}")
         if isinstance(found, _Rejected):
-            where = (
-                f"{ref}"
-                if entry.shape == "manifest"
-                else f"{ref} variant {variant.descriptor.digest}"
-            )
+            where = str(ref)
+            if entry.shape == "index":
+                where += f" variant {variant.descriptor.digest}"
             (log.warning if found.warn else log.info)(
                 "not using layer index cache entry %s: %s", where, found.reason
             )
@@ -331,6 +334,14 @@ def _mount(client: RegistryClient, source: Repository, target: Repository, diges
     return False
 
 
+@dataclass
+class Published:
+    """Where publish stored an index, and which cache repositories refused it (and why)."""
+
+    stored: list[Repository] = field(default_factory=list)
+    refused: dict[Repository, str] = field(default_factory=dict)
+
+
 def publish(
     client: RegistryClient,
     caches: Sequence[Repository],
@@ -339,31 +350,28 @@ def publish(
     index_blob: bytes,
     windows_blob: bytes = b"",
     sign_key: SigningKey | None = None,
-) -> list[Repository]:
+) -> Published:
     """Store a freshly built index (and its windows blob) as the `key` variant of the layer's
-    entry in every cache repository that lets us push; with sign_key, signed by it. Returns
-    where it was stored; each refusal is logged, none raises."""
-    stored: list[Repository] = []
+    entry in every cache repository that lets us push; with sign_key, signed by it. Never
+    raises: a refusal (no push permission, any registry error) moves on to the next
+    repository, logged at info (the builder sums them up once per image: report_refusals)."""
+    done = Published()
     for cache in caches:
+        source = next(iter(done.stored), None)
         try:
             shape = _publish_in(
-                client, cache, indexed, key, index_blob, windows_blob, sign_key, stored[:1]
+                client, cache, indexed, key, index_blob, windows_blob, sign_key, source
             )
-        except AuthenticationError as exc:
-            log.info(
-                "layer %s: not storing its index in cache %s (no push permission there): %s",
-                indexed.layer_digest,
-                cache,
-                exc,
-            )
-            continue
         except RegistryError as exc:
-            log.warning(
-                "layer %s: could not store its index in cache %s: %s",
+            why = "no push permission there" if isinstance(exc, AuthenticationError) else "failed"
+            log.info(
+                "layer %s: not storing its index in cache %s (%s): %s",
                 indexed.layer_digest,
                 cache,
+                why,
                 exc,
             )
+            done.refused[cache] = f"{why}: {exc}"
             continue
         log.info(
             "layer %s: stored its index (%s) in cache %s (%s entry)",
@@ -372,16 +380,29 @@ def publish(
             cache,
             shape,
         )
-        stored.append(cache)
-    if not stored:
-        # The image still gets its index; only other images lose the reuse.
+        done.stored.append(cache)
+    return done
+
+
+def report_refusals(results: Sequence[Published]) -> None:
+    """One warning per cache repository that refused indexes of an image (not one per layer),
+    saying where they went instead: the image still gets its index, only reuse suffers."""
+    stored = {cache for result in results for cache in result.stored}
+    refused: dict[Repository, tuple[int, str]] = {}
+    for result in results:
+        for cache, why in result.refused.items():
+            count, _ = refused.get(cache, (0, why))
+            refused[cache] = (count + 1, why)
+    for cache, (count, why) in refused.items():
         log.warning(
-            "layer %s: its index is in no cache repository (tried %s): other images will index "
-            "it again",
-            indexed.layer_digest,
-            ", ".join(map(str, caches)),
+            "layer index cache %s did not take %d index%s (%s); stored in: %s",
+            cache,
+            count,
+            "" if count == 1 else "es",
+            why,
+            ", ".join(sorted(map(str, stored)))
+            or "no cache repository (other images will index these layers again)",
         )
-    return stored
 
 
 def _publish_in(
@@ -392,15 +413,16 @@ def _publish_in(
     index_blob: bytes,
     windows_blob: bytes,
     sign_key: SigningKey | None,
-    mount_from: list[Repository],
+    source: Repository | None,
 ) -> Shape:
-    source = mount_from[0] if mount_from else None
+    """Store the variant in cache (blobs mounted from source, a cache that has them, where
+    the registry allows); the shape of the entry now."""
     client.push_blob(cache, EMPTY_JSON, EMPTY_CONFIG.digest)
     if indexed.windows_digest:
         client.push_blob(cache, windows_blob, indexed.windows_digest, mount_from=source)
     client.push_blob(cache, index_blob, indexed.index_digest, mount_from=source)
     manifest = variant_manifest(indexed, key)
-    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    digest = sha256_digest(manifest)
     new = variant_descriptor(indexed.layer_digest, manifest, digest, key)
     tag = cache_tag(indexed.layer_digest)
     ref = Reference(cache.registry, cache.name, tag=tag, tag_given=True)
@@ -446,7 +468,8 @@ def _kept_variants(
     """The variants of entry to keep beside a new one: this layer's, with their keys. An index
     entry's hints are taken as they are (they only decide what stays listed); a variant that
     states no key is read to learn it, and dropped if it cannot be (gone, broken, another
-    layer's)."""
+    layer's). RegistryError when the registry fails meanwhile: better no update than one that
+    drops a variant for a passing error."""
     kept: list[Variant] = []
     for variant in entry.variants:
         hinted = variant.descriptor.annotations.get(LAYER_DIGEST_ANNOTATION) == layer_digest
@@ -456,8 +479,8 @@ def _kept_variants(
         try:
             manifest = _variant_manifest(client, cache, entry, variant)
             found = _examine(client, cache, manifest, layer_digest)
-        except RegistryError as exc:
-            found = _Rejected(str(exc))
+        except ManifestNotFound:
+            found = _Rejected("the index lists it, the repository does not have it")
         if isinstance(found, _Rejected):
             log.info(
                 "dropping variant %s from cache entry: %s", variant.descriptor.digest, found.reason

@@ -118,6 +118,10 @@ def test_a_cache_the_builder_may_not_push_to_is_skipped_for_the_next(
         caplog.text
     )
     assert f"in cache {registry.host}/{CACHE_REPO_NAME} (manifest entry)" in caplog.text
+    # Summed up once per image, as a warning (what `index build` and `accel serve` show).
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"layer index cache {registry.host}/{own_cache} did not take 2 ")
+    assert warning.endswith(f"stored in: {registry.host}/{CACHE_REPO_NAME}")
     shared = images[1].layers[0]
     with target.client() as client:
         tag = cache_tag(shared.digest)
