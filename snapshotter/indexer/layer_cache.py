@@ -187,9 +187,7 @@ def _lookup_in(
     for variant in candidates:
         try:
             manifest = _variant_manifest(client, cache, entry, variant)
-            found = _examine(client, cache, manifest, layer_digest)
-            if not isinstance(found, _Rejected):
-                found = _usable(client, cache, manifest.digest, *found, span_size, sign_key)
+            found = _usable(client, cache, manifest, layer_digest, span_size, sign_key)
         except RegistryError as exc:
             found = _Rejected(f"unreadable: {exc}")
         if isinstance(found, _Rejected):
@@ -223,54 +221,72 @@ def _variant_manifest(
     return client.get_manifest(ref)
 
 
-def _examine(
-    client: RegistryClient, cache: Repository, manifest: Manifest, layer_digest: str
+def _usable(
+    client: RegistryClient,
+    cache: Repository,
+    manifest: Manifest,
+    layer_digest: str,
+    span_size: int,
+    sign_key: SigningKey | None,
 ) -> tuple[IndexedLayer, VariantKey] | _Rejected:
-    """What a variant manifest holds for layer_digest and its key, by the checks every
-    variant gets, root or listed: it must index this layer (not a mistagged or hostile one),
-    and say its span size and format version, or (written before they were stated) have an
-    index blob that says them and describes this layer."""
+    """The index a variant manifest holds for layer_digest, if a build asking span_size (and
+    signing with sign_key) may use it. Every variant gets these checks, the entry's root or
+    one an index lists, cheapest first: it must index this layer (not a mistagged or hostile
+    entry), have a fitting key, carry sign_key's signature, and still have its blobs."""
     try:
         indexed = cached_index_for(manifest, layer_digest)
     except ArtifactError as exc:
         return _Rejected(str(exc))
     key = VariantKey.from_annotations(manifest.annotations)
-    if key is not None:
-        return indexed, key
-    try:
-        data = client.get_blob(cache, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
-    except NotFoundError:
-        return _Rejected(f"its index blob {indexed.index_digest} is missing")
-    try:
-        index = decode_index(data, expected_layer_digest=layer_digest)
-    except IndexFormatError as exc:
-        return _Rejected(f"its index blob {indexed.index_digest}: {exc}")
-    return indexed, VariantKey(index.span_size, index.version)
-
-
-def _usable(
-    client: RegistryClient,
-    cache: Repository,
-    manifest_digest: str,
-    indexed: IndexedLayer,
-    key: VariantKey,
-    span_size: int,
-    sign_key: SigningKey | None,
-) -> tuple[IndexedLayer, VariantKey] | _Rejected:
-    problem = key.problem(span_size)
-    if problem is not None:
+    if key is not None and (problem := key.problem(span_size)) is not None:
         return _Rejected(problem, warn=False)
-    if sign_key is not None and not signing.signed_by(client, cache, manifest_digest, sign_key):
+    if sign_key is not None and not signing.signed_by(client, cache, manifest.digest, sign_key):
         return _Rejected(
             f"not signed by key {sign_key.public.key_id} (indexing the layer itself, then "
             "storing and signing its index)"
         )
+    if key is None:
+        learned = _key_from_index_blob(client, cache, indexed)
+        if isinstance(learned, _Rejected):
+            return learned
+        if (problem := learned.problem(span_size)) is not None:
+            return _Rejected(problem, warn=False)
+        key = learned
     # A variant whose blobs are gone (a registry cleaned by hand, a broken mirror) would fail
     # the whole build when adopted: index the layer itself instead.
     for kind, digest in (("index", indexed.index_digest), ("windows", indexed.windows_digest)):
         if digest and not client.blob_exists(cache, digest):
             return _Rejected(f"its {kind} blob {digest} is missing")
     return indexed, key
+
+
+def _key_of(
+    client: RegistryClient, cache: Repository, manifest: Manifest, layer_digest: str
+) -> VariantKey | _Rejected:
+    """The key of a variant manifest of layer_digest: the one it states, or (written before
+    keys were stated) the one its index blob says."""
+    try:
+        indexed = cached_index_for(manifest, layer_digest)
+    except ArtifactError as exc:
+        return _Rejected(str(exc))
+    key = VariantKey.from_annotations(manifest.annotations)
+    return key if key is not None else _key_from_index_blob(client, cache, indexed)
+
+
+def _key_from_index_blob(
+    client: RegistryClient, cache: Repository, indexed: IndexedLayer
+) -> VariantKey | _Rejected:
+    """Span size and format version from the index blob itself, which must describe the
+    layer (decode_index checks every field and the layer digest it names)."""
+    try:
+        data = client.get_blob(cache, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
+    except NotFoundError:
+        return _Rejected(f"its index blob {indexed.index_digest} is missing")
+    try:
+        index = decode_index(data, expected_layer_digest=indexed.layer_digest)
+    except IndexFormatError as exc:
+        return _Rejected(f"its index blob {indexed.index_digest}: {exc}")
+    return VariantKey(index.span_size, index.version)
 
 
 def adopt(
@@ -478,13 +494,13 @@ def _kept_variants(
             continue
         try:
             manifest = _variant_manifest(client, cache, entry, variant)
-            found = _examine(client, cache, manifest, layer_digest)
+            key = _key_of(client, cache, manifest, layer_digest)
         except ManifestNotFound:
-            found = _Rejected("the index lists it, the repository does not have it")
-        if isinstance(found, _Rejected):
+            key = _Rejected("the index lists it, the repository does not have it")
+        if isinstance(key, _Rejected):
             log.info(
-                "dropping variant %s from cache entry: %s", variant.descriptor.digest, found.reason
+                "dropping variant %s from cache entry: %s", variant.descriptor.digest, key.reason
             )
             continue
-        kept.append(Variant(variant.descriptor, found[1]))
+        kept.append(Variant(variant.descriptor, key))
     return kept
