@@ -18,6 +18,7 @@ replaced where it was, a new key appended; at most MAX_VARIANTS, oldest dropped 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,7 @@ SPAN_SIZE_ANNOTATION = "dev.lazysnap.index.span-size"
 FORMAT_VERSION_ANNOTATION = "dev.lazysnap.index.format-version"
 # Variants kept in one index entry: bounds the entry and what a reader may try.
 MAX_VARIANTS = 8
+_NUMBER = re.compile(r"[0-9]{1,12}")  # ASCII digits only, bounded (annotations are anyone's)
 
 Shape = Literal["manifest", "index"]
 
@@ -66,7 +68,9 @@ class VariantKey:
             annotations.get(SPAN_SIZE_ANNOTATION),
             annotations.get(FORMAT_VERSION_ANNOTATION),
         )
-        if span is None or version is None or not span.isdigit() or not version.isdigit():
+        if span is None or version is None:
+            return None
+        if not (_NUMBER.fullmatch(span) and _NUMBER.fullmatch(version)):
             return None
         return cls(int(span), int(version))
 

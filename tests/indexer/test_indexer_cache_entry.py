@@ -12,6 +12,7 @@ from snapshotter.index.model import ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION
 from snapshotter.indexer.artifact import IndexedLayer, cache_manifest, cached_index_for
 from snapshotter.indexer.cache_entry import (
     MAX_VARIANTS,
+    SPAN_SIZE_ANNOTATION,
     CacheEntryError,
     Variant,
     VariantKey,
@@ -75,6 +76,10 @@ def test_an_index_entry_offers_only_variants_that_fit_the_build_best_format_firs
     assert [v.descriptor for v in entry.candidates(1 << 20)] == [big, unstated]
     assert [v.descriptor for v in entry.candidates(4 << 20)] == [unstated]
     assert SMALL.problem(1 << 20) == "span size 65536, the build asks 1048576"
+    for bad in ("²", "9" * 5000, "-1", ""):
+        assert (
+            VariantKey.from_annotations({**SMALL.annotations(), SPAN_SIZE_ANNOTATION: bad}) is None
+        )
     assert VariantKey(65536, 9).problem(65536) is not None
 
 
