@@ -1,7 +1,7 @@
-"""Layer cache entries of both shapes against a real docker-registry 2.8: an entry that is one
-manifest (as older versions wrote it) or an OCI index of variants (span size, format version)
-is reused by a build of the same span size and never by another; storing keeps the entry's
-shape, a manifest turning into an index only when a second variant comes.
+"""Layer cache entries of both shapes against a real docker-registry 2.8 (and peryx): an
+entry that is one manifest (as older versions wrote it) or an OCI index of variants (span size,
+format version) is reused by a build of the same span size and never by another; storing keeps
+the entry's shape, a manifest turning into an index only when a second variant comes.
 
 These builds stay in the image's own namespace cache (--no-shared-cache): the registry-wide
 one is shared by every test of the session. Every build signs with the session key (see
@@ -26,11 +26,13 @@ from snapshotter.indexer.cache_entry import (
     variant_descriptor,
 )
 from snapshotter.indexer.layer_cache import cache_tag
+from snapshotter.remote.auth import Credentials
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Manifest, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.signatures import find_signatures
 from tests.harness.images import BuiltImage
+from tests.harness.peryx import Peryx
 from tests.harness.registry import Registry
 from tests.harness.trust import sign_pushed
 
@@ -217,6 +219,22 @@ def test_an_unsigned_variant_in_an_index_is_not_adopted_and_the_index_keeps_its_
         assert entry.media_type == OCI_INDEX  # one variant, still an index
         assert [d.digest for d in entry.manifests] == [stored.digest]
         assert find_signatures(client, images.cache, stored.digest)
+
+
+def test_an_entry_grows_into_an_index_on_a_registry_with_the_referrers_api(
+    lazysnap_index: Index, peryx: Peryx, docker_config: Callable[[Target], None], workdir: Path
+) -> None:
+    native = Target(peryx.host, peryx.route, Credentials("lazysnap", peryx.token))
+    docker_config(native)
+    images = Images(lazysnap_index, native, workdir)
+    images.build(SPAN)
+    assert "2 layers indexed, 0 reused" in images.build(OTHER_SPAN)[0].out
+    with native.client() as client:
+        entry = images.entry(client)
+        assert entry.media_type == OCI_INDEX
+        assert _keys(entry) == [(str(SPAN), "2"), (str(OTHER_SPAN), "2")]
+    for span in (SPAN, OTHER_SPAN):
+        assert "1 layer indexed, 1 reused" in images.build(span)[0].out
 
 
 def _key_of(manifest: Manifest) -> VariantKey:
