@@ -146,6 +146,7 @@ class BuildReport:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     skipped_platforms: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cache_stored: dict[str, int] = field(default_factory=dict)  # cache repository -> indexes
 
     def count(self, outcome: LayerOutcome) -> int:
         return sum(1 for r in self.layers.values() if r.outcome == outcome)
@@ -153,6 +154,16 @@ class BuildReport:
     @property
     def bytes_read(self) -> int:
         return sum(r.bytes_read for r in self.layers.values())
+
+    def cache_summary(self) -> str | None:
+        """Which cache repositories reused indexes came from and new ones went to, or None."""
+        reused: dict[str, int] = {}
+        for result in self.layers.values():
+            if result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
+                reused[str(result.cached_in)] = reused.get(str(result.cached_in), 0) + 1
+        parts = [f"{n} reused from {cache}" for cache, n in reused.items()]
+        parts += [f"{n} stored in {cache}" for cache, n in self.cache_stored.items()]
+        return f"index cache: {', '.join(parts)}" if parts else None
 
     def summary(self) -> str:
         built = self.count(LayerOutcome.BUILT)
@@ -337,7 +348,8 @@ def _push(
     caches: Sequence[Repository],
     results: dict[str, LayerResult],
     sign_key: SigningKey | None,
-) -> None:
+) -> dict[str, int]:
+    """Push new and reused indexes; how many new ones each cache repository took."""
     published: list[layer_cache.Published] = []
     for result in results.values():
         if result.indexed is None:
@@ -347,16 +359,17 @@ def _push(
             and result.index_blob is not None
             and result.variant is not None
         ):
-            stored = layer_cache.publish(  # never fails the image
-                client,
-                caches,
-                result.indexed,
-                result.variant,
-                result.index_blob,
-                result.windows_blob,
-                sign_key,
+            published.append(
+                layer_cache.publish(  # never fails the image
+                    client,
+                    caches,
+                    result.indexed,
+                    result.variant,
+                    result.index_blob,
+                    result.windows_blob,
+                    sign_key,
+                )
             )
-            published.append(stored)
             if result.indexed.windows_digest:
                 client.push_blob(repo, result.windows_blob, result.indexed.windows_digest)
             client.push_blob(repo, result.index_blob, result.indexed.index_digest)
@@ -364,6 +377,11 @@ def _push(
             layer_cache.adopt(client, result.cached_in, repo, result.indexed)
     client.push_blob(repo, EMPTY_JSON, EMPTY_CONFIG.digest)
     layer_cache.report_refusals(published)
+    taken: dict[str, int] = {}
+    for done in published:
+        for cache in done.stored:
+            taken[str(cache)] = taken.get(str(cache), 0) + 1
+    return taken
 
 
 def build_image_index(
@@ -414,7 +432,7 @@ def build_image_index(
     built = _index_layers(client, repo, caches, list(pending.values()), options) if todo else {}
     report.layers.update(built)
     if todo:
-        _push(client, repo, caches, built, options.sign_key)
+        report.cache_stored = _push(client, repo, caches, built, options.sign_key)
     for target in todo:
         layers = [
             built[layer.digest].indexed

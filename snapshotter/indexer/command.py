@@ -251,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
                         state += f", already signed by key {_key_id(sign_key)}"
                     print(f"{target.target.platform} {target.target.subject.digest}: {state}")
                 print(report.summary())
+                if cache := report.cache_summary():
+                    print(cache)
                 if profile_argv:
                     return _record_profiles(client, ref, report, args, profile_argv, sign_key)
                 return 0

@@ -69,6 +69,11 @@ def test_another_namespace_reuses_a_shared_layer_from_the_registry_wide_cache(
     assert f"{images[1].layers[1].size} bytes read" in result.out  # only its own layer
     assert _read(registry, offset, shared.digest) == 0
     assert f"reusing its index from cache {registry.host}/{CACHE_REPO_NAME}" in caplog.text
+    own_cache = f"{registry.host}/{other}/{CACHE_REPO_NAME}"
+    assert (
+        f"index cache: 1 reused from {registry.host}/{CACHE_REPO_NAME}, 1 stored in {own_cache}, "
+        f"1 stored in {registry.host}/{CACHE_REPO_NAME}\n"
+    ) in result.out
 
     # Opting out of the registry-wide cache: the layer is read again.
     offset = registry.log_offset()
@@ -114,6 +119,7 @@ def test_a_cache_the_builder_may_not_push_to_is_skipped_for_the_next(
     result = lazysnap_index("build", refs[0], *FLAGS)
     assert result.code == 0, result.err
     assert "2 layers indexed" in result.out
+    assert f"index cache: 2 stored in {registry.host}/{CACHE_REPO_NAME}\n" in result.out
     assert f"not storing its index in cache {registry.host}/{own_cache} (no push permission" in (
         caplog.text
     )
