@@ -23,8 +23,9 @@ variant keeps the entry's shape unless a second variant turns a manifest into an
 On a hit the builder never reads the layer: it cross-repo mounts the index blob and its windows
 blob into the image repository (or, when the registry refuses the mount, copies them with GET +
 PUT). A variant for another layer (mistagged, hostile), one that cannot be read, or one whose
-blobs are gone is ignored with a warning and the layer is indexed from its bytes. The same
-checks run on a variant whether it is the entry's root or one listed by an index.
+blobs are gone is ignored with a warning; the next variant, then the next cache repository is
+tried, and when none is usable the layer is indexed from its bytes. The same checks run on a
+variant whether it is the entry's root or one listed by an index.
 
 A build that signs (`--sign-key`) signs each variant manifest it stores, and reuses only
 variants that carry a valid signature by its own key (the signature is on the variant
