@@ -50,6 +50,8 @@ class TokenIssuer:
     refresh_tokens: dict[str, str] = field(default_factory=dict)
     issued: list[IssuedToken] = field(default_factory=list)
     refused: int = 0
+    # Repositories anyone may pull but nobody may push to (a namespace the user cannot write).
+    read_only: set[str] = field(default_factory=set)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -184,9 +186,10 @@ class TokenIssuer:
         for scope in scopes:
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
-            access.append(
-                {"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]}
-            )
+            granted = [a for a in actions.split(",") if a]
+            if kind == "repository" and name in self.read_only:
+                granted = [a for a in granted if a == "pull"]
+            access.append({"type": kind, "name": name, "actions": granted})
         now = int(time.time())
         claims = {
             "iss": self.issuer,

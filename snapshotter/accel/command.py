@@ -1,7 +1,8 @@
 """The `lazysnap accel` command line (wired into cli.py by `_add_accel`):
 
     accel serve --listen HOST:PORT [--plain-http] [--hosts-dir DIR] [--jobs N]
-                [--min-layer-size N] [--span-size N] [--token-file F] [--cache-repo REPO]
+                [--min-layer-size N] [--span-size N] [--token-file F] [--cache-repo REPO]...
+                [--no-shared-cache]
                 [--layer-jobs N] [--max-attempts N] [--retry-backoff SECONDS]
                 [--allow-registry HOST]... [--log-level LEVEL]
 
@@ -22,7 +23,7 @@ from snapshotter.cli_types import (
     add_span_size_argument,
     at_least_one,
 )
-from snapshotter.indexer.command import add_sign_key_argument
+from snapshotter.indexer.command import add_cache_arguments, add_sign_key_argument
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
@@ -43,22 +44,6 @@ def listen_address(text: str) -> tuple[str, int]:
     if not host:
         raise argparse.ArgumentTypeError(f"invalid --listen {text!r}: empty host")
     return host, int(port)
-
-
-def _cache_repo(text: str) -> str:
-    from snapshotter.remote.errors import InvalidReference
-    from snapshotter.remote.reference import Reference
-
-    try:  # the image reference parser is the one validator of repository names
-        valid = Reference.parse(f"registry.invalid/{text}:latest").name == text
-    except InvalidReference:
-        valid = False
-    if not valid:
-        raise argparse.ArgumentTypeError(
-            f"invalid --cache-repo {text!r}: a repository path without registry host, "
-            "lowercase components separated by '/'"
-        )
-    return text
 
 
 def _seconds(text: str) -> float:
@@ -113,13 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_min_layer_size_argument(serve)
     add_span_size_argument(serve)
-    serve.add_argument(
-        "--cache-repo",
-        type=_cache_repo,
-        metavar="REPO",
-        help="per-layer index cache repository, as for `lazysnap index build` "
-        "(its pushes are never indexed)",
-    )
+    add_cache_arguments(serve)  # as for `index build`; pushes to them are never indexed
     add_sign_key_argument(serve)
     serve.add_argument(
         "--token-file",
@@ -217,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
             span_size=args.span_size,
             min_layer_size=args.min_layer_size,
             layer_jobs=args.layer_jobs,
-            cache_repo=args.cache_repo,
+            cache_repos=tuple(args.cache_repo),
+            shared_cache=args.shared_cache,
             sign_key=sign_key,
         ),
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -85,11 +85,11 @@ class Delivery:
     skipped: tuple[Skipped, ...]
 
 
-def parse_delivery(body: bytes, cache_repo: str | None = None) -> Delivery:
+def parse_delivery(body: bytes, cache_repos: Sequence[str] = ()) -> Delivery:
     """Parse one webhook body. PayloadError only if the body as a whole is not one of the two
     formats: a malformed event inside is Skipped (malformed=True), because distribution
     re-sends a refused envelope forever and would block every later event behind it.
-    cache_repo: a --cache-repo the indexer was given, besides the default cache names."""
+    cache_repos: the --cache-repo list the indexer was given, besides the default cache names."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -97,17 +97,21 @@ def parse_delivery(body: bytes, cache_repo: str | None = None) -> Delivery:
     if not isinstance(doc, dict):
         raise PayloadError("body is not a JSON object")
     if "events" in doc:
-        return _distribution(doc["events"], cache_repo)
+        return _distribution(doc["events"], cache_repos)
     if "type" in doc:
-        return _harbor(doc, cache_repo)
+        return _harbor(doc, cache_repos)
     raise PayloadError(
         "body has neither 'events' (docker distribution) nor 'type' (Harbor webhook)"
     )
 
 
-def own_push(repository: str, tag: str | None, cache_repo: str | None = None) -> str | None:
+def own_push(repository: str, tag: str | None, cache_repos: Sequence[str] = ()) -> str | None:
     """Why a push is one of lazysnap's own (so must not be indexed), or None."""
-    if repository in (CACHE_REPO_NAME, cache_repo) or repository.endswith("/" + CACHE_REPO_NAME):
+    if (
+        repository == CACHE_REPO_NAME
+        or repository in cache_repos
+        or repository.endswith("/" + CACHE_REPO_NAME)
+    ):
         return "lazysnap layer index cache repository"
     if tag and _REFERRERS_TAG.fullmatch(tag):
         return f"referrers tag-schema index (tag {tag})"
@@ -137,17 +141,19 @@ def _collect(
     return Delivery(tuple(images), tuple(skipped))
 
 
-def _distribution(events: Any, cache_repo: str | None) -> Delivery:
+def _distribution(events: Any, cache_repos: Sequence[str]) -> Delivery:
     if not isinstance(events, list):
         raise PayloadError("'events' is not a list")
     if len(events) > MAX_EVENTS:
         raise PayloadError(f"{len(events)} events in one delivery (limit {MAX_EVENTS})")
     return _collect(
-        events, "events", lambda item, where: _distribution_event(item, where, cache_repo)
+        events, "events", lambda item, where: _distribution_event(item, where, cache_repos)
     )
 
 
-def _distribution_event(event: Any, where: str, cache_repo: str | None) -> PushedImage | Skipped:
+def _distribution_event(
+    event: Any, where: str, cache_repos: Sequence[str]
+) -> PushedImage | Skipped:
     if not isinstance(event, dict):
         raise PayloadError(f"{where} is not an object")
     action = event.get("action")
@@ -165,7 +171,7 @@ def _distribution_event(event: Any, where: str, cache_repo: str | None) -> Pushe
         # cannot be indexed either.
         return Skipped(what, f"mediaType {media_type!r} is not an image manifest or index")
     tag = _text(target, "tag", where + ".target", required=False) or None
-    own = own_push(repository, tag, cache_repo)
+    own = own_push(repository, tag, cache_repos)
     if own is not None:
         return Skipped(what, own, own=True)
     registry = _registry_of(target, event.get("request"), where)
@@ -192,7 +198,7 @@ def _registry_of(target: dict[str, Any], request: Any, where: str) -> str:
     raise PayloadError(f"{where}: neither target.url nor request.host names the registry")
 
 
-def _harbor(doc: dict[str, Any], cache_repo: str | None) -> Delivery:
+def _harbor(doc: dict[str, Any], cache_repos: Sequence[str]) -> Delivery:
     kind = doc.get("type")
     if kind not in HARBOR_PUSH_TYPES:
         return Delivery((), (Skipped(f"Harbor event {kind!r}", "not an artifact push"),))
@@ -207,11 +213,13 @@ def _harbor(doc: dict[str, Any], cache_repo: str | None) -> Delivery:
     return _collect(
         resources,
         "event_data.resources",
-        lambda item, where: _harbor_resource(item, where, cache_repo),
+        lambda item, where: _harbor_resource(item, where, cache_repos),
     )
 
 
-def _harbor_resource(resource: Any, where: str, cache_repo: str | None) -> PushedImage | Skipped:
+def _harbor_resource(
+    resource: Any, where: str, cache_repos: Sequence[str]
+) -> PushedImage | Skipped:
     if not isinstance(resource, dict):
         raise PayloadError(f"{where} is not an object")
     url = _text(resource, "resource_url", where)
@@ -221,7 +229,7 @@ def _harbor_resource(resource: Any, where: str, cache_repo: str | None) -> Pushe
         raise PayloadError(f"{where}.resource_url: {exc}") from None
     digest = _text(resource, "digest", where, required=False) or ref.digest
     tag = _text(resource, "tag", where, required=False) or (ref.tag if ref.tag_given else None)
-    own = own_push(ref.name, tag, cache_repo)
+    own = own_push(ref.name, tag, cache_repos)
     if own is not None:
         return Skipped(f"push {ref.registry}/{ref.name}", own, own=True)
     return PushedImage(

@@ -102,7 +102,7 @@ class AccelService:
 
     def accept(self, body: bytes) -> dict[str, Any]:
         """Queue the images of one delivery. PayloadError for an unreadable body."""
-        delivery = parse_delivery(body, self.config.worker_options.cache_repo)
+        delivery = parse_delivery(body, self.config.worker_options.cache_repos)
         queued: list[str] = []
         deduplicated = 0
         refused = 0

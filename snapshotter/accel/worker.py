@@ -59,7 +59,8 @@ class WorkerOptions:
     span_size: int = DEFAULT_SPAN_SIZE
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     layer_jobs: int = 1  # layers of one image indexed in parallel
-    cache_repo: str | None = None
+    cache_repos: tuple[str, ...] = ()  # BuildOptions.cache_repos
+    shared_cache: bool = True
     sign_key: SigningKey | None = None  # sign every artifact pushed (BuildOptions.sign_key)
 
 
@@ -165,7 +166,8 @@ def index_pushed_image(
         all_platforms=True,
         span_size=options.span_size,
         min_layer_size=options.min_layer_size,
-        cache_repo=options.cache_repo,
+        cache_repos=options.cache_repos,
+        shared_cache=options.shared_cache,
         jobs=options.layer_jobs,
         sign_key=options.sign_key,
     )

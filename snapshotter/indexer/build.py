@@ -3,14 +3,15 @@
 For each selected platform manifest:
 1. If a lazysnap artifact already refers to it and covers every layer >= --min-layer-size,
    nothing is done (idempotent rebuilds push nothing).
-2. Each layer >= --min-layer-size is reused from the registry-wide layer cache (layer_cache:
-   no byte of the layer is read) or streamed once from the registry into build_layer_index
-   (no copy on disk), in parallel up to --jobs. Smaller layers stay unindexed: pulled whole.
+2. Each layer >= --min-layer-size is reused from the first cache repository holding a usable
+   index of it for this span size (layer_cache: no byte of the layer is read) or streamed once
+   from the registry into build_layer_index (no copy on disk), in parallel up to --jobs.
+   Smaller layers stay unindexed: pulled whole.
 3. Only when every layer of every selected platform is indexed, the pushes start: new indexes
-   to the cache repository and the image repository, reused ones mounted into the image
-   repository, the empty config `{}`, then one artifact manifest per platform manifest via
-   push_referrer (which maintains the `sha256-<hex>` tag index on registries without the
-   referrers API).
+   to the cache repositories (each one that lets us push) and the image repository, reused
+   ones mounted into the image repository, the empty config `{}`, then one artifact manifest
+   per platform manifest via push_referrer (which maintains the `sha256-<hex>` tag index on
+   registries without the referrers API).
 
 A layer that cannot be indexed (its bytes do not match its digest, a hostile or corrupt tar,
 an unsupported media type, the registry fails) fails the whole build with an error naming the
@@ -31,9 +32,15 @@ from typing import BinaryIO, cast
 
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index_split
-from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from snapshotter.index.model import (
+    DEFAULT_MIN_LAYER_SIZE,
+    DEFAULT_SPAN_SIZE,
+    FORMAT_VERSION,
+    FORMAT_VERSION_EXTERNAL_WINDOWS,
+)
 from snapshotter.indexer import layer_cache, signing
 from snapshotter.indexer.artifact import EMPTY_CONFIG, artifact_manifest
+from snapshotter.indexer.cache_entry import VariantKey
 from snapshotter.indexer.platforms import select_platforms
 from snapshotter.indexer.progress import BuildProgress
 from snapshotter.remote.client import RegistryClient
@@ -85,7 +92,9 @@ class BuildOptions:
     all_platforms: bool = False
     span_size: int = DEFAULT_SPAN_SIZE
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
-    cache_repo: str | None = None  # default: layer_cache.default_cache_repo(image repo)
+    # Looked up after the image's own namespace's cache, before the registry-wide one.
+    cache_repos: tuple[str, ...] = ()
+    shared_cache: bool = True  # also the registry-wide cache (layer_cache.cache_repositories)
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Sign every artifact (and layer cache entry) pushed; reuse only what this key signed.
     sign_key: SigningKey | None = None
@@ -107,6 +116,8 @@ class LayerResult:
     index_blob: bytes | None = None  # BUILT only: pushed after every layer succeeded
     windows_blob: bytes = b""  # BUILT only: the version-2 index's windows (b"": none)
     bytes_read: int = 0
+    variant: VariantKey | None = None  # BUILT and REUSED: span size and format version
+    cached_in: Repository | None = None  # REUSED only: the cache repository it came from
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,7 @@ class BuildReport:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     skipped_platforms: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cache_stored: dict[str, int] = field(default_factory=dict)  # cache repository -> indexes
 
     def count(self, outcome: LayerOutcome) -> int:
         return sum(1 for r in self.layers.values() if r.outcome == outcome)
@@ -141,6 +153,16 @@ class BuildReport:
     @property
     def bytes_read(self) -> int:
         return sum(r.bytes_read for r in self.layers.values())
+
+    def cache_summary(self) -> str | None:
+        """Which cache repositories reused indexes came from and new ones went to, or None."""
+        reused: dict[str, int] = {}
+        for result in self.layers.values():
+            if result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
+                reused[str(result.cached_in)] = reused.get(str(result.cached_in), 0) + 1
+        parts = [f"{n} reused from {cache}" for cache, n in reused.items()]
+        parts += [f"{n} stored in {cache}" for cache, n in self.cache_stored.items()]
+        return f"index cache: {', '.join(parts)}" if parts else None
 
     def summary(self) -> str:
         built = self.count(LayerOutcome.BUILT)
@@ -233,15 +255,17 @@ def existing_artifact(
 def _index_one(
     client: RegistryClient,
     repo: Repository,
-    cache: Repository,
+    caches: Sequence[Repository],
     layer: Descriptor,
     options: BuildOptions,
     progress: BuildProgress,
 ) -> LayerResult:
-    cached = layer_cache.lookup(client, cache, layer.digest, options.sign_key)
-    if cached is not None:
+    hit = layer_cache.lookup(client, caches, layer.digest, options.span_size, options.sign_key)
+    if hit is not None:
         progress.skip(layer.size)
-        return LayerResult(layer, LayerOutcome.REUSED, cached)
+        return LayerResult(
+            layer, LayerOutcome.REUSED, hit.indexed, variant=hit.key, cached_in=hit.repository
+        )
     bar = progress.layer(layer.digest, layer.size)
     try:
         with client.stream_blob(repo, layer.digest, layer.size) as stream:
@@ -268,13 +292,23 @@ def _index_one(
         sha256_digest(windows) if windows else "",
         len(windows),
     )
-    return LayerResult(layer, LayerOutcome.BUILT, indexed, blob, windows, bar.bytes_read)
+    # encode_index_split: version 2 exactly when there is a windows blob.
+    version = FORMAT_VERSION_EXTERNAL_WINDOWS if windows else FORMAT_VERSION
+    return LayerResult(
+        layer,
+        LayerOutcome.BUILT,
+        indexed,
+        blob,
+        windows,
+        bar.bytes_read,
+        variant=VariantKey(options.span_size, version),
+    )
 
 
 def _index_layers(
     client: RegistryClient,
     repo: Repository,
-    cache: Repository,
+    caches: Sequence[Repository],
     layers: Sequence[Descriptor],
     options: BuildOptions,
 ) -> dict[str, LayerResult]:
@@ -286,7 +320,7 @@ def _index_layers(
         concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool,
     ):
         futures = {
-            pool.submit(_index_one, client, repo, cache, layer, options, progress): layer
+            pool.submit(_index_one, client, repo, caches, layer, options, progress): layer
             for layer in layers
         }
         for future in concurrent.futures.as_completed(futures):
@@ -310,32 +344,43 @@ def _describe(exc: BaseException) -> str:
 def _push(
     client: RegistryClient,
     repo: Repository,
-    cache: Repository,
+    caches: Sequence[Repository],
     results: dict[str, LayerResult],
     sign_key: SigningKey | None,
-) -> None:
+) -> dict[str, int]:
+    """Push new and reused indexes; how many new ones each cache repository took."""
+    published: list[layer_cache.Published] = []
     for result in results.values():
         if result.indexed is None:
             continue
-        if result.outcome is LayerOutcome.BUILT and result.index_blob is not None:
-            try:
-                layer_cache.publish(
-                    client, cache, result.indexed, result.index_blob, result.windows_blob, sign_key
+        if (
+            result.outcome is LayerOutcome.BUILT
+            and result.index_blob is not None
+            and result.variant is not None
+        ):
+            published.append(
+                layer_cache.publish(  # never fails the image
+                    client,
+                    caches,
+                    result.indexed,
+                    result.variant,
+                    result.index_blob,
+                    result.windows_blob,
+                    sign_key,
                 )
-            except RegistryError as exc:
-                # The image still gets its index; only other images lose the reuse.
-                log.warning(
-                    "could not store the index of %s in cache %s: %s",
-                    result.layer.digest,
-                    cache,
-                    exc,
-                )
+            )
             if result.indexed.windows_digest:
                 client.push_blob(repo, result.windows_blob, result.indexed.windows_digest)
             client.push_blob(repo, result.index_blob, result.indexed.index_digest)
-        elif result.outcome is LayerOutcome.REUSED:
-            layer_cache.adopt(client, cache, repo, result.indexed)
+        elif result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
+            layer_cache.adopt(client, result.cached_in, repo, result.indexed)
     client.push_blob(repo, EMPTY_JSON, EMPTY_CONFIG.digest)
+    layer_cache.report_refusals(published)
+    taken: dict[str, int] = {}
+    for done in published:
+        for cache in done.stored:
+            taken[str(cache)] = taken.get(str(cache), 0) + 1
+    return taken
 
 
 def build_image_index(
@@ -345,7 +390,7 @@ def build_image_index(
     started = time.monotonic()
     ref = Reference.parse(image)
     repo = ref.repository
-    cache = Repository(ref.registry, options.cache_repo or layer_cache.default_cache_repo(ref.name))
+    caches = layer_cache.cache_repositories(repo, options.cache_repos, shared=options.shared_cache)
     report = BuildReport(str(ref))
     targets, report.skipped_platforms = resolve_targets(client, ref, options)
     for warning in report.skipped_platforms:
@@ -383,10 +428,10 @@ def build_image_index(
             if layer.digest in wanted:
                 pending.setdefault(layer.digest, layer)
 
-    built = _index_layers(client, repo, cache, list(pending.values()), options) if todo else {}
+    built = _index_layers(client, repo, caches, list(pending.values()), options) if todo else {}
     report.layers.update(built)
     if todo:
-        _push(client, repo, cache, built, options.sign_key)
+        report.cache_stored = _push(client, repo, caches, built, options.sign_key)
     for target in todo:
         layers = [
             built[layer.digest].indexed

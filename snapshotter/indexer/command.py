@@ -2,7 +2,7 @@
 
     index build IMAGE [--platform os/arch[/variant]]... [--all-platforms] [--plain-http]
                       [--hosts-dir DIR] [--span-size N] [--min-layer-size N]
-                      [--cache-repo REPO] [--jobs N] [--sign-key FILE]
+                      [--cache-repo REPO]... [--no-shared-cache] [--jobs N] [--sign-key FILE]
                       [--profile CMD [--profile-timeout SECONDS]]
     index sign IMAGE --sign-key FILE [--platform ...]... [--all-platforms] [--plain-http]
                      [--hosts-dir DIR]
@@ -52,7 +52,7 @@ def _seconds(text: str) -> float:
 def _cache_repo(text: str) -> str:
     if not _REPO.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"invalid cache repository {text!r}: lowercase path components "
+            f"invalid --cache-repo {text!r}: lowercase path components "
             "([a-z0-9] joined by . _ __ -) separated by '/', no registry host"
         )
     return text
@@ -100,6 +100,29 @@ def add_sign_key_argument(parser: argparse.ArgumentParser, *, required: bool = F
     )
 
 
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache-repo (repeatable) and --no-shared-cache (also used by `accel serve`)."""
+    parser.add_argument(
+        "--cache-repo",
+        type=_cache_repo,
+        action="append",
+        default=[],
+        metavar="REPO",
+        help="another repository (same registry) of the per-layer index cache, looked up after "
+        "<first path component of IMAGE's repository>/lazysnap-index-cache and before the "
+        "registry-wide lazysnap-index-cache; new indexes are stored in each one we may push "
+        "to (repeatable; docs/index-cache.md)",
+    )
+    parser.add_argument(
+        "--no-shared-cache",
+        dest="shared_cache",
+        action="store_false",
+        help="neither look up nor store indexes in the registry-wide lazysnap-index-cache "
+        "(an index lists the layer's file names: keep a private image's out of a repository "
+        "others may read)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `build`, `sign` and `show` sub-subcommands to the `index` command's parser."""
     sub = parser.add_subparsers(dest="index_command", metavar="{build,sign,show}", required=True)
@@ -113,13 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(build)
     add_span_size_argument(build)
     add_min_layer_size_argument(build)
-    build.add_argument(
-        "--cache-repo",
-        type=_cache_repo,
-        metavar="REPO",
-        help="repository (same registry) for the per-layer index cache "
-        "(default: <first path component of IMAGE's repository>/lazysnap-index-cache)",
-    )
+    add_cache_arguments(build)
     build.add_argument(
         "--jobs",
         type=at_least_one("--jobs"),
@@ -215,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
                     all_platforms=args.all_platforms,
                     span_size=args.span_size,
                     min_layer_size=args.min_layer_size,
-                    cache_repo=args.cache_repo,
+                    cache_repos=tuple(args.cache_repo),
+                    shared_cache=args.shared_cache,
                     jobs=args.jobs,
                     sign_key=sign_key,
                 )
@@ -233,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
                         state += f", already signed by key {_key_id(sign_key)}"
                     print(f"{target.target.platform} {target.target.subject.digest}: {state}")
                 print(report.summary())
+                if cache := report.cache_summary():
+                    print(cache)
                 if profile_argv:
                     return _record_profiles(client, ref, report, args, profile_argv, sign_key)
                 return 0

@@ -90,7 +90,7 @@ def test_blob_pushes_pulls_and_deletes_are_skipped() -> None:
 )
 def test_lazysnaps_own_pushes_are_skipped(repository: str, tag: str | None, why: str) -> None:
     delivery = parse_delivery(
-        envelope(dist_event(repository=repository, tag=tag)), cache_repo="team/my-cache"
+        envelope(dist_event(repository=repository, tag=tag)), cache_repos=["team/my-cache"]
     )
     assert delivery.images == ()
     [skip] = delivery.skipped

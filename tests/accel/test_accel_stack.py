@@ -330,3 +330,31 @@ def test_a_registry_outage_is_retried_until_it_is_back(stack: Stack) -> None:
         assert job["attempts"] >= 2
     finally:
         flaky.stop()
+
+
+def test_an_image_in_another_namespace_reuses_shared_layers_indexed_for_the_first(
+    stack: Stack,
+) -> None:
+    """The worker looks up layer indexes as `index build` does, the registry-wide cache
+    included: the second namespace's image reads not one byte of the base layer."""
+    base = layer_tar([file("base/shared.bin", os.urandom(150_000))])
+    images = []
+    for namespace in (unique("team"), unique("other")):
+        own = layer_tar([file(f"{namespace}/own.bin", os.urandom(150_000))])
+        image = write_oci_layout(stack.base / "layouts" / namespace, "v1", [base, own])
+        images.append((f"{namespace}/app", image))
+    (first_repo, first), (second_repo, second) = images
+    push(first, stack.registry.host, first_repo, "v1")
+    job = stack.accel.wait_for("the first job", lambda: done_job(stack, first.manifest_digest))
+    assert job["outcome"] == "indexed" and layers_built(job) == 2, job
+    wait_quiet(stack, first_repo)
+
+    offset = stack.registry.log_offset()
+    push(second, stack.registry.host, second_repo, "v1")
+    job = stack.accel.wait_for("the second job", lambda: done_job(stack, second.manifest_digest))
+    assert job["outcome"] == "indexed", job
+    assert "1 layer indexed, 1 reused" in job["detail"], job
+    fetched = stack.registry.blob_fetches(since=offset)
+    shared = second.layers[0].digest
+    assert shared not in fetched or fetched[shared].bytes == 0, fetched[shared]
+    assert f"{second.layers[1].size} bytes read" in job["detail"], job

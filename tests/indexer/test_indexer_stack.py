@@ -365,7 +365,10 @@ def test_cache_entry_whose_windows_blob_is_gone_is_indexed_again(
         assert not client.blob_exists(cache, windows.digest)
 
     offset = registry.log_offset()
-    result = lazysnap_index("build", f"{dist.host}/{second_repo}:v1", *BUILD_FLAGS)
+    # Not the registry-wide cache: it holds an intact copy of the entry (the first build stored
+    # it there too), which the build would rightly reuse.
+    second_ref = f"{dist.host}/{second_repo}:v1"
+    result = lazysnap_index("build", second_ref, *BUILD_FLAGS, "--no-shared-cache")
     assert result.code == 0, result.err
     assert "2 layers indexed, 0 reused" in result.out
     assert f"its windows blob {windows.digest} is missing" in caplog.text

@@ -25,6 +25,7 @@ from harness.trust import (
     session_trust_policy,
 )
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
+from snapshotter.indexer.cache_entry import VariantKey
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
 from snapshotter.remote.auth import Credentials
@@ -170,7 +171,7 @@ def test_a_signing_build_does_not_adopt_a_cache_entry_its_key_did_not_sign(
         data = client.get_blob(cache, index_blob.digest)
         # A well-formed entry under the victim layer's tag, stored without the key.
         forged = IndexedLayer(victim.layers[0].digest, index_blob.digest, index_blob.size)
-        publish(client, cache, forged, data)
+        publish(client, [cache], forged, VariantKey(65536, 2), data)
 
     offset = registry.log_offset()
     result = lazysnap_index("build", f"{dist.host}/{victim_repo}:v1", *BUILD_FLAGS)
