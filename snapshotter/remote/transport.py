@@ -21,12 +21,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from snapshotter.remote.auth import Authenticator, normalize_host
 from snapshotter.remote.errors import RegistryUnavailable, UnexpectedResponse, redact_url
-from snapshotter.remote.hosts import RegistryHost
+from snapshotter.remote.hosts import RegistryHost, normalize_host
+
+if TYPE_CHECKING:  # auth loads httpx; access.py reads the defaults here without it
+    from snapshotter.remote.auth import Authenticator
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import threading
 from snapshotter.config import Config
 from snapshotter.fs.manager import LazyLayers, from_config
 from snapshotter.fs.refusals import RefusalLedger
-from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.hosts import HostsConfig, RegistryHost
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.remote.hosts import RegistryHost
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.keys import load_public_keys
 from snapshotter.trust.policy import TrustMode, TrustPolicy
 
@@ -25,20 +25,21 @@ _DEFAULT_TLS_HOST = RegistryHost(url="https://registry.invalid")
 
 def lazy_layers_from_config(config: Config) -> LazyLayers:
     remote = config.remote
-    # Resolve the default credentials path once, here: mount processes get it explicitly, so
-    # layer reads use the same credentials as discovery (an empty path would mean anonymous).
-    docker_config = remote.docker_config or CredentialStore.default_config_path()
-    client = RegistryClient(
-        HostsConfig(remote.hosts_dir or None, plain_http=remote.plain_http),
-        CredentialStore.from_docker_config(docker_config),
+    # The default credentials path is resolved here, once: mount processes get it explicitly,
+    # so layer reads use the same credentials as discovery.
+    access = RegistryAccess.create(
+        hosts_dir=remote.hosts_dir,
+        plain_http=remote.plain_http,
+        docker_config=remote.docker_config,
         timeout=remote.fetch_timeout_seconds,
     )
+    client = access.client()
     trust = trust_policy_from_config(config)
     quiet = trust.mode is TrustMode.SIGNED and bool(trust.keys)
     log.log(logging.INFO if quiet else logging.WARNING, "index trust: %s", trust.describe())
     discovery = IndexDiscovery(
         client,
-        BlobSettings(remote.hosts_dir, remote.plain_http, docker_config),
+        access,
         trust=trust,
         min_layer_size=remote.min_layer_size,
         refusals=RefusalLedger(config.root),

@@ -29,6 +29,7 @@ from snapshotter.fs.status import cache_usage, mount_statuses
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
@@ -468,7 +469,7 @@ def test_a_layer_served_by_docker_registry_through_the_registry_client(
         str(repository),
         digest=index.layer_digest,
         size=len(tar),
-        plain_http=(registry.host,),
+        access=RegistryAccess(plain_http=(registry.host,)),
     )
     lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
     mnt = tmp_path / "fs"

@@ -17,11 +17,12 @@ from snapshotter.index.model import LAYER_DIGEST_ANNOTATION, WINDOWS_BLOB_MEDIA_
 from snapshotter.indexer import command
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import PROFILE_MEDIA_TYPE, decode_profile
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from tests.harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
 from tests.harness.registry import Registry
@@ -98,7 +99,7 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
     assert profile.names_for(top) == ("data/b",)
 
     discovery = IndexDiscovery(
-        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+        client, RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
     )
     spec = discovery.resolve(LayerRequest("chain", str(ref), manifest_digest, base, (base,)))
     assert spec.prefetch_names == profile.names_for(base)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from tests.harness.images import directory, file, layer_tar, push, write_oci_layout
 from tests.harness.registry import Registry
 from tests.harness.trust import session_trust_policy
@@ -34,7 +35,7 @@ def discovery(registry: Registry) -> IndexDiscovery:
         HostsConfig(None, plain_http=(registry.host,)), CredentialStore.from_docker_config(None)
     )
     return IndexDiscovery(
-        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+        client, RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
     )
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
 from tests.harness.registry import Registry
 from tests.source.gated_proxy import GatedProxy
@@ -41,7 +42,7 @@ def discovery_via(host: str) -> IndexDiscovery:
         # The artifacts here are pushed unsigned (index_artifacts.py): this is about the
         # lookup's round trips, trust is tests/trust's subject.
         client_for(host),
-        BlobSettings(plain_http=(host,)),
+        RegistryAccess(plain_http=(host,)),
         trust=TrustPolicy.permissive(),
     )
 
