@@ -2,9 +2,6 @@
 
 kinds:
 - "file": a local copy of the blob (pread); tests, and layers already on disk.
-- "url": a plain HTTP(S) URL answering Range requests without authentication (a test server,
-  or a registry's /v2/<repo>/blobs/<digest> on a trusted network); read by
-  snapshotter.remote.url_blob (only remote/ speaks HTTP).
 - "registry": location is the repository ("host[:port]/name"); digest and size are required;
   access (snapshotter.remote.access.RegistryAccess: hosts.toml tree, plain-http hosts, docker
   config) is how the daemon reached it. Reads go through the Range reader it builds
@@ -17,24 +14,12 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from snapshotter.fs.reader import BlobSource
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.errors import BlobFetchError, redact_url
-from snapshotter.remote.url_blob import UrlBlobSource
+from snapshotter.remote.errors import BlobFetchError
 
-# UrlBlobSource stays importable from here: tests build fs sources directly.
-__all__ = [
-    "BLOB_KINDS",
-    "BlobSpec",
-    "BlobSpecError",
-    "FileBlobSource",
-    "UrlBlobSource",
-    "open_blob_source",
-]
-
-BLOB_KINDS = ("file", "url", "registry")
+BLOB_KINDS = ("file", "registry")
 # One quick retry: a read that outlives the fetch timeout is an EIO anyway.
 LAYER_READ_RETRIES = 1
 
@@ -46,7 +31,7 @@ class BlobSpecError(ValueError):
 @dataclass(frozen=True)
 class BlobSpec:
     kind: str
-    location: str  # file path, URL, or repository for "registry"
+    location: str  # file path, or repository for "registry"
     digest: str = ""  # required for "registry"; names the blob in errors otherwise
     size: int = -1  # required for "registry"
     access: RegistryAccess = field(default_factory=RegistryAccess)  # for "registry"
@@ -64,6 +49,9 @@ class BlobSpec:
     def from_json(cls, obj: Any) -> BlobSpec:
         if not isinstance(obj, dict):
             raise BlobSpecError(f"blob: expected an object, got {type(obj).__name__}")
+        unknown = set(obj) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:  # e.g. a spec written before access was one object: it would go unheeded
+            raise BlobSpecError(f"blob: unknown keys {sorted(unknown)}")
         kind = obj.get("kind")
         if kind not in BLOB_KINDS:
             raise BlobSpecError(f"blob.kind: {kind!r} is not one of {', '.join(BLOB_KINDS)}")
@@ -79,8 +67,6 @@ class BlobSpec:
             access = RegistryAccess.from_json(obj.get("access", {}), "blob.access")
         except ValueError as exc:
             raise BlobSpecError(str(exc)) from None
-        if kind == "url" and urlsplit(location).scheme not in ("http", "https"):
-            raise BlobSpecError(f"blob.location: {redact_url(location)!r} is not an http(s) URL")
         if kind == "registry" and (not obj.get("digest") or size < 0):
             raise BlobSpecError("blob: a registry blob needs digest and size")
         return cls(
@@ -121,11 +107,6 @@ class FileBlobSource:
 def open_blob_source(spec: BlobSpec, *, timeout: float) -> BlobSource:
     if spec.kind == "file":
         return FileBlobSource(spec.location, spec.digest)
-    if spec.kind == "url":
-        try:
-            return UrlBlobSource(spec.location, timeout=timeout, digest=spec.digest)
-        except ValueError as exc:
-            raise BlobSpecError(f"blob.location: {exc}") from None
     return _registry_source(spec, timeout)
 
 

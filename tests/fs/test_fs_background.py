@@ -18,7 +18,6 @@ from snapshotter.fs.background import (
     BackgroundSettings,
     BackgroundState,
 )
-from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
@@ -31,6 +30,7 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.harness.url_blob import UrlBlobSource
 
 TIMEOUT = 3.0
 FAST = BackgroundSettings(quiet_seconds=0.0, rate_bytes=1 << 30)

@@ -45,6 +45,7 @@ from tests.fs.fs_helpers import (
     rich_members,
 )
 from tests.harness.registry import Registry
+from tests.harness.url_blob import served_blob_spec
 
 pytestmark = pytest.mark.stack
 FETCH_TIMEOUT = 3.0
@@ -58,7 +59,7 @@ class Layer:
 
     def spec(self) -> LayerSpec:
         return LayerSpec(
-            blob=BlobSpec("url", self.server.url, self.index.layer_digest),
+            blob=served_blob_spec(self.server.url, self.index.layer_digest, len(self.blob)),
             index_bytes=encode_index(self.index),
             diff_id="sha256:" + hashlib.sha256(self.tar).hexdigest(),  # the image config's
         )
@@ -232,11 +233,12 @@ def test_killing_the_parent_does_not_break_an_ongoing_read(
     spec_file.write_bytes(encode_index(layer.index))
     parent_script = (
         "import sys, time\n"
-        "from snapshotter.fs.blob_source import BlobSpec\n"
         "from snapshotter.fs.manager import LayerSpec, LazyLayers\n"
+        "from tests.harness.url_blob import served_blob_spec\n"
+        f"blob = served_blob_spec({layer.server.url!r}, {layer.index.layer_digest!r},"
+        f" {len(layer.blob)})\n"
         f"m = LazyLayers({str(tmp_path / 'cache')!r}, 1 << 30, fetch_timeout=30)\n"
-        f"m.mount_layer({str(mnt)!r}, LayerSpec(BlobSpec('url', {layer.server.url!r}),"
-        f" index_path={str(spec_file)!r}))\n"
+        f"m.mount_layer({str(mnt)!r}, LayerSpec(blob, index_path={str(spec_file)!r}))\n"
         "print('mounted', flush=True)\n"
         "time.sleep(600)\n"
     )

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs import reader as reader_module
-from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import PREFETCH_IN_FLIGHT, LayerReader
 from snapshotter.fs.tree import LayerTree
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import fetch_range, spans_for_files, spans_for_range
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
+from tests.harness.url_blob import UrlBlobSource
 
 TIMEOUT = 10.0
 

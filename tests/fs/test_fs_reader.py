@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs import reader as reader_module
-from snapshotter.fs.blob_source import FileBlobSource, UrlBlobSource
+from snapshotter.fs.blob_source import FileBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
@@ -24,6 +24,7 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.harness.url_blob import UrlBlobSource
 
 TIMEOUT = 3.0
 BLOBS: dict[str, bytes] = {}

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import (
     LATE_RESULT_GRACE_S,
@@ -24,6 +23,7 @@ from snapshotter.fs.reader import (
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
+from tests.harness.url_blob import UrlBlobSource
 
 FETCH_TIMEOUT = 1.5
 SLACK = 0.4  # thread start-up and scheduling on a loaded 2-core machine

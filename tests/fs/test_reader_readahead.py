@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs import reader as reader_module
-from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import LayerIndex, TocEntry
@@ -28,6 +27,7 @@ from tests.fs.fs_helpers import (
     compress,
     make_tar,
 )
+from tests.harness.url_blob import UrlBlobSource
 
 TIMEOUT = 5.0
 BIG_SPANS = 30  # at least; the index cuts spans of ~2 SPAN_SIZE of this data

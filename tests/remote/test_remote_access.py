@@ -60,6 +60,13 @@ def test_a_bad_access_in_a_spec_is_an_error_naming_the_key(
         BlobSpec.from_json({**spec, "size": 10, "access": access})
 
 
+def test_a_spec_with_the_old_flat_access_keys_is_refused_naming_them() -> None:
+    # Silently ignored, plain_http would send the reads over https, and fail, or worse.
+    spec = {"kind": "registry", "location": "reg:5000/app", "digest": "sha256:" + "a" * 64}
+    with pytest.raises(BlobSpecError, match=r"blob: unknown keys \['plain_http'\]"):
+        BlobSpec.from_json({**spec, "size": 10, "plain_http": ["reg:5000"]})
+
+
 def test_access_errors_are_value_errors_naming_the_value() -> None:
     with pytest.raises(AccessSpecError, match="access: expected an object, got list"):
         RegistryAccess.from_json([])

@@ -31,8 +31,8 @@ from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers
 from snapshotter.remote.transport import MAX_REDIRECTS
-from snapshotter.remote.url_blob import UrlBlobSource
 from tests.harness.registry_calls import MAX_TAG_PAGES, list_tags
+from tests.harness.url_blob import UrlBlobSource
 
 DATA = random.Random(11).randbytes(300_000)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()

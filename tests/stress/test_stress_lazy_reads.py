@@ -39,6 +39,7 @@ from snapshotter.fs.mount_process import read_state
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from tests.fs.fs_helpers import BlobServer
+from tests.harness.url_blob import served_blob_spec
 from tests.stress.stress_layers import (
     MiB,
     compress,
@@ -132,7 +133,7 @@ def stand(tmp_path: Path) -> Iterator[Stand]:
             if plan.source == "url":
                 server = BlobServer(blob)
                 servers.append(server)
-                blob_spec = BlobSpec("url", server.url, index.layer_digest)
+                blob_spec = served_blob_spec(server.url, index.layer_digest, len(blob))
             else:
                 blob_spec = BlobSpec("file", str(blob_path), index.layer_digest)
             names = [f.rel for f in regular_files(index)]
