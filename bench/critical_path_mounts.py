@@ -90,7 +90,7 @@ def write_spec(work: Path, layer: LayerFixture, registry_host: str, repository: 
         "blob": {
             "kind": "registry",
             "location": f"{registry_host}/{repository}",
-            "plain_http": [registry_host],
+            "access": {"plain_http": [registry_host]},
             "digest": layer.digest,
             "size": layer.size,
         },

@@ -171,7 +171,7 @@ def write_spec(
         "blob": {
             "kind": "registry",
             "location": f"{registry.host}/{REPOSITORY}",
-            "plain_http": [registry.host],
+            "access": {"plain_http": [registry.host]},
             "digest": layer.digest,
             "size": layer.size,
         },

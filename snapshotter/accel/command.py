@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from snapshotter.accel.server import EVENTS_PATH, AccelService, ServiceConfig
     from snapshotter.accel.worker import RegistryClients, WorkerOptions
     from snapshotter.log import setup_logging
-    from snapshotter.remote.auth import CredentialStore
+    from snapshotter.remote.access import RegistryAccess
     from snapshotter.remote.errors import RegistryError
     from snapshotter.trust.keys import TrustKeyError, load_signing_key
 
@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         if args.hosts_dir is not None and not os.path.isdir(args.hosts_dir):
             raise ConfigurationError(f"--hosts-dir {args.hosts_dir}: not a directory")
         token = read_token(args.token_file) if args.token_file else None
-        credentials = CredentialStore.from_docker_config()
+        access = RegistryAccess.create(hosts_dir=args.hosts_dir)
+        credentials = access.credentials()
         sign_key = load_signing_key(args.sign_key) if args.sign_key else None
     except (ConfigurationError, RegistryError, TrustKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             sign_key=sign_key,
         ),
     )
-    clients = RegistryClients(args.hosts_dir, credentials, plain_http=args.plain_http)
+    clients = RegistryClients(access, credentials, plain_http=args.plain_http)
     queue = JobQueue(max_attempts=args.max_attempts, backoff_seconds=args.retry_backoff)
     try:
         service = AccelService(config, clients, queue)

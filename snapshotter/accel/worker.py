@@ -27,6 +27,7 @@ from snapshotter.indexer.build import (
     LayerOutcome,
     build_image_index,
 )
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import (
@@ -37,7 +38,6 @@ from snapshotter.remote.errors import (
     RegistryUnavailable,
     UnexpectedResponse,
 )
-from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import Manifest
 from snapshotter.remote.reference import Reference
 from snapshotter.trust.keys import SigningKey
@@ -86,17 +86,11 @@ class RegistryClients:
     keeps connections and bearer tokens across jobs."""
 
     def __init__(
-        self,
-        hosts_dir: str | None,
-        credentials: CredentialStore,
-        *,
-        plain_http: bool,
-        timeout: float = 30.0,
+        self, access: RegistryAccess, credentials: CredentialStore, *, plain_http: bool
     ) -> None:
-        self._hosts_dir = hosts_dir
-        self._credentials = credentials
+        self._access = access
+        self._credentials = credentials  # one store: helper answers are shared by all clients
         self._plain_http = plain_http
-        self._timeout = timeout
         self._clients: dict[str, RegistryClient] = {}
         self._lock = threading.Lock()
 
@@ -104,10 +98,10 @@ class RegistryClients:
         with self._lock:
             client = self._clients.get(registry)
             if client is None:
-                hosts = HostsConfig(
-                    self._hosts_dir, plain_http=[registry] if self._plain_http else []
+                access = (
+                    self._access.with_plain_http(registry) if self._plain_http else self._access
                 )
-                client = RegistryClient(hosts, self._credentials, timeout=self._timeout)
+                client = access.client(self._credentials)
                 self._clients[registry] = client
             return client
 

@@ -2,37 +2,27 @@
 
 kinds:
 - "file": a local copy of the blob (pread); tests, and layers already on disk.
-- "url": a plain HTTP(S) URL answering Range requests without authentication (a test server,
-  or a registry's /v2/<repo>/blobs/<digest> on a trusted network); read by
-  snapshotter.remote.url_blob (only remote/ speaks HTTP).
 - "registry": location is the repository ("host[:port]/name"); digest and size are required;
-  hosts_dir (containerd hosts.toml layout), plain_http hosts and docker_config are optional.
-  Reads go through snapshotter.remote.blob.BlobReader (auth, mirrors, retries).
+  access (snapshotter.remote.access.RegistryAccess: hosts.toml tree, plain-http hosts, docker
+  config) is how the daemon reached it. Reads go through the Range reader it builds
+  (snapshotter.remote.blob.BlobReader: auth, mirrors, retries).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from snapshotter.fs import credential_channel
 from snapshotter.fs.reader import BlobSource
-from snapshotter.remote.errors import BlobFetchError, redact_url
-from snapshotter.remote.url_blob import UrlBlobSource
+from snapshotter.remote.access import RegistryAccess
+from snapshotter.remote.errors import BlobFetchError
 
-# UrlBlobSource stays importable from here: tests build fs sources directly.
-__all__ = [
-    "BLOB_KINDS",
-    "BlobSpec",
-    "BlobSpecError",
-    "FileBlobSource",
-    "UrlBlobSource",
-    "open_blob_source",
-]
-
-BLOB_KINDS = ("file", "url", "registry")
+BLOB_KINDS = ("file", "registry")
+# One quick retry: a read that outlives the fetch timeout is an EIO anyway.
+LAYER_READ_RETRIES = 1
 
 
 class BlobSpecError(ValueError):
@@ -42,12 +32,10 @@ class BlobSpecError(ValueError):
 @dataclass(frozen=True)
 class BlobSpec:
     kind: str
-    location: str  # file path, URL, or repository for "registry"
+    location: str  # file path, or repository for "registry"
     digest: str = ""  # required for "registry"; names the blob in errors otherwise
     size: int = -1  # required for "registry"
-    hosts_dir: str = ""
-    plain_http: tuple[str, ...] = ()
-    docker_config: str = ""
+    access: RegistryAccess = field(default_factory=RegistryAccess)  # for "registry"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,32 +43,31 @@ class BlobSpec:
             "location": self.location,
             "digest": self.digest,
             "size": self.size,
-            "hosts_dir": self.hosts_dir,
-            "plain_http": list(self.plain_http),
-            "docker_config": self.docker_config,
+            "access": self.access.to_json(),
         }
 
     @classmethod
     def from_json(cls, obj: Any) -> BlobSpec:
         if not isinstance(obj, dict):
             raise BlobSpecError(f"blob: expected an object, got {type(obj).__name__}")
+        unknown = set(obj) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:  # e.g. a spec written before access was one object: it would go unheeded
+            raise BlobSpecError(f"blob: unknown keys {sorted(unknown)}")
         kind = obj.get("kind")
         if kind not in BLOB_KINDS:
             raise BlobSpecError(f"blob.kind: {kind!r} is not one of {', '.join(BLOB_KINDS)}")
         location = obj.get("location")
         if not isinstance(location, str) or not location:
             raise BlobSpecError("blob.location: missing or not a string")
-        for key in ("digest", "hosts_dir", "docker_config"):
-            if not isinstance(obj.get(key, ""), str):
-                raise BlobSpecError(f"blob.{key}: not a string")
+        if not isinstance(obj.get("digest", ""), str):
+            raise BlobSpecError("blob.digest: not a string")
         size = obj.get("size", -1)
         if not isinstance(size, int) or isinstance(size, bool):
             raise BlobSpecError(f"blob.size: {size!r} is not an integer")
-        plain_http = obj.get("plain_http", [])
-        if not isinstance(plain_http, list) or not all(isinstance(h, str) for h in plain_http):
-            raise BlobSpecError("blob.plain_http: not a list of host names")
-        if kind == "url" and urlsplit(location).scheme not in ("http", "https"):
-            raise BlobSpecError(f"blob.location: {redact_url(location)!r} is not an http(s) URL")
+        try:
+            access = RegistryAccess.from_json(obj.get("access", {}), "blob.access")
+        except ValueError as exc:
+            raise BlobSpecError(str(exc)) from None
         if kind == "registry" and (not obj.get("digest") or size < 0):
             raise BlobSpecError("blob: a registry blob needs digest and size")
         return cls(
@@ -88,9 +75,7 @@ class BlobSpec:
             location=location,
             digest=obj.get("digest", ""),
             size=size,
-            hosts_dir=obj.get("hosts_dir", ""),
-            plain_http=tuple(plain_http),
-            docker_config=obj.get("docker_config", ""),
+            access=access,
         )
 
 
@@ -123,36 +108,24 @@ class FileBlobSource:
 def open_blob_source(spec: BlobSpec, *, timeout: float) -> BlobSource:
     if spec.kind == "file":
         return FileBlobSource(spec.location, spec.digest)
-    if spec.kind == "url":
-        try:
-            return UrlBlobSource(spec.location, timeout=timeout, digest=spec.digest)
-        except ValueError as exc:
-            raise BlobSpecError(f"blob.location: {exc}") from None
     return _registry_source(spec, timeout)
 
 
 def _registry_source(spec: BlobSpec, timeout: float) -> BlobSource:
-    from snapshotter.remote.auth import CredentialStore
-    from snapshotter.remote.blob import BlobReader
-    from snapshotter.remote.client import RegistryClient
     from snapshotter.remote.errors import RegistryError
-    from snapshotter.remote.hosts import HostsConfig
     from snapshotter.remote.reference import Repository
 
+    # The mount's fetch timeout bounds each read (its deadlines are built on it).
+    access = dataclasses.replace(spec.access, timeout=timeout, retries=LAYER_READ_RETRIES)
     try:
         repository = Repository.parse(spec.location)
-        credentials = (
-            CredentialStore.from_docker_config(spec.docker_config or None)
-            if spec.docker_config
-            else CredentialStore.anonymous()
-        )
+        credentials = access.credentials()
         given = credential_channel.credentials_for(repository)  # with the image, in memory
         if given is not None:
             credentials.consult_first(given)
-        hosts = HostsConfig(spec.hosts_dir or None, plain_http=spec.plain_http)
-        # one quick retry: a read that outlives the fetch timeout is an EIO anyway
-        client = RegistryClient(hosts, credentials, timeout=timeout, retries=1)
-        return BlobReader(client, repository, spec.digest, spec.size, timeout=timeout, retries=1)
+        return access.blob_reader(
+            repository, spec.digest, spec.size, client=access.client(credentials)
+        )
     except (RegistryError, ValueError) as exc:
         raise BlobSpecError(f"blob {spec.location}@{spec.digest}: {exc}") from exc
 

@@ -47,7 +47,7 @@ def open_channel(session: SessionCredentials | None, spec_path: str) -> int | No
     repository = _blob_repository(spec_path)
     if repository is None:
         return None
-    from snapshotter.remote.auth import normalize_host
+    from snapshotter.remote.hosts import normalize_host
 
     host = normalize_host(repository.registry)
     auth = session.get(host, repository.name)
@@ -97,7 +97,7 @@ def credentials_for(repository: Repository) -> SessionCredentials | None:
     """The received credentials as a store answering for exactly their repository, or None."""
     if _received is None:
         return None
-    from snapshotter.remote.auth import normalize_host
+    from snapshotter.remote.hosts import normalize_host
 
     if (normalize_host(repository.registry), repository.name) != (
         _received.host,

@@ -537,9 +537,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", help="JSON mount spec (all other options come from it)")
     parser.add_argument("--mountpoint")
     parser.add_argument("--index", help="encoded layer index file")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--blob-url", help="URL answering Range requests for the layer blob")
-    source.add_argument("--blob-file", help="local copy of the layer blob")
+    parser.add_argument("--blob-file", help="local copy of the layer blob")
     parser.add_argument("--cache-dir")
     parser.add_argument("--cache-max-bytes", type=int, default=10 << 30)
     parser.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT_S)
@@ -567,21 +565,14 @@ def _spec_from_args(args: argparse.Namespace) -> MountSpec:
         for option, value in (
             ("--mountpoint", args.mountpoint),
             ("--index", args.index),
-            ("--blob-url or --blob-file", args.blob_url or args.blob_file),
+            ("--blob-file", args.blob_file),
             ("--cache-dir", args.cache_dir),
         )
         if not value
     ]
     if missing:
         raise SpecError(f"missing {', '.join(missing)} (or give --spec FILE)")
-    blob = (
-        {"kind": "url", "location": args.blob_url}
-        if args.blob_url
-        else {
-            "kind": "file",
-            "location": args.blob_file,
-        }
-    )
+    blob = {"kind": "file", "location": args.blob_file}
     return MountSpec.from_json(
         {
             "mountpoint": args.mountpoint,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from snapshotter.indexer.build import BuildReport
+    from snapshotter.remote.access import RegistryAccess
     from snapshotter.remote.client import RegistryClient
     from snapshotter.remote.manifest import Platform
     from snapshotter.remote.reference import Reference
@@ -193,10 +194,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so `lazysnap --help` and other subcommands stay fast.
     from snapshotter.indexer.build import BuildOptions, IndexBuildError, build_image_index
     from snapshotter.indexer.show import show_image_index
-    from snapshotter.remote.auth import CredentialStore
-    from snapshotter.remote.client import RegistryClient
+    from snapshotter.remote.access import RegistryAccess
     from snapshotter.remote.errors import RegistryError
-    from snapshotter.remote.hosts import HostsConfig
     from snapshotter.remote.manifest import Platform
     from snapshotter.remote.reference import Reference
     from snapshotter.vocabulary.artifact import ArtifactError
@@ -224,8 +223,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --sign-key: {exc}", file=sys.stderr)
         return 2
     try:
-        hosts = HostsConfig(args.hosts_dir, plain_http=[ref.registry] if args.plain_http else [])
-        with RegistryClient(hosts, CredentialStore.from_docker_config()) as client:
+        access = RegistryAccess.create(
+            hosts_dir=args.hosts_dir, plain_http=(ref.registry,) if args.plain_http else ()
+        )
+        with access.client() as client:
             if args.index_command == "build":
                 options = BuildOptions(
                     platforms=platforms,
@@ -254,7 +255,9 @@ def run(args: argparse.Namespace) -> int:
                 if cache := report.cache_summary():
                     print(cache)
                 if profile_argv:
-                    return _record_profiles(client, ref, report, args, profile_argv, sign_key)
+                    return _record_profiles(
+                        client, access, ref, report, args, profile_argv, sign_key
+                    )
                 return 0
             if args.index_command == "sign":
                 assert sign_key is not None  # required argument
@@ -334,6 +337,7 @@ def _profile_argv(args: argparse.Namespace) -> list[str] | str | None:
 
 def _record_profiles(
     client: RegistryClient,
+    access: RegistryAccess,
     ref: Reference,
     report: BuildReport,
     args: argparse.Namespace,
@@ -343,9 +347,8 @@ def _record_profiles(
     """Record and attach the profile of the platform manifest this machine can run (the new
     artifact signed with sign_key when given)."""
     from snapshotter.indexer.signing import KeySigner
-    from snapshotter.profile.attach import BlobAccess, profile_summary, record_and_attach
+    from snapshotter.profile.attach import profile_summary, record_and_attach
     from snapshotter.profile.record import ProfileRecordError
-    from snapshotter.remote.auth import CredentialStore
     from snapshotter.remote.errors import RegistryError
     from snapshotter.remote.manifest import Platform
 
@@ -366,12 +369,6 @@ def _record_profiles(
             file=sys.stderr,
         )
         return 1
-    docker_config = CredentialStore.default_config_path()
-    access = BlobAccess(
-        hosts_dir=args.hosts_dir or "",
-        plain_http=(ref.registry,) if args.plain_http else (),
-        docker_config=docker_config if os.path.exists(docker_config) else "",
-    )
     target = runnable[0].target
     try:
         attached = record_and_attach(

@@ -30,6 +30,7 @@ from snapshotter.profile.record import (
     record_profile,
     registry_layer_spec,
 )
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import RegistryError
 from snapshotter.remote.manifest import OCI_MANIFEST, Descriptor, Manifest
@@ -47,15 +48,6 @@ from snapshotter.vocabulary.artifact import (
 log = logging.getLogger("lazysnap.profile")
 
 MAX_CONFIG_BLOB = 4 << 20
-
-
-@dataclass(frozen=True)
-class BlobAccess:
-    """How the recording's mount processes reach the registry (as the CLI was told)."""
-
-    hosts_dir: str = ""
-    plain_http: tuple[str, ...] = ()
-    docker_config: str = ""
 
 
 class ArtifactSigner(Protocol):
@@ -108,7 +100,7 @@ def record_and_attach(
     *,
     command_text: str,
     timeout: float,
-    access: BlobAccess = BlobAccess(),
+    access: RegistryAccess,
     signer: ArtifactSigner | None = None,
 ) -> AttachedProfile:
     """Record the profile of the platform manifest subject_digest of ref and push it. Raises
@@ -163,7 +155,7 @@ def _layer_spec(
     ref: Reference,
     layer: Descriptor,
     indexed: IndexedLayer | None,
-    access: BlobAccess,
+    access: RegistryAccess,
     downloads: str,
 ) -> LayerSpec:
     if indexed is not None:
@@ -173,9 +165,7 @@ def _layer_spec(
             layer.digest,
             layer.size,
             index_bytes,
-            hosts_dir=access.hosts_dir,
-            plain_http=access.plain_http,
-            docker_config=access.docker_config,
+            access,
         )
     # A layer too small to be indexed: fetch it whole and index the local copy, so it is
     # mounted (and its whiteouts applied) the same way as the others.

@@ -38,6 +38,7 @@ from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec, LazyLayers, sidecar
 from snapshotter.profile.model import ProfileEntry, StartupProfile
+from snapshotter.remote.access import RegistryAccess
 
 log = logging.getLogger("lazysnap.profile")
 
@@ -337,10 +338,7 @@ def registry_layer_spec(
     digest: str,
     size: int,
     index_bytes: bytes,
-    *,
-    hosts_dir: str = "",
-    plain_http: tuple[str, ...] = (),
-    docker_config: str = "",
+    access: RegistryAccess,
 ) -> LayerSpec:
     return LayerSpec(
         blob=BlobSpec(
@@ -348,9 +346,7 @@ def registry_layer_spec(
             location=repository,
             digest=digest,
             size=size,
-            hosts_dir=hosts_dir,
-            plain_http=plain_http,
-            docker_config=docker_config,
+            access=access,
         ),
         index_bytes=index_bytes,
     )

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from snapshotter.config import DEFAULT_CONFIG_PATH, RemoteConfig
 from snapshotter.pull.request import PullRequest
-from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.errors import RegistryError
-from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 
 # containerd's own snapshotters: a pull into one of them asks lazysnap for nothing.
@@ -64,7 +63,7 @@ def daemon_setting_warnings(
 
 
 def _daemon_speaks_http(remote: RemoteConfig, registry: str) -> bool:
-    hosts = HostsConfig(remote.hosts_dir or None, plain_http=remote.plain_http)
+    hosts = RegistryAccess.create(hosts_dir=remote.hosts_dir, plain_http=remote.plain_http).hosts()
     try:
         return any(host.scheme == "http" for host in hosts.hosts_for(registry, "pull"))
     except RegistryError:
@@ -73,6 +72,7 @@ def _daemon_speaks_http(remote: RemoteConfig, registry: str) -> bool:
 
 def _has_credentials(docker_config: str | None, registry: str) -> bool:
     try:
-        return CredentialStore.from_docker_config(docker_config).get(registry) is not None
+        credentials = RegistryAccess.create(docker_config=docker_config).credentials()
+        return credentials.get(registry) is not None
     except RegistryError:
         return False  # unreadable: the pull (or the daemon) reports it where it is read

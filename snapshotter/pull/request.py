@@ -90,17 +90,18 @@ def execute(
     from concurrent.futures import Future
 
     from snapshotter.pull.resolve import ResolvedImage, resolve_image
-    from snapshotter.remote.auth import CredentialStore
-    from snapshotter.remote.client import RegistryClient
-    from snapshotter.remote.hosts import HostsConfig
+    from snapshotter.remote.access import RegistryAccess
     from snapshotter.remote.manifest import Platform
     from snapshotter.remote.reference import Reference
 
     ref = Reference.parse(request.image)
     platform = Platform.parse(request.platform) if request.platform else Platform.host()
-    hosts = HostsConfig(request.hosts_dir, plain_http=[ref.registry] if request.plain_http else [])
-    credentials = CredentialStore.from_docker_config(request.docker_config)
-    with RegistryClient(hosts, credentials) as registry:
+    access = RegistryAccess.create(
+        hosts_dir=request.hosts_dir,
+        plain_http=(ref.registry,) if request.plain_http else (),
+        docker_config=request.docker_config,
+    )
+    with access.client() as registry:
         resolving: Future[ResolvedImage] = Future()
 
         def resolve() -> None:

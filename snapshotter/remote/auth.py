@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -30,6 +29,7 @@ from snapshotter.remote.credential_helper import (
 )
 from snapshotter.remote.docker_config import default_docker_config_path
 from snapshotter.remote.errors import AuthenticationError, CredentialsError, redact_url
+from snapshotter.remote.hosts import normalize_host
 from snapshotter.remote.session_credentials import ORIGIN as SESSION_ORIGIN
 from snapshotter.remote.session_credentials import PullAuth, SessionCredentials
 
@@ -38,16 +38,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token service omits expires_in (token spec)
 HELPER_ANSWER_TTL = 300.0  # seconds a helper's answer (credentials or "not found") is reused
 HELPER_FAILURE_TTL = 30.0  # seconds before a failed helper is run again for that host
-_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-
-
-def normalize_host(host_or_url: str) -> str:
-    """`https://index.docker.io/v1/` -> `docker.io`; `http://127.0.0.1:5000` -> `127.0.0.1:5000`."""
-    text = host_or_url.strip()
-    if "://" in text:
-        text = urlsplit(text).netloc
-    text = text.split("/", 1)[0].lower()
-    return "docker.io" if text in _HUB_HOSTS else text
 
 
 def repository_scope(name: str, actions: Sequence[str]) -> str:

@@ -1,46 +1,40 @@
 """Blob data plane: Range reads over urllib3 (httpx costs 4-5x the CPU per byte; limits.md §2).
 
-One BlobReader per layer blob; FUSE calls it from many threads. Each read is one Range GET
-(read_many coalesces neighbouring ranges into fewer, larger requests because a registry request
-has a fixed cost of ~6 ms). A registry that ignores Range (200 + whole body) is detected once: the
-whole blob is then verified against its digest, kept in an unnamed temp file and served locally.
+One BlobReader per layer blob; FUSE calls it from many threads. Each read is one Range GET,
+sent under transport.TransportPolicy (redirects, auth challenges, retries: the same policy as the
+control plane's). A registry that ignores Range (200 + whole body) is detected once: the whole
+blob is then verified against its digest, kept in an unnamed temp file and served locally.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import os
 import re
 import tempfile
 import threading
-import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
-from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
-from snapshotter.remote.auth import normalize_host, repository_scope
-from snapshotter.remote.client import (
-    REDIRECT_STATUSES,
-    RETRY_STATUSES,
-    RegistryClient,
-    RepoLike,
-    as_repository,
+from snapshotter.remote.auth import repository_scope
+from snapshotter.remote.client import RegistryClient, RepoLike, as_repository
+from snapshotter.remote.errors import (
+    BlobFetchError,
+    RegistryUnavailable,
+    UnexpectedResponse,
 )
-from snapshotter.remote.errors import BlobFetchError, redact_url
 from snapshotter.remote.hosts import RegistryHost
 from snapshotter.remote.reference import validate_digest
+from snapshotter.remote.transport import RETRY_STATUSES, UNAUTHORIZED, ConnectionFailed, Hop
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECTIONS = 4
-DEFAULT_COALESCE_GAP = 256 << 10  # fetching a gap this small is cheaper than another request
-DEFAULT_MAX_REQUEST = 16 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -86,13 +80,6 @@ def _plane_for(client: RegistryClient, max_connections: int) -> _DataPlane:
         return plane
 
 
-@dataclass(frozen=True)
-class _Group:
-    start: int
-    end: int  # exclusive
-    members: tuple[int, ...]  # indices into the caller's ranges
-
-
 class BlobReader:
     """Random access to one blob of known size. Thread-safe."""
 
@@ -104,8 +91,6 @@ class BlobReader:
         size: int,
         *,
         max_connections: int = DEFAULT_CONNECTIONS,
-        coalesce_gap: int = DEFAULT_COALESCE_GAP,
-        max_request: int = DEFAULT_MAX_REQUEST,
         timeout: float | None = None,
         retries: int | None = None,
     ) -> None:
@@ -115,12 +100,14 @@ class BlobReader:
         if size < 0:
             raise ValueError(f"blob {self.repository}@{digest}: negative size {size}")
         self.size = size
-        self.coalesce_gap = coalesce_gap
-        self.max_request = max_request
-        self._timeout = urllib3.Timeout(
-            connect=min(timeout or client.timeout, 10.0), read=timeout or client.timeout
+        self._policy = dataclasses.replace(
+            client.policy,
+            timeout=client.policy.timeout if timeout is None else timeout,
+            retries=client.policy.retries if retries is None else retries,
         )
-        self._retries = client.retries if retries is None else retries
+        self._timeout = urllib3.Timeout(
+            connect=self._policy.connect_timeout, read=self._policy.timeout
+        )
         self._plane = _plane_for(client, max_connections)
         self._hosts = client.hosts.hosts_for(self.repository.registry, "pull")
         self._host_index = 0
@@ -128,8 +115,6 @@ class BlobReader:
         self._lock = threading.Lock()
         self._spool: BinaryIO | None = None  # whole verified blob, once Range was ignored
         self._spool_lock = threading.Lock()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._max_connections = max_connections
         self.requests = 0  # Range GETs sent (for tests and metrics)
 
     @property
@@ -138,10 +123,6 @@ class BlobReader:
         return self._spool is not None
 
     def close(self) -> None:
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
         with self._spool_lock:
             if self._spool is not None:
                 self._spool.close()
@@ -171,64 +152,7 @@ class BlobReader:
             return b""
         return self._fetch(offset, offset + length)
 
-    def read_to_end(self, offset: int) -> bytes:
-        """Bytes [offset, size): one open-ended Range GET (`bytes=offset-`)."""
-        self._check_range(offset, self.size - offset)
-        if offset == self.size:
-            return b""
-        return self._fetch(offset, self.size, open_ended=True)
-
-    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """(offset, length) ranges -> their bytes, in the given order. Neighbouring ranges (gap
-        <= coalesce_gap, merged size <= max_request) share one request; groups run in parallel
-        on up to max_connections connections."""
-        for offset, length in ranges:
-            self._check_range(offset, length)
-        groups = self._coalesce(ranges)
-        if len(groups) <= 1:
-            bodies = [self._fetch(g.start, g.end) for g in groups]
-        else:
-            bodies = list(self._pool().map(lambda g: self._fetch(g.start, g.end), groups))
-        results: list[bytes] = [b""] * len(ranges)
-        for group, body in zip(groups, bodies, strict=True):
-            view = memoryview(body)
-            for index in group.members:
-                offset, length = ranges[index]
-                results[index] = bytes(view[offset - group.start : offset - group.start + length])
-        return results
-
-    def _coalesce(self, ranges: Sequence[tuple[int, int]]) -> list[_Group]:
-        order = sorted((i for i, r in enumerate(ranges) if r[1] > 0), key=lambda i: ranges[i][0])
-        groups: list[_Group] = []
-        start = end = -1
-        members: list[int] = []
-        for i in order:
-            offset, length = ranges[i]
-            new_end = max(end, offset + length)
-            if (
-                members
-                and offset <= end + self.coalesce_gap
-                and new_end - start <= self.max_request
-            ):
-                end = new_end
-                members.append(i)
-                continue
-            if members:
-                groups.append(_Group(start, end, tuple(members)))
-            start, end, members = offset, offset + length, [i]
-        if members:
-            groups.append(_Group(start, end, tuple(members)))
-        return groups
-
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    self._max_connections, thread_name_prefix="blob-read"
-                )
-            return self._executor
-
-    def _fetch(self, start: int, end: int, open_ended: bool = False) -> bytes:
+    def _fetch(self, start: int, end: int) -> bytes:
         """Bytes [start, end) from the first host that can serve them (sticky on success)."""
         spooled = self._from_spool(start, end)
         if spooled is not None:
@@ -240,9 +164,7 @@ class BlobReader:
             index = (first + step) % len(self._hosts)
             host = self._hosts[index]
             try:
-                data = self._fetch_from(
-                    host, start, end, is_last=step == len(self._hosts) - 1, open_ended=open_ended
-                )
+                data = self._fetch_from(host, start, end, is_last=step == len(self._hosts) - 1)
             except _HostFailed as exc:
                 causes.append(f"{host.url}: {exc}")
                 continue
@@ -252,104 +174,93 @@ class BlobReader:
             return data
         raise self._error(start, end, "; ".join(causes))
 
-    def _fetch_from(
-        self, host: RegistryHost, start: int, end: int, *, is_last: bool, open_ended: bool = False
-    ) -> bytes:
-        pool = self._plane.pool(self.client, host)
-        url = host.api_url(f"/{self.repository.name}/blobs/{self.digest}")
-        auth = self.client.authenticator.authorization(host.host, self._scopes)
-        attempt = auth_tries = redirects = 0
-        on_host = True
+    def _fetch_from(self, host: RegistryHost, start: int, end: int, *, is_last: bool) -> bytes:
+        """Bytes [start, end) from host; a body that breaks off is asked for again, up to the
+        policy's retries."""
+        attempt = 0
         while True:
-            headers = {"Range": f"bytes={start}-" if open_ended else f"bytes={start}-{end - 1}"}
-            if on_host:
-                headers.update(host.headers)
-                if auth:
-                    headers["Authorization"] = auth
+            try:
+                return self._fetch_once(host, start, end, is_last=is_last)
+            except _ShortBody as exc:
+                if attempt >= self._policy.retries:
+                    raise self._error(start, end, str(exc)) from None
+                attempt += 1
+
+    def _fetch_once(self, host: RegistryHost, start: int, end: int, *, is_last: bool) -> bytes:
+        pool = self._plane.pool(self.client, host)
+
+        def send(hop: Hop) -> _Urllib3Answer:
             try:
                 self.requests += 1
-                response = pool.request(
-                    "GET",
-                    url,
-                    headers=headers,
-                    preload_content=False,
-                    redirect=False,
-                    retries=False,
-                    timeout=self._timeout,
+                return _Urllib3Answer(
+                    pool.request(
+                        hop.method,
+                        hop.url,
+                        headers=dict(hop.headers),
+                        preload_content=False,
+                        redirect=False,
+                        retries=False,
+                        timeout=self._timeout,
+                    )
                 )
             except urllib3.exceptions.HTTPError as exc:
-                if attempt < self._retries:
-                    time.sleep(self.client.backoff_delay(attempt))
-                    attempt += 1
-                    continue
-                raise _HostFailed(f"{type(exc).__name__}: {exc}") from None
-            status = response.status
-            consumed = False
-            try:
-                if status in REDIRECT_STATUSES and response.headers.get("location"):
-                    redirects += 1
-                    if redirects > 5:
-                        raise self._error(start, end, "more than 5 redirects")
-                    url = urljoin(url, response.headers["location"])
-                    # Never send Authorization (or registry headers) to another host.
-                    on_host = normalize_host(urlsplit(url).netloc) == normalize_host(host.host)
-                    log.debug("blob %s redirected to %s", self.digest, redact_url(url))
-                    continue
-                if status == 401 and on_host and auth_tries < 2:
-                    new_auth = self.client.authenticator.challenge(
-                        host.host, self._scopes, response.headers.get("www-authenticate"), auth
-                    )
-                    if new_auth is not None and new_auth != auth:
-                        auth, auth_tries = new_auth, auth_tries + 1
-                        continue
-                    raise self._error(start, end, f"HTTP 401 from {host.url}: access refused")
-                if status == 206:
-                    data = self._partial_body(response, start, end)
-                    consumed = True
-                    return data
-                if status == 200:
-                    log.warning(
-                        "registry %s ignored Range for %s@%s: fetching the whole blob once",
-                        host.url,
-                        self.repository,
-                        self.digest,
-                    )
-                    data = self._spool_whole(response, start, end)
-                    consumed = True
-                    return data
-                if status == 416:
-                    # Never read this body: distribution sends a Content-Length it does not honour.
-                    said = response.headers.get("content-range", "?")
-                    raise self._error(
-                        start,
-                        end,
-                        f"HTTP 416 range not satisfiable (Content-Range: {said}; "
-                        f"expected size {self.size})",
-                    )
-                if status == 404:
-                    if not is_last:
-                        raise _HostFailed("HTTP 404")
-                    raise self._error(start, end, f"HTTP 404 blob not found on {host.url}")
-                if status in RETRY_STATUSES:
-                    if attempt < self._retries:
-                        time.sleep(
-                            self.client.backoff_delay(attempt, response.headers.get("retry-after"))
-                        )
-                        attempt += 1
-                        continue
-                    raise _HostFailed(f"HTTP {status} after {attempt + 1} attempts")
-                raise self._error(start, end, f"unexpected HTTP {status} from {host.url}")
-            except _ShortBody as exc:
-                if attempt < self._retries:
-                    attempt += 1
-                    continue
-                raise self._error(start, end, str(exc)) from None
-            finally:
-                # A body we did not read to its end (error statuses, a 416 with a Content-Length
-                # it does not honour) is dropped with its connection rather than drained.
-                if not consumed:
-                    response.close()
-                response.release_conn()
+                raise ConnectionFailed(f"{type(exc).__name__}: {exc}") from None
+
+        try:
+            answer = self._policy.exchange(
+                send,
+                authenticator=self.client.authenticator,
+                host=host,
+                scopes=self._scopes,
+                method="GET",
+                url=host.api_url(f"/{self.repository.name}/blobs/{self.digest}"),
+                headers={"Range": f"bytes={start}-{end - 1}"},
+            )
+        except RegistryUnavailable as exc:
+            raise _HostFailed(str(exc)) from None
+        except UnexpectedResponse as exc:  # too many redirects
+            raise self._error(start, end, str(exc)) from None
+        response, status = answer.response, answer.status
+        consumed = False
+        try:
+            if status == 206:
+                data = self._partial_body(response, start, end)
+                consumed = True
+                return data
+            if status == 200:
+                log.warning(
+                    "registry %s ignored Range for %s@%s: fetching the whole blob once",
+                    host.url,
+                    self.repository,
+                    self.digest,
+                )
+                data = self._spool_whole(response, start, end)
+                consumed = True
+                return data
+            if status == UNAUTHORIZED:
+                raise self._error(start, end, f"HTTP 401 from {host.url}: access refused")
+            if status == 416:
+                # Never read this body: distribution sends a Content-Length it does not honour.
+                said = response.headers.get("content-range", "?")
+                raise self._error(
+                    start,
+                    end,
+                    f"HTTP 416 range not satisfiable (Content-Range: {said}; "
+                    f"expected size {self.size})",
+                )
+            if status == 404:
+                if not is_last:
+                    raise _HostFailed("HTTP 404")
+                raise self._error(start, end, f"HTTP 404 blob not found on {host.url}")
+            if status in RETRY_STATUSES:  # the policy's retries are spent
+                raise _HostFailed(f"HTTP {status} after {self._policy.retries + 1} attempts")
+            raise self._error(start, end, f"unexpected HTTP {status} from {host.url}")
+        finally:
+            # A body we did not read to its end (error statuses, a 416 with a Content-Length
+            # it does not honour) is dropped with its connection rather than drained.
+            if not consumed:
+                response.close()
+            response.release_conn()
 
     def _partial_body(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> bytes:
         content_range = response.headers.get("content-range", "")
@@ -418,3 +329,22 @@ class BlobReader:
 
 class _ShortBody(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Urllib3Answer:
+    """A urllib3 response (body not yet read) as transport.Answer."""
+
+    response: urllib3.BaseHTTPResponse
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    def header(self, name: str) -> str | None:
+        value = self.response.headers.get(name)
+        return str(value) if value is not None else None
+
+    def discard(self) -> None:
+        self.response.close()
+        self.response.release_conn()

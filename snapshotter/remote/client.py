@@ -1,9 +1,8 @@
-"""Registry control plane over httpx: manifests, blobs (whole), uploads, tags.
+"""Registry control plane over httpx: manifests, blobs (whole), uploads.
 
 Every request goes through `request()`: hosts from hosts.toml in order (mirrors, then the
-server), auth via auth.Authenticator (401 -> challenge -> retry), redirects followed by hand so
-Authorization never leaves the registry host, and retries with exponential backoff for
-connection errors, 5xx and 429 (never for other 4xx).
+server); each is sent under transport.TransportPolicy (redirects, auth challenges, retries),
+the same policy the Range reader (blob.py) uses.
 """
 
 from __future__ import annotations
@@ -17,16 +16,15 @@ import os
 import re
 import ssl
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 import httpx
 
-from snapshotter.remote.auth import Authenticator, CredentialStore, normalize_host, repository_scope
+from snapshotter.remote.auth import Authenticator, CredentialStore, repository_scope
 from snapshotter.remote.errors import (
     AuthenticationError,
     BlobNotFound,
@@ -38,7 +36,6 @@ from snapshotter.remote.errors import (
     RegistryError,
     RegistryUnavailable,
     UnexpectedResponse,
-    redact_url,
     single_platform_mismatch,
 )
 from snapshotter.remote.hosts import HostsConfig, RegistryHost
@@ -53,16 +50,20 @@ from snapshotter.remote.manifest import (
     sha256_digest,
 )
 from snapshotter.remote.reference import Reference, Repository, validate_digest
+from snapshotter.remote.transport import (
+    DEFAULT_BACKOFF,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    RETRY_STATUSES,
+    ConnectionFailed,
+    Hop,
+    TransportPolicy,
+)
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-MAX_REDIRECTS = 5
 MAX_MANIFEST_SIZE = 4 << 20  # distribution's own limit for manifests
 DEFAULT_CHUNK = 8 << 20
-# A registry's next-page Link that never ends must not hang the caller (as the referrers loops).
-MAX_TAG_PAGES = 1000
 PULL = ("pull",)
 PUSH = ("pull", "push")
 
@@ -165,16 +166,14 @@ class RegistryClient:
         hosts: HostsConfig | None = None,
         credentials: CredentialStore | None = None,
         *,
-        timeout: float = 30.0,
-        retries: int = 3,
-        backoff: float = 0.2,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
     ) -> None:
         self.hosts = hosts or HostsConfig()
         self.credentials = credentials or CredentialStore.anonymous()
         self.authenticator = Authenticator(self.credentials, timeout=timeout)
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
+        self.policy = TransportPolicy(timeout=timeout, retries=retries, backoff=backoff)
         self._clients: dict[tuple[bool, tuple[str, ...]], httpx.Client] = {}
         self._lock = threading.Lock()
 
@@ -217,15 +216,12 @@ class RegistryClient:
             client = self._clients.get(key)
             if client is None:
                 client = httpx.Client(
-                    verify=self.ssl_context(host), timeout=self.timeout, follow_redirects=False
+                    verify=self.ssl_context(host),
+                    timeout=httpx.Timeout(self.policy.timeout, connect=self.policy.connect_timeout),
+                    follow_redirects=False,
                 )
                 self._clients[key] = client
             return client
-
-    def backoff_delay(self, attempt: int, retry_after: str | None = None) -> float:
-        if retry_after and retry_after.strip().isdigit():
-            return min(float(retry_after), 10.0)
-        return float(min(self.backoff * (2**attempt), 5.0))
 
     def request(
         self,
@@ -291,71 +287,31 @@ class RegistryClient:
         stream: bool,
     ) -> httpx.Response:
         client = self._http(host)
-        auth = self.authenticator.authorization(host.host, scopes)
-        attempt = auth_tries = redirects = 0
-        current_url, current_method, current_params = url, method, params
-        on_registry_host = True
-        while True:
-            request_headers: dict[str, str] = {}
-            if on_registry_host:
-                request_headers.update(host.headers)
-            request_headers.update(headers or {})
-            if auth and on_registry_host:
-                request_headers["Authorization"] = auth
+        query = httpx.QueryParams(list(params)) if params else None
+
+        def send(hop: Hop) -> _HttpxAnswer:
             try:
                 request = client.build_request(
-                    current_method,
-                    current_url,
-                    headers=request_headers,
-                    params=httpx.QueryParams(list(current_params)) if current_params else None,
-                    content=content,
+                    hop.method,
+                    hop.url,
+                    headers=dict(hop.headers),
+                    params=None if hop.redirected else query,  # a Location has its own query
+                    content=content if hop.with_body else None,
                 )
-                response = client.send(request, stream=stream)
+                return _HttpxAnswer(client.send(request, stream=stream))
             except httpx.TransportError as exc:
-                if attempt < self.retries:
-                    time.sleep(self.backoff_delay(attempt))
-                    attempt += 1
-                    continue
-                raise RegistryUnavailable(
-                    f"{current_method} {redact_url(current_url)} failed after {attempt + 1} "
-                    f"attempts: {type(exc).__name__}: {exc}"
-                ) from None
-            status = response.status_code
-            if status in REDIRECT_STATUSES and "location" in response.headers:
-                response.close()
-                redirects += 1
-                if redirects > MAX_REDIRECTS:
-                    raise UnexpectedResponse(
-                        f"{method} {redact_url(url)}: more than {MAX_REDIRECTS} redirects", status
-                    )
-                current_url = urljoin(str(response.url), response.headers["location"])
-                current_params = None  # the Location carries its own query
-                if status == 303:
-                    current_method, content = "GET", None
-                # Never forward Authorization (or host headers) to another host (spec: MUST NOT).
-                on_registry_host = normalize_host(urlsplit(current_url).netloc) == normalize_host(
-                    host.host
-                )
-                log.debug("%s redirected to %s", redact_url(url), redact_url(current_url))
-                continue
-            if status == 401 and on_registry_host and auth_tries < 2:
-                challenge = response.headers.get("www-authenticate")
-                new_auth = self.authenticator.challenge(host.host, scopes, challenge, auth)
-                if new_auth is not None and new_auth != auth:
-                    response.close()
-                    auth, auth_tries = new_auth, auth_tries + 1
-                    continue
-                return response  # nothing better to offer: the caller reports the 401
-            if status in RETRY_STATUSES and attempt < self.retries:
-                delay = self.backoff_delay(attempt, response.headers.get("retry-after"))
-                response.close()
-                log.debug(
-                    "%s %s: HTTP %d, retry in %.2fs", method, redact_url(current_url), status, delay
-                )
-                time.sleep(delay)
-                attempt += 1
-                continue
-            return response
+                raise ConnectionFailed(f"{type(exc).__name__}: {exc}") from None
+
+        answer = self.policy.exchange(
+            send,
+            authenticator=self.authenticator,
+            host=host,
+            scopes=scopes,
+            method=method,
+            url=url,
+            headers=headers,
+        )
+        return answer.response
 
     def check(
         self,
@@ -382,7 +338,7 @@ class RegistryClient:
             raise not_found(f"{where}: not found{suffix}")
         if status in RETRY_STATUSES:
             raise RegistryUnavailable(
-                f"{where}: HTTP {status} after {self.retries} retries{suffix}"
+                f"{where}: HTTP {status} after {self.policy.retries} retries{suffix}"
             )
         raise UnexpectedResponse(f"{where}: unexpected HTTP {status}{suffix}", status)
 
@@ -489,38 +445,6 @@ class RegistryClient:
         if have is not None and platform.match_rank(have) is None:
             raise single_platform_mismatch(manifest.where, platform.normalized(), have)
 
-    def get_children(
-        self, index: Manifest, platforms: Sequence[Platform] | None = None
-    ) -> list[Manifest]:
-        """Fetch the children of an index. Absent children of platforms not asked for are skipped
-        with a warning (sparse index); an absent asked-for platform is PlatformNotFound."""
-        if index.reference is None:
-            raise InvalidManifest(f"index {index.digest} has no repository to fetch children from")
-        wanted = [p.normalized() for p in platforms] if platforms else None
-        children: list[Manifest] = []
-        for desc in index.manifests:
-            asked = wanted is None or (
-                desc.platform is not None
-                and any(w.match_rank(desc.platform) is not None for w in wanted)
-            )
-            if wanted is not None and not asked:
-                continue
-            try:
-                children.append(self.get_manifest(index.reference.with_digest(desc.digest)))
-            except ManifestNotFound:
-                if wanted is not None:
-                    raise PlatformNotFound(
-                        f"index {index.where}: manifest {desc.digest} for asked-for platform "
-                        f"{desc.platform} is absent (sparse index)"
-                    ) from None
-                log.warning(
-                    "index %s: skipping absent child %s (platform %s; sparse index)",
-                    index.where,
-                    desc.digest,
-                    desc.platform,
-                )
-        return children
-
     def push_manifest(
         self, repo: RepoLike, ref: str, data: bytes, media_type: str, *, if_match: str | None = None
     ) -> PushedManifest:
@@ -551,65 +475,6 @@ class RegistryClient:
                     f"push of manifest {repository}:{ref}: registry stored {said}, we sent {digest}"
                 )
             return PushedManifest(digest, response.headers.get("oci-subject"))
-
-    def delete_manifest(self, repo: RepoLike, digest: str) -> None:
-        repository = as_repository(repo)
-        response, host = self.request(
-            "DELETE",
-            repository,
-            f"/{repository.name}/manifests/{digest}",
-            capability="push",
-            actions=("delete",),
-        )
-        with contextlib.closing(response):
-            self.check(
-                response,
-                f"delete of manifest {repository}@{digest}",
-                (200, 202),
-                host,
-                ManifestNotFound,
-            )
-
-    def list_tags(self, repo: RepoLike, page_size: int | None = None) -> list[str]:
-        repository = as_repository(repo)
-        tags: list[str] = []
-        params = [("n", str(page_size))] if page_size else None
-        where = f"tag list of {repository}"
-        url: str | None = None
-        host: RegistryHost | None = None
-        read: set[str] = set()
-        for _page in range(MAX_TAG_PAGES):
-            response, host = self.request(
-                "GET",
-                repository,
-                f"/{repository.name}/tags/list",
-                capability="pull",
-                params=params if url is None else None,
-                url=url,
-                host=host,
-            )
-            with contextlib.closing(response):
-                self.check(response, where, (200,), host)
-                read.add(str(response.url))
-                try:
-                    body = response.json()
-                except ValueError:
-                    raise UnexpectedResponse(f"{where}: answer is not JSON") from None
-                listed = body.get("tags") if isinstance(body, dict) else None
-                if not isinstance(listed, list | None):
-                    raise UnexpectedResponse(f'{where}: "tags" is not a list')
-                tags.extend(str(t) for t in listed or [])
-                url = next_link(response)
-            if url is None:
-                return tags
-            if url in read:
-                raise UnexpectedResponse(
-                    f"{where}: the registry's next-page link points back to a page already read "
-                    f"({redact_url(url)}), after {len(tags)} tags"
-                )
-        raise UnexpectedResponse(
-            f"{where}: more than {MAX_TAG_PAGES} pages; the registry's next-page links never end"
-        )
 
     # -- blobs ----------------------------------------------------------------------------------
 
@@ -766,6 +631,24 @@ class RegistryClient:
         )
         with contextlib.closing(response):
             self.check(response, what, (201, 204), host)
+
+
+@dataclass(frozen=True)
+class _HttpxAnswer:
+    """An httpx response as transport.Answer."""
+
+    response: httpx.Response
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    def header(self, name: str) -> str | None:
+        value = self.response.headers.get(name)
+        return str(value) if value is not None else None
+
+    def discard(self) -> None:
+        self.response.close()
 
 
 def stream_unread(response: httpx.Response) -> bool:

@@ -35,10 +35,20 @@ from snapshotter.remote.reference import DOCKER_HUB, DOCKER_HUB_ENDPOINT
 log = logging.getLogger(__name__)
 
 ALL_CAPABILITIES = frozenset({"pull", "resolve", "push"})
+_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
 # What identifies the contents of a hosts.toml as read: path, inode, size, mtime (ns). None: no
 # file (the built-in default host).
 _FileId = tuple[str, int, int, int] | None
+
+
+def normalize_host(host_or_url: str) -> str:
+    """`https://index.docker.io/v1/` -> `docker.io`; `http://127.0.0.1:5000` -> `127.0.0.1:5000`."""
+    text = host_or_url.strip()
+    if "://" in text:
+        text = urlsplit(text).netloc
+    text = text.split("/", 1)[0].lower()
+    return "docker.io" if text in _HUB_HOSTS else text
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from snapshotter._proto.cri.runtime.v1 import pull_pb2
-from snapshotter.remote.auth import normalize_host
 from snapshotter.remote.errors import InvalidReference
+from snapshotter.remote.hosts import normalize_host
 from snapshotter.remote.reference import Reference
 from snapshotter.remote.session_credentials import PullAuth, PullAuthError, SessionCredentials
 

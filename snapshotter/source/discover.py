@@ -49,6 +49,7 @@ from snapshotter.profile.model import (
     StartupProfile,
     decode_profile,
 )
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import AuthenticationError, CredentialsError, RegistryError
 from snapshotter.remote.manifest import Descriptor, Manifest
@@ -84,15 +85,6 @@ AUTH_REFUSED = "registry refused the credentials we have"
 
 
 @dataclass(frozen=True)
-class BlobSettings:
-    """How mount processes reach the registry (the same settings the daemon uses)."""
-
-    hosts_dir: str = ""
-    plain_http: tuple[str, ...] = ()
-    docker_config: str = ""
-
-
-@dataclass(frozen=True)
 class _ImageIndexes:
     """What one platform manifest's lookup found."""
 
@@ -113,7 +105,7 @@ class IndexDiscovery:
     def __init__(
         self,
         client: RegistryClient,
-        blob_settings: BlobSettings,
+        access: RegistryAccess,
         *,
         trust: TrustPolicy,
         min_layer_size: int = 0,
@@ -122,7 +114,7 @@ class IndexDiscovery:
         refusals: RefusalLedger | None = None,
     ) -> None:
         self.client = client
-        self.blob_settings = blob_settings
+        self.access = access  # how mount processes reach the registry: as the daemon does
         self.trust = trust
         self.min_layer_size = min_layer_size
         self.negative_ttl = negative_ttl
@@ -211,9 +203,7 @@ class IndexDiscovery:
                 location=str(ref.repository),
                 digest=request.layer_digest,
                 size=layer.size,
-                hosts_dir=self.blob_settings.hosts_dir,
-                plain_http=self.blob_settings.plain_http,
-                docker_config=self.blob_settings.docker_config,
+                access=self.access,
             ),
             index_bytes=data,
             prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),

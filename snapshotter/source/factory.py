@@ -9,11 +9,11 @@ import threading
 from snapshotter.config import Config
 from snapshotter.fs.manager import LazyLayers, from_config
 from snapshotter.fs.refusals import RefusalLedger
-from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
-from snapshotter.remote.hosts import HostsConfig, RegistryHost
+from snapshotter.remote.hosts import RegistryHost
 from snapshotter.remote.session_credentials import SessionCredentials
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.keys import load_public_keys
 from snapshotter.trust.policy import TrustMode, TrustPolicy
 
@@ -30,23 +30,24 @@ def lazy_layers_from_config(
     """session: pull credentials the CRI proxy keeps in memory per repository; discovery and
     the mount processes (handed them through a pipe) try them before the docker config."""
     remote = config.remote
-    # Resolve the default credentials path once, here: mount processes get it explicitly, so
-    # layer reads use the same credentials as discovery (an empty path would mean anonymous).
-    docker_config = remote.docker_config or CredentialStore.default_config_path()
-    credentials = CredentialStore.from_docker_config(docker_config)
-    if session is not None:
-        credentials.consult_first(session)
-    client = RegistryClient(
-        HostsConfig(remote.hosts_dir or None, plain_http=remote.plain_http),
-        credentials,
+    # The default credentials path is resolved here, once: mount processes get it explicitly,
+    # so layer reads use the same credentials as discovery.
+    access = RegistryAccess.create(
+        hosts_dir=remote.hosts_dir,
+        plain_http=remote.plain_http,
+        docker_config=remote.docker_config,
         timeout=remote.fetch_timeout_seconds,
     )
+    credentials = access.credentials()
+    if session is not None:
+        credentials.consult_first(session)
+    client = access.client(credentials)
     trust = trust_policy_from_config(config)
     quiet = trust.mode is TrustMode.SIGNED and bool(trust.keys)
     log.log(logging.INFO if quiet else logging.WARNING, "index trust: %s", trust.describe())
     discovery = IndexDiscovery(
         client,
-        BlobSettings(remote.hosts_dir, remote.plain_http, docker_config),
+        access,
         trust=trust,
         min_layer_size=remote.min_layer_size,
         refusals=RefusalLedger(config.root),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.url_blob import UrlBlobSource
 from snapshotter.fs.background import (
     CACHE_HIGH_WATER,
     MAX_BAD_DATA_FAILURES,
@@ -18,7 +19,6 @@ from snapshotter.fs.background import (
     BackgroundSettings,
     BackgroundState,
 )
-from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry

@@ -27,7 +27,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_missing_options_are_named() -> None:
     result = _run("--index", "/nonexistent")
     assert result.returncode == 2
-    assert "missing --mountpoint, --blob-url or --blob-file, --cache-dir" in result.stderr
+    assert "missing --mountpoint, --blob-file, --cache-dir" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -36,7 +36,7 @@ def test_a_spec_with_a_bad_key_names_file_and_key(tmp_path: Path) -> None:
     spec.write_text(json.dumps({"mountpoint": str(tmp_path), "index_path": "x", "blob": {}}))
     result = _run("--spec", str(spec))
     assert result.returncode == 2
-    assert f"mount spec {spec}: blob.kind: None is not one of file, url, registry" in result.stderr
+    assert f"mount spec {spec}: blob.kind: None is not one of file, registry" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.registry import Registry
+from harness.url_blob import served_blob_spec
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
@@ -30,6 +31,7 @@ from snapshotter.fs.status import cache_usage, mount_statuses
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
@@ -57,7 +59,7 @@ class Layer:
 
     def spec(self) -> LayerSpec:
         return LayerSpec(
-            blob=BlobSpec("url", self.server.url, self.index.layer_digest),
+            blob=served_blob_spec(self.server.url, self.index.layer_digest, len(self.blob)),
             index_bytes=encode_index(self.index),
             diff_id="sha256:" + hashlib.sha256(self.tar).hexdigest(),  # the image config's
         )
@@ -231,11 +233,12 @@ def test_killing_the_parent_does_not_break_an_ongoing_read(
     spec_file.write_bytes(encode_index(layer.index))
     parent_script = (
         "import sys, time\n"
-        "from snapshotter.fs.blob_source import BlobSpec\n"
         "from snapshotter.fs.manager import LayerSpec, LazyLayers\n"
+        "from harness.url_blob import served_blob_spec\n"
+        f"blob = served_blob_spec({layer.server.url!r}, {layer.index.layer_digest!r},"
+        f" {len(layer.blob)})\n"
         f"m = LazyLayers({str(tmp_path / 'cache')!r}, 1 << 30, fetch_timeout=30)\n"
-        f"m.mount_layer({str(mnt)!r}, LayerSpec(BlobSpec('url', {layer.server.url!r}),"
-        f" index_path={str(spec_file)!r}))\n"
+        f"m.mount_layer({str(mnt)!r}, LayerSpec(blob, index_path={str(spec_file)!r}))\n"
         "print('mounted', flush=True)\n"
         "time.sleep(600)\n"
     )
@@ -468,7 +471,7 @@ def test_a_layer_served_by_docker_registry_through_the_registry_client(
         str(repository),
         digest=index.layer_digest,
         size=len(tar),
-        plain_http=(registry.host,),
+        access=RegistryAccess(plain_http=(registry.host,)),
     )
     lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
     mnt = tmp_path / "fs"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.url_blob import UrlBlobSource
 from snapshotter.fs import reader as reader_module
-from snapshotter.fs.blob_source import FileBlobSource, UrlBlobSource
+from snapshotter.fs.blob_source import FileBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry

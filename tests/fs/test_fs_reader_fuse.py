@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.blob_source import BlobSpec
+from harness.url_blob import served_blob_spec
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.reader import RETRY_AFTER_FAILURE_S
 from snapshotter.index.codec import encode_index
@@ -49,7 +49,8 @@ def test_a_read_through_fuse_from_a_hung_registry_costs_one_fetch_timeout(
         mountpoint = tmp_path / "fs"
         mountpoint.mkdir()
         spec = LayerSpec(
-            blob=BlobSpec("url", server.url, index.layer_digest), index_bytes=encode_index(index)
+            blob=served_blob_spec(server.url, index.layer_digest, len(blob)),
+            index_bytes=encode_index(index),
         )
         manager.mount_layer(str(mountpoint), spec)
         server.gates = {fetch_range(index, n)[0]: hang for n in range(len(index.spans))}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.blob_source import UrlBlobSource
+from harness.url_blob import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import (
     LATE_RESULT_GRACE_S,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.url_blob import UrlBlobSource
 from snapshotter.fs import reader as reader_module
-from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import LayerIndex, TocEntry

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.blob_source import BlobSpec, UrlBlobSource
+from harness.url_blob import UrlBlobSource
+from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.mount_process import MountSpec, SpecError, open_windows_source
 from snapshotter.fs.reader import LayerReader, SpanReadError
@@ -172,7 +173,7 @@ def test_a_v2_index_needs_a_registry_blob_source(layer: SplitLayer, tmp_path: Pa
     spec = MountSpec(
         mountpoint=str(tmp_path / "mnt"),
         index_path=str(tmp_path / "index"),
-        blob=BlobSpec("url", layer.data.url, layer.index.layer_digest),
+        blob=BlobSpec("file", str(tmp_path / "blob"), layer.index.layer_digest),
         cache_dir=str(tmp_path / "cache"),
         cache_max_bytes=1 << 30,
     )

@@ -173,8 +173,9 @@ def test_a_zygote_that_cannot_run_falls_back_to_plain_mount_processes(
 DAEMON = """
 import sys, time
 from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.blob_source import BlobSpec
-spec = LayerSpec(blob=BlobSpec("url", sys.argv[3], sys.argv[4]), index_path=sys.argv[5])
+from harness.url_blob import served_blob_spec
+blob = served_blob_spec(sys.argv[3], sys.argv[4], int(sys.argv[6]))
+spec = LayerSpec(blob=blob, index_path=sys.argv[5])
 lazy = LazyLayers(sys.argv[1], 1 << 30, zygote=True)
 lazy.mount_layer(sys.argv[2], spec)
 print(lazy._zygote.pid, flush=True)
@@ -194,7 +195,7 @@ def test_a_restarted_daemon_adopts_mount_processes_its_zygote_forked(
     daemon = subprocess.Popen(
         [
             *(sys.executable, "-c", DAEMON, str(tmp_path / "cache"), str(mnt)),
-            *(layer.server.url, layer.index.layer_digest, str(index_file)),
+            *(layer.server.url, layer.index.layer_digest, str(index_file), str(len(layer.blob))),
         ],
         stdout=subprocess.PIPE,
         cwd=REPO_ROOT,

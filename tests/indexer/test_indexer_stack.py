@@ -24,6 +24,7 @@ from indexer_helpers import (
 from harness.images import BuiltImage, file, layer_tar
 from harness.peryx import Peryx
 from harness.registry import Registry
+from harness.registry_calls import delete_manifest
 from snapshotter.indexer.layer_cache import cache_tag
 from snapshotter.remote.auth import Credentials
 from snapshotter.remote.errors import ManifestNotFound
@@ -204,7 +205,7 @@ def test_sparse_index_requires_only_the_asked_platform(
     _amd, arm, ref = _two_platform_image(dist, workdir, repo)
     with dist.client() as client:
         # The index still names the arm64 manifest, which is gone: a sparse index.
-        client.delete_manifest(Repository(dist.host, repo), arm.manifest_digest)
+        delete_manifest(client, Repository(dist.host, repo), arm.manifest_digest)
 
     asked_absent = lazysnap_index("build", ref, "--platform", "linux/arm64", *BUILD_FLAGS)
     assert asked_absent.code == 1

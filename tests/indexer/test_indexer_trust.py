@@ -28,6 +28,7 @@ from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.indexer.cache_entry import VariantKey
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import Credentials
 from snapshotter.remote.manifest import OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
@@ -37,7 +38,7 @@ from snapshotter.remote.signatures import (
     find_signatures,
     signature_tag,
 )
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from snapshotter.trust import simplesign
 from snapshotter.trust.keys import generate_signing_key
@@ -66,7 +67,7 @@ def target(request: pytest.FixtureRequest) -> Target:
 
 
 def _discovery(target: Target, trust: TrustPolicy) -> IndexDiscovery:
-    return IndexDiscovery(target.client(), BlobSettings(plain_http=(target.host,)), trust=trust)
+    return IndexDiscovery(target.client(), RegistryAccess(plain_http=(target.host,)), trust=trust)
 
 
 def test_a_signed_index_is_used_and_refused_under_another_key(

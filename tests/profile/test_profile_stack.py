@@ -19,11 +19,12 @@ from snapshotter.fs.manager import LazyLayers
 from snapshotter.indexer import command
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import decode_profile
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from snapshotter.vocabulary.artifact import (
     LAYER_DIGEST_ANNOTATION,
@@ -102,7 +103,7 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
     assert profile.names_for(top) == ("data/b",)
 
     discovery = IndexDiscovery(
-        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+        client, RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
     )
     spec = discovery.resolve(LayerRequest("chain", str(ref), manifest_digest, base, (base,)))
     assert spec.prefetch_names == profile.names_for(base)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.registry import Registry
+from harness.registry_calls import list_tags
 from harness.token_issuer import TokenIssuer
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.blob import BlobReader
@@ -79,12 +80,12 @@ def test_basic_auth_refusals_name_user_and_host(basic_registry: Registry, tmp_pa
         config_client(basic_registry, tmp_path / "config.json", "alice", "wrong") as client,
         pytest.raises(AuthenticationError, match=refused),
     ):
-        client.list_tags(repo)
+        list_tags(client, repo)
     with (
         RegistryClient(HostsConfig(plain_http=[basic_registry.host])) as anonymous,
         pytest.raises(AuthenticationError, match="anonymous access"),
     ):
-        anonymous.list_tags(repo)
+        list_tags(anonymous, repo)
 
 
 def test_token_auth_with_scopes(
@@ -111,12 +112,12 @@ def test_token_refusals(
         config_client(token_registry, tmp_path / "config.json", "bob", "wrong") as client,
         pytest.raises(AuthenticationError, match=refused),
     ):
-        client.list_tags(repo)
+        list_tags(client, repo)
     with (
         RegistryClient(HostsConfig(plain_http=[token_registry.host])) as anonymous,
         pytest.raises(AuthenticationError, match="refused anonymous access"),
     ):
-        anonymous.list_tags(repo)
+        list_tags(anonymous, repo)
 
 
 def test_token_expiring_mid_sequence_is_refreshed_on_401(
@@ -137,7 +138,7 @@ def test_token_expiring_mid_sequence_is_refreshed_on_401(
             time.sleep(4.5)
             offset = token_registry.log_offset()
             assert reader.read(10, 10) == layer[10:20]  # urllib3 data plane
-            assert client.list_tags(repo) == ["v1"]  # httpx control plane
+            assert list_tags(client, repo) == ["v1"]  # httpx control plane
             reader.close()
         assert statuses_since(token_registry, offset).count(401) >= 1
         assert len(token_issuer.issued) > issued_before
@@ -155,11 +156,11 @@ def test_token_is_refreshed_before_it_expires(
         with config_client(token_registry, tmp_path / "config.json", user, password) as client:
             repo = Repository(token_registry.host, f"test/pre-{uuid.uuid4().hex[:8]}")
             push_image(client, repo, "v1")
-            client.list_tags(repo)
+            list_tags(client, repo)
             issued_before = len(token_issuer.issued)
             offset = token_registry.log_offset()
             time.sleep(2.2)
-            assert client.list_tags(repo) == ["v1"]
+            assert list_tags(client, repo) == ["v1"]
         assert len(token_issuer.issued) == issued_before + 1
         assert 401 not in statuses_since(token_registry, offset)
     finally:
@@ -182,9 +183,10 @@ def test_no_credential_or_token_in_any_log_line(
             ) as client:
                 roundtrip(client, registry)
                 with pytest.raises(AuthenticationError) as info:
-                    config_client(
-                        registry, tmp_path / "bad.json", user, password + "-wrong"
-                    ).list_tags(Repository(registry.host, "test/x"))
+                    list_tags(
+                        config_client(registry, tmp_path / "bad.json", user, password + "-wrong"),
+                        Repository(registry.host, "test/x"),
+                    )
                 logging.getLogger("test").error("refused: %s", info.value)
     tokens = [t.token for t in token_issuer.issued[before:]]
     assert tokens

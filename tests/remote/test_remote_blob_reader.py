@@ -43,22 +43,8 @@ def test_ranges_match_the_blob(client: RegistryClient, blob: tuple[Repository, s
         assert reader.read(SIZE - 7, 7) == data[-7:]
         assert reader.read(123_456, 300_000) == data[123_456:423_456]
         assert reader.read(5, 0) == b""
-        assert reader.read_to_end(SIZE - 100_000) == data[-100_000:]
+        assert reader.read(SIZE - 100_000, 100_000) == data[-100_000:]
         assert not reader.ranges_ignored
-
-
-def test_read_many_coalesces_neighbours(
-    registry: Registry, client: RegistryClient, blob: tuple[Repository, str, bytes]
-) -> None:
-    repo, digest, data = blob
-    ranges = [(900_000, 1000), (0, 100), (4096, 4096), (200, 50), (600_000, 10)]
-    with BlobReader(client, repo, digest, SIZE, coalesce_gap=8192) as reader:
-        offset = registry.log_offset()
-        got = reader.read_many(ranges)
-        assert got == [data[o : o + n] for o, n in ranges]
-        # (0,100) (200,50) (4096,4096) share one request; the two far ones get their own.
-        assert reader.requests == 3
-        assert registry.blob_fetches(since=offset)[digest].requests == 3
 
 
 def test_out_of_range_input_is_refused_without_a_request(

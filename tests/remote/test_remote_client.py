@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from harness.registry import Registry
+from harness.registry_calls import delete_manifest, get_children, list_tags
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import (
     BlobNotFound,
@@ -50,7 +51,7 @@ def test_tags_are_listed_across_pages(registry: Registry, client: RegistryClient
     manifest = client.get_manifest(Reference(repo.registry, repo.name, digest=desc.digest))
     for tag in ("b", "c"):
         client.push_manifest(repo, tag, manifest.data, OCI_MANIFEST)
-    assert sorted(client.list_tags(repo, page_size=1)) == ["a", "b", "c"]
+    assert sorted(list_tags(client, repo, page_size=1)) == ["a", "b", "c"]
 
 
 def test_blob_upload_monolithic_chunked_and_mounted(
@@ -129,16 +130,16 @@ def test_platform_resolution_and_sparse_index(
         client.resolve_platform(index, Platform.parse("windows/amd64"))
 
     # Make it sparse: the s390x child disappears from the registry.
-    client.delete_manifest(repo, children[3][0].digest)
+    delete_manifest(client, repo, children[3][0].digest)
     with pytest.raises(PlatformNotFound, match=f"linux/s390x as {children[3][0].digest}.*sparse"):
         client.resolve_platform(index, Platform.parse("linux/s390x"))
     with logs.at_level(logging.WARNING):
-        fetched = client.get_children(index)
+        fetched = get_children(client, index)
     assert [m.digest for m in fetched] == [c[0].digest for c in children[:3]]
     assert any("skipping absent child" in r.getMessage() for r in logs.records)
     with pytest.raises(PlatformNotFound, match="asked-for platform linux/s390x"):
-        client.get_children(index, [Platform.parse("linux/s390x")])
-    assert [m.digest for m in client.get_children(index, [Platform.parse("linux/arm/v7")])] == [
+        get_children(client, index, [Platform.parse("linux/s390x")])
+    assert [m.digest for m in get_children(client, index, [Platform.parse("linux/arm/v7")])] == [
         children[2][0].digest
     ]
     assert json.loads(fetched[0].data)["mediaType"] == OCI_MANIFEST

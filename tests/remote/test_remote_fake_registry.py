@@ -17,15 +17,22 @@ from typing import Any
 
 import pytest
 
+from harness.registry_calls import MAX_TAG_PAGES, list_tags
+from harness.url_blob import UrlBlobSource
 from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.blob import BlobReader
-from snapshotter.remote.client import MAX_TAG_PAGES, RegistryClient
-from snapshotter.remote.errors import BlobFetchError, DigestMismatch, UnexpectedResponse
+from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.errors import (
+    BlobFetchError,
+    DigestMismatch,
+    RegistryUnavailable,
+    UnexpectedResponse,
+)
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers
-from snapshotter.remote.url_blob import UrlBlobSource
+from snapshotter.remote.transport import MAX_REDIRECTS
 
 DATA = random.Random(11).randbytes(300_000)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -153,7 +160,7 @@ def test_range_ignored_is_detected_verified_and_served_locally(
     with client_for(fake) as client, BlobReader(client, repo, DIGEST, len(DATA)) as reader:
         assert reader.read(100, 50) == DATA[100:150]
         assert reader.ranges_ignored
-        assert reader.read_many([(0, 10), (299_990, 10)]) == [DATA[:10], DATA[-10:]]
+        assert [reader.read(0, 10), reader.read(299_990, 10)] == [DATA[:10], DATA[-10:]]
     assert len(fake.seen) == 1  # the whole blob was fetched once
 
 
@@ -269,6 +276,63 @@ def test_redirect_to_another_host_drops_authorization(fakes: Callable[[], FakeSe
     assert [s.headers.get("authorization") for s in registry.seen] == [None, BASIC, BASIC]
     assert len(storage.seen) == 2
     assert all("authorization" not in s.headers for s in storage.seen)
+
+
+# The same transport policy (remote/transport.py) drives both HTTP libraries: each case below
+# runs once through the httpx control plane and once through the urllib3 Range reader.
+PLANES = ("control-plane", "range-reader")
+
+
+def fetch_through(plane: str, client: RegistryClient, repo: Repository) -> bytes:
+    if plane == "control-plane":
+        return client.get_blob(repo, DIGEST)[5:10]
+    with BlobReader(client, repo, DIGEST, len(DATA)) as reader:
+        return reader.read(5, 5)
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_redirect_policy_is_the_same_on_both_planes(
+    fakes: Callable[[], FakeServer], plane: str
+) -> None:
+    registry, storage = fakes(), fakes()
+    registry.require_auth = True
+    registry.routes["/v2/r/blobs/"] = lambda h: send(
+        h, 307, b"", {"Location": f"http://{storage.host}/bucket/blob"}
+    )
+    storage.routes["/bucket/"] = lambda h: ranged(h) if "Range" in h.headers else send(h, 200, DATA)
+    with client_for(registry, creds=True) as client:
+        assert fetch_through(plane, client, Repository(registry.host, "r")) == DATA[5:10]
+    # 401 -> Basic challenge answered -> one retry with credentials, then the redirect
+    assert [s.headers.get("authorization") for s in registry.seen] == [None, BASIC]
+    assert [s.headers.get("authorization") for s in storage.seen] == [None]
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_redirect_loop_ends_after_the_limit_on_both_planes(
+    fakes: Callable[[], FakeServer], plane: str
+) -> None:
+    fake = fakes()
+    fake.routes["/v2/r/blobs/"] = lambda h: send(h, 302, b"", {"Location": h.path})
+    with (
+        client_for(fake) as client,
+        pytest.raises((UnexpectedResponse, BlobFetchError), match="more than 5 redirects"),
+    ):
+        fetch_through(plane, client, Repository(fake.host, "r"))
+    assert len(fake.seen) == MAX_REDIRECTS + 1
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_5xx_is_retried_then_reported_on_both_planes(
+    fakes: Callable[[], FakeServer], plane: str
+) -> None:
+    fake = fakes()
+    fake.routes["/v2/r/blobs/"] = lambda h: send(h, 503, b"busy")
+    with (
+        client_for(fake) as client,
+        pytest.raises((RegistryUnavailable, BlobFetchError), match="503"),
+    ):
+        fetch_through(plane, client, Repository(fake.host, "r"))
+    assert len(fake.seen) == 1 + 3  # client_for: retries=3
 
 
 def test_unfiltered_paged_referrers_api_is_filtered_here(fakes: Callable[[], FakeServer]) -> None:
@@ -388,7 +452,7 @@ def test_tag_list_whose_next_link_loops_back_ends_with_an_error(
 
     fake.routes["/v2/r/tags/list"] = tags
     with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
-        client.list_tags(Repository(fake.host, "r"))
+        list_tags(client, Repository(fake.host, "r"))
     assert f"tag list of {fake.host}/r" in str(info.value)
     assert "already read" in str(info.value)
     assert len(fake.seen) == 2
@@ -406,7 +470,7 @@ def test_tag_list_with_endless_pages_ends_with_an_error(fakes: Callable[[], Fake
 
     fake.routes["/v2/r/tags/list"] = tags
     with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
-        client.list_tags(Repository(fake.host, "r"))
+        list_tags(client, Repository(fake.host, "r"))
     assert f"tag list of {fake.host}/r" in str(info.value)
     assert f"more than {MAX_TAG_PAGES} pages" in str(info.value)
     assert len(fake.seen) == MAX_TAG_PAGES
@@ -416,7 +480,7 @@ def test_tag_list_that_is_not_json_is_a_clear_error(fakes: Callable[[], FakeServ
     fake = fakes()
     fake.routes["/v2/r/tags/list"] = lambda h: send(h, 200, b"<html>portal</html>")
     with client_for(fake) as client, pytest.raises(UnexpectedResponse) as info:
-        client.list_tags(Repository(fake.host, "r"))
+        list_tags(client, Repository(fake.host, "r"))
     assert f"tag list of {fake.host}/r" in str(info.value) and "JSON" in str(info.value)
 
 

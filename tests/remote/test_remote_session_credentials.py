@@ -16,10 +16,10 @@ import pytest
 from harness.procs import HarnessError
 from harness.registry import Registry, TokenAuth, start_registry
 from harness.token_issuer import TokenIssuer
-from snapshotter.remote.auth import Credentials, CredentialStore, normalize_host
+from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import AuthenticationError
-from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.hosts import HostsConfig, normalize_host
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.session_credentials import PullAuth, SessionCredentials
 from tests.remote.conftest import BASIC_USERS, TOKEN_USERS

@@ -13,10 +13,11 @@ from harness.images import directory, file, layer_tar, push, write_oci_layout
 from harness.registry import Registry
 from harness.trust import session_trust_policy
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 
 pytestmark = pytest.mark.stack
 
@@ -34,7 +35,7 @@ def discovery(registry: Registry) -> IndexDiscovery:
         HostsConfig(None, plain_http=(registry.host,)), CredentialStore.from_docker_config(None)
     )
     return IndexDiscovery(
-        client, BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+        client, RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
     )
 
 

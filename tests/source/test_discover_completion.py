@@ -19,10 +19,11 @@ from harness.registry import Registry
 from harness.trust import session_trust_policy
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 
 pytestmark = pytest.mark.stack
 
@@ -61,7 +62,7 @@ def test_without_a_readable_config_the_spec_has_no_diff_id_and_says_why(
         assert answer.status == 202
     [layer] = image.layers
     found = IndexDiscovery(
-        _client(registry), BlobSettings(plain_http=(registry.host,)), trust=session_trust_policy()
+        _client(registry), RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
     )
     with caplog.at_level(logging.WARNING, logger="lazysnap.discover"):
         spec = found(_labels(image.reference, layer.digest))
@@ -80,7 +81,7 @@ def test_a_refused_index_blob_falls_back_naming_the_refusal(
     blobs = genuine_index(client, image.reference, layer.digest)
     found = IndexDiscovery(
         client,
-        BlobSettings(plain_http=(registry.host,)),
+        RegistryAccess(plain_http=(registry.host,)),
         trust=session_trust_policy(),
         refusals=ledger,
     )

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from harness.registry import Registry
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
 from tests.source.gated_proxy import GatedProxy
 from tests.source.index_artifacts import encoded_profile, push_artifact, push_image
@@ -41,7 +42,7 @@ def discovery_via(host: str) -> IndexDiscovery:
         # The artifacts here are pushed unsigned (index_artifacts.py): this is about the
         # lookup's round trips, trust is tests/trust's subject.
         client_for(host),
-        BlobSettings(plain_http=(host,)),
+        RegistryAccess(plain_http=(host,)),
         trust=TrustPolicy.permissive(),
     )
 

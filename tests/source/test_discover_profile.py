@@ -14,8 +14,9 @@ import pytest
 from harness.registry import Registry
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import LazyLayers
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.reference import Reference
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
 from tests.source.index_artifacts import (
     content,
@@ -107,7 +108,7 @@ def test_a_profile_the_registry_could_not_serve_is_fetched_again_later(
     _delete_blob(registry, repository, artifact.profile_digest)
     found = IndexDiscovery(
         client_for(registry.host),
-        BlobSettings(plain_http=(registry.host,)),
+        RegistryAccess(plain_http=(registry.host,)),
         trust=TrustPolicy.permissive(),  # unsigned artifacts of index_artifacts.py
         negative_ttl=0.5,
     )

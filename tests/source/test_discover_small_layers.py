@@ -9,10 +9,11 @@ import time
 import pytest
 
 from snapshotter.core.layers import RemoteLayerUnavailable
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
 
 LAYER = "sha256:" + "a" * 64
@@ -43,7 +44,7 @@ def test_small_labelled_layer_falls_back_without_a_registry_request() -> None:
     )
     discovery = IndexDiscovery(
         client,
-        BlobSettings(plain_http=(host,)),
+        RegistryAccess(plain_http=(host,)),
         trust=TrustPolicy.permissive(),
         min_layer_size=10 << 20,
     )

@@ -17,5 +17,5 @@ def test_mount_processes_get_the_same_default_credentials_file_as_discovery(
     layers = lazy_layers_from_config(load_config(None, root=str(tmp_path / "root")))
     layers.close()  # its zygote: only the settings are looked at
     assert isinstance(layers.resolve, IndexDiscovery)
-    assert layers.resolve.blob_settings.docker_config == str(tmp_path / "config.json")
+    assert layers.resolve.access.docker_config == str(tmp_path / "config.json")
     assert layers.resolve.client.credentials.get("reg.example:5000") is not None

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.url_blob import served_blob_spec
 from snapshotter.config import CacheConfig, Config
 from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.snapshotter import Snapshotter
-from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import HEADER_SIZE
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.mount_process import read_state
@@ -60,7 +60,9 @@ def lazy_root(workdir: Path) -> Iterator[LazyRoot]:
     server = BlobServer(blob)
     root = workdir / "root"
     config = Config(root=str(root), cache=CacheConfig(max_size_bytes=64 << 20))
-    spec = LayerSpec(BlobSpec("url", server.url, index.layer_digest), encode_index(index))
+    spec = LayerSpec(
+        served_blob_spec(server.url, index.layer_digest, len(blob)), encode_index(index)
+    )
     layers = LazyLayers(
         config.cache_dir,
         64 << 20,

@@ -24,10 +24,11 @@ from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.index.codec import encode_index
 from snapshotter.metrics import DaemonMetrics, fallback_reason
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
-from snapshotter.source.discover import BlobSettings, IndexDiscovery
+from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
 from tests.fs.fs_helpers import Member, built_index, compress, make_tar
 from tests.unit.spine_helpers import NAMESPACE, DaemonProcess, serve_command, start_daemon
@@ -245,7 +246,7 @@ def test_fallback_reasons_of_the_real_lazy_path_are_classed(workdir: Path) -> No
         RegistryClient(
             HostsConfig(None, plain_http=(registry,)), CredentialStore.from_docker_config(None)
         ),
-        BlobSettings(plain_http=(registry,)),
+        RegistryAccess(plain_http=(registry,)),
         trust=TrustPolicy(),  # the default: signed, and no key
     )
     layers = LazyLayers(str(workdir / "cache"), 1 << 20, resolve=discovery)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.url_blob import served_blob_spec
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
@@ -132,7 +133,7 @@ def stand(tmp_path: Path) -> Iterator[Stand]:
             if plan.source == "url":
                 server = BlobServer(blob)
                 servers.append(server)
-                blob_spec = BlobSpec("url", server.url, index.layer_digest)
+                blob_spec = served_blob_spec(server.url, index.layer_digest, len(blob))
             else:
                 blob_spec = BlobSpec("file", str(blob_path), index.layer_digest)
             names = [f.rel for f in regular_files(index)]

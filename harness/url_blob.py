@@ -1,9 +1,11 @@
-"""Range reads of a blob at a plain HTTP(S) URL, without registry auth or mirrors.
+"""A layer blob served by a plain HTTP test server that answers Range requests at any path
+(tests/fs/fs_helpers.BlobServer), as the fs layer reads it.
 
-For the mount process's "url" blob kind (a test server, or a registry's
-/v2/<repo>/blobs/<digest> on a trusted network). A registry blob proper goes through
-snapshotter.remote.blob.BlobReader, which this does not reuse: that reader builds the
-registry's blob path and token scopes from a repository, and a bare URL has neither.
+- UrlBlobSource: Range reads of the blob's URL, an fs.reader.BlobSource for tests that drive the
+  reader in their own process (no registry auth, mirrors or retries).
+- served_blob_spec: the mount spec's "registry" blob for such a server. The product's Range
+  reader asks it for /v2/<repository>/blobs/<digest> (with the product's transport policy),
+  which the server answers like any other path.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from urllib.parse import urlsplit
 
 import urllib3
 
+from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.errors import BlobFetchError, redact_url
+
+SERVED_REPOSITORY = "served/layer"  # any name: the server answers every path
 
 DEFAULT_CONNECTIONS = 4
 MAX_CONNECT_TIMEOUT_S = 5.0
@@ -63,3 +69,16 @@ class UrlBlobSource:
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def served_blob_spec(url: str, digest: str, size: int) -> BlobSpec:
+    """The mount spec blob for a test server at url (http://host:port/...) serving a blob of
+    size bytes with this digest."""
+    host = urlsplit(url).netloc
+    return BlobSpec(
+        "registry",
+        f"{host}/{SERVED_REPOSITORY}",
+        digest,
+        size,
+        RegistryAccess(plain_http=(host,)),
+    )
