@@ -1,13 +1,17 @@
 """The `lazysnap accel` command line (wired into cli.py by `_add_accel`):
 
     accel serve --listen HOST:PORT [--plain-http] [--hosts-dir DIR] [--jobs N]
+                [--state-dir DIR] [--store PATH | --store postgresql://...] [--lease SECONDS]
                 [--min-layer-size N] [--span-size N] [--token-file F] [--cache-repo REPO]
                 [--layer-jobs N] [--max-attempts N] [--retry-backoff SECONDS]
-                [--allow-registry HOST]... [--log-level LEVEL]
+                [--allow-registry HOST]... [--drain-timeout SECONDS] [--log-level LEVEL]
+    accel tasks [--status S]... [--store PATH | --store postgresql://... | --url URL]
+                [--token-file F] [--json]
 
-Exit status: 0 after SIGTERM/SIGINT, 2 bad arguments or configuration (message names the
-flag or file), 1 the listen address cannot be bound. Registry credentials come from the
-docker config.json ($DOCKER_CONFIG or ~/.docker), as for `lazysnap index build`.
+Exit status: 0 after SIGTERM/SIGINT (serve) or a listing (tasks), 2 bad arguments or
+configuration (message names the flag or file), 1 the listen address cannot be bound or the
+store / service cannot be reached. Registry credentials come from the docker config.json
+($DOCKER_CONFIG or ~/.docker), as for `lazysnap index build`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import os
 import stat
 import sys
+from typing import Any
 
 from snapshotter.cli_types import (
     add_min_layer_size_argument,
@@ -26,6 +31,9 @@ from snapshotter.indexer.command import add_sign_key_argument
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
+DEFAULT_STATE_DIR = "/var/lib/lazysnap/accel"
+STORE_FILE = "jobs.sqlite"
+TASK_STATUSES = ("queued", "running", "succeeded", "failed")
 
 
 class ConfigurationError(Exception):
@@ -73,7 +81,8 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` sub-subcommand to the `accel` command's parser."""
-    sub = parser.add_subparsers(dest="accel_command", metavar="{serve}", required=True)
+    sub = parser.add_subparsers(dest="accel_command", metavar="{serve,tasks}", required=True)
+    _add_tasks(sub)
     serve = sub.add_parser(
         "serve",
         help="index images as they are pushed (registry notification webhooks)",
@@ -91,6 +100,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--plain-http", action="store_true", help="talk plain http to the registries"
+    )
+    serve.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where the default job store lives (default {DEFAULT_STATE_DIR})",
+    )
+    serve.add_argument(
+        "--store",
+        metavar="PATH|postgresql://...",
+        help=f"job store: an SQLite file for one replica (default DIR/{STORE_FILE}), or a "
+        "PostgreSQL connection URL that several replicas share",
+    )
+    serve.add_argument(
+        "--lease",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="a running job's lease, renewed while its worker lives; when a replica dies "
+        "its jobs run elsewhere after this long (default 60)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for running jobs to finish, then give them back "
+        "to the store (default 600)",
     )
     serve.add_argument(
         "--hosts-dir",
@@ -153,6 +190,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tasks(sub: Any) -> None:
+    tasks = sub.add_parser(
+        "tasks",
+        help="list the acceleration service's tasks",
+        description="List the tasks (jobs) of the acceleration service, newest first, from "
+        "its store (read-only, also while it runs) or from a running service's "
+        "GET /api/v1/conversions.",
+    )
+    tasks.add_argument(
+        "--status",
+        action="append",
+        choices=TASK_STATUSES,
+        default=[],
+        help="only tasks in this status (repeatable)",
+    )
+    where = tasks.add_mutually_exclusive_group()
+    where.add_argument(
+        "--store",
+        metavar="PATH|postgresql://...",
+        help=f"the service's job store (default {DEFAULT_STATE_DIR}/{STORE_FILE})",
+    )
+    where.add_argument("--url", metavar="URL", help="a running service, e.g. http://host:2077")
+    tasks.add_argument(
+        "--token-file", metavar="FILE", help="bearer token for --url (as the service's)"
+    )
+    tasks.add_argument("--limit", type=at_least_one("--limit"), default=500, metavar="N")
+    tasks.add_argument("--json", action="store_true", help="the task list as JSON")
+
+
 def read_token(path: str) -> str:
     """The token in path (surrounding whitespace stripped). ConfigurationError naming the
     file if it cannot be read or is empty."""
@@ -175,13 +241,26 @@ def read_token(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.accel_command == "tasks":
+        from snapshotter.accel.tasks_cli import list_tasks
+
+        return list_tasks(args, DEFAULT_STATE_DIR + "/" + STORE_FILE)
+    return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
     # Imported here so `lazysnap --help` and other subcommands stay fast.
     import logging
+    import secrets
     import signal
+    import socket
     import threading
+    import time
 
     from snapshotter.accel.jobs import JobQueue
+    from snapshotter.accel.metrics import AccelMetrics
     from snapshotter.accel.server import EVENTS_PATH, AccelService, ServiceConfig
+    from snapshotter.accel.store import StoreError, open_store
     from snapshotter.accel.worker import RegistryClients, WorkerOptions
     from snapshotter.log import setup_logging
     from snapshotter.remote.auth import CredentialStore
@@ -221,15 +300,39 @@ def run(args: argparse.Namespace) -> int:
             sign_key=sign_key,
         ),
     )
-    clients = RegistryClients(args.hosts_dir, credentials, plain_http=args.plain_http)
-    queue = JobQueue(max_attempts=args.max_attempts, backoff_seconds=args.retry_backoff)
+    store_spec = args.store or os.path.join(args.state_dir, STORE_FILE)
     try:
-        service = AccelService(config, clients, queue)
+        store = open_store(store_spec)
+    except StoreError as exc:
+        print(f"error: --store: {exc}", file=sys.stderr)
+        return 1
+    clients = RegistryClients(args.hosts_dir, credentials, plain_http=args.plain_http)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+    queue = JobQueue(
+        store,
+        owner=owner,
+        clock=time.time,
+        max_attempts=args.max_attempts,
+        backoff_seconds=args.retry_backoff,
+        lease_seconds=args.lease,
+        poll_seconds=min(1.0, args.lease / 4),
+    )
+    try:
+        service = AccelService(config, clients, queue, AccelMetrics(store, time.time))
     except OSError as exc:
+        store.close()
         print(
             f"error: --listen {host}:{port}: cannot listen: {exc.strerror or exc}", file=sys.stderr
         )
         return 1
+    counts = store.counts().by_state
+    log.info(
+        "%s: %d queued, %d interrupted job(s) resumed (worker %s)",
+        store.description,
+        counts["queued"],
+        store.recovered,
+        owner,
+    )
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -254,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
             "mode will not use them)"
         )
     stop.wait()
-    log.info("stopping: running jobs finish, queued ones are dropped")
-    service.stop()
+    log.info("stopping: running jobs finish, queued ones stay in the store")
+    service.stop(grace_seconds=args.drain_timeout)
+    store.close()
+    log.info("stopped")
     return 0

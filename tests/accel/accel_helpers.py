@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.images import BuiltImage, sha256_digest
+from tests.harness.postgres import Postgres, start_postgres
 from tests.harness.procs import HarnessError, Service, log_tail, run, spawn
 
 _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/events")
@@ -122,6 +123,8 @@ def start_accel(
     and logs it); token: written to base/token and passed as --token-file."""
     base.mkdir(parents=True, exist_ok=True)
     argv = [*accel_command(), "--listen", "127.0.0.1:0", *args]
+    if "--store" not in args and "--state-dir" not in args:
+        argv += ["--state-dir", str(base / "state")]  # never the host's /var/lib
     if token is not None:
         token_file = base / "token"
         token_file.write_text(token + "\n")
@@ -232,3 +235,20 @@ def push_all(layout: Path, tag: str, reference: str) -> None:
     argv = ["skopeo", "copy", "--quiet", "--all", "--preserve-digests"]
     argv += ["--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{reference}"]
     run(argv, f"push {reference}", timeout=300)
+
+
+def postgres_or_skip(base: Path) -> Postgres:
+    """A throw-away PostgreSQL server, or a skip (an error under LAZYSNAP_REQUIRE_STACK=1)
+    when the server package or the psycopg driver is missing."""
+    import os
+
+    import pytest
+
+    try:
+        import psycopg  # noqa: F401
+
+        return start_postgres(base)
+    except (ImportError, HarnessError) as exc:
+        if os.environ.get("LAZYSNAP_REQUIRE_STACK") == "1":
+            pytest.fail(f"PostgreSQL job store tests cannot run: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL job store tests need the server and psycopg: {exc}")

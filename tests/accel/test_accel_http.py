@@ -34,9 +34,17 @@ def accel(workdir: Path) -> Iterator[AccelProcess]:
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*accel_command(), *args], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
-    )
+    state = tempfile.mkdtemp(prefix="lzs-accel-state-")  # never the host's /var/lib
+    try:
+        return subprocess.run(
+            [*accel_command(), "--state-dir", state, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
