@@ -75,7 +75,8 @@ def _from_service(url: str, statuses: list[str], token_file: str | None) -> list
         with urllib.request.urlopen(request, timeout=30) as response:
             doc = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise _Unavailable(f"--url {url}: HTTP {exc.code}: {exc.read(500)!r}") from None
+        answer = exc.read(500).decode(errors="replace")
+        raise _Unavailable(f"--url {url}: HTTP {exc.code}: {' '.join(answer.split())}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise _Unavailable(f"--url {url}: {exc}") from None
     if not isinstance(doc, list):

@@ -1,0 +1,205 @@
+"""The acceleration service's jobs outlive the process, and Harbor talks to it through
+acceld's route: a real docker-registry 2.8, `lazysnap accel serve` processes, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from accel_helpers import (
+    CONVERSIONS,
+    AccelProcess,
+    distribution_envelope,
+    harbor_push,
+    start_accel,
+)
+
+from tests.harness.images import BuiltImage, file, layer_tar, push, write_oci_layout
+from tests.harness.procs import HarnessError
+from tests.harness.registry import Registry, start_registry
+from tests.harness.trust import SigningKeys
+
+pytestmark = pytest.mark.stack
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "accel-durable-token-0123456789"
+LAZYSNAP = (sys.executable, "-m", "snapshotter.cli")
+FLAGS = ("--plain-http", "--min-layer-size", "0", "--span-size", "65536", "--layer-jobs", "1")
+
+
+@dataclass
+class Env:
+    base: Path
+    registry: Registry
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    base = Path(tempfile.mkdtemp(prefix="lzs-accel-durable-"))
+    environ = {**os.environ, "DOCKER_CONFIG": str(base / "docker-config")}
+    try:
+        registry = start_registry(base / "registry")  # no notifications: tests send webhooks
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield Env(base, registry, environ)
+    registry.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def pushed_image(env: Env, repository: str, tag: str = "v1") -> BuiltImage:
+    name = secrets.token_hex(4)
+    tars = [layer_tar([file(f"{name}/l{i}.bin", os.urandom(120_000))]) for i in range(2)]
+    image = write_oci_layout(env.base / "layouts" / name, tag, tars)
+    push(image, env.registry.host, repository, tag)
+    return image
+
+
+def lazysnap(env: Env, *args: str) -> str:
+    result = subprocess.run(
+        [*LAZYSNAP, *args], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env.env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def artifact_of(env: Env, reference: str, keys: SigningKeys) -> dict[str, Any]:
+    """The image's index artifact as a node trusting the session key sees it."""
+    shown = lazysnap(
+        env, "index", "show", reference, "--plain-http", "--json", "--key", str(keys.public)
+    )
+    [platform] = json.loads(shown)["platforms"]
+    artifact: dict[str, Any] = platform["artifact"]
+    return artifact
+
+
+def succeeded(accel: AccelProcess, count: int) -> list[dict[str, Any]] | None:
+    tasks = accel.tasks("succeeded")
+    return tasks if len(tasks) >= count else None
+
+
+def test_a_killed_service_indexes_the_webhooks_it_answered_after_a_restart(
+    env: Env, index_signing_keys: SigningKeys
+) -> None:
+    store = env.base / f"kill-{secrets.token_hex(3)}" / "jobs.sqlite"
+    flags = (*FLAGS, "--jobs", "1", "--store", str(store))
+    images = {f"killed/app{n}": pushed_image(env, f"killed/app{n}") for n in range(4)}
+    first = start_accel(env.base / "first", flags, token=TOKEN, env=env.env)
+    for repository, image in images.items():
+        body = distribution_envelope(env.registry.host, repository, image.manifest_digest, "v1")
+        answer = first.request("POST", "/events", body)
+        assert answer.status == 202 and len(answer.body["queued"]) == 1, answer
+    first.service.send_signal(signal.SIGKILL)
+    assert first.stop() == -signal.SIGKILL
+
+    # What the dead service left: four tasks, not all of them done.
+    left = json.loads(lazysnap(env, "accel", "tasks", "--store", str(store), "--json"))
+    assert len(left) == 4
+    assert [t for t in left if t["status"] != "succeeded"], left
+
+    second = start_accel(env.base / "second", flags, token=TOKEN, env=env.env)
+    try:
+        tasks = second.wait_for("four succeeded tasks", lambda: succeeded(second, 4), timeout=120)
+        assert sorted(t["image"].split("@")[1] for t in tasks) == sorted(
+            image.manifest_digest for image in images.values()
+        )
+        assert {t["outcome"] for t in tasks} <= {"indexed", "already indexed"}
+        assert re.search(r"job store .*jobs\.sqlite: \d queued, \d interrupted", second.log())
+        for repository, image in images.items():
+            reference = f"{env.registry.host}/{repository}@{image.manifest_digest}"
+            artifact = artifact_of(env, reference, index_signing_keys)
+            assert artifact["trusted"] is True, artifact  # signed with the service's key
+        table = lazysnap(
+            env,
+            *("accel", "tasks", "--url", second.url, "--status", "succeeded"),
+            *("--token-file", str(accel_token(second))),
+        )
+        assert table.count("succeeded") == 4
+    finally:
+        assert second.stop() == 0
+    assert "Traceback" not in second.log()
+
+
+def test_harbor_payloads_through_acceld_s_route(env: Env, index_signing_keys: SigningKeys) -> None:
+    flags = (*FLAGS, "--jobs", "2")
+    accel = start_accel(
+        env.base / f"harbor-{secrets.token_hex(3)}", flags, token=TOKEN, env=env.env
+    )
+    try:
+        classic_repo, cloud_repo = "harbor/classic", "harbor/cloud"
+        classic = pushed_image(env, classic_repo)
+        cloud = pushed_image(env, cloud_repo)
+
+        # Default format, ?sync=true: the answer comes when the task is done.
+        body = harbor_push(env.registry.host, classic_repo, "v1", classic.manifest_digest)
+        answer = accel.request("POST", f"{CONVERSIONS}?sync=true", body)
+        assert answer.status == 200, answer
+        [task] = answer.body["tasks"]
+        assert task["status"] == "succeeded" and task["outcome"] == "indexed", task
+        assert task["image"] == f"{env.registry.host}/{classic_repo}@{classic.manifest_digest}"
+        assert task["finished"] is not None and task["artifacts"]
+        reference = f"{env.registry.host}/{classic_repo}@{classic.manifest_digest}"
+        assert artifact_of(env, reference, index_signing_keys)["digest"] == task["artifacts"][0]
+
+        # CloudEvents format, asynchronous: answered at once, done later.
+        body = harbor_push(
+            env.registry.host, cloud_repo, "v1", cloud.manifest_digest, cloudevents=True
+        )
+        answer = accel.request("POST", CONVERSIONS, body)
+        assert answer.status == 200, answer
+        [queued] = answer.body["tasks"]
+        assert queued["status"] in ("queued", "running", "succeeded")
+        accel.wait_for("the CloudEvents task", lambda: succeeded(accel, 2))
+
+        listed = accel.tasks()
+        assert [t["id"] for t in listed] == [queued["id"], task["id"]]  # newest first
+        for entry in listed:
+            assert set(entry) >= {"id", "image", "status", "reason", "created", "finished"}
+        assert accel.tasks("failed") == [] and len(accel.tasks("succeeded,failed")) == 2
+        assert accel.raw("GET", f"{CONVERSIONS}?status=done")[0] == 400
+        assert accel.raw("GET", "/api/v1/health") == (200, b"Ok")
+        metrics = accel.raw("GET", "/metrics")[1].decode()
+        assert 'lazysnap_accel_jobs{status="succeeded"} 2.0' in metrics
+        assert 'lazysnap_accel_jobs_finished_total{outcome="indexed"} 2.0' in metrics
+        assert "lazysnap_accel_bytes_read_total" in metrics
+
+        as_cli = json.loads(
+            lazysnap(
+                env,
+                "accel",
+                "tasks",
+                "--url",
+                accel.url,
+                "--json",
+                "--token-file",
+                str(accel_token(accel)),
+            )
+        )
+        assert as_cli == listed
+        unauthorized = subprocess.run(
+            [*LAZYSNAP, "accel", "tasks", "--url", accel.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+        assert unauthorized.returncode == 1 and "HTTP 401" in unauthorized.stderr
+    finally:
+        assert accel.stop() == 0
+    assert "Traceback" not in accel.log()
+
+
+def accel_token(accel: AccelProcess) -> Path:
+    return accel.log_path.parent / "token"
