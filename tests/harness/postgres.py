@@ -13,6 +13,7 @@ import pwd
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ def _version(path: str) -> float:
 @dataclass
 class Postgres:
     base: Path
+    cluster: Path  # data directory and sockets (owned by the postgres user)
     port: int
     service: Service
     bin_dir: Path
@@ -78,21 +80,23 @@ class Postgres:
     def stop(self) -> None:
         # SIGINT: PostgreSQL's "fast" shutdown (disconnects clients instead of waiting).
         self.service.stop(signum=signal.SIGINT, timeout=30)
-        shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.cluster, ignore_errors=True)
 
 
 def start_postgres(base: Path, timeout: float = 60.0) -> Postgres:
-    """initdb + postgres under base (created; owned by the postgres user)."""
+    """initdb + postgres; its log goes to base/postgres.log. The cluster lives in a directory
+    of its own under the temp dir: the postgres user cannot enter the callers' 0700 ones."""
     bin_dir = postgres_bin_dir()
     try:
         owner = pwd.getpwnam(PG_USER)
     except KeyError:
         raise HarnessError(f"no {PG_USER} user (Debian package `postgresql` creates it)") from None
     base.mkdir(parents=True, exist_ok=True)
-    os.chown(base, owner.pw_uid, owner.pw_gid)
-    data = base / "data"
-    sockets = base / "sockets"
-    sockets.mkdir(exist_ok=True)
+    cluster = Path(tempfile.mkdtemp(prefix="lzs-pg-"))
+    os.chown(cluster, owner.pw_uid, owner.pw_gid)
+    data = cluster / "data"
+    sockets = cluster / "sockets"
+    sockets.mkdir()
     os.chown(sockets, owner.pw_uid, owner.pw_gid)
     # setpriv execs (no parent process in between): signals reach postgres itself.
     as_postgres = ["setpriv", f"--reuid={PG_USER}", f"--regid={PG_USER}", "--init-groups"]
@@ -136,7 +140,7 @@ def start_postgres(base: Path, timeout: float = 60.0) -> Postgres:
         ],
         base / "postgres.log",
     )
-    postgres = Postgres(base, port, service, bin_dir)
+    postgres = Postgres(base, cluster, port, service, bin_dir)
     service.wait_until(lambda: _accepts(port), "accepting connections", timeout=timeout)
     # The port opens a moment before the server takes queries.
     deadline = time.monotonic() + timeout

@@ -1,0 +1,170 @@
+"""Two `accel serve` replicas on one PostgreSQL job store (a real server from Debian's
+package, tests/harness/postgres.py) behind one real docker-registry: 200 webhooks for 50
+images, duplicates included, half sent to each replica; one replica is killed (SIGKILL)
+midway. Every image is indexed exactly once (the registry's access log counts the
+artifact pushes) and none is lost."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from accel_helpers import AccelProcess, distribution_envelope, postgres_or_skip, start_accel
+
+from tests.harness.images import BuiltImage, file, layer_tar, push, write_oci_layout
+from tests.harness.postgres import Postgres
+from tests.harness.procs import HarnessError
+from tests.harness.registry import Registry, start_registry
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+TOKEN = "accel-replicas-token-0123456789"
+IMAGES = 50
+COPIES = 4  # webhooks per image: 200 in all
+LEASE = "3"
+FLAGS = (
+    "--plain-http",
+    "--min-layer-size",
+    "0",
+    "--span-size",
+    "65536",
+    "--layer-jobs",
+    "1",
+    "--jobs",
+    "2",
+    "--lease",
+    LEASE,
+    "--retry-backoff",
+    "0.2",
+)
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lzs-accel-replicas-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres(base: Path) -> Iterator[Postgres]:
+    server = postgres_or_skip(base / "postgres")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(base: Path) -> Iterator[Registry]:
+    try:
+        started = start_registry(base / "registry")
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield started
+    started.stop()
+
+
+def build_and_push(base: Path, registry: Registry, n: int) -> tuple[str, BuiltImage]:
+    repository = f"burst/app{n}"
+    name = f"img{n}-{secrets.token_hex(3)}"
+    tar = layer_tar([file(f"{name}/data.bin", os.urandom(40_000))])
+    image = write_oci_layout(base / "layouts" / name, "v1", [tar])
+    push(image, registry.host, repository, "v1")
+    return repository, image
+
+
+def running_on(replica: AccelProcess) -> dict[str, Any] | None:
+    """A job this replica's workers hold (the store's running jobs carry their worker)."""
+    owner = re.search(r"\(worker (\S+)\)", replica.log())
+    running = replica.status()["running"]
+    return next((j for j in running if owner and j.get("worker") == owner.group(1)), None)
+
+
+def finished(replica: AccelProcess, jobs: int) -> list[dict[str, Any]] | None:
+    """The task list once at least `jobs` tasks exist and none is queued or running."""
+    tasks = replica.tasks()
+    busy = [t for t in tasks if t["status"] in ("queued", "running")]
+    return tasks if len(tasks) >= jobs and not busy else None
+
+
+def test_two_replicas_index_each_image_once_and_lose_none_when_one_is_killed(
+    base: Path, postgres: Postgres, registry: Registry
+) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        images = dict(pool.map(lambda n: build_and_push(base, registry, n), range(IMAGES)))
+    store = postgres.create_database("accel_replicas")
+    env = {**os.environ, "DOCKER_CONFIG": str(base / "docker-config")}
+    replicas = [
+        start_accel(base / f"replica{i}", (*FLAGS, "--store", store), token=TOKEN, env=env)
+        for i in range(2)
+    ]
+    offset = registry.log_offset()
+
+    deliveries = [repo for repo in images for _ in range(COPIES)]
+    random.Random(14).shuffle(deliveries)
+    answers: Counter[int] = Counter()
+    try:
+        for number, repository in enumerate(deliveries):
+            if number == len(deliveries) // 2:
+                # Midway, while it is indexing an image: one replica dies hard.
+                interrupted = replicas[0].wait_for(
+                    "a job running on replica 0", lambda: running_on(replicas[0]), timeout=60
+                )
+                replicas[0].service.send_signal(signal.SIGKILL)
+                replicas[0].stop()
+            alive = [r for r in replicas if r.service.alive()]
+            target = alive[number % len(alive)]
+            body = distribution_envelope(
+                registry.host, repository, images[repository].manifest_digest, "v1"
+            )
+            answers[target.request("POST", "/events", body).status] += 1
+        assert answers == Counter({202: len(deliveries)})
+
+        survivor = replicas[1]
+        tasks = survivor.wait_for(
+            "every task finished", lambda: finished(survivor, IMAGES), timeout=300
+        )
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+    # The job the dead replica held ran again elsewhere once its lease expired.
+    [again] = [t for t in tasks if t["id"] == str(interrupted["id"])]
+    assert again["status"] == "succeeded" and again["attempts"] >= 2, again
+
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for task in tasks:
+        by_image.setdefault(task["image"], []).append(task)
+    expected = {f"{registry.host}/{repo}@{image.manifest_digest}" for repo, image in images.items()}
+    assert set(by_image) == expected  # none lost
+    assert [t for t in tasks if t["status"] != "succeeded"] == []
+    for reference, image_tasks in by_image.items():
+        outcomes = sorted(t["outcome"] for t in image_tasks)
+        assert outcomes.count("indexed") == 1, (reference, image_tasks)
+        assert set(outcomes) <= {"indexed", "already indexed"}, (reference, image_tasks)
+
+    # The registry saw one artifact push per image, whichever replica built it.
+    puts = registry.manifest_puts(since=offset)
+    for repository, image in images.items():
+        reference = f"{registry.host}/{repository}@{image.manifest_digest}"
+        [indexed] = [t for t in by_image[reference] if t["outcome"] == "indexed"]
+        [artifact] = indexed["artifacts"]
+        assert puts.get((repository, artifact)) == 1, (repository, artifact, puts)
+    pushed_by_digest = {
+        key: count
+        for key, count in puts.items()
+        if key[1].startswith("sha256:") and key[0].startswith("burst/app")
+    }
+    # Per image: its artifact and the artifact's signature, each pushed once (the layer
+    # cache entries go to burst/lazysnap-index-cache).
+    assert sum(pushed_by_digest.values()) == 2 * IMAGES, pushed_by_digest
