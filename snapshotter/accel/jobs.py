@@ -28,7 +28,7 @@ from typing import Any
 
 from snapshotter.accel.events import PushedImage
 from snapshotter.accel.record import Job, JobState, Outcome
-from snapshotter.accel.store import DEFAULT_KEEP_FINISHED, JobStore
+from snapshotter.accel.store import DEFAULT_KEEP_FINISHED, JobStore, StoreFull
 
 log = logging.getLogger("lazysnap.accel")
 
@@ -103,25 +103,15 @@ class JobQueue:
             if self._closed:
                 raise QueueClosed("the service is shutting down")
             self.counters.received += 1
-        queued = self.store.counts().by_state[JobState.QUEUED]
-        if queued >= self.max_queued:
-            live = self._live(image)
-            if live is None:
-                raise QueueFull(f"{queued} images are waiting (limit {self.max_queued})")
-            job, created = live, False
-        else:
-            job, created = self.store.submit(image, self.clock())
+        try:
+            job, created = self.store.submit(image, self.clock(), self.max_queued)
+        except StoreFull as exc:
+            raise QueueFull(str(exc)) from None
         with self._cond:
             if not created:
                 self.counters.deduplicated += 1
-            self._cond.notify_all()
+            self._cond.notify()  # one new job: one worker to look for it
         return job, created
-
-    def _live(self, image: PushedImage) -> Job | None:
-        for job in self.store.jobs((JobState.QUEUED, JobState.RUNNING), limit=self.max_queued):
-            if job.image.key == image.key:
-                return job
-        return None
 
     def note_skipped(self, count: int, malformed: int) -> None:
         with self._cond:

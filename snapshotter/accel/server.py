@@ -276,6 +276,9 @@ def _one_line(text: str) -> str:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a burst of new connections
+    # (the client retransmits after 1 s).
+    request_queue_size = 128
     service: AccelService
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -290,6 +293,9 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # The headers and the body go out in two writes: with Nagle's algorithm the body waits
+    # for the client's delayed ACK of the headers, 40 ms per answer on keep-alive.
+    disable_nagle_algorithm = True
 
     # -- routing ------------------------------------------------------------------------------
 

@@ -87,6 +87,10 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message names it."""
 
 
+class StoreFull(StoreError):
+    """Too many queued jobs (submit's max_queued); the message says how many."""
+
+
 class StoreBusy(StoreError):
     """Another service holds this (single-replica) store."""
 
@@ -103,9 +107,11 @@ class JobStore(Protocol):
     description: str  # for logs: the file, or the database without password
     recovered: int  # jobs found running at open and queued again (SQLite: a dead service's)
 
-    def submit(self, image: PushedImage, now: float) -> tuple[Job, bool]:
+    def submit(
+        self, image: PushedImage, now: float, max_queued: int | None = None
+    ) -> tuple[Job, bool]:
         """The live job of image: (a new queued job, True), or (the one already queued or
-        running, False)."""
+        running, False). StoreFull when a new job would make more than max_queued queued."""
         ...
 
     def claim(self, owner: str, now: float, lease_seconds: float) -> Job | None:
@@ -166,7 +172,9 @@ class SqlJobStore:
     lock_clause = ""  # appended to the claim's SELECT
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self, lane: str = "work") -> Iterator[Any]:
+        """lane: "intake" (webhook submits) or "work" (everything else); a store may give
+        each its own connection so webhook answers do not wait behind workers' claims."""
         raise NotImplementedError
         yield
 
@@ -176,10 +184,23 @@ class SqlJobStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def submit(self, image: PushedImage, now: float) -> tuple[Job, bool]:
+    def submit(
+        self, image: PushedImage, now: float, max_queued: int | None = None
+    ) -> tuple[Job, bool]:
         key = _active_key(image)
         for _ in range(5):  # the live job may finish between our insert and our select
-            with self._transaction() as cur:
+            with self._transaction("intake") as cur:
+                cur.execute(
+                    f"SELECT {_COLUMNS} FROM lazysnap_accel_jobs WHERE active_key = ?", (key,)
+                )
+                live = cur.fetchone()
+                if live is not None:
+                    return _job(live), False
+                if max_queued is not None:
+                    cur.execute("SELECT COUNT(*) FROM lazysnap_accel_jobs WHERE state = 'queued'")
+                    queued = int(cur.fetchone()[0])
+                    if queued >= max_queued:
+                        raise StoreFull(f"{queued} images are waiting (limit {max_queued})")
                 cur.execute(
                     "INSERT INTO lazysnap_accel_jobs (registry, repository, digest, tag,"
                     " media_type, sender, state, active_key, created)"
@@ -199,12 +220,7 @@ class SqlJobStore:
                 row = cur.fetchone()
                 if row is not None:
                     return Job(id=int(row[0]), image=image, received_at=now), True
-                cur.execute(
-                    f"SELECT {_COLUMNS} FROM lazysnap_accel_jobs WHERE active_key = ?", (key,)
-                )
-                live = cur.fetchone()
-                if live is not None:
-                    return _job(live), False
+                # Another replica queued the same image since our select: look again.
         raise StoreError(f"{self.description}: cannot queue {image}: the row keeps changing")
 
     def claim(self, owner: str, now: float, lease_seconds: float) -> Job | None:
@@ -486,7 +502,8 @@ class SqliteJobStore(SqlJobStore):
             raise StoreError(f"{self.description}: {exc}") from None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self, lane: str = "work") -> Iterator[Any]:
+        del lane  # one connection: SQLite runs one write transaction at a time anyway
         with self._mutex:
             try:
                 cur = self._db.cursor()

@@ -76,8 +76,10 @@ class PostgresJobStore(SqlJobStore):
         self._timeout = connect_timeout
         self.description = describe(dsn)
         self.recovered = 0  # other replicas may be running jobs: only leases tell
-        self._mutex = threading.Lock()
-        self._conn: Any = None
+        # One connection per lane (store.SqlJobStore._transaction), each used by one thread
+        # at a time: webhook intake never waits behind a worker's claim.
+        self._mutexes = {"intake": threading.Lock(), "work": threading.Lock()}
+        self._conns: dict[str, Any] = {}
         with self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
             for statement in SCHEMA.format(id="BIGSERIAL PRIMARY KEY").split(";"):
@@ -89,10 +91,11 @@ class PostgresJobStore(SqlJobStore):
             if found is None:
                 cur.execute("INSERT INTO lazysnap_accel_schema VALUES (?)", (SCHEMA_VERSION,))
 
-    def _connection(self) -> Any:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+    def _connection(self, lane: str) -> Any:
+        conn = self._conns.get(lane)
+        if conn is None or conn.closed or conn.broken:
             try:
-                self._conn = self._psycopg.connect(
+                conn = self._conns[lane] = self._psycopg.connect(
                     self._dsn,
                     autocommit=True,
                     connect_timeout=max(1, int(self._timeout)),
@@ -100,12 +103,12 @@ class PostgresJobStore(SqlJobStore):
                 )
             except self._psycopg.Error as exc:
                 raise StoreError(f"{self.description}: cannot connect: {exc}") from None
-        return self._conn
+        return conn
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Any]:
-        with self._mutex:
-            conn = self._connection()
+    def _transaction(self, lane: str = "work") -> Iterator[Any]:
+        with self._mutexes[lane]:
+            conn = self._connection(lane)
             try:
                 with conn.transaction(), conn.cursor() as cursor:
                     yield _Cursor(cursor)
@@ -116,7 +119,8 @@ class PostgresJobStore(SqlJobStore):
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
 
     def close(self) -> None:
-        with self._mutex:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        for lane, mutex in self._mutexes.items():
+            with mutex:
+                conn = self._conns.pop(lane, None)
+                if conn is not None:
+                    conn.close()
