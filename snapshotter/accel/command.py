@@ -4,7 +4,9 @@
                 [--state-dir DIR] [--store PATH | --store postgresql://...] [--lease SECONDS]
                 [--min-layer-size N] [--span-size N] [--token-file F] [--cache-repo REPO]
                 [--layer-jobs N] [--max-attempts N] [--retry-backoff SECONDS]
-                [--allow-registry HOST]... [--drain-timeout SECONDS] [--log-level LEVEL]
+                [--allow-registry HOST]... [--reconcile REGISTRY/REPO]...
+                [--reconcile-interval SECONDS] [--reconcile-rate N]
+                [--drain-timeout SECONDS] [--log-level LEVEL]
     accel tasks [--status S]... [--store PATH | --store postgresql://... | --url URL]
                 [--token-file F] [--json]
 
@@ -69,6 +71,27 @@ def _cache_repo(text: str) -> str:
     return text
 
 
+def _reconcile_repository(text: str) -> str:
+    from snapshotter.remote.errors import InvalidReference
+    from snapshotter.remote.reference import Repository
+
+    try:
+        repository = Repository.parse(text)
+    except InvalidReference as exc:
+        raise argparse.ArgumentTypeError(f"invalid --reconcile {text!r}: {exc}") from None
+    return str(repository)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}") from None
+    if not 0.01 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"rate must be within 0.01..1000 per second, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -120,6 +143,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a running job's lease, renewed while its worker lives; when a replica dies "
         "its jobs run elsewhere after this long (default 60)",
+    )
+    serve.add_argument(
+        "--reconcile",
+        action="append",
+        default=[],
+        type=_reconcile_repository,
+        metavar="REGISTRY/REPO",
+        help="every --reconcile-interval, queue this repository's tagged images that have "
+        "no index yet: heals missed webhooks (repeatable)",
+    )
+    serve.add_argument(
+        "--reconcile-interval",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="time between two reconcile passes (default 3600)",
+    )
+    serve.add_argument(
+        "--reconcile-rate",
+        type=_rate,
+        default=2.0,
+        metavar="N",
+        help="registry requests per second a reconcile pass makes at most (default 2)",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -334,6 +380,22 @@ def serve(args: argparse.Namespace) -> int:
         owner,
     )
 
+    if args.reconcile:
+        from snapshotter.accel.reconcile import ReconcileOptions, Reconciler
+        from snapshotter.remote.reference import Repository
+
+        service.reconciler = Reconciler(
+            clients,
+            queue.submit,
+            ReconcileOptions(
+                tuple(Repository.parse(text) for text in args.reconcile),
+                interval_seconds=args.reconcile_interval,
+                per_second=args.reconcile_rate,
+                cache_repo=args.cache_repo,
+            ),
+            clock=time.monotonic,
+            sleep=service.stopping.wait,
+        )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -45,6 +45,7 @@ from urllib.parse import parse_qs
 from snapshotter.accel.events import PayloadError, parse_delivery
 from snapshotter.accel.jobs import JobQueue, QueueClosed, QueueFull
 from snapshotter.accel.metrics import CONTENT_TYPE, AccelMetrics
+from snapshotter.accel.reconcile import Reconciler
 from snapshotter.accel.record import STATE_OF_TASK_STATUS, Job, JobState, Outcome
 from snapshotter.accel.store import StoreError
 from snapshotter.accel.worker import (
@@ -101,8 +102,11 @@ class AccelService:
         self.metrics = metrics
         self._indexer = indexer
         self._workers: list[threading.Thread] = []
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()  # set when stop() begins: background loops end
+        self._drained = threading.Event()  # set when no job runs any more: leases end
         self._heartbeat: threading.Thread | None = None
+        self.reconciler: Reconciler | None = None  # set before start() to reconcile
+        self._reconcile_thread: threading.Thread | None = None
         server_class = _Server6 if ":" in config.host else _Server
         self._http = server_class((config.host, config.port), _Handler)
         self._http.service = self
@@ -120,6 +124,11 @@ class AccelService:
             self._workers.append(thread)
         self._heartbeat = threading.Thread(target=self._renew, name="accel-leases", daemon=True)
         self._heartbeat.start()
+        if self.reconciler is not None:
+            self._reconcile_thread = threading.Thread(
+                target=self.reconciler.run, name="accel-reconcile", daemon=True
+            )
+            self._reconcile_thread.start()
         self._http_thread = threading.Thread(
             target=self._http.serve_forever, name="accel-http", daemon=True
         )
@@ -129,6 +138,7 @@ class AccelService:
         """Drain: stop accepting webhooks and taking jobs, let running jobs finish (their
         leases kept), leave queued ones in the store for the next start or another replica.
         Jobs still running after grace_seconds are given back to the store."""
+        self.stopping.set()
         self._http.shutdown()
         self._http.server_close()
         try:
@@ -143,11 +153,12 @@ class AccelService:
                 grace_seconds,
                 released,
             )
-        self._stopping.set()
+        self._drained.set()
         for thread in self._workers:
             thread.join(timeout=1.0)
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout=1.0)
+        for other in (self._heartbeat, self._reconcile_thread):
+            if other is not None:
+                other.join(timeout=5.0)
         self.clients.close()
 
     def healthy(self) -> bool:
@@ -203,7 +214,7 @@ class AccelService:
                 job = self.queue.take()
             except StoreError as exc:  # the database is away: keep trying, slowly
                 log.error("cannot claim a job: %s", exc)
-                if self._stopping.wait(5.0):
+                if self.stopping.wait(5.0):
                     return
                 continue
             if job is None:
@@ -215,7 +226,7 @@ class AccelService:
 
     def _renew(self) -> None:
         interval = max(0.1, self.queue.lease_seconds / 3)
-        while not self._stopping.wait(interval):
+        while not self._drained.wait(interval):
             try:
                 lost = self.queue.renew()
             except StoreError as exc:

@@ -203,3 +203,56 @@ def test_harbor_payloads_through_acceld_s_route(env: Env, index_signing_keys: Si
 
 def accel_token(accel: AccelProcess) -> Path:
     return accel.log_path.parent / "token"
+
+
+def test_sigterm_drains_running_jobs_finish_and_queued_ones_wait_in_the_store(
+    env: Env,
+) -> None:
+    store = env.base / f"drain-{secrets.token_hex(3)}" / "jobs.sqlite"
+    flags = (*FLAGS, "--jobs", "1", "--store", str(store))
+    repository = "drain/app"  # one repository: its jobs run one after the other
+    images = [pushed_image(env, repository, f"v{n}") for n in range(3)]
+    first = start_accel(env.base / "drain-first", flags, token=TOKEN, env=env.env)
+    for n, image in enumerate(images):
+        body = distribution_envelope(env.registry.host, repository, image.manifest_digest, f"v{n}")
+        assert first.request("POST", "/events", body).status == 202
+    running = first.wait_for("a running job", lambda: first.status()["running"])
+    assert first.stop() == 0  # SIGTERM
+
+    left = json.loads(lazysnap(env, "accel", "tasks", "--store", str(store), "--json"))
+    by_id = {task["id"]: task for task in left}
+    assert by_id[str(running[0]["id"])]["status"] == "succeeded"  # it was let finish
+    assert "running" not in {task["status"] for task in left}
+    assert [t for t in left if t["status"] == "queued"], left  # kept, not dropped
+    assert re.search(r"draining: [12] queued job\(s\) stay in job store", first.log())
+
+    second = start_accel(env.base / "drain-second", flags, token=TOKEN, env=env.env)
+    try:
+        second.wait_for("all three succeeded", lambda: succeeded(second, 3), timeout=120)
+    finally:
+        assert second.stop() == 0
+
+
+def test_reconcile_queues_the_images_a_missed_webhook_left_unindexed(env: Env) -> None:
+    repository = f"recon{secrets.token_hex(2)}/app"
+    images = [pushed_image(env, repository, f"v{n}") for n in range(2)]
+    flags = [*FLAGS, "--jobs", "1", "--reconcile", f"{env.registry.host}/{repository}"]
+    flags += ["--reconcile-interval", "1", "--reconcile-rate", "20"]
+    accel = start_accel(env.base / f"recon-{secrets.token_hex(3)}", flags, token=TOKEN, env=env.env)
+    try:
+        tasks = accel.wait_for("both images indexed", lambda: succeeded(accel, 2), timeout=120)
+        assert sorted(t["image"].split("@")[1] for t in tasks) == sorted(
+            image.manifest_digest for image in images
+        )
+        assert {t["outcome"] for t in tasks} == {"indexed"}
+        # Later passes find the indexes (their sha256-<hex> tags) and queue nothing more.
+        accel.wait_for(
+            "a pass that finds both indexed",
+            lambda: re.search(
+                r"reconcile pass: \d+ tags: 0 queued, 2 already indexed", accel.log()
+            ),
+        )
+        assert len(accel.tasks()) == 2
+    finally:
+        assert accel.stop() == 0
+    assert "Traceback" not in accel.log()

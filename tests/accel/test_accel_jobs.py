@@ -16,6 +16,7 @@ from accel_helpers import postgres_or_skip
 
 from snapshotter.accel.events import PushedImage
 from snapshotter.accel.jobs import JobQueue, QueueClosed, QueueFull
+from snapshotter.accel.reconcile import RateLimit
 from snapshotter.accel.record import JobState, Outcome
 from snapshotter.accel.store import JobStore, SqliteJobStore, StoreBusy, open_store
 from tests.harness.postgres import Postgres
@@ -296,3 +297,26 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="schema version 99 was written by a newer lazysnap"):
         SqliteJobStore(path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_reconcile_requests_are_spaced_to_the_rate() -> None:
+    clock = Clock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        slept.append(seconds)
+        clock.now += seconds
+        return False
+
+    limit = RateLimit(4.0, clock, sleep)
+    for _ in range(5):
+        assert limit.wait() is False
+    assert slept == [0.25, 0.25, 0.25, 0.25]  # the first goes at once
+    clock.now += 10  # idle time is not saved up for a burst
+    limit.wait()
+    limit.wait()
+    assert slept[-1] == 0.25 and len(slept) == 5
+    assert RateLimit(1.0, clock, lambda _: True).wait() is False  # nothing to wait for yet
+    stopping = RateLimit(1.0, clock, lambda _: True)
+    stopping.wait()
+    assert stopping.wait() is True  # a stop during the wait is reported
