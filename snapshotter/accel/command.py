@@ -7,6 +7,7 @@
                 [--allow-registry HOST]... [--reconcile REGISTRY/REPO]...
                 [--reconcile-interval SECONDS] [--reconcile-rate N]
                 [--drain-timeout SECONDS] [--log-level LEVEL]
+    accel convert IMAGE... [--plain-http] [--json] [index build flags]
     accel tasks [--status S]... [--store PATH | --store postgresql://... | --url URL]
                 [--token-file F] [--json]
 
@@ -104,8 +105,11 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` sub-subcommand to the `accel` command's parser."""
-    sub = parser.add_subparsers(dest="accel_command", metavar="{serve,tasks}", required=True)
+    sub = parser.add_subparsers(
+        dest="accel_command", metavar="{serve,tasks,convert}", required=True
+    )
     _add_tasks(sub)
+    _add_convert(sub)
     serve = sub.add_parser(
         "serve",
         help="index images as they are pushed (registry notification webhooks)",
@@ -265,6 +269,35 @@ def _add_tasks(sub: Any) -> None:
     tasks.add_argument("--json", action="store_true", help="the task list as JSON")
 
 
+def _add_convert(sub: Any) -> None:
+    convert = sub.add_parser(
+        "convert",
+        help="index images once, as the service's tasks would (no service, no store)",
+        description="The one-time mode (acceld's `accelctl convert`): index each IMAGE, every "
+        "platform, exactly as a task of `accel serve` does, and print the results as task rows "
+        "(--json: the objects GET /api/v1/conversions lists). Exit status 1 if one failed.",
+    )
+    convert.add_argument("images", nargs="+", metavar="IMAGE", help="image reference")
+    convert.add_argument(
+        "--plain-http", action="store_true", help="talk plain http to the registries"
+    )
+    convert.add_argument("--hosts-dir", metavar="DIR", help="containerd-style hosts directory")
+    convert.add_argument(
+        "--layer-jobs",
+        type=at_least_one("--layer-jobs"),
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="layers of one image indexed in parallel (default: CPU count)",
+    )
+    add_min_layer_size_argument(convert)
+    add_span_size_argument(convert)
+    convert.add_argument("--cache-repo", type=_cache_repo, metavar="REPO")
+    add_sign_key_argument(convert)
+    convert.add_argument("--max-attempts", type=at_least_one("--max-attempts"), default=5)
+    convert.add_argument("--retry-backoff", type=_seconds, default=2.0, metavar="SECONDS")
+    convert.add_argument("--json", action="store_true", help="the task rows as JSON")
+
+
 def read_token(path: str) -> str:
     """The token in path (surrounding whitespace stripped). ConfigurationError naming the
     file if it cannot be read or is empty."""
@@ -287,6 +320,10 @@ def read_token(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.accel_command == "convert":
+        from snapshotter.accel.convert import run as convert
+
+        return convert(args)
     if args.accel_command == "tasks":
         from snapshotter.accel.tasks_cli import list_tasks
 

@@ -108,7 +108,8 @@ class Job:
             reason = f"retrying: {self.last_error}"
         return {
             "id": str(self.id),
-            "image": self.image.reference,
+            # No digest: a reference that could not be resolved (`accel convert`), as given.
+            "image": self.image.reference if self.image.digest else self.image.repository,
             "source": str(self.image),
             "status": TASK_STATUS[self.state],
             "reason": reason,

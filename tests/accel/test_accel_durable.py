@@ -256,3 +256,32 @@ def test_reconcile_queues_the_images_a_missed_webhook_left_unindexed(env: Env) -
     finally:
         assert accel.stop() == 0
     assert "Traceback" not in accel.log()
+
+
+def test_convert_is_the_one_time_mode_and_prints_task_rows(env: Env) -> None:
+    repository = f"once{secrets.token_hex(2)}/app"
+    image = pushed_image(env, repository)
+    reference = f"{env.registry.host}/{repository}:v1"
+    flags = ("--plain-http", "--min-layer-size", "0", "--span-size", "65536", "--json")
+
+    [task] = json.loads(lazysnap(env, "accel", "convert", reference, *flags))
+    assert task["status"] == "succeeded" and task["outcome"] == "indexed", task
+    assert task["image"] == f"{env.registry.host}/{repository}@{image.manifest_digest}"
+    assert task["artifacts"] and task["finished"] is not None and task["reason"] == ""
+
+    missing = f"{env.registry.host}/{repository}:nope"
+    result = subprocess.run(
+        [*LAZYSNAP, "accel", "convert", reference, missing, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=env.env,
+    )
+    assert result.returncode == 1, result.stderr
+    again, failed = json.loads(result.stdout)
+    assert again["outcome"] == "already indexed" and again["artifacts"] == task["artifacts"]
+    assert failed["status"] == "failed" and failed["image"] == missing
+    assert "nope" in failed["reason"]
+    # The same row shape as the service's task list.
+    assert set(task) == set(again) == set(failed)
