@@ -238,6 +238,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="stderr log level (default info)"
     )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="stderr lines as text or as JSON objects with a job field (default text)",
+    )
 
 
 def _add_tasks(sub: Any) -> None:
@@ -265,7 +271,13 @@ def _add_tasks(sub: Any) -> None:
     tasks.add_argument(
         "--token-file", metavar="FILE", help="bearer token for --url (as the service's)"
     )
-    tasks.add_argument("--limit", type=at_least_one("--limit"), default=500, metavar="N")
+    tasks.add_argument(
+        "--limit",
+        type=at_least_one("--limit"),
+        default=500,
+        metavar="N",
+        help="the newest N tasks (default 500)",
+    )
     tasks.add_argument("--json", action="store_true", help="the task list as JSON")
 
 
@@ -357,6 +369,10 @@ def serve(args: argparse.Namespace) -> int:
     library.setLevel(max(logging.WARNING, logging.getLogger("lazysnap").level))
     library.propagate = False
     log = logging.getLogger("lazysnap.accel")
+    if args.log_format == "json":
+        from snapshotter.accel.logs import use_json
+
+        use_json(logging.getLogger("lazysnap"))  # the library logger shares its handler
 
     try:
         if args.hosts_dir is not None and not os.path.isdir(args.hosts_dir):

@@ -11,9 +11,10 @@ Routes:
                  acceld's route, same payloads (Harbor's PUSH_ARTIFACT and CloudEvents
                  formats, distribution envelopes): 200 {"tasks": [...]} once queued; with
                  sync=true once every task of the delivery finished (500 if one failed).
-  GET  /api/v1/conversions[?status=S]
-                 the task list, newest first (acceld's shape plus ours): id, image, status
-                 (queued, running, succeeded, failed), reason, created, finished, ...
+  GET  /api/v1/conversions[?status=S[,S...]][&limit=N]
+                 the task list, newest first, 500 unless limit says (acceld's shape plus
+                 ours): id, image, status (queued, running, succeeded, failed), reason,
+                 created, finished, ...
   GET  /api/v1/health   200 "Ok" while the workers live and the store answers, else 500
   GET  /status   queued / running / done / failed jobs and counters (token required too:
                  it names repositories)
@@ -44,6 +45,7 @@ from urllib.parse import parse_qs
 
 from snapshotter.accel.events import PayloadError, parse_delivery
 from snapshotter.accel.jobs import JobQueue, QueueClosed, QueueFull
+from snapshotter.accel.logs import job_log
 from snapshotter.accel.metrics import CONTENT_TYPE, AccelMetrics
 from snapshotter.accel.reconcile import Reconciler
 from snapshotter.accel.record import STATE_OF_TASK_STATUS, Job, JobState, Outcome
@@ -62,6 +64,8 @@ MAX_BODY = 4 << 20
 EVENTS_PATH = "/events"
 CONVERSIONS_PATH = "/api/v1/conversions"
 HEALTH_PATH = "/api/v1/health"
+DEFAULT_TASKS = 500  # GET /api/v1/conversions lists the newest this many (?limit=N)
+MAX_TASKS = 10_000
 SYNC_TIMEOUT = 3600.0  # ?sync=true waits at most this long, then answers 504
 
 
@@ -222,7 +226,7 @@ class AccelService:
             try:
                 self._run(job)
             except StoreError as exc:  # its lease expires and the job runs again
-                log.error("job %d: cannot record the result: %s", job.id, exc)
+                job_log(log, job.id).error("job %d: cannot record the result: %s", job.id, exc)
 
     def _renew(self) -> None:
         interval = max(0.1, self.queue.lease_seconds / 3)
@@ -233,18 +237,21 @@ class AccelService:
                 log.error("cannot renew job leases: %s", exc)
                 continue
             for job in lost:
-                log.warning("job %d: lease lost (another worker may run it too)", job.id)
+                job_log(log, job.id).warning(
+                    "job %d: lease lost (another worker may run it too)", job.id
+                )
 
     def _run(self, job: Job) -> None:
         image = job.image
-        log.info("job %d: attempt %d: indexing %s", job.id, job.attempts, image)
+        jlog = job_log(log, job.id)
+        jlog.info("job %d: attempt %d: indexing %s", job.id, job.attempts, image)
         try:
             result = self._indexer(self.clients, image, self.config.worker_options)
         except JobFailed as exc:
             delay = self.queue.fail(job, exc.reason, transient=exc.transient)
             if delay is not None:
                 self.metrics.retries.inc()
-                log.warning(
+                jlog.warning(
                     "job %d: attempt %d for %s failed, retrying in %.1f s: %s",
                     job.id,
                     job.attempts,
@@ -254,10 +261,10 @@ class AccelService:
                 )
             else:
                 self.metrics.jobs_finished.labels("failed").inc()
-                log.error("job %d: failed %s: %s", job.id, image, _one_line(job.detail))
+                jlog.error("job %d: failed %s: %s", job.id, image, _one_line(job.detail))
             return
         except Exception as exc:  # a bug must fail this job, not kill the worker
-            log.exception("job %d: failed %s: unexpected error", job.id, image)
+            jlog.exception("job %d: failed %s: unexpected error", job.id, image)
             self.queue.fail(job, f"internal error: {type(exc).__name__}: {exc}", transient=False)
             self.metrics.jobs_finished.labels("failed").inc()
             return
@@ -270,7 +277,7 @@ class AccelService:
         self.metrics.layers.labels("reused").inc(result.layers_reused)
         if result.outcome is Outcome.IGNORED:
             # Our own artifacts come back after every build: not worth a line each.
-            log.log(
+            jlog.log(
                 logging.DEBUG if result.own else logging.INFO,
                 "job %d: ignored %s: %s",
                 job.id,
@@ -278,7 +285,7 @@ class AccelService:
                 result.detail,
             )
         else:
-            log.info("job %d: %s %s: %s", job.id, result.outcome, image, result.detail)
+            jlog.info("job %d: %s %s: %s", job.id, result.outcome, image, result.detail)
 
 
 def _one_line(text: str) -> str:
@@ -389,7 +396,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.OK, {**accepted.answer, "tasks": tasks})
 
     def _list_tasks(self, query: str) -> None:
-        wanted = parse_qs(query).get("status", [])
+        params = parse_qs(query)
+        wanted = params.get("status", [])
+        limit_text = params.get("limit", [str(DEFAULT_TASKS)])[-1]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_TASKS:
+            self._reply(
+                HTTPStatus.BAD_REQUEST,
+                {"error": f"limit must be a number within 1..{MAX_TASKS}, got {limit_text!r}"},
+            )
+            return
         states: list[JobState] = []
         for status in ",".join(wanted).split(","):
             if not status:
@@ -404,7 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             states.append(state)
         try:
-            jobs = self.server.service.queue.tasks(states)
+            jobs = self.server.service.queue.tasks(states, int(limit_text))
         except StoreError as exc:
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
             return

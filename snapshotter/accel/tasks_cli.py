@@ -20,7 +20,7 @@ from snapshotter.accel.record import STATE_OF_TASK_STATUS
 def list_tasks(args: argparse.Namespace, default_store: str) -> int:
     try:
         if args.url:
-            tasks = _from_service(args.url, args.status, args.token_file)
+            tasks = _from_service(args.url, args.status, args.token_file, args.limit)
         else:
             tasks = _from_store(args.store or default_store, args.status, args.limit)
     except _Unavailable as exc:
@@ -58,8 +58,13 @@ def _from_store(spec: str, statuses: list[str], limit: int) -> list[dict[str, An
     return [job.to_task() for job in jobs]
 
 
-def _from_service(url: str, statuses: list[str], token_file: str | None) -> list[dict[str, Any]]:
-    query = "?" + urllib.parse.urlencode({"status": ",".join(statuses)}) if statuses else ""
+def _from_service(
+    url: str, statuses: list[str], token_file: str | None, limit: int
+) -> list[dict[str, Any]]:
+    params = {"limit": str(limit)}
+    if statuses:
+        params["status"] = ",".join(statuses)
+    query = "?" + urllib.parse.urlencode(params)
     headers = {"Accept": "application/json"}
     if token_file:
         from snapshotter.accel.command import ConfigurationError, read_token

@@ -169,6 +169,8 @@ def test_harbor_payloads_through_acceld_s_route(env: Env, index_signing_keys: Si
             assert set(entry) >= {"id", "image", "status", "reason", "created", "finished"}
         assert accel.tasks("failed") == [] and len(accel.tasks("succeeded,failed")) == 2
         assert accel.raw("GET", f"{CONVERSIONS}?status=done")[0] == 400
+        assert [t["id"] for t in accel.tasks("succeeded&limit=1")] == [queued["id"]]
+        assert accel.raw("GET", f"{CONVERSIONS}?limit=0")[0] == 400
         assert accel.raw("GET", "/api/v1/health") == (200, b"Ok")
         metrics = accel.raw("GET", "/metrics")[1].decode()
         assert 'lazysnap_accel_jobs{status="succeeded"} 2.0' in metrics

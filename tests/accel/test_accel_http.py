@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from accel_helpers import AccelProcess, accel_command, start_accel
+from accel_helpers import AccelProcess, accel_command, distribution_envelope, start_accel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "webhook-secret-0123"
@@ -140,3 +140,22 @@ def test_sigterm_stops_cleanly(workdir: Path) -> None:
     assert process.stop() == 0
     assert "stopping" in process.log()
     assert "Traceback" not in process.log()
+
+
+def test_json_logs_carry_the_job_id(workdir: Path) -> None:
+    process = start_accel(
+        workdir / "json", ["--log-format", "json", "--max-attempts", "1"], token=TOKEN
+    )
+    try:
+        # A registry nobody listens on: the job fails at once, and says so.
+        body = distribution_envelope("127.0.0.1:9", "team/app", "sha256:" + "ab" * 32, "v1")
+        answer = process.request("POST", "/events", body)
+        assert answer.status == 202
+        process.wait_for("the job's failure", lambda: '"level": "error"' in process.log())
+    finally:
+        process.stop()
+    lines = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+    about_job = [line for line in lines if line.get("job") == 1]
+    assert {line["level"] for line in about_job} >= {"info", "error"}, lines
+    assert all(line["msg"].startswith("job 1: ") for line in about_job)
+    assert {"time", "level", "logger", "msg"} <= set(lines[0])
