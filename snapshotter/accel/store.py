@@ -463,6 +463,9 @@ class SqliteJobStore(SqlJobStore):
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Image names only, but nobody else's business: 0600 (SQLite gives its -wal and
+            # -shm files the database file's mode).
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise StoreError(f"{self.description}: cannot create: {exc}") from None
         try:
