@@ -216,8 +216,8 @@ class AccelService:
         while True:
             try:
                 job = self.queue.take()
-            except StoreError as exc:  # the database is away: keep trying, slowly
-                log.error("cannot claim a job: %s", exc)
+            except Exception as exc:  # the database is away: keep trying, slowly
+                log.error("cannot claim a job: %s", exc, exc_info=not isinstance(exc, StoreError))
                 if self.stopping.wait(5.0):
                     return
                 continue
@@ -225,8 +225,13 @@ class AccelService:
                 return
             try:
                 self._run(job)
-            except StoreError as exc:  # its lease expires and the job runs again
-                job_log(log, job.id).error("job %d: cannot record the result: %s", job.id, exc)
+            except Exception as exc:  # its lease expires and the job runs again
+                job_log(log, job.id).error(
+                    "job %d: cannot record the result: %s",
+                    job.id,
+                    exc,
+                    exc_info=not isinstance(exc, StoreError),
+                )
 
     def _renew(self) -> None:
         interval = max(0.1, self.queue.lease_seconds / 3)

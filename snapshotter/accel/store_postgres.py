@@ -112,7 +112,9 @@ class PostgresJobStore(SqlJobStore):
             try:
                 with conn.transaction(), conn.cursor() as cursor:
                     yield _Cursor(cursor)
-            except self._psycopg.OperationalError as exc:
+            except self._psycopg.errors.UniqueViolation:
+                raise  # a claim racing another replica's: SqlJobStore.claim looks again
+            except self._psycopg.Error as exc:
                 raise StoreError(f"{self.description}: {exc}") from None
 
     def _is_conflict(self, exc: Exception) -> bool:
