@@ -31,6 +31,7 @@ its endpoint's `headers`, Harbor from the webhook policy's auth header.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -43,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from snapshotter.accel.events import PayloadError, parse_delivery
+from snapshotter.accel.events import PayloadError, PushedImage, parse_delivery
 from snapshotter.accel.jobs import JobQueue, QueueClosed, QueueFull
 from snapshotter.accel.logs import job_log
 from snapshotter.accel.metrics import CONTENT_TYPE, AccelMetrics
@@ -57,6 +58,8 @@ from snapshotter.accel.worker import (
     WorkerOptions,
     index_pushed_image,
 )
+from snapshotter.remote.errors import RegistryError
+from snapshotter.remote.reference import Reference
 
 log = logging.getLogger("lazysnap.accel")
 
@@ -193,6 +196,12 @@ class AccelService:
                     image,
                 )
                 continue
+            if image.unresolved:
+                resolved = self._resolve(image)
+                if resolved is None:
+                    refused += 1
+                    continue
+                image = resolved
             job, created = self.queue.submit(image)
             jobs.append(job)
             if created:
@@ -209,6 +218,16 @@ class AccelService:
         self.metrics.webhook_images.labels("skipped").inc(skipped)
         answer = {"queued": queued, "deduplicated": deduplicated, "skipped": skipped}
         return Accepted(answer, jobs)
+
+    def _resolve(self, image: PushedImage) -> PushedImage | None:
+        """The digest of a tag-only request, looked up now (the tag may move later)."""
+        ref = Reference.parse(f"{image.registry}/{image.repository}:{image.tag}")
+        try:
+            manifest = self.clients.for_registry(image.registry).get_manifest(ref)
+        except RegistryError as exc:
+            log.warning("webhook names %s, which cannot be resolved: %s", ref, exc)
+            return None
+        return dataclasses.replace(image, digest=manifest.digest, media_type=manifest.media_type)
 
     # -- workers ------------------------------------------------------------------------------
 

@@ -163,18 +163,37 @@ def test_harbor_payloads_through_acceld_s_route(env: Env, index_signing_keys: Si
         assert queued["status"] in ("queued", "running", "succeeded")
         accel.wait_for("the CloudEvents task", lambda: succeeded(accel, 2))
 
-        listed = accel.tasks()
+        # acceld's own documented request: a resource_url with a tag, no digest.
+        tag_only = pushed_image(env, "harbor/tag-only")
+        body = json.dumps(
+            {
+                "type": "PUSH_ARTIFACT",
+                "event_data": {
+                    "resources": [{"resource_url": f"{env.registry.host}/harbor/tag-only:v1"}]
+                },
+            }
+        ).encode()
+        answer = accel.request("POST", f"{CONVERSIONS}?sync=true", body)
+        assert answer.status == 200, answer
+        [resolved] = answer.body["tasks"]
+        assert resolved["image"].endswith(f"harbor/tag-only@{tag_only.manifest_digest}")
+        assert resolved["status"] == "succeeded", resolved
+        gone = body.replace(b":v1", b":no-such-tag")
+        answer = accel.request("POST", CONVERSIONS, gone)
+        assert answer.status == 200 and answer.body["tasks"] == [] and answer.body["skipped"] == 1
+
+        listed = [t for t in accel.tasks() if t["id"] != resolved["id"]]
         assert [t["id"] for t in listed] == [queued["id"], task["id"]]  # newest first
         for entry in listed:
             assert set(entry) >= {"id", "image", "status", "reason", "created", "finished"}
-        assert accel.tasks("failed") == [] and len(accel.tasks("succeeded,failed")) == 2
+        assert accel.tasks("failed") == [] and len(accel.tasks("succeeded,failed")) == 3
         assert accel.raw("GET", f"{CONVERSIONS}?status=done")[0] == 400
-        assert [t["id"] for t in accel.tasks("succeeded&limit=1")] == [queued["id"]]
+        assert [t["id"] for t in accel.tasks("succeeded&limit=1")] == [resolved["id"]]
         assert accel.raw("GET", f"{CONVERSIONS}?limit=0")[0] == 400
         assert accel.raw("GET", "/api/v1/health") == (200, b"Ok")
         metrics = accel.raw("GET", "/metrics")[1].decode()
-        assert 'lazysnap_accel_jobs{status="succeeded"} 2.0' in metrics
-        assert 'lazysnap_accel_jobs_finished_total{outcome="indexed"} 2.0' in metrics
+        assert 'lazysnap_accel_jobs{status="succeeded"} 3.0' in metrics
+        assert 'lazysnap_accel_jobs_finished_total{outcome="indexed"} 3.0' in metrics
         assert "lazysnap_accel_bytes_read_total" in metrics
 
         as_cli = json.loads(
@@ -189,7 +208,7 @@ def test_harbor_payloads_through_acceld_s_route(env: Env, index_signing_keys: Si
                 str(accel_token(accel)),
             )
         )
-        assert as_cli == listed
+        assert as_cli == accel.tasks()
         unauthorized = subprocess.run(
             [*LAZYSNAP, "accel", "tasks", "--url", accel.url],
             capture_output=True,
