@@ -93,6 +93,13 @@ def _rate(text: str) -> float:
     return value
 
 
+def _lease(text: str) -> float:
+    value = _seconds(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--lease must be at least 1 second, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -142,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--lease",
-        type=_seconds,
+        type=_lease,
         default=60.0,
         metavar="SECONDS",
         help="a running job's lease, renewed while its worker lives; when a replica dies "
@@ -424,7 +431,12 @@ def serve(args: argparse.Namespace) -> int:
             f"error: --listen {host}:{port}: cannot listen: {exc.strerror or exc}", file=sys.stderr
         )
         return 1
-    counts = store.counts().by_state
+    try:
+        counts = store.counts().by_state
+    except StoreError as exc:
+        store.close()
+        print(f"error: --store: {exc}", file=sys.stderr)
+        return 1
     log.info(
         "%s: %d queued, %d interrupted job(s) resumed (worker %s)",
         store.description,

@@ -54,6 +54,8 @@ def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
         (["--listen", "1.2.3.4:99999"], "invalid --listen"),
         (["--jobs", "0"], "--jobs must be >= 1"),
         (["--retry-backoff", "-1"], "seconds must be within"),
+        (["--lease", "0.5"], "--lease must be at least 1 second"),
+        (["--reconcile", "Bad Repo"], "invalid --reconcile 'Bad Repo'"),
         (["--cache-repo", "Bad/Repo"], "invalid --cache-repo 'Bad/Repo'"),
         (["--token-file", "/nonexistent/token"], "--token-file /nonexistent/token: cannot read"),
         (["--hosts-dir", "/nonexistent/dir"], "--hosts-dir /nonexistent/dir: not a directory"),
@@ -72,6 +74,23 @@ def test_an_empty_token_file_is_refused(workdir: Path) -> None:
     result = run_serve("--listen", "127.0.0.1:0", "--token-file", str(token))
     assert result.returncode == 2
     assert f"--token-file {token}: the file is empty" in result.stderr
+
+
+def test_a_store_that_cannot_be_opened_is_named(workdir: Path) -> None:
+    unreachable = run_serve("--store", "postgresql://nobody:secret@127.0.0.1:9/none")
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "--store: job store postgresql://nobody@127.0.0.1:9/none: cannot connect" in (
+        unreachable.stderr
+    )
+    assert "secret" not in unreachable.stderr and "Traceback" not in unreachable.stderr
+    (workdir / "state").mkdir()
+    busy = start_accel(workdir, ["--state-dir", str(workdir / "state")])
+    try:
+        second = run_serve("--state-dir", str(workdir / "state"))
+    finally:
+        busy.stop()
+    assert second.returncode == 1
+    assert "another `lazysnap accel serve` uses it" in second.stderr
 
 
 def test_a_taken_port_is_reported_not_a_traceback() -> None:
