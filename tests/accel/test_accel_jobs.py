@@ -258,10 +258,10 @@ def test_finished_history_is_pruned_to_its_limit(store: JobStore) -> None:
     assert len(store.jobs()) == 15  # pruned to 10 at the 100th, 5 more since
 
 
-def test_two_queues_claim_disjoint_jobs_concurrently(store_spec: str) -> None:
-    """Replicas racing for the same rows: every job is claimed by exactly one of them."""
-    if not store_spec.startswith("postgresql://"):
-        pytest.skip("one process per SQLite store")
+def test_two_queues_claim_disjoint_jobs_concurrently(postgres: Postgres) -> None:
+    """Replicas racing for the same PostgreSQL rows (an SQLite store has one service):
+    every job is claimed by exactly one of them."""
+    store_spec = postgres.create_database(f"race_{secrets.token_hex(4)}")
     stores = [open_store(store_spec) for _ in range(4)]
     clock = Clock()
     queues = [new_queue(s, clock, owner=f"replica-{i}") for i, s in enumerate(stores)]
