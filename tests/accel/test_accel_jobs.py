@@ -18,7 +18,7 @@ from snapshotter.accel.events import PushedImage
 from snapshotter.accel.jobs import JobQueue, QueueClosed, QueueFull
 from snapshotter.accel.reconcile import RateLimit
 from snapshotter.accel.record import JobState, Outcome
-from snapshotter.accel.store import JobStore, SqliteJobStore, StoreBusy, open_store
+from snapshotter.accel.store import JobStore, SqliteJobStore, StoreBusy, StoreError, open_store
 from tests.harness.postgres import Postgres
 
 START = 1_800_000_000.0
@@ -320,3 +320,24 @@ def test_reconcile_requests_are_spaced_to_the_rate() -> None:
     stopping = RateLimit(1.0, clock, lambda _: True)
     stopping.wait()
     assert stopping.wait() is True  # a stop during the wait is reported
+
+
+def test_a_postgresql_restart_is_ridden_out(tmp_path: Path) -> None:
+    """The database goes away and comes back: calls meanwhile fail with StoreError (webhooks
+    get 503, workers retry), then the same store object reconnects and nothing was lost."""
+    server = postgres_or_skip(tmp_path / "pg")
+    try:
+        store = open_store(server.create_database("restart"))
+        queue = new_queue(store, Clock())
+        queue.submit(image(n=1))
+        server.stop_server()
+        with pytest.raises(StoreError, match="job store postgresql://"):
+            queue.submit(image(n=2))
+        with pytest.raises(StoreError):
+            queue.take(timeout=0.1)
+        server.start()
+        assert queue.submit(image(n=2))[1] is True
+        assert [job.image.digest for job in store.jobs()] == [image(n=2).digest, image(n=1).digest]
+        store.close()
+    finally:
+        server.stop()

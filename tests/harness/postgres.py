@@ -46,8 +46,8 @@ class Postgres:
     base: Path
     cluster: Path  # data directory and sockets (owned by the postgres user)
     port: int
-    service: Service
     bin_dir: Path
+    service: Service | None = None  # None before start()
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"
@@ -77,9 +77,34 @@ class Postgres:
         self.psql(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
 
-    def stop(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server on the cluster (again, after stop_server: same port and data)."""
+        as_postgres = ["setpriv", f"--reuid={PG_USER}", f"--regid={PG_USER}", "--init-groups"]
+        argv = [*as_postgres, str(self.bin_dir / "postgres"), "-D", str(self.cluster / "data")]
+        argv += ["-p", str(self.port), "-k", str(self.cluster / "sockets")]
+        for setting in ("listen_addresses=127.0.0.1", "fsync=off", "max_connections=200"):
+            argv += ["-c", setting]
+        service = self.service = spawn("postgres", argv, self.base / "postgres.log")
+        port = self.port
+        service.wait_until(lambda: _accepts(port), "accepting connections", timeout=timeout)
+        # The port opens a moment before the server takes queries.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.psql("SELECT 1")
+                return
+            except HarnessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop_server(self) -> None:
         # SIGINT: PostgreSQL's "fast" shutdown (disconnects clients instead of waiting).
-        self.service.stop(signum=signal.SIGINT, timeout=30)
+        if self.service is not None:
+            self.service.stop(signum=signal.SIGINT, timeout=30)
+
+    def stop(self) -> None:
+        self.stop_server()
         shutil.rmtree(self.cluster, ignore_errors=True)
 
 
@@ -119,39 +144,9 @@ def start_postgres(base: Path, timeout: float = 60.0) -> Postgres:
         "initdb",
         timeout=120,
     )
-    port = free_port()
-    service = spawn(
-        "postgres",
-        [
-            *as_postgres,
-            str(bin_dir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(sockets),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "max_connections=200",
-        ],
-        base / "postgres.log",
-    )
-    postgres = Postgres(base, cluster, port, service, bin_dir)
-    service.wait_until(lambda: _accepts(port), "accepting connections", timeout=timeout)
-    # The port opens a moment before the server takes queries.
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            postgres.psql("SELECT 1")
-            return postgres
-        except HarnessError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    postgres = Postgres(base, cluster, free_port(), bin_dir)
+    postgres.start(timeout)
+    return postgres
 
 
 def _accepts(port: int) -> bool:
