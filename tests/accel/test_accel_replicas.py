@@ -188,3 +188,30 @@ def test_two_replicas_index_each_image_once_and_lose_none_when_one_is_killed(
     # Per image: its artifact and the artifact's signature, each pushed once (the layer
     # cache entries go to burst/lazysnap-index-cache).
     assert sum(pushed_by_digest.values()) == 2 * IMAGES, pushed_by_digest
+
+
+def test_while_the_database_is_away_webhooks_get_503_and_health_says_why(
+    base: Path, postgres: Postgres, registry: Registry
+) -> None:
+    repository, image = build_and_push(base, registry, 999)
+    store = postgres.create_database("accel_outage")
+    env = {**os.environ, "DOCKER_CONFIG": str(base / "docker-config")}
+    replica = start_accel(base / "outage", (*FLAGS, "--store", store), token=TOKEN, env=env)
+    body = distribution_envelope(registry.host, repository, image.manifest_digest, "v1")
+    try:
+        assert replica.raw("GET", "/api/v1/health") == (200, b"Ok")
+        postgres.stop_server()
+        try:
+            answer = replica.request("POST", "/events", body)
+            assert answer.status == 503 and "job store postgresql://" in answer.body["error"]
+            code, reason = replica.raw("GET", "/api/v1/health")
+            assert code == 500 and b"job store postgresql://" in reason
+        finally:
+            postgres.start()
+        # The registry re-sends; the same service takes it now and indexes the image.
+        assert replica.request("POST", "/events", body).status == 202
+        [task] = replica.wait_for("the image indexed", lambda: replica.tasks("succeeded"))
+        assert task["outcome"] == "indexed", task
+        assert replica.raw("GET", "/api/v1/health") == (200, b"Ok")
+    finally:
+        assert replica.stop() == 0
