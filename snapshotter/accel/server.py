@@ -154,12 +154,16 @@ class AccelService:
         except StoreError as exc:
             log.warning("draining: %s", exc)
         if not self.queue.wait_idle(grace_seconds):
-            released = self.queue.release_running()
-            log.warning(
-                "stopping with jobs still running after %.0f s: %d given back to the store",
-                grace_seconds,
-                released,
-            )
+            try:
+                released = self.queue.release_running()
+            except StoreError as exc:  # their leases expire instead
+                log.warning("cannot give running jobs back: %s", exc)
+            else:
+                log.warning(
+                    "stopping with jobs still running after %.0f s: %d given back to the store",
+                    grace_seconds,
+                    released,
+                )
         self._drained.set()
         for thread in self._workers:
             thread.join(timeout=1.0)
