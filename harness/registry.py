@@ -26,6 +26,11 @@ _ACCESS_LINE = re.compile(
     r'HTTP/[0-9.]+" (?P<status>\d{3}) (?P<size>\d+|-)'
 )
 
+_MANIFEST_PUT = re.compile(
+    r'"PUT /v2/(?P<repo>.+?)/manifests/(?P<reference>[^ ?]+)(?:\?\S*)? HTTP/[0-9.]+" '
+    r"(?P<status>\d{3})"
+)
+
 
 @dataclass(frozen=True)
 class TokenAuth:
@@ -125,6 +130,20 @@ class Registry:
                 old = totals.get(match["digest"], BlobFetches(0, 0))
                 totals[match["digest"]] = BlobFetches(old.requests + 1, old.bytes + size)
         return totals
+
+    def manifest_puts(self, since: int = 0) -> dict[tuple[str, str], int]:
+        """Successful manifest PUTs per (repository, tag or digest) from log offset since on:
+        how many times something was pushed under that name (waits for the log to settle)."""
+        self.wait_log_quiet()
+        puts: dict[tuple[str, str], int] = {}
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            for raw in log:
+                match = _MANIFEST_PUT.search(raw.decode(errors="replace"))
+                if match is not None and match["status"].startswith("2"):
+                    key = (match["repo"], match["reference"])
+                    puts[key] = puts.get(key, 0) + 1
+        return puts
 
     @property
     def storage(self) -> Path:

@@ -20,6 +20,7 @@ APT_PACKAGES=(
     iproute2 apache2-utils hyperfine python3 python3-venv python3-dev ca-certificates openssl
     golang-docker-credential-helpers pass gnupg  # docker-credential-pass for tests/remote
     systemd  # systemd-analyze verify of the units (tests/install); PID 1 stays what it is
+    postgresql  # tests/accel: the job store accel replicas share (harness/postgres.py)
 )
 LOG=$(mktemp /tmp/lazysnap-install-deps.XXXXXX.log)
 POLICY=/usr/sbin/policy-rc.d

@@ -54,6 +54,11 @@ class PushedImage:
     sender: str = "distribution"  # "distribution" | "harbor"
 
     @property
+    def unresolved(self) -> bool:
+        """Named by tag only (an acceld-style request): the digest is still to be looked up."""
+        return not self.digest
+
+    @property
     def key(self) -> tuple[str, str, str]:
         """Two pushes with the same key are the same work."""
         return (self.registry, self.repository, self.digest)
@@ -232,6 +237,10 @@ def _harbor_resource(
     own = own_push(ref.name, tag, cache_repos)
     if own is not None:
         return Skipped(f"push {ref.registry}/{ref.name}", own, own=True)
+    if not digest and tag:
+        # acceld's documented request names only a tag: the service resolves it at intake
+        # (PushedImage.unresolved).
+        return PushedImage(ref.registry, ref.name, "", tag, None, "harbor")
     return PushedImage(
         registry=ref.registry,
         repository=ref.name,

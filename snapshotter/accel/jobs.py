@@ -1,103 +1,46 @@
-"""The work queue of the acceleration service: one job per pushed manifest or index.
+"""The work queue of the acceleration service, over a durable job store (store.py).
 
+* Durable: submit() returns once the job is committed to the store, so a webhook is
+  answered only for work that survives a crash; a restarted service (or another replica)
+  picks up queued and interrupted jobs.
 * Dedupe: a push whose (registry, repository, digest) is already queued or running adds
   nothing (distribution re-sends events; a tag pushed twice is one image).
-* One job per repository at a time: the pushes of a multi-platform image (each platform
-  manifest, then the index) are serialised, so the index's job finds the platforms already
-  indexed instead of building the same layers twice, and two jobs never race on the same
-  `sha256-<hex>` referrers tag.
+* One job per repository at a time, in arrival order (the store's claim rules).
 * Retries: a job that failed for a transient reason (registry down, 5xx) goes back to the
-  queue after an exponential backoff, up to max_attempts; then it is failed with the reason.
+  store with a time before which it does not run (exponential backoff), up to max_attempts;
+  then it is failed with the reason.
+* Leases: the jobs this process runs are held under its owner name; renew() (called by the
+  service's heartbeat) keeps them, and a process that dies lets them expire for others.
 * Status: queued / running / done / failed (bounded history) and counters, as JSON.
 
-No I/O and no threads of its own: workers call take() and report with finish() / fail().
+No threads of its own: workers call take() and report with finish() / fail(). Time comes
+from the clock it is given.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import threading
 import time
-from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from snapshotter.accel.events import PushedImage
+from snapshotter.accel.record import Job, JobState, Outcome
+from snapshotter.accel.store import DEFAULT_KEEP_FINISHED, JobStore, StoreFull
+
+log = logging.getLogger("lazysnap.accel")
 
 DEFAULT_HISTORY = 500
 DEFAULT_MAX_QUEUED = 10_000
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Outcome(StrEnum):
-    INDEXED = "indexed"  # at least one artifact pushed
-    ALREADY_INDEXED = "already indexed"  # every platform already had a complete artifact
-    NOTHING_TO_INDEX = "nothing to index"  # no layer large enough / indexable
-    IGNORED = "ignored"  # not a container image (e.g. lazysnap's own artifact)
-
-
-def _utc(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass
-class Job:
-    id: int
-    image: PushedImage
-    received_at: float  # epoch seconds
-    state: JobState = JobState.QUEUED
-    attempts: int = 0
-    not_before: float = 0.0  # monotonic: a retry waits until then
-    started_at: float | None = None
-    finished_at: float | None = None
-    outcome: Outcome | None = None
-    detail: str = ""  # what was done (done) or why it failed (failed)
-    last_error: str | None = None  # of the latest failed attempt, kept while retrying
-    artifacts: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "image": str(self.image),
-            "registry": self.image.registry,
-            "repository": self.image.repository,
-            "digest": self.image.digest,
-            "tag": self.image.tag,
-            "mediaType": self.image.media_type,
-            "sender": self.image.sender,
-            "state": str(self.state),
-            "attempts": self.attempts,
-            "received_at": _utc(self.received_at),
-        }
-        if self.started_at is not None:
-            out["started_at"] = _utc(self.started_at)
-        if self.finished_at is not None:
-            out["finished_at"] = _utc(self.finished_at)
-        if self.outcome is not None:
-            out["outcome"] = str(self.outcome)
-        if self.state is JobState.FAILED:
-            out["reason"] = self.detail
-        elif self.detail:
-            out["detail"] = self.detail
-        if self.last_error is not None and self.state is not JobState.FAILED:
-            out["last_error"] = self.last_error
-        if self.state is JobState.QUEUED and self.not_before > time.monotonic():
-            out["retry_in_seconds"] = round(self.not_before - time.monotonic(), 1)
-        if self.artifacts:
-            out["artifacts"] = list(self.artifacts)
-        return out
+PRUNE_EVERY = 100  # finished jobs between two prunes of the store's history
 
 
 @dataclass
 class Counters:
+    """What this process saw since it started (the store knows the jobs)."""
+
     received: int = 0  # images accepted from webhooks (before dedupe)
     deduplicated: int = 0
     retries: int = 0
@@ -119,48 +62,56 @@ class QueueFull(Exception):
 class JobQueue:
     def __init__(
         self,
+        store: JobStore,
         *,
+        owner: str,
+        clock: Callable[[], float] = time.time,
         max_attempts: int = 5,
         backoff_seconds: float = 2.0,
         max_backoff_seconds: float = 300.0,
+        lease_seconds: float = 60.0,
+        poll_seconds: float = 1.0,
         history: int = DEFAULT_HISTORY,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        keep_finished: int = DEFAULT_KEEP_FINISHED,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.store = store
+        self.owner = owner
+        self.clock = clock
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.history = history
         self.max_queued = max_queued
+        self.keep_finished = keep_finished
         self.counters = Counters()
-        self._ids = itertools.count(1)
         self._cond = threading.Condition()
-        self._pending: list[Job] = []  # queued, in arrival order (retries keep their place)
-        self._running: dict[int, Job] = {}
-        self._done: deque[Job] = deque(maxlen=history)
-        self._failed: deque[Job] = deque(maxlen=history)
+        self._running: dict[int, Job] = {}  # what this process's workers hold
+        self._finished_since_prune = 0
         self._closed = False
 
     # -- producers ----------------------------------------------------------------------------
 
-    def submit(self, image: PushedImage) -> Job | None:
-        """Queue image; None when the same image is already queued or running."""
+    def submit(self, image: PushedImage) -> tuple[Job, bool]:
+        """Queue image durably: (job, True) for a new job, (the live job, False) when the
+        same image is already queued or running."""
         with self._cond:
             if self._closed:
                 raise QueueClosed("the service is shutting down")
             self.counters.received += 1
-            active = itertools.chain(self._pending, self._running.values())
-            if any(job.image.key == image.key for job in active):
+        try:
+            job, created = self.store.submit(image, self.clock(), self.max_queued)
+        except StoreFull as exc:
+            raise QueueFull(str(exc)) from None
+        with self._cond:
+            if not created:
                 self.counters.deduplicated += 1
-                return None
-            if len(self._pending) >= self.max_queued:
-                raise QueueFull(
-                    f"{len(self._pending)} images are waiting (limit {self.max_queued})"
-                )
-            job = Job(next(self._ids), image, time.time())
-            self._pending.append(job)
-            self._cond.notify_all()
-            return job
+            self._cond.notify()  # one new job: one worker to look for it
+        return job, created
 
     def note_skipped(self, count: int, malformed: int) -> None:
         with self._cond:
@@ -170,83 +121,96 @@ class JobQueue:
     # -- workers ------------------------------------------------------------------------------
 
     def take(self, timeout: float | None = None) -> Job | None:
-        """The next runnable job (its repository idle, its backoff over), marked running.
-        Blocks; None when the queue is closed or timeout passed."""
+        """The next runnable job, claimed under this process's lease. Blocks (looking at the
+        store when woken by a local submit or finish, else every poll_seconds: other
+        replicas' jobs and retry times); None when the queue is closed or timeout passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                busy_keys = {(j.image.registry, j.image.repository) for j in self._running.values()}
-                wake = deadline
-                for job in self._pending:
-                    repo_key = (job.image.registry, job.image.repository)
-                    if repo_key in busy_keys:
-                        continue
-                    if job.not_before > now:
-                        wake = job.not_before if wake is None else min(wake, job.not_before)
-                        busy_keys.add(repo_key)  # keep arrival order within a repository
-                        continue
-                    self._pending.remove(job)
-                    job.state = JobState.RUNNING
-                    job.attempts += 1
-                    job.started_at = time.time()
+        while True:
+            with self._cond:
+                if self._closed:
+                    return None
+            job = self.store.claim(self.owner, self.clock(), self.lease_seconds)
+            with self._cond:
+                if job is not None:
+                    if self._closed:  # closed while claiming: leave it for the next start
+                        self.store.release(self.owner, [job.id])
+                        return None
                     self._running[job.id] = job
                     return job
-                if deadline is not None and now >= deadline:
-                    return None
-                self._cond.wait(None if wake is None else max(0.0, wake - now))
-            return None
+                wait = self.poll_seconds
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = min(wait, left)
+                if not self._closed:
+                    self._cond.wait(wait)
 
     def finish(self, job: Job, outcome: Outcome, detail: str, artifacts: tuple[str, ...]) -> None:
+        held = self.store.finish(job, self.owner, self.clock(), outcome, detail, artifacts)
+        if not held:
+            log.warning("job %d: finished after its lease was lost; another worker took it", job.id)
+        job.state, job.outcome = JobState.DONE, outcome
+        job.detail, job.artifacts = detail, artifacts
         with self._cond:
-            self._running.pop(job.id, None)
-            job.state = JobState.DONE
-            job.outcome = outcome
-            job.detail = detail
-            job.artifacts = artifacts
-            job.finished_at = time.time()
-            self._done.append(job)
             self.counters.by_outcome[str(outcome)] = (
                 self.counters.by_outcome.get(str(outcome), 0) + 1
             )
-            self._cond.notify_all()
+            self._ended(job)
 
     def fail(self, job: Job, reason: str, *, transient: bool) -> float | None:
         """Record a failed attempt. A transient failure with attempts left is queued again:
         returns the delay in seconds; otherwise the job is failed and None returned."""
-        with self._cond:
-            self._running.pop(job.id, None)
-            job.last_error = reason
-            if transient and job.attempts < self.max_attempts and not self._closed:
-                delay = min(
-                    self.backoff_seconds * 2.0 ** max(0, job.attempts - 1), self.max_backoff_seconds
-                )
-                job.state = JobState.QUEUED
-                job.not_before = time.monotonic() + delay
-                self._pending.insert(0, job)  # first in line for its repository
+        job.last_error = reason
+        if transient and job.attempts < self.max_attempts:
+            delay = min(
+                self.backoff_seconds * 2.0 ** max(0, job.attempts - 1), self.max_backoff_seconds
+            )
+            # Closed meanwhile: the retry stays in the store for the next start anyway.
+            self.store.retry(job, self.owner, self.clock() + delay, reason)
+            job.state = JobState.QUEUED
+            with self._cond:
                 self.counters.retries += 1
-                self._cond.notify_all()
-                return delay
-            job.state = JobState.FAILED
-            job.detail = f"after {job.attempts} attempts: {reason}" if job.attempts > 1 else reason
-            job.finished_at = time.time()
-            self._failed.append(job)
+                self._ended(job)
+            return delay
+        job.detail = f"after {job.attempts} attempts: {reason}" if job.attempts > 1 else reason
+        self.store.fail(job, self.owner, self.clock(), job.detail)
+        job.state = JobState.FAILED
+        with self._cond:
             self.counters.failed += 1
-            self._cond.notify_all()
-            return None
+            self._ended(job)
+        return None
+
+    def _ended(self, job: Job) -> None:
+        """With self._cond held: job is no longer this process's."""
+        self._running.pop(job.id, None)
+        self._finished_since_prune += 1
+        if self._finished_since_prune >= PRUNE_EVERY:
+            self._finished_since_prune = 0
+            self.store.prune(self.keep_finished)
+        self._cond.notify_all()
+
+    def renew(self) -> list[Job]:
+        """Extend the leases of the jobs this process runs; returns those it lost (a stall
+        longer than the lease let another worker take them)."""
+        with self._cond:
+            running = list(self._running.values())
+        held = self.store.renew(
+            self.owner, [job.id for job in running], self.clock(), self.lease_seconds
+        )
+        return [job for job in running if job.id not in held]
 
     # -- lifecycle / status -------------------------------------------------------------------
 
-    def close(self) -> list[Job]:
-        """Stop handing out jobs; returns the jobs that were still queued (they are dropped)."""
+    def close(self) -> int:
+        """Stop handing out jobs; returns how many stay queued in the store."""
         with self._cond:
             self._closed = True
-            dropped, self._pending = self._pending, []
             self._cond.notify_all()
-            return dropped
+        return self.store.counts().by_state[JobState.QUEUED]
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no job runs (after close: the running ones finished)."""
+        """Wait until this process runs no job (after close: the running ones finished)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._running:
@@ -256,19 +220,49 @@ class JobQueue:
                 self._cond.wait(left)
             return True
 
+    def release_running(self) -> int:
+        """Give this process's running jobs back to the store (queued, for the next start or
+        another replica): a stop that cannot wait for them."""
+        with self._cond:
+            ids = list(self._running)
+        return self.store.release(self.owner, ids)
+
+    def wait_finished(self, job_ids: Sequence[int], timeout: float) -> list[Job] | None:
+        """The jobs once every one is done or failed (run here or by another replica), or
+        None after timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = [self.store.get(job_id) for job_id in job_ids]
+            found = [job for job in jobs if job is not None]
+            if all(job.finished for job in found):
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with self._cond:
+                self._cond.wait(min(self.poll_seconds, left))
+
+    def tasks(self, states: Sequence[JobState] = (), limit: int = DEFAULT_HISTORY) -> list[Job]:
+        return self.store.jobs(states, limit)
+
     def status(self) -> dict[str, Any]:
+        now = self.clock()
+        counts = self.store.counts()
+        lists = {
+            str(state): [
+                job.to_json(now) for job in reversed(self.store.jobs((state,), self.history))
+            ]
+            for state in JobState
+        }
         with self._cond:
             counters = self.counters
             return {
-                "queued": [job.to_json() for job in self._pending],
-                "running": [job.to_json() for job in self._running.values()],
-                "done": [job.to_json() for job in self._done],
-                "failed": [job.to_json() for job in self._failed],
+                **lists,
                 "counts": {
                     "received": counters.received,
                     "deduplicated": counters.deduplicated,
-                    "queued": len(self._pending),
-                    "running": len(self._running),
+                    "queued": counts.by_state[JobState.QUEUED],
+                    "running": counts.by_state[JobState.RUNNING],
                     "retries": counters.retries,
                     "failed": counters.failed,
                     "skipped_events": counters.skipped_events,

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from snapshotter.accel.events import PushedImage
-from snapshotter.accel.jobs import Outcome
+from snapshotter.accel.record import Outcome
 from snapshotter.index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from snapshotter.indexer.build import (
     BuildOptions,
@@ -70,6 +70,11 @@ class JobResult:
     detail: str
     artifacts: tuple[str, ...] = ()
     own: bool = False  # IGNORED because lazysnap pushed it
+    # What the build did, for the service's metrics (zero when nothing was built).
+    build_seconds: float = 0.0
+    bytes_read: int = 0
+    layers_built: int = 0
+    layers_reused: int = 0
 
 
 class JobFailed(Exception):
@@ -195,11 +200,23 @@ def _result(report: BuildReport) -> JobResult:
         f"{built} layer{'' if built == 1 else 's'} indexed, {reused} reused, "
         f"{report.bytes_read} bytes read, {report.seconds:.1f} s"
     )
+
+    def result(outcome: Outcome, detail: str, artifacts: tuple[str, ...] = ()) -> JobResult:
+        return JobResult(
+            outcome,
+            detail,
+            artifacts,
+            build_seconds=report.seconds,
+            bytes_read=report.bytes_read,
+            layers_built=built,
+            layers_reused=reused,
+        )
+
     if pushed:
-        return JobResult(Outcome.INDEXED, summary, pushed + present)
+        return result(Outcome.INDEXED, summary, pushed + present)
     if present:
-        return JobResult(Outcome.ALREADY_INDEXED, f"artifact {', '.join(present)}", present)
-    return JobResult(
+        return result(Outcome.ALREADY_INDEXED, f"artifact {', '.join(present)}", present)
+    return result(
         Outcome.NOTHING_TO_INDEX,
         f"no layer of an indexable type is >= --min-layer-size ({summary})",
     )

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.images import BuiltImage, sha256_digest
+from harness.postgres import Postgres, start_postgres
 from harness.procs import HarnessError, Service, log_tail, run, spawn
 
+CONVERSIONS = "/api/v1/conversions"
 _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/events")
 
 
@@ -73,6 +75,26 @@ class AccelProcess:
         except urllib.error.HTTPError as exc:
             return Response(exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers))
 
+    def raw(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """Status and body bytes (for answers that are not a JSON object), with the token."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def tasks(self, status: str | None = None) -> list[dict[str, Any]]:
+        """GET /api/v1/conversions[?status=]: the task list, newest first."""
+        code, body = self.raw("GET", CONVERSIONS + (f"?status={status}" if status else ""))
+        if code != 200:
+            raise HarnessError(f"GET {CONVERSIONS}: HTTP {code} {body[:300]!r}")
+        tasks: list[dict[str, Any]] = json.loads(body)
+        return tasks
+
     def status(self) -> dict[str, Any]:
         answer = self.request("GET", "/status")
         if answer.status != 200:
@@ -122,6 +144,8 @@ def start_accel(
     and logs it); token: written to base/token and passed as --token-file."""
     base.mkdir(parents=True, exist_ok=True)
     argv = [*accel_command(), "--listen", "127.0.0.1:0", *args]
+    if "--store" not in args and "--state-dir" not in args:
+        argv += ["--state-dir", str(base / "state")]  # never the host's /var/lib
     if token is not None:
         token_file = base / "token"
         token_file.write_text(token + "\n")
@@ -166,6 +190,44 @@ def distribution_envelope(registry: str, repository: str, digest: str, tag: str)
         "source": {"addr": "test:0"},
     }
     return json.dumps({"events": [event]}).encode()
+
+
+def harbor_push(
+    registry: str, repository: str, tag: str, digest: str, *, cloudevents: bool = False
+) -> bytes:
+    """Harbor's artifact push webhook as Harbor 2.x sends it: the Default payload format
+    (type PUSH_ARTIFACT, event_data) or the CloudEvents one (type harbor.artifact.pushed,
+    data)."""
+    namespace, _, name = repository.rpartition("/")
+    data = {
+        "resources": [
+            {"digest": digest, "tag": tag, "resource_url": f"{registry}/{repository}:{tag}"}
+        ],
+        "repository": {
+            "date_created": 1764979200,
+            "name": name,
+            "namespace": namespace,
+            "repo_full_name": repository,
+            "repo_type": "private",
+        },
+    }
+    if cloudevents:
+        return json.dumps(
+            {
+                "specversion": "1.0",
+                "id": "4b7e3c52-8d0a-4f7e-9a58-1d2f0c6b9e21",
+                "requestid": "b1a0c8f2-6d3e-4c57-8e9b-2f4a6d1c3e50",
+                "source": "/projects/2/webhook/policies/3",
+                "type": "harbor.artifact.pushed",
+                "datacontenttype": "application/json",
+                "time": "2026-12-06T10:00:00Z",
+                "data": data,
+                "operator": "admin",
+            }
+        ).encode()
+    return json.dumps(
+        {"type": "PUSH_ARTIFACT", "occur_at": 1764979200, "operator": "admin", "event_data": data}
+    ).encode()
 
 
 def relabel_layers(image: BuiltImage, media_type: str) -> BuiltImage:
@@ -232,3 +294,20 @@ def push_all(layout: Path, tag: str, reference: str) -> None:
     argv = ["skopeo", "copy", "--quiet", "--all", "--preserve-digests"]
     argv += ["--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{reference}"]
     run(argv, f"push {reference}", timeout=300)
+
+
+def postgres_or_skip(base: Path) -> Postgres:
+    """A throw-away PostgreSQL server, or a skip (an error under LAZYSNAP_REQUIRE_STACK=1)
+    when the server package or the psycopg driver is missing."""
+    import os
+
+    import pytest
+
+    try:
+        import psycopg  # noqa: F401
+
+        return start_postgres(base)
+    except (ImportError, HarnessError) as exc:
+        if os.environ.get("LAZYSNAP_REQUIRE_STACK") == "1":
+            pytest.fail(f"PostgreSQL job store tests cannot run: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL job store tests need the server and psycopg: {exc}")

@@ -182,3 +182,11 @@ def test_harbor_other_events_and_own_pushes_are_skipped() -> None:
     own = harbor(resource_url="harbor.example.com/library/lazysnap-index-cache:x")
     delivery = parse_delivery(own)
     assert delivery.images == () and delivery.skipped[0].own
+
+
+def test_an_acceld_style_request_names_only_a_tag_and_is_resolved_later() -> None:
+    [image] = parse_delivery(harbor(digest="", tag="")).images
+    assert image.unresolved and image.tag == "latest" and image.repository == "library/nginx"
+    untagged = harbor(digest="", tag="", resource_url="harbor.example.com/library/nginx")
+    delivery = parse_delivery(untagged)
+    assert delivery.images == () and delivery.skipped[0].malformed

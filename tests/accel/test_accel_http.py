@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from accel_helpers import AccelProcess, accel_command, start_accel
+from accel_helpers import AccelProcess, accel_command, distribution_envelope, start_accel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "webhook-secret-0123"
@@ -34,9 +34,17 @@ def accel(workdir: Path) -> Iterator[AccelProcess]:
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*accel_command(), *args], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
-    )
+    state = tempfile.mkdtemp(prefix="lzs-accel-state-")  # never the host's /var/lib
+    try:
+        return subprocess.run(
+            [*accel_command(), "--state-dir", state, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -46,6 +54,8 @@ def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
         (["--listen", "1.2.3.4:99999"], "invalid --listen"),
         (["--jobs", "0"], "--jobs must be >= 1"),
         (["--retry-backoff", "-1"], "seconds must be within"),
+        (["--lease", "0.5"], "--lease must be at least 1 second"),
+        (["--reconcile", "Bad Repo"], "invalid --reconcile 'Bad Repo'"),
         (["--cache-repo", "Bad/Repo"], "invalid --cache-repo 'Bad/Repo'"),
         (["--token-file", "/nonexistent/token"], "--token-file /nonexistent/token: cannot read"),
         (["--hosts-dir", "/nonexistent/dir"], "--hosts-dir /nonexistent/dir: not a directory"),
@@ -64,6 +74,23 @@ def test_an_empty_token_file_is_refused(workdir: Path) -> None:
     result = run_serve("--listen", "127.0.0.1:0", "--token-file", str(token))
     assert result.returncode == 2
     assert f"--token-file {token}: the file is empty" in result.stderr
+
+
+def test_a_store_that_cannot_be_opened_is_named(workdir: Path) -> None:
+    unreachable = run_serve("--store", "postgresql://nobody:secret@127.0.0.1:9/none")
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "--store: job store postgresql://nobody@127.0.0.1:9/none: cannot connect" in (
+        unreachable.stderr
+    )
+    assert "secret" not in unreachable.stderr and "Traceback" not in unreachable.stderr
+    (workdir / "state").mkdir()
+    busy = start_accel(workdir, ["--state-dir", str(workdir / "state")])
+    try:
+        second = run_serve("--state-dir", str(workdir / "state"))
+    finally:
+        busy.stop()
+    assert second.returncode == 1
+    assert "another `lazysnap accel serve` uses it" in second.stderr
 
 
 def test_a_taken_port_is_reported_not_a_traceback() -> None:
@@ -132,3 +159,22 @@ def test_sigterm_stops_cleanly(workdir: Path) -> None:
     assert process.stop() == 0
     assert "stopping" in process.log()
     assert "Traceback" not in process.log()
+
+
+def test_json_logs_carry_the_job_id(workdir: Path) -> None:
+    process = start_accel(
+        workdir / "json", ["--log-format", "json", "--max-attempts", "1"], token=TOKEN
+    )
+    try:
+        # A registry nobody listens on: the job fails at once, and says so.
+        body = distribution_envelope("127.0.0.1:9", "team/app", "sha256:" + "ab" * 32, "v1")
+        answer = process.request("POST", "/events", body)
+        assert answer.status == 202
+        process.wait_for("the job's failure", lambda: '"level": "error"' in process.log())
+    finally:
+        process.stop()
+    lines = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+    about_job = [line for line in lines if line.get("job") == 1]
+    assert {line["level"] for line in about_job} >= {"info", "error"}, lines
+    assert all(line["msg"].startswith("job 1: ") for line in about_job)
+    assert {"time", "level", "logger", "msg"} <= set(lines[0])

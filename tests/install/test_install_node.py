@@ -133,10 +133,17 @@ def check_accel_command(argv: list[str], workdir: Path) -> None:
     (credentials / "token").write_text("install-test-token\n")
     (credentials / "config.json").write_text('{"auths": {}}\n')
     port = free_port()
-    argv = [arg.replace("${CREDENTIALS_DIRECTORY}", str(credentials)) for arg in argv]
+    state = workdir / "state"  # the unit's StateDirectory= (the job store)
+    argv = [
+        arg.replace("${CREDENTIALS_DIRECTORY}", str(credentials)).replace(
+            "${STATE_DIRECTORY}", str(state)
+        )
+        for arg in argv
+    ]
     argv[argv.index("--listen") + 1] = f"127.0.0.1:{port}"
     env = {**_clean_env(), "CREDENTIALS_DIRECTORY": str(credentials)}
     env["DOCKER_CONFIG"] = str(credentials)
+    env["STATE_DIRECTORY"] = str(state)
     service = spawn("lazysnap accel serve", argv, workdir / "accel.log", env=env, cwd=Path("/"))
     try:
         service.wait_until(lambda: healthz_answers(port), f"/healthz on port {port}", 60)
