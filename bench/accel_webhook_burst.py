@@ -157,7 +157,9 @@ def stored_images(store: str, expected: int) -> set[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{Path(__file__).stem}", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--webhooks", type=int, default=1000)
     parser.add_argument("--senders", type=int, default=8, help="concurrent clients")
     parser.add_argument("--store", help="a postgresql:// store (default: SQLite in a temp dir)")

@@ -66,7 +66,9 @@ def ms(values: list[float], q: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{Path(__file__).stem}", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
