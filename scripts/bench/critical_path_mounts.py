@@ -156,7 +156,7 @@ class CheckoutZygote:
         self.repo = repo
         with pythonpath(repo):
             try:
-                self.zygote = Zygote.start(sys.executable)
+                self.zygote = Zygote.start(sys.executable, "snapshotter.fs.mount_process")
             except ZygoteError as exc:
                 raise HarnessError(f"zygote of {repo}: {exc}") from None
 

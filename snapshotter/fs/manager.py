@@ -86,6 +86,7 @@ from snapshotter.fs.materialize import (
     write_marker,
 )
 from snapshotter.fs.mount_process import (
+    MOUNT_PROCESS_MODULE,
     OOM_SCORE_ADJ,
     READ_AHEAD_KB,
     MountSpec,
@@ -106,7 +107,6 @@ from snapshotter.fs.refusals import (
     write_verdict,
 )
 from snapshotter.fs.zygote import (
-    MOUNT_PROCESS_MODULE,
     ZYGOTE_NAME,
     ForkedChild,
     Zygote,
@@ -271,7 +271,7 @@ class LazyLayers:
         self._reported_deaths: dict[str, int] = {}  # mountpoint -> pid whose death was reported
         if zygote:
             try:  # now, so that its imports are done by the first lazy Prepare
-                self._zygote = Zygote.start(self.python)
+                self._zygote = Zygote.start(self.python, MOUNT_PROCESS_MODULE)
             except ZygoteError as exc:
                 log.warning("mount-process zygote: %s; starting mount processes plainly", exc)
 
@@ -896,7 +896,7 @@ class LazyLayers:
             self._zygote = None
             fresh: Zygote | None = None
             try:
-                fresh = Zygote.start(self.python)
+                fresh = Zygote.start(self.python, MOUNT_PROCESS_MODULE)
                 child = fresh.fork(str(spec_path), ready_fd, log_fd)
             except ZygoteError as exc:
                 log.warning(

@@ -53,6 +53,7 @@ from snapshotter.index.spans import spans_for_files
 
 log = logging.getLogger("lazysnap.fs")
 
+MOUNT_PROCESS_MODULE = "snapshotter.fs.mount_process"  # this module, as `python -m` names it
 READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
 OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
 STATE_INTERVAL_S = 2.0
@@ -589,16 +590,30 @@ def _spec_from_args(args: argparse.Namespace) -> MountSpec:
     )
 
 
+def _import_mount_code() -> None:
+    """The zygote's preload: what a mount process imports before it serves (this module and
+    what it and open_blob_source import lazily), so a forked child starts with them done."""
+    import snapshotter.fs.blob_source
+    import snapshotter.fs.fuse_ops
+    import snapshotter.index.codec
+    import snapshotter.index.spans
+    import snapshotter.remote.auth
+    import snapshotter.remote.blob
+    import snapshotter.remote.client
+    import snapshotter.remote.hosts  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.zygote_fd is not None:
         from snapshotter.fs import zygote
 
-        request = zygote.serve(args.zygote_fd)
+        request = zygote.serve(args.zygote_fd, preload=_import_mount_code)
         if request is None:
             return 0
         # A forked child: the rest is what a mount process started on its own does.
-        return main(zygote.become_mount_process(request))
+        zygote.become_child(request)
+        return main(["--spec", request.argument, "--ready-fd", str(request.ready_fd)])
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s lazysnap-mount[%(process)d] %(message)s",
