@@ -347,7 +347,7 @@ def _materialize_failed(mountpoint: str) -> str:
 
 
 def _completion_check(mountpoint: str) -> tuple[str, str]:
-    from snapshotter.fs.refusals import read_verdict
+    from snapshotter.sidecars import read_verdict
 
     verdict = read_verdict(mountpoint)
     if verdict is None:

@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapshotter import sidecars
 from snapshotter.config import Config
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
@@ -71,19 +72,10 @@ from snapshotter.fs.completion import PASSED as CHECK_PASSED
 from snapshotter.fs.completion import CheckError, CheckReport, CompletionCheck
 from snapshotter.fs.deaths import Death, DeathWatch, append_death, mount_table, overlays_using
 from snapshotter.fs.materialize import (
-    FAILED_SUFFIX,
     Copy,
-    LocalMarker,
     MaterializeError,
-    bind_path,
-    failure_recorded,
     plain_directory_on_parent_fs,
-    read_marker,
-    remove_failure,
-    remove_marker,
     wipe_contents,
-    write_failure,
-    write_marker,
 )
 from snapshotter.fs.mount_process import (
     MOUNT_PROCESS_MODULE,
@@ -91,27 +83,16 @@ from snapshotter.fs.mount_process import (
     READ_AHEAD_KB,
     MountSpec,
     SpecError,
-    read_state,
-    state_path_for,
 )
-from snapshotter.fs.private_files import replace_private
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
-from snapshotter.fs.refusals import (
-    LedgerError,
-    RefusalLedger,
-    RefusedIndex,
-    Verdict,
-    read_verdict,
-    remove_verdict,
-    short_detail,
-    write_verdict,
-)
+from snapshotter.fs.refusals import LedgerError, RefusalLedger, RefusedIndex, short_detail
 from snapshotter.fs.zygote import (
     ZYGOTE_NAME,
     ForkedChild,
     Zygote,
     ZygoteError,
 )
+from snapshotter.private_files import replace_private
 
 log = logging.getLogger("lazysnap.fs")
 
@@ -191,11 +172,6 @@ def from_config(config: Config, resolve: Resolver | None = None) -> LazyLayers:
         oom_score_adj=config.fuse.oom_score_adj,
         ledger=RefusalLedger(config.root),
     )
-
-
-def sidecar(mountpoint: str, suffix: str) -> Path:
-    path = Path(mountpoint.rstrip("/"))
-    return path.with_name(path.name + suffix)
 
 
 class LazyLayers:
@@ -338,7 +314,7 @@ class LazyLayers:
                 return
         if startup is not None:
             outcome = _startup_outcome(startup)
-        elif read_marker(mountpoint) is not None:
+        elif sidecars.read_marker(mountpoint) is not None:
             outcome = None
         else:
             problem = self._problem(mountpoint)
@@ -369,11 +345,11 @@ class LazyLayers:
         with self._finish_lock:
             # From here on the directory's contents are a leftover (deleted with the snapshot,
             # or wiped by the next mount), whatever else fails below.
-            remove_marker(mountpoint)
-            remove_failure(mountpoint)
+            sidecars.remove_marker(mountpoint)
+            sidecars.remove_failure(mountpoint)
             if release_spans:  # the snapshot goes: a refusal stays in the node's ledger
-                remove_verdict(mountpoint)
-        state = read_state(mountpoint)
+                sidecars.remove_verdict(mountpoint)
+        state = sidecars.read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         with self._lock:
             child = self._children.pop(mountpoint, None)
@@ -391,14 +367,13 @@ class LazyLayers:
         if isinstance(child, ForkedChild):
             child.close()
         if release_spans:
-            self._cache_users(_spec_digest(mountpoint), mountpoint, add=False)
-        for suffix in (".lazysnap.json", ".lazysnap-spec.json", ".lazysnap-index"):
-            with contextlib.suppress(FileNotFoundError):
-                sidecar(mountpoint, suffix).unlink()
+            self._cache_users(sidecars.spec_blob_digest(mountpoint), mountpoint, add=False)
+        for suffix in sidecars.MOUNT_SUFFIXES:
+            sidecars.remove(sidecars.sidecar_path(mountpoint, suffix))
         # The verdict stays: a refused layer must stay refused on whatever mounts it next; it
         # goes with the snapshot's directory when the snapshot is removed.
         with contextlib.suppress(OSError):  # a copy helper that was killed leaves it, empty
-            bind_path(mountpoint).rmdir()
+            sidecars.bind_path(mountpoint).rmdir()
 
     # -- lazysnap's own entry points ---------------------------------------------------------------
 
@@ -419,14 +394,14 @@ class LazyLayers:
         # Served lazily here before (unmount below removes the spec): the plain directory may
         # hold a copy that never finished. A directory new to lazysnap is never wiped.
         served_before = (
-            sidecar(mountpoint, ".lazysnap-spec.json").exists() or bind_path(mountpoint).exists()
+            sidecars.spec_path(mountpoint).exists() or sidecars.bind_path(mountpoint).exists()
         )
         with contextlib.suppress(RemoteLayerUnavailable):
             self._await_startup(mountpoint)  # a layer being mounted: see how that ends first
         if self._problem(mountpoint) is None:
             log.info("re-attached live lazy mount %s", mountpoint)
             # mounted by a version that kept no user records: record it now
-            self._cache_users(_spec_digest(mountpoint), mountpoint, add=True)
+            self._cache_users(sidecars.spec_blob_digest(mountpoint), mountpoint, add=True)
             self._watch(mountpoint)
             self._follow(mountpoint)
             return
@@ -441,7 +416,7 @@ class LazyLayers:
 
         index_path = spec.index_path
         if spec.index_bytes is not None:
-            index_path = str(sidecar(mountpoint, ".lazysnap-index"))
+            index_path = str(sidecars.index_path(mountpoint))
             _write_atomically(Path(index_path), spec.index_bytes)
         assert index_path is not None
         # The bytes discovery fetched are hashed as they are, not read back from the file.
@@ -457,9 +432,9 @@ class LazyLayers:
                 f"check on this node before (refused): {refused.why}",
                 reason=FallbackReason.REFUSED_INDEX,
             )
-        verdict = read_verdict(mountpoint)
+        verdict = sidecars.read_verdict(mountpoint)
         if verdict is not None and verdict.index_digest != index_digest:
-            remove_verdict(mountpoint)  # a pass speaks for its own index only
+            sidecars.remove_verdict(mountpoint)  # a pass speaks for its own index only
         mount_spec = MountSpec(
             mountpoint=mountpoint,
             index_path=os.path.abspath(index_path),
@@ -485,7 +460,7 @@ class LazyLayers:
             artifact_digest=spec.artifact_digest,
             image=spec.image,
         )
-        spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+        spec_path = sidecars.spec_path(mountpoint)
         _write_atomically(spec_path, json.dumps(mount_spec.to_json(), indent=1).encode())
         self._cache_users(spec.blob.digest, mountpoint, add=True)
         try:
@@ -505,22 +480,22 @@ class LazyLayers:
 
     def is_live(self, mountpoint: str) -> bool:
         mountpoint = os.path.abspath(mountpoint)
-        return read_marker(mountpoint) is not None or self._problem(mountpoint) is None
+        return sidecars.read_marker(mountpoint) is not None or self._problem(mountpoint) is None
 
     def is_local(self, mountpoint: str) -> bool:
         """True once the layer was copied into plain files (its FUSE mount detached)."""
-        return read_marker(os.path.abspath(mountpoint)) is not None
+        return sidecars.read_marker(os.path.abspath(mountpoint)) is not None
 
     def materialize_now(self, mountpoint: str) -> bool:
         """Copy the layer at mountpoint into plain files now, whatever its background state;
         True if it is local afterwards. The watcher calls this once the layer is complete."""
         mountpoint = os.path.abspath(mountpoint)
-        if read_marker(mountpoint) is not None:
+        if sidecars.read_marker(mountpoint) is not None:
             return True
-        state = read_state(mountpoint) or {}
+        state = sidecars.read_state(mountpoint) or {}
         digest = state.get("layer_digest")
         layer_digest = digest if isinstance(digest, str) else ""
-        verdict = read_verdict(mountpoint) or self._verify(mountpoint, layer_digest)
+        verdict = sidecars.read_verdict(mountpoint) or self._verify(mountpoint, layer_digest)
         if verdict is None or not self._may_materialize(mountpoint, verdict):
             return False
         return self._materialize(mountpoint, layer_digest)
@@ -530,7 +505,7 @@ class LazyLayers:
     def _serve_locally(self, mountpoint: str) -> bool:
         """True if the layer is local (marker present); a FUSE mount still on it (the daemon
         stopped between writing the marker and detaching) is detached now."""
-        if read_marker(mountpoint) is None:
+        if sidecars.read_marker(mountpoint) is None:
             return False
         if _mount_status(mountpoint) != "absent":
             with self._mount_lock(mountpoint):
@@ -541,7 +516,7 @@ class LazyLayers:
 
     def _wipe_leftover_copy(self, mountpoint: str) -> None:
         """Without a marker, whatever the plain directory holds is a copy that did not finish
-        (the daemon stopped mid-copy): remove it before FUSE mounts over it."""
+        (the daemon stopped mid-copy): sidecars.remove it before FUSE mounts over it."""
         if not plain_directory_on_parent_fs(mountpoint):
             return
         try:
@@ -590,11 +565,11 @@ class LazyLayers:
                 # nobody reads still completes, is checked and materialized.
                 del self._startups[mountpoint]
             not_before, _ = self._retry.get(mountpoint, (0.0, 0.0))
-        if time.monotonic() < not_before or read_marker(mountpoint) is not None:
+        if time.monotonic() < not_before or sidecars.read_marker(mountpoint) is not None:
             return
-        if failure_recorded(mountpoint):
+        if sidecars.failure_recorded(mountpoint):
             return  # given up on; the record says why (deleting it asks for a new try)
-        state = read_state(mountpoint)
+        state = sidecars.read_state(mountpoint)
         if not state or state.get("background") != BACKGROUND_COMPLETE:
             return
         if not self._node_quiet():
@@ -603,7 +578,7 @@ class LazyLayers:
             return  # not served: check() mounts it again when it is used
         digest = state.get("layer_digest")
         layer_digest = digest if isinstance(digest, str) else ""
-        verdict = read_verdict(mountpoint)
+        verdict = sidecars.read_verdict(mountpoint)
         if verdict is None:
             verdict = self._verify(mountpoint, layer_digest)
         if verdict is None or not self.materialize:
@@ -614,11 +589,11 @@ class LazyLayers:
 
     # -- the completion check ----------------------------------------------------------------------
 
-    def _verify(self, mountpoint: str, layer_digest: str) -> Verdict | None:
+    def _verify(self, mountpoint: str, layer_digest: str) -> sidecars.Verdict | None:
         """Run the completion check of the layer at mountpoint (all its spans cached) and
         record the verdict; None when there is none yet (spans missing, helper failed: tried
         again later). A failure refuses the index (see _refuse)."""
-        spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+        spec_path = sidecars.spec_path(mountpoint)
         try:
             spec = MountSpec.load(str(spec_path))
         except SpecError as exc:
@@ -645,12 +620,12 @@ class LazyLayers:
 
     def _record(
         self, mountpoint: str, spec: MountSpec, report: CheckReport, layer_digest: str
-    ) -> Verdict | None:
+    ) -> sidecars.Verdict | None:
         layer_digest = spec.blob.digest or layer_digest
         if report.result not in (CHECK_PASSED, CHECK_FAILED):  # a span went missing
             self._failed(mountpoint, layer_digest, report.detail, CHECK_STEP)
             return None
-        verdict = Verdict(
+        verdict = sidecars.Verdict(
             result=report.result,
             detail=short_detail(report.detail),
             layer_digest=layer_digest,
@@ -662,9 +637,9 @@ class LazyLayers:
             self._refuse(mountpoint, spec, verdict)
             return verdict
         try:
-            write_verdict(mountpoint, verdict)
+            sidecars.write_verdict(mountpoint, verdict)
             self.ledger.record_pass()
-        except LedgerError as exc:
+        except (sidecars.SidecarError, LedgerError) as exc:
             self._failed(mountpoint, layer_digest, str(exc), "recording its completion check")
             return None
         log.info(
@@ -676,14 +651,14 @@ class LazyLayers:
         )
         return verdict
 
-    def _refuse(self, mountpoint: str, spec: MountSpec, verdict: Verdict) -> None:
+    def _refuse(self, mountpoint: str, spec: MountSpec, verdict: sidecars.Verdict) -> None:
         """Fail closed: the verdict file first (the mount process reads it and answers EIO from
         then on, also after a restart), then the node's ledger (later Prepares of this index
         fall back), then the layer's spans go from the cache. Never materialized."""
         with self._finish_lock:
             try:
-                write_verdict(mountpoint, verdict)
-            except LedgerError as exc:
+                sidecars.write_verdict(mountpoint, verdict)
+            except sidecars.SidecarError as exc:
                 log.error("%s", exc)  # the ledger below still refuses the index
         try:
             self.ledger.record_refusal(
@@ -718,7 +693,7 @@ class LazyLayers:
             verdict.detail,
         )
 
-    def _may_materialize(self, mountpoint: str, verdict: Verdict) -> bool:
+    def _may_materialize(self, mountpoint: str, verdict: sidecars.Verdict) -> bool:
         """Only a layer that passed against its diffID becomes plain files: without one, the
         check could compare the TOC only, not the file data, so the layer stays on FUSE (whose
         every span is verified against the index)."""
@@ -762,12 +737,13 @@ class LazyLayers:
                 if copy.cancelled:  # unmounted meanwhile: the copy is a leftover now
                     return False
                 try:
-                    write_marker(mountpoint, LocalMarker(layer_digest, time.time()))
-                except MaterializeError as exc:
+                    marker = sidecars.LocalMarker(layer_digest, time.time())
+                    sidecars.write_marker(mountpoint, marker)
+                except sidecars.SidecarError as exc:
                     self._failed(mountpoint, layer_digest, str(exc))
                     return False
                 _detach(mountpoint)
-                remove_failure(mountpoint)
+                sidecars.remove_failure(mountpoint)
                 with self._lock:
                     self._retry.pop(mountpoint, None)
                     self._attempts.pop(mountpoint, None)
@@ -799,7 +775,7 @@ class LazyLayers:
             delay = min(MATERIALIZE_RETRY_MAX_S, delay * 2) if delay else self.materialize_retry_s
             self._retry[mountpoint] = (time.monotonic() + delay, delay)
         if permanent or attempts >= MATERIALIZE_MAX_ATTEMPTS:
-            write_failure(mountpoint, why, attempts, time.time())
+            sidecars.write_failure(mountpoint, why, attempts, time.time())
             log.warning(
                 "layer %s at %s stays lazy (FUSE keeps serving it): %s failed %d time(s), "
                 "giving up: %s (`lazysnap status` shows it; delete %s to try again)",
@@ -808,7 +784,7 @@ class LazyLayers:
                 step,
                 attempts,
                 why,
-                mountpoint + FAILED_SUFFIX,
+                sidecars.failure_path(mountpoint),
             )
             return
         log.warning(
@@ -827,7 +803,7 @@ class LazyLayers:
         with self._lock:
             children = list(self._children.items())
         for mountpoint, child in children:
-            if child.poll() is not None and read_marker(mountpoint) is not None:
+            if child.poll() is not None and sidecars.read_marker(mountpoint) is not None:
                 with self._lock:
                     if self._children.get(mountpoint) is not child:
                         continue
@@ -840,7 +816,7 @@ class LazyLayers:
     def _start(self, mountpoint: str, spec_path: Path) -> None:
         """Start the mount process; a thread waits for its ready line (see _await_startup)."""
         read_end, write_end = os.pipe()
-        log_path = sidecar(mountpoint, ".lazysnap.log")
+        log_path = sidecars.log_path(mountpoint)
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             with open(log_fd, "ab") as log_file:
@@ -945,7 +921,7 @@ class LazyLayers:
 
     def _follow(self, mountpoint: str) -> None:
         """Follow the live mount process of mountpoint (from its state file) for its death."""
-        state = read_state(mountpoint)
+        state = sidecars.read_state(mountpoint)
         pid = _as_pid(state.get("pid")) if state else None
         if pid is not None and self._deaths.followed(mountpoint) != pid:
             self._deaths.follow(mountpoint, pid)
@@ -962,7 +938,7 @@ class LazyLayers:
             note = _death_note(child) if child is not None and ours else ""
             if isinstance(child, ForkedChild) and ours:
                 child.close()
-            if read_marker(mountpoint) is not None or _mount_status(mountpoint) != "dead":
+            if sidecars.read_marker(mountpoint) is not None or _mount_status(mountpoint) != "dead":
                 log.info("mount process %d of %s exited%s", pid, mountpoint, note)
                 return
             with self._lock:
@@ -985,10 +961,10 @@ class LazyLayers:
                     RESTART_MIN_INTERVAL_S,
                 )
                 return
-            spec_path = sidecar(mountpoint, ".lazysnap-spec.json")
+            spec_path = sidecars.spec_path(mountpoint)
             if not spec_path.exists():
                 return  # being unmounted (its snapshot removed): nothing to serve any more
-            verdict = read_verdict(mountpoint)
+            verdict = sidecars.read_verdict(mountpoint)
             if verdict is not None and verdict.failed:
                 log.warning(
                     "not restarting the mount process of %s: its index failed the completion "
@@ -1008,7 +984,7 @@ class LazyLayers:
         """check() found the mount dead without the watch having reported it (the process died
         while the daemon was down): report it now; the caller mounts the layer again."""
         with self._mount_lock(mountpoint):
-            state = read_state(mountpoint)
+            state = sidecars.read_state(mountpoint)
             pid = _as_pid(state.get("pid")) if state else None
             if pid is not None and _mount_status(mountpoint) == "dead":
                 self._report_death(mountpoint, pid, " (while the daemon was not watching)", False)
@@ -1019,7 +995,7 @@ class LazyLayers:
             if self._reported_deaths.get(mountpoint) == pid:
                 return
             self._reported_deaths[mountpoint] = pid
-        state = read_state(mountpoint) or {}
+        state = sidecars.read_state(mountpoint) or {}
         digest = str(state.get("layer_digest") or "?")
         stranded = overlays_using(mountpoint, mount_table())
         append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
@@ -1104,16 +1080,6 @@ class LazyLayers:
             time.sleep(0.05)
 
 
-def _spec_digest(mountpoint: str) -> str:
-    """The blob digest in the mount's spec sidecar; "" if there is none or it is unreadable."""
-    try:
-        spec = json.loads(sidecar(mountpoint, ".lazysnap-spec.json").read_text())
-        digest = spec["blob"]["digest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return digest if isinstance(digest, str) else ""
-
-
 def _startup_outcome(startup: _Startup) -> RemoteLayerUnavailable | None:
     return (
         None
@@ -1138,10 +1104,10 @@ def mount_problem(mountpoint: str) -> str | None:
         return DEAD_CONNECTION
     if status == "absent":
         return "not mounted"
-    state = read_state(mountpoint)
+    state = sidecars.read_state(mountpoint)
     pid = _as_pid(state.get("pid")) if state else None
     if pid is None:
-        return f"no state file {state_path_for(mountpoint)}"
+        return f"no state file {sidecars.state_path(mountpoint)}"
     if not _is_mount_process(pid):
         return f"mount process {pid} is gone"
     return None
@@ -1242,7 +1208,7 @@ def _tail(path: Path) -> str:
 
 
 def _raise_if_refused(mountpoint: str) -> None:
-    verdict = read_verdict(mountpoint)
+    verdict = sidecars.read_verdict(mountpoint)
     if verdict is not None and verdict.failed:
         raise RemoteLayerUnavailable(
             f"lazy layer at {mountpoint} failed its completion check (index "

@@ -38,7 +38,6 @@ from snapshotter.fs.background import (
 )
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, DiskReserve, SpanCache
-from snapshotter.fs.private_files import replace_private
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_READ_AHEAD_SPANS,
@@ -46,10 +45,10 @@ from snapshotter.fs.reader import (
     BlobSource,
     LayerReader,
 )
-from snapshotter.fs.refusals import read_verdict
 from snapshotter.fs.tree import LayerTree, LayerTreeError
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_files
+from snapshotter.sidecars import read_verdict, remove, state_path, write_state
 
 log = logging.getLogger("lazysnap.fs")
 
@@ -219,20 +218,6 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def state_path_for(mountpoint: str) -> Path:
-    """The state file that sits next to a mountpoint: <mountpoint>.lazysnap.json."""
-    path = Path(mountpoint.rstrip("/") or "/")
-    return path.with_name(path.name + ".lazysnap.json")
-
-
-def read_state(mountpoint: str) -> dict[str, Any] | None:
-    try:
-        state = json.loads(state_path_for(mountpoint).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
 def load_index(path: str) -> LayerIndex:
     from snapshotter.index.codec import decode_index
 
@@ -365,9 +350,9 @@ class _StateKeeper(threading.Thread):
         }
         if self.reader.cache.disk_limited():
             state["cache_disk_limited"] = True  # spans served without being cached
-        path = state_path_for(self.spec.mountpoint)
+        path = state_path(self.spec.mountpoint)
         try:
-            replace_private(path, (json.dumps(state, indent=1) + "\n").encode())
+            write_state(self.spec.mountpoint, state)
         except OSError as exc:
             # A full disk must not fill the log either: once, until a write succeeds again.
             if not self._state_write_failed:
@@ -522,8 +507,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         reader.close()
         if access_log is not None:
             access_log.close()
-        with contextlib.suppress(FileNotFoundError):
-            state_path_for(spec.mountpoint).unlink()
+        remove(state_path(spec.mountpoint))
     reporter.send(f"error: {spec.mountpoint} was unmounted before it became ready")
     log.info("unmounted %s from %s", index.layer_digest, spec.mountpoint)
     return 0

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from snapshotter.fs.cache import CacheUsage, SpanCache
 from snapshotter.fs.manager import mount_problem
-from snapshotter.fs.materialize import read_marker
-from snapshotter.fs.mount_process import read_state
+from snapshotter.sidecars import read_marker, read_state
 
 STATE_SUFFIX = ".lazysnap.json"
 

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter import sidecars
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers, sidecar
+from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.profile.model import ProfileEntry, StartupProfile
 
 log = logging.getLogger("lazysnap.profile")
@@ -145,7 +146,7 @@ def record_profile(
             # The work dir, with the mount processes' logs, goes with this error: keep what
             # explains a crash (EIO lines, the kernel's segfault line) in the message.
             layer_logs = [
-                (layer.digest, sidecar(str(mountpoint), ".lazysnap.log"))
+                (layer.digest, sidecars.log_path(str(mountpoint)))
                 for layer, mountpoint in zip(layers, mountpoints, strict=True)
             ]
             raise ProfileRecordError(

@@ -20,9 +20,9 @@ from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.manager import LazyLayers
-from snapshotter.fs.mount_process import read_state
-from snapshotter.fs.refusals import RefusalLedger, read_verdict
+from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.index.codec import encode_index
+from snapshotter.sidecars import read_state, read_verdict
 from tests.fs.fs_helpers import built_index, make_tar, rich_members
 from tests.fs.test_fs_mount import Layer
 from tests.harness import forge

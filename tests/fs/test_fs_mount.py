@@ -24,7 +24,6 @@ from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.deaths import DeathRecord, read_record
 from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.status import cache_usage, mount_statuses
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
@@ -32,6 +31,7 @@ from snapshotter.index.spans import spans_for_range
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,

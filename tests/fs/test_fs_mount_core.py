@@ -14,7 +14,7 @@ import pytest
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import built_index, compress, make_tar, rich_members
 from tests.fs.test_fs_mount import Layer, wait_for_deaths
 

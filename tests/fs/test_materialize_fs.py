@@ -21,16 +21,16 @@ from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.manager import MATERIALIZE_MAX_ATTEMPTS, LazyLayers
-from snapshotter.fs.materialize import (
+from snapshotter.fs.materialize import copy_budget
+from snapshotter.fs.status import mount_statuses
+from snapshotter.sidecars import (
     LocalMarker,
     bind_path,
-    copy_budget,
     marker_path,
     read_marker,
+    read_state,
     write_marker,
 )
-from snapshotter.fs.mount_process import read_state
-from snapshotter.fs.status import mount_statuses
 from tests.fs.fs_helpers import (
     Member,
     assert_tree_matches,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.private_files import replace_private, write_private
 from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
+from snapshotter.private_files import replace_private, write_private
 
 
 @pytest.fixture(autouse=True)

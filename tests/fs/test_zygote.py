@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs.manager import LazyLayers, _is_mount_process, mount_problem
-from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.zygote import FORKED_NAME, ForkedChild, Zygote
 from snapshotter.index.codec import encode_index
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import (
     assert_tree_matches,
     built_index,

@@ -22,11 +22,11 @@ from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import HEADER_SIZE
 from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
 from snapshotter.metrics import LazyLayerCollector
+from snapshotter.sidecars import read_state
 from snapshotter.status import DEAD, LIVE, UNMOUNTED, LayerStatus, collect_status
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
 

@@ -35,9 +35,9 @@ from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import BlobServer
 from tests.stress.stress_layers import (
     MiB,
