@@ -77,7 +77,7 @@ class MetricsError(Exception):
 # -- why a layer fell back ----------------------------------------------------------------------
 
 # Reasons raised without an exception of their own, by their wording: first the manager's
-# (snapshotter/fs/manager.py; their messages may quote a mount process log, so they go first),
+# (snapshotter/lazylayers/; their messages may quote a mount process log, so they go first),
 # then discovery's (snapshotter/source/discover.py).
 _REASON_PREFIXES = (
     ("lazy layers: no resolver configured", "disabled"),
@@ -351,7 +351,7 @@ class LazyLayerCollector(Collector):
             for digest, counters in sorted(totals.items()):
                 family.add_metric((digest,), counters.get(key, 0))
             yield family
-        from snapshotter.fs.refusals import RefusalLedger
+        from snapshotter.lazylayers.refusals import RefusalLedger
 
         ledger = RefusalLedger(self.root)  # kept by the daemon's manager, over restarts
         checks = CounterMetricFamily(
@@ -376,7 +376,7 @@ class LazyLayerCollector(Collector):
         )
 
     def _deaths(self) -> Iterator[Any]:
-        from snapshotter.fs.deaths import mount_table, records_under
+        from snapshotter.lazylayers.deaths import mount_table, records_under
 
         records = records_under(os.path.join(self.root, "snapshots"))
         table = mount_table() if records else []

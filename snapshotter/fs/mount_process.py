@@ -92,9 +92,9 @@ class MountSpec:
     # Profile recording: append "<monotonic ns> <entry name>" here on each file's first read.
     access_log: str = ""
     # Our /proc/self/oom_score_adj: the OOM killer picking a mount process strands every
-    # container reading its layer (fs/deaths.py).
+    # container reading its layer (lazylayers/deaths.py).
     oom_score_adj: int = OOM_SCORE_ADJ
-    # What the completion check (fs/completion.py) and its records need: the layer's diffID
+    # What the completion check (lazylayers/completion.py) and its records need: the layer's diffID
     # from the image config ("" unknown), and where the index came from.
     diff_id: str = ""
     index_digest: str = ""

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.model import ARTIFACT_TYPE, MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer import signing
 from snapshotter.indexer.artifact import (
@@ -27,6 +26,7 @@ from snapshotter.indexer.artifact import (
     indexed_layers,
     manifest_layers,
 )
+from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.profile.model import (
     PROFILE_CREATED_ANNOTATION,
     PROFILE_MEDIA_TYPE,

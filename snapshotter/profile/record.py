@@ -37,7 +37,9 @@ from snapshotter import sidecars
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.model import ProfileEntry, StartupProfile
 
 log = logging.getLogger("lazysnap.profile")
@@ -163,11 +165,13 @@ def record_profile(
 
 def _recording_layers(cache_dir: str) -> LazyLayers:
     return LazyLayers(
-        cache_dir,
-        RECORD_CACHE_BYTES,
-        prefetch=False,  # a prefetch would hide the order the command reads in
-        background=BackgroundSettings(enabled=False),
-        allow_other=True,
+        LazyLayerSettings(
+            cache_dir,
+            RECORD_CACHE_BYTES,
+            prefetch=False,  # a prefetch would hide the order the command reads in
+            background=BackgroundSettings(enabled=False),
+            allow_other=True,
+        )
     )
 
 

@@ -7,8 +7,9 @@ import logging
 import threading
 
 from snapshotter.config import Config
-from snapshotter.fs.manager import LazyLayers, from_config
-from snapshotter.fs.refusals import RefusalLedger
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.refusals import RefusalLedger
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig, RegistryHost
@@ -44,7 +45,11 @@ def lazy_layers_from_config(config: Config) -> LazyLayers:
         refusals=RefusalLedger(config.root),
     )
     threading.Thread(target=_warm_up, args=(client,), name="registry-warm-up", daemon=True).start()
-    return from_config(config, resolve=discovery)
+    return LazyLayers(
+        LazyLayerSettings.from_config(config),
+        resolve=discovery,
+        ledger=RefusalLedger(config.root),
+    )
 
 
 def trust_policy_from_config(config: Config) -> TrustPolicy:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs.background import BackgroundSettings
-from snapshotter.fs.manager import LazyLayers
 from snapshotter.index.model import LAYER_DIGEST_ANNOTATION, WINDOWS_BLOB_MEDIA_TYPE
 from snapshotter.indexer import command
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import PROFILE_MEDIA_TYPE, decode_profile
 from snapshotter.remote.auth import CredentialStore
@@ -105,10 +106,12 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
 
     # The mount fetches the profile's files before anyone reads them.
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
-        fetch_timeout=5,
-        background=BackgroundSettings(enabled=False),  # only the profile fetches ahead
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=5,
+            background=BackgroundSettings(enabled=False),
+        )
     )
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
-from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
+from snapshotter.lazylayers.refusals import RefusalLedger, RefusedIndex
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig

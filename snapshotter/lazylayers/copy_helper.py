@@ -2,7 +2,7 @@
 
 Once background fetch has every span of a layer in the cache, FUSE only costs: its page cache
 reads reach about half of overlayfs over ext4, and every new container pays FUSE directory
-operations. So the manager copies the layer's tree into the *underlying* directory of its
+operations. So the materializer copies the layer's tree into the *underlying* directory of its
 mountpoint (the empty snapshots/<id>/fs the FUSE mount sits on), writes a marker, and lazily
 detaches the FUSE mount: containers started afterwards get plain ext4 files, containers
 already running keep the detached FUSE mount alive until they exit.
@@ -17,7 +17,7 @@ Files beside the mountpoint (their names and formats: snapshotter/sidecars.py):
 
 The copy is GNU `cp -a` (whiteouts are 0/0 character devices, opaque dirs carry
 trusted.overlay.opaque; hardlinks, xattrs, owners, modes and times are kept), run by a helper
-process (`python -m snapshotter.fs.materialize copy MOUNTPOINT`) under unshare, nice and
+process (`python -m snapshotter.lazylayers.copy_helper copy MOUNTPOINT`) under unshare, nice and
 ionice. It wipes the underlying directory first (what a crashed copy left) and again when cp
 fails, so a half-copied tree is never left, and never visible: it sits under the FUSE mount.
 Without the marker, anything in the underlying directory is such a leftover.
@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
-from snapshotter.fs.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.index.model import EntryType, LayerIndex
+from snapshotter.lazylayers.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.sidecars import bind_path, spec_path
 from snapshotter.tree_removal import clear_directory
 
-HELPER_MODULE = "snapshotter.fs.materialize"
+HELPER_MODULE = "snapshotter.lazylayers.copy_helper"
 # Low priority: the copy reads the span cache and writes the disk that containers use.
 NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")
 NAMESPACE = ("unshare", "--mount", "--propagation", "private")

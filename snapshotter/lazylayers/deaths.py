@@ -7,7 +7,7 @@ ENOTCONN for good. A new mount process serves new containers, but nothing can re
 overlays (docs/how-it-works.md, "When a mount process dies", says why and what it would take).
 
 So the daemon follows each mount process through a pidfd (DeathWatch, one thread for all), and
-on a death (the pidfd turns readable and the mount answers ENOTCONN) the manager:
+on a death (the pidfd turns readable and the mount answers ENOTCONN) the supervisor:
 - names the containers stranded on the dead connection (overlays_using: overlay mounts with the
   layer as a lowerdir, and bind mounts of it, from /proc/self/mountinfo), in a loud log line;
 - appends a Death to <mountpoint>.lazysnap-deaths.json (read by `lazysnap status` and the
