@@ -129,6 +129,15 @@ def write_state(mountpoint: str, state: dict[str, Any]) -> None:
     replace_private(state_path(mountpoint), (json.dumps(state, indent=1) + "\n").encode())
 
 
+def read_spec(mountpoint: str) -> dict[str, Any] | None:
+    """The mount's spec file as JSON (the daemon's MountSpec.to_json), or None."""
+    try:
+        spec = json.loads(spec_path(mountpoint).read_text())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
 def spec_blob_digest(mountpoint: str) -> str:
     """The blob digest in the mount's spec file; "" if there is none or it is unreadable."""
     try:
@@ -182,6 +191,18 @@ def write_failure(mountpoint: str, reason: str, attempts: int, when: float) -> N
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with open(fd, "w") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def failure_reason(mountpoint: str) -> str:
+    """Why copying the layer to plain files gave up, from its record; "" if it did not."""
+    try:
+        data = json.loads(failure_path(mountpoint).read_text())
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError):
+        return "gave up (its record is unreadable)"
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, str) and reason else "gave up"
 
 
 def failure_recorded(mountpoint: str) -> bool:
