@@ -15,7 +15,7 @@ from pathlib import Path
 from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.mount_process import MountSpec
+from snapshotter.fs.mount_spec import MountSpec
 from snapshotter.lazylayers.refusals import RefusalLedger
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.private_files import replace_private

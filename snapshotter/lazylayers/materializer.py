@@ -30,7 +30,7 @@ from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.cache import CacheError, SpanCache
-from snapshotter.fs.mount_process import MountSpec, SpecError
+from snapshotter.fs.mount_spec import MountSpec, SpecError
 from snapshotter.lazylayers.completion import FAILED as CHECK_FAILED
 from snapshotter.lazylayers.completion import PASSED as CHECK_PASSED
 from snapshotter.lazylayers.completion import CheckError, CheckReport, CompletionCheck

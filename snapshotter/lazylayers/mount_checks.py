@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from snapshotter import sidecars
-from snapshotter.fs.mount_process import MOUNT_PROCESS_MODULE
+from snapshotter.fs.mount_spec import MOUNT_PROCESS_MODULE
 from snapshotter.fs.zygote import ZYGOTE_NAME
 
 log = logging.getLogger("lazysnap.fs")

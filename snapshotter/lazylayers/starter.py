@@ -17,7 +17,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from snapshotter.fs.mount_process import MOUNT_PROCESS_MODULE
+from snapshotter.fs.mount_spec import MOUNT_PROCESS_MODULE
 from snapshotter.fs.zygote import ForkedChild, Zygote, ZygoteError
 
 log = logging.getLogger("lazysnap.fs")

@@ -18,7 +18,8 @@ import pytest
 
 from snapshotter.fs.blob_source import BlobSpec, FileBlobSource
 from snapshotter.fs.cache import DiskReserve, SpanCache, disk_space
-from snapshotter.fs.mount_process import MountSpec, _Reporter, _StateKeeper
+from snapshotter.fs.mount_process import _Reporter, _StateKeeper
+from snapshotter.fs.mount_spec import MountSpec
 from snapshotter.fs.reader import LayerReader
 from snapshotter.sidecars import read_state, state_path
 from tests.fs.fs_helpers import built_index, make_tar, rich_members

@@ -96,9 +96,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "MountSupervisor._watch_startup",
     ),
     "snapshotter.lazylayers.layer_spec": ("_write_atomically",),
+    "snapshotter.fs.mount_spec": ("MountSpec.load", "load_index"),
     "snapshotter.fs.mount_process": (
-        "MountSpec.load",
-        "load_index",
         "run",
         "_Reporter.send",
         "_raise_read_ahead",
