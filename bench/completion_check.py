@@ -1,12 +1,12 @@
-"""Cost of the completion check (snapshotter/fs/completion.py), and what it does to reads.
+"""Cost of the completion check (snapshotter/lazylayers/completion.py), and what it does to reads.
 
 For each gzip layer of the pybig test image (an OCI layout, default
 /var/cache/lazysnap-test-images/pybig; its config gives the diffIDs), the layer's index is built
 and every span inflated into a fresh span cache, as background fetch leaves it. Then, per trial:
 
-- the check helper exactly as the daemon runs it (`python -m snapshotter.fs.completion --spec`,
-  here without nice so its CPU time is what it costs), timed by its rusage: CPU seconds (user +
-  system) per GB of uncompressed tar checked, and wall seconds;
+- the check helper exactly as the daemon runs it (`python -m snapshotter.lazylayers.completion
+  --spec`, here without nice so its CPU time is what it costs), timed by its rusage: CPU
+  seconds (user + system) per GB of uncompressed tar checked, and wall seconds;
 - a foreground read workload beside the check run at the daemon's priority (nice 19, ionice
   best-effort 7), unpaced and paced as the daemon runs it: a single thread reading every span
   of the cache in 128 KiB pieces through SpanCache.read, as a mount process serves cache hits
@@ -40,11 +40,11 @@ from pathlib import Path
 from bench import command_line
 from snapshotter.fs.background import DEFAULT_RATE_BYTES
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.completion import NICE
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import DEFAULT_SPAN_SIZE, LayerIndex
 from snapshotter.index.spans import inflate_span
+from snapshotter.lazylayers.completion import NICE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def prepare(blob: Path, digest: str, media_type: str, diff_id: str, work: Path, 
 
 def start_check(layer: Layer, niced: bool, paced: bool = False) -> subprocess.Popen[bytes]:
     spec = layer.paced_spec if paced else layer.spec
-    command = [sys.executable, "-m", "snapshotter.fs.completion", "--spec", str(spec)]
+    command = [sys.executable, "-m", "snapshotter.lazylayers.completion", "--spec", str(spec)]
     return subprocess.Popen(
         [*NICE, *command] if niced else command,
         stdout=subprocess.PIPE,

@@ -1,7 +1,7 @@
 """Mount process start -> ready, outside containerd and the daemon: the part of a lazy pull's
 critical path that the first run waits for (docs/benchmarks.md, "Critical path of a lazy pull").
 
-A mount is started the way snapshotter/fs/manager.py starts one (`python -m
+A mount is started the way snapshotter/lazylayers/starter.py starts one (`python -m
 snapshotter.fs.mount_process --spec FILE --ready-fd N`, cwd /, own session) from a given
 checkout (PYTHONPATH), with a registry blob source, no prefetch, no background fetch, and timed
 until it writes "ready". "zygote" instead has the daemon's zygote (snapshotter.fs.zygote.Zygote,
@@ -149,14 +149,14 @@ def pythonpath(repo: Path) -> Iterator[None]:
 
 
 class CheckoutZygote:
-    """The daemon's zygote running one checkout's mount code, started as fs/manager.py starts
+    """The daemon's zygote running one checkout's mount code, started as starter.py starts
     it; start() asks it for one mount process, as the manager does for a lazy layer."""
 
     def __init__(self, repo: Path) -> None:
         self.repo = repo
         with pythonpath(repo):
             try:
-                self.zygote = Zygote.start(sys.executable)
+                self.zygote = Zygote.start(sys.executable, "snapshotter.fs.mount_process")
             except ZygoteError as exc:
                 raise HarnessError(f"zygote of {repo}: {exc}") from None
 

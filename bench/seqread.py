@@ -254,7 +254,7 @@ def one_read(
 
 
 def read_state_counters(mountpoint: Path) -> dict[str, int]:
-    from snapshotter.fs.mount_process import read_state
+    from snapshotter.sidecars import read_state
 
     state = read_state(str(mountpoint)) or {}
     counters = state.get("counters")

@@ -218,7 +218,7 @@ class LazyLayerCollector(Collector):
             for digest, counters in sorted(totals.items()):
                 family.add_metric((digest,), counters.get(key, 0))
             yield family
-        from snapshotter.fs.refusals import RefusalLedger
+        from snapshotter.lazylayers.refusals import RefusalLedger
 
         ledger = RefusalLedger(self.root)  # kept by the daemon's manager, over restarts
         checks = CounterMetricFamily(
@@ -243,7 +243,7 @@ class LazyLayerCollector(Collector):
         )
 
     def _deaths(self) -> Iterator[Any]:
-        from snapshotter.fs.deaths import mount_table, records_under
+        from snapshotter.lazylayers.deaths import mount_table, records_under
 
         records = records_under(os.path.join(self.root, "snapshots"))
         table = mount_table() if records else []

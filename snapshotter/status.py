@@ -9,15 +9,16 @@ It works while `serve` is down because everything it shows is on disk beside the
     ROOT/snapshots/<id>/fs.lazysnap.json state file of the mount process serving <id>/fs
     ROOT/snapshots/<id>/fs.lazysnap-spec.json -> the index (layer size, span count)
     ROOT/snapshots/<id>/fs.lazysnap-local marker: the layer was copied into plain files and its
-                                         FUSE mount detached (snapshotter.fs.materialize)
+                                         FUSE mount detached (snapshotter.lazylayers.copy_helper)
     ROOT/fallbacks.json                  why recent layers were pulled whole instead
                                          (snapshotter.core.fallbacks)
     ROOT/snapshots/<id>/fs.lazysnap-deaths.json  deaths of its mount processes, and the
-                                         containers each stranded (snapshotter.fs.deaths)
+                                         containers each stranded (snapshotter.lazylayers.deaths)
     ROOT/snapshots/<id>/fs.lazysnap-materialize-failed  why copying it gave up (JSON)
     ROOT/snapshots/<id>/fs.lazysnap-check the completion check's verdict on the layer
     ROOT/completion-ledger.json          index blobs refused on this node, check counts
-                                         (both snapshotter.fs.refusals, standard library only)
+                                         (snapshotter.sidecars, lazylayers/refusals.py;
+                                         standard library only)
     the cache directory                  spans/<algorithm>/<hex>/<span number>
 
 Imports only the standard library and the config at module level: `lazysnap` builds every
@@ -41,7 +42,7 @@ from snapshotter.vocabulary.labels import is_remote, layer_digest_of
 
 STATE_SUFFIX = ".lazysnap.json"
 SPEC_SUFFIX = ".lazysnap-spec.json"
-LOCAL_SUFFIX = ".lazysnap-local"  # as snapshotter.fs.materialize writes it
+LOCAL_SUFFIX = ".lazysnap-local"  # as snapshotter.lazylayers.copy_helper writes it
 MATERIALIZE_FAILED_SUFFIX = ".lazysnap-materialize-failed"  # ditto
 
 LIVE = "live"  # mounted, answering, its mount process alive
@@ -67,7 +68,7 @@ class LazyMount:
     snapshot_id: int | None  # the <id> of ROOT/snapshots/<id>/fs
     layer_digest: str
     pid: int | None
-    problem: str | None  # None: live; else why not (from snapshotter.fs.manager.mount_problem)
+    problem: str | None  # None: live; else why not (from lazylayers.mount_checks.mount_problem)
     updated_at: float | None  # when the process last wrote its counters
     cache_dir: str
     counters: dict[str, int] = field(default_factory=dict)
@@ -103,7 +104,7 @@ class LayerStatus:
     background: str  # the mount process's background fetch state; "" if it reports none
     updated_at: float | None
     local_since: float | None = None  # when the layer went local (time.time()); None: lazy
-    # Its mount processes that died under their mount (fs/deaths.py), the last one's time, and
+    # Its mount processes that died under their mount (deaths.py), the last one's time, and
     # the mounts (containers) still on a dead connection: they must be restarted.
     deaths: int = 0
     last_death_at: float | None = None
@@ -114,7 +115,7 @@ class LayerStatus:
     degraded_spans: int = 0  # spans background fetch gave up on (their bytes never verify)
     materialize_failed: str = ""  # why copying the layer to plain files gave up; "" if it did not
     cache_disk_limited: bool = False  # spans served uncached: the cache's disk is at its reserve
-    # The completion check (snapshotter.fs.completion): VERIFIED, TOC_ONLY, REFUSED, or ""
+    # The completion check (snapshotter.lazylayers.completion): VERIFIED, TOC_ONLY, REFUSED, or ""
     # while not checked yet; check_detail says what it compared, or what differed.
     completion_check: str = ""
     check_detail: str = ""
@@ -180,7 +181,7 @@ def lazy_mounts(root: str) -> list[LazyMount]:
 
     Only ROOT/snapshots/*/ is looked at (where the core puts lazy layers): walking deeper would
     read whole unpacked layers, and enter lazy mounts."""
-    from snapshotter.fs.manager import mount_problem  # FUSE-free, but loads the fs package
+    from snapshotter.lazylayers.mount_checks import mount_problem  # FUSE-free, loads fs/
 
     found = []
     for state_path in sorted(Path(root, "snapshots").glob(f"*/*{STATE_SUFFIX}")):
@@ -213,9 +214,9 @@ def cache_status(cache_dir: str, max_bytes: int) -> CacheStatus:
     created: status only reads)."""
     if not os.path.isdir(cache_dir):
         return CacheStatus(cache_dir, 0, 0, max_bytes)
-    from snapshotter.fs.status import cache_usage
+    from snapshotter.fs.cache import SpanCache
 
-    usage = cache_usage(cache_dir, max_bytes)
+    usage = SpanCache(cache_dir, max_bytes).usage()
     return CacheStatus(cache_dir, usage.bytes, usage.spans, max_bytes)
 
 
@@ -248,7 +249,7 @@ def collect_status(config: Config) -> RootStatus:
         layers.append(
             _layer_status(config, mountpoint, mount.snapshot_id, "", mount.layer_digest, mount)
         )
-    from snapshotter.fs.refusals import RefusalLedger
+    from snapshotter.lazylayers.refusals import RefusalLedger
 
     ledger = RefusalLedger(root)
     return RootStatus(
@@ -296,7 +297,7 @@ def _layer_status(
         state, problem = UNMOUNTED, "no mount process (no state file)"
     else:
         state, problem = mount.state, mount.problem or ""
-    from snapshotter.fs.deaths import mount_table, read_record  # standard library only
+    from snapshotter.lazylayers.deaths import mount_table, read_record  # standard library only
 
     deaths = read_record(mountpoint)
     stranded = deaths.stranded_now(mount_table()) if deaths.count else []
@@ -343,7 +344,7 @@ def _materialize_failed(mountpoint: str) -> str:
 
 
 def _completion_check(mountpoint: str) -> tuple[str, str]:
-    from snapshotter.fs.refusals import read_verdict
+    from snapshotter.sidecars import read_verdict
 
     verdict = read_verdict(mountpoint)
     if verdict is None:

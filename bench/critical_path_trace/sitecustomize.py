@@ -85,18 +85,19 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "Snapshotter.commit",
         "Snapshotter.view",
     ),
-    "snapshotter.fs.manager": (
+    "snapshotter.lazylayers.layers": (
         "LazyLayers.mount",
         "LazyLayers.check",
-        "LazyLayers._start",
         "LazyLayers._await_startup",
-        "LazyLayers._watch_startup",
         "LazyLayers._mount_layer",
-        "_write_atomically",
     ),
+    "snapshotter.lazylayers.supervisor": (
+        "MountSupervisor.start",
+        "MountSupervisor._watch_startup",
+    ),
+    "snapshotter.lazylayers.layer_spec": ("_write_atomically",),
+    "snapshotter.fs.mount_spec": ("MountSpec.load", "load_index"),
     "snapshotter.fs.mount_process": (
-        "MountSpec.load",
-        "load_index",
         "run",
         "_Reporter.send",
         "_raise_read_ahead",

@@ -6,7 +6,7 @@ has imported this code already; both run main() with the same arguments. It repo
 on --ready-fd only once the mount is live (the mountpoint's device changed and its readahead
 was raised), or "error: <why>" if it cannot mount. While mounted it keeps a state file next to
 the mountpoint (pid, mountpoint, layer digest, counters) for `lazysnap status` and for the
-manager re-attaching after a restart. SIGTERM unmounts cleanly (libfuse's handler ends the loop
+daemon re-attaching after a restart. SIGTERM unmounts cleanly (libfuse's handler ends the loop
 and unmounts). A failed completion check (the daemon's verdict file beside the mountpoint, read
 at start and every state interval) makes every request but a stat of the root fail with EIO.
 """
@@ -24,226 +24,34 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from snapshotter.fs import credential_channel
 from snapshotter.fs.activity import BusyMeter
 from snapshotter.fs.background import (
-    DEFAULT_QUIET_S,
-    DEFAULT_RATE_BYTES,
     BackgroundFetcher,
-    BackgroundSettings,
     BackgroundState,
 )
-from snapshotter.fs.blob_source import BlobSpec, BlobSpecError, open_blob_source
+from snapshotter.fs.blob_source import BlobSpecError, open_blob_source
 from snapshotter.fs.cache import CacheError, DiskReserve, SpanCache
-from snapshotter.fs.private_files import replace_private
+from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
-    DEFAULT_READ_AHEAD_SPANS,
     DEFAULT_WORKERS,
     BlobSource,
     LayerReader,
 )
-from snapshotter.fs.refusals import read_verdict
 from snapshotter.fs.tree import LayerTree, LayerTreeError
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_files
+from snapshotter.sidecars import read_verdict, remove, state_path, write_state
 
 log = logging.getLogger("lazysnap.fs")
 
-READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
-OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
-STATE_INTERVAL_S = 2.0
 MOUNT_WAIT_S = 30.0
 # Background fetch states after which no span comes in any more without a read asking for it.
 _DONE = (BackgroundState.COMPLETE, BackgroundState.DEGRADED)
 MOUNT_POLL_S = 0.002  # the mount goes live a few ms after libfuse starts: "ready" follows soon
-
-
-class SpecError(ValueError):
-    """A mount spec that cannot be used; the message names the file and key."""
-
-
-@dataclass(frozen=True)
-class MountSpec:
-    mountpoint: str
-    index_path: str  # the encoded index (snapshotter.index.codec)
-    blob: BlobSpec
-    cache_dir: str
-    cache_max_bytes: int
-    # Free space the cache leaves on its filesystem (fs.cache.DiskReserve); 0/0: none.
-    cache_min_free_bytes: int = 0
-    cache_min_free_percent: float = 0.0
-    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S
-    workers: int = DEFAULT_WORKERS
-    allow_other: bool = True
-    state_interval: float = STATE_INTERVAL_S
-    read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS  # largest read-ahead window; 0: off
-    read_ahead_kb: int = READ_AHEAD_KB
-    # Entry names to fetch right after mounting, in order (the image's startup profile), on top
-    # of the index's own prefetch list; prefetch=False fetches neither.
-    prefetch_names: tuple[str, ...] = ()
-    prefetch: bool = True
-    background: bool = True
-    background_quiet_seconds: float = DEFAULT_QUIET_S
-    background_rate_bytes: int = DEFAULT_RATE_BYTES
-    # Profile recording: append "<monotonic ns> <entry name>" here on each file's first read.
-    access_log: str = ""
-    # Our /proc/self/oom_score_adj: the OOM killer picking a mount process strands every
-    # container reading its layer (fs/deaths.py).
-    oom_score_adj: int = OOM_SCORE_ADJ
-    # What the completion check (fs/completion.py) and its records need: the layer's diffID
-    # from the image config ("" unknown), and where the index came from.
-    diff_id: str = ""
-    index_digest: str = ""
-    artifact_digest: str = ""
-    image: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "mountpoint": self.mountpoint,
-            "index_path": self.index_path,
-            "blob": self.blob.to_json(),
-            "cache_dir": self.cache_dir,
-            "cache_max_bytes": self.cache_max_bytes,
-            "cache_min_free_bytes": self.cache_min_free_bytes,
-            "cache_min_free_percent": self.cache_min_free_percent,
-            "fetch_timeout": self.fetch_timeout,
-            "workers": self.workers,
-            "allow_other": self.allow_other,
-            "state_interval": self.state_interval,
-            "read_ahead_spans": self.read_ahead_spans,
-            "read_ahead_kb": self.read_ahead_kb,
-            "prefetch_names": list(self.prefetch_names),
-            "prefetch": self.prefetch,
-            "background": self.background,
-            "background_quiet_seconds": self.background_quiet_seconds,
-            "background_rate_bytes": self.background_rate_bytes,
-            "access_log": self.access_log,
-            "oom_score_adj": self.oom_score_adj,
-            "diff_id": self.diff_id,
-            "index_digest": self.index_digest,
-            "artifact_digest": self.artifact_digest,
-            "image": self.image,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, source: str = "spec") -> MountSpec:
-        if not isinstance(obj, dict):
-            raise SpecError(f"{source}: expected a JSON object")
-
-        def get(key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-            value = obj.get(key, default)
-            if value is None or (isinstance(value, bool) and kind is not bool):
-                raise SpecError(f"{source}: {key} is missing or invalid")
-            if not isinstance(value, kind):
-                raise SpecError(f"{source}: {key} must be {_kind_name(kind)}, not {value!r}")
-            return value
-
-        try:
-            blob = BlobSpec.from_json(obj.get("blob"))
-        except BlobSpecError as exc:
-            raise SpecError(f"{source}: {exc}") from None
-        spec = cls(
-            mountpoint=get("mountpoint", str),
-            index_path=get("index_path", str),
-            blob=blob,
-            cache_dir=get("cache_dir", str),
-            cache_max_bytes=get("cache_max_bytes", int),
-            cache_min_free_bytes=get("cache_min_free_bytes", int, 0),
-            cache_min_free_percent=float(get("cache_min_free_percent", (int, float), 0.0)),
-            fetch_timeout=float(get("fetch_timeout", (int, float), DEFAULT_FETCH_TIMEOUT_S)),
-            workers=get("workers", int, DEFAULT_WORKERS),
-            allow_other=get("allow_other", bool, True),
-            state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
-            read_ahead_spans=get("read_ahead_spans", int, DEFAULT_READ_AHEAD_SPANS),
-            read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
-            prefetch_names=tuple(get("prefetch_names", list, [])),
-            prefetch=get("prefetch", bool, True),
-            background=get("background", bool, True),
-            background_quiet_seconds=float(
-                get("background_quiet_seconds", (int, float), DEFAULT_QUIET_S)
-            ),
-            background_rate_bytes=get("background_rate_bytes", int, DEFAULT_RATE_BYTES),
-            access_log=get("access_log", str, ""),
-            oom_score_adj=get("oom_score_adj", int, OOM_SCORE_ADJ),
-            diff_id=get("diff_id", str, ""),
-            index_digest=get("index_digest", str, ""),
-            artifact_digest=get("artifact_digest", str, ""),
-            image=get("image", str, ""),
-        )
-        if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
-            raise SpecError(
-                f"{source}: cache_max_bytes, workers, fetch_timeout and read_ahead_kb must be > 0"
-            )
-        if spec.cache_min_free_bytes < 0 or not 0 <= spec.cache_min_free_percent <= 50:
-            raise SpecError(
-                f"{source}: cache_min_free_bytes must be >= 0 and cache_min_free_percent "
-                "within 0..50"
-            )
-        if not all(isinstance(name, str) for name in spec.prefetch_names):
-            raise SpecError(f"{source}: prefetch_names must be a list of entry names")
-        if not -1000 <= spec.oom_score_adj <= 1000:
-            raise SpecError(f"{source}: oom_score_adj must be between -1000 and 1000")
-        if spec.read_ahead_spans < 0:
-            raise SpecError(f"{source}: read_ahead_spans must be >= 0 (0 turns read-ahead off)")
-        if spec.background_quiet_seconds < 0 or spec.background_rate_bytes <= 0:
-            raise SpecError(
-                f"{source}: background_quiet_seconds must be >= 0 and background_rate_bytes > 0"
-            )
-        return spec
-
-    def background_settings(self) -> BackgroundSettings:
-        return BackgroundSettings(
-            enabled=self.background,
-            quiet_seconds=self.background_quiet_seconds,
-            rate_bytes=self.background_rate_bytes,
-        )
-
-    @classmethod
-    def load(cls, path: str) -> MountSpec:
-        try:
-            obj = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise SpecError(f"mount spec {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"mount spec {path}: not JSON: {exc}") from None
-        return cls.from_json(obj, source=f"mount spec {path}")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
-
-
-def state_path_for(mountpoint: str) -> Path:
-    """The state file that sits next to a mountpoint: <mountpoint>.lazysnap.json."""
-    path = Path(mountpoint.rstrip("/") or "/")
-    return path.with_name(path.name + ".lazysnap.json")
-
-
-def read_state(mountpoint: str) -> dict[str, Any] | None:
-    try:
-        state = json.loads(state_path_for(mountpoint).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def load_index(path: str) -> LayerIndex:
-    from snapshotter.index.codec import decode_index
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SpecError(f"index file {path}: {exc.strerror}") from None
-    try:
-        return decode_index(data)
-    except Exception as exc:  # the codec's own errors name what is wrong; add the file
-        raise SpecError(f"index file {path}: {exc}") from None
 
 
 def open_windows_source(spec: MountSpec, index: LayerIndex) -> BlobSource | None:
@@ -365,9 +173,9 @@ class _StateKeeper(threading.Thread):
         }
         if self.reader.cache.disk_limited():
             state["cache_disk_limited"] = True  # spans served without being cached
-        path = state_path_for(self.spec.mountpoint)
+        path = state_path(self.spec.mountpoint)
         try:
-            replace_private(path, (json.dumps(state, indent=1) + "\n").encode())
+            write_state(self.spec.mountpoint, state)
         except OSError as exc:
             # A full disk must not fill the log either: once, until a write succeeds again.
             if not self._state_write_failed:
@@ -522,8 +330,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         reader.close()
         if access_log is not None:
             access_log.close()
-        with contextlib.suppress(FileNotFoundError):
-            state_path_for(spec.mountpoint).unlink()
+        remove(state_path(spec.mountpoint))
     reporter.send(f"error: {spec.mountpoint} was unmounted before it became ready")
     log.info("unmounted %s from %s", index.layer_digest, spec.mountpoint)
     return 0
@@ -587,16 +394,33 @@ def _spec_from_args(args: argparse.Namespace) -> MountSpec:
     )
 
 
+def _import_mount_code() -> None:
+    """The zygote's preload: what a mount process imports before it serves (this module and
+    what it and open_blob_source import lazily), so a forked child starts with them done."""
+    import snapshotter.fs.blob_source
+    import snapshotter.fs.fuse_ops
+    import snapshotter.index.codec
+    import snapshotter.index.spans
+    import snapshotter.remote.auth
+    import snapshotter.remote.blob
+    import snapshotter.remote.client
+    import snapshotter.remote.hosts  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.zygote_fd is not None:
         from snapshotter.fs import zygote
 
-        request = zygote.serve(args.zygote_fd)
+        request = zygote.serve(args.zygote_fd, preload=_import_mount_code)
         if request is None:
             return 0
         # A forked child: the rest is what a mount process started on its own does.
-        return main(zygote.become_mount_process(request))
+        zygote.become_child(request)
+        child_argv = ["--spec", request.argument, "--ready-fd", str(request.ready_fd)]
+        if request.extra_fd is not None:
+            child_argv += [credential_channel.ARGUMENT, str(request.extra_fd)]
+        return main(child_argv)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s lazysnap-mount[%(process)d] %(message)s",

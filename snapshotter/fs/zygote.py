@@ -1,21 +1,25 @@
-"""A pre-started, pre-imported process that forks mount processes (`[fuse] zygote`).
+"""A pre-started, pre-imported process that forks children on request (`[fuse] zygote`).
 
 A fresh interpreter importing the FUSE binding, the index decoder and the HTTP stack costs
 ~0.2 s per lazy layer before it can mount; a fork of a process that already imported them
-costs a few ms. The daemon (fs/manager.py) starts one zygote:
+costs a few ms. This module is a generic fork server: it knows nothing of what its children
+become. The daemon starts one zygote with the module its children run (Zygote.start):
 
-    python -m snapshotter.fs.mount_process --zygote-fd FD
+    python -m MODULE --zygote-fd FD
 
-It imports what a mount process imports, then, for each request on the unix socket FD (a spec
-path, with the ready pipe's write end and the log file passed as SCM_RIGHTS), forks a child
-that becomes exactly what the manager otherwise starts: its own session, stdin /dev/null,
-stdout and stderr the layer's log, cwd /, then mount_process.main(["--spec", ..,
-"--ready-fd", ..]) and a normal interpreter exit. The zygote answers the child's pid and only
-then lets the child go on, so a child runs only if the manager was told its pid.
+MODULE's main() hands serve() its preload function (what its children import before they
+work) and, in each forked child, turns the request serve() returns into its own arguments
+(become_child() first). For each request on the unix socket FD (one argument string, with the
+ready pipe's write end, the log file and optionally one more fd for the child's main passed as
+SCM_RIGHTS), the zygote forks a child that
+becomes exactly what the daemon otherwise starts plainly: its own session, stdin /dev/null,
+stdout and stderr the log, cwd /, then MODULE's main and a normal interpreter exit. The zygote
+answers the child's pid and only then lets the child go on, so a child runs only if the daemon
+was told its pid. (The mount processes are MODULE snapshotter.fs.mount_process.)
 
-Identity: a forked child keeps the zygote's command line, which names the mount process module,
-so the manager recognises it (and adopts it after a restart) exactly as a plain one; the zygote
-itself names itself ZYGOTE_NAME (/proc/PID/comm) and is told apart by that.
+Identity: a forked child keeps the zygote's command line, which names MODULE, so the daemon
+recognises it (and adopts it after a restart) exactly as a plain one; the zygote itself names
+itself ZYGOTE_NAME (/proc/PID/comm) and is told apart by that.
 
 The zygote stays single-threaded (fork() in a threaded process may copy a held lock), reaps its
 children (their exit statuses go to its log, the daemon's stderr), and exits when the daemon's
@@ -34,11 +38,11 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("lazysnap.fs")
 
-MOUNT_PROCESS_MODULE = "snapshotter.fs.mount_process"
 ZYGOTE_NAME = "lazysnap-zygote"  # /proc/PID/comm of the zygote (at most 15 characters)
 FORKED_NAME = "lazysnap-mount"  # ... and of the mount processes it forks
 ANSWER_TIMEOUT_S = 10.0  # the first answer waits for the zygote's imports (~0.2 s, more if busy)
@@ -48,24 +52,26 @@ MAX_REQUEST_BYTES = 1 << 16
 
 
 class ZygoteError(Exception):
-    """The zygote cannot fork a mount process now; the message says why."""
+    """The zygote cannot fork a child now; the message says why."""
 
 
 @dataclass(frozen=True)
 class ChildRequest:
-    """What a forked child needs to become a mount process (its own fd numbers)."""
+    """What a forked child was asked to do: one argument (the mount processes: their spec
+    path), the fds it reports on and logs to, and an optional extra fd its main reads (the
+    mount processes: their image's pull credentials); all its own fd numbers."""
 
-    spec_path: str
+    argument: str
     ready_fd: int
     log_fd: int
-    credentials_fd: int | None = None  # fs/credential_channel.py: the image's pull credentials
+    extra_fd: int | None = None
 
 
 # -- the daemon's side -----------------------------------------------------------------------
 
 
 class ForkedChild:
-    """A mount process forked by the zygote: not the daemon's child, so it is followed through a
+    """A process forked by the zygote: not the daemon's child, so it is followed through a
     pidfd (no pid reuse can fool it). Quacks like the subprocess.Popen of a plain one, except
     that its exit status goes to the zygote: poll() and wait() give -1 once it has exited."""
 
@@ -81,7 +87,7 @@ class ForkedChild:
 
     def wait(self, timeout: float | None = None) -> int:
         if self._running(timeout):
-            raise subprocess.TimeoutExpired(f"mount process {self.pid}", timeout or 0.0)
+            raise subprocess.TimeoutExpired(f"process {self.pid}", timeout or 0.0)
         return -1
 
     def send_signal(self, signum: int) -> None:
@@ -114,11 +120,12 @@ class Zygote:
         return self.process.pid
 
     @classmethod
-    def start(cls, python: str) -> Zygote:
+    def start(cls, python: str, module: str) -> Zygote:
+        """A zygote running `python -m module --zygote-fd FD` (module's main calls serve())."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = subprocess.Popen(
-                [python, "-m", MOUNT_PROCESS_MODULE, "--zygote-fd", str(theirs.fileno())],
+                [python, "-m", module, "--zygote-fd", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # a terminal's ^C stops the daemon, which stops it
@@ -132,17 +139,17 @@ class Zygote:
         return cls(process, ours)
 
     def fork(
-        self, spec_path: str, ready_fd: int, log_fd: int, credentials_fd: int | None = None
+        self, argument: str, ready_fd: int, log_fd: int, extra_fd: int | None = None
     ) -> ForkedChild:
-        """A mount process for spec_path, reporting on ready_fd, writing to log_fd, reading its
-        pull credentials from credentials_fd (all stay the caller's to close). Raises
-        ZygoteError if the zygote does not answer with one."""
+        """A child for argument, reporting on ready_fd, writing to log_fd, given extra_fd too
+        (all stay the caller's to close). Raises ZygoteError if the zygote does not answer
+        with one."""
         with self._lock:
             status = self.process.poll()
             if status is not None:
                 raise ZygoteError(f"it exited ({_exit_text(status)})")
-            fds = [ready_fd, log_fd] + ([] if credentials_fd is None else [credentials_fd])
-            request = json.dumps({"spec": spec_path, "credentials": len(fds) == 3}).encode()
+            fds = [ready_fd, log_fd] + ([] if extra_fd is None else [extra_fd])
+            request = json.dumps({"argument": argument, "extra_fd": len(fds) == 3}).encode()
             try:
                 socket.send_fds(self._channel, [request], fds)
             except OSError as exc:
@@ -158,7 +165,7 @@ class Zygote:
                     raise ZygoteError(f"no answer within {ANSWER_TIMEOUT_S:g}s") from None
 
     def close(self) -> None:
-        """Stop the zygote (closing its socket ends it); the mount processes it forked live on."""
+        """Stop the zygote (closing its socket ends it); the processes it forked live on."""
         self._channel.close()
         try:
             self.process.wait(STOP_TIMEOUT_S)
@@ -206,9 +213,10 @@ def _exit_text(status: int | None) -> str:
 # -- the zygote's side -----------------------------------------------------------------------
 
 
-def serve(channel_fd: int) -> ChildRequest | None:
-    """The zygote's loop. Returns None when the zygote should exit, or, in a forked child, the
-    request the child is to serve (the caller then runs the mount process)."""
+def serve(channel_fd: int, preload: Callable[[], None]) -> ChildRequest | None:
+    """The zygote's loop, after preload() (the imports its children need). Returns None when
+    the zygote should exit, or, in a forked child, the request the child is to serve (the
+    caller then calls become_child() and runs its own main)."""
     _set_process_name(ZYGOTE_NAME)
     logging.basicConfig(
         level=logging.INFO,
@@ -216,10 +224,10 @@ def serve(channel_fd: int) -> ChildRequest | None:
         stream=sys.stderr,
     )
     channel = socket.socket(fileno=channel_fd)
-    _import_mount_code()
+    preload()
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
-        log.error("%d threads after importing the mount code: forking is not safe", threads)
+        log.error("%d threads after the preload: forking is not safe", threads)
         raise SystemExit(1)
     while True:
         readable, _, _ = select.select([channel], [], [], REAP_INTERVAL_S)
@@ -244,9 +252,9 @@ def serve(channel_fd: int) -> ChildRequest | None:
             return child
 
 
-def become_mount_process(request: ChildRequest) -> list[str]:
-    """In a forked child: take what the manager's plain start gives a mount process (own
-    session, stdin /dev/null, output to the log, cwd /); the mount_process.main() arguments."""
+def become_child(request: ChildRequest) -> None:
+    """In a forked child: take what the daemon's plain start gives a child (own session, stdin
+    /dev/null, output to the log, cwd /); the caller then runs its main for request."""
     os.setsid()
     _set_process_name(FORKED_NAME)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -256,36 +264,18 @@ def become_mount_process(request: ChildRequest) -> list[str]:
     os.dup2(request.log_fd, 2)
     os.close(request.log_fd)
     os.chdir("/")
-    logging.root.handlers.clear()  # main() sets up the mount process's own log format
-    argv = ["--spec", request.spec_path, "--ready-fd", str(request.ready_fd)]
-    if request.credentials_fd is not None:
-        argv += ["--credentials-fd", str(request.credentials_fd)]
-    return argv
-
-
-def _import_mount_code() -> None:
-    # What a mount process imports before it serves (mount_process and what it and
-    # open_blob_source import lazily): the point of the zygote.
-    import snapshotter.fs.blob_source
-    import snapshotter.fs.fuse_ops
-    import snapshotter.fs.mount_process
-    import snapshotter.index.codec
-    import snapshotter.index.spans
-    import snapshotter.remote.auth
-    import snapshotter.remote.blob
-    import snapshotter.remote.client
-    import snapshotter.remote.hosts  # noqa: F401
+    logging.root.handlers.clear()  # the child's main sets up its own log format
 
 
 def _request(message: bytes, fds: list[int]) -> ChildRequest | None:
     try:
         fields = json.loads(message)
-        spec, credentials = fields.get("spec"), fields.get("credentials") is True
+        argument, extra = fields.get("argument"), fields.get("extra_fd") is True
     except (json.JSONDecodeError, AttributeError):
         return None
-    if not isinstance(spec, str) or len(fds) != (3 if credentials else 2):
+    if not isinstance(argument, str) or len(fds) != (3 if extra else 2):
         return None
-    return ChildRequest(spec, fds[0], fds[1], fds[2] if credentials else None)
+    return ChildRequest(argument, fds[0], fds[1], fds[2] if extra else None)
 
 
 def _fork(channel: socket.socket, request: ChildRequest) -> ChildRequest | None:
@@ -304,10 +294,10 @@ def _fork(channel: socket.socket, request: ChildRequest) -> ChildRequest | None:
             os._exit(1)  # the zygote died before answering: nobody expects this child
         return request
     os.close(go_read)
-    os.close(request.ready_fd)  # the child's alone now: its exit must reach the manager as EOF
+    os.close(request.ready_fd)  # the child's alone now: its exit must reach the daemon as EOF
     os.close(request.log_fd)
-    if request.credentials_fd is not None:
-        os.close(request.credentials_fd)
+    if request.extra_fd is not None:
+        os.close(request.extra_fd)
     try:
         if _send(channel, {"pid": pid}):
             os.write(go_write, b"g")
@@ -335,7 +325,7 @@ def _reap() -> None:
             return
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
-            log.info("mount process %d exited (%s)", pid, _exit_text(code))
+            log.info("child %d exited (%s)", pid, _exit_text(code))
 
 
 def _set_process_name(name: str) -> None:

@@ -1,6 +1,6 @@
 """Compare an index's TOC with the TOC parsed from the layer's own tar stream.
 
-The completion check (snapshotter/fs/completion.py) re-parses the fully fetched tar stream from
+The completion check (lazylayers/completion.py) re-parses the fully fetched tar stream from
 byte 0 with TarTocParser and asks here whether the index said exactly the same: same entries in
 the same order, every field equal. The answer names the first difference, so an operator reads
 *what* a forged index changed (a mode, a data offset, an added path) in the log.

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
+from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.profile.model import StartupProfile, encode_profile
 from snapshotter.profile.record import (
     LayerSource,

@@ -33,10 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter import sidecars
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers, sidecar
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.model import ProfileEntry, StartupProfile
 from snapshotter.remote.access import RegistryAccess
 
@@ -146,7 +149,7 @@ def record_profile(
             # The work dir, with the mount processes' logs, goes with this error: keep what
             # explains a crash (EIO lines, the kernel's segfault line) in the message.
             layer_logs = [
-                (layer.digest, sidecar(str(mountpoint), ".lazysnap.log"))
+                (layer.digest, sidecars.log_path(str(mountpoint)))
                 for layer, mountpoint in zip(layers, mountpoints, strict=True)
             ]
             raise ProfileRecordError(
@@ -163,11 +166,13 @@ def record_profile(
 
 def _recording_layers(cache_dir: str) -> LazyLayers:
     return LazyLayers(
-        cache_dir,
-        RECORD_CACHE_BYTES,
-        prefetch=False,  # a prefetch would hide the order the command reads in
-        background=BackgroundSettings(enabled=False),
-        allow_other=True,
+        LazyLayerSettings(
+            cache_dir,
+            RECORD_CACHE_BYTES,
+            prefetch=False,  # a prefetch would hide the order the command reads in
+            background=BackgroundSettings(enabled=False),
+            allow_other=True,
+        )
     )
 
 

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec
-from snapshotter.fs.refusals import RefusalLedger
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE, LayerIndex
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.refusals import RefusalLedger
 from snapshotter.profile.model import (
     MAX_PROFILE_BYTES,
     ProfileError,

@@ -7,8 +7,9 @@ import logging
 import threading
 
 from snapshotter.config import Config
-from snapshotter.fs.manager import LazyLayers, from_config
-from snapshotter.fs.refusals import RefusalLedger
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.refusals import RefusalLedger
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import RegistryHost
@@ -53,9 +54,12 @@ def lazy_layers_from_config(
         refusals=RefusalLedger(config.root),
     )
     threading.Thread(target=_warm_up, args=(client,), name="registry-warm-up", daemon=True).start()
-    layers = from_config(config, resolve=discovery)
-    layers.session_credentials = session
-    return layers
+    return LazyLayers(
+        LazyLayerSettings.from_config(config),
+        resolve=discovery,
+        ledger=RefusalLedger(config.root),
+        session_credentials=session,
+    )
 
 
 def trust_policy_from_config(config: Config) -> TrustPolicy:

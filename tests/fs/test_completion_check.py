@@ -15,7 +15,11 @@ import pytest
 
 from harness import forge
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.completion import (
+from snapshotter.index.codec import decode_window, encode_index_split
+from snapshotter.index.model import EntryType, LayerIndex, TocEntry
+from snapshotter.index.spans import inflate_span
+from snapshotter.index.toc_compare import TOC_FIELDS, first_difference
+from snapshotter.lazylayers.completion import (
     FAILED,
     INCOMPLETE,
     PASSED,
@@ -23,11 +27,7 @@ from snapshotter.fs.completion import (
     Pacer,
     check_layer,
 )
-from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
-from snapshotter.index.codec import decode_window, encode_index_split
-from snapshotter.index.model import EntryType, LayerIndex, TocEntry
-from snapshotter.index.spans import inflate_span
-from snapshotter.index.toc_compare import TOC_FIELDS, first_difference
+from snapshotter.lazylayers.refusals import RefusalLedger, RefusedIndex
 from tests.fs.fs_helpers import Member, built_index, compress, make_tar, rich_members
 
 ENTRY = TocEntry(
@@ -196,7 +196,7 @@ def test_every_forgery_fails_naming_what_differed(
 def test_the_helper_process_reports_one_json_line(
     layer: tuple[bytes, bytes, forge.IndexBlobs], tmp_path: Path
 ) -> None:
-    """What the daemon runs: `python -m snapshotter.fs.completion --spec FILE`."""
+    """What the daemon runs: `python -m snapshotter.lazylayers.completion --spec FILE`."""
     tar, blob, genuine = layer
     forged = forge.change_mode(genuine, "usr/share/text", 0o644)
     cache = SpanCache(tmp_path / "cache", 1 << 30)
@@ -212,7 +212,13 @@ def test_the_helper_process_reports_one_json_line(
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run(
-        [sys.executable, "-m", "snapshotter.fs.completion", "--spec", str(tmp_path / "spec.json")],
+        [
+            sys.executable,
+            "-m",
+            "snapshotter.lazylayers.completion",
+            "--spec",
+            str(tmp_path / "spec.json"),
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -20,11 +20,13 @@ from harness import forge
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.manager import LazyLayers
-from snapshotter.fs.mount_process import read_state
-from snapshotter.fs.refusals import RefusalLedger, read_verdict
 from snapshotter.index.codec import encode_index
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.refusals import RefusalLedger
+from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.sidecars import read_state, read_verdict
 from tests.fs.fs_helpers import built_index, make_tar, rich_members
+from tests.fs.lazy_layers_helpers import is_local, known_mountpoints
 from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
@@ -34,15 +36,17 @@ QUICK = BackgroundSettings(quiet_seconds=0.0)
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[LazyLayers]:
     instance = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
-        fetch_timeout=5,
-        background=QUICK,
-        materialize=True,
-        materialize_retry_s=3600,
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=5,
+            background=QUICK,
+            materialize=True,
+            materialize_retry_s=3600,
+        )
     )
     yield instance
-    for mountpoint in {*instance._known, *instance._children}:
+    for mountpoint in known_mountpoints(instance):
         instance.unmount(mountpoint)
 
 
@@ -96,7 +100,7 @@ def test_a_forged_index_is_refused_and_its_mount_fails_closed(
         with pytest.raises(OSError) as listing:
             os.listdir(mnt / "etc")
         assert listing.value.errno == errno.EIO
-        assert not manager.is_local(str(mnt))  # never materialized
+        assert not is_local(str(mnt))  # never materialized
         assert (read_state(str(mnt)) or {}).get("refused") is True
         # The node refuses the index from now on; its spans are gone from the cache.
         ledger = RefusalLedger(str(tmp_path))
@@ -152,7 +156,7 @@ def test_a_genuine_index_is_verified_then_materialized(manager: LazyLayers, tmp_
         mnt = tmp_path / "snapshots" / "1" / "fs"
         mnt.mkdir(parents=True)
         manager.mount_layer(str(mnt), layer.spec())
-        assert _wait_for(lambda: manager.is_local(str(mnt))), read_state(str(mnt))
+        assert _wait_for(lambda: is_local(str(mnt))), read_state(str(mnt))
         verdict = read_verdict(str(mnt))
         assert verdict is not None and not verdict.failed and verdict.diff_id
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
@@ -175,7 +179,7 @@ def test_without_a_diff_id_the_layer_is_checked_against_its_toc_and_stays_lazy(
         verdict = read_verdict(str(mnt))
         assert verdict is not None and not verdict.failed and not verdict.diff_id
         assert "TOC only" in verdict.detail
-        assert not manager.is_local(str(mnt)) and os.path.ismount(mnt)
+        assert not is_local(str(mnt)) and os.path.ismount(mnt)
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     finally:
         layer.server.stop()

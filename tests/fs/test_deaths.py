@@ -1,4 +1,4 @@
-"""fs/deaths.py: following processes through pidfds, finding the mounts that read through a FUSE
+"""deaths.py: following processes through pidfds, finding the mounts that read through a FUSE
 mount in the kernel's mount table, and the death record `lazysnap status` reads."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from snapshotter.fs.deaths import (
+from snapshotter.lazylayers.deaths import (
     KEPT_DEATHS,
     Death,
     DeathWatch,

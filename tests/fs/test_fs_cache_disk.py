@@ -18,14 +18,10 @@ import pytest
 
 from snapshotter.fs.blob_source import BlobSpec, FileBlobSource
 from snapshotter.fs.cache import DiskReserve, SpanCache, disk_space
-from snapshotter.fs.mount_process import (
-    MountSpec,
-    _Reporter,
-    _StateKeeper,
-    read_state,
-    state_path_for,
-)
+from snapshotter.fs.mount_process import _Reporter, _StateKeeper
+from snapshotter.fs.mount_spec import MountSpec
 from snapshotter.fs.reader import LayerReader
+from snapshotter.sidecars import read_state, state_path
 from tests.fs.fs_helpers import built_index, make_tar, rich_members
 
 SPAN = 100 << 10
@@ -179,6 +175,6 @@ def test_a_state_file_that_cannot_be_written_is_logged_once_and_serving_goes_on(
     keeper.write_state()
     state = read_state(str(mountpoint))
     assert state is not None and state["layer_digest"] == index.layer_digest
-    assert stat.S_IMODE(state_path_for(str(mountpoint)).stat().st_mode) == 0o600
+    assert stat.S_IMODE(state_path(str(mountpoint)).stat().st_mode) == 0o600
     assert any("written again" in r.getMessage() for r in caplog.records)
     reader.close()

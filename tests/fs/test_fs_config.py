@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.config import ConfigError, load_config
-from snapshotter.fs.manager import from_config
 from snapshotter.fs.reader import DEFAULT_READ_AHEAD_SPANS
+from snapshotter.lazylayers.settings import LazyLayerSettings
 
 
 def _write(tmp_path: Path, text: str) -> str:
@@ -26,8 +26,7 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
             "read_ahead_spans = 3\n",
         )
     )
-    layers = from_config(config)
-    layers.close()  # its zygote: only the settings are looked at
+    layers = LazyLayerSettings.from_config(config)
     assert layers.prefetch is False
     assert layers.background.enabled is False
     assert layers.background.quiet_seconds == 1.5
@@ -36,8 +35,7 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
 
 
 def test_defaults_fetch_in_the_background() -> None:
-    layers = from_config(load_config(None))
-    layers.close()
+    layers = LazyLayerSettings.from_config(load_config(None))
     assert layers.prefetch and layers.background.enabled
     assert layers.background.quiet_seconds > 0 and layers.background.rate_bytes > 0
     assert layers.read_ahead_spans == DEFAULT_READ_AHEAD_SPANS  # config's copy of the default

@@ -24,17 +24,19 @@ from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.deaths import DeathRecord, read_record
-from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
-from snapshotter.fs.status import cache_usage, mount_statuses
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
+from snapshotter.lazylayers.deaths import DeathRecord, read_record
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
+from snapshotter.sidecars import read_state
+from snapshotter.status import lazy_mounts
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,
@@ -46,6 +48,7 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.fs.lazy_layers_helpers import is_live
 
 pytestmark = pytest.mark.stack
 FETCH_TIMEOUT = 3.0
@@ -81,13 +84,15 @@ def layer(request: pytest.FixtureRequest) -> Iterator[Layer]:
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[LazyLayers]:
     instance = LazyLayers(
-        str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT, ready_timeout=30
+        LazyLayerSettings(
+            str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT, ready_timeout=30
+        )
     )
     yield instance
     for state in tmp_path.rglob("*.lazysnap.json"):
         instance.unmount(str(state).removesuffix(".lazysnap.json"))
-    for child in list(instance._children):
-        instance.unmount(child)
+    for mountpoint in instance.supervisor.mountpoints():
+        instance.unmount(mountpoint)
 
 
 def _mount(manager: LazyLayers, layer: Layer, where: Path) -> Path:
@@ -213,7 +218,9 @@ def test_a_dead_registry_gives_eio_in_time_and_reads_work_once_it_is_back(
 
 def test_a_cache_smaller_than_the_layer_serves_every_file(layer: Layer, tmp_path: Path) -> None:
     limit = 3 * SPAN_SIZE
-    small = LazyLayers(str(tmp_path / "cache"), limit, fetch_timeout=FETCH_TIMEOUT)
+    small = LazyLayers(
+        LazyLayerSettings(str(tmp_path / "cache"), limit, fetch_timeout=FETCH_TIMEOUT)
+    )
     mnt = _mount(small, layer, tmp_path / "fs")
     try:
         for name in ("usr/lib/big.bin", "usr/lib/exact.bin", "usr/bin/tool", "etc/hosts"):
@@ -233,11 +240,14 @@ def test_killing_the_parent_does_not_break_an_ongoing_read(
     spec_file.write_bytes(encode_index(layer.index))
     parent_script = (
         "import sys, time\n"
-        "from snapshotter.fs.manager import LayerSpec, LazyLayers\n"
+        "from snapshotter.lazylayers.layer_spec import LayerSpec\n"
+        "from snapshotter.lazylayers.layers import LazyLayers\n"
+        "from snapshotter.lazylayers.settings import LazyLayerSettings\n"
         "from harness.url_blob import served_blob_spec\n"
         f"blob = served_blob_spec({layer.server.url!r}, {layer.index.layer_digest!r},"
         f" {len(layer.blob)})\n"
-        f"m = LazyLayers({str(tmp_path / 'cache')!r}, 1 << 30, fetch_timeout=30)\n"
+        f"m = LazyLayers(LazyLayerSettings({str(tmp_path / 'cache')!r}, 1 << 30,"
+        " fetch_timeout=30))\n"
         f"m.mount_layer({str(mnt)!r}, LayerSpec(blob, index_path={str(spec_file)!r}))\n"
         "print('mounted', flush=True)\n"
         "time.sleep(600)\n"
@@ -313,16 +323,18 @@ def test_a_restarted_manager_reattaches_the_live_mount(
 ) -> None:
     mnt = _mount(manager, layer, tmp_path / "fs")
     pid = read_state(str(mnt))["pid"]  # type: ignore[index]
-    restarted = LazyLayers(str(tmp_path / "cache"), 1 << 30)
+    restarted = LazyLayers(LazyLayerSettings(str(tmp_path / "cache"), 1 << 30))
     restarted.mount_layer(str(mnt), layer.spec())
     restarted.check(str(mnt), {})
     assert read_state(str(mnt))["pid"] == pid  # type: ignore[index]
     restarted.unmount(str(mnt))
-    assert not restarted.is_live(str(mnt))
+    assert not is_live(str(mnt))
     with pytest.raises(ProcessLookupError):
         for _ in range(100):
             os.kill(pid, 0)
-            manager._children[str(mnt)].poll()
+            child = manager.supervisor.child(str(mnt))
+            assert child is not None
+            child.poll()
             time.sleep(0.05)
 
 
@@ -334,7 +346,7 @@ def test_a_bad_index_fails_the_mount_with_a_clear_reason(
     bad = LayerSpec(blob=layer.spec().blob, index_bytes=b"this is not an index")
     with pytest.raises(RemoteLayerUnavailable, match=r"index file .*fs\.lazysnap-index"):
         manager.mount_layer(str(mnt), bad)
-    assert not manager.is_live(str(mnt)) and os.listdir(mnt) == []
+    assert not is_live(str(mnt)) and os.listdir(mnt) == []
     assert not (tmp_path / "fs.lazysnap-index").exists()
 
 
@@ -346,7 +358,7 @@ def test_mount_by_labels_uses_the_resolver_and_reports_its_failure(
             return layer.spec()
         raise LookupError("no index for this layer")
 
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, resolve=resolve)
+    lazy = LazyLayers(LazyLayerSettings(str(tmp_path / "cache"), 1 << 30), resolve=resolve)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     lazy.mount(str(tmp_path / "a"), {"layer": "known"})
@@ -363,10 +375,8 @@ def test_layers_mount_in_the_background_and_check_waits_for_them(
     layer: Layer, tmp_path: Path
 ) -> None:
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, mount_in_background=True),
         resolve=lambda labels: layer.spec(),
-        mount_in_background=True,
     )
     points = [tmp_path / name for name in ("a", "b", "c")]
     try:
@@ -391,10 +401,8 @@ def test_a_mount_that_fails_after_mount_returned_is_reported_by_check_and_cleane
         "good": layer.spec(),
     }
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, mount_in_background=True),
         resolve=lambda labels: specs[labels["k"]],
-        mount_in_background=True,
     )
     mnt = tmp_path / "fs"
     mnt.mkdir()
@@ -438,7 +446,9 @@ def test_warm_files_are_served_by_the_kernel_without_the_mount_process(tmp_path:
         ]
     )
     layer = Layer(tar, tar, built_index(tar, "tar"))
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    lazy = LazyLayers(
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    )
     mnt = tmp_path / "fs"
     mnt.mkdir()
     lazy.mount_layer(str(mnt), layer.spec())
@@ -473,7 +483,9 @@ def test_a_layer_served_by_docker_registry_through_the_registry_client(
         size=len(tar),
         access=RegistryAccess(plain_http=(registry.host,)),
     )
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    lazy = LazyLayers(
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    )
     mnt = tmp_path / "fs"
     mnt.mkdir()
     since = registry.log_offset()
@@ -490,7 +502,9 @@ def test_a_layer_served_by_docker_registry_through_the_registry_client(
 
 def test_the_prefetch_list_is_fetched_without_being_read(layer: Layer, tmp_path: Path) -> None:
     layer.index = dataclasses.replace(layer.index, prefetch=("usr/bin/tool",))
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    lazy = LazyLayers(
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    )
     mnt = _mount(lazy, layer, tmp_path / "fs")
     try:
         cache = SpanCache(tmp_path / "cache", 1 << 30)
@@ -520,14 +534,18 @@ def test_status_lists_each_mount_with_its_counters(
     while time.monotonic() < deadline and state["counters"]["spans_fetched"] == 0:
         time.sleep(0.2)
         state = read_state(str(mnt)) or state
-    [status] = mount_statuses(str(tmp_path))
-    assert status.mountpoint == str(mnt) and status.live
+    [status] = lazy_mounts(str(tmp_path))
+    assert status.mountpoint == str(mnt) and status.problem is None
     assert status.layer_digest == layer.index.layer_digest
     assert status.counters["spans_fetched"] > 0 and status.counters["bytes_fetched"] > 0
-    assert cache_usage(str(tmp_path / "cache"), 1 << 30).spans == status.counters["spans_cached"]
+    cached = SpanCache(str(tmp_path / "cache"), 1 << 30).usage().spans
+    assert cached == status.counters["spans_cached"]
+    assert status.pid is not None
     os.kill(status.pid, signal.SIGKILL)
-    manager._children[str(mnt)].wait(timeout=10)
-    assert not mount_statuses(str(tmp_path))[0].live
+    child = manager.supervisor.child(str(mnt))
+    assert child is not None
+    child.wait(timeout=10)
+    assert lazy_mounts(str(tmp_path))[0].problem is not None
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
@@ -540,7 +558,9 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
 
 
 def test_profile_names_in_the_layer_spec_are_prefetched(layer: Layer, tmp_path: Path) -> None:
-    lazy = LazyLayers(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    lazy = LazyLayers(
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT)
+    )
     spec = dataclasses.replace(layer.spec(), prefetch_names=("usr/bin/tool", "not/in/layer"))
     mnt = tmp_path / "fs"
     mnt.mkdir()
@@ -559,10 +579,12 @@ def test_profile_names_in_the_layer_spec_are_prefetched(layer: Layer, tmp_path: 
 
 def test_a_quiet_mount_converges_to_fully_local(layer: Layer, tmp_path: Path) -> None:
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
-        fetch_timeout=FETCH_TIMEOUT,
-        background=BackgroundSettings(quiet_seconds=0.2, rate_bytes=64 << 20),
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=FETCH_TIMEOUT,
+            background=BackgroundSettings(quiet_seconds=0.2, rate_bytes=64 << 20),
+        )
     )
     mnt = _mount(lazy, layer, tmp_path / "fs")
     try:
@@ -580,10 +602,12 @@ def test_a_quiet_mount_converges_to_fully_local(layer: Layer, tmp_path: Path) ->
 
 def test_background_fetch_can_be_switched_off(layer: Layer, tmp_path: Path) -> None:
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
-        fetch_timeout=FETCH_TIMEOUT,
-        background=BackgroundSettings(enabled=False, quiet_seconds=0),
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=FETCH_TIMEOUT,
+            background=BackgroundSettings(enabled=False, quiet_seconds=0),
+        )
     )
     mnt = _mount(lazy, layer, tmp_path / "fs")
     try:

@@ -13,8 +13,10 @@ import pytest
 
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, NotFound
 from snapshotter.core.snapshotter import Snapshotter
-from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import built_index, compress, make_tar, rich_members
 from tests.fs.test_fs_mount import Layer, wait_for_deaths
 
@@ -50,7 +52,8 @@ def layer() -> Iterator[Layer]:
 def stack(layer: Layer, tmp_path: Path) -> Iterator[tuple[Snapshotter, Resolver]]:
     resolver = Resolver(layer.spec())
     layers = LazyLayers(
-        str(tmp_path / "cache"), 1 << 30, resolve=resolver, mount_in_background=True
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, mount_in_background=True),
+        resolve=resolver,
     )
     core = Snapshotter(str(tmp_path / "root"), remote=layers)
     yield core, resolver

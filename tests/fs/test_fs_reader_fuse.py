@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from harness.url_blob import served_blob_spec
-from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.fs.reader import RETRY_AFTER_FAILURE_S
 from snapshotter.index.codec import encode_index
 from snapshotter.index.spans import fetch_range
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
 
 pytestmark = pytest.mark.stack
@@ -27,13 +29,15 @@ SLACK = 1.0  # FUSE round trips and scheduling on a loaded 2-core machine
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[LazyLayers]:
     instance = LazyLayers(
-        str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT, ready_timeout=30
+        LazyLayerSettings(
+            str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT, ready_timeout=30
+        )
     )
     yield instance
     for state in tmp_path.rglob("*.lazysnap.json"):
         instance.unmount(str(state).removesuffix(".lazysnap.json"))
-    for child in list(instance._children):
-        instance.unmount(child)
+    for mountpoint in instance.supervisor.mountpoints():
+        instance.unmount(mountpoint)
 
 
 def test_a_read_through_fuse_from_a_hung_registry_costs_one_fetch_timeout(

@@ -20,17 +20,19 @@ import pytest
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
-from snapshotter.fs.manager import MATERIALIZE_MAX_ATTEMPTS, LazyLayers
-from snapshotter.fs.materialize import (
+from snapshotter.lazylayers.copy_helper import copy_budget
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.materializer import MATERIALIZE_MAX_ATTEMPTS, Materializer
+from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.sidecars import (
     LocalMarker,
     bind_path,
-    copy_budget,
     marker_path,
     read_marker,
+    read_state,
     write_marker,
 )
-from snapshotter.fs.mount_process import read_state
-from snapshotter.fs.status import mount_statuses
+from snapshotter.status import lazy_mounts
 from tests.fs.fs_helpers import (
     Member,
     assert_tree_matches,
@@ -39,6 +41,7 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.fs.lazy_layers_helpers import is_live, is_local, known_mountpoints, materialize_now
 from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
@@ -56,12 +59,14 @@ def layer() -> Iterator[Layer]:
 
 def _manager(tmp_path: Path, *, materialize: bool = True) -> LazyLayers:
     return LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
-        fetch_timeout=5,
-        background=QUICK,
-        materialize=materialize,
-        materialize_retry_s=3600,  # one attempt per test: a retry would blur what failed
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=5,
+            background=QUICK,
+            materialize=materialize,
+            materialize_retry_s=3600,
+        )
     )
 
 
@@ -71,7 +76,7 @@ def managers(tmp_path: Path) -> Iterator[list[LazyLayers]]:
     made: list[LazyLayers] = []
     yield made
     for manager in made:
-        for mountpoint in {*manager._known, *manager._children}:
+        for mountpoint in known_mountpoints(manager):
             manager.unmount(mountpoint)
     for state in tmp_path.rglob("*.lazysnap.json"):
         made[0].unmount(str(state).removesuffix(".lazysnap.json"))
@@ -91,8 +96,10 @@ def _is_mounted(path: Path) -> bool:
 
 
 def _pid_gone(pid: int, manager: LazyLayers) -> bool:
-    for child in manager._children.values():
-        child.poll()  # a child of this test process: reap it, or it stays a zombie
+    for mountpoint in manager.supervisor.mountpoints():
+        child = manager.supervisor.child(mountpoint)
+        if child is not None:
+            child.poll()  # a child of this test process: reap it, or it stays a zombie
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
     except OSError:
@@ -137,15 +144,16 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
     # A reader that started on the FUSE mount (as a running container does) keeps it alive.
     with open(mnt / "usr/lib/big.bin", "rb") as held:
         # The marker comes first, the detach right after it.
-        assert _wait_for(lambda: manager.is_local(str(mnt)) and not _is_mounted(mnt)), (
+        assert _wait_for(lambda: is_local(str(mnt)) and not _is_mounted(mnt)), (
             f"not local; state {read_state(str(mnt))}"
         )
         assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
         tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
         assert tool.st_ino == link.st_ino  # the hardlink is one inode in the copy too
         assert stat.S_ISCHR(os.lstat(mnt / "gone").st_mode)  # whiteout: a 0/0 char device
-        [status] = mount_statuses(str(tmp_path / "snapshots"))
-        assert status.local and not status.live and status.background == "complete"
+        [status] = lazy_mounts(str(tmp_path))
+        assert is_local(str(mnt)) and status.problem is not None
+        assert status.background == "complete"
         # The detached mount still serves its user, from its own process.
         assert held.read() == layer.data("usr/lib/big.bin")
         assert not _pid_gone(pid, manager)
@@ -162,7 +170,7 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
     managers.append(restarted)
     restarted.check(str(mnt), {})
     restarted.mount_layer(str(mnt), layer.spec())
-    assert not _is_mounted(mnt) and restarted.is_live(str(mnt))
+    assert not _is_mounted(mnt) and is_live(str(mnt))
     assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
 
     # Unmounting forgets it: no marker, no sidecars; the copy goes with the snapshot dir.
@@ -183,7 +191,7 @@ def test_without_materialize_the_layer_stays_on_fuse(
     manager.mount_layer(str(mnt), layer.spec())
     assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
     time.sleep(1.5)  # the watcher polls every second: it would have started by now
-    assert _is_mounted(mnt) and not manager.is_local(str(mnt))
+    assert _is_mounted(mnt) and not is_local(str(mnt))
     assert _underlying(mnt) == []
 
 
@@ -207,12 +215,12 @@ def test_a_failing_copy_leaves_fuse_serving_and_no_partial_tree(
         [line] = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
         # refused before cp wrote anything: the files would not leave the reserve free
         assert layer.index.layer_digest in line and "free space there" in line, line
-        assert _is_mounted(mnt) and not manager.is_local(str(mnt))
+        assert _is_mounted(mnt) and not is_local(str(mnt))
         manager.check(str(mnt), {})
         assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
         assert _underlying(mnt) == []  # the partial copy was wiped
         assert not marker_path(str(mnt)).exists() and not bind_path(str(mnt)).exists()
-        assert not manager.materialize_now(str(mnt))  # and fails again, the same way
+        assert not materialize_now(manager, str(mnt))  # and fails again, the same way
         manager.unmount(str(mnt))
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
@@ -238,7 +246,7 @@ def test_a_copy_left_by_a_crash_is_wiped_and_redone(
     assert _underlying(mnt) == ["etc"]
     # Only a layer that passed its completion check is copied, and that needs every span.
     assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
-    assert manager.materialize_now(str(mnt))
+    assert materialize_now(manager, str(mnt))
     assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
 
 
@@ -302,17 +310,23 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
 ) -> None:
     # A container starting on other layers (its mounts serving bursts of requests) must not
     # share the two cores and the disk with a copy: the copy waits for a quiet node.
-    manager = LazyLayers(
+    settings = LazyLayerSettings(
         str(tmp_path / "cache"),
         1 << 30,
         fetch_timeout=5,
-        background=BackgroundSettings(quiet_seconds=2.0),
+        background=QUICK,
         materialize=True,
         materialize_retry_s=3600,
     )
+    manager = LazyLayers(settings)
     managers.append(manager)
-    # The mount process's own background fetch should not wait here: only the copy is tested.
-    manager.background = QUICK
+    # The mount process's own background fetch should not wait here (QUICK): only the copy,
+    # which waits for 2 s without a busy mount, is tested.
+    manager.materializer = Materializer(
+        dataclasses.replace(settings, background=BackgroundSettings(quiet_seconds=2.0)),
+        manager.ledger,
+        manager.supervisor,
+    )
     node = NodeActivity(str(tmp_path / "cache"))
     stop = threading.Event()
 
@@ -328,12 +342,12 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
         manager.mount_layer(str(mnt), layer.spec())
         assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
         time.sleep(3.0)  # the watcher polls every second
-        assert _is_mounted(mnt) and not manager.is_local(str(mnt))
+        assert _is_mounted(mnt) and not is_local(str(mnt))
     finally:
         stop.set()
         busy.join(5)
     # Quiet for 2 s: the copy runs.
-    assert _wait_for(lambda: manager.is_local(str(mnt)), 15)
+    assert _wait_for(lambda: is_local(str(mnt)), 15)
 
 
 def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
@@ -394,12 +408,14 @@ def test_a_copy_that_keeps_failing_is_tried_three_times_then_given_up(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(small)], check=True)
     try:
         manager = LazyLayers(
-            str(tmp_path / "cache"),
-            1 << 30,
-            fetch_timeout=5,
-            background=QUICK,
-            materialize=True,
-            materialize_retry_s=0.2,
+            LazyLayerSettings(
+                str(tmp_path / "cache"),
+                1 << 30,
+                fetch_timeout=5,
+                background=QUICK,
+                materialize=True,
+                materialize_retry_s=0.2,
+            )
         )
         managers.append(manager)
         mnt = small / "fs"

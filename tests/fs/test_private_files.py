@@ -1,5 +1,5 @@
 """The daemon's and mount processes' own files are private whatever the umask, and a replaced
-file is never seen half written (snapshotter/fs/private_files.py, used by state, spec, index
+file is never seen half written (snapshotter/private_files.py, used by state, spec, index
 sidecars, the local marker and the completion-check ledger)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.private_files import replace_private, write_private
-from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
+from snapshotter.lazylayers.refusals import RefusalLedger, RefusedIndex
+from snapshotter.private_files import replace_private, write_private
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ import pytest
 from harness.url_blob import UrlBlobSource
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.mount_process import MountSpec, SpecError, open_windows_source
+from snapshotter.fs.mount_process import open_windows_source
+from snapshotter.fs.mount_spec import MountSpec, SpecError
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.index.codec import decode_index, encode_index_split
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry

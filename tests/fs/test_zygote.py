@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.manager import LazyLayers, _is_mount_process, mount_problem
-from snapshotter.fs.mount_process import read_state
 from snapshotter.fs.zygote import FORKED_NAME, ForkedChild, Zygote
 from snapshotter.index.codec import encode_index
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.mount_checks import is_mount_process as _is_mount_process
+from snapshotter.lazylayers.mount_checks import mount_problem
+from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import (
     assert_tree_matches,
     built_index,
@@ -28,6 +31,7 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.fs.lazy_layers_helpers import is_live
 from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
@@ -54,8 +58,12 @@ def managers(tmp_path: Path) -> Iterator[list[LazyLayers]]:
         manager.close()
 
 
-def zygote_manager(tmp_path: Path, made: list[LazyLayers], **options: object) -> LazyLayers:
-    manager = LazyLayers(str(tmp_path / "cache"), 1 << 30, zygote=True, **options)  # type: ignore[arg-type]
+def zygote_manager(
+    tmp_path: Path, made: list[LazyLayers], python: str = sys.executable
+) -> LazyLayers:
+    manager = LazyLayers(
+        LazyLayerSettings(str(tmp_path / "cache"), 1 << 30, zygote=True, python=python)
+    )
     made.append(manager)
     return manager
 
@@ -70,7 +78,7 @@ def mount(manager: LazyLayers, layer: Layer, where: Path) -> int:
 
 
 def the_zygote(manager: LazyLayers) -> Zygote:
-    zygote = manager._zygote
+    zygote = manager.supervisor.starter.zygote
     assert zygote is not None
     return zygote
 
@@ -97,7 +105,7 @@ def test_a_forked_mount_process_serves_the_layer_and_is_recognised(
     pid = mount(manager, layer, mnt)
     zygote = the_zygote(manager)
     assert parent_of(pid) == zygote.pid  # forked, not started by the manager
-    assert isinstance(manager._children[str(mnt)], ForkedChild)
+    assert isinstance(manager.supervisor.child(str(mnt)), ForkedChild)
     assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=True)
     # Recognised as a mount process (the zygote is not one), in a session of its own, named.
     assert _is_mount_process(pid) and not _is_mount_process(zygote.pid)
@@ -120,7 +128,7 @@ def test_unmount_ends_the_forked_mount_process(
     pid = mount(manager, layer, mnt)
     manager.unmount(str(mnt))
     assert gone(pid)
-    assert not manager.is_live(str(mnt)) and os.listdir(mnt) == []
+    assert not is_live(str(mnt)) and os.listdir(mnt) == []
     assert read_state(str(mnt)) is None
 
 
@@ -160,8 +168,8 @@ def test_a_zygote_that_cannot_run_falls_back_to_plain_mount_processes(
     assert "zygote failed again (it exited (status 3)): starting mount processes plainly" in (
         caplog.text
     )
-    assert manager._zygote is None
-    assert isinstance(manager._children[str(tmp_path / "a")], subprocess.Popen)
+    assert manager.supervisor.starter.zygote is None
+    assert isinstance(manager.supervisor.child(str(tmp_path / "a")), subprocess.Popen)
     assert parent_of(pid) == os.getpid()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
@@ -172,13 +180,15 @@ def test_a_zygote_that_cannot_run_falls_back_to_plain_mount_processes(
 
 DAEMON = """
 import sys, time
-from snapshotter.fs.manager import LayerSpec, LazyLayers
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from harness.url_blob import served_blob_spec
 blob = served_blob_spec(sys.argv[3], sys.argv[4], int(sys.argv[6]))
 spec = LayerSpec(blob=blob, index_path=sys.argv[5])
-lazy = LazyLayers(sys.argv[1], 1 << 30, zygote=True)
+lazy = LazyLayers(LazyLayerSettings(sys.argv[1], 1 << 30, zygote=True))
 lazy.mount_layer(sys.argv[2], spec)
-print(lazy._zygote.pid, flush=True)
+print(lazy.supervisor.starter.zygote.pid, flush=True)
 time.sleep(600)
 """
 
@@ -217,7 +227,7 @@ def test_a_restarted_daemon_adopts_mount_processes_its_zygote_forked(
     assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     restarted.unmount(str(mnt))
     assert gone(pid)
-    assert not restarted.is_live(str(mnt))
+    assert not is_live(str(mnt))
 
 
 def test_close_stops_the_zygote_and_leaves_mount_processes_serving(

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from snapshotter.fs.manager import LazyLayers
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from tests.fs.fs_helpers import Member, built_index, make_tar
 from tests.fs.test_fs_mount import Layer
 
@@ -75,7 +76,7 @@ def main() -> int:
         local.mkdir()
         subprocess.run(["tar", "-x", "-C", str(local)], input=tar, check=True)
         layer = Layer(tar, tar, built_index(tar, "tar"))
-        lazy = LazyLayers(str(tmp / "cache"), 1 << 30)
+        lazy = LazyLayers(LazyLayerSettings(str(tmp / "cache"), 1 << 30))
         mounted = tmp / "lazy"
         mounted.mkdir()
         lazy.mount_layer(str(mounted), layer.spec())

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec
 from snapshotter.index.codec import encode_index
+from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.profile.model import ProfileEntry
 from snapshotter.profile.record import (
     LayerSource,

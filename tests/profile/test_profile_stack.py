@@ -15,8 +15,9 @@ from harness.images import directory, file, layer_tar, push, symlink, write_oci_
 from harness.registry import Registry
 from harness.trust import session_trust_policy
 from snapshotter.fs.background import BackgroundSettings
-from snapshotter.fs.manager import LazyLayers
 from snapshotter.indexer import command
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import decode_profile
 from snapshotter.remote.access import RegistryAccess
@@ -110,10 +111,12 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
 
     # The mount fetches the profile's files before anyone reads them.
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        1 << 30,
-        fetch_timeout=5,
-        background=BackgroundSettings(enabled=False),  # only the profile fetches ahead
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=5,
+            background=BackgroundSettings(enabled=False),
+        )
     )
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -18,7 +18,7 @@ from harness.images import PushedImage, directory, file, layer_tar, push, write_
 from harness.registry import Registry
 from harness.trust import session_trust_policy
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
-from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
+from snapshotter.lazylayers.refusals import RefusalLedger, RefusedIndex
 from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient

@@ -13,7 +13,8 @@ import pytest
 
 from harness.registry import Registry
 from snapshotter.fs.background import BackgroundSettings
-from snapshotter.fs.manager import LazyLayers
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import IndexDiscovery
@@ -69,10 +70,12 @@ def test_an_unusable_profile_is_logged_once_and_every_layer_mounts(
     assert "ignoring startup profile" in about_profile[0].getMessage()
 
     lazy = LazyLayers(
-        str(tmp_path / "cache"),
-        64 << 20,
-        fetch_timeout=5,
-        background=BackgroundSettings(enabled=False),
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            64 << 20,
+            fetch_timeout=5,
+            background=BackgroundSettings(enabled=False),
+        )
     )
     mounted: list[Path] = []
     try:

@@ -15,8 +15,10 @@ from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.index.codec import encode_index
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.metrics import DaemonMetrics
 from tests.fs.fs_helpers import Member, built_index, compress, make_tar
 from tests.status.test_status_metrics import labels, prepares, scrape, settled_scrape, starting
@@ -70,12 +72,14 @@ def test_removing_a_layer_still_starting_is_not_held_up_by_the_metrics(
 ) -> None:
     metrics, root = metered
     layers = LazyLayers(
-        str(workdir / "cache"),
-        1 << 20,
+        LazyLayerSettings(
+            str(workdir / "cache"),
+            1 << 20,
+            mount_in_background=True,
+            python=slow_python(workdir),
+            ready_timeout=SLOW_START_S + 10,
+        ),
         resolve=lambda _labels: layer_spec(workdir),
-        mount_in_background=True,
-        python=slow_python(workdir),
-        ready_timeout=SLOW_START_S + 10,
     )
     core = metrics.snapshotter(str(root), layers)
     try:
@@ -103,7 +107,8 @@ def test_a_failed_start_is_counted_and_its_cause_is_left_for_the_core(
     metrics, root = metered
     bad = layer_spec(workdir, index_bytes=b"not an index")
     layers = LazyLayers(
-        str(workdir / "cache"), 1 << 20, resolve=lambda _labels: bad, mount_in_background=True
+        LazyLayerSettings(str(workdir / "cache"), 1 << 20, mount_in_background=True),
+        resolve=lambda _labels: bad,
     )
     core = metrics.snapshotter(str(root), layers)
     try:
@@ -124,10 +129,8 @@ def test_a_live_mount_counts_as_lazy_and_a_settled_one_is_answered_at_once(
 ) -> None:
     metrics, root = metered
     layers = LazyLayers(
-        str(workdir / "cache"),
-        1 << 20,
+        LazyLayerSettings(str(workdir / "cache"), 1 << 20, mount_in_background=True),
         resolve=lambda _labels: layer_spec(workdir),
-        mount_in_background=True,
     )
     core = metrics.snapshotter(str(root), layers)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from snapshotter.fs.refusals import RefusalLedger, RefusedIndex
+from snapshotter.lazylayers.refusals import RefusalLedger, RefusedIndex
 from snapshotter.metrics import DaemonMetrics
 
 INDEX = "sha256:" + "1f" * 32

@@ -20,22 +20,21 @@ from harness.url_blob import served_blob_spec
 from snapshotter.config import CacheConfig, Config
 from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.snapshotter import Snapshotter
+from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.cache import HEADER_SIZE
-from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.metrics import LazyLayerCollector
+from snapshotter.sidecars import read_state
 from snapshotter.status import DEAD, LIVE, UNMOUNTED, LayerStatus, collect_status
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
 
-try:  # background fetching of whole layers would add to the exact figures these tests check
-    from snapshotter.fs.background import BackgroundSettings
-
-    NO_BACKGROUND: dict[str, object] = {"background": BackgroundSettings(enabled=False)}
-except ImportError:  # a tree from before background fetching
-    NO_BACKGROUND = {}
+# Background fetching of whole layers would add to the exact figures these tests check.
+NO_BACKGROUND = BackgroundSettings(enabled=False)
 
 pytestmark = pytest.mark.stack
 TARGET = "status-tests/1/sha256:" + "cd" * 32
@@ -64,11 +63,8 @@ def lazy_root(workdir: Path) -> Iterator[LazyRoot]:
         served_blob_spec(server.url, index.layer_digest, len(blob)), encode_index(index)
     )
     layers = LazyLayers(
-        config.cache_dir,
-        64 << 20,
+        LazyLayerSettings(config.cache_dir, 64 << 20, fetch_timeout=5, background=NO_BACKGROUND),
         resolve=lambda labels: spec,
-        fetch_timeout=5,
-        **NO_BACKGROUND,  # type: ignore[arg-type]
     )
     core = Snapshotter(str(root), remote=layers)
     yield LazyRoot(root, config, core, layers, server, index, blob)
@@ -208,7 +204,7 @@ def test_status_tells_a_dead_mount_from_an_unmounted_one_and_sees_it_come_back(
     overlay = f"lowerdir={layer.mountpoint},upperdir={work}/upper,workdir={work}/work"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", overlay, str(rootfs)], check=True)
     try:
-        # While the daemon runs it notices the death and starts a new process (fs/deaths.py);
+        # While the daemon runs it notices the death and starts a new process (deaths.py);
         # the overlay keeps the dead connection, and status names it until it is gone.
         os.kill(layer.pid, signal.SIGKILL)
         revived = wait_for(

@@ -21,8 +21,10 @@ from snapshotter.core.errors import AlreadyExists
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.core.snapshotter import Snapshotter
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.manager import LayerSpec, LazyLayers
 from snapshotter.index.codec import encode_index
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.metrics import DaemonMetrics, fallback_reason
 from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.auth import CredentialStore
@@ -209,7 +211,8 @@ def test_a_real_background_mount_that_fails_to_start_counts_as_lazy_failed(
         blob=BlobSpec("file", str(missing), index.layer_digest), index_bytes=encode_index(index)
     )
     layers = LazyLayers(
-        str(workdir / "cache"), 1 << 20, resolve=lambda _labels: spec, mount_in_background=True
+        LazyLayerSettings(str(workdir / "cache"), 1 << 20, mount_in_background=True),
+        resolve=lambda _labels: spec,
     )
     root = workdir / "root"
     metrics = DaemonMetrics(str(root), str(root / "cache"), 1 << 30)
@@ -249,7 +252,7 @@ def test_fallback_reasons_of_the_real_lazy_path_are_classed(workdir: Path) -> No
         RegistryAccess(plain_http=(registry,)),
         trust=TrustPolicy(),  # the default: signed, and no key
     )
-    layers = LazyLayers(str(workdir / "cache"), 1 << 20, resolve=discovery)
+    layers = LazyLayers(LazyLayerSettings(str(workdir / "cache"), 1 << 20), resolve=discovery)
     mountpoint = workdir / "fs"
     mountpoint.mkdir()
 
@@ -257,7 +260,7 @@ def test_fallback_reasons_of_the_real_lazy_path_are_classed(workdir: Path) -> No
     assert reason_of_real_mount(layers, mountpoint, no_image) == "labels"
     down = labels("chain", image=f"{registry}/test/app:1")
     assert reason_of_real_mount(layers, mountpoint, down) == "registry"
-    no_resolver = LazyLayers(str(workdir / "cache"), 1 << 20)
+    no_resolver = LazyLayers(LazyLayerSettings(str(workdir / "cache"), 1 << 20))
     assert reason_of_real_mount(no_resolver, mountpoint, down) == "disabled"
     assert fallback_reason(ValueError("not a RemoteLayerUnavailable")) == "internal_error"
 

@@ -35,10 +35,12 @@ from harness.url_blob import served_blob_spec
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.mount_process import read_state
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.sidecars import read_state
 from tests.fs.fs_helpers import BlobServer
 from tests.stress.stress_layers import (
     MiB,
@@ -145,10 +147,12 @@ def stand(tmp_path: Path) -> Iterator[Stand]:
             prepared.append((tmp_path / "mnt" / f"{plan.name}.{copy}", reference, index, spec))
     cache_max = 3 * largest_span  # a few spans: every mount keeps evicting the others' spans
     manager = LazyLayers(
-        str(cache_dir),
-        cache_max,
-        fetch_timeout=60,
-        background=BackgroundSettings(enabled=True, quiet_seconds=0.3, rate_bytes=256 * MiB),
+        LazyLayerSettings(
+            str(cache_dir),
+            cache_max,
+            fetch_timeout=60,
+            background=BackgroundSettings(enabled=True, quiet_seconds=0.3, rate_bytes=256 * MiB),
+        )
     )
     mounts: list[Mounted] = []
     overlay = tmp_path / "overlay"

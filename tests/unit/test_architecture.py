@@ -29,15 +29,9 @@ REPOSITORY_PACKAGES = ("bench", "harness", "snapshotter", "tests")
 FENCE_CLOSE = "```"
 ARROW = re.compile(r"^(?P<source>[\w.]+)\s*->\s*(?P<targets>.*)$")
 
-# Cycles that exist today and are being removed on other branches (issue 13). Allowed only as
-# exactly these sets, and an entry whose cycle is gone fails, so the list cannot outlive them.
-# The integrator deletes both once the merged code has neither; then nothing is allowed.
-KNOWN_MODULE_CYCLES: frozenset[frozenset[str]] = frozenset(
-    {
-        # fs/zygote pre-imports mount_process; mount_process runs zygote.serve when started as one.
-        frozenset({"snapshotter.fs.mount_process", "snapshotter.fs.zygote"}),
-    }
-)
+# Cycles allowed by name (none: issue 13 removed the last two). An entry whose cycle is gone
+# fails, so the list cannot outlive what it excuses.
+KNOWN_MODULE_CYCLES: frozenset[frozenset[str]] = frozenset()
 KNOWN_PACKAGE_CYCLES: frozenset[frozenset[str]] = frozenset()
 
 

@@ -163,7 +163,8 @@ def test_serve_does_not_import_fuse_or_http_code_when_remote_is_off(tmp_path: Pa
         "import snapshotter.core.snapshotter; from snapshotter.cli import build_parser;"
         "c = load_config(sys.argv[1]); assert daemon.load_remote_layers(c) is None;"
         "heavy = [m for m in ('mfusepy', 'httpx', 'urllib3', 'zstandard', 'indexed_gzip',"
-        " 'snapshotter.fs', 'snapshotter.remote', 'snapshotter.index') if m in sys.modules];"
+        " 'snapshotter.fs', 'snapshotter.lazylayers', 'snapshotter.remote', 'snapshotter.index')"
+        " if m in sys.modules];"
         "print(heavy)"
     )
     path = write(tmp_path, "[remote]\nenable = false\n")

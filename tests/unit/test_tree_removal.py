@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.materialize import wipe_contents
+from snapshotter.lazylayers.copy_helper import wipe_contents
 from snapshotter.tree_removal import remove_tree
 
 DEPTH = 3000  # deeper than the recursion limit, and its paths longer than PATH_MAX

@@ -1,5 +1,5 @@
 """A background helper process the daemon can cancel from another thread: the completion check
-(fs/completion.py) and the copy to plain files (fs/materialize.py) each run one. It starts in a
+(completion.py) and the copy to plain files (copy_helper.py) each run one. It starts in a
 session of its own, so cancel() ends it together with whatever it started (cp), from `/`, with
 its output collected."""
 

@@ -2,12 +2,12 @@
 
 Once background fetch has every span of a layer in the cache, FUSE only costs: its page cache
 reads reach about half of overlayfs over ext4, and every new container pays FUSE directory
-operations. So the manager copies the layer's tree into the *underlying* directory of its
+operations. So the materializer copies the layer's tree into the *underlying* directory of its
 mountpoint (the empty snapshots/<id>/fs the FUSE mount sits on), writes a marker, and lazily
 detaches the FUSE mount: containers started afterwards get plain ext4 files, containers
 already running keep the detached FUSE mount alive until they exit.
 
-Files beside the mountpoint:
+Files beside the mountpoint (their names and formats: snapshotter/sidecars.py):
     <mountpoint>.lazysnap-local   the marker: written atomically, fsynced, as the LAST step, so
                                   it exists only over a complete, synced copy
     <mountpoint>.lazysnap-bind    an empty directory; the copy helper binds the snapshot dir on it
@@ -17,7 +17,7 @@ Files beside the mountpoint:
 
 The copy is GNU `cp -a` (whiteouts are 0/0 character devices, opaque dirs carry
 trusted.overlay.opaque; hardlinks, xattrs, owners, modes and times are kept), run by a helper
-process (`python -m snapshotter.fs.materialize copy MOUNTPOINT`) under unshare, nice and
+process (`python -m snapshotter.lazylayers.copy_helper copy MOUNTPOINT`) under unshare, nice and
 ionice. It wipes the underlying directory first (what a crashed copy left) and again when cp
 fails, so a half-copied tree is never left, and never visible: it sits under the FUSE mount.
 Without the marker, anything in the underlying directory is such a leftover.
@@ -44,22 +44,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
-from snapshotter.fs.helper_process import CancellableProcess, HelperCancelled
-from snapshotter.fs.private_files import replace_private
 from snapshotter.index.model import EntryType, LayerIndex
+from snapshotter.lazylayers.helper_process import CancellableProcess, HelperCancelled
+from snapshotter.sidecars import bind_path, spec_path
 from snapshotter.tree_removal import clear_directory
 
-LOCAL_SUFFIX = ".lazysnap-local"
-BIND_SUFFIX = ".lazysnap-bind"
-HELPER_MODULE = "snapshotter.fs.materialize"
+HELPER_MODULE = "snapshotter.lazylayers.copy_helper"
 # Low priority: the copy reads the span cache and writes the disk that containers use.
 NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")
 NAMESPACE = ("unshare", "--mount", "--propagation", "private")
 CP = ("cp", "-a", "--preserve=xattr", "--no-target-directory")  # explicit xattr: failures count
 EXIT_BUSY = 3  # another helper holds the flock on this layer
 EXIT_NEVER = 4  # the layer cannot be copied whatever is retried (its index does not allow it)
-FAILED_SUFFIX = ".lazysnap-materialize-failed"  # why the manager gave up copying (JSON)
-SPEC_SUFFIX = ".lazysnap-spec.json"  # the mount's spec (fs/manager.py writes it)
 WATCH_INTERVAL_S = 0.1
 # Room per file and directory beyond its bytes (inode, directory entry, a partial block).
 ENTRY_OVERHEAD_BYTES = 4096
@@ -93,58 +89,6 @@ def copy_budget(index: LayerIndex) -> CopyBudget:
     return CopyBudget(file_bytes, room, index.uncompressed_size)
 
 
-@dataclass(frozen=True)
-class LocalMarker:
-    layer_digest: str
-    materialized_at: float  # time.time() when the copy was complete
-
-    def to_json(self) -> dict[str, object]:
-        return {"layer_digest": self.layer_digest, "materialized_at": self.materialized_at}
-
-
-def marker_path(mountpoint: str) -> Path:
-    path = Path(mountpoint.rstrip("/") or "/")
-    return path.with_name(path.name + LOCAL_SUFFIX)
-
-
-def bind_path(mountpoint: str) -> Path:
-    path = Path(mountpoint.rstrip("/") or "/")
-    return path.with_name(path.name + BIND_SUFFIX)
-
-
-def read_marker(mountpoint: str) -> LocalMarker | None:
-    """The marker, or None if the layer is not local. A marker that is there but unreadable
-    still means "local" (it is written atomically, so it was complete when written)."""
-    try:
-        data = json.loads(marker_path(mountpoint).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return LocalMarker("", 0.0)
-    if not isinstance(data, dict):
-        return LocalMarker("", 0.0)
-    digest, when = data.get("layer_digest"), data.get("materialized_at")
-    return LocalMarker(
-        digest if isinstance(digest, str) else "",
-        float(when) if isinstance(when, int | float) and not isinstance(when, bool) else 0.0,
-    )
-
-
-def write_marker(mountpoint: str, marker: LocalMarker) -> None:
-    """Write the marker atomically and durably (temp file, fsync, rename, fsync of the dir).
-    Raises MaterializeError naming the file."""
-    path = marker_path(mountpoint)
-    try:
-        replace_private(path, (json.dumps(marker.to_json()) + "\n").encode(), durable=True)
-    except OSError as exc:
-        raise MaterializeError(f"writing {path}: {exc.strerror}") from exc
-
-
-def remove_marker(mountpoint: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        marker_path(mountpoint).unlink()
-
-
 def wipe_contents(directory: Path) -> int:
     """Remove everything inside directory (not the directory itself); returns the number of
     top-level entries removed. Only for a plain directory: the caller makes sure no mount
@@ -164,25 +108,6 @@ def plain_directory_on_parent_fs(path: str) -> bool:
     except OSError:
         return False
     return os.path.isdir(path) and not os.path.islink(path) and own.st_dev == parent.st_dev
-
-
-def write_failure(mountpoint: str, reason: str, attempts: int, when: float) -> None:
-    """Record that copying the layer gave up (for `lazysnap status`), 0600; best effort."""
-    path = Path(mountpoint.rstrip("/") + FAILED_SUFFIX)
-    record = {"reason": reason, "attempts": attempts, "gave_up_at": when}
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "w") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def failure_recorded(mountpoint: str) -> bool:
-    return Path(mountpoint.rstrip("/") + FAILED_SUFFIX).exists()
-
-
-def remove_failure(mountpoint: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        Path(mountpoint.rstrip("/") + FAILED_SUFFIX).unlink()
 
 
 class Copy:
@@ -268,12 +193,12 @@ def _first_lines(text: str, count: int = 2) -> str:
 
 def _budget_for(mountpoint: str) -> CopyBudget:
     """The copy budget from the index the mount serves (its spec names the index file)."""
-    spec_path = Path(mountpoint.rstrip("/") + SPEC_SUFFIX)
+    spec_file = spec_path(mountpoint)
     try:
-        index_path = json.loads(spec_path.read_text())["index_path"]
+        index_path = json.loads(spec_file.read_text())["index_path"]
         data = Path(index_path).read_bytes()
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _HelperError(f"reading the layer's index through {spec_path}: {exc}") from None
+        raise _HelperError(f"reading the layer's index through {spec_file}: {exc}") from None
     from snapshotter.index.codec import decode_index
 
     try:

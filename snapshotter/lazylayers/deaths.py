@@ -7,7 +7,7 @@ ENOTCONN for good. A new mount process serves new containers, but nothing can re
 overlays (docs/how-it-works.md, "When a mount process dies", says why and what it would take).
 
 So the daemon follows each mount process through a pidfd (DeathWatch, one thread for all), and
-on a death (the pidfd turns readable and the mount answers ENOTCONN) the manager:
+on a death (the pidfd turns readable and the mount answers ENOTCONN) the supervisor:
 - names the containers stranded on the dead connection (overlays_using: overlay mounts with the
   layer as a lowerdir, and bind mounts of it, from /proc/self/mountinfo), in a loud log line;
 - appends a Death to <mountpoint>.lazysnap-deaths.json (read by `lazysnap status` and the
@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshotter.fs.private_files import replace_private
+from snapshotter.private_files import replace_private
+from snapshotter.sidecars import DEATHS_SUFFIX, deaths_path, mountpoints_with
 
 log = logging.getLogger("lazysnap.fs")
 
-DEATHS_SUFFIX = ".lazysnap-deaths.json"
 KEPT_DEATHS = 10  # the record keeps the count, and the last few deaths in full
 MOUNTINFO = "/proc/self/mountinfo"
 # containerd's shim puts a task's rootfs at <state>/io.containerd.runtime.v2.task/<ns>/<id>/rootfs
@@ -134,11 +134,6 @@ class DeathRecord:
         return found
 
 
-def deaths_path(mountpoint: str) -> Path:
-    path = Path(mountpoint.rstrip("/"))
-    return path.with_name(path.name + DEATHS_SUFFIX)
-
-
 def read_record(mountpoint: str) -> DeathRecord:
     try:
         data = json.loads(deaths_path(mountpoint).read_text())
@@ -166,11 +161,10 @@ def append_death(mountpoint: str, death: Death) -> DeathRecord:
 
 def records_under(snapshots_dir: str) -> dict[str, DeathRecord]:
     """mountpoint -> its death record, for every record in <snapshots_dir>/<id>/."""
-    found = {}
-    for path in sorted(Path(snapshots_dir).glob(f"*/*{DEATHS_SUFFIX}")):
-        mountpoint = str(path)[: -len(DEATHS_SUFFIX)]
-        found[mountpoint] = read_record(mountpoint)
-    return found
+    return {
+        mountpoint: read_record(mountpoint)
+        for mountpoint in mountpoints_with(snapshots_dir, DEATHS_SUFFIX)
+    }
 
 
 def mount_table(path: str = MOUNTINFO) -> list[MountEntry]:

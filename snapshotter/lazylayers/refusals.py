@@ -1,12 +1,9 @@
-"""What the completion check decided, kept on disk: per mount and node-wide.
+"""What the completion check decided, kept on disk node-wide (the verdict on each mounted
+layer, <mountpoint>.lazysnap-check, is a sidecar file: snapshotter/sidecars.py).
 
-Two records, both written atomically (temp file, fsync, rename, fsync of the directory), both
-standard library only (`lazysnap status` reads them without loading index or FUSE code):
+Written atomically (temp file, fsync, rename, fsync of the directory), standard library only
+(`lazysnap status` reads it without loading index or FUSE code):
 
-    <mountpoint>.lazysnap-check   the verdict on the layer served at mountpoint: "passed" or
-                                  "failed" with what differed. The mount process reads it at
-                                  start and every few seconds: "failed" makes every read of the
-                                  mount fail with EIO (fail closed), also after a restart.
     ROOT/completion-ledger.json   node-wide: the index blobs refused here (a later Prepare of a
                                   layer whose index blob is listed falls back to a full pull,
                                   reason refused_index) and how many checks passed and failed
@@ -28,39 +25,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshotter.fs.private_files import replace_private
+from snapshotter.private_files import replace_private
+from snapshotter.sidecars import FAILED, PASSED
 
-CHECK_SUFFIX = ".lazysnap-check"
 LEDGER_NAME = "completion-ledger.json"
 MAX_REFUSED = 4096
 MAX_LEDGER_BYTES = 8 << 20  # a ledger file bigger than this is damaged: read as empty
 MAX_DETAIL = 1000  # characters of "what differed" kept per record
 
-PASSED = "passed"
-FAILED = "failed"
-
 
 class LedgerError(Exception):
-    """The ledger or a verdict could not be written; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The completion check's result for one mounted layer."""
-
-    result: str  # PASSED | FAILED
-    detail: str  # what differed (FAILED), or what was checked (PASSED)
-    layer_digest: str = ""
-    index_digest: str = ""
-    diff_id: str = ""  # the diffID the stream was checked against ("" : TOC only)
-    checked_at: float = 0.0
-
-    @property
-    def failed(self) -> bool:
-        return self.result != PASSED
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    """The ledger could not be written; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -87,41 +62,6 @@ class _Ledger:
             "checks": {PASSED: self.passed, FAILED: self.failed},
             "refused": [asdict(entry) for entry in self.refused],
         }
-
-
-def check_path(mountpoint: str) -> Path:
-    path = Path(mountpoint.rstrip("/") or "/")
-    return path.with_name(path.name + CHECK_SUFFIX)
-
-
-def read_verdict(mountpoint: str) -> Verdict | None:
-    """The verdict on the layer at mountpoint; None if it was not checked. A verdict file that
-    is there but does not read as one counts as failed (fail closed)."""
-    try:
-        data = json.loads(check_path(mountpoint).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return Verdict(FAILED, f"verdict file {check_path(mountpoint)} is unreadable")
-    if not isinstance(data, dict) or data.get("result") not in (PASSED, FAILED):
-        return Verdict(FAILED, f"verdict file {check_path(mountpoint)} is damaged")
-    return Verdict(
-        result=str(data["result"]),
-        detail=_text(data.get("detail")),
-        layer_digest=_text(data.get("layer_digest")),
-        index_digest=_text(data.get("index_digest")),
-        diff_id=_text(data.get("diff_id")),
-        checked_at=_number(data.get("checked_at")),
-    )
-
-
-def write_verdict(mountpoint: str, verdict: Verdict) -> None:
-    write_atomically(check_path(mountpoint), json.dumps(verdict.to_json()) + "\n")
-
-
-def remove_verdict(mountpoint: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        check_path(mountpoint).unlink()
 
 
 class RefusalLedger:
@@ -226,7 +166,7 @@ def _parse(path: Path) -> _Ledger:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Private, atomic and durable (fs/private_files.py); LedgerError naming path."""
+    """Private, atomic and durable (snapshotter/private_files.py); LedgerError naming path."""
     try:
         replace_private(path, text.encode(), durable=True)
     except OSError as exc:

@@ -15,7 +15,7 @@ order, through SpanCache.read (each span file hashed against its digest again), 
    yields must equal the index's TOC field by field, in order (index/toc_compare.py).
 
 Memory stays bounded (one chunk of one span at a time, plus the TOC the index already holds).
-It runs as a helper process at background priority (`python -m snapshotter.fs.completion
+It runs as a helper process at background priority (`python -m snapshotter.lazylayers.completion
 --spec FILE`, under nice/ionice), never on the daemon's GIL; the daemon runs it through
 CompletionCheck and reads one JSON line from its stdout.
 """
@@ -31,13 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.tar_toc import TarTocParser
 from snapshotter.index.toc_compare import first_difference
+from snapshotter.lazylayers.helper_process import CancellableProcess, HelperCancelled
 
-HELPER_MODULE = "snapshotter.fs.completion"
+HELPER_MODULE = "snapshotter.lazylayers.completion"
 NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")  # as the materialize copy
 CHUNK = 4 << 20  # bytes of a span read (and hashed, parsed) at a time
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="the layer's mount spec file")
     args = parser.parse_args(argv)
     from snapshotter.fs.cache import CacheError
-    from snapshotter.fs.mount_process import MountSpec, SpecError, load_index
+    from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
 
     started = time.monotonic()
     try:
