@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from typing import Any
 
+from snapshotter.accel.token_file import ConfigurationError, read_token
 from snapshotter.cli_types import (
     add_min_layer_size_argument,
     add_span_size_argument,
@@ -38,10 +38,6 @@ DEFAULT_LISTEN = "127.0.0.1:2077"
 DEFAULT_STATE_DIR = "/var/lib/lazysnap/accel"
 STORE_FILE = "jobs.sqlite"
 TASK_STATUSES = ("queued", "running", "succeeded", "failed")
-
-
-class ConfigurationError(Exception):
-    """A flag or file the service cannot start with; the message names it."""
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -296,27 +292,6 @@ def _add_convert(sub: Any) -> None:
     convert.add_argument("--json", action="store_true", help="the task rows as JSON")
 
 
-def read_token(path: str) -> str:
-    """The token in path (surrounding whitespace stripped). ConfigurationError naming the
-    file if it cannot be read or is empty."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"--token-file {path}: cannot read: {exc}") from None
-    if not token:
-        raise ConfigurationError(f"--token-file {path}: the file is empty")
-    if any(ch.isspace() for ch in token):
-        raise ConfigurationError(f"--token-file {path}: the token contains whitespace")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        print(
-            f"warning: --token-file {path} is readable by group or others (chmod 600 it)",
-            file=sys.stderr,
-        )
-    return token
-
-
 def run(args: argparse.Namespace) -> int:
     if args.accel_command == "convert":
         from snapshotter.accel.convert import run as convert
@@ -340,8 +315,9 @@ def serve(args: argparse.Namespace) -> int:
 
     from snapshotter.accel.jobs import JobQueue
     from snapshotter.accel.metrics import AccelMetrics
+    from snapshotter.accel.open_store import open_store
     from snapshotter.accel.server import EVENTS_PATH, AccelService, ServiceConfig
-    from snapshotter.accel.store import StoreError, open_store
+    from snapshotter.accel.store import StoreError
     from snapshotter.accel.worker import RegistryClients, WorkerOptions
     from snapshotter.log import setup_logging
     from snapshotter.remote.access import RegistryAccess

@@ -529,12 +529,3 @@ class SqliteJobStore(SqlJobStore):
 
 def is_postgres(spec: str) -> bool:
     return spec.startswith(("postgresql://", "postgres://"))
-
-
-def open_store(spec: str) -> JobStore:
-    """`postgresql://...` (or `postgres://`) or a file path. StoreError naming it."""
-    if is_postgres(spec):
-        from snapshotter.accel.store_postgres import PostgresJobStore
-
-        return PostgresJobStore(spec)
-    return SqliteJobStore(spec)

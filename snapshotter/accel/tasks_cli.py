@@ -67,7 +67,7 @@ def _from_service(
     query = "?" + urllib.parse.urlencode(params)
     headers = {"Accept": "application/json"}
     if token_file:
-        from snapshotter.accel.command import ConfigurationError, read_token
+        from snapshotter.accel.token_file import ConfigurationError, read_token
 
         try:
             headers["Authorization"] = f"Bearer {read_token(token_file)}"

@@ -17,9 +17,10 @@ from accel_helpers import postgres_or_skip
 from harness.postgres import Postgres
 from snapshotter.accel.events import PushedImage
 from snapshotter.accel.jobs import JobQueue, QueueClosed, QueueFull
+from snapshotter.accel.open_store import open_store
 from snapshotter.accel.reconcile import RateLimit
 from snapshotter.accel.record import JobState, Outcome
-from snapshotter.accel.store import JobStore, SqliteJobStore, StoreBusy, StoreError, open_store
+from snapshotter.accel.store import JobStore, SqliteJobStore, StoreBusy, StoreError
 
 START = 1_800_000_000.0
 
