@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -79,7 +78,9 @@ class BackgroundFetcher(threading.Thread):
         self.settings = settings
         self.state = BackgroundState.WAITING
         self._stop_event = threading.Event()
-        self._busy = BusyGate(NodeActivity(reader.cache.directory), settings.quiet_seconds)
+        self._busy = BusyGate(
+            NodeActivity(reader.cache.directory, reader.clock), settings.quiet_seconds
+        )
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -116,7 +117,7 @@ class BackgroundFetcher(threading.Thread):
             if cache.stored_size(spans[next_span].uncompressed_size) > room:
                 return BackgroundState.CACHE_FULL
             self.state = BackgroundState.FETCHING
-            started = time.monotonic()
+            started = self.reader.clock.monotonic()
             errors_before = self.reader.counters().fetch_errors
             fetched = self.reader.fetch_in_background(next_span)
             if self.reader.counters().fetch_errors > errors_before:
@@ -133,17 +134,21 @@ class BackgroundFetcher(threading.Thread):
                     given_up += 1
                     next_span += 1
                     continue
-                if self._stop_event.wait(backoff):
+                if self._wait_for_stop(backoff):
                     return BackgroundState.STOPPED
                 backoff = min(MAX_ERROR_BACKOFF_S, backoff * 2)
                 continue  # retry the same span (a read may have fetched it meanwhile)
             backoff = self.error_backoff_s
             next_span += 1
             # Pace: fetched bytes at `rate` would have taken this long.
-            pause = fetched / self.settings.rate_bytes - (time.monotonic() - started)
-            if pause > 0 and self._stop_event.wait(pause):
+            pause = fetched / self.settings.rate_bytes - (self.reader.clock.monotonic() - started)
+            if pause > 0 and self._wait_for_stop(pause):
                 return BackgroundState.STOPPED
         return BackgroundState.DEGRADED if given_up else BackgroundState.COMPLETE
+
+    def _wait_for_stop(self, seconds: float) -> bool:
+        """True if stopped within seconds (of the reader's clock)."""
+        return self.reader.clock.wait(self._stop_event, seconds)
 
     def _wait_until_quiet(self) -> bool:
         """True once the node has been quiet for quiet_seconds; False if stopped first."""
@@ -154,5 +159,5 @@ class BackgroundFetcher(threading.Thread):
                 if remaining <= 0:
                     return True
             self.state = BackgroundState.WAITING
-            self._stop_event.wait(min(remaining, 0.5))
+            self._wait_for_stop(min(remaining, 0.5))
         return False

@@ -40,17 +40,16 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.index.codec import decode_window
 from snapshotter.index.errors import SpanVerificationError
 from snapshotter.index.model import LayerIndex, TocEntry
@@ -137,6 +136,10 @@ class _Attempt:
     deadline: float  # started + fetch_timeout: nobody waits on it longer
     ended: float = math.inf  # monotonic time its fetch failed, if it did
     read_ahead: bool = False  # started by read-ahead: no read needed the span yet
+    done: threading.Event = field(default_factory=threading.Event)  # set once future is
+
+    def __post_init__(self) -> None:
+        self.future.add_done_callback(lambda _: self.done.set())
 
     def failed_quickly(self) -> bool:
         """It failed and a new attempt may start at once (see fails_fast_until)."""
@@ -183,6 +186,7 @@ class LayerReader:
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
         read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS,
         windows: BlobSource | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """`windows` reads the index's windows blob; required when index.windows names one."""
         if (windows is None) != (index.windows is None):
@@ -204,6 +208,7 @@ class LayerReader:
         self.blob = blob
         self.windows = windows
         self.cache = cache
+        self.clock = clock
         self.fetch_timeout = fetch_timeout
         self.read_ahead_spans = read_ahead_spans
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
@@ -228,9 +233,9 @@ class LayerReader:
         self._counters = ReaderCounters()
         # When a read last had to go to the network, and how many prefetch lists are still
         # running: the background fetcher waits for both to go quiet.
-        self._last_demand_miss = time.monotonic()
+        self._last_demand_miss = self.clock.monotonic()
         self._prefetches_running = 0
-        self._node_activity = NodeActivity(cache.directory)  # every layer sharing the cache
+        self._node_activity = NodeActivity(cache.directory, clock)  # every layer sharing the cache
         # File data offset -> its read stream, least recently read first.
         self._streams: OrderedDict[int, _Stream] = OrderedDict()
         self._verified_spans: set[int] = set()  # for bytes_verified
@@ -306,7 +311,7 @@ class LayerReader:
         with self._lock:
             if self._prefetches_running:
                 return -math.inf
-            own = time.monotonic() - self._last_demand_miss
+            own = self.clock.monotonic() - self._last_demand_miss
         return min(own, self._node_activity.seconds_since_foreground_fetch())
 
     def bad_data_failures(self, span_no: int) -> int:
@@ -365,7 +370,7 @@ class LayerReader:
     def _note_demand_miss(self) -> None:
         with self._lock:
             self._counters.demand_misses += 1
-            self._last_demand_miss = time.monotonic()
+            self._last_demand_miss = self.clock.monotonic()
         self._node_activity.note_foreground_fetch()
 
     def _wait_or_refetch(self, span_no: int, attempt: _Attempt, wait_until: float) -> bytes:
@@ -400,7 +405,7 @@ class LayerReader:
         # The background fetcher waits for read-ahead as it waits for the misses it replaces.
         with self._lock:
             self._counters.readahead_spans += len(claimed)
-            self._last_demand_miss = time.monotonic()
+            self._last_demand_miss = self.clock.monotonic()
         self._node_activity.note_foreground_fetch()
         for group in self._coalesce(list(claimed)):
             self._pool.submit(self._fetch_group, [(n, claimed[n]) for n in group])
@@ -529,7 +534,7 @@ class LayerReader:
         while it still fails fast (after a slow failure); else a new one. The third value is
         until when the caller waits for it. Returns (None, False, 0) when the span reached the
         cache meanwhile."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             attempt = self._attempts.get(span_no)
             if attempt is not None:
@@ -547,14 +552,13 @@ class LayerReader:
 
     def _wait(self, span_no: int, attempt: _Attempt, wait_until: float) -> bytes:
         """The span's bytes, or SpanReadError by wait_until."""
-        try:
-            # exception(), not result(): raising the stored exception would attach this
-            # frame (and the bytes it holds) to it for as long as the attempt is remembered
-            failure = attempt.future.exception(timeout=max(0.0, wait_until - time.monotonic()))
-        except FutureTimeout:
+        if not self.clock.wait(attempt.done, wait_until - self.clock.monotonic()):
             raise SpanReadError(
                 self.layer_digest, span_no, f"no data within {self.fetch_timeout:g}s"
-            ) from None
+            )
+        # exception(), not result(): raising the stored exception would attach this
+        # frame (and the bytes it holds) to it for as long as the attempt is remembered
+        failure = attempt.future.exception()
         if failure is not None:
             cause = failure.cause if isinstance(failure, SpanReadError) else str(failure)
             raise SpanReadError(self.layer_digest, span_no, cause)
@@ -579,7 +583,7 @@ class LayerReader:
     def _fetch_group(self, group: list[tuple[int, _Attempt]]) -> None:
         """Worker: one Range request for the group, then inflate + verify + cache each span.
         Every attempt of the group is resolved whatever happens."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         group = [(n, a) for n, a in group if not a.future.done()]  # served by a late fetch
         late = [(n, a) for n, a in group if now >= a.deadline]
         for span_no, attempt in late:
@@ -681,7 +685,7 @@ class LayerReader:
             self._counters.fetch_errors += 1
             if bad_data:
                 self._bad_data[span_no] = self._bad_data.get(span_no, 0) + 1
-            attempt.ended = time.monotonic()  # kept in _attempts: it fails fast for a while
+            attempt.ended = self.clock.monotonic()  # kept in _attempts: it fails fast for a while
         with contextlib.suppress(InvalidStateError):  # served by a late fetch already
             attempt.future.set_exception(SpanReadError(self.layer_digest, span_no, cause))
 
