@@ -61,6 +61,5 @@ class ManualClock:
         with self._changed:
             if not self._changed.wait_for(lambda: self._waiters >= count, timeout):
                 raise AssertionError(
-                    f"{self._waiters} threads waiting on the clock after {timeout:g}s, "
-                    f"not {count}"
+                    f"{self._waiters} threads waiting on the clock after {timeout:g}s, not {count}"
                 )
