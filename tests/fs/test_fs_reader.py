@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs import reader as reader_module
+from snapshotter.fs import prefetch as prefetch_module
 from snapshotter.fs.blob_source import FileBlobSource, UrlBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader, SpanReadError
@@ -208,7 +208,7 @@ def test_reads_do_not_queue_behind_the_prefetch_list(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tar, index = layer
-    monkeypatch.setattr(reader_module, "PREFETCH_STEP_BYTES", 1)  # one slow request per span
+    monkeypatch.setattr(prefetch_module, "PREFETCH_STEP_BYTES", 1)  # one slow request per span
     reader = _reader(index, server.url, tmp_path)
     every_span = list(range(len(index.spans)))
     assert len(every_span) >= 4  # two requests at a time: the list takes >= 1 s

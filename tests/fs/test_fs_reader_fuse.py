@@ -14,7 +14,7 @@ import pytest
 
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.manager import LayerSpec, LazyLayers
-from snapshotter.fs.reader import RETRY_AFTER_FAILURE_S
+from snapshotter.fs.span_states import RETRY_AFTER_FAILURE_S
 from snapshotter.index.codec import encode_index
 from snapshotter.index.spans import fetch_range
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members

@@ -15,12 +15,8 @@ import pytest
 
 from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.reader import (
-    LATE_RESULT_GRACE_S,
-    RETRY_AFTER_FAILURE_S,
-    LayerReader,
-    SpanReadError,
-)
+from snapshotter.fs.reader import LayerReader, SpanReadError
+from snapshotter.fs.span_states import LATE_RESULT_GRACE_S, RETRY_AFTER_FAILURE_S
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.fs import read_ahead as read_ahead_module
 from snapshotter.fs import reader as reader_module
 from snapshotter.fs.blob_source import UrlBlobSource
 from snapshotter.fs.cache import SpanCache
@@ -183,7 +184,7 @@ def test_the_window_grows_and_each_request_stays_under_the_byte_cap(
     spans = layer.spans_of(big)
     largest = max(layer.index.spans[n].compressed_size for n in spans)
     cap = 5 * largest
-    monkeypatch.setattr(reader_module, "READ_AHEAD_MAX_BYTES", cap)
+    monkeypatch.setattr(read_ahead_module, "READ_AHEAD_MAX_BYTES", cap)
     reader = _reader(layer, tmp_path, readers, read_ahead_spans=16)
     assert _read_forward(reader, big, SPAN_SIZE) == layer.data(big)
     _settle(reader)
