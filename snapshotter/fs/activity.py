@@ -128,17 +128,11 @@ class BusyMeter:
 class BusyGate:
     """Whether background work (fetching the rest of a layer, copying it to plain files) may
     go on as far as the node's busy clock is concerned: not until no mount has served a burst
-    for `quiet_seconds`, but never deferred longer than `max_deferral` in a row."""
+    for `quiet_seconds`, but never deferred longer than MAX_BUSY_DEFERRAL_S in a row."""
 
-    def __init__(
-        self,
-        activity: NodeActivity,
-        quiet_seconds: float,
-        max_deferral: float | None = None,
-    ) -> None:
+    def __init__(self, activity: NodeActivity, quiet_seconds: float) -> None:
         self._activity = activity
         self._quiet_seconds = quiet_seconds
-        self._max_deferral = max_deferral
         self._deferring_since: float | None = None  # monotonic
 
     def remaining(self) -> float:
@@ -150,7 +144,6 @@ class BusyGate:
             return remaining
         if self._deferring_since is None:
             self._deferring_since = now
-        max_deferral = MAX_BUSY_DEFERRAL_S if self._max_deferral is None else self._max_deferral
-        if now - self._deferring_since >= max_deferral:
+        if now - self._deferring_since >= MAX_BUSY_DEFERRAL_S:
             return 0.0  # busy without pause for too long: go on anyway, at low priority
         return remaining

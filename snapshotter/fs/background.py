@@ -37,7 +37,7 @@ log = logging.getLogger("lazysnap.fs")
 CACHE_HIGH_WATER = 0.9  # of the cache bound; above it background fetch stops
 DEFAULT_QUIET_S = 5.0
 DEFAULT_RATE_BYTES = 32 << 20
-_ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
+ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
 MAX_ERROR_BACKOFF_S = 300.0
 MAX_BAD_DATA_FAILURES = 3
 
@@ -69,11 +69,8 @@ class BackgroundFetcher(threading.Thread):
         self,
         reader: LayerReader,
         settings: BackgroundSettings,
-        *,
-        error_backoff_s: float = _ERROR_BACKOFF_S,
     ) -> None:
         super().__init__(name="background-fetch", daemon=True)
-        self.error_backoff_s = error_backoff_s
         self.reader = reader
         self.settings = settings
         self.state = BackgroundState.WAITING
@@ -103,7 +100,7 @@ class BackgroundFetcher(threading.Thread):
         cache = self.reader.cache
         next_span = 0
         given_up = 0
-        backoff = self.error_backoff_s
+        backoff = ERROR_BACKOFF_S
         while next_span < len(spans):
             if not self._wait_until_quiet():
                 return BackgroundState.STOPPED
@@ -138,7 +135,7 @@ class BackgroundFetcher(threading.Thread):
                     return BackgroundState.STOPPED
                 backoff = min(MAX_ERROR_BACKOFF_S, backoff * 2)
                 continue  # retry the same span (a read may have fetched it meanwhile)
-            backoff = self.error_backoff_s
+            backoff = ERROR_BACKOFF_S
             next_span += 1
             # Pace: fetched bytes at `rate` would have taken this long.
             pause = fetched / self.settings.rate_bytes - (self.reader.clock.monotonic() - started)

@@ -129,10 +129,11 @@ def test_a_slow_span_does_not_block_reads_of_another(
     big = _entry(index, "usr/lib/big.bin")
     reader = _reader(index, server.url, tmp_path)
     reader.read(big, 4 * SPAN_SIZE, 10)  # warm one span
+    already = server.request_count()
     server.delay = 2.0
     slow = threading.Thread(target=reader.read, args=(big, 0, 10))
     slow.start()
-    time.sleep(0.1)
+    server.wait_for_requests(already + 1)  # the slow span's request is out
     started = time.monotonic()
     assert reader.read(big, 4 * SPAN_SIZE, 10) == tar[big.offset + 4 * SPAN_SIZE :][:10]
     assert time.monotonic() - started < 0.5
