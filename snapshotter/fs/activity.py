@@ -21,8 +21,9 @@ import contextlib
 import math
 import os
 import threading
-import time
 from pathlib import Path
+
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 
 MARK_NAME = "last-foreground-fetch"
 BUSY_MARK_NAME = "last-busy"
@@ -41,22 +42,25 @@ MAX_BUSY_DEFERRAL_S = 120.0
 class _Mark:
     """A file whose mtime is a node-wide clock, touched at most every NOTE_INTERVAL_S."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock) -> None:
         self.path = path
+        self._clock = clock
         self._last_noted = -math.inf  # monotonic
         self._lock = threading.Lock()
 
     def note(self) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             if now - self._last_noted < NOTE_INTERVAL_S:
                 return
             self._last_noted = now
+        wall = self._clock.time()
         try:
-            os.utime(self.path)
+            os.utime(self.path, (wall, wall))
         except FileNotFoundError:
             with contextlib.suppress(OSError):
                 self.path.touch(mode=0o600)  # empty, but ours: 0600 like every file
+                os.utime(self.path, (wall, wall))
         except OSError:
             pass  # a read-only or full cache disk: the layer's own clock still works
 
@@ -66,13 +70,14 @@ class _Mark:
             mtime = self.path.stat().st_mtime
         except OSError:
             return math.inf
-        return max(0.0, time.time() - mtime)
+        return max(0.0, self._clock.time() - mtime)
 
 
 class NodeActivity:
-    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
-        self._fetch = _Mark(Path(cache_dir) / MARK_NAME)
-        self._busy = _Mark(Path(cache_dir) / BUSY_MARK_NAME)
+    def __init__(self, cache_dir: str | os.PathLike[str], clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self._fetch = _Mark(Path(cache_dir) / MARK_NAME, clock)
+        self._busy = _Mark(Path(cache_dir) / BUSY_MARK_NAME, clock)
 
     @property
     def path(self) -> Path:
@@ -101,6 +106,7 @@ class BusyMeter:
 
     def __init__(self, activity: NodeActivity) -> None:
         self._activity = activity
+        self._clock = activity.clock
         self._window_start = -math.inf
         self._count = 0
         # Off once the layer is fully local: the copy to plain files reads it through FUSE
@@ -110,7 +116,7 @@ class BusyMeter:
     def tick(self) -> None:
         if not self.counting:
             return
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if now - self._window_start > BUSY_WINDOW_S:
             self._window_start = now
             self._count = 0
@@ -122,29 +128,22 @@ class BusyMeter:
 class BusyGate:
     """Whether background work (fetching the rest of a layer, copying it to plain files) may
     go on as far as the node's busy clock is concerned: not until no mount has served a burst
-    for `quiet_seconds`, but never deferred longer than `max_deferral` in a row."""
+    for `quiet_seconds`, but never deferred longer than MAX_BUSY_DEFERRAL_S in a row."""
 
-    def __init__(
-        self,
-        activity: NodeActivity,
-        quiet_seconds: float,
-        max_deferral: float | None = None,
-    ) -> None:
+    def __init__(self, activity: NodeActivity, quiet_seconds: float) -> None:
         self._activity = activity
         self._quiet_seconds = quiet_seconds
-        self._max_deferral = max_deferral
         self._deferring_since: float | None = None  # monotonic
 
     def remaining(self) -> float:
         """Seconds still to wait (<= 0: go on)."""
         remaining = self._quiet_seconds - self._activity.seconds_since_busy()
-        now = time.monotonic()
+        now = self._activity.clock.monotonic()
         if remaining <= 0:
             self._deferring_since = None
             return remaining
         if self._deferring_since is None:
             self._deferring_since = now
-        max_deferral = MAX_BUSY_DEFERRAL_S if self._max_deferral is None else self._max_deferral
-        if now - self._deferring_since >= max_deferral:
+        if now - self._deferring_since >= MAX_BUSY_DEFERRAL_S:
             return 0.0  # busy without pause for too long: go on anyway, at low priority
         return remaining

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -38,7 +37,7 @@ log = logging.getLogger("lazysnap.fs")
 CACHE_HIGH_WATER = 0.9  # of the cache bound; above it background fetch stops
 DEFAULT_QUIET_S = 5.0
 DEFAULT_RATE_BYTES = 32 << 20
-_ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
+ERROR_BACKOFF_S = 5.0  # after a failed span: the registry may be down, do not hammer it
 MAX_ERROR_BACKOFF_S = 300.0
 MAX_BAD_DATA_FAILURES = 3
 
@@ -70,16 +69,15 @@ class BackgroundFetcher(threading.Thread):
         self,
         reader: LayerReader,
         settings: BackgroundSettings,
-        *,
-        error_backoff_s: float = _ERROR_BACKOFF_S,
     ) -> None:
         super().__init__(name="background-fetch", daemon=True)
-        self.error_backoff_s = error_backoff_s
         self.reader = reader
         self.settings = settings
         self.state = BackgroundState.WAITING
         self._stop_event = threading.Event()
-        self._busy = BusyGate(NodeActivity(reader.cache.directory), settings.quiet_seconds)
+        self._busy = BusyGate(
+            NodeActivity(reader.cache.directory, reader.clock), settings.quiet_seconds
+        )
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -102,7 +100,7 @@ class BackgroundFetcher(threading.Thread):
         cache = self.reader.cache
         next_span = 0
         given_up = 0
-        backoff = self.error_backoff_s
+        backoff = ERROR_BACKOFF_S
         while next_span < len(spans):
             if not self._wait_until_quiet():
                 return BackgroundState.STOPPED
@@ -116,7 +114,7 @@ class BackgroundFetcher(threading.Thread):
             if cache.stored_size(spans[next_span].uncompressed_size) > room:
                 return BackgroundState.CACHE_FULL
             self.state = BackgroundState.FETCHING
-            started = time.monotonic()
+            started = self.reader.clock.monotonic()
             errors_before = self.reader.counters().fetch_errors
             fetched = self.reader.fetch_in_background(next_span)
             if self.reader.counters().fetch_errors > errors_before:
@@ -133,17 +131,21 @@ class BackgroundFetcher(threading.Thread):
                     given_up += 1
                     next_span += 1
                     continue
-                if self._stop_event.wait(backoff):
+                if self._wait_for_stop(backoff):
                     return BackgroundState.STOPPED
                 backoff = min(MAX_ERROR_BACKOFF_S, backoff * 2)
                 continue  # retry the same span (a read may have fetched it meanwhile)
-            backoff = self.error_backoff_s
+            backoff = ERROR_BACKOFF_S
             next_span += 1
             # Pace: fetched bytes at `rate` would have taken this long.
-            pause = fetched / self.settings.rate_bytes - (time.monotonic() - started)
-            if pause > 0 and self._stop_event.wait(pause):
+            pause = fetched / self.settings.rate_bytes - (self.reader.clock.monotonic() - started)
+            if pause > 0 and self._wait_for_stop(pause):
                 return BackgroundState.STOPPED
         return BackgroundState.DEGRADED if given_up else BackgroundState.COMPLETE
+
+    def _wait_for_stop(self, seconds: float) -> bool:
+        """True if stopped within seconds (of the reader's clock)."""
+        return self.reader.clock.wait(self._stop_event, seconds)
 
     def _wait_until_quiet(self) -> bool:
         """True once the node has been quiet for quiet_seconds; False if stopped first."""
@@ -154,5 +156,5 @@ class BackgroundFetcher(threading.Thread):
                 if remaining <= 0:
                     return True
             self.state = BackgroundState.WAITING
-            self._stop_event.wait(min(remaining, 0.5))
+            self._wait_for_stop(min(remaining, 0.5))
         return False

@@ -58,10 +58,11 @@ import os
 import re
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 
 _DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]{32,128})$")
 _SHA256 = re.compile(r"^sha256:([a-f0-9]{64})$")
@@ -165,12 +166,14 @@ class SpanCache:
         max_bytes: int,
         *,
         reserve: DiskReserve = NO_RESERVE,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if max_bytes <= 0:
             raise CacheError(f"span cache {directory}: max_bytes must be positive, not {max_bytes}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.reserve = reserve
+        self.clock = clock
         self._spans = self.directory / "spans"
         self._tmp = self.directory / "tmp"
         self._users = self.directory / "users"
@@ -560,7 +563,7 @@ class SpanCache:
         """Bytes of the temp files of spans being written; removes those of dead (or stale)
         writers, whose reservations would otherwise never be given back. Under the lock."""
         total = 0
-        now = time.time()
+        now = self.clock.time()
         for entry in _scandir(self._tmp):
             if entry.name.startswith(_LEDGER_TEMP_PREFIX):
                 continue  # written and renamed under the lock: only a crash leaves one
@@ -626,7 +629,7 @@ class SpanCache:
             path.unlink()
 
     def _touch(self, path: Path, *, force: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._touch_lock:
             if not force and now - self._touched.get(path, -_TOUCH_INTERVAL_S) < _TOUCH_INTERVAL_S:
                 return

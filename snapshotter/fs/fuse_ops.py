@@ -84,7 +84,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         self.refused: str | None = None
         self._fuse: int | None = None  # libfuse's struct fuse *, taken in init
         # A burst of requests (a container starting) holds back background work node-wide.
-        self.busy_meter = BusyMeter(NodeActivity(reader.cache.directory))
+        self.busy_meter = BusyMeter(NodeActivity(reader.cache.directory, reader.clock))
 
     # -- setup -----------------------------------------------------------------------------------
 

@@ -291,6 +291,7 @@ class BlobServer:
         # A request whose range starts at one of these offsets waits until the event is set.
         self.gates: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified on each request
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -315,6 +316,7 @@ class BlobServer:
                 first, last = int(first_text), int(last_text)
                 with owner._lock:
                     owner.requests.append((first, last))
+                    owner._arrived.notify_all()
                     delay = owner.delay
                     gate = owner.gates.get(first)
                 if delay:
@@ -337,6 +339,12 @@ class BlobServer:
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()
+
+    def wait_for_requests(self, count: int, timeout: float = 10) -> None:
+        """Block until at least count requests have arrived (answered or not)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self.requests) >= count, timeout):
+                raise AssertionError(f"{len(self.requests)} requests after {timeout:g} s")
 
     def stop(self) -> None:
         if self._server is not None:

@@ -1,25 +1,29 @@
 """Background fetch against a real HTTP server answering Range requests (no FUSE): the layer
-converges to fully cached, on-demand reads never wait for it, and it stops at the cache bound."""
+converges to fully cached, on-demand reads never wait for it, and it stops at the cache bound.
+The tests of quiet periods run on a manual clock, moved on whenever the fetcher waits on it."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.url_blob import UrlBlobSource
+from snapshotter.fs.activity import MAX_BUSY_DEFERRAL_S
 from snapshotter.fs.background import (
     CACHE_HIGH_WATER,
+    ERROR_BACKOFF_S,
     MAX_BAD_DATA_FAILURES,
     BackgroundFetcher,
     BackgroundSettings,
     BackgroundState,
 )
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range
@@ -31,6 +35,7 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
+from tests.fs.manual_clock import ManualClock
 
 TIMEOUT = 3.0
 FAST = BackgroundSettings(quiet_seconds=0.0, rate_bytes=1 << 30)
@@ -47,7 +52,7 @@ def layer(request: pytest.FixtureRequest) -> Iterator[tuple[bytes, LayerIndex, B
 
 def _reader(index: LayerIndex, server: BlobServer, cache: SpanCache) -> LayerReader:
     blob = UrlBlobSource(server.url, timeout=TIMEOUT, digest=index.layer_digest)
-    return LayerReader(index, blob, cache, fetch_timeout=TIMEOUT)
+    return LayerReader(index, blob, cache, fetch_timeout=TIMEOUT, clock=cache.clock)
 
 
 def _files(index: LayerIndex) -> list[TocEntry]:
@@ -62,6 +67,25 @@ def _run(fetcher: BackgroundFetcher) -> None:
     fetcher.start()
     fetcher.join(30)
     assert not fetcher.is_alive()
+
+
+def _drive(
+    clock: ManualClock,
+    fetcher: BackgroundFetcher,
+    each_step: Callable[[], None] = lambda: None,
+    step: float = 0.5,
+    limit: float = 60.0,
+) -> None:
+    """Move the clock on by step (after each_step) whenever the started fetcher waits on it,
+    until it ends or limit seconds of the clock passed."""
+    end = clock.monotonic() + limit
+    while fetcher.is_alive() and clock.monotonic() < end:
+        clock.wait_for_blocked(1, unless=lambda: not fetcher.is_alive())
+        if fetcher.is_alive():
+            each_step()
+            clock.advance(step)
+    fetcher.stop()
+    fetcher.join(10)
 
 
 def test_a_quiet_layer_converges_to_fully_cached(
@@ -115,10 +139,8 @@ def test_an_on_demand_read_does_not_wait_for_the_background_fetch(
     try:
         # The read must come after the background's request is in flight; before it, the
         # background would rightly wait for the read to finish and the race proves nothing.
-        deadline = time.monotonic() + 10
-        while not any(first == fetch_range(index, 0)[0] for first, _ in server.requests):
-            assert time.monotonic() < deadline, "the background fetch never sent its request"
-            time.sleep(0.01)
+        server.wait_for_requests(1)
+        assert server.requests[0][0] == fetch_range(index, 0)[0], server.requests
         last = len(index.spans) - 1
         entry = next(
             e
@@ -166,10 +188,11 @@ def test_another_layers_foreground_fetch_keeps_background_fetch_waiting(
     # Two layers of one node: a container still starting on one of them (its reads miss, or
     # its profile is being prefetched) must not share the link and the CPU with the other
     # layer's background fetch.
-    servers, starting, quiet = _two_layers(tmp_path)
+    clock = ManualClock()
+    servers, starting, quiet = _two_layers(tmp_path, clock)
     fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
     try:
-        time.sleep(2.2)  # the quiet layer alone has been quiet long enough
+        clock.advance(2.2)  # the quiet layer alone has been quiet long enough
         if foreground == "miss":
             entry = _files(starting.index)[0]
             starting.read(entry, 0, entry.size)
@@ -179,10 +202,10 @@ def test_another_layers_foreground_fetch_keeps_background_fetch_waiting(
             while starting.counters().prefetch_spans == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
         fetcher.start()
-        time.sleep(1.0)
+        clock.wait_for_blocked(1)
         assert _state(fetcher) is BackgroundState.WAITING
         assert quiet.counters().background_spans == 0
-        fetcher.join(10)  # the node is quiet 2 s after that fetch: the fetch runs to the end
+        _drive(clock, fetcher)  # the node is quiet 2 s after that fetch: it runs to the end
         assert _state(fetcher) is BackgroundState.COMPLETE
     finally:
         fetcher.stop()
@@ -216,11 +239,11 @@ def test_bad_settings_are_refused_with_the_key_named() -> None:
         BackgroundSettings(quiet_seconds=-1)
 
 
-def _two_layers(tmp_path: Path) -> tuple[list[BlobServer], LayerReader, LayerReader]:
+def _two_layers(tmp_path: Path, clock: Clock) -> tuple[list[BlobServer], LayerReader, LayerReader]:
     """A layer a container is starting on, and a quiet one, sharing one node's span cache."""
     servers = []
     readers = []
-    cache = SpanCache(tmp_path / "cache", 1 << 30)
+    cache = SpanCache(tmp_path / "cache", 1 << 30, clock=clock)
     for variant in range(2):
         members = [*rich_members(), Member(f"layer-{variant}", data=b"x" * 1000)]
         blob = compress(make_tar(members), "gzip")
@@ -245,17 +268,18 @@ def _serve_lookups(starting: LayerReader, count: int) -> None:
 def test_a_busy_mount_keeps_background_fetch_waiting_without_any_fetch(tmp_path: Path) -> None:
     # A profiled start misses nothing: its files are cached already, yet it still works the
     # two cores hard; background inflating (and the copy to plain files after it) waits.
-    servers, starting, quiet = _two_layers(tmp_path)
+    clock = ManualClock()
+    servers, starting, quiet = _two_layers(tmp_path, clock)
     fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
     try:
-        time.sleep(2.2)  # no fetch anywhere for longer than the quiet period
+        clock.advance(2.2)  # no fetch anywhere for longer than the quiet period
         _serve_lookups(starting, 500)
         assert starting.counters().demand_misses == 0
         fetcher.start()
-        time.sleep(1.0)
+        clock.wait_for_blocked(1)
         assert _state(fetcher) is BackgroundState.WAITING
         assert quiet.counters().background_spans == 0
-        fetcher.join(10)  # 2 s after the burst the node is quiet: the fetch runs to the end
+        _drive(clock, fetcher)  # 2 s after the burst the node is quiet: it runs to the end
         assert _state(fetcher) is BackgroundState.COMPLETE
     finally:
         fetcher.stop()
@@ -265,7 +289,7 @@ def test_a_busy_mount_keeps_background_fetch_waiting_without_any_fetch(tmp_path:
 
 def test_a_few_requests_do_not_make_the_node_busy(tmp_path: Path) -> None:
     # A long-running service reading a file now and then must not hold convergence back.
-    servers, starting, quiet = _two_layers(tmp_path)
+    servers, starting, quiet = _two_layers(tmp_path, SYSTEM_CLOCK)
     try:
         _serve_lookups(starting, 20)
         fetcher = BackgroundFetcher(quiet, FAST)
@@ -276,33 +300,25 @@ def test_a_few_requests_do_not_make_the_node_busy(tmp_path: Path) -> None:
             server.stop()
 
 
-def test_a_node_that_never_stops_being_busy_still_converges(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import snapshotter.fs.activity as activity
-
-    monkeypatch.setattr(activity, "MAX_BUSY_DEFERRAL_S", 1.5)
-    servers, starting, quiet = _two_layers(tmp_path)
-    stop = threading.Event()
-
-    def keep_busy() -> None:
-        while not stop.is_set():
-            _serve_lookups(starting, 200)
-            time.sleep(0.05)
-
-    busy = threading.Thread(target=keep_busy, daemon=True)
-    busy.start()
+def test_a_node_that_never_stops_being_busy_still_converges(tmp_path: Path) -> None:
+    clock = ManualClock()
+    servers, starting, quiet = _two_layers(tmp_path, clock)
     fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
     try:
-        time.sleep(0.3)
+        _serve_lookups(starting, 200)
         fetcher.start()
-        time.sleep(0.8)
+        clock.wait_for_blocked(1)
         assert _state(fetcher) is BackgroundState.WAITING  # deferring to the busy node
-        fetcher.join(10)  # ... for MAX_BUSY_DEFERRAL_S at most
+        # A burst of requests every half second of the clock, for as long as the fetcher
+        # waits: it defers for MAX_BUSY_DEFERRAL_S at most, then runs to the end.
+        _drive(
+            clock,
+            fetcher,
+            lambda: _serve_lookups(starting, 200),
+            limit=MAX_BUSY_DEFERRAL_S + 60,
+        )
         assert _state(fetcher) is BackgroundState.COMPLETE
     finally:
-        stop.set()
-        busy.join(5)
         fetcher.stop()
         for server in servers:
             server.stop()
@@ -316,9 +332,11 @@ def test_a_span_whose_bytes_never_verify_is_given_up_and_the_rest_completes(
     spans = list(index.spans)
     spans[bad] = dataclasses.replace(spans[bad], digest="sha256:" + "0" * 64)
     wrong = dataclasses.replace(index, spans=tuple(spans))
-    reader = _reader(wrong, server, SpanCache(tmp_path / "cache", 1 << 30))
-    fetcher = BackgroundFetcher(reader, FAST, error_backoff_s=0.01)
-    _run(fetcher)
+    clock = ManualClock()
+    reader = _reader(wrong, server, SpanCache(tmp_path / "cache", 1 << 30, clock=clock))
+    fetcher = BackgroundFetcher(reader, FAST)
+    fetcher.start()
+    _drive(clock, fetcher, step=ERROR_BACKOFF_S, limit=3600)  # through the pauses after failures
     assert fetcher.state is BackgroundState.DEGRADED
     assert all(reader.is_cached(n) for n in range(len(index.spans)) if n != bad)
     assert not reader.is_cached(bad)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from harness.url_blob import UrlBlobSource
-from snapshotter.fs import reader as reader_module
+from snapshotter.fs import prefetch as prefetch_module
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.reader import PREFETCH_IN_FLIGHT, LayerReader
+from snapshotter.fs.prefetch import PREFETCH_IN_FLIGHT
+from snapshotter.fs.reader import LayerReader
 from snapshotter.fs.tree import LayerTree
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import fetch_range, spans_for_files, spans_for_range
@@ -71,7 +72,7 @@ def test_the_prefetch_keeps_a_bounded_number_of_requests_in_flight(
     layer: tuple[LayerIndex, BlobServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     index, server = layer
-    monkeypatch.setattr(reader_module, "PREFETCH_STEP_BYTES", 1)  # one span per step
+    monkeypatch.setattr(prefetch_module, "PREFETCH_STEP_BYTES", 1)  # one span per step
     spans = spans_for_files(index, ["usr/lib/big.bin"])
     assert len(spans) > PREFETCH_IN_FLIGHT + 1
     held = threading.Event()
@@ -84,10 +85,8 @@ def test_the_prefetch_keeps_a_bounded_number_of_requests_in_flight(
         reader.prefetch(spans)
         deadline = time.monotonic() + TIMEOUT
         # The first requests are all out while none of them has been answered...
-        while server.request_count() < PREFETCH_IN_FLIGHT:
-            assert time.monotonic() < deadline, f"requests seen: {server.requests}"
-            time.sleep(0.01)
-        time.sleep(0.3)
+        server.wait_for_requests(PREFETCH_IN_FLIGHT, TIMEOUT)
+        time.sleep(0.3)  # a third request would be out by now: nothing to wait for
         # ...and no more than that: a read arriving now still finds the rest unclaimed.
         # (the two steps' threads may send in either order)
         assert sorted(first for first, _ in server.requests) == starts[:PREFETCH_IN_FLIGHT]

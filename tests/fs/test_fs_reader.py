@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.url_blob import UrlBlobSource
-from snapshotter.fs import reader as reader_module
+from snapshotter.fs import prefetch as prefetch_module
 from snapshotter.fs.blob_source import FileBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader, SpanReadError
@@ -130,10 +130,11 @@ def test_a_slow_span_does_not_block_reads_of_another(
     big = _entry(index, "usr/lib/big.bin")
     reader = _reader(index, server.url, tmp_path)
     reader.read(big, 4 * SPAN_SIZE, 10)  # warm one span
+    already = server.request_count()
     server.delay = 2.0
     slow = threading.Thread(target=reader.read, args=(big, 0, 10))
     slow.start()
-    time.sleep(0.1)
+    server.wait_for_requests(already + 1)  # the slow span's request is out
     started = time.monotonic()
     assert reader.read(big, 4 * SPAN_SIZE, 10) == tar[big.offset + 4 * SPAN_SIZE :][:10]
     assert time.monotonic() - started < 0.5
@@ -209,7 +210,7 @@ def test_reads_do_not_queue_behind_the_prefetch_list(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tar, index = layer
-    monkeypatch.setattr(reader_module, "PREFETCH_STEP_BYTES", 1)  # one slow request per span
+    monkeypatch.setattr(prefetch_module, "PREFETCH_STEP_BYTES", 1)  # one slow request per span
     reader = _reader(index, server.url, tmp_path)
     every_span = list(range(len(index.spans)))
     assert len(every_span) >= 4  # two requests at a time: the list takes >= 1 s

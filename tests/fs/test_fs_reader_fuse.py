@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.url_blob import served_blob_spec
-from snapshotter.fs.reader import RETRY_AFTER_FAILURE_S
+from snapshotter.fs.span_states import RETRY_AFTER_FAILURE_S
 from snapshotter.index.codec import encode_index
 from snapshotter.index.spans import fetch_range
 from snapshotter.lazylayers.layer_spec import LayerSpec

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from harness.url_blob import UrlBlobSource
+from snapshotter.fs import read_ahead as read_ahead_module
 from snapshotter.fs import reader as reader_module
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import LayerIndex, TocEntry
 from snapshotter.index.spans import spans_for_range
@@ -28,6 +30,7 @@ from tests.fs.fs_helpers import (
     compress,
     make_tar,
 )
+from tests.fs.manual_clock import ManualClock
 
 TIMEOUT = 5.0
 BIG_SPANS = 30  # at least; the index cuts spans of ~2 SPAN_SIZE of this data
@@ -84,6 +87,7 @@ def _reader(
     made: list[LayerReader],
     read_ahead_spans: int = reader_module.DEFAULT_READ_AHEAD_SPANS,
     blob: UrlBlobSource | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> LayerReader:
     source = blob or UrlBlobSource(
         layer.server.url, timeout=TIMEOUT, digest=layer.index.layer_digest
@@ -91,9 +95,10 @@ def _reader(
     reader = LayerReader(
         layer.index,
         source,
-        SpanCache(cache_dir, 1 << 30),
+        SpanCache(cache_dir, 1 << 30, clock=clock),
         fetch_timeout=TIMEOUT,
         read_ahead_spans=read_ahead_spans,
+        clock=clock,
     )
     made.append(reader)
     return reader
@@ -183,7 +188,7 @@ def test_the_window_grows_and_each_request_stays_under_the_byte_cap(
     spans = layer.spans_of(big)
     largest = max(layer.index.spans[n].compressed_size for n in spans)
     cap = 5 * largest
-    monkeypatch.setattr(reader_module, "READ_AHEAD_MAX_BYTES", cap)
+    monkeypatch.setattr(read_ahead_module, "READ_AHEAD_MAX_BYTES", cap)
     reader = _reader(layer, tmp_path, readers, read_ahead_spans=16)
     assert _read_forward(reader, big, SPAN_SIZE) == layer.data(big)
     _settle(reader)
@@ -271,7 +276,8 @@ def test_a_read_waiting_on_a_failing_read_ahead_fetches_its_span_itself(
     ahead = layer.index.spans[first + 2].compressed_start
     blob = FailingOnce(layer.server.url, layer.index.layer_digest, {ahead})
     blob.hold = threading.Event()
-    reader = _reader(layer, tmp_path, readers, blob=blob)
+    clock = ManualClock()
+    reader = _reader(layer, tmp_path, readers, blob=blob, clock=clock)
     data = layer.data(big)
     second = layer.index.spans[first + 1].uncompressed_start - big.offset
     third = layer.index.spans[first + 2].uncompressed_start - big.offset
@@ -287,7 +293,7 @@ def test_a_read_waiting_on_a_failing_read_ahead_fetches_its_span_itself(
 
     waiter = threading.Thread(target=read_third)
     waiter.start()
-    time.sleep(0.3)  # joined the read-ahead attempt
+    clock.wait_for_blocked(1)  # joined the read-ahead attempt
     assert not results
     blob.hold.set()  # the read-ahead request fails now
     waiter.join(TIMEOUT * 2)

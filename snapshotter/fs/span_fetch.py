@@ -1,0 +1,170 @@
+"""The one way a span of a layer gets from the registry into the span cache, whoever wants it
+(a read, read-ahead, the startup-profile prefetch, the background fetcher):
+
+    claim (span_states: absent -> in flight) -> one Range request per group of adjacent spans
+    -> inflate, which checks the compressed digest before and the uncompressed one after
+    (snapshotter.index.spans) -> store in the span cache -> resolve the attempt (cached, or
+    failed: span_states decides for how long it fails fast).
+
+Fetches run on the pipeline's workers, or on the caller's thread (fetch_group), so a reader of
+one span never waits for another span's fetch. Every claimed attempt is resolved whatever
+happens, so nobody waits past its deadline for nothing.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.reader_counters import SharedCounters
+from snapshotter.fs.span_states import Attempt, Claim, SpanTable
+from snapshotter.fs.span_windows import BlobSource, WindowsFetcher
+from snapshotter.index.errors import SpanVerificationError
+from snapshotter.index.model import LayerIndex
+from snapshotter.index.spans import fetch_range, inflate_span
+from snapshotter.remote.errors import BlobFetchError
+
+# Cap on one coalesced Range request, so one huge read does not hold a worker for long.
+MAX_COALESCED_BYTES = 32 << 20
+
+ClaimedGroup = list[tuple[int, Attempt]]
+
+
+class FetchPipeline:
+    def __init__(
+        self,
+        index: LayerIndex,
+        blob: BlobSource,
+        cache: SpanCache,
+        table: SpanTable,
+        counters: SharedCounters,
+        *,
+        workers: int,
+        windows: WindowsFetcher | None,
+    ) -> None:
+        self.index = index
+        self.blob = blob
+        self.cache = cache
+        self.table = table
+        self.windows = windows
+        self._counters = counters
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
+        self._verified_spans: set[int] = set()  # for bytes_verified
+
+    @property
+    def layer_digest(self) -> str:
+        return self.index.layer_digest
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.windows is not None:
+            self.windows.close()
+
+    def is_cached(self, span_no: int) -> bool:
+        digest = self.index.spans[span_no].uncompressed_digest
+        return self.cache.contains(self.layer_digest, span_no, digest)
+
+    def claim(self, span_no: int, *, read_ahead: bool = False, force: bool = False) -> Claim | None:
+        """span_states.SpanTable.claim, asking the cache whether an absent span is stored
+        already (unless force: the caller just found it missing there)."""
+        return self.table.claim(
+            span_no, None if force else lambda: self.is_cached(span_no), read_ahead=read_ahead
+        )
+
+    def submit(self, claimed: dict[int, Attempt]) -> None:
+        """Fetch claimed spans on the workers, one request per group of adjacent ones."""
+        for group in self.groups(claimed):
+            self._pool.submit(self.fetch_group, group)
+
+    def groups(self, claimed: dict[int, Attempt]) -> list[ClaimedGroup]:
+        """Claimed spans in order, adjacent ones together, up to MAX_COALESCED_BYTES a group."""
+        spans = self.index.spans
+        groups: list[ClaimedGroup] = []
+        for span_no in sorted(claimed):
+            if groups:
+                last = groups[-1]
+                if (
+                    span_no == last[-1][0] + 1
+                    and spans[span_no].compressed_end - spans[last[0][0]].compressed_start
+                    <= MAX_COALESCED_BYTES
+                ):
+                    last.append((span_no, claimed[span_no]))
+                    continue
+            groups.append([(span_no, claimed[span_no])])
+        return groups
+
+    def fetch_group(self, group: ClaimedGroup) -> None:
+        """One Range request for the group, then inflate + verify + cache each span, on the
+        caller's thread. Every attempt of the group is resolved whatever happens."""
+        now = self.table.clock.monotonic()
+        group = [(n, a) for n, a in group if not a.done.is_set()]  # served by a late fetch
+        for span_no, attempt in group:
+            if now >= attempt.deadline:
+                # queued behind busy workers until its readers gave up: it ends here, and a
+                # later read starts a fresh attempt, rather than piling requests onto a slow
+                # registry
+                self.fail(span_no, attempt, f"not started within {self.table.fetch_timeout:g}s")
+        group = [(n, a) for n, a in group if now < a.deadline]
+        pending = dict(group)
+        try:
+            if not group:
+                return
+            windows = self.windows.start([n for n, _ in group]) if self.windows else None
+            ranges = [fetch_range(self.index, span_no) for span_no, _ in group]
+            first = ranges[0][0]
+            last = max(end for _, end in ranges)
+            raw = self.blob.read(first, last - first)
+            with self._counters.lock:
+                self._counters.values.bytes_fetched += len(raw)
+                self._counters.values.range_requests += 1
+            for (span_no, attempt), (begin, end) in zip(group, ranges, strict=True):
+                try:
+                    window = self.windows.window(windows, span_no) if self.windows else None
+                    data = inflate_span(
+                        self.index, span_no, raw[begin - first : end - first], window
+                    )
+                except Exception as exc:
+                    self.fail(span_no, attempt, _describe(exc), bad_data=_is_bad_data(exc))
+                else:
+                    self._succeed(span_no, attempt, data)
+                del pending[span_no]
+        except Exception as exc:
+            bad_data = _is_bad_data(exc)
+            for span_no, attempt in sorted(pending.items()):
+                self.fail(span_no, attempt, _describe(exc), bad_data=bad_data)
+
+    def fail(self, span_no: int, attempt: Attempt, cause: str, *, bad_data: bool = False) -> None:
+        with self._counters.lock:
+            self._counters.values.fetch_errors += 1
+        self.table.fail(span_no, attempt, cause, bad_data=bad_data)
+
+    def _succeed(self, span_no: int, attempt: Attempt, data: bytes) -> None:
+        span = self.index.spans[span_no]
+        try:
+            # inflate_span checked data against this digest
+            stored = self.cache.put(self.layer_digest, span_no, data, span.uncompressed_digest)
+        except (OSError, CacheError):
+            stored = False  # a full or broken cache disk must not fail the read
+        with self._counters.lock:
+            counters = self._counters.values
+            counters.spans_fetched += 1
+            counters.spans_cached += int(stored)
+            if span_no not in self._verified_spans:
+                self._verified_spans.add(span_no)
+                counters.bytes_verified += span.compressed_size
+        self.table.succeed(span_no, attempt, data)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_bad_data(exc: BaseException) -> bool:
+    """The registry answered, and its answer does not fit the index: bytes that do not verify,
+    or a range outside the blob (the index claims more than the blob holds). Unlike a refused
+    connection or a timeout, another try gets the same answer."""
+    if isinstance(exc, SpanVerificationError):
+        return True
+    if isinstance(exc, BlobFetchError):
+        return exc.cause.startswith(("outside the blob", "HTTP 416", "short read"))
+    return False
