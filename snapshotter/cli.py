@@ -94,9 +94,9 @@ def _trust_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
-    from snapshotter import status
+    from snapshotter.status import command
 
-    status.add_arguments(parser)
+    command.add_arguments(parser)
 
 
 # -- mount-layer -------------------------------------------------------------------------------

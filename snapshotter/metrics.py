@@ -183,7 +183,8 @@ class LazyLayerCollector(Collector):
         self.cache_max_bytes = cache_max_bytes
 
     def collect(self) -> Iterator[Any]:
-        from snapshotter.status import LIVE, cache_status, lazy_mounts
+        from snapshotter.status.collect import cache_status, lazy_mounts
+        from snapshotter.status.model import LIVE
 
         mounts = lazy_mounts(self.root)
         live = sum(1 for m in mounts if m.state == LIVE)

@@ -124,6 +124,45 @@ def state_pid(state: dict[str, Any] | None) -> int | None:
     return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
 
+@dataclass(frozen=True)
+class MountState:
+    """What a mount process last reported in its state file; a field that is missing or of the
+    wrong type reads as empty (None, "", False)."""
+
+    layer_digest: str
+    pid: int | None
+    updated_at: float | None  # time.time() of the last write
+    cache_dir: str
+    background: str  # off|waiting|fetching|complete|degraded|cache-full|stopped
+    cache_disk_limited: bool  # spans served uncached: the cache's disk is at its reserve
+    counters: dict[str, int]
+
+
+def read_mount_state(mountpoint: str) -> MountState | None:
+    """The mount process's state file as a MountState; None if it is missing or unreadable
+    (being replaced right now, or damaged)."""
+    state = read_state(mountpoint)
+    if state is None:
+        return None
+    counters = state.get("counters")
+    return MountState(
+        layer_digest=_text(state.get("layer_digest")),
+        pid=state_pid(state),
+        updated_at=_optional_number(state.get("updated_at")),
+        cache_dir=_text(state.get("cache_dir")),
+        background=_text(state.get("background")),
+        cache_disk_limited=state.get("cache_disk_limited") is True,
+        counters={k: v for k, v in counters.items() if isinstance(v, int)}
+        if isinstance(counters, dict)
+        else {},
+    )
+
+
+def mountpoints_with_state(snapshots_dir: str) -> list[str]:
+    """The mountpoints in <snapshots_dir>/<id>/ that have a state file, sorted."""
+    return mountpoints_with(snapshots_dir, STATE_SUFFIX)
+
+
 def write_state(mountpoint: str, state: dict[str, Any]) -> None:
     """Replace the state file (private, atomic); OSError as the caller reports it."""
     replace_private(state_path(mountpoint), (json.dumps(state, indent=1) + "\n").encode())
@@ -277,4 +316,8 @@ def _text(value: object) -> str:
 
 
 def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    return _optional_number(value) or 0.0
+
+
+def _optional_number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

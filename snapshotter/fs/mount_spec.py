@@ -14,6 +14,7 @@ from snapshotter.fs.background import DEFAULT_QUIET_S, DEFAULT_RATE_BYTES, Backg
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.index.model import LayerIndex
+from snapshotter.sidecars import read_spec
 
 # The program a spec is given to: `python -m MOUNT_PROCESS_MODULE --spec FILE` (also how its
 # processes are recognised in /proc, forked ones included).
@@ -190,3 +191,25 @@ def load_index(path: str) -> LayerIndex:
         return decode_index(data)
     except Exception as exc:  # the codec's own errors name what is wrong; add the file
         raise SpecError(f"index file {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    """What `lazysnap status` shows of the index a mount process was started with."""
+
+    layer_size: int  # compressed bytes of the layer blob
+    spans: int
+
+
+def index_facts(mountpoint: str) -> IndexFacts | None:
+    """The facts of the index the spec beside mountpoint names; None if the spec or the index
+    does not read (no spec: not mounted lazily now)."""
+    spec = read_spec(mountpoint)
+    path = spec.get("index_path") if spec else None
+    if not isinstance(path, str):
+        return None
+    try:
+        index = load_index(path)
+    except SpecError:
+        return None
+    return IndexFacts(index.compressed_size, len(index.spans))

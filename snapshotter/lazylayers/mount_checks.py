@@ -64,6 +64,17 @@ def detach(mountpoint: str) -> None:
     log.warning("could not unmount %s", mountpoint)
 
 
+def process_alive(pid: int | None) -> bool:
+    """True if pid names a process that is alive (not a zombie); no check of what it runs."""
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return False
+    return bool(state) and state[0] != "Z"
+
+
 def is_mount_process(pid: int) -> bool:
     """True if pid is alive (not a zombie) and is a mount process, not a reused pid. Forked
     ones keep the zygote's command line (it names the module too); the zygote is not one."""

@@ -11,8 +11,6 @@ on this path (no FUSE, no HTTP) unless remote layers are enabled and provided by
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -21,13 +19,13 @@ import stat
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from snapshotter.config import Config
 from snapshotter.core.errors import SnapshotError
 from snapshotter.core.layers import RemoteLayers
+from snapshotter.root_lock import RootLock, RootLockError
 
 if TYPE_CHECKING:
     from snapshotter.core.snapshotter import Snapshotter
@@ -76,43 +74,6 @@ def private_directory_check(path: str, key: str, *, tighten: bool) -> None:
         )
     if tighten and st.st_mode & 0o077:
         os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
-
-
-@dataclass
-class RootLock:
-    """An exclusive fcntl lock on ROOT/lock, holding our pid for the error message of others."""
-
-    path: str
-    fd: int
-
-    @classmethod
-    def acquire(cls, root: str) -> RootLock:
-        path = os.path.join(root, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DaemonError(
-                    f"another lazysnap daemon holds {path} (pid {holder})", EXIT_LOCKED
-                ) from None
-            raise DaemonError(f"cannot lock {path}: {err.strerror}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(path, fd)
-
-    def release(self) -> None:
-        os.close(self.fd)  # closing drops the flock; the file stays (its pid is then stale)
-
-
-def _read_pid(fd: int) -> str:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return "unknown"
-    return text if text.isdigit() else "unknown"
 
 
 def sd_notify(state: str) -> bool:
@@ -241,7 +202,10 @@ class Daemon:
         cache_dir = os.path.abspath(config.cache_dir)
         if os.path.isdir(cache_dir):  # else the span cache creates it 0700
             private_directory_check(cache_dir, "[cache] dir", tighten=False)
-        lock = RootLock.acquire(root)
+        try:
+            lock = RootLock.acquire(root)
+        except RootLockError as err:
+            raise DaemonError(str(err), EXIT_LOCKED if err.held else EXIT_ERROR) from None
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)

@@ -36,7 +36,7 @@ from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
 from snapshotter.sidecars import read_state
-from snapshotter.status import lazy_mounts
+from snapshotter.status.collect import lazy_mounts
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,

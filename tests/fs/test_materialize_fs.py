@@ -32,7 +32,7 @@ from snapshotter.sidecars import (
     read_state,
     write_marker,
 )
-from snapshotter.status import lazy_mounts
+from snapshotter.status.collect import lazy_mounts
 from tests.fs.fs_helpers import (
     Member,
     assert_tree_matches,

@@ -30,7 +30,8 @@ from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.metrics import LazyLayerCollector
 from snapshotter.sidecars import read_state
-from snapshotter.status import DEAD, LIVE, UNMOUNTED, LayerStatus, collect_status
+from snapshotter.status.collect import collect_status
+from snapshotter.status.model import DEAD, LIVE, UNMOUNTED, LayerStatus
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
 
 # Background fetching of whole layers would add to the exact figures these tests check.
