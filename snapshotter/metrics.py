@@ -12,15 +12,15 @@ Two sources, neither of which makes the core know about metrics:
   is asked with check() on a thread of its own.
 - Lazy layers' figures (bytes and spans fetched, cache hits, read errors, per layer digest) and
   the cache's size are read at scrape time by LazyLayerCollector from the mount processes' state
-  files and the cache directory: mount processes are separate processes that outlive serve, and
-  their state files are the record they keep for everyone.
+  files and the cache directory, through the queries `lazysnap status` uses (status/collect.py):
+  mount processes are separate processes that outlive serve, and their state files are the
+  record they keep for everyone.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -244,9 +244,10 @@ class LazyLayerCollector(Collector):
         )
 
     def _deaths(self) -> Iterator[Any]:
+        from snapshotter.core.layout import snapshots_dir
         from snapshotter.lazylayers.deaths import mount_table, records_under
 
-        records = records_under(os.path.join(self.root, "snapshots"))
+        records = records_under(snapshots_dir(self.root))
         table = mount_table() if records else []
         yield CounterMetricFamily(
             "lazysnap_mount_process_deaths",

@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from snapshotter.core import filters
+from snapshotter.core import filters, layout
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.core.fallbacks import Fallback, FallbackLog
 from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
@@ -158,13 +158,13 @@ class Snapshotter:
         self.observer = observer  # told each Prepare's outcome (the daemon's metrics)
         self.features = features if features is not None else probe_overlay_features()
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        self.snapshots_dir = os.path.join(self.root, "snapshots")
+        self.snapshots_dir = layout.snapshots_dir(self.root)
         try:
             os.mkdir(self.snapshots_dir, 0o700)
             os.chmod(self.snapshots_dir, 0o700)  # not the umask's choice
         except FileExistsError:
             pass
-        self._store = MetaStore(os.path.join(self.root, "metadata.db"))
+        self._store = MetaStore(layout.metadata_path(self.root))
         # Directory names under snapshots/ that an operation is working on right now without
         # holding the metadata lock (a remote mount in progress, a deletion): Cleanup skips them.
         self._in_flight: set[str] = set()
@@ -178,13 +178,13 @@ class Snapshotter:
     # -- paths -----------------------------------------------------------------------------
 
     def _dir(self, snapshot_id: int) -> str:
-        return os.path.join(self.snapshots_dir, str(snapshot_id))
+        return layout.snapshot_dir(self.root, snapshot_id)
 
     def _upper(self, snapshot_id: int) -> str:
-        return os.path.join(self._dir(snapshot_id), "fs")
+        return layout.upper_dir(self.root, snapshot_id)
 
     def _work(self, snapshot_id: int) -> str:
-        return os.path.join(self._dir(snapshot_id), "work")
+        return os.path.join(self._dir(snapshot_id), layout.WORK)
 
     # -- queries ---------------------------------------------------------------------------
 

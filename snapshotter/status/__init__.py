@@ -5,7 +5,7 @@ each thing is read through the module that owns it:
     ROOT/lock                  who holds the daemon's lock (snapshotter.root_lock: the pid in
                                the file; the kernel's flock table says if it is held)
     ROOT/metadata.db           which snapshots are lazy (snapshotter.core.metadata.read_snapshots,
-                               read-only)
+                               read-only; core/layout.py says where a snapshot's layer is mounted)
     beside each mountpoint     ROOT/snapshots/<id>/fs.lazysnap*: the mount process's state, the
                                spec it started from, the local marker, why a copy gave up, the
                                completion check's verdict (snapshotter.sidecars); the index the

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from pathlib import Path
 
 from snapshotter.config import Config
 from snapshotter.core.fallbacks import Fallback, read_fallbacks
+from snapshotter.core.layout import metadata_path, snapshot_id_of, snapshots_dir, upper_dir
 from snapshotter.core.metadata import MetadataError, read_snapshots
 from snapshotter.fs.cache_census import cache_usage, layer_spans_cached
 from snapshotter.fs.mount_spec import index_facts
@@ -45,14 +45,14 @@ def lazy_mounts(root: str) -> list[LazyMount]:
     Only ROOT/snapshots/*/ is looked at (where the core puts lazy layers): walking deeper would
     read whole unpacked layers, and enter lazy mounts."""
     found = []
-    for mountpoint in mountpoints_with_state(os.path.join(root, "snapshots")):
+    for mountpoint in mountpoints_with_state(snapshots_dir(root)):
         state = read_mount_state(mountpoint)
         if state is None:  # being replaced right now, or damaged: nothing to show
             continue
         found.append(
             LazyMount(
                 mountpoint=mountpoint,
-                snapshot_id=_snapshot_id(root, mountpoint),
+                snapshot_id=snapshot_id_of(root, mountpoint),
                 layer_digest=state.layer_digest,
                 pid=state.pid,
                 problem=mount_problem(mountpoint),
@@ -87,7 +87,7 @@ def collect_status(config: Config) -> RootStatus:
     mounts = {m.mountpoint: m for m in lazy_mounts(root)}
     layers = []
     for snapshot_id, (name, digest) in sorted(snapshots.items()):
-        mountpoint = os.path.join(root, "snapshots", str(snapshot_id), "fs")
+        mountpoint = upper_dir(root, snapshot_id)
         mount = mounts.pop(mountpoint, None)
         layers.append(_layer_status(config, mountpoint, snapshot_id, name, digest, mount))
     for mountpoint, mount in sorted(mounts.items()):  # state files no lazy snapshot owns
@@ -185,14 +185,7 @@ def _completion_check(mountpoint: str) -> tuple[str, str]:
 def _remote_snapshots(root: str) -> dict[int, tuple[str, str]]:
     """id -> (name, layer digest) of every lazy snapshot in ROOT/metadata.db, read-only."""
     try:
-        records = read_snapshots(os.path.join(root, "metadata.db"))
+        records = read_snapshots(metadata_path(root))
     except MetadataError as err:
         raise StatusError(str(err)) from None
     return {r.id: (r.key, layer_digest_of(r.labels)) for r in records if is_remote(r.labels)}
-
-
-def _snapshot_id(root: str, mountpoint: str) -> int | None:
-    parent = Path(mountpoint).parent
-    if parent.parent == Path(root, "snapshots") and parent.name.isdigit():
-        return int(parent.name)
-    return None
