@@ -29,7 +29,14 @@ from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.metrics import LazyLayerCollector
-from snapshotter.sidecars import read_state
+from snapshotter.sidecars import (
+    LocalMarker,
+    read_state,
+    remove_failure,
+    remove_marker,
+    write_failure,
+    write_marker,
+)
 from snapshotter.status.collect import collect_status
 from snapshotter.status.model import DEAD, LIVE, UNMOUNTED, LayerStatus
 from tests.fs.fs_helpers import BlobServer, built_index, compress, make_tar, rich_members
@@ -157,6 +164,41 @@ def test_status_shows_what_reading_a_file_fetched_and_cached(lazy_root: LazyRoot
     assert LIVE in row.split()
     assert f"({round(100 * sent / len(lazy.blob))}%)" in row
     assert f"{len(wanted)}/{len(lazy.index.spans)}" in row.split()
+
+
+def test_status_shows_a_copy_given_up_on_then_the_layer_gone_local(lazy_root: LazyRoot) -> None:
+    """The records the daemon's materializer leaves beside the mountpoint (sidecars.py), written
+    here through the same functions, as the table and the JSON show them."""
+    lazy = lazy_root
+    before = time.time()
+    layer = mount_lazily(lazy)
+    assert layer.pid is not None
+    assert layer.updated_at is not None and before <= layer.updated_at <= time.time()
+    assert (layer.local_since, layer.materialize_failed) == (None, "")
+
+    write_failure(layer.mountpoint, "no space left for the copy", 3, time.time())
+    report = json.loads(status_cli(lazy.root, "--json").stdout)
+    [shown] = report["layers"]
+    assert shown["state"] == LIVE and shown["materialize_failed"] == "no space left for the copy"
+    assert report["all_local"] is False and report["layers_local"] == 0
+    table = status_cli(lazy.root).stdout
+    assert "(materialize failed: no space left for the copy)" in table, table
+
+    gone_local_at = time.time()
+    write_marker(layer.mountpoint, LocalMarker(layer.layer_digest, gone_local_at))
+    try:
+        report = json.loads(status_cli(lazy.root, "--json").stdout)
+        [shown] = report["layers"]
+        assert shown["state"] == "local" and shown["local_since"] == gone_local_at
+        assert shown["materialize_failed"] == ""  # the copy that counts succeeded
+        assert shown["pid"] == layer.pid  # still serving the containers started before
+        assert report["all_local"] is True and report["layers_local"] == 1
+        table = status_cli(lazy.root).stdout
+        assert "layers  1 of 1 local (plain files), rest on FUSE" in table, table
+        assert f"its process {layer.pid} still serves containers started before" in table, table
+    finally:
+        remove_marker(layer.mountpoint)  # the FUSE mount is still there: unmount it as lazy
+        remove_failure(layer.mountpoint)
 
 
 def test_metrics_collector_reports_the_same_figures_per_layer(lazy_root: LazyRoot) -> None:
