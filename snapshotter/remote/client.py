@@ -1,4 +1,5 @@
-"""Registry control plane over httpx: manifests, blobs (whole), uploads (upload.py).
+"""Registry control plane over httpx: manifests, blobs (whole: blob_stream.py), uploads
+(upload.py).
 
 Every request goes through `request()`: hosts from hosts.toml in order (mirrors, then the
 server); each is sent under transport.TransportPolicy (redirects, auth challenges, retries),
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import io
 import logging
 import re
 import ssl
@@ -18,13 +17,13 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urljoin
 
 import httpx
 
 from snapshotter.remote import upload
 from snapshotter.remote.auth import PULL, PUSH, Authenticator, CredentialStore, repository_scope
+from snapshotter.remote.blob_stream import BlobStream
 from snapshotter.remote.errors import (
     AuthenticationError,
     BlobNotFound,
@@ -97,57 +96,6 @@ def error_detail(response: httpx.Response) -> str:
 class PushedManifest:
     digest: str
     oci_subject: str | None  # the OCI-Subject header: the registry indexed the subject itself
-
-
-class BlobStream(io.RawIOBase):
-    """A blob body as a readable stream; at end of stream the digest (and size) is checked and
-    DigestMismatch raised naming the digest, so nothing unverified is taken as complete."""
-
-    def __init__(
-        self, chunks: Iterator[bytes], digest: str, expected_size: int | None, where: str
-    ) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._digest = digest
-        self._expected_size = expected_size
-        self._where = where
-        self._hash = hashlib.new(digest.split(":", 1)[0])
-        self._buffer = b""
-        self._received = 0
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        while not self._buffer and not self._done:
-            try:
-                chunk = next(self._chunks)
-            except StopIteration:
-                self._finish()
-                break
-            except httpx.HTTPError as exc:
-                raise RegistryUnavailable(
-                    f"blob {self._where}: body broke off after {self._received} bytes: {exc}"
-                ) from None
-            self._hash.update(chunk)
-            self._received += len(chunk)
-            self._buffer = chunk
-        n = min(len(view), len(self._buffer))
-        view[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._expected_size is not None and self._received != self._expected_size:
-            raise DigestMismatch(
-                f"blob {self._where}: got {self._received} bytes, expected {self._expected_size}"
-            )
-        actual = f"{self._digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
-        if actual != self._digest:
-            raise DigestMismatch(f"blob {self._where}: content hashes to {actual}")
 
 
 @functools.cache
