@@ -40,7 +40,7 @@ class CacheConfig:
     dir: str = ""  # "" = ROOT/cache
     max_size_bytes: int = 10 << 30
     # Free space the cache leaves on its filesystem: the larger of the two (at most half the
-    # filesystem); fs.cache.DiskReserve's defaults (not imported: keeps config light).
+    # filesystem); fs.disk_reserve.DiskReserve's defaults (not imported: keeps config light).
     min_free_bytes: int = 1 << 30
     min_free_percent: float = 5.0
 

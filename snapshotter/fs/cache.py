@@ -7,11 +7,8 @@ Layout under the cache directory:
     users/<algorithm>/<hex>/<key>           one empty file per mount serving the blob: the spans
                                             of a blob are deleted when its last user is released
     lock                                    flock'd by whoever changes spans/, tmp/ or the ledger
-    ledger                                  "<bytes> <spans>" (zero-padded, rewritten in
-                                            place under the lock): running total of span files plus
-                                            reserved temp files, and the number of span files, so
-                                            a put does not have to scan the cache to know whether
-                                            it fits
+    ledger                                  "<bytes> <spans>": bytes of span files and reserved
+                                            temp files; span files (cache_ledger.py)
 
 A span number only means something together with the index that numbered the spans, and one
 blob can have several indexes (another --span-size, a rebuilt artifact) whose mounts share this
@@ -36,15 +33,16 @@ that eviction does recounts it), so the cache never grows past max_bytes because
 files of dead processes (or stale ones) are removed by that scan, which also drops their
 reservation.
 
-The disk: the cache also keeps a free-space reserve on its filesystem (DiskReserve, statvfs),
+The disk: the cache also keeps a free-space reserve on its filesystem (disk_reserve.py),
 whatever max_bytes says: a put that would leave less free evicts LRU spans first, and if that
-cannot make room it stores nothing (the reader serves the span from memory): containers writing
-to the same disk, and the metadata, keep working. Each condition is logged once per process,
-with the filesystem and the keys that change it, and again after it cleared.
+cannot make room it stores nothing (the reader serves the span from memory).
 
-Privacy: directories are created 0700 and files 0600 whatever the umask (spans are plaintext of
-files the image may keep 0600); spans/ and tmp/ are tightened at open, so the spans a former
-version left readable are not reachable by other users either.
+Privacy: directories are created 0700 and files 0600 whatever the umask (cache_dirs.py); spans/
+and tmp/ are tightened at open, so the spans a former version left readable are not reachable
+by other users either.
+
+Beside this module: cache_ledger.py (the ledger file), cache_temp.py (the temp files that
+reserve room), cache_users.py (the users/ records), disk_reserve.py, cache_errors.py.
 """
 
 from __future__ import annotations
@@ -56,13 +54,23 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshotter.fs.cache_dirs import FILE_MODE, entries, make_private_dirs, private_directory
+from snapshotter.fs.cache_errors import CacheError
+from snapshotter.fs.cache_ledger import CacheLedger
+from snapshotter.fs.cache_temp import (
+    allocate,
+    create_temp,
+    remove_orphaned_temp_files,
+    reserved_bytes,
+)
+from snapshotter.fs.cache_users import CacheUsers
 from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
+from snapshotter.fs.disk_reserve import NO_RESERVE, DiskGuard, DiskReserve
 
 _DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]{32,128})$")
 _SHA256 = re.compile(r"^sha256:([a-f0-9]{64})$")
@@ -74,76 +82,6 @@ _HASH_CHUNK = 1 << 20
 
 log = logging.getLogger("lazysnap.fs")
 _TOUCH_INTERVAL_S = 1.0  # LRU resolution; spares a utime() syscall per FUSE read
-# A writer fills its reserved temp file straight from memory, within seconds; one this old
-# belongs to a stopped or reused-pid process and would hold its reservation for ever.
-_STALE_TEMP_S = 600.0
-_LEDGER_TEMP_PREFIX = "ledger."  # ledgers were once written there and renamed into place
-_LEDGER_DIGITS = 20  # every record the same width: an in-place rewrite leaves no old tail
-
-
-_DIR_MODE = 0o700
-_FILE_MODE = 0o600
-RESERVE_CONFIG_KEYS = "[cache] min_free_bytes / min_free_percent"
-
-
-class CacheError(ValueError):
-    """Bad cache configuration or key; the message names it."""
-
-
-@dataclass(frozen=True)
-class DiskReserve:
-    """Free space the cache leaves on its filesystem: the larger of min_free_bytes and
-    min_free_percent of the filesystem, but at most half of it (so a small disk still caches
-    something rather than nothing)."""
-
-    min_free_bytes: int = 1 << 30
-    min_free_percent: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.min_free_bytes < 0 or not 0 <= self.min_free_percent <= 50:
-            raise CacheError(
-                f"disk reserve: min_free_bytes must be >= 0 ({self.min_free_bytes}) and "
-                f"min_free_percent within 0..50 ({self.min_free_percent})"
-            )
-
-    def bytes_for(self, filesystem_bytes: int) -> int:
-        wanted = max(self.min_free_bytes, int(filesystem_bytes * self.min_free_percent / 100))
-        return min(wanted, filesystem_bytes // 2)
-
-
-NO_RESERVE = DiskReserve(0, 0.0)
-
-
-@dataclass(frozen=True)
-class DiskSpace:
-    total: int
-    free: int  # for an unprivileged writer (f_bavail): what root must not use up either
-
-
-def disk_space(path: str | os.PathLike[str]) -> DiskSpace:
-    st = os.statvfs(path)
-    return DiskSpace(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
-
-
-def private_directory(path: Path) -> None:
-    """Create path (and each missing parent) 0700, or tighten it to 0700 if it exists."""
-    _make_private_dirs(path)
-    if path.stat().st_mode & 0o777 != _DIR_MODE:
-        os.chmod(path, _DIR_MODE)
-
-
-def _make_private_dirs(path: Path) -> None:
-    """mkdir -p where every directory created is 0700 whatever the umask."""
-    missing = []
-    while not path.is_dir():
-        missing.append(path)
-        if path.parent == path:
-            break
-        path = path.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, _DIR_MODE)
-            os.chmod(directory, _DIR_MODE)  # the umask may have taken bits off; none added
 
 
 @dataclass(frozen=True)
@@ -176,12 +114,10 @@ class SpanCache:
         self.clock = clock
         self._spans = self.directory / "spans"
         self._tmp = self.directory / "tmp"
-        self._users = self.directory / "users"
-        # Conditions logged once (until they clear): "reserve", "nospace"
-        self._reported: set[str] = set()
-        self._report_lock = threading.Lock()
+        self._users = CacheUsers(self.directory / "users")
+        self._disk = DiskGuard(self.directory, reserve)
         self._lock_path = self.directory / "lock"
-        self._ledger = self.directory / "ledger"
+        self._ledger = CacheLedger(self.directory / "ledger")
         self._touched: dict[Path, float] = {}
         self._touch_lock = threading.Lock()
         # (st_dev, st_ino) of span files whose bytes this process has checked against their
@@ -191,11 +127,11 @@ class SpanCache:
         try:
             if not self.directory.exists():
                 private_directory(self.directory)
-            for sub in (self._spans, self._tmp, self._users):
+            for sub in (self._spans, self._tmp, self._users.directory):
                 private_directory(sub)
         except OSError as exc:
             raise CacheError(f"span cache {self.directory}: cannot create: {exc}") from exc
-        self._remove_orphaned_temp_files()
+        remove_orphaned_temp_files(self._tmp)
 
     def span_path(self, layer_digest: str, span_no: int) -> Path:
         match = _DIGEST.match(layer_digest)
@@ -298,22 +234,15 @@ class SpanCache:
     def add_user(self, layer_digest: str, key: str) -> None:
         """Note that a mount (key: any stable name of it, e.g. its mountpoint) serves the blob,
         so that release_user() of another mount does not delete spans it still reads."""
-        path = self._user_path(layer_digest, key)
         with self._locked():
-            private_directory(path.parent)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE))
+            self._users.add(self._blob_dir(layer_digest), key)
 
     def release_user(self, layer_digest: str, key: str) -> int:
         """The mount key no longer serves the blob; if no other mount does, its spans are
         deleted (they would only wait for eviction, holding disk). Returns the bytes freed."""
-        path = self._user_path(layer_digest, key)
         with self._locked():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            if _scandir(path.parent):
+            if not self._users.remove(self._blob_dir(layer_digest), key):
                 return 0
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
             return self._delete_layer_spans(layer_digest)[1]
 
     def evict_layer(self, layer_digest: str) -> int:
@@ -328,7 +257,7 @@ class SpanCache:
         layer_dir = self.span_path(layer_digest, 0).parent
         removed = freed = 0
         total, count = self._read_ledger()  # before: a missing ledger is recounted by a scan
-        for span in _scandir(layer_dir):
+        for span in entries(layer_dir):
             try:
                 size = span.stat().st_size
                 os.unlink(span.path)
@@ -353,10 +282,9 @@ class SpanCache:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _user_path(self, layer_digest: str, key: str) -> Path:
-        blob_dir = self.span_path(layer_digest, 0).parent.relative_to(self._spans)
-        name = hashlib.sha256(key.encode()).hexdigest()[:32]
-        return self._users / blob_dir / name
+    def _blob_dir(self, layer_digest: str) -> Path:
+        """<algorithm>/<hex> of layer_digest: where its spans (and users) are."""
+        return self.span_path(layer_digest, 0).parent.relative_to(self._spans)
 
     def _holds(self, path: Path, header: bytes) -> bool:
         try:
@@ -381,107 +309,57 @@ class SpanCache:
                     return False
             if not self._room_on_disk(size):
                 return False
-            tmp = self._tmp / f"{os.getpid()}.{secrets.token_hex(8)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+            tmp, fd = create_temp(self._tmp)
             try:
-                _allocate(fd, size)
+                allocate(fd, size)
                 self._write_ledger(total + size, count)
             except OSError as exc:
                 os.close(fd)
                 tmp.unlink()
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                self._report(
-                    "nospace",
-                    "span cache %s: no space left on %s (%s): spans are served without being "
-                    "cached until there is room; free disk space, or set %s higher, or move "
-                    "[cache] dir to a bigger filesystem",
-                    self.directory,
-                    self._mount_point(),
-                    os.strerror(exc.errno),
-                    RESERVE_CONFIG_KEYS,
-                )
+                self._disk.no_space(exc.errno)
                 return False
             except BaseException:
                 os.close(fd)
                 tmp.unlink()
                 raise
-            self._clear_reported("nospace")
+            self._disk.space_taken()
             return tmp, fd
 
     def _room_on_disk(self, size: int) -> bool:
-        """Whether size more bytes leave the reserve free on the cache's filesystem, evicting
-        least recently used spans until they do; logs once when they cannot. Under the lock."""
-        space = disk_space(self.directory)
-        keep = self.reserve.bytes_for(space.total)
-        if space.free - size >= keep:
-            self._clear_reported("reserve")
-            return True
-        if keep:
-            files = sorted(self._scan(), key=lambda f: f.mtime_ns)
-            freed_bytes, freed_spans = 0, 0
-            for victim in files:
-                try:
-                    victim.path.unlink()
-                except FileNotFoundError:
-                    continue
-                freed_bytes += victim.size
-                freed_spans += 1
-                with contextlib.suppress(OSError):
-                    victim.path.parent.rmdir()
-                if disk_space(self.directory).free - size >= keep:
-                    break
-            if freed_spans:
-                total, count = self._read_ledger()
-                self._write_ledger(max(0, total - freed_bytes), max(0, count - freed_spans))
-            space = disk_space(self.directory)
-            if space.free - size >= keep:
-                return True
-        self._report(
-            "reserve",
-            "span cache %s: the filesystem %s has %d KiB free and keeps %d KiB free for "
-            "containers, too little for a span of %d KiB: spans are served without being cached "
-            "until there is room; free disk space, or lower %s, or move [cache] dir to a bigger "
-            "filesystem",
-            self.directory,
-            self._mount_point(),
-            space.free >> 10,
-            keep >> 10,
-            size >> 10,
-            RESERVE_CONFIG_KEYS,
-        )
-        return False
+        """Whether size more bytes leave the disk reserve free, evicting least recently used
+        spans until they do; logs once when they cannot. Under the lock."""
+        return self._disk.room_for(size, self._evict_until)
 
-    def _report(self, condition: str, message: str, *args: object) -> None:
-        with self._report_lock:
-            if condition in self._reported:
-                return
-            self._reported.add(condition)
-        log.warning(message, *args)
-
-    def _clear_reported(self, condition: str) -> None:
-        with self._report_lock:
-            if condition not in self._reported:
-                return
-            self._reported.discard(condition)
-        log.info("span cache %s: caching spans again (%s cleared)", self.directory, condition)
+    def _evict_until(self, enough: Callable[[], bool]) -> None:
+        """Unlink least recently used spans until enough() (checked after each); under the
+        lock."""
+        files = sorted(self._scan(), key=lambda f: f.mtime_ns)
+        freed_bytes, freed_spans = 0, 0
+        for victim in files:
+            try:
+                victim.path.unlink()
+            except FileNotFoundError:
+                continue
+            freed_bytes += victim.size
+            freed_spans += 1
+            with contextlib.suppress(OSError):
+                victim.path.parent.rmdir()
+            if enough():
+                break
+        if freed_spans:
+            total, count = self._read_ledger()
+            self._write_ledger(max(0, total - freed_bytes), max(0, count - freed_spans))
 
     def disk_room(self) -> int:
         """Bytes the cache may still add on its filesystem before reaching the reserve (without
         evicting); negative when the reserve is eaten into already."""
-        space = disk_space(self.directory)
-        return space.free - self.reserve.bytes_for(space.total)
+        return self._disk.room()
 
     def disk_limited(self) -> bool:
         """True while this process could not cache a span for lack of disk space."""
-        with self._report_lock:
-            return bool(self._reported)
-
-    def _mount_point(self) -> str:
-        path = self.directory.resolve()
-        while not os.path.ismount(path) and path != path.parent:
-            path = path.parent
-        return str(path)
+        return self._disk.limited()
 
     def _commit(self, path: Path, header: bytes, tmp: Path, size: int) -> bool:
         """Rename the filled temp file into place (its reservation becomes the span's room);
@@ -498,7 +376,7 @@ class SpanCache:
                     replaced = os.fstat(existing.fileno()).st_size
             except FileNotFoundError:
                 pass
-            _make_private_dirs(path.parent)
+            make_private_dirs(path.parent)
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
@@ -524,7 +402,7 @@ class SpanCache:
     def _locked(self) -> Iterator[None]:
         # A fresh open file description per call: flock then excludes other threads of this
         # process as well as other processes.
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -550,9 +428,9 @@ class SpanCache:
         return total, count
 
     def _scan(self) -> Iterator[_SpanFile]:
-        for algorithm in _scandir(self._spans):
-            for layer in _scandir(Path(algorithm.path)):
-                for span in _scandir(Path(layer.path)):
+        for algorithm in entries(self._spans):
+            for layer in entries(Path(algorithm.path)):
+                for span in entries(Path(layer.path)):
                     try:
                         st = span.stat()
                     except FileNotFoundError:
@@ -560,44 +438,17 @@ class SpanCache:
                     yield _SpanFile(Path(span.path), st.st_size, st.st_mtime_ns)
 
     def _reserved_bytes(self) -> int:
-        """Bytes of the temp files of spans being written; removes those of dead (or stale)
-        writers, whose reservations would otherwise never be given back. Under the lock."""
-        total = 0
-        now = self.clock.time()
-        for entry in _scandir(self._tmp):
-            if entry.name.startswith(_LEDGER_TEMP_PREFIX):
-                continue  # written and renamed under the lock: only a crash leaves one
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue
-            pid_text = entry.name.split(".", 1)[0]
-            dead = pid_text.isdigit() and not _pid_alive(int(pid_text))
-            if dead or now - st.st_mtime > _STALE_TEMP_S:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                continue
-            total += st.st_size
-        return total
+        return reserved_bytes(self._tmp, self.clock.time())
 
     def _read_ledger(self) -> tuple[int, int]:
-        try:
-            total, count = self._ledger.read_text().split()
-            return int(total), int(count)
-        except (FileNotFoundError, ValueError):
-            files = list(self._scan())
-            return sum(f.size for f in files) + self._reserved_bytes(), len(files)
+        record = self._ledger.read()
+        if record is not None:
+            return record
+        files = list(self._scan())  # missing or torn: recount
+        return sum(f.size for f in files) + self._reserved_bytes(), len(files)
 
     def _write_ledger(self, total: int, count: int) -> None:
-        # Overwritten in place, always at the same width, under the lock: a new file renamed
-        # over the old one cost ~2 ms per update here (ext4 flushes a file that replaces
-        # another on rename), twice per span stored, with every writer queued on the lock.
-        # A record that a crash tore fails to parse and is recounted by a scan.
-        fd = os.open(self._ledger, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
-        try:
-            os.pwrite(fd, f"{total:0{_LEDGER_DIGITS}d} {count:0{_LEDGER_DIGITS}d}\n".encode(), 0)
-        finally:
-            os.close(fd)
+        self._ledger.write(total, count)
 
     def _verified(self, fd: int, st: os.stat_result, header: bytes, path: Path) -> bool:
         """Whether the span file's bytes match the digest in its header, hashed the first time
@@ -639,15 +490,6 @@ class SpanCache:
         with contextlib.suppress(FileNotFoundError):
             os.utime(path)
 
-    def _remove_orphaned_temp_files(self) -> None:
-        # Not under the lock: the ledger then over-counts their reservations until the next
-        # eviction scan recounts, which is the safe direction.
-        for entry in _scandir(self._tmp):
-            pid_text = entry.name.removeprefix(_LEDGER_TEMP_PREFIX).split(".", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-
 
 def _header(digest: str) -> bytes:
     match = _SHA256.match(digest)
@@ -656,37 +498,9 @@ def _header(digest: str) -> bytes:
     return _MAGIC + bytes.fromhex(match.group(1))
 
 
-def _allocate(fd: int, size: int) -> None:
-    """Give the file its full size now, so its room is taken before its bytes are written."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        os.ftruncate(fd, size)  # a file system without fallocate: the apparent size is taken
-
-
 def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-
-
-def _scandir(path: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -33,7 +33,9 @@ from snapshotter.fs.background import (
     BackgroundState,
 )
 from snapshotter.fs.blob_source import BlobSpecError, open_blob_source
-from snapshotter.fs.cache import CacheError, DiskReserve, SpanCache
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.cache_errors import CacheError
+from snapshotter.fs.disk_reserve import DiskReserve
 from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,

@@ -35,7 +35,7 @@ class MountSpec:
     blob: BlobSpec
     cache_dir: str
     cache_max_bytes: int
-    # Free space the cache leaves on its filesystem (fs.cache.DiskReserve); 0/0: none.
+    # Free space the cache leaves on its filesystem (fs.disk_reserve.DiskReserve); 0/0: none.
     cache_min_free_bytes: int = 0
     cache_min_free_percent: float = 0.0
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S

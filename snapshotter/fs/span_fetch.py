@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.cache_errors import CacheError
 from snapshotter.fs.reader_counters import SharedCounters
 from snapshotter.fs.span_states import Attempt, Claim, SpanTable
 from snapshotter.fs.span_windows import BlobSource, WindowsFetcher

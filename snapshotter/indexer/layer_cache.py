@@ -60,8 +60,8 @@ from snapshotter.indexer.cache_entry import (
     variant_descriptor,
     variant_manifest,
 )
-from snapshotter.remote.auth import repository_scope
-from snapshotter.remote.client import PUSH, RegistryClient
+from snapshotter.remote.auth import PUSH, repository_scope
+from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import (
     AuthenticationError,
     ManifestNotFound,

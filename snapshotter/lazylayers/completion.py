@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--spec", required=True, help="the layer's mount spec file")
     args = parser.parse_args(argv)
-    from snapshotter.fs.cache import CacheError
+    from snapshotter.fs.cache_errors import CacheError
     from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
 
     started = time.monotonic()

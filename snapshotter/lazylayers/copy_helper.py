@@ -43,7 +43,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapshotter.fs.cache import NO_RESERVE, CacheError, DiskReserve, disk_space
+from snapshotter.fs.cache_errors import CacheError
+from snapshotter.fs.disk_reserve import NO_RESERVE, DiskReserve, disk_space
 from snapshotter.index.model import EntryType, LayerIndex
 from snapshotter.lazylayers.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.sidecars import bind_path, spec_path

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 
 from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
-from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.cache_errors import CacheError
 from snapshotter.lazylayers.layer_spec import LayerSpec, Resolver, write_mount_spec
 from snapshotter.lazylayers.materializer import Materializer
 from snapshotter.lazylayers.mount_checks import ABSENT, DEAD_CONNECTION, mount_problem, mount_status

@@ -29,7 +29,8 @@ from pathlib import Path
 from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
-from snapshotter.fs.cache import CacheError, SpanCache
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.cache_errors import CacheError
 from snapshotter.fs.mount_spec import MountSpec, SpecError
 from snapshotter.lazylayers.completion import FAILED as CHECK_FAILED
 from snapshotter.lazylayers.completion import PASSED as CHECK_PASSED

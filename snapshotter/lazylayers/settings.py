@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from snapshotter.config import Config
 from snapshotter.fs.background import BackgroundSettings
-from snapshotter.fs.cache import NO_RESERVE, DiskReserve
+from snapshotter.fs.disk_reserve import NO_RESERVE, DiskReserve
 from snapshotter.fs.mount_spec import OOM_SCORE_ADJ, READ_AHEAD_KB
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 

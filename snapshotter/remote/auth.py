@@ -40,6 +40,10 @@ HELPER_ANSWER_TTL = 300.0  # seconds a helper's answer (credentials or "not foun
 HELPER_FAILURE_TTL = 30.0  # seconds before a failed helper is run again for that host
 
 
+PULL = ("pull",)  # the actions of a repository scope
+PUSH = ("pull", "push")
+
+
 def repository_scope(name: str, actions: Sequence[str]) -> str:
     return f"repository:{name}:{','.join(actions)}"
 

@@ -1,4 +1,5 @@
-"""Registry control plane over httpx: manifests, blobs (whole), uploads.
+"""Registry control plane over httpx: manifests, blobs (whole: blob_stream.py), uploads
+(upload.py).
 
 Every request goes through `request()`: hosts from hosts.toml in order (mirrors, then the
 server); each is sent under transport.TransportPolicy (redirects, auth challenges, retries),
@@ -9,22 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import io
 import logging
-import os
 import re
 import ssl
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import urljoin
 
 import httpx
 
-from snapshotter.remote.auth import Authenticator, CredentialStore, repository_scope
+from snapshotter.remote import upload
+from snapshotter.remote.auth import PULL, PUSH, Authenticator, CredentialStore, repository_scope
+from snapshotter.remote.blob_stream import BlobStream
 from snapshotter.remote.errors import (
     AuthenticationError,
     BlobNotFound,
@@ -63,9 +62,6 @@ from snapshotter.remote.transport import (
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 << 20  # distribution's own limit for manifests
-DEFAULT_CHUNK = 8 << 20
-PULL = ("pull",)
-PUSH = ("pull", "push")
 
 RepoLike = Repository | Reference
 
@@ -100,57 +96,6 @@ def error_detail(response: httpx.Response) -> str:
 class PushedManifest:
     digest: str
     oci_subject: str | None  # the OCI-Subject header: the registry indexed the subject itself
-
-
-class BlobStream(io.RawIOBase):
-    """A blob body as a readable stream; at end of stream the digest (and size) is checked and
-    DigestMismatch raised naming the digest, so nothing unverified is taken as complete."""
-
-    def __init__(
-        self, chunks: Iterator[bytes], digest: str, expected_size: int | None, where: str
-    ) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._digest = digest
-        self._expected_size = expected_size
-        self._where = where
-        self._hash = hashlib.new(digest.split(":", 1)[0])
-        self._buffer = b""
-        self._received = 0
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        while not self._buffer and not self._done:
-            try:
-                chunk = next(self._chunks)
-            except StopIteration:
-                self._finish()
-                break
-            except httpx.HTTPError as exc:
-                raise RegistryUnavailable(
-                    f"blob {self._where}: body broke off after {self._received} bytes: {exc}"
-                ) from None
-            self._hash.update(chunk)
-            self._received += len(chunk)
-            self._buffer = chunk
-        n = min(len(view), len(self._buffer))
-        view[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._expected_size is not None and self._received != self._expected_size:
-            raise DigestMismatch(
-                f"blob {self._where}: got {self._received} bytes, expected {self._expected_size}"
-            )
-        actual = f"{self._digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
-        if actual != self._digest:
-            raise DigestMismatch(f"blob {self._where}: content hashes to {actual}")
 
 
 @functools.cache
@@ -535,102 +480,15 @@ class RegistryClient:
     ) -> str:
         """Upload a blob (bytes, or a file path for big ones). Tries a cross-repo mount first when
         mount_from is given; chunk_size switches to a chunked (PATCH) upload. Returns the digest."""
-        repository = as_repository(repo)
-        size = len(data) if isinstance(data, bytes) else os.path.getsize(data)
-        if digest is None:
-            digest = sha256_digest(data) if isinstance(data, bytes) else _file_digest(data)
-        validate_digest(digest)
-        if skip_existing and self.blob_exists(repository, digest):
-            return digest
-        host = self.hosts.hosts_for(repository.registry, "push")[0]
-        what = f"upload of blob {digest} to {repository}"
-        params: list[tuple[str, str]] = []
-        extra: list[str] = []
-        if mount_from is not None:
-            source = as_repository(mount_from)
-            params = [("mount", digest), ("from", source.name)]
-            extra = [repository_scope(source.name, PULL)]
-        response, host = self.request(
-            "POST",
-            repository,
-            f"/{repository.name}/blobs/uploads/",
-            capability="push",
-            actions=PUSH,
-            extra_scopes=extra,
-            params=params or None,
-            host=host,
+        return upload.push_blob(
+            self,
+            as_repository(repo),
+            data,
+            digest,
+            mount_from=None if mount_from is None else as_repository(mount_from),
+            chunk_size=chunk_size,
+            skip_existing=skip_existing,
         )
-        with contextlib.closing(response):
-            if response.status_code == 201 and mount_from is not None:
-                log.debug(
-                    "mounted %s into %s from %s", digest, repository, as_repository(mount_from)
-                )
-                return digest
-            self.check(response, what, (202,), host)
-            location = self._location(response, what)
-        if chunk_size is None or size <= chunk_size:
-            body = data if isinstance(data, bytes) else Path(data).read_bytes()
-            self._finish_upload(repository, host, location, digest, body, what)
-            return digest
-        offset = 0
-        with _open_source(data) as source_file:
-            while offset < size:
-                chunk = source_file.read(chunk_size)
-                end = offset + len(chunk) - 1
-                response, _ = self.request(
-                    "PATCH",
-                    repository,
-                    "",
-                    capability="push",
-                    actions=PUSH,
-                    host=host,
-                    url=location,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Range": f"{offset}-{end}",
-                        "Content-Length": str(len(chunk)),
-                    },
-                    content=chunk,
-                )
-                with contextlib.closing(response):
-                    self.check(response, f"{what} (chunk at {offset})", (202,), host)
-                    location = self._location(response, what)
-                offset += len(chunk)
-        self._finish_upload(repository, host, location, digest, b"", what)
-        return digest
-
-    def _location(self, response: httpx.Response, what: str) -> str:
-        location = response.headers.get("location")
-        if not location:
-            raise UnexpectedResponse(
-                f"{what}: registry answered {response.status_code} without Location"
-            )
-        return str(urljoin(str(response.url), str(location)))
-
-    def _finish_upload(
-        self,
-        repository: Repository,
-        host: RegistryHost,
-        location: str,
-        digest: str,
-        body: bytes,
-        what: str,
-    ) -> None:
-        separator = "&" if "?" in location else "?"
-        url = f"{location}{separator}digest={quote(digest)}"
-        response, _ = self.request(
-            "PUT",
-            repository,
-            "",
-            capability="push",
-            actions=PUSH,
-            host=host,
-            url=url,
-            headers={"Content-Type": "application/octet-stream"},
-            content=body,
-        )
-        with contextlib.closing(response):
-            self.check(response, what, (201, 204), host)
 
 
 @dataclass(frozen=True)
@@ -653,23 +511,6 @@ class _HttpxAnswer:
 
 def stream_unread(response: httpx.Response) -> bool:
     return not response.is_stream_consumed and not hasattr(response, "_content")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-@contextlib.contextmanager
-def _open_source(data: bytes | Path) -> Iterator[io.BufferedIOBase]:
-    if isinstance(data, bytes):
-        yield io.BytesIO(data)
-    else:
-        with open(data, "rb") as f:
-            yield f
 
 
 _API_REPOSITORY = re.compile(r"/v2/(.+?)/(?:manifests|blobs|referrers|tags)/")

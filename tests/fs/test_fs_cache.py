@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.cache import HEADER_SIZE, CacheError, SpanCache
+from snapshotter.fs.cache import HEADER_SIZE, SpanCache
+from snapshotter.fs.cache_errors import CacheError
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.fs.blob_source import BlobSpec, FileBlobSource
-from snapshotter.fs.cache import DiskReserve, SpanCache, disk_space
+from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.disk_reserve import DiskReserve, disk_space
 from snapshotter.fs.mount_process import _Reporter, _StateKeeper
 from snapshotter.fs.mount_spec import MountSpec
 from snapshotter.fs.reader import LayerReader

@@ -36,7 +36,7 @@ from harness.daemon import LazysnapDaemon, start_lazysnap
 from harness.images import PushedImage
 from harness.procs import unmount_all_under
 from harness.registry import Registry
-from snapshotter.fs.cache import disk_space
+from snapshotter.fs.disk_reserve import disk_space
 from snapshotter.index.codec import decode_index, encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
