@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
 from snapshotter.accel.record import STATE_OF_TASK_STATUS
@@ -73,17 +71,12 @@ def _from_service(
             headers["Authorization"] = f"Bearer {read_token(token_file)}"
         except ConfigurationError as exc:
             raise _Unavailable(str(exc)) from None
-    request = urllib.request.Request(
-        url.rstrip("/") + "/api/v1/conversions" + query, headers=headers
-    )
+    from snapshotter.remote.service_api import ServiceCallError, get_json
+
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            doc = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        answer = exc.read(500).decode(errors="replace")
-        raise _Unavailable(f"--url {url}: HTTP {exc.code}: {' '.join(answer.split())}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise _Unavailable(f"--url {url}: {exc}") from None
+        doc = get_json(url.rstrip("/") + "/api/v1/conversions" + query, headers, timeout=30)
+    except ServiceCallError as exc:
+        raise _Unavailable(f"--url {exc}") from None
     if not isinstance(doc, list):
         raise _Unavailable(f"--url {url}: the answer is not a task list")
     return doc
