@@ -73,6 +73,16 @@ from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.disk_reserve import NO_RESERVE, DiskGuard, DiskReserve
 
 _DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]{32,128})$")
+
+
+def layer_directory(spans_dir: Path, layer_digest: str) -> Path:
+    """Where one layer's spans live under a cache's spans/ directory: <algorithm>/<hex>."""
+    match = _DIGEST.match(layer_digest)
+    if match is None:
+        raise CacheError(f"span cache: {layer_digest!r} is not a digest (algorithm:hex)")
+    return spans_dir / match.group(1) / match.group(2)
+
+
 _SHA256 = re.compile(r"^sha256:([a-f0-9]{64})$")
 # "lzspan1\0" + the raw sha256 of the span's bytes. Files of the header-less format have the
 # wrong size for every span, so they are dropped as damaged and fetched again.
@@ -134,12 +144,9 @@ class SpanCache:
         remove_orphaned_temp_files(self._tmp)
 
     def span_path(self, layer_digest: str, span_no: int) -> Path:
-        match = _DIGEST.match(layer_digest)
-        if match is None:
-            raise CacheError(f"span cache: {layer_digest!r} is not a digest (algorithm:hex)")
         if span_no < 0:
             raise CacheError(f"span cache: span number {span_no} of {layer_digest} is negative")
-        return self._spans / match.group(1) / match.group(2) / str(span_no)
+        return layer_directory(self._spans, layer_digest) / str(span_no)
 
     def stored_size(self, span_size: int) -> int:
         """Bytes a span of span_size bytes takes in the cache (what max_bytes bounds)."""
