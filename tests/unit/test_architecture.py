@@ -384,6 +384,27 @@ def test_the_doc_has_one_line_per_package_and_top_level_module(
     assert not problems, "\n".join(problems)
 
 
+def listed_entries(path: Path) -> set[str]:
+    """The packages and top-level modules the doc's first block (the map of snapshotter/) names
+    at its top indent: `  name/` or `  name.py`."""
+    text = path.read_text()
+    start = text.index("```\nsnapshotter/\n")
+    block = text[start : text.index("\n```", start + 3)]
+    entry = re.compile(r"^  (?P<name>\w+)(?P<kind>/|\.py)(?:\s|$)")
+    return {m.group("name") for line in block.splitlines() if (m := entry.match(line)) is not None}
+
+
+def test_the_map_names_every_package_and_top_level_module_and_nothing_else(
+    graph: ImportGraph,
+) -> None:
+    listed = listed_entries(DOC)
+    units = graph.units()
+    assert not units - listed, f"docs/architecture.md's map lacks: {sorted(units - listed)}"
+    assert not listed - units, (
+        f"docs/architecture.md's map names what is gone: {sorted(listed - units)}"
+    )
+
+
 def test_every_import_between_packages_is_drawn_in_the_doc(
     graph: ImportGraph, doc: DocArrows
 ) -> None:
