@@ -26,11 +26,12 @@ import argparse
 import hashlib
 import json
 import sys
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.tar_toc import TarTocParser
@@ -88,22 +89,21 @@ class Pacer:
     def __init__(
         self,
         rate_bytes: int | None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.rate_bytes = rate_bytes
         self._clock = clock
-        self._sleep = sleep
-        self._started = clock()
+        self._started = clock.monotonic()
         self._done = 0
+        self._never = threading.Event()  # the pause is the clock's alone
 
     def account(self, count: int) -> None:
         if not self.rate_bytes:
             return
         self._done += count
-        ahead = self._done / self.rate_bytes - (self._clock() - self._started)
+        ahead = self._done / self.rate_bytes - (self._clock.monotonic() - self._started)
         if ahead > 0:
-            self._sleep(ahead)
+            self._clock.wait(self._never, ahead)
 
 
 def check_layer(

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.lazylayers.deaths import (
     Death,
     DeathWatch,
@@ -87,8 +88,11 @@ class MountSupervisor:
         ready_timeout: float,
         zygote: bool,
         session_credentials: SessionCredentials | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """clock: what startup waits, restart intervals and death records go by."""
         self.ready_timeout = ready_timeout
+        self._clock = clock
         self.starter = MountStarter(python, zygote=zygote, session_credentials=session_credentials)
         self._children: dict[str, MountChild] = {}
         self._startups: dict[str, _Startup] = {}
@@ -135,7 +139,7 @@ class MountSupervisor:
                 f"starting mount process for {mountpoint}: {exc}", FallbackReason.MOUNT
             ) from exc
         os.close(write_end)
-        startup = _Startup(child, log_path, time.monotonic(), threading.Event())
+        startup = _Startup(child, log_path, self._clock.monotonic(), threading.Event())
         with self._lock:
             self._children[mountpoint] = child
             self._startups[mountpoint] = startup
@@ -155,12 +159,12 @@ class MountSupervisor:
         if startup is None:
             return None
         # The watcher gives up after ready_timeout; the margin covers its own scheduling.
-        waiting_since = time.monotonic()
+        waiting_since = self._clock.monotonic()
         if not startup.done.is_set():
-            startup.done.wait(self.ready_timeout + 5)
+            self._clock.wait(startup.done, self.ready_timeout + 5)
             log.info(
                 "waited %.2fs for lazy layer at %s to mount",
-                time.monotonic() - waiting_since,
+                self._clock.monotonic() - waiting_since,
                 mountpoint,
             )
         with self._lock:
@@ -211,7 +215,7 @@ class MountSupervisor:
             log.info(
                 "lazy layer at %s ready after %.2fs",
                 mountpoint,
-                time.monotonic() - startup.started,
+                self._clock.monotonic() - startup.started,
             )
             self._deaths.follow(mountpoint, startup.child.pid)
         else:
@@ -304,7 +308,7 @@ class MountSupervisor:
                 log.info("mount process %d of %s exited%s", pid, mountpoint, note)
                 return
             with self._lock:
-                now = time.monotonic()
+                now = self._clock.monotonic()
                 # Only restarts within the interval matter: forget older ones (bounded).
                 self._restarted = {
                     path: when
@@ -351,7 +355,7 @@ class MountSupervisor:
         state = sidecars.read_state(mountpoint) or {}
         digest = str(state.get("layer_digest") or "?")
         stranded = overlays_using(mountpoint, mount_table())
-        append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
+        append_death(mountpoint, Death(pid, self._clock.time(), digest, tuple(stranded), restart))
         log.error(
             "mount process %d of lazy layer %s at %s died%s: its FUSE connection is gone. "
             "%d mount(s) still read through it and get ENOTCONN until they are restarted "
@@ -383,17 +387,24 @@ def _notify(
 
 
 def _wait_exit(pid: int, child: MountChild | None, timeout: float) -> None:
+    """Wait (real time: another process's exit) up to timeout for pid to end."""
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout)
         return
-    deadline = time.monotonic() + timeout
-    while is_mount_process(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    try:  # not our child (adopted after a restart): its pidfd turns readable when it ends
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
 
 
 def _read_line(fd: int, timeout: float) -> str | None:
-    """The first line on fd; "" at EOF without one; None on timeout."""
+    """The first line on fd; "" at EOF without one; None on timeout (real time: it waits on
+    the mount process, and await_startup's margin covers it)."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
