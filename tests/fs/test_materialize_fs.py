@@ -23,7 +23,6 @@ from snapshotter.lazylayers.copy_helper import copy_budget
 from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.materializer import (
     MATERIALIZE_MAX_ATTEMPTS,
-    MATERIALIZE_POLL_S,
     MATERIALIZE_RETRY_MAX_S,
     Materializer,
 )
@@ -46,7 +45,15 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
-from tests.fs.lazy_layers_helpers import is_live, is_local, known_mountpoints, materialize_now
+from tests.fs.lazy_layers_helpers import (
+    background_complete,
+    is_live,
+    is_local,
+    known_mountpoints,
+    materialize_now,
+    until_watcher,
+    watcher_passes,
+)
 from tests.fs.manual_clock import ManualClock
 from tests.fs.test_fs_mount import Layer
 
@@ -108,29 +115,6 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
     return condition()
 
 
-def _watcher_passes(clock: ManualClock, count: int, seconds: float = MATERIALIZE_POLL_S) -> None:
-    """Let the materializer's watcher make count passes over its layers, seconds apart."""
-    for _ in range(count):
-        clock.wait_for_blocked(1, timeout=60)  # its last pass is over
-        clock.advance(seconds)
-    clock.wait_for_blocked(1, timeout=60)
-
-
-def _until(condition: Callable[[], bool], clock: ManualClock, seconds: float = 30.0) -> bool:
-    """Move the watcher on, a poll interval at a time, until condition holds (or seconds of
-    real time passed)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        _watcher_passes(clock, 1)
-    return True
-
-
-def _background_complete(mnt: Path) -> bool:
-    return (read_state(str(mnt)) or {}).get("background") == "complete"
-
-
 def _is_mounted(path: Path) -> bool:
     return os.stat(path).st_dev != os.stat(path.parent).st_dev
 
@@ -183,9 +167,9 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
     pid = read_state(str(mnt))["pid"]  # type: ignore[index]
     # A reader that started on the FUSE mount (as a running container does) keeps it alive.
     with open(mnt / "usr/lib/big.bin", "rb") as held:
-        assert _wait_for(lambda: _background_complete(mnt))
+        assert _wait_for(lambda: background_complete(mnt))
         # The marker comes first, the detach right after it.
-        assert _until(lambda: is_local(str(mnt)) and not _is_mounted(mnt), clock), (
+        assert until_watcher(lambda: is_local(str(mnt)) and not _is_mounted(mnt), clock), (
             f"not local; state {read_state(str(mnt))}"
         )
         assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
@@ -230,8 +214,8 @@ def test_without_materialize_the_layer_stays_on_fuse(
     mnt = tmp_path / "fs"
     mnt.mkdir()
     manager.mount_layer(str(mnt), layer.spec())
-    assert _wait_for(lambda: _background_complete(mnt))
-    _watcher_passes(clock, 2)  # the first one checks the complete layer: a copy would follow
+    assert _wait_for(lambda: background_complete(mnt))
+    watcher_passes(clock, 2)  # the first one checks the complete layer: a copy would follow
     assert read_verdict(str(mnt)) is not None  # the check did run
     assert _is_mounted(mnt) and not is_local(str(mnt))
     assert _underlying(mnt) == []
@@ -254,8 +238,8 @@ def test_a_failing_copy_leaves_fuse_serving_and_no_partial_tree(
         mnt.mkdir()
         with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
             manager.mount_layer(str(mnt), layer.spec())
-            assert _wait_for(lambda: _background_complete(mnt))
-            assert _until(lambda: "stays lazy" in caplog.text, clock), caplog.text
+            assert _wait_for(lambda: background_complete(mnt))
+            assert until_watcher(lambda: "stays lazy" in caplog.text, clock), caplog.text
         [line] = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
         # refused before cp wrote anything: the files would not leave the reserve free
         assert layer.index.layer_digest in line and "free space there" in line, line
@@ -289,7 +273,7 @@ def test_a_copy_left_by_a_crash_is_wiped_and_redone(
     view.rmdir()
     assert _underlying(mnt) == ["etc"]
     # Only a layer that passed its completion check is copied, and that needs every span.
-    assert _wait_for(lambda: _background_complete(mnt))
+    assert _wait_for(lambda: background_complete(mnt))
     assert materialize_now(manager, str(mnt))
     assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
 
@@ -376,13 +360,13 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
     mnt = tmp_path / "fs"
     mnt.mkdir()
     manager.mount_layer(str(mnt), layer.spec())
-    assert _wait_for(lambda: _background_complete(mnt))
+    assert _wait_for(lambda: background_complete(mnt))
     for _ in range(3):  # the watcher's passes over 3 s, the node busy all along
         node.note_busy()
-        _watcher_passes(clock, 1)
+        watcher_passes(clock, 1)
     assert _is_mounted(mnt) and not is_local(str(mnt))
     # Quiet for 2 s: the copy runs.
-    assert _until(lambda: is_local(str(mnt)), clock, 15)
+    assert until_watcher(lambda: is_local(str(mnt)), clock, 15)
 
 
 def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
@@ -400,7 +384,7 @@ def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
         mnt = tmp_path / "fs"
         mnt.mkdir()
         manager.mount_layer(str(mnt), many.spec())
-        assert _wait_for(lambda: _background_complete(mnt))
+        assert _wait_for(lambda: background_complete(mnt))
         # The mount process stops counting right after the first state that says complete:
         # any later state was written after that.
         complete_at = (read_state(str(mnt)) or {})["updated_at"]
@@ -462,12 +446,12 @@ def test_a_copy_that_keeps_failing_is_tried_three_times_then_given_up(
         mnt.mkdir()
         with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
             manager.mount_layer(str(mnt), layer.spec())
-            assert _wait_for(lambda: _background_complete(mnt))
-            assert _until(lambda: "giving up" in caplog.text, clock), caplog.text
+            assert _wait_for(lambda: background_complete(mnt))
+            assert until_watcher(lambda: "giving up" in caplog.text, clock), caplog.text
         tries = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
         assert len(tries) == MATERIALIZE_MAX_ATTEMPTS, tries
         assert "failed 3 time(s)" in tries[-1] and "free space there" in tries[-1]
-        _watcher_passes(clock, 3, MATERIALIZE_RETRY_MAX_S)  # longer than any retry delay
+        watcher_passes(clock, 3, MATERIALIZE_RETRY_MAX_S)  # longer than any retry delay
         assert sum("stays lazy" in r.getMessage() for r in caplog.records) == len(tries)
         assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
         manager.unmount(str(mnt))
