@@ -387,19 +387,16 @@ def _notify(
 
 
 def _wait_exit(pid: int, child: MountChild | None, timeout: float) -> None:
-    """Wait (real time: another process's exit) up to timeout for pid to end."""
+    """Wait up to timeout for pid to end, in real time: another process's exit, which no
+    clock of ours moves. An adopted process counts as ended once its main thread is (a zombie
+    leader), as is_mount_process says; its pidfd would wait for every thread."""
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout)
         return
-    try:  # not our child (adopted after a restart): its pidfd turns readable when it ends
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        select.select([pidfd], [], [], timeout)
-    finally:
-        os.close(pidfd)
+    deadline = time.monotonic() + timeout
+    while is_mount_process(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _read_line(fd: int, timeout: float) -> str | None:
