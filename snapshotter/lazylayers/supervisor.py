@@ -60,6 +60,8 @@ from snapshotter.remote.session_credentials import SessionCredentials
 log = logging.getLogger("lazysnap.fs")
 
 STOP_TIMEOUT_S = 10.0
+# How long the ready-line wait blocks at a time before it looks at the clock again.
+READY_POLL_S = 0.25
 LOG_TAIL_BYTES = 2000
 # A mount process that dies again this soon after being restarted is left for the next check().
 RESTART_MIN_INTERVAL_S = 60.0
@@ -208,7 +210,7 @@ class MountSupervisor:
 
     def _watch_startup(self, mountpoint: str, startup: _Startup, read_end: int) -> None:
         try:
-            answer = _read_line(read_end, self.ready_timeout)
+            answer = _read_line(read_end, self.ready_timeout, self._clock)
         finally:
             os.close(read_end)
         if answer == "ready":
@@ -399,18 +401,18 @@ def _wait_exit(pid: int, child: MountChild | None, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _read_line(fd: int, timeout: float) -> str | None:
-    """The first line on fd; "" at EOF without one; None on timeout (real time: it waits on
-    the mount process, and await_startup's margin covers it)."""
-    deadline = time.monotonic() + timeout
+def _read_line(fd: int, timeout: float, clock: Clock) -> str | None:
+    """The first line on fd; "" at EOF without one; None once timeout seconds of clock
+    passed (looked at every READY_POLL_S of real time: the pipe is no Event to wait on)."""
+    deadline = clock.monotonic() + timeout
     data = b""
     while b"\n" not in data:
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock.monotonic()
         if remaining <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], remaining)
+        ready, _, _ = select.select([fd], [], [], min(remaining, READY_POLL_S))
         if not ready:
-            return None
+            continue
         chunk = os.read(fd, 4096)
         if not chunk:
             break

@@ -449,6 +449,49 @@ def test_a_mount_that_fails_after_mount_returned_is_reported_by_check_and_cleane
         lazy.unmount(str(mnt))
 
 
+def test_a_mount_process_that_never_says_ready_fails_once_the_ready_timeout_passed(
+    tmp_path: Path,
+) -> None:
+    """The ready timeout goes by the manager's clock: a process that stays silent (a fake: no
+    real mount process hangs on purpose) fails its mount once the clock passed it."""
+    silent = tmp_path / "silent-python"
+    # Its command line names the mount process module, as the real one's does, so unmount()
+    # recognises and stops it.
+    silent.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -c 'import signal; signal.pause()' \"$@\"\n"
+    )
+    silent.chmod(0o755)
+    tar = make_tar(rich_members())
+    layer = Layer(tar, tar, built_index(tar, "tar"))
+    clock = ManualClock()
+    lazy = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            python=str(silent),
+            ready_timeout=30,
+            mount_in_background=True,
+        ),
+        clock=clock,
+    )
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    try:
+        lazy.mount_layer(str(mnt), layer.spec(), wait=False)
+        clock.advance(29)
+        assert not lazy.supervisor.startup_settled(str(mnt))  # still starting
+        clock.advance(1)
+        started = time.monotonic()
+        with pytest.raises(RemoteLayerUnavailable, match="not ready within 30s"):
+            lazy.check(str(mnt), {})
+        assert time.monotonic() - started < 10  # the clock's 30 s, not real ones
+        assert not is_live(str(mnt)) and os.listdir(mnt) == []
+    finally:
+        lazy.unmount(str(mnt))
+        lazy.close()
+        layer.server.stop()
+
+
 WARM_CHECK = """
 import os, sys
 root = sys.argv[1]
