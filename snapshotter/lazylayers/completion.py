@@ -27,7 +27,6 @@ import hashlib
 import json
 import sys
 import threading
-import time
 from dataclasses import dataclass
 
 from snapshotter.fs.cache import SpanCache
@@ -212,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from snapshotter.fs.cache import CacheError
     from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
 
-    started = time.monotonic()
+    clock = SYSTEM_CLOCK  # the helper's own process: real time
+    started = clock.monotonic()
     try:
         spec = MountSpec.load(args.spec)
         index = load_index(spec.index_path)
@@ -221,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"completion check of {args.spec}: {exc}", file=sys.stderr)
         return 1
     # Paced like background fetch: [fetch] background_rate_bytes, here uncompressed bytes.
-    report = check_layer(index, cache, spec.diff_id, pacer=Pacer(spec.background_rate_bytes))
+    report = check_layer(index, cache, spec.diff_id, pacer=Pacer(spec.background_rate_bytes, clock))
     timed = CheckReport(
         report.result,
         report.detail,
         report.bytes_checked,
         report.diff_id_checked,
-        time.monotonic() - started,
+        clock.monotonic() - started,
     )
     print(json.dumps(timed.to_json()))
     return 0
