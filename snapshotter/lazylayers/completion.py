@@ -26,11 +26,11 @@ import argparse
 import hashlib
 import json
 import sys
-import time
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.tar_toc import TarTocParser
@@ -88,22 +88,21 @@ class Pacer:
     def __init__(
         self,
         rate_bytes: int | None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.rate_bytes = rate_bytes
         self._clock = clock
-        self._sleep = sleep
-        self._started = clock()
+        self._started = clock.monotonic()
         self._done = 0
+        self._never = threading.Event()  # the pause is the clock's alone
 
     def account(self, count: int) -> None:
         if not self.rate_bytes:
             return
         self._done += count
-        ahead = self._done / self.rate_bytes - (self._clock() - self._started)
+        ahead = self._done / self.rate_bytes - (self._clock.monotonic() - self._started)
         if ahead > 0:
-            self._sleep(ahead)
+            self._clock.wait(self._never, ahead)
 
 
 def check_layer(
@@ -212,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from snapshotter.fs.cache_errors import CacheError
     from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
 
-    started = time.monotonic()
+    clock = SYSTEM_CLOCK  # the helper's own process: real time
+    started = clock.monotonic()
     try:
         spec = MountSpec.load(args.spec)
         index = load_index(spec.index_path)
@@ -221,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"completion check of {args.spec}: {exc}", file=sys.stderr)
         return 1
     # Paced like background fetch: [fetch] background_rate_bytes, here uncompressed bytes.
-    report = check_layer(index, cache, spec.diff_id, pacer=Pacer(spec.background_rate_bytes))
+    report = check_layer(index, cache, spec.diff_id, pacer=Pacer(spec.background_rate_bytes, clock))
     timed = CheckReport(
         report.result,
         report.detail,
         report.bytes_checked,
         report.diff_id_checked,
-        time.monotonic() - started,
+        clock.monotonic() - started,
     )
     print(json.dumps(timed.to_json()))
     return 0

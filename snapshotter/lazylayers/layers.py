@@ -25,6 +25,7 @@ from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.cache_errors import CacheError
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.lazylayers.layer_spec import LayerSpec, Resolver, write_mount_spec
 from snapshotter.lazylayers.materializer import Materializer
 from snapshotter.lazylayers.mount_checks import ABSENT, DEAD_CONNECTION, mount_problem, mount_status
@@ -44,11 +45,14 @@ class LazyLayers:
         resolve: Resolver | None = None,
         ledger: RefusalLedger | None = None,
         session_credentials: SessionCredentials | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """Without a resolver every mount() falls back (the core then pulls the layer whole).
         ledger: the node's completion-check refusals (default: beside the cache directory).
         session_credentials: pull credentials the CRI proxy keeps in memory, handed to the
-        mount processes of their repositories' layers."""
+        mount processes of their repositories' layers. clock: the daemon side's time (startup
+        waits, restart intervals, the materializer's polls, retries and quiet periods); the
+        mount processes keep their own."""
         self.settings = settings
         self.resolve = resolve
         cache_parent = os.path.dirname(os.path.abspath(settings.cache_dir))
@@ -58,14 +62,16 @@ class LazyLayers:
             ready_timeout=settings.ready_timeout,
             zygote=settings.zygote,
             session_credentials=session_credentials,
+            clock=clock,
         )
-        self.materializer = Materializer(settings, self.ledger, self.supervisor)
+        self.materializer = Materializer(settings, self.ledger, self.supervisor, clock)
         self._span_cache: SpanCache | None = None  # for the blobs' user records (unmount)
         self._span_cache_lock = threading.Lock()
 
     def close(self) -> None:
-        """Stop the zygote and the death watch (mount processes live on, as after the daemon
-        exits)."""
+        """Stop the zygote, the death watch and the materializer's watcher (mount processes
+        live on, as after the daemon exits)."""
+        self.materializer.close()
         self.supervisor.close()
 
     # -- RemoteLayers ------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 from snapshotter import sidecars
@@ -31,6 +30,7 @@ from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.cache_errors import CacheError
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.mount_spec import MountSpec, SpecError
 from snapshotter.lazylayers.completion import FAILED as CHECK_FAILED
 from snapshotter.lazylayers.completion import PASSED as CHECK_PASSED
@@ -57,9 +57,15 @@ BACKGROUND_COMPLETE = "complete"  # the state file's "background" once every spa
 
 class Materializer:
     def __init__(
-        self, settings: LazyLayerSettings, ledger: RefusalLedger, supervisor: MountSupervisor
+        self,
+        settings: LazyLayerSettings,
+        ledger: RefusalLedger,
+        supervisor: MountSupervisor,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """clock: what the watcher's polls, retry delays, quiet periods and records go by."""
         self.settings = settings
+        self._clock = clock
         self.ledger = ledger
         self._supervisor = supervisor
         self._checks: dict[str, CompletionCheck] = {}
@@ -71,13 +77,18 @@ class Materializer:
         self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
         self._attempts: dict[str, int] = {}  # mountpoint -> failed copies so far
         # A copy works the disk and a core: like background fetch, it waits for a quiet node.
-        self._node_activity = NodeActivity(settings.cache_dir)
+        self._node_activity = NodeActivity(settings.cache_dir, clock)
         self._busy = BusyGate(self._node_activity, settings.background.quiet_seconds)
         self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()  # ends the watcher
         # Held while a finished copy gets its marker and detach, and while forget() removes a
         # marker: an unmount never leaves a marker behind that a copy wrote after it.
         self._finish_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the dicts, sets and the watcher
+
+    def close(self) -> None:
+        """End the watcher after its current step (a check or copy runs to its end)."""
+        self._closed.set()
 
     def watched(self) -> list[str]:
         with self._lock:
@@ -147,8 +158,7 @@ class Materializer:
     # -- the watcher -------------------------------------------------------------------------------
 
     def _materialize_loop(self) -> None:
-        while True:
-            time.sleep(MATERIALIZE_POLL_S)
+        while not self._clock.wait(self._closed, MATERIALIZE_POLL_S):
             for mountpoint in self.watched():
                 try:
                     self._consider(mountpoint)
@@ -165,7 +175,7 @@ class Materializer:
         # nobody used yet (check() was not called) still completes, is checked and copied.
         if not self._supervisor.startup_settled(mountpoint):
             return
-        if time.monotonic() < not_before or sidecars.read_marker(mountpoint) is not None:
+        if self._clock.monotonic() < not_before or sidecars.read_marker(mountpoint) is not None:
             return
         if sidecars.failure_recorded(mountpoint):
             return  # given up on; the record says why (deleting it asks for a new try)
@@ -237,7 +247,7 @@ class Materializer:
             layer_digest=layer_digest,
             index_digest=spec.index_digest,
             diff_id=spec.diff_id,
-            checked_at=time.time(),
+            checked_at=self._clock.time(),
         )
         if verdict.failed:
             self._refuse(mountpoint, spec, verdict)
@@ -326,7 +336,7 @@ class Materializer:
             if mountpoint in self._copies:
                 return False
             self._copies[mountpoint] = copy
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             try:
                 copy.run()
@@ -338,7 +348,7 @@ class Materializer:
                 if copy.cancelled:  # unmounted meanwhile: the copy is a leftover now
                     return False
                 try:
-                    marker = sidecars.LocalMarker(layer_digest, time.time())
+                    marker = sidecars.LocalMarker(layer_digest, self._clock.time())
                     sidecars.write_marker(mountpoint, marker)
                 except sidecars.SidecarError as exc:
                     self._failed(mountpoint, layer_digest, str(exc))
@@ -353,7 +363,7 @@ class Materializer:
                 "process ends when no container uses it",
                 layer_digest or "?",
                 mountpoint,
-                time.monotonic() - started,
+                self._clock.monotonic() - started,
             )
             return True
         finally:
@@ -375,9 +385,9 @@ class Materializer:
             _, delay = self._retry.get(mountpoint, (0.0, 0.0))
             first_delay = self.settings.materialize_retry_s
             delay = min(MATERIALIZE_RETRY_MAX_S, delay * 2) if delay else first_delay
-            self._retry[mountpoint] = (time.monotonic() + delay, delay)
+            self._retry[mountpoint] = (self._clock.monotonic() + delay, delay)
         if permanent or attempts >= MATERIALIZE_MAX_ATTEMPTS:
-            sidecars.write_failure(mountpoint, why, attempts, time.time())
+            sidecars.write_failure(mountpoint, why, attempts, self._clock.time())
             log.warning(
                 "layer %s at %s stays lazy (FUSE keeps serving it): %s failed %d time(s), "
                 "giving up: %s (`lazysnap status` shows it; delete %s to try again)",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.lazylayers.deaths import (
     Death,
     DeathWatch,
@@ -59,6 +60,8 @@ from snapshotter.remote.session_credentials import SessionCredentials
 log = logging.getLogger("lazysnap.fs")
 
 STOP_TIMEOUT_S = 10.0
+# How long the ready-line wait blocks at a time before it looks at the clock again.
+READY_POLL_S = 0.25
 LOG_TAIL_BYTES = 2000
 # A mount process that dies again this soon after being restarted is left for the next check().
 RESTART_MIN_INTERVAL_S = 60.0
@@ -87,8 +90,11 @@ class MountSupervisor:
         ready_timeout: float,
         zygote: bool,
         session_credentials: SessionCredentials | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """clock: what startup waits, restart intervals and death records go by."""
         self.ready_timeout = ready_timeout
+        self._clock = clock
         self.starter = MountStarter(python, zygote=zygote, session_credentials=session_credentials)
         self._children: dict[str, MountChild] = {}
         self._startups: dict[str, _Startup] = {}
@@ -135,7 +141,7 @@ class MountSupervisor:
                 f"starting mount process for {mountpoint}: {exc}", FallbackReason.MOUNT
             ) from exc
         os.close(write_end)
-        startup = _Startup(child, log_path, time.monotonic(), threading.Event())
+        startup = _Startup(child, log_path, self._clock.monotonic(), threading.Event())
         with self._lock:
             self._children[mountpoint] = child
             self._startups[mountpoint] = startup
@@ -155,12 +161,12 @@ class MountSupervisor:
         if startup is None:
             return None
         # The watcher gives up after ready_timeout; the margin covers its own scheduling.
-        waiting_since = time.monotonic()
+        waiting_since = self._clock.monotonic()
         if not startup.done.is_set():
-            startup.done.wait(self.ready_timeout + 5)
+            self._clock.wait(startup.done, self.ready_timeout + 5)
             log.info(
                 "waited %.2fs for lazy layer at %s to mount",
-                time.monotonic() - waiting_since,
+                self._clock.monotonic() - waiting_since,
                 mountpoint,
             )
         with self._lock:
@@ -204,14 +210,14 @@ class MountSupervisor:
 
     def _watch_startup(self, mountpoint: str, startup: _Startup, read_end: int) -> None:
         try:
-            answer = _read_line(read_end, self.ready_timeout)
+            answer = _read_line(read_end, self.ready_timeout, self._clock)
         finally:
             os.close(read_end)
         if answer == "ready":
             log.info(
                 "lazy layer at %s ready after %.2fs",
                 mountpoint,
-                time.monotonic() - startup.started,
+                self._clock.monotonic() - startup.started,
             )
             self._deaths.follow(mountpoint, startup.child.pid)
         else:
@@ -304,7 +310,7 @@ class MountSupervisor:
                 log.info("mount process %d of %s exited%s", pid, mountpoint, note)
                 return
             with self._lock:
-                now = time.monotonic()
+                now = self._clock.monotonic()
                 # Only restarts within the interval matter: forget older ones (bounded).
                 self._restarted = {
                     path: when
@@ -351,7 +357,7 @@ class MountSupervisor:
         state = sidecars.read_state(mountpoint) or {}
         digest = str(state.get("layer_digest") or "?")
         stranded = overlays_using(mountpoint, mount_table())
-        append_death(mountpoint, Death(pid, time.time(), digest, tuple(stranded), restart))
+        append_death(mountpoint, Death(pid, self._clock.time(), digest, tuple(stranded), restart))
         log.error(
             "mount process %d of lazy layer %s at %s died%s: its FUSE connection is gone. "
             "%d mount(s) still read through it and get ENOTCONN until they are restarted "
@@ -383,6 +389,9 @@ def _notify(
 
 
 def _wait_exit(pid: int, child: MountChild | None, timeout: float) -> None:
+    """Wait up to timeout for pid to end, in real time: another process's exit, which no
+    clock of ours moves. An adopted process counts as ended once its main thread is (a zombie
+    leader), as is_mount_process says; its pidfd would wait for every thread."""
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout)
@@ -392,17 +401,18 @@ def _wait_exit(pid: int, child: MountChild | None, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _read_line(fd: int, timeout: float) -> str | None:
-    """The first line on fd; "" at EOF without one; None on timeout."""
-    deadline = time.monotonic() + timeout
+def _read_line(fd: int, timeout: float, clock: Clock) -> str | None:
+    """The first line on fd; "" at EOF without one; None once timeout seconds of clock
+    passed (looked at every READY_POLL_S of real time: the pipe is no Event to wait on)."""
+    deadline = clock.monotonic() + timeout
     data = b""
     while b"\n" not in data:
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock.monotonic()
         if remaining <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], remaining)
+        ready, _, _ = select.select([fd], [], [], min(remaining, READY_POLL_S))
         if not ready:
-            return None
+            continue
         chunk = os.read(fd, 4096)
         if not chunk:
             break

@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -252,18 +253,31 @@ def test_the_ledger_keeps_refusals_and_counts_across_instances(tmp_path: Path) -
     assert again.counts() == {"passed": 1, "failed": 1}
 
 
+class _PacedClock:
+    """A clock whose waits pass at once, each recorded (the pacer waits on no event)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waited: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        self.waited.append(timeout)
+        self.now += timeout
+        return False
+
+
 def test_the_pacer_holds_the_check_to_its_rate() -> None:
-    now = [0.0]
-    slept: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        now[0] += seconds
-
-    pacer = Pacer(100, clock=lambda: now[0], sleep=sleep)
+    clock = _PacedClock()
+    pacer = Pacer(100, clock=clock)
     pacer.account(50)  # 0.5 s worth at 100 B/s, done instantly: wait the rest
-    now[0] += 0.2  # work that took longer than its share
+    clock.now += 0.2  # work that took longer than its share
     pacer.account(10)
     pacer.account(100)
-    assert slept == [0.5, pytest.approx(0.9)]
-    assert now[0] == pytest.approx(1.6)  # 160 bytes at 100 B/s
+    assert clock.waited == [0.5, pytest.approx(0.9)]
+    assert clock.now == pytest.approx(1.6)  # 160 bytes at 100 B/s

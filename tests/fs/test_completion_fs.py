@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +27,13 @@ from snapshotter.lazylayers.refusals import RefusalLedger
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.sidecars import read_state, read_verdict
 from tests.fs.fs_helpers import built_index, make_tar, rich_members
-from tests.fs.lazy_layers_helpers import is_local, known_mountpoints
+from tests.fs.lazy_layers_helpers import (
+    background_complete,
+    is_local,
+    known_mountpoints,
+    until_watcher,
+)
+from tests.fs.manual_clock import ManualClock
 from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
@@ -34,7 +41,13 @@ QUICK = BackgroundSettings(quiet_seconds=0.0)
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[LazyLayers]:
+def clock() -> ManualClock:
+    """The daemon side's time: the materializer's watcher polls when a test moves it."""
+    return ManualClock()
+
+
+@pytest.fixture
+def manager(tmp_path: Path, clock: ManualClock) -> Iterator[LazyLayers]:
     instance = LazyLayers(
         LazyLayerSettings(
             str(tmp_path / "cache"),
@@ -43,16 +56,17 @@ def manager(tmp_path: Path) -> Iterator[LazyLayers]:
             background=QUICK,
             materialize=True,
             materialize_retry_s=3600,
-        )
+        ),
+        clock=clock,
     )
     yield instance
     for mountpoint in known_mountpoints(instance):
         instance.unmount(mountpoint)
+    instance.close()
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    import time
-
+    """Poll what a mount process (another process, on real time) shows."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
@@ -77,7 +91,7 @@ def _layer(forgery: Callable[[forge.IndexBlobs], forge.IndexBlobs] | None) -> La
 
 
 def test_a_forged_index_is_refused_and_its_mount_fails_closed(
-    manager: LazyLayers, tmp_path: Path
+    manager: LazyLayers, tmp_path: Path, clock: ManualClock
 ) -> None:
     layer = _layer(lambda genuine: forge.change_mode(genuine, "etc/hosts", 0o4755))
     try:
@@ -88,7 +102,8 @@ def test_a_forged_index_is_refused_and_its_mount_fails_closed(
         # in the kernel's page cache (kept across opens).
         assert os.stat(mnt / "etc/hosts").st_mode & 0o7777 == 0o4755
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
-        assert _wait_for(lambda: read_verdict(str(mnt)) is not None), read_state(str(mnt))
+        assert _wait_for(lambda: background_complete(mnt)), read_state(str(mnt))
+        assert until_watcher(lambda: read_verdict(str(mnt)) is not None, clock)
         verdict = read_verdict(str(mnt))
         assert verdict is not None and verdict.failed
         assert "'etc/hosts': mode is 0o4755 in the index, 0o644 in the tar stream" in (
@@ -150,13 +165,16 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_a_genuine_index_is_verified_then_materialized(manager: LazyLayers, tmp_path: Path) -> None:
+def test_a_genuine_index_is_verified_then_materialized(
+    manager: LazyLayers, tmp_path: Path, clock: ManualClock
+) -> None:
     layer = _layer(None)
     try:
         mnt = tmp_path / "snapshots" / "1" / "fs"
         mnt.mkdir(parents=True)
         manager.mount_layer(str(mnt), layer.spec())
-        assert _wait_for(lambda: is_local(str(mnt))), read_state(str(mnt))
+        assert _wait_for(lambda: background_complete(mnt)), read_state(str(mnt))
+        assert until_watcher(lambda: is_local(str(mnt)), clock), read_state(str(mnt))
         verdict = read_verdict(str(mnt))
         assert verdict is not None and not verdict.failed and verdict.diff_id
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
@@ -166,7 +184,7 @@ def test_a_genuine_index_is_verified_then_materialized(manager: LazyLayers, tmp_
 
 
 def test_without_a_diff_id_the_layer_is_checked_against_its_toc_and_stays_lazy(
-    manager: LazyLayers, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    manager: LazyLayers, tmp_path: Path, caplog: pytest.LogCaptureFixture, clock: ManualClock
 ) -> None:
     layer = _layer(None)
     try:
@@ -175,7 +193,8 @@ def test_without_a_diff_id_the_layer_is_checked_against_its_toc_and_stays_lazy(
         spec = dataclasses.replace(layer.spec(), diff_id="")  # the image config was not read
         with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
             manager.mount_layer(str(mnt), spec)
-            assert _wait_for(lambda: "stays lazy: its diffID is unknown" in caplog.text)
+            assert _wait_for(lambda: background_complete(mnt)), read_state(str(mnt))
+            assert until_watcher(lambda: "stays lazy: its diffID is unknown" in caplog.text, clock)
         verdict = read_verdict(str(mnt))
         assert verdict is not None and not verdict.failed and not verdict.diff_id
         assert "TOC only" in verdict.detail

@@ -31,6 +31,7 @@ from snapshotter.lazylayers.deaths import DeathRecord, read_record
 from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.lazylayers.supervisor import RESTART_MIN_INTERVAL_S
 from snapshotter.remote.access import RegistryAccess
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.hosts import HostsConfig
@@ -49,6 +50,7 @@ from tests.fs.fs_helpers import (
     rich_members,
 )
 from tests.fs.lazy_layers_helpers import is_live
+from tests.fs.manual_clock import ManualClock
 
 pytestmark = pytest.mark.stack
 FETCH_TIMEOUT = 3.0
@@ -261,10 +263,11 @@ def test_killing_the_parent_does_not_break_an_ongoing_read(
     try:
         assert parent.stdout is not None and parent.stdout.readline() == b"mounted\n"
         layer.server.delay = 1.0
+        requests = layer.server.request_count()
         result: list[bytes] = []
         reader = threading.Thread(target=lambda: result.append((mnt / "usr/bin/tool").read_bytes()))
         reader.start()
-        time.sleep(0.3)
+        layer.server.wait_for_requests(requests + 1)  # the read is on its way (1 s to answer)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         reader.join(timeout=30)
@@ -316,6 +319,32 @@ def test_a_dead_mount_process_is_restarted_and_a_second_death_soon_after_waits_f
     assert read_record(str(mnt)).count == 2  # a clean unmount is no death
     with pytest.raises(RemoteLayerUnavailable, match="not mounted"):
         manager.check(str(mnt), {})
+
+
+def test_a_death_after_the_restart_interval_is_restarted_again(
+    layer: Layer, tmp_path: Path
+) -> None:
+    """The interval between restarts goes by the manager's clock."""
+    clock = ManualClock()
+    manager = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"), 1 << 30, fetch_timeout=FETCH_TIMEOUT, ready_timeout=30
+        ),
+        clock=clock,
+    )
+    mnt = _mount(manager, layer, tmp_path / "fs")
+    try:
+        for deaths in (1, 2):
+            pid = (read_state(str(mnt)) or {})["pid"]
+            os.kill(pid, signal.SIGKILL)
+            record = wait_for_deaths(mnt, deaths)
+            assert record.last[-1].pid == pid and record.last[-1].restarted
+            manager.check(str(mnt), {})  # waits for the new process
+            assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
+            clock.advance(RESTART_MIN_INTERVAL_S)
+    finally:
+        manager.unmount(str(mnt))
+        manager.close()
 
 
 def test_a_restarted_manager_reattaches_the_live_mount(
@@ -418,6 +447,49 @@ def test_a_mount_that_fails_after_mount_returned_is_reported_by_check_and_cleane
         assert (mnt / "etc/hosts").read_bytes() == layer.data("etc/hosts")
     finally:
         lazy.unmount(str(mnt))
+
+
+def test_a_mount_process_that_never_says_ready_fails_once_the_ready_timeout_passed(
+    tmp_path: Path,
+) -> None:
+    """The ready timeout goes by the manager's clock: a process that stays silent (a fake: no
+    real mount process hangs on purpose) fails its mount once the clock passed it."""
+    silent = tmp_path / "silent-python"
+    # Its command line names the mount process module, as the real one's does, so unmount()
+    # recognises and stops it.
+    silent.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -c 'import signal; signal.pause()' \"$@\"\n"
+    )
+    silent.chmod(0o755)
+    tar = make_tar(rich_members())
+    layer = Layer(tar, tar, built_index(tar, "tar"))
+    clock = ManualClock()
+    lazy = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            python=str(silent),
+            ready_timeout=30,
+            mount_in_background=True,
+        ),
+        clock=clock,
+    )
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    try:
+        lazy.mount_layer(str(mnt), layer.spec(), wait=False)
+        clock.advance(29)
+        assert not lazy.supervisor.startup_settled(str(mnt))  # still starting
+        clock.advance(1)
+        started = time.monotonic()
+        with pytest.raises(RemoteLayerUnavailable, match="not ready within 30s"):
+            lazy.check(str(mnt), {})
+        assert time.monotonic() - started < 10  # the clock's 30 s, not real ones
+        assert not is_live(str(mnt)) and os.listdir(mnt) == []
+    finally:
+        lazy.unmount(str(mnt))
+        lazy.close()
+        layer.server.stop()
 
 
 WARM_CHECK = """

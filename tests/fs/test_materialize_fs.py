@@ -10,7 +10,6 @@ import os
 import stat
 import subprocess
 import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,11 @@ from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.lazylayers.copy_helper import copy_budget
 from snapshotter.lazylayers.layers import LazyLayers
-from snapshotter.lazylayers.materializer import MATERIALIZE_MAX_ATTEMPTS, Materializer
+from snapshotter.lazylayers.materializer import (
+    MATERIALIZE_MAX_ATTEMPTS,
+    MATERIALIZE_RETRY_MAX_S,
+    Materializer,
+)
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.sidecars import (
     LocalMarker,
@@ -30,6 +33,7 @@ from snapshotter.sidecars import (
     marker_path,
     read_marker,
     read_state,
+    read_verdict,
     write_marker,
 )
 from snapshotter.status.collect import lazy_mounts
@@ -41,7 +45,16 @@ from tests.fs.fs_helpers import (
     make_tar,
     rich_members,
 )
-from tests.fs.lazy_layers_helpers import is_live, is_local, known_mountpoints, materialize_now
+from tests.fs.lazy_layers_helpers import (
+    background_complete,
+    is_live,
+    is_local,
+    known_mountpoints,
+    materialize_now,
+    until_watcher,
+    watcher_passes,
+)
+from tests.fs.manual_clock import ManualClock
 from tests.fs.test_fs_mount import Layer
 
 pytestmark = pytest.mark.stack
@@ -57,7 +70,14 @@ def layer() -> Iterator[Layer]:
     instance.server.stop()
 
 
-def _manager(tmp_path: Path, *, materialize: bool = True) -> LazyLayers:
+@pytest.fixture
+def clock() -> ManualClock:
+    """The daemon side's time: the materializer's polls, retry delays and quiet periods pass
+    when a test moves it (the mount processes keep real time)."""
+    return ManualClock()
+
+
+def _manager(tmp_path: Path, clock: ManualClock, *, materialize: bool = True) -> LazyLayers:
     return LazyLayers(
         LazyLayerSettings(
             str(tmp_path / "cache"),
@@ -66,13 +86,14 @@ def _manager(tmp_path: Path, *, materialize: bool = True) -> LazyLayers:
             background=QUICK,
             materialize=materialize,
             materialize_retry_s=3600,
-        )
+        ),
+        clock=clock,
     )
 
 
 @pytest.fixture
 def managers(tmp_path: Path) -> Iterator[list[LazyLayers]]:
-    """Managers a test makes; every mount they know is unmounted afterwards."""
+    """Managers a test makes; every mount they know is unmounted afterwards, and they close."""
     made: list[LazyLayers] = []
     yield made
     for manager in made:
@@ -80,9 +101,12 @@ def managers(tmp_path: Path) -> Iterator[list[LazyLayers]]:
             manager.unmount(mountpoint)
     for state in tmp_path.rglob("*.lazysnap.json"):
         made[0].unmount(str(state).removesuffix(".lazysnap.json"))
+    for manager in made:
+        manager.close()
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll what a mount process (another process, on real time) shows."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
@@ -133,9 +157,9 @@ def _underlying(mountpoint: Path) -> list[str]:
 
 
 def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
-    manager = _manager(tmp_path)
+    manager = _manager(tmp_path, clock)
     managers.append(manager)
     mnt = tmp_path / "snapshots" / "1" / "fs"
     mnt.mkdir(parents=True)
@@ -143,8 +167,9 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
     pid = read_state(str(mnt))["pid"]  # type: ignore[index]
     # A reader that started on the FUSE mount (as a running container does) keeps it alive.
     with open(mnt / "usr/lib/big.bin", "rb") as held:
+        assert _wait_for(lambda: background_complete(mnt))
         # The marker comes first, the detach right after it.
-        assert _wait_for(lambda: is_local(str(mnt)) and not _is_mounted(mnt)), (
+        assert until_watcher(lambda: is_local(str(mnt)) and not _is_mounted(mnt), clock), (
             f"not local; state {read_state(str(mnt))}"
         )
         assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
@@ -166,7 +191,7 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
     manager.check(str(mnt), {})  # local counts as live, without any mount
 
     # A restarted manager neither mounts it again nor wipes it.
-    restarted = _manager(tmp_path)
+    restarted = _manager(tmp_path, clock)
     managers.append(restarted)
     restarted.check(str(mnt), {})
     restarted.mount_layer(str(mnt), layer.spec())
@@ -182,15 +207,16 @@ def test_a_complete_layer_becomes_plain_files_equal_to_the_layer(
 
 
 def test_without_materialize_the_layer_stays_on_fuse(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
-    manager = _manager(tmp_path, materialize=False)
+    manager = _manager(tmp_path, clock, materialize=False)
     managers.append(manager)
     mnt = tmp_path / "fs"
     mnt.mkdir()
     manager.mount_layer(str(mnt), layer.spec())
-    assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
-    time.sleep(1.5)  # the watcher polls every second: it would have started by now
+    assert _wait_for(lambda: background_complete(mnt))
+    watcher_passes(clock, 2)  # the first one checks the complete layer: a copy would follow
+    assert read_verdict(str(mnt)) is not None  # the check did run
     assert _is_mounted(mnt) and not is_local(str(mnt))
     assert _underlying(mnt) == []
 
@@ -200,18 +226,20 @@ def test_a_failing_copy_leaves_fuse_serving_and_no_partial_tree(
     managers: list[LazyLayers],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    clock: ManualClock,
 ) -> None:
     small = tmp_path / "small"  # the snapshot dir on a filesystem too small for the layer
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(small)], check=True)
     try:
-        manager = _manager(tmp_path)
+        manager = _manager(tmp_path, clock)
         managers.append(manager)
         mnt = small / "fs"
         mnt.mkdir()
         with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
             manager.mount_layer(str(mnt), layer.spec())
-            assert _wait_for(lambda: "stays lazy" in caplog.text), caplog.text
+            assert _wait_for(lambda: background_complete(mnt))
+            assert until_watcher(lambda: "stays lazy" in caplog.text, clock), caplog.text
         [line] = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
         # refused before cp wrote anything: the files would not leave the reserve free
         assert layer.index.layer_digest in line and "free space there" in line, line
@@ -227,9 +255,9 @@ def test_a_failing_copy_leaves_fuse_serving_and_no_partial_tree(
 
 
 def test_a_copy_left_by_a_crash_is_wiped_and_redone(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
-    manager = _manager(tmp_path, materialize=False)
+    manager = _manager(tmp_path, clock, materialize=False)
     managers.append(manager)
     mnt = tmp_path / "fs"
     mnt.mkdir()
@@ -245,16 +273,16 @@ def test_a_copy_left_by_a_crash_is_wiped_and_redone(
     view.rmdir()
     assert _underlying(mnt) == ["etc"]
     # Only a layer that passed its completion check is copied, and that needs every span.
-    assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
+    assert _wait_for(lambda: background_complete(mnt))
     assert materialize_now(manager, str(mnt))
     assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=False)
 
 
 def test_a_leftover_copy_is_wiped_before_fuse_mounts_again(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
     """After a reboot mid-copy: no FUSE mount, a partial tree, the spec of the last mount."""
-    manager = _manager(tmp_path, materialize=False)
+    manager = _manager(tmp_path, clock, materialize=False)
     managers.append(manager)
     mnt = tmp_path / "fs"
     (mnt / "etc").mkdir(parents=True)
@@ -266,9 +294,9 @@ def test_a_leftover_copy_is_wiped_before_fuse_mounts_again(
 
 
 def test_a_directory_new_to_lazysnap_is_never_wiped(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
-    manager = _manager(tmp_path, materialize=False)
+    manager = _manager(tmp_path, clock, materialize=False)
     managers.append(manager)
     mnt = tmp_path / "fs"
     mnt.mkdir()
@@ -278,17 +306,17 @@ def test_a_directory_new_to_lazysnap_is_never_wiped(
 
 
 def test_a_marker_written_before_a_crash_detaches_the_mount_on_check(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
     """The daemon stopped between writing the marker and detaching FUSE: the next check()
     finishes the job (the marker is only ever written over a complete, synced copy)."""
-    manager = _manager(tmp_path, materialize=False)
+    manager = _manager(tmp_path, clock, materialize=False)
     managers.append(manager)
     mnt = tmp_path / "fs"
     mnt.mkdir()
     manager.mount_layer(str(mnt), layer.spec())
-    write_marker(str(mnt), LocalMarker(layer.index.layer_digest, time.time()))
-    restarted = _manager(tmp_path)
+    write_marker(str(mnt), LocalMarker(layer.index.layer_digest, clock.time()))
+    restarted = _manager(tmp_path, clock)
     managers.append(restarted)
     restarted.check(str(mnt), {})
     assert not _is_mounted(mnt)
@@ -306,7 +334,7 @@ def test_marker_reading_writing_and_damage(tmp_path: Path) -> None:
 
 
 def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
-    layer: Layer, managers: list[LazyLayers], tmp_path: Path
+    layer: Layer, managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
     # A container starting on other layers (its mounts serving bursts of requests) must not
     # share the two cores and the disk with a copy: the copy waits for a quiet node.
@@ -318,7 +346,7 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
         materialize=True,
         materialize_retry_s=3600,
     )
-    manager = LazyLayers(settings)
+    manager = LazyLayers(settings, clock=clock)
     managers.append(manager)
     # The mount process's own background fetch should not wait here (QUICK): only the copy,
     # which waits for 2 s without a busy mount, is tested.
@@ -326,32 +354,23 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
         dataclasses.replace(settings, background=BackgroundSettings(quiet_seconds=2.0)),
         manager.ledger,
         manager.supervisor,
+        clock,
     )
-    node = NodeActivity(str(tmp_path / "cache"))
-    stop = threading.Event()
-
-    def busy_node() -> None:
-        while not stop.wait(0.2):
-            node.note_busy()
-
-    busy = threading.Thread(target=busy_node, daemon=True)
-    busy.start()
-    try:
-        mnt = tmp_path / "fs"
-        mnt.mkdir()
-        manager.mount_layer(str(mnt), layer.spec())
-        assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
-        time.sleep(3.0)  # the watcher polls every second
-        assert _is_mounted(mnt) and not is_local(str(mnt))
-    finally:
-        stop.set()
-        busy.join(5)
+    node = NodeActivity(str(tmp_path / "cache"), clock)  # the other layers' mounts
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    manager.mount_layer(str(mnt), layer.spec())
+    assert _wait_for(lambda: background_complete(mnt))
+    for _ in range(3):  # the watcher's passes over 3 s, the node busy all along
+        node.note_busy()
+        watcher_passes(clock, 1)
+    assert _is_mounted(mnt) and not is_local(str(mnt))
     # Quiet for 2 s: the copy runs.
-    assert _wait_for(lambda: is_local(str(mnt)), 15)
+    assert until_watcher(lambda: is_local(str(mnt)), clock, 15)
 
 
 def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
-    managers: list[LazyLayers], tmp_path: Path
+    managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
     # The copy to plain files reads a complete layer through FUSE: a burst, but not a
     # container starting, so it must not hold back the other layers' background work.
@@ -360,13 +379,16 @@ def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
     tar = make_tar(members)
     many = Layer(tar, tar, built_index(tar, "tar"))
     try:
-        manager = _manager(tmp_path, materialize=False)
+        manager = _manager(tmp_path, clock, materialize=False)
         managers.append(manager)
         mnt = tmp_path / "fs"
         mnt.mkdir()
         manager.mount_layer(str(mnt), many.spec())
-        assert _wait_for(lambda: (read_state(str(mnt)) or {}).get("background") == "complete")
-        time.sleep(2.5)  # the mount process looks at its background state every 2 s
+        assert _wait_for(lambda: background_complete(mnt))
+        # The mount process stops counting right after the first state that says complete:
+        # any later state was written after that.
+        complete_at = (read_state(str(mnt)) or {})["updated_at"]
+        assert _wait_for(lambda: (read_state(str(mnt)) or {})["updated_at"] != complete_at)
         for n in range(200):
             assert (mnt / f"many/file-{n}").read_bytes() == b"%d" % n  # ~400 requests
         assert NodeActivity(str(tmp_path / "cache")).seconds_since_busy() == math.inf
@@ -402,6 +424,7 @@ def test_a_copy_that_keeps_failing_is_tried_three_times_then_given_up(
     managers: list[LazyLayers],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    clock: ManualClock,
 ) -> None:
     small = tmp_path / "small"
     small.mkdir()
@@ -414,19 +437,21 @@ def test_a_copy_that_keeps_failing_is_tried_three_times_then_given_up(
                 fetch_timeout=5,
                 background=QUICK,
                 materialize=True,
-                materialize_retry_s=0.2,
-            )
+                materialize_retry_s=5,  # then 10: the clock moves a second per pass
+            ),
+            clock=clock,
         )
         managers.append(manager)
         mnt = small / "fs"
         mnt.mkdir()
         with caplog.at_level(logging.WARNING, logger="lazysnap.fs"):
             manager.mount_layer(str(mnt), layer.spec())
-            assert _wait_for(lambda: "giving up" in caplog.text), caplog.text
+            assert _wait_for(lambda: background_complete(mnt))
+            assert until_watcher(lambda: "giving up" in caplog.text, clock), caplog.text
         tries = [r.getMessage() for r in caplog.records if "stays lazy" in r.getMessage()]
         assert len(tries) == MATERIALIZE_MAX_ATTEMPTS, tries
         assert "failed 3 time(s)" in tries[-1] and "free space there" in tries[-1]
-        time.sleep(2.5)
+        watcher_passes(clock, 3, MATERIALIZE_RETRY_MAX_S)  # longer than any retry delay
         assert sum("stays lazy" in r.getMessage() for r in caplog.records) == len(tries)
         assert (mnt / "usr/lib/big.bin").read_bytes() == layer.data("usr/lib/big.bin")
         manager.unmount(str(mnt))
