@@ -25,7 +25,6 @@ import os
 import sys
 from typing import Any
 
-from snapshotter.accel.token_file import ConfigurationError, read_token
 from snapshotter.cli_types import (
     add_min_layer_size_argument,
     add_span_size_argument,
@@ -318,6 +317,7 @@ def serve(args: argparse.Namespace) -> int:
     from snapshotter.accel.open_store import open_store
     from snapshotter.accel.server import EVENTS_PATH, AccelService, ServiceConfig
     from snapshotter.accel.store import StoreError
+    from snapshotter.accel.token_file import ConfigurationError, read_token
     from snapshotter.accel.worker import RegistryClients, WorkerOptions
     from snapshotter.log import setup_logging
     from snapshotter.remote.access import RegistryAccess
