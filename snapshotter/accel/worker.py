@@ -28,8 +28,8 @@ from snapshotter.indexer.build import (
     build_image_index,
 )
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.errors import (
     BlobFetchError,
     ManifestNotFound,

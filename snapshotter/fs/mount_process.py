@@ -406,6 +406,7 @@ def _import_mount_code() -> None:
     import snapshotter.remote.auth
     import snapshotter.remote.blob
     import snapshotter.remote.client
+    import snapshotter.remote.credentials
     import snapshotter.remote.hosts  # noqa: F401
 
 

@@ -27,9 +27,9 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.transport import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
-    from snapshotter.remote.auth import CredentialStore
     from snapshotter.remote.blob import BlobReader
     from snapshotter.remote.client import RegistryClient, RepoLike
+    from snapshotter.remote.credentials import CredentialStore
 
 
 class AccessSpecError(ValueError):
@@ -76,7 +76,7 @@ class RegistryAccess:
         """The credential store of docker_config (raises CredentialsError, naming the file, for
         one that cannot be read). Build it once and pass it to client() to share helper answers
         between clients."""
-        from snapshotter.remote.auth import CredentialStore
+        from snapshotter.remote.credentials import CredentialStore
 
         if not self.docker_config:
             return CredentialStore.anonymous()

@@ -22,8 +22,9 @@ from urllib.parse import urljoin
 import httpx
 
 from snapshotter.remote import upload
-from snapshotter.remote.auth import PULL, PUSH, Authenticator, CredentialStore, repository_scope
+from snapshotter.remote.auth import PULL, PUSH, Authenticator, repository_scope
 from snapshotter.remote.blob_stream import BlobStream
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.errors import (
     AuthenticationError,
     BlobNotFound,

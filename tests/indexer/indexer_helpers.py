@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.images import BuiltImage, file, layer_tar, write_oci_layout
-from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform, build_index
 from snapshotter.remote.reference import Repository

@@ -30,8 +30,8 @@ from snapshotter.indexer.cache_entry import (
     variant_descriptor,
 )
 from snapshotter.indexer.layer_cache import cache_tag
-from snapshotter.remote.auth import Credentials
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import Credentials
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Manifest, sha256_digest
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.signatures import find_signatures

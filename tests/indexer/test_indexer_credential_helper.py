@@ -15,7 +15,7 @@ from indexer_helpers import CliResult, Target, build_image, push_image, random_l
 from harness.credential_pass import pass_store
 from harness.peryx import Peryx
 from harness.procs import HarnessError
-from snapshotter.remote.auth import Credentials
+from snapshotter.remote.credentials import Credentials
 
 pytestmark = pytest.mark.stack
 

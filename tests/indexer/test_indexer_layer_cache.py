@@ -12,8 +12,8 @@ from harness.peryx import Peryx
 from harness.registry import Registry
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.indexer.layer_cache import adopt
-from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import sha256_digest
 from snapshotter.remote.reference import Repository

@@ -16,7 +16,7 @@ from harness.procs import HarnessError
 from harness.registry import Registry, TokenAuth, start_registry
 from harness.token_issuer import TokenIssuer
 from snapshotter.indexer.layer_cache import CACHE_REPO_NAME, cache_tag
-from snapshotter.remote.auth import Credentials
+from snapshotter.remote.credentials import Credentials
 from snapshotter.remote.reference import Reference
 
 pytestmark = pytest.mark.stack

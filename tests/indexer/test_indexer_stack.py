@@ -26,7 +26,7 @@ from harness.peryx import Peryx
 from harness.registry import Registry
 from harness.registry_calls import delete_manifest
 from snapshotter.indexer.layer_cache import cache_tag
-from snapshotter.remote.auth import Credentials
+from snapshotter.remote.credentials import Credentials
 from snapshotter.remote.errors import ManifestNotFound
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import fallback_tag

@@ -29,7 +29,7 @@ from snapshotter.indexer.cache_entry import VariantKey
 from snapshotter.indexer.command import SIGN_KEY_ENV
 from snapshotter.indexer.layer_cache import cache_tag, publish
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.auth import Credentials
+from snapshotter.remote.credentials import Credentials
 from snapshotter.remote.manifest import OCI_MANIFEST
 from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.signatures import (

@@ -31,8 +31,8 @@ from harness.daemon import LazysnapDaemon, start_lazysnap
 from harness.images import busybox_layer_tar, file, layer_tar, write_oci_layout
 from harness.procs import unmount_all_under
 from harness.registry import Registry
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from tests.lazy.conftest import remove_namespace_content
 from tests.lazy.lazy_helpers import LazyStack, _concatenated, mount_log, unique_name

@@ -24,8 +24,8 @@ import pytest
 
 from harness import forge
 from harness.images import PushedImage, busybox_layer_tar, file, layer_tar, write_oci_layout
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 from tests.lazy.conftest import remove_namespace_content

@@ -21,8 +21,8 @@ from harness.images import MANIFEST_TYPE, PushedImage
 from harness.procs import free_port
 from harness.trust import sign_pushed
 from snapshotter.indexer.artifact import artifact_manifest
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import EMPTY_JSON, Descriptor
 from snapshotter.remote.reference import Reference

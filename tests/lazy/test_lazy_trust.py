@@ -28,8 +28,8 @@ from harness.registry import Registry
 from harness.trust import make_keys
 from snapshotter.indexer.artifact import artifact_manifest
 from snapshotter.indexer.command import SIGN_KEY_ENV
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor, build_index
 from snapshotter.remote.reference import Reference, Repository

@@ -21,8 +21,8 @@ from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import decode_profile
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import IndexDiscovery

@@ -17,8 +17,8 @@ from harness.peryx import Peryx, start_peryx
 from harness.procs import HarnessError
 from harness.registry import Registry, TokenAuth, start_registry
 from harness.token_issuer import TokenIssuer
-from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 
 MakeClient = Callable[..., RegistryClient]

@@ -10,7 +10,7 @@ import pytest
 
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError
 from snapshotter.remote.access import AccessSpecError, RegistryAccess
-from snapshotter.remote.auth import Credentials
+from snapshotter.remote.credentials import Credentials
 
 
 def test_an_unnamed_docker_config_is_this_process_default_made_explicit(

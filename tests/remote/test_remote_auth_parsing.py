@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.remote.auth import (
-    Authenticator,
-    Credentials,
-    CredentialStore,
-    parse_www_authenticate,
-)
+from snapshotter.remote.auth import Authenticator, parse_www_authenticate
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.errors import CredentialsError
 
 

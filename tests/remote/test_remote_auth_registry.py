@@ -17,9 +17,9 @@ import pytest
 from harness.registry import Registry
 from harness.registry_calls import list_tags
 from harness.token_issuer import TokenIssuer
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.errors import AuthenticationError
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.manifest import sha256_digest

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from snapshotter.remote.auth import Credentials, CredentialStore
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.errors import CredentialsError
 from tests.remote.conftest import LogRecorder
 

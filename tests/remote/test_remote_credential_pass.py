@@ -13,8 +13,8 @@ import pytest
 from harness.credential_pass import PassStore, pass_store
 from harness.procs import HarnessError
 from harness.registry import Registry
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from tests.remote.conftest import BASIC_USERS, TOKEN_USERS, LogRecorder
 from tests.remote.test_remote_auth_registry import roundtrip

@@ -19,9 +19,9 @@ import pytest
 
 from harness.registry_calls import MAX_TAG_PAGES, list_tags
 from harness.url_blob import UrlBlobSource
-from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.errors import (
     BlobFetchError,
     DigestMismatch,

@@ -13,8 +13,8 @@ import pytest
 
 from harness.procs import free_port
 from harness.registry import Registry
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Repository
 from snapshotter.remote.referrers import find_referrers

@@ -16,8 +16,8 @@ import pytest
 from harness.procs import HarnessError
 from harness.registry import Registry, TokenAuth, start_registry
 from harness.token_issuer import TokenIssuer
-from snapshotter.remote.auth import Credentials, CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import Credentials, CredentialStore
 from snapshotter.remote.errors import AuthenticationError
 from snapshotter.remote.hosts import HostsConfig, normalize_host
 from snapshotter.remote.reference import Reference, Repository

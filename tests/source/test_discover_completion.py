@@ -20,8 +20,8 @@ from harness.trust import session_trust_policy
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.lazylayers.refusals import RefusalLedger, RefusedIndex
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import IndexDiscovery
 

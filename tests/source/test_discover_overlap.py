@@ -14,8 +14,8 @@ import pytest
 
 from harness.registry import Registry
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy

@@ -27,8 +27,8 @@ from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.metrics import DaemonMetrics, fallback_reason
 from snapshotter.remote.access import RegistryAccess
-from snapshotter.remote.auth import CredentialStore
 from snapshotter.remote.client import RegistryClient
+from snapshotter.remote.credentials import CredentialStore
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.source.discover import IndexDiscovery
 from snapshotter.trust.policy import TrustPolicy
