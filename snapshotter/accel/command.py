@@ -312,10 +312,11 @@ def serve(args: argparse.Namespace) -> int:
     import threading
     import time
 
+    from snapshotter.accel.http_api import EVENTS_PATH
     from snapshotter.accel.jobs import JobQueue
     from snapshotter.accel.metrics import AccelMetrics
     from snapshotter.accel.open_store import open_store
-    from snapshotter.accel.server import EVENTS_PATH, AccelService, ServiceConfig
+    from snapshotter.accel.server import AccelService, ServiceConfig
     from snapshotter.accel.store import StoreError
     from snapshotter.accel.token_file import ConfigurationError, read_token
     from snapshotter.accel.worker import RegistryClients, WorkerOptions
