@@ -178,17 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="images indexed at the same time (default 1)",
     )
-    serve.add_argument(
-        "--layer-jobs",
-        type=at_least_one("--layer-jobs"),
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="layers of one image indexed in parallel (default: CPU count)",
-    )
-    add_min_layer_size_argument(serve)
-    add_span_size_argument(serve)
-    add_cache_arguments(serve)  # as for `index build`; pushes to them are never indexed
-    add_sign_key_argument(serve)
+    _add_indexing_arguments(serve)
     serve.add_argument(
         "--token-file",
         metavar="FILE",
@@ -201,20 +191,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST[:PORT]",
         help="only index images of this registry (repeatable; default: any registry a "
         "webhook names)",
-    )
-    serve.add_argument(
-        "--max-attempts",
-        type=at_least_one("--max-attempts"),
-        default=5,
-        metavar="N",
-        help="attempts per image when the registry is unreachable or fails (default 5)",
-    )
-    serve.add_argument(
-        "--retry-backoff",
-        type=_seconds,
-        default=2.0,
-        metavar="SECONDS",
-        help="wait before the first retry, doubled for each next one (default 2)",
     )
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="stderr log level (default info)"
@@ -262,6 +238,36 @@ def _add_tasks(sub: Any) -> None:
     tasks.add_argument("--json", action="store_true", help="the task list as JSON")
 
 
+def _add_indexing_arguments(parser: argparse.ArgumentParser) -> None:
+    """How an image is indexed and retried: the same for `accel serve` and `accel convert`,
+    so a one-time conversion does exactly what a task of the service does."""
+    parser.add_argument(
+        "--layer-jobs",
+        type=at_least_one("--layer-jobs"),
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="layers of one image indexed in parallel (default: CPU count)",
+    )
+    add_min_layer_size_argument(parser)
+    add_span_size_argument(parser)
+    add_cache_arguments(parser)  # as for `index build`; pushes to them are never indexed
+    add_sign_key_argument(parser)
+    parser.add_argument(
+        "--max-attempts",
+        type=at_least_one("--max-attempts"),
+        default=5,
+        metavar="N",
+        help="attempts per image when the registry is unreachable or fails (default 5)",
+    )
+    parser.add_argument(
+        "--retry-backoff",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="wait before the first retry, doubled for each next one (default 2)",
+    )
+
+
 def _add_convert(sub: Any) -> None:
     convert = sub.add_parser(
         "convert",
@@ -275,19 +281,7 @@ def _add_convert(sub: Any) -> None:
         "--plain-http", action="store_true", help="talk plain http to the registries"
     )
     convert.add_argument("--hosts-dir", metavar="DIR", help="containerd-style hosts directory")
-    convert.add_argument(
-        "--layer-jobs",
-        type=at_least_one("--layer-jobs"),
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="layers of one image indexed in parallel (default: CPU count)",
-    )
-    add_min_layer_size_argument(convert)
-    add_span_size_argument(convert)
-    add_cache_arguments(convert)
-    add_sign_key_argument(convert)
-    convert.add_argument("--max-attempts", type=at_least_one("--max-attempts"), default=5)
-    convert.add_argument("--retry-backoff", type=_seconds, default=2.0, metavar="SECONDS")
+    _add_indexing_arguments(convert)
     convert.add_argument("--json", action="store_true", help="the task rows as JSON")
 
 
