@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from snapshotter.accel.events import PushedImage
-from snapshotter.accel.record import Job, JobState
+from snapshotter.accel.record import Job, JobState, failure_detail, retry_delay
 from snapshotter.accel.tasks_cli import format_table
 from snapshotter.accel.worker import JobFailed, RegistryClients, WorkerOptions, index_pushed_image
 from snapshotter.remote.errors import RegistryError
@@ -54,12 +54,9 @@ def convert_one(
         except JobFailed as exc:
             job.last_error = exc.reason
             if exc.transient and job.attempts < max_attempts:
-                sleep(backoff_seconds * 2.0 ** (job.attempts - 1))
+                sleep(retry_delay(job.attempts, backoff_seconds))
                 continue
-            reason = (
-                exc.reason if job.attempts == 1 else f"after {job.attempts} attempts: {exc.reason}"
-            )
-            return _failed(job, reason, clock)
+            return _failed(job, failure_detail(exc.reason, job.attempts), clock)
         job.state, job.outcome, job.detail = JobState.DONE, result.outcome, result.detail
         job.artifacts, job.finished_at = result.artifacts, clock()
         return job

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapshotter.accel.events import PushedImage
-from snapshotter.accel.record import Job, JobState, Outcome
+from snapshotter.accel.record import (
+    MAX_BACKOFF_SECONDS,
+    Job,
+    JobState,
+    Outcome,
+    failure_detail,
+    retry_delay,
+)
 from snapshotter.accel.store import DEFAULT_KEEP_FINISHED, JobStore, StoreFull
 
 log = logging.getLogger("lazysnap.accel")
@@ -68,7 +75,7 @@ class JobQueue:
         clock: Callable[[], float] = time.time,
         max_attempts: int = 5,
         backoff_seconds: float = 2.0,
-        max_backoff_seconds: float = 300.0,
+        max_backoff_seconds: float = MAX_BACKOFF_SECONDS,
         lease_seconds: float = 60.0,
         poll_seconds: float = 1.0,
         history: int = DEFAULT_HISTORY,
@@ -163,9 +170,7 @@ class JobQueue:
         returns the delay in seconds; otherwise the job is failed and None returned."""
         job.last_error = reason
         if transient and job.attempts < self.max_attempts:
-            delay = min(
-                self.backoff_seconds * 2.0 ** max(0, job.attempts - 1), self.max_backoff_seconds
-            )
+            delay = retry_delay(job.attempts, self.backoff_seconds, self.max_backoff_seconds)
             # Closed meanwhile: the retry stays in the store for the next start anyway.
             self.store.retry(job, self.owner, self.clock() + delay, reason)
             job.state = JobState.QUEUED
@@ -173,7 +178,7 @@ class JobQueue:
                 self.counters.retries += 1
                 self._ended(job)
             return delay
-        job.detail = f"after {job.attempts} attempts: {reason}" if job.attempts > 1 else reason
+        job.detail = failure_detail(reason, job.attempts)
         self.store.fail(job, self.owner, self.clock(), job.detail)
         job.state = JobState.FAILED
         with self._cond:

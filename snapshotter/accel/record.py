@@ -38,6 +38,19 @@ TASK_STATUS = {
 STATE_OF_TASK_STATUS = {status: state for state, status in TASK_STATUS.items()}
 
 
+MAX_BACKOFF_SECONDS = 300.0  # no retry waits longer, however many attempts came before
+
+
+def retry_delay(attempts: int, backoff_seconds: float, cap: float = MAX_BACKOFF_SECONDS) -> float:
+    """Seconds before the next attempt after `attempts` failed ones: doubling from backoff."""
+    return float(min(backoff_seconds * 2.0 ** max(0, attempts - 1), cap))
+
+
+def failure_detail(reason: str, attempts: int) -> str:
+    """A failed job's reason, saying how many attempts it took when more than one."""
+    return f"after {attempts} attempts: {reason}" if attempts > 1 else reason
+
+
 def utc(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
