@@ -150,6 +150,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="`lazysnap index build --span-size` (default: the indexer's, 1M)",
     )
     parser.add_argument(
+        "--file-cut-min",
+        default=None,
+        metavar="N",
+        help="`lazysnap index build --file-cut-min` (default: the indexer's)",
+    )
+    parser.add_argument(
         "--results",
         type=Path,
         default=DEFAULT_RESULTS,
@@ -247,6 +253,8 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
         try:
             pushed = push_images(images, setup.host)
             index_args = ["--span-size", args.span_size] if args.span_size else []
+            if args.file_cut_min is not None:
+                index_args += ["--file-cut-min", args.file_cut_min]
             header["index_args"] = index_args
             hosts_dir = base / "setup-hosts"
             write_hosts_toml(hosts_dir, setup.host)

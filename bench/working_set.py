@@ -16,6 +16,11 @@ of the spans holding the whole files and of those holding only the resident rang
 gzip windows those spans need (index format 2's windows blob). The gzip -6 size of the resident
 bytes alone is the floor no span-based format beats.
 
+Span layouts (--layouts) compare how the indexer cuts spans: `1M` is span size 1 MiB with cuts by
+size only; `1M/f64K` adds file-aware cuts (at each file's data start once the span holds 64 KiB;
+gzip cuts at the deflate block boundary at or before it). --reads-from takes the workloads' reads
+from an earlier run's --json (same image) and only maps them to the layouts' spans.
+
 Progress goes to stderr, a markdown table to stdout, --json FILE gets the raw figures.
 """
 
@@ -51,6 +56,8 @@ from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import decode_index, encode_index_split
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import (
+    DEFAULT_FILE_CUT_MIN,
+    DEFAULT_SPAN_SIZE,
     MAX_SPAN_SIZE,
     MIN_SPAN_SIZE,
     Compression,
@@ -136,7 +143,20 @@ def load_image(spec: str) -> Image:
     )
 
 
-def index_layers(image: Image, span_size: int) -> list[LayerIndex]:
+@dataclass(frozen=True)
+class Layout:
+    """How the indexer cuts spans: build_layer_index's span_size and file_cut_min."""
+
+    span_size: int
+    file_cut_min: int = 0
+
+    @property
+    def label(self) -> str:
+        size = size_label(self.span_size)
+        return f"{size}/f{size_label(self.file_cut_min)}" if self.file_cut_min else size
+
+
+def index_layers(image: Image, layout: Layout) -> list[LayerIndex]:
     """The real indexer over each local layer blob (what `lazysnap index build` would push)."""
     indexes = []
     for layer in image.layers:
@@ -146,7 +166,8 @@ def index_layers(image: Image, span_size: int) -> list[LayerIndex]:
                     build_layer_index(
                         stream,
                         media_type=layer.media_type,
-                        span_size=span_size,
+                        span_size=layout.span_size,
+                        file_cut_min=layout.file_cut_min,
                         expected_digest=layer.digest,
                     )
                 )
@@ -476,6 +497,10 @@ class SpanFigures:
     spans: int = 0
     compressed_bytes: int = 0
     window_bytes: int = 0
+    runs: int = 0  # runs of consecutive spans: a cold reader's requests (one per run, + windows)
+    # windows of each run's first span only: what a reader that took a span's window from the
+    # span before it (fetched in the same run) would fetch
+    run_window_bytes: int = 0
 
 
 @dataclass
@@ -492,6 +517,8 @@ class SpanSizeResult:
     whole_files: SpanFigures
     resident_ranges: SpanFigures
     layers: list[LayerSpanFigures]
+    file_cut_min: int = 0
+    layout: str = ""
 
 
 @dataclass
@@ -621,6 +648,8 @@ class SpanIndexSizes:
     spans: int
     index_blob_bytes: int
     windows_blob_bytes: int
+    file_cut_min: int = 0
+    layout: str = ""
 
 
 def window_lengths(index: LayerIndex) -> tuple[list[int], int, int]:
@@ -638,6 +667,8 @@ def _figures(index: LayerIndex, windows: Sequence[int], spans: set[int]) -> Span
         spans=len(spans),
         compressed_bytes=sum(index.spans[n].compressed_size for n in spans),
         window_bytes=sum(windows[n] for n in spans),
+        runs=sum(1 for n in spans if n - 1 not in spans),
+        run_window_bytes=sum(windows[n] for n in spans if n - 1 not in spans),
     )
 
 
@@ -645,6 +676,8 @@ def _add(total: SpanFigures, part: SpanFigures) -> None:
     total.spans += part.spans
     total.compressed_bytes += part.compressed_bytes
     total.window_bytes += part.window_bytes
+    total.runs += part.runs
+    total.run_window_bytes += part.run_window_bytes
 
 
 def map_to_spans(
@@ -652,6 +685,7 @@ def map_to_spans(
     trees: Sequence[LayerTree],
     windows: Sequence[Sequence[int]],
     files: Sequence[FileRead],
+    layout: Layout,
 ) -> SpanSizeResult:
     whole_total, ranges_total = SpanFigures(), SpanFigures()
     layers = []
@@ -677,7 +711,9 @@ def map_to_spans(
         _add(whole_total, part.whole_files)
         _add(ranges_total, part.resident_ranges)
         layers.append(part)
-    return SpanSizeResult(indexes[0].span_size if indexes else 0, whole_total, ranges_total, layers)
+    return SpanSizeResult(
+        layout.span_size, whole_total, ranges_total, layers, layout.file_cut_min, layout.label
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,33 +737,48 @@ def markdown(
     compressed = sum(layer.size for layer in image.layers)
     lines = [
         f"Image {image.name}: {len(image.layers)} layers, {_mb(compressed)} MB compressed; "
-        f"loop device read_ahead_kb {read_ahead_kb}. MB = 10^6 bytes.",
+        f"loop device read_ahead_kb {read_ahead_kb}. MB = 10^6 bytes. Layout `1M`: 1 MiB spans "
+        "cut by size; `1M/f64K`: plus file-aware cuts once a span holds 64 KiB.",
         "",
-        "| span size | spans | index blobs MB | windows blobs MB |",
+        "| workload | files read | resident MB | whole-file MB | gzip -6 of resident MB |",
+        "|---|---|---|---|---|",
+    ]
+    for result in results:
+        command = " ".join(result.command).replace("|", "\\|")
+        lines.append(
+            f"| `{command}` | {len(result.files)} | {_mb(result.resident_bytes)} | "
+            f"{_mb(result.whole_file_bytes)} | {_mb(result.gzip6_resident_bytes)} |"
+        )
+    lines += [
+        "",
+        "| layout | spans | index blobs MB | windows blobs MB |",
         "|---|---|---|---|",
     ]
     for sizes in index_sizes:
         lines.append(
-            f"| {size_label(sizes.span_size)} | {sizes.spans} | {sizes.index_blob_bytes / MB:.2f}"
+            f"| {sizes.layout} | {sizes.spans} | {sizes.index_blob_bytes / MB:.2f}"
             f" | {_mb(sizes.windows_blob_bytes)} |"
         )
+    blobs = {sizes.layout: sizes.index_blob_bytes for sizes in index_sizes}
     lines += [
         "",
-        "| workload | span size | files read | resident MB | whole-file MB | gzip -6 of resident"
-        " MB | spans, whole files | compressed MB, whole files | + windows MB | spans, resident"
-        " ranges | compressed MB, resident ranges | + windows MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | layout | whole files: spans (runs) | MB + windows MB | resident ranges: "
+        "spans (runs) | MB + windows MB | index blobs + resident ranges' spans + windows MB | "
+        "same, windows of each run's first span only |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         command = " ".join(result.command).replace("|", "\\|")
         for by_size in result.by_span_size:
             whole, ranged = by_size.whole_files, by_size.resident_ranges
+            fetched = blobs.get(by_size.layout, 0) + ranged.compressed_bytes + ranged.window_bytes
             lines.append(
-                f"| `{command}` | {size_label(by_size.span_size)} | {len(result.files)} | "
-                f"{_mb(result.resident_bytes)} | {_mb(result.whole_file_bytes)} | "
-                f"{_mb(result.gzip6_resident_bytes)} | {whole.spans} | "
-                f"{_mb(whole.compressed_bytes)} | {_mb(whole.window_bytes)} | {ranged.spans} | "
-                f"{_mb(ranged.compressed_bytes)} | {_mb(ranged.window_bytes)} |"
+                f"| `{command}` | {by_size.layout} | {whole.spans} ({whole.runs}) | "
+                f"{_mb(whole.compressed_bytes)} + {_mb(whole.window_bytes)} | "
+                f"{ranged.spans} ({ranged.runs}) | "
+                f"{_mb(ranged.compressed_bytes)} + {_mb(ranged.window_bytes)} | "
+                f"**{_mb(fetched)}** | "
+                f"{_mb(fetched - ranged.window_bytes + ranged.run_window_bytes)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -764,6 +815,30 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
+def parse_layouts(text: str) -> list[Layout]:
+    """`1M,256K/f64K`: span size, optionally /f<file cut minimum>."""
+    layouts = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        size, _, cut = part.strip().partition("/")
+        if cut and not cut.lower().startswith("f"):
+            raise argparse.ArgumentTypeError(f"layout {part!r}: expected SIZE or SIZE/fMIN")
+        [span_size] = parse_sizes(size)
+        file_cut_min = parse_size(cut[1:]) if cut else 0
+        if file_cut_min < 0 or file_cut_min > span_size:
+            raise argparse.ArgumentTypeError(
+                f"layout {part!r}: the file cut minimum must be between 0 and the span size"
+            )
+        layouts.append(Layout(span_size, file_cut_min))
+    if not layouts:
+        raise argparse.ArgumentTypeError("no layout given")
+    return layouts
+
+
+DEFAULT_LAYOUTS = "1M,256K," + Layout(DEFAULT_SPAN_SIZE, DEFAULT_FILE_CUT_MIN or 64 << 10).label
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.working_set",
@@ -779,8 +854,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--span-sizes",
         type=parse_sizes,
-        default=parse_sizes("1M,256K"),
-        help="comma-separated span sizes (default: 1M,256K)",
+        default=None,
+        help="comma-separated span sizes, cut by size only (short for --layouts)",
+    )
+    parser.add_argument(
+        "--layouts",
+        type=parse_layouts,
+        default=None,
+        help="comma-separated span layouts: SIZE (cut by size) or SIZE/fMIN (plus file-aware "
+        f"cuts once a span holds MIN bytes) (default: {DEFAULT_LAYOUTS})",
+    )
+    parser.add_argument(
+        "--reads-from",
+        type=Path,
+        default=None,
+        help="take the workloads' reads from this earlier --json of the same image instead of "
+        "running them (no extraction, no root needed)",
     )
     parser.add_argument(
         "--read-ahead-kb",
@@ -802,6 +891,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "python3 -c 'import numpy, pandas')",
     )
     args = parser.parse_args(argv)
+    if args.span_sizes is not None and args.layouts is not None:
+        parser.error("give --span-sizes or --layouts, not both")
+    if args.reads_from is not None and args.command:
+        parser.error("--reads-from takes the workloads from the file: no command")
     if args.read_ahead_kb < 0:
         parser.error("--read-ahead-kb must be 0 or more")
     if args.json is not None and not args.json.parent.is_dir():
@@ -809,14 +902,45 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    image = load_image(args.image)
+def load_reads(path: Path, image: Image) -> tuple[list[WorkloadResult], int]:
+    """The workloads (with their reads) and read_ahead_kb of an earlier --json of image."""
+    raw = _read_json(path, "--reads-from")
+    try:
+        digests = [layer["digest"] for layer in raw["layers"]]
+        if digests != [layer.digest for layer in image.layers]:
+            raise WorkingSetError(
+                f"--reads-from {path}: measured on other layers than {image.name}"
+            )
+        results = [
+            WorkloadResult(
+                list(workload["command"]),
+                float(workload["seconds"]),
+                int(workload["left_resident_after_eviction"]),
+                [
+                    FileRead(
+                        read["path"],
+                        read["size"],
+                        read["layer"],
+                        [(a, b) for a, b in read["ranges"]],
+                    )
+                    for read in workload["files"]
+                ],
+                int(workload["gzip6_resident_bytes"]),
+            )
+            for workload in raw["workloads"]
+        ]
+        return results, int(raw["read_ahead_kb"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WorkingSetError(f"--reads-from {path}: not a working_set --json: {exc!r}") from None
+
+
+def run_workloads(
+    args: argparse.Namespace, image: Image, layout: Layout
+) -> tuple[list[WorkloadResult], int]:
+    """Extract the image onto the scratch file system and measure each workload there."""
     commands = [tuple(args.command)] if args.command else list(DEFAULT_WORKLOADS)
-    span_sizes: list[int] = args.span_sizes
-    progress(
-        f"indexing the {len(image.layers)} layer(s) of {image.name} ({size_label(span_sizes[0])})"
-    )
-    indexes = index_layers(image, span_sizes[0])
+    progress(f"indexing the {len(image.layers)} layer(s) of {image.name} ({layout.label})")
+    indexes = index_layers(image, layout)
     uncompressed = sum(index.uncompressed_size for index in indexes)
     # Room for the tree plus ext4's own metadata; the file is sparse.
     fs_size = int(uncompressed * 1.3) + (256 << 20)
@@ -830,25 +954,40 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         for command in commands:
             results.append(measure(image, scratch.root, trees, command, files))
         # Figures of the resident bytes' gzip floor were read above; the tree can go now.
+    return results, read_ahead_kb
+
+
+def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    image = load_image(args.image)
+    layouts: list[Layout] = (
+        args.layouts
+        or [Layout(size) for size in (args.span_sizes or [])]
+        or parse_layouts(DEFAULT_LAYOUTS)
+    )
+    if args.reads_from is not None:
+        results, read_ahead_kb = load_reads(args.reads_from, image)
+    else:
+        results, read_ahead_kb = run_workloads(args, image, layouts[0])
     index_sizes: list[SpanIndexSizes] = []
-    for number, span_size in enumerate(span_sizes):
-        if number:
-            progress(f"indexing at {size_label(span_size)} spans")
-            indexes = index_layers(image, span_size)
-            trees = [LayerTree.from_index(index) for index in indexes]
+    for layout in layouts:
+        progress(f"indexing with layout {layout.label}")
+        indexes = index_layers(image, layout)
+        trees = [LayerTree.from_index(index) for index in indexes]
         measured = [window_lengths(index) for index in indexes]
         index_sizes.append(
             SpanIndexSizes(
-                span_size,
+                layout.span_size,
                 sum(len(index.spans) for index in indexes),
                 sum(m[1] for m in measured),
                 sum(m[2] for m in measured),
+                layout.file_cut_min,
+                layout.label,
             )
         )
         windows = [m[0] for m in measured]
         for result in results:
-            result.by_span_size.append(map_to_spans(indexes, trees, windows, result.files))
-        del indexes, trees  # one span size's indexes (windows inline) in memory at a time
+            result.by_span_size.append(map_to_spans(indexes, trees, windows, result.files, layout))
+        del indexes, trees  # one layout's indexes (windows inline) in memory at a time
     raw = {
         "image": image.name,
         "layers": [asdict(layer) | {"blob": str(layer.blob)} for layer in image.layers],
@@ -873,7 +1012,7 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and args.reads_from is None:
         print(
             "working_set: needs root (loop device, mount, chroot): run it with sudo",
             file=sys.stderr,

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 
 from snapshotter.index.model import (
+    DEFAULT_FILE_CUT_MIN,
     DEFAULT_MIN_LAYER_SIZE,
     DEFAULT_SPAN_SIZE,
     MAX_SPAN_SIZE,
@@ -69,6 +70,29 @@ def add_span_size_argument(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="uncompressed bytes per independently readable span: the unit of every fetch, "
         f"64KiB to 64MiB (default {DEFAULT_SPAN_SIZE})",
+    )
+
+
+def file_cut_min(text: str) -> int:
+    """0 (cut spans by size only) or a minimum span size up to the largest span size."""
+    value = byte_size(text)
+    if value > MAX_SPAN_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"file cut minimum {text!r} is larger than the largest span size ({MAX_SPAN_SIZE})"
+        )
+    return value
+
+
+def add_file_cut_argument(parser: argparse.ArgumentParser) -> None:
+    """--file-cut-min, for `index build` (the accel service builds with the default)."""
+    parser.add_argument(
+        "--file-cut-min",
+        type=file_cut_min,
+        default=DEFAULT_FILE_CUT_MIN,
+        metavar="N",
+        help="also cut a span where a file's data starts once the span holds N bytes, so a "
+        "small file's read fetches a few deflate blocks, not a whole span (gzip and "
+        f"uncompressed layers); 0: cut by size only (default {DEFAULT_FILE_CUT_MIN})",
     )
 
 

@@ -24,7 +24,9 @@ inflates past the format's cap (one endless block) is refused as soon as it pass
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +43,9 @@ from snapshotter.index.model import Span
 WINDOW_SIZE = 32768
 READ_SIZE = 1 << 20
 OUTPUT_CHUNK = 1 << 20
+# File-aware cuts hold one deflate block's bytes until it is known whether a file's data starts
+# in it; a block that inflates to more (rare: long runs of one byte) is no cut candidate.
+BLOCK_BUFFER_CAP = 4 << 20
 
 
 def _sha256(hasher: hashlib._Hash) -> str:
@@ -56,6 +61,7 @@ class _Checkpoint:
     bits: int  # bits of byte compressed-1 that belong to the span starting here
     window: bytes  # the 32 KiB of output before it; b"" at a member start
     digest_before: str = ""  # uncompressed digest of the span ending here
+    shared: bytes = b""  # file-aware candidates: byte compressed-1 (the shared one if bits)
 
     @property
     def lead(self) -> int:
@@ -69,6 +75,10 @@ class GzipSpanBuilder:
     sink: Callable[[memoryview], None]  # uncompressed stream in order (view valid during call)
     span_size: int
     library: InflateLibrary | None = None  # default: the fastest that works here
+    # > 0: also cut at the last block boundary at or before each file's data start (from
+    # data_starts, which the tar parser fills), once the span holds at least this many bytes
+    file_cut_min: int = 0
+    data_starts: deque[int] | None = None
     _inflater: BlockInflater | None = None
     _spans: list[Span] = field(default_factory=list)
     _start: _Checkpoint = field(default_factory=lambda: _Checkpoint(0, 0, 0, b""))
@@ -80,15 +90,24 @@ class GzipSpanBuilder:
     _ctail: bytes = b""  # the last compressed byte consumed
     _upos: int = 0
     _uhash: hashlib._Hash = field(default_factory=hashlib.sha256)
-    _tail: bytes = b""  # last WINDOW_SIZE bytes of output
+    _tail: bytes = b""  # last WINDOW_SIZE bytes of output (of hashed output, while deferring)
+    # file-aware cuts: the current block's bytes are hashed when it ends, once it is known
+    # whether the span is cut at its start (_block)
+    _deferring: bool = False
+    _block: _Checkpoint | None = None
+    _block_in: bytearray = field(default_factory=bytearray)
+    _block_out: bytearray = field(default_factory=bytearray)
 
     def run(self) -> tuple[list[Span], int, int]:
         """Consume the whole stream; returns (spans, compressed size, uncompressed size)."""
         self._inflater = BlockInflater(self.library or load_inflate_library(), OUTPUT_CHUNK)
+        inflate_member = self._inflate_member
+        if self.file_cut_min > 0 and self.data_starts is not None:
+            inflate_member = self._inflate_member_by_block
         try:
-            self._inflate_member()
+            inflate_member()
             while self._next_member():
-                self._inflate_member()
+                inflate_member()
             return self._finish()
         except InflateError as exc:
             raise InvalidLayer(f"gzip layer is corrupt at byte ~{self._upos}: {exc}") from None
@@ -110,6 +129,9 @@ class GzipSpanBuilder:
         if not data:
             return
         self._ctail = data[-1:].tobytes()
+        if self._deferring:
+            self._block_in += data
+            return
         self._span_chash.update(data)
         if self._next_chash is not None:
             self._next_chash.update(data)
@@ -131,22 +153,96 @@ class GzipSpanBuilder:
             self._hash_consumed(rest[: len(rest) - inflater.pending_input])
             if out:
                 self._emit(out)
-                if self._upos - self._start.uncompressed > MAX_SPAN_UNCOMPRESSED:
-                    # no usable block boundary for this long: refuse now rather than inflate
-                    # the rest of a (possibly crafted, endless) block for nothing
-                    raise InvalidLayer(
-                        f"layer span {len(self._spans)} inflates to more than "
-                        f"{MAX_SPAN_UNCOMPRESSED} bytes (one deflate block from compressed byte "
-                        f"{self._start.lead}); not randomly accessible"
-                    )
+                self._check_span_cap()
             if ended:
                 return
             if seeking and self._upos >= target and inflater.at_block_boundary:
-                compressed, bits = inflater.boundary_offset()
-                if compressed != inflater.consumed:
-                    # the closing span's digest already holds the bytes past the boundary
-                    raise RuntimeError(f"inflate read ahead of a block boundary at {compressed}")
+                compressed, bits = self._boundary()
                 self._add_checkpoint(compressed, bits, member_start=False)
+
+    def _inflate_member_by_block(self) -> None:
+        """_inflate_member with file-aware cuts: stops at every block boundary; a block's bytes
+        are hashed when it ends, into the span it belongs to once that is known."""
+        inflater = self._inflater
+        assert inflater is not None
+        self._deferring, self._block = True, None  # a member start is a checkpoint already
+        while True:
+            if not inflater.pending_input and not self._read_more():
+                raise InvalidLayer("gzip layer is truncated (stream ends inside a member)")
+            rest = inflater.unused_input()
+            out, ended = inflater.inflate(OUTPUT_CHUNK, stop_at_block=True)
+            self._hash_consumed(rest[: len(rest) - inflater.pending_input])
+            if out:
+                self._emit(out)
+                self._check_span_cap()
+                if len(self._block_out) > BLOCK_BUFFER_CAP:
+                    self._block = None  # too long to hold: no cut at its start
+                    self._hash_block()
+            if ended:
+                self._end_block()
+                self._deferring = False
+                return
+            if inflater.at_block_boundary:
+                compressed, bits = self._boundary()
+                self._end_block()
+                if self._upos - self._last_checkpoint() >= self.span_size:
+                    self._add_checkpoint(compressed, bits, member_start=False)
+                self._block = _Checkpoint(compressed, self._upos, bits, b"", shared=self._ctail)
+
+    def _boundary(self) -> tuple[int, int]:
+        assert self._inflater is not None
+        compressed, bits = self._inflater.boundary_offset()
+        if compressed != self._inflater.consumed:
+            # the closing span's digest already holds the bytes past the boundary
+            raise RuntimeError(f"inflate read ahead of a block boundary at {compressed}")
+        return compressed, bits
+
+    def _check_span_cap(self) -> None:
+        if self._upos - self._start.uncompressed > MAX_SPAN_UNCOMPRESSED:
+            # no usable block boundary for this long: refuse now rather than inflate the rest
+            # of a (possibly crafted, endless) block for nothing
+            raise InvalidLayer(
+                f"layer span {len(self._spans)} inflates to more than "
+                f"{MAX_SPAN_UNCOMPRESSED} bytes (one deflate block from compressed byte "
+                f"{self._start.lead}); not randomly accessible"
+            )
+
+    def _end_block(self) -> None:
+        """The block that began at self._block ended here: cut the span at its start if a
+        file's data starts in it and the span is long enough; then hash its bytes."""
+        start, starts = self._block, self.data_starts
+        assert starts is not None
+        cut = False
+        while starts and starts[0] < self._upos:
+            data_start = starts.popleft()
+            cut = cut or (start is not None and data_start >= start.uncompressed)
+        if (
+            cut
+            and start is not None
+            and self._pending is None
+            and len(self._block_in) <= BLOCK_BUFFER_CAP
+            and start.uncompressed - self._start.uncompressed >= self.file_cut_min
+        ):
+            uncompressed_digest = _sha256(self._uhash)
+            self._close_span(start, _sha256(self._span_chash), uncompressed_digest)
+            self._start = dataclasses.replace(start, window=self._tail)
+            self._span_chash, self._uhash = hashlib.sha256(), hashlib.sha256()
+            if start.bits:
+                self._span_chash.update(start.shared)
+        self._hash_block()
+
+    def _hash_block(self) -> None:
+        block_in, block_out = self._block_in, self._block_out
+        self._span_chash.update(block_in)
+        if self._next_chash is not None:
+            self._next_chash.update(block_in)
+        self._uhash.update(block_out)
+        if len(block_out) >= WINDOW_SIZE:
+            self._tail = bytes(block_out[-WINDOW_SIZE:])
+        elif block_out:
+            self._tail = (self._tail + block_out)[-WINDOW_SIZE:]
+        block_in.clear()
+        block_out.clear()
 
     def _next_member(self) -> bool:
         """After a member: skip zero padding to the end, or parse the next member's header and
@@ -235,6 +331,10 @@ class GzipSpanBuilder:
     def _emit(self, out: memoryview) -> None:
         self._seal_pending()  # output after it: no member start can replace it any more
         self._upos += len(out)
+        if self._deferring:
+            self._block_out += out
+            self.sink(out)
+            return
         self._uhash.update(out)
         if len(out) >= WINDOW_SIZE:
             self._tail = out[-WINDOW_SIZE:].tobytes()

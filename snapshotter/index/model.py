@@ -24,6 +24,8 @@ SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_EXTERNAL_WINDOWS)
 # a third fewer bytes per cold start, and with a profile 2-3x faster starts on a 100 Mbit/s
 # link; costs a 3x bigger index and ~25 % of loopback cold sequential-read speed.
 DEFAULT_SPAN_SIZE = 1 << 20
+# File-aware cuts (docs/index-format.md "Spans"): 0 = cut by size only (zran's rule).
+DEFAULT_FILE_CUT_MIN = 0
 MIN_SPAN_SIZE = 64 << 10
 MAX_SPAN_SIZE = 64 << 20
 DEFAULT_MIN_LAYER_SIZE = 10 << 20

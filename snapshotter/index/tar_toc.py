@@ -8,6 +8,7 @@ one header plus PAX/GNU extension records (capped).
 from __future__ import annotations
 
 import base64
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
@@ -133,6 +134,9 @@ class TarTocParser:
     _global_pax: dict[str, bytes] = field(default_factory=dict)
     _ended: bool = False
     _current: str = ""  # last entry name, for truncation messages
+    # When set: the stream offset of each regular file's data (size > 0), appended as soon as
+    # its header is parsed, for a span builder that cuts spans at file starts (it drains it).
+    data_starts: deque[int] | None = None
 
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -265,6 +269,8 @@ class TarTocParser:
         # Only regular files carry data; like Go's archive/tar (containerd) and Python's
         # tarfile, the size field of other types is ignored.
         self._skip = (size + BLOCK - 1) // BLOCK * BLOCK if entry_type is EntryType.REG else 0
+        if self.data_starts is not None and entry.size:
+            self.data_starts.append(data_offset)
         self._add(entry)
 
     def _check_checksum(self, block: bytes, name: str) -> None:

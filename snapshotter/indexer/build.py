@@ -33,6 +33,7 @@ from typing import BinaryIO, cast
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index_split
 from snapshotter.index.model import (
+    DEFAULT_FILE_CUT_MIN,
     DEFAULT_MIN_LAYER_SIZE,
     DEFAULT_SPAN_SIZE,
     FORMAT_VERSION,
@@ -91,6 +92,7 @@ class BuildOptions:
     platforms: tuple[Platform, ...] = ()
     all_platforms: bool = False
     span_size: int = DEFAULT_SPAN_SIZE
+    file_cut_min: int = DEFAULT_FILE_CUT_MIN  # build_layer_index's file-aware span cuts
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     # Looked up after the image's own namespace's cache, before the registry-wide one.
     cache_repos: tuple[str, ...] = ()
@@ -273,6 +275,7 @@ def _index_one(
                 cast(BinaryIO, stream),  # a RawIOBase: build_layer_index only calls read()
                 media_type=layer.media_type,
                 span_size=options.span_size,
+                file_cut_min=options.file_cut_min,
                 expected_digest=layer.digest,
                 progress=bar.update,
             )

@@ -1,7 +1,7 @@
 """The `lazysnap index` command line: `build`, `sign` and `show`.
 
     index build IMAGE [--platform os/arch[/variant]]... [--all-platforms] [--plain-http]
-                      [--hosts-dir DIR] [--span-size N] [--min-layer-size N]
+                      [--hosts-dir DIR] [--span-size N] [--file-cut-min N] [--min-layer-size N]
                       [--cache-repo REPO]... [--no-shared-cache] [--jobs N] [--sign-key FILE]
                       [--profile CMD [--profile-timeout SECONDS]]
     index sign IMAGE --sign-key FILE [--platform ...]... [--all-platforms] [--plain-http]
@@ -33,7 +33,12 @@ if TYPE_CHECKING:
     from snapshotter.remote.reference import Reference
     from snapshotter.trust.keys import SigningKey
 
-from snapshotter.cli_types import add_min_layer_size_argument, add_span_size_argument, at_least_one
+from snapshotter.cli_types import (
+    add_file_cut_argument,
+    add_min_layer_size_argument,
+    add_span_size_argument,
+    at_least_one,
+)
 
 _REPO = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
@@ -136,6 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_common(build)
     add_span_size_argument(build)
+    add_file_cut_argument(build)
     add_min_layer_size_argument(build)
     add_cache_arguments(build)
     build.add_argument(
@@ -232,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
                     platforms=platforms,
                     all_platforms=args.all_platforms,
                     span_size=args.span_size,
+                    file_cut_min=args.file_cut_min,
                     min_layer_size=args.min_layer_size,
                     cache_repos=tuple(args.cache_repo),
                     shared_cache=args.shared_cache,

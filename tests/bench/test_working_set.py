@@ -118,28 +118,54 @@ def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
     assert "data/other" not in reads and "data/before" not in reads
     assert "bin/busybox" in reads  # sh and cat themselves
     # The data layer's spans are exactly those of the file, whole and by resident ranges.
-    blob = image.layout / "blobs" / "sha256" / image.layers[1].digest.split(":", 1)[1]
-    for by_size in workload["by_span_size"]:
-        with open(blob, "rb") as stream:
-            index = build_layer_index(
-                stream, media_type=image.layers[1].media_type, span_size=by_size["span_size"]
-            )
-        entry = next(entry for entry in index.entries if entry.name == KNOWN)
-        spans = spans_for_range(index, entry.offset, entry.offset + entry.size)
-        expected = {
-            "spans": len(spans),
-            "compressed_bytes": sum(index.spans[n].compressed_size for n in spans),
-            "window_bytes": sum(len(encode_window(index.spans[n].window)) for n in spans),
-        }
-        data_layer = by_size["layers"][1]
-        assert data_layer["whole_files"] == expected
-        assert data_layer["resident_ranges"] == expected
-        assert by_size["layers"][2]["whole_files"]["spans"] == 0
+    _assert_known_file_costs_its_spans(image, workload)
     smallest = workload["by_span_size"][0]["layers"][1]["whole_files"]
     assert smallest["spans"] >= 3 and smallest["window_bytes"] > 0
     assert f"| `sh -c {shell}` | 128K | " in result.stdout
     assert _mounts_and_loops_under(work) == []
     assert list(work.iterdir()) == []
+
+    # The same reads mapped to other span layouts, without running anything again.
+    again = tmp_path / "again.json"
+    layouts = "128K/f64K,1M/f128K"
+    result = subprocess.run(
+        [*PROGRAM, "--image", str(image.layout), "--reads-from", str(figures),
+         "--layouts", layouts, "--json", str(again)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [workload] = json.loads(again.read_text())["workloads"]
+    assert [by["layout"] for by in workload["by_span_size"]] == layouts.split(",")
+    assert [by["file_cut_min"] for by in workload["by_span_size"]] == [64 << 10, 128 << 10]
+    _assert_known_file_costs_its_spans(image, workload)
+    assert f"| `sh -c {shell}` | 128K/f64K | " in result.stdout
+
+
+def _assert_known_file_costs_its_spans(image: BuiltImage, workload: dict[str, Any]) -> None:
+    """The data layer's spans are exactly those of the file, whole and by resident ranges."""
+    blob = image.layout / "blobs" / "sha256" / image.layers[1].digest.split(":", 1)[1]
+    for by_size in workload["by_span_size"]:
+        with open(blob, "rb") as stream:
+            index = build_layer_index(
+                stream,
+                media_type=image.layers[1].media_type,
+                span_size=by_size["span_size"],
+                file_cut_min=by_size["file_cut_min"],
+            )
+        entry = next(entry for entry in index.entries if entry.name == KNOWN)
+        spans = spans_for_range(index, entry.offset, entry.offset + entry.size)
+        windows = [len(encode_window(index.spans[n].window)) for n in spans]
+        expected = {
+            "spans": len(spans),
+            "compressed_bytes": sum(index.spans[n].compressed_size for n in spans),
+            "window_bytes": sum(windows),
+            "runs": 1,  # one file: one run of consecutive spans
+            "run_window_bytes": windows[0],
+        }
+        data_layer = by_size["layers"][1]
+        assert data_layer["whole_files"] == expected
+        assert data_layer["resident_ranges"] == expected
+        assert by_size["layers"][2]["whole_files"]["spans"] == 0
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

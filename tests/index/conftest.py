@@ -24,6 +24,7 @@ from snapshotter.index.model import LayerIndex
 
 SOURCE_DIR = "usr/lib/python3.11"
 TEST_SPAN_SIZE = 256 << 10  # small spans: many checkpoints with every `bits` value
+TEST_FILE_CUT_MIN = 32 << 10
 GZIP_MT = "application/vnd.oci.image.layer.v1.tar+gzip"
 DOCKER_GZIP_MT = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 ZSTD_MT = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -37,9 +38,13 @@ class Layer:
     media_type: str
     tar: bytes  # the uncompressed tar stream
 
-    def build(self, span_size: int = TEST_SPAN_SIZE) -> LayerIndex:
+    def build(self, span_size: int = TEST_SPAN_SIZE, file_cut_min: int = 0) -> LayerIndex:
+        """file_cut_min 0: cut by size only (zran's rule, what indexed_gzip places)."""
         return build_layer_index(
-            OnlyRead(self.blob), media_type=self.media_type, span_size=span_size
+            OnlyRead(self.blob),
+            media_type=self.media_type,
+            span_size=span_size,
+            file_cut_min=file_cut_min,
         )
 
 
@@ -134,4 +139,11 @@ def layers(debian_tar: bytes, layer_dir: Path) -> dict[str, Layer]:
 
 @pytest.fixture(scope="session")
 def built(layers: dict[str, Layer]) -> dict[str, LayerIndex]:
+    """Cut by size only."""
     return {name: layer.build() for name, layer in layers.items()}
+
+
+@pytest.fixture(scope="session")
+def built_file_cuts(layers: dict[str, Layer]) -> dict[str, LayerIndex]:
+    """Cut by size and at file starts (test_span_layout.py)."""
+    return {name: layer.build(file_cut_min=TEST_FILE_CUT_MIN) for name, layer in layers.items()}
