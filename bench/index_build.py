@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import command_line
 
@@ -53,7 +54,7 @@ class BodyStream:
         self._file.close()
 
 
-def worker(tree: str, inflate_library: str | None) -> int:
+def worker(tree: str, inflate_library: str | None, file_cut_min: int | None) -> int:
     """Serve build requests (JSON lines on stdin) with the builder found in `tree`."""
     sys.path.insert(0, tree)
     from snapshotter.index.build import build_layer_index
@@ -76,12 +77,11 @@ def worker(tree: str, inflate_library: str | None) -> int:
         try:
             started = time.perf_counter()
             media_type, span_size = request["media_type"], request["span_size"]
-            if library is None:  # a baseline's builder may predate the parameter
-                index = build_layer_index(stream, media_type=media_type, span_size=span_size)
-            else:
-                index = build_layer_index(
-                    stream, media_type=media_type, span_size=span_size, inflate_library=library
-                )
+            # only the parameters asked for: a baseline's builder may predate them
+            options: dict[str, Any] = {} if library is None else {"inflate_library": library}
+            if file_cut_min is not None:
+                options["file_cut_min"] = file_cut_min
+            index = build_layer_index(stream, media_type=media_type, span_size=span_size, **options)
             encoded = encode_index(index)
             built = time.perf_counter() - started
         finally:
@@ -98,8 +98,12 @@ def worker(tree: str, inflate_library: str | None) -> int:
 class Worker:
     """One builder (a source tree) in its own process."""
 
-    def __init__(self, tree: Path, inflate_library: str | None = None) -> None:
+    def __init__(
+        self, tree: Path, inflate_library: str | None = None, file_cut_min: int | None = None
+    ) -> None:
         pinned = ["--inflate-library", inflate_library] if inflate_library else []
+        if file_cut_min is not None:
+            pinned += ["--file-cut-min", str(file_cut_min)]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.index_build", "--worker", str(tree), *pinned],
             stdin=subprocess.PIPE,
@@ -220,11 +224,17 @@ def main() -> int:
         action="store_true",
         help="also time this checkout's gzip builder on the system zlib (its fallback library)",
     )
+    parser.add_argument(
+        "--file-cut-min",
+        type=int,
+        default=None,
+        help="also time this checkout's builder with this file cut minimum (file-aware spans)",
+    )
     parser.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     parser.add_argument("--inflate-library", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.inflate_library)
+        return worker(args.worker, args.inflate_library, args.file_cut_min)
     if args.trials < 3:
         parser.error("--trials must be >= 3 (the table shows medians)")
     source = Path(args.source).resolve()
@@ -236,6 +246,9 @@ def main() -> int:
         workers["build_layer_index"] = Worker(REPO)
         if args.system_zlib:
             workers["build_layer_index, system zlib"] = Worker(REPO, "zlib")
+        if args.file_cut_min is not None:
+            label = f"build_layer_index, file_cut_min {args.file_cut_min}"
+            workers[label] = Worker(REPO, file_cut_min=args.file_cut_min)
         if args.baseline:
             export_revision(args.baseline, work / "baseline")
             workers[f"build_layer_index @ {args.baseline}"] = Worker(work / "baseline")

@@ -10,6 +10,15 @@ stream for the tar parser and the span digests, and finds the checkpoints itself
 A checkpoint at uncompressed offset 0 or at the very end is dropped: span 0 starts at the first
 gzip header, and the last span ends with the blob.
 
+File-aware cuts (file_cut_min > 0) add a checkpoint at the last block boundary at or before each
+regular file's data start, once the span holds file_cut_min bytes (the size rule then counts from
+it), so a small file's read fetches its own block(s), not a whole span. The tar parser learns a
+data start only after inflating the header before it, so this mode stops at every block boundary
+and holds the block's bytes (compressed and inflated, up to BLOCK_BUFFER_CAP) until it ends: then
+it is known whether a file's data starts in the block, the span is cut at the block's start if
+so (its window: the 32 KiB of output before that start, still the tail then), and the block is
+hashed into the span it belongs to.
+
 To find a boundary without stopping at every block (a ctypes call each), the inflater runs freely
 until one byte short of the next target, then in Z_BLOCK steps. The byte of slack matters: with
 its output full, inflate may already decode past a block that ends exactly at the target.
