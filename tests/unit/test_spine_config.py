@@ -191,3 +191,13 @@ def test_span_size_limits_are_accepted() -> None:
     for value, size in (("64k", 64 << 10), ("64M", 64 << 20), ("1M", 1 << 20)):
         args = build_parser().parse_args(["index", "build", "--span-size", value, "r/a:1"])
         assert args.span_size == size
+
+
+def test_file_cut_minimum_is_parsed_and_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["index", "build", "--file-cut-min", "64K", "r/a:1"])
+    assert args.file_cut_min == 64 << 10
+    assert build_parser().parse_args(["index", "build", "r/a:1"]).file_cut_min == 0
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["index", "build", "--file-cut-min", "65M", "r/a:1"])
+    assert exited.value.code == 2
+    assert "file cut minimum '65M' is larger than the largest span size" in capsys.readouterr().err
