@@ -394,6 +394,10 @@ def build_image_index(
     ref = Reference.parse(image)
     repo = ref.repository
     caches = layer_cache.cache_repositories(repo, options.cache_repos, shared=options.shared_cache)
+    if options.file_cut_min != DEFAULT_FILE_CUT_MIN:
+        # a cache variant states span size and format, not the span layout: neither reuse one
+        # cut otherwise nor leave this one for builds with the default layout
+        caches = ()
     report = BuildReport(str(ref))
     targets, report.skipped_platforms = resolve_targets(client, ref, options)
     for warning in report.skipped_platforms:

@@ -16,7 +16,7 @@ from indexer_helpers import CliResult, Target, build_image, push_image, unique
 from harness.images import file, layer_tar
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import decode_index, decode_window
-from snapshotter.index.model import MAX_INDEX_BLOB_SIZE, EntryType
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE, EntryType, LayerIndex
 from snapshotter.index.spans import fetch_range, inflate_span, spans_for_range
 from snapshotter.remote.reference import Repository
 
@@ -35,31 +35,44 @@ def _small_files_layer() -> bytes:
     return layer_tar(files)
 
 
+def _pushed_index(
+    lazysnap_index: Index, dist: Target, repo: str, layer_digest: str
+) -> tuple[LayerIndex, bytes]:
+    """The index `index build` pushed for the image's one layer, and its windows blob."""
+    shown = lazysnap_index("show", f"{dist.host}/{repo}:v1", "--plain-http", "--json")
+    assert shown.code == 0, shown.err
+    [platform] = json.loads(shown.out)["platforms"]
+    digest = platform["layers"][0]["index"]["digest"]
+    with dist.client() as client:
+        repository = Repository(dist.host, repo)
+        index = decode_index(
+            client.get_blob(repository, digest, MAX_INDEX_BLOB_SIZE),
+            expected_layer_digest=layer_digest,
+        )
+        assert index.windows is not None
+        return index, client.get_blob(repository, index.windows.digest, index.windows.size)
+
+
 @pytest.mark.stack
 def test_index_build_cuts_spans_at_file_starts_when_asked(
     lazysnap_index: Index, dist: Target, workdir: Path
 ) -> None:
     image = build_image(workdir, "v1", [_small_files_layer()])
-    repo = f"{dist.namespace}/{unique('cuts')}"
+    repo, other = f"{dist.namespace}/{unique('cuts')}", f"{dist.namespace}/{unique('sized')}"
     with dist.client() as client:
         push_image(client, image, dist.host, repo, "v1")
+        push_image(client, image, dist.host, other, "v1")
     flags = ("--plain-http", "--min-layer-size", "65536", "--file-cut-min", str(FILE_CUT_MIN))
-    built = lazysnap_index("build", f"{dist.host}/{repo}:v1", "--no-shared-cache", *flags)
+    built = lazysnap_index("build", f"{dist.host}/{repo}:v1", *flags)
     assert built.code == 0, built.err
-    shown = lazysnap_index("show", f"{dist.host}/{repo}:v1", "--plain-http", "--json")
-    assert shown.code == 0, shown.err
-    [platform] = json.loads(shown.out)["platforms"]
-    blob_info = platform["layers"][0]["index"]
+    # the layer cache holds no variant of another layout: a default build cuts by size
+    sized = lazysnap_index("build", f"{dist.host}/{other}:v1", *flags[:3])
+    assert sized.code == 0, sized.err
+    assert "1 layer indexed, 0 reused" in sized.out
     [layer] = image.layers
     blob = (image.layout / "blobs" / "sha256" / layer.digest.split(":", 1)[1]).read_bytes()
-    with dist.client() as client:
-        repository = Repository(dist.host, repo)
-        index = decode_index(
-            client.get_blob(repository, blob_info["digest"], MAX_INDEX_BLOB_SIZE),
-            expected_layer_digest=layer.digest,
-        )
-        assert index.windows is not None
-        windows = client.get_blob(repository, index.windows.digest, index.windows.size)
+    index, windows = _pushed_index(lazysnap_index, dist, repo, layer.digest)
+    default_index, _ = _pushed_index(lazysnap_index, dist, other, layer.digest)
 
     def local(file_cut_min: int) -> list[tuple[int, int, int]]:
         built = build_layer_index(
@@ -69,6 +82,9 @@ def test_index_build_cuts_spans_at_file_starts_when_asked(
 
     pushed = [(s.compressed_start, s.uncompressed_start, s.bits) for s in index.spans]
     assert pushed == local(FILE_CUT_MIN)
+    assert [(s.compressed_start, s.uncompressed_start, s.bits) for s in default_index.spans] == (
+        local(0)
+    )
     assert len(pushed) > 5 * len(local(0))  # by size: one or two spans for the whole layer
     # every file reads back from the pushed index (spans and windows from the registry's blobs)
     tar = gzip.decompress(blob)
