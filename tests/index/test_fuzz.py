@@ -119,8 +119,13 @@ SEED_BLOBS: dict[str, tuple[bytes, str]] = {
 }
 
 
-def _build(blob: bytes, media_type: str) -> LayerIndex:
-    return build_layer_index(io.BytesIO(blob), media_type=media_type, span_size=SPAN)
+def _build(blob: bytes, media_type: str, file_cut_min: int = 0) -> LayerIndex:
+    return build_layer_index(
+        io.BytesIO(blob), media_type=media_type, span_size=SPAN, file_cut_min=file_cut_min
+    )
+
+
+FILE_CUTS = st.sampled_from([0, 512])  # by size only, or file-aware cuts at nearly every file
 
 
 SEED_INDEXES = {name: _build(blob, mt) for name, (blob, mt) in SEED_BLOBS.items()}
@@ -303,13 +308,13 @@ def test_tar_parser_gives_entries_or_invalid_layer(tar: bytes, chunks: list[int]
 
 
 @FUZZ
-@given(hostile_tar())
-def test_an_index_built_from_any_tar_decodes_and_reads_back(tar: bytes) -> None:
+@given(hostile_tar(), FILE_CUTS)
+def test_an_index_built_from_any_tar_decodes_and_reads_back(tar: bytes, file_cut_min: int) -> None:
     """What the builder accepts the decoder accepts, and its spans inflate from the blob."""
     for compress, media_type in ((lambda b: b, TAR_MT), (_zstd_frames, ZSTD_MT)):
         blob = compress(tar)
         try:
-            index = _build(blob, media_type)
+            index = _build(blob, media_type, file_cut_min)
         except InvalidLayer:
             return
         check_decoded(decode_index(encode_index(index)))
@@ -325,13 +330,13 @@ def hostile_layer_blob(draw: st.DrawFn) -> tuple[bytes, str]:
 
 
 @FUZZ
-@given(hostile_layer_blob())
+@given(hostile_layer_blob(), FILE_CUTS)
 def test_the_builder_inflaters_give_an_index_or_invalid_layer(
-    blob_and_type: tuple[bytes, str],
+    blob_and_type: tuple[bytes, str], file_cut_min: int
 ) -> None:
     blob, media_type = blob_and_type
     try:
-        index = _build(blob, media_type)
+        index = _build(blob, media_type, file_cut_min)
     except InvalidLayer:
         return
     decode_index(encode_index(index))
