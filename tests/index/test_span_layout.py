@@ -15,7 +15,7 @@ import pytest
 
 from snapshotter.index.block_inflate import BlockInflater, load_inflate_library
 from snapshotter.index.build import build_layer_index
-from snapshotter.index.codec import encode_index_split, encode_window
+from snapshotter.index.codec import decode_index, encode_index, encode_index_split, encode_window
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.gzip_spans import GzipSpanBuilder
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
@@ -42,6 +42,7 @@ def test_every_file_reads_back_equal_to_the_tar(
     name: str, layers: dict[str, Layer], built_file_cuts: dict[str, LayerIndex]
 ) -> None:
     layer, index = layers[name], built_file_cuts[name]
+    assert decode_index(encode_index(index)) == index  # a reader of today takes the layout
     inflated: dict[int, bytes] = {}
 
     def span_bytes(number: int) -> bytes:
