@@ -26,32 +26,63 @@ class BlobStream(io.RawIOBase):
         self._expected_size = expected_size
         self._where = where
         self._hash = hashlib.new(digest.split(":", 1)[0])
-        self._buffer = b""
+        self._chunk = b""  # the network chunk being handed out, from _offset on
+        self._offset = 0
         self._received = 0
         self._done = False
 
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int = -1, /) -> bytes:
+        """At most size bytes of one network chunk (b"" at the end; size < 0: all the rest):
+        the chunk itself when it fits, so the bytes are not copied again (RawIOBase.read would
+        copy them twice)."""
+        if size < 0:
+            return self.readall()
+        if not self._fill():
+            return b""
+        n = min(size, len(self._chunk) - self._offset)
+        if self._offset == 0 and n == len(self._chunk):
+            data = self._chunk
+        else:
+            data = self._chunk[self._offset : self._offset + n]
+        self._offset += n
+        return data
+
+    def readall(self) -> bytes:
+        parts = []
+        while part := self.read(1 << 20):
+            parts.append(part)
+        return b"".join(parts)
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        while not self._buffer and not self._done:
+        if not self._fill():
+            return 0
+        n = min(len(view), len(self._chunk) - self._offset)
+        view[:n] = memoryview(self._chunk)[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def _fill(self) -> bool:
+        """Make sure unread bytes are at hand; False at the (verified) end of the blob."""
+        while self._offset == len(self._chunk):
+            if self._done:
+                return False
             try:
                 chunk = next(self._chunks)
             except StopIteration:
                 self._finish()
-                break
+                return False
             except httpx.HTTPError as exc:
                 raise RegistryUnavailable(
                     f"blob {self._where}: body broke off after {self._received} bytes: {exc}"
                 ) from None
             self._hash.update(chunk)
             self._received += len(chunk)
-            self._buffer = chunk
-        n = min(len(view), len(self._buffer))
-        view[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
+            self._chunk, self._offset = chunk, 0
+        return True
 
     def _finish(self) -> None:
         self._done = True

@@ -448,9 +448,7 @@ class RegistryClient:
         )
         try:
             self.check(response, f"blob {repository}@{digest}", (200,), host, BlobNotFound)
-            stream = BlobStream(
-                response.iter_bytes(1 << 20), digest, size, f"{repository}@{digest}"
-            )
+            stream = BlobStream(response.iter_bytes(), digest, size, f"{repository}@{digest}")
             yield stream
         finally:
             response.close()
