@@ -267,9 +267,9 @@ def _index_one(
         )
     bar = progress.layer(layer.digest, layer.size)
     try:
-        # The registry stream checks size and digest at its end, which build() reads to: an
-        # unverified layer is never indexed.
-        with client.stream_blob(repo, layer.digest, layer.size) as stream:
+        # The registry stream checks the size at its end, which build() reads to, and the
+        # builder hashes every byte and checks the digest: an unverified layer is never indexed.
+        with client.stream_blob(repo, layer.digest, layer.size, check_digest=False) as stream:
             encoded = workers.build(
                 stream,
                 media_type=layer.media_type,

@@ -15,17 +15,25 @@ from snapshotter.remote.errors import DigestMismatch, RegistryUnavailable
 
 class BlobStream(io.RawIOBase):
     """A blob body as a readable stream; at end of stream the digest (and size) is checked and
-    DigestMismatch raised naming the digest, so nothing unverified is taken as complete."""
+    DigestMismatch raised naming the digest, so nothing unverified is taken as complete
+    (check_digest=False: only the size, for a caller that checks the digest itself)."""
 
     def __init__(
-        self, chunks: Iterator[bytes], digest: str, expected_size: int | None, where: str
+        self,
+        chunks: Iterator[bytes],
+        digest: str,
+        expected_size: int | None,
+        where: str,
+        *,
+        check_digest: bool = True,
     ) -> None:
         super().__init__()
         self._chunks = chunks
         self._digest = digest
         self._expected_size = expected_size
         self._where = where
-        self._hash = hashlib.new(digest.split(":", 1)[0])
+        # None: the caller hashes every byte itself and checks the digest (the index builder).
+        self._hash = hashlib.new(digest.split(":", 1)[0]) if check_digest else None
         self._chunk = b""  # the network chunk being handed out, from _offset on
         self._offset = 0
         self._received = 0
@@ -79,7 +87,8 @@ class BlobStream(io.RawIOBase):
                 raise RegistryUnavailable(
                     f"blob {self._where}: body broke off after {self._received} bytes: {exc}"
                 ) from None
-            self._hash.update(chunk)
+            if self._hash is not None:
+                self._hash.update(chunk)
             self._received += len(chunk)
             self._chunk, self._offset = chunk, 0
         return True
@@ -90,6 +99,8 @@ class BlobStream(io.RawIOBase):
             raise DigestMismatch(
                 f"blob {self._where}: got {self._received} bytes, expected {self._expected_size}"
             )
+        if self._hash is None:
+            return
         actual = f"{self._digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
         if actual != self._digest:
             raise DigestMismatch(f"blob {self._where}: content hashes to {actual}")
