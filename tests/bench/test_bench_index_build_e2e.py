@@ -15,9 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # `python -m bench.index_build_
 
 
 def test_quick_run_times_every_command_and_builds_from_scratch() -> None:
+    argv = ["-m", "bench.index_build_e2e", "--quick", "--trials", "2", "--baseline", "HEAD"]
     result = subprocess.run(
-        [sys.executable, "-m", "bench.index_build_e2e", "--quick", "--trials", "2"]
-        + ["--baseline", "HEAD"],
+        [sys.executable, *argv],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
