@@ -321,6 +321,7 @@ def _index_layers(
         # Largest first: the largest layer is the critical path, and it must not wait for a
         # worker while smaller ones (which fill the other workers meanwhile) go first.
         by_size = sorted(layers, key=lambda layer: layer.size, reverse=True)
+        workers.start(min(len(layers), max(1, options.jobs)))
         futures = {
             pool.submit(_index_one, client, repo, caches, layer, options, progress, workers): layer
             for layer in by_size

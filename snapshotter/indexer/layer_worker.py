@@ -157,6 +157,14 @@ class LayerWorkers:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def start(self, count: int) -> None:
+        """Start up to count workers now: their interpreters start while the caller looks up
+        caches and opens streams, instead of once the first layer's bytes wait in the pipe."""
+        with self._lock:
+            missing = count - len(self._all)
+        for _ in range(max(0, missing)):
+            self._give_back(self._new())
+
     def build(
         self,
         stream: Readable,
@@ -195,6 +203,9 @@ class LayerWorkers:
                 raise LayerWorkerError("layer workers are closed")
             if self._idle:
                 return self._idle.pop()
+        return self._new()
+
+    def _new(self) -> _Worker:
         worker = _Worker()
         with self._lock:
             self._all.append(worker)
