@@ -456,14 +456,15 @@ def build_image_index(
         report.seconds = time.monotonic() - started
         return report
     _push_image_blobs(client, repo, built, options.jobs)
-    # The cache entries go in beside the artifacts: on a registry without the referrers API,
-    # push_referrer waits 0.3-0.6 s to see that no concurrent push dropped its tag index entry.
-    with concurrent.futures.ThreadPoolExecutor(1) as background:
-        cache_stored = background.submit(
-            _publish_to_caches, client, caches, built, options.sign_key
-        )
-        for target in todo:
-            report.targets.append(_push_artifact(client, repo, target, built, options))
+    # The cache entries and each platform's artifact (its own subject, its own tag index) go in
+    # side by side: on a registry without the referrers API, push_referrer waits 0.3-0.6 s to
+    # see that no concurrent push dropped its tag index entry.
+    with concurrent.futures.ThreadPoolExecutor(1 + min(len(todo), max(1, options.jobs))) as pool:
+        cache_stored = pool.submit(_publish_to_caches, client, caches, built, options.sign_key)
+        artifacts = [
+            pool.submit(_push_artifact, client, repo, target, built, options) for target in todo
+        ]
+        report.targets += [artifact.result() for artifact in artifacts]
         report.cache_stored = cache_stored.result()
     report.seconds = time.monotonic() - started
     return report
