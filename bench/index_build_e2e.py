@@ -10,7 +10,8 @@ from the pushed one), so neither its namespace's index cache nor an artifact alr
 hit, and --no-shared-cache. With --baseline REV the build of that git revision runs too, in the
 same trials (`git archive` of its snapshotter package, run with the same Python), so a
 before/after comparison sees the same machine load. Prints a markdown table (median of the
-trials, min-max, speed relative to `gzip -dc`) and the command line.
+trials, min-max, speed relative to `gzip -dc`, and the CPU time each command and the registry
+spent: on a busy machine that, more than the wall time, decides the ratio) and the command line.
 
     $PY -m bench.index_build_e2e [--trials 5] [--baseline REV] [--source DIR]
         [--build-arg=--jobs=1]... [--quick]
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,6 +46,8 @@ GZIP_SUFFIXES = ("gzip", "gz")
 class Row:
     what: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # user + sys of the command and its children
+    registry_cpu: list[float] = field(default_factory=list)  # the registry's, meanwhile
     last_output: str = ""
 
     def line(self, reference: Row, tar_mb: float) -> str:
@@ -51,8 +55,20 @@ class Row:
         ratio = statistics.median(reference.seconds) / median
         return (
             f"| {self.what} | {median:.2f} | {min(self.seconds):.2f}-{max(self.seconds):.2f} | "
-            f"{tar_mb / median:.0f} | {ratio:.2f}x |"
+            f"{tar_mb / median:.0f} | {ratio:.2f}x | {statistics.median(self.cpu):.2f} | "
+            f"{statistics.median(self.registry_cpu):.2f} |"
         )
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """user + sys seconds of a running process (the registry)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -220,16 +236,18 @@ def main() -> int:
         for trial in range(trials):
             order = rows[trial % len(rows) :] + rows[: trial % len(rows)]  # rotate
             for row in order:
-                if row is gzip_row:
-                    started = time.perf_counter()
-                    decompress_all(image.layers)
-                    row.seconds.append(time.perf_counter() - started)
-                    continue
-                repo = f"t{trial}r{rows.index(row)}/image"  # own namespace: own index cache
-                reference = copy_image(registry.host, "bench/source", repo, image)
+                if row is not gzip_row:
+                    repo = f"t{trial}r{rows.index(row)}/image"  # own namespace: own index cache
+                    reference = copy_image(registry.host, "bench/source", repo, image)
+                cpu, registry_cpu = children_cpu(), process_cpu(registry.service.pid)
                 started = time.perf_counter()
-                row.last_output = index_build(trees[row.what], reference, hosts_dir, extra)
+                if row is gzip_row:
+                    decompress_all(image.layers)
+                else:
+                    row.last_output = index_build(trees[row.what], reference, hosts_dir, extra)
                 row.seconds.append(time.perf_counter() - started)
+                row.cpu.append(children_cpu() - cpu)
+                row.registry_cpu.append(process_cpu(registry.service.pid) - registry_cpu)
             print(
                 f"trial {trial + 1}: " + ", ".join(f"{r.seconds[-1]:.2f} s" for r in rows),
                 file=sys.stderr,
@@ -243,8 +261,11 @@ def main() -> int:
             f"{os.getloadavg()[0]:.1f}. Build arguments: "
             f"`--no-shared-cache {' '.join(extra)}`.\n"
         )
-        print("| command | median s | min-max s | MB/s of tar | speed / `gzip -dc` |")
-        print("|---|---|---|---|---|")
+        print(
+            "| command | median s | min-max s | MB/s of tar | speed / `gzip -dc` "
+            "| CPU s (user+sys) | registry CPU s |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for row in rows:
             print(row.line(gzip_row, tar_mb))
         for row in rows[1:]:

@@ -31,7 +31,7 @@ def test_quick_run_times_every_command_and_builds_from_scratch() -> None:
         "| `lazysnap index build`",
         "| `lazysnap index build` @ HEAD",
     ]
-    assert rows[0].endswith("| 1.00x |")
+    assert "| 1.00x |" in rows[0]
     summaries = [line for line in result.stdout.splitlines() if "last run:" in line]
     assert len(summaries) == 2
     for summary in summaries:  # indexed now, not reused from a cache or an earlier trial
