@@ -43,20 +43,22 @@ class BlobStream(io.RawIOBase):
         return True
 
     def read(self, size: int = -1, /) -> bytes:
-        """At most size bytes of one network chunk (b"" at the end; size < 0: all the rest):
-        the chunk itself when it fits, so the bytes are not copied again (RawIOBase.read would
-        copy them twice)."""
+        """size bytes, fewer only at the end (b"" there; size < 0: all the rest), gathered from
+        the network chunks: a network chunk that is exactly what is asked for is handed out
+        as is, more are joined once (RawIOBase.read would copy every byte twice more)."""
         if size < 0:
             return self.readall()
-        if not self._fill():
-            return b""
-        n = min(size, len(self._chunk) - self._offset)
-        if self._offset == 0 and n == len(self._chunk):
-            data = self._chunk
-        else:
-            data = self._chunk[self._offset : self._offset + n]
-        self._offset += n
-        return data
+        parts: list[bytes] = []
+        wanted = size
+        while wanted > 0 and self._fill():
+            n = min(wanted, len(self._chunk) - self._offset)
+            if self._offset == 0 and n == len(self._chunk):
+                parts.append(self._chunk)
+            else:
+                parts.append(self._chunk[self._offset : self._offset + n])
+            self._offset += n
+            wanted -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readall(self) -> bytes:
         parts = []
