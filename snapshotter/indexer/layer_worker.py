@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -289,4 +290,7 @@ def serve(source: IO[bytes], sink: IO[bytes]) -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the parent stops the build, and its closed pipes
+    # end the worker (no traceback of its own on the terminal).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(serve(sys.stdin.buffer, sys.stdout.buffer))
