@@ -164,7 +164,10 @@ class LayerWorkers:
         with self._lock:
             missing = count - len(self._all)
         for _ in range(max(0, missing)):
-            self._give_back(self._new())
+            try:
+                self._give_back(self._new())
+            except OSError:  # no process now: the layer that needs one says why, by name
+                return
 
     def build(
         self,
