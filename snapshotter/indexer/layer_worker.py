@@ -61,11 +61,9 @@ class _Refused(Exception):
 
 class _Worker:
     def __init__(self) -> None:
-        import snapshotter
-
         # Import this very package in the child (a checkout on PYTHONPATH or the installed one),
         # and not a `snapshotter` directory that happens to be in the current directory (-P).
-        root = str(Path(snapshotter.__file__ or "").resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "snapshotter.indexer.layer_worker"],
