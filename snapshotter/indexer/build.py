@@ -79,6 +79,9 @@ INDEXABLE_MEDIA_TYPES = frozenset(
 )
 
 
+PARALLEL_UPLOADS = 4  # blobs pushed to the image repository at once, at least
+
+
 class IndexBuildError(Exception):
     """The build failed; the message names the image, platform, layer or registry. Nothing of
     this build was pushed."""
@@ -363,7 +366,8 @@ def _push_image_blobs(
                 uploads.append((result.windows_blob, result.indexed.windows_digest))
         elif result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
             adoptions.append((result.cached_in, result.indexed))
-    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    # Round trips, not CPU: more at once than --jobs (registries take parallel uploads).
+    with concurrent.futures.ThreadPoolExecutor(max(jobs, PARALLEL_UPLOADS)) as pool:
         done = [pool.submit(client.push_blob, repo, data, digest) for data, digest in uploads]
         done += [pool.submit(layer_cache.adopt, client, c, repo, i) for c, i in adoptions]
         for future in done:
@@ -376,27 +380,27 @@ def _publish_to_caches(
     results: dict[str, LayerResult],
     sign_key: SigningKey | None,
 ) -> dict[str, int]:
-    """Store the new indexes in the cache repositories (never fails the image); how many new
-    ones each cache repository took."""
-    published: list[layer_cache.Published] = []
-    for result in results.values():
-        if (
-            result.outcome is LayerOutcome.BUILT
+    """Store the new indexes in the cache repositories, a few layers at once (never fails the
+    image); how many new ones each cache repository took."""
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL_UPLOADS) as pool:
+        pending = [
+            pool.submit(
+                layer_cache.publish,
+                client,
+                caches,
+                result.indexed,
+                result.variant,
+                result.index_blob,
+                result.windows_blob,
+                sign_key,
+            )
+            for result in results.values()
+            if result.outcome is LayerOutcome.BUILT
             and result.indexed is not None
             and result.index_blob is not None
             and result.variant is not None
-        ):
-            published.append(
-                layer_cache.publish(
-                    client,
-                    caches,
-                    result.indexed,
-                    result.variant,
-                    result.index_blob,
-                    result.windows_blob,
-                    sign_key,
-                )
-            )
+        ]
+        published = [future.result() for future in pending]
     layer_cache.report_refusals(published)
     taken: dict[str, int] = {}
     for done in published:
