@@ -5,13 +5,13 @@ For each selected platform manifest:
    nothing is done (idempotent rebuilds push nothing).
 2. Each layer >= --min-layer-size is reused from the first cache repository holding a usable
    index of it for this span size (layer_cache: no byte of the layer is read) or streamed once
-   from the registry into build_layer_index (no copy on disk), in parallel up to --jobs.
-   Smaller layers stay unindexed: pulled whole.
+   from the registry into build_layer_index in a worker process (layer_worker; no copy on
+   disk), up to --jobs at a time, largest first. Smaller layers stay unindexed: pulled whole.
 3. Only when every layer of every selected platform is indexed, the pushes start: new indexes
-   to the cache repositories (each one that lets us push) and the image repository, reused
-   ones mounted into the image repository, the empty config `{}`, then one artifact manifest
-   per platform manifest via push_referrer (which maintains the `sha256-<hex>` tag index on
-   registries without the referrers API).
+   to the image repository, reused ones mounted into it, the empty config `{}` (side by side),
+   then one artifact manifest per platform manifest via push_referrer (which maintains the
+   `sha256-<hex>` tag index on registries without the referrers API), and meanwhile the new
+   indexes to the cache repositories (each one that lets us push).
 
 A layer that cannot be indexed (its bytes do not match its digest, a hostile or corrupt tar,
 an unsupported media type, the registry fails) fails the whole build with an error naming the
@@ -28,10 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import BinaryIO, cast
 
-from snapshotter.index.build import build_layer_index
-from snapshotter.index.codec import encode_index_split
 from snapshotter.index.model import (
     DEFAULT_FILE_CUT_MIN,
     DEFAULT_MIN_LAYER_SIZE,
@@ -42,6 +39,7 @@ from snapshotter.index.model import (
 from snapshotter.indexer import layer_cache, signing
 from snapshotter.indexer.artifact import EMPTY_CONFIG, artifact_manifest
 from snapshotter.indexer.cache_entry import VariantKey
+from snapshotter.indexer.layer_worker import LayerWorkers
 from snapshotter.indexer.platforms import select_platforms
 from snapshotter.indexer.progress import BuildProgress
 from snapshotter.remote.client import RegistryClient
@@ -80,6 +78,9 @@ INDEXABLE_MEDIA_TYPES = frozenset(
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
     }
 )
+
+
+PARALLEL_UPLOADS = 4  # blobs pushed to the image repository at once, at least
 
 
 class IndexBuildError(Exception):
@@ -261,6 +262,7 @@ def _index_one(
     layer: Descriptor,
     options: BuildOptions,
     progress: BuildProgress,
+    workers: LayerWorkers,
 ) -> LayerResult:
     hit = layer_cache.lookup(client, caches, layer.digest, options.span_size, options.sign_key)
     if hit is not None:
@@ -270,24 +272,23 @@ def _index_one(
         )
     bar = progress.layer(layer.digest, layer.size)
     try:
-        with client.stream_blob(repo, layer.digest, layer.size) as stream:
-            index = build_layer_index(
-                cast(BinaryIO, stream),  # a RawIOBase: build_layer_index only calls read()
+        # The registry stream checks the size at its end, which build() reads to, and the
+        # builder hashes every byte and checks the digest: an unverified layer is never indexed.
+        with client.stream_blob(repo, layer.digest, layer.size, check_digest=False) as stream:
+            encoded = workers.build(
+                stream,
                 media_type=layer.media_type,
                 span_size=options.span_size,
                 file_cut_min=options.file_cut_min,
-                expected_digest=layer.digest,
+                digest=layer.digest,
+                size=layer.size,
                 progress=bar.update,
             )
-            # The registry stream checks size and digest at its end: read any trailing bytes
-            # the builder did not need so an unverified layer is never indexed.
-            while chunk := stream.read(1 << 20):
-                bar.update(len(chunk))
     finally:
         bar.close()
     # Version 2 for gzip layers: the windows (most of a v1 index) go into their own blob, so
     # a mount fetches only the small index blob before it can serve, and windows with spans.
-    blob, windows = encode_index_split(index)
+    blob, windows = encoded.index_blob, encoded.windows_blob
     indexed = IndexedLayer(
         layer.digest,
         sha256_digest(blob),
@@ -320,11 +321,16 @@ def _index_layers(
     failures: list[str] = []
     with (
         BuildProgress(sum(layer.size for layer in layers)) as progress,
+        LayerWorkers() as workers,  # closed after the pool: no build is running then
         concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool,
     ):
+        # Largest first: the largest layer is the critical path, and it must not wait for a
+        # worker while smaller ones (which fill the other workers meanwhile) go first.
+        by_size = sorted(layers, key=lambda layer: layer.size, reverse=True)
+        workers.start(min(len(layers), max(1, options.jobs)))
         futures = {
-            pool.submit(_index_one, client, repo, caches, layer, options, progress): layer
-            for layer in layers
+            pool.submit(_index_one, client, repo, caches, layer, options, progress, workers): layer
+            for layer in by_size
         }
         for future in concurrent.futures.as_completed(futures):
             layer = futures[future]
@@ -344,40 +350,60 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(exc, RegistryError) and text else f"{type(exc).__name__}: {text}"
 
 
-def _push(
+def _push_image_blobs(
     client: RegistryClient,
     repo: Repository,
+    results: dict[str, LayerResult],
+    jobs: int,
+) -> None:
+    """Everything the artifact manifests name into the image repository, side by side: new
+    index (and windows) blobs, reused ones mounted from their cache, the empty config `{}`."""
+    uploads: list[tuple[bytes, str]] = [(EMPTY_JSON, EMPTY_CONFIG.digest)]
+    adoptions: list[tuple[Repository, IndexedLayer]] = []
+    for result in results.values():
+        if result.indexed is None:
+            continue
+        if result.outcome is LayerOutcome.BUILT and result.index_blob is not None:
+            uploads.append((result.index_blob, result.indexed.index_digest))
+            if result.indexed.windows_digest:
+                uploads.append((result.windows_blob, result.indexed.windows_digest))
+        elif result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
+            adoptions.append((result.cached_in, result.indexed))
+    # Round trips, not CPU: more at once than --jobs (registries take parallel uploads).
+    with concurrent.futures.ThreadPoolExecutor(max(jobs, PARALLEL_UPLOADS)) as pool:
+        done = [pool.submit(client.push_blob, repo, data, digest) for data, digest in uploads]
+        done += [pool.submit(layer_cache.adopt, client, c, repo, i) for c, i in adoptions]
+        for future in done:
+            future.result()  # the first failure fails the image, as in series
+
+
+def _publish_to_caches(
+    client: RegistryClient,
     caches: Sequence[Repository],
     results: dict[str, LayerResult],
     sign_key: SigningKey | None,
 ) -> dict[str, int]:
-    """Push new and reused indexes; how many new ones each cache repository took."""
-    published: list[layer_cache.Published] = []
-    for result in results.values():
-        if result.indexed is None:
-            continue
-        if (
-            result.outcome is LayerOutcome.BUILT
+    """Store the new indexes in the cache repositories, a few layers at once (never fails the
+    image); how many new ones each cache repository took."""
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL_UPLOADS) as pool:
+        pending = [
+            pool.submit(
+                layer_cache.publish,
+                client,
+                caches,
+                result.indexed,
+                result.variant,
+                result.index_blob,
+                result.windows_blob,
+                sign_key,
+            )
+            for result in results.values()
+            if result.outcome is LayerOutcome.BUILT
+            and result.indexed is not None
             and result.index_blob is not None
             and result.variant is not None
-        ):
-            published.append(
-                layer_cache.publish(  # never fails the image
-                    client,
-                    caches,
-                    result.indexed,
-                    result.variant,
-                    result.index_blob,
-                    result.windows_blob,
-                    sign_key,
-                )
-            )
-            if result.indexed.windows_digest:
-                client.push_blob(repo, result.windows_blob, result.indexed.windows_digest)
-            client.push_blob(repo, result.index_blob, result.indexed.index_digest)
-        elif result.outcome is LayerOutcome.REUSED and result.cached_in is not None:
-            layer_cache.adopt(client, result.cached_in, repo, result.indexed)
-    client.push_blob(repo, EMPTY_JSON, EMPTY_CONFIG.digest)
+        ]
+        published = [future.result() for future in pending]
     layer_cache.report_refusals(published)
     taken: dict[str, int] = {}
     for done in published:
@@ -437,20 +463,41 @@ def build_image_index(
 
     built = _index_layers(client, repo, caches, list(pending.values()), options) if todo else {}
     report.layers.update(built)
-    if todo:
-        report.cache_stored = _push(client, repo, caches, built, options.sign_key)
-    for target in todo:
-        layers = [
-            built[layer.digest].indexed
-            for layer in wanted_layers(target, options)
-            if built[layer.digest].indexed is not None
+    if not todo:
+        report.seconds = time.monotonic() - started
+        return report
+    _push_image_blobs(client, repo, built, options.jobs)
+    # The cache entries and each platform's artifact (its own subject, its own tag index) go in
+    # side by side: on a registry without the referrers API, push_referrer waits 0.3-0.6 s to
+    # see that no concurrent push dropped its tag index entry.
+    with concurrent.futures.ThreadPoolExecutor(1 + min(len(todo), max(1, options.jobs))) as pool:
+        cache_stored = pool.submit(_publish_to_caches, client, caches, built, options.sign_key)
+        artifacts = [
+            pool.submit(_push_artifact, client, repo, target, built, options) for target in todo
         ]
-        manifest = artifact_manifest(target.subject, [i for i in layers if i is not None])
-        pushed = push_referrer(client, repo, manifest)
-        signature = None
-        if options.sign_key is not None:
-            artifact = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
-            signature = signing.sign_manifest(client, repo, artifact, options.sign_key)
-        report.targets.append(TargetResult(target, pushed.digest, True, pushed.source, signature))
+        report.targets += [artifact.result() for artifact in artifacts]
+        report.cache_stored = cache_stored.result()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _push_artifact(
+    client: RegistryClient,
+    repo: Repository,
+    target: Target,
+    built: dict[str, LayerResult],
+    options: BuildOptions,
+) -> TargetResult:
+    """Push (and with options.sign_key sign) target's artifact manifest."""
+    layers = [
+        built[layer.digest].indexed
+        for layer in wanted_layers(target, options)
+        if built[layer.digest].indexed is not None
+    ]
+    manifest = artifact_manifest(target.subject, [i for i in layers if i is not None])
+    pushed = push_referrer(client, repo, manifest)
+    signature = None
+    if options.sign_key is not None:
+        artifact = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
+        signature = signing.sign_manifest(client, repo, artifact, options.sign_key)
+    return TargetResult(target, pushed.digest, True, pushed.source, signature)

@@ -438,9 +438,10 @@ class RegistryClient:
 
     @contextlib.contextmanager
     def stream_blob(
-        self, repo: RepoLike, digest: str, size: int | None = None
+        self, repo: RepoLike, digest: str, size: int | None = None, *, check_digest: bool = True
     ) -> Iterator[BlobStream]:
-        """Stream a whole blob; the digest is verified when the stream is read to its end."""
+        """Stream a whole blob; the digest is verified when the stream is read to its end
+        (check_digest=False: only the size; the caller hashes every byte and checks it)."""
         repository = as_repository(repo)
         validate_digest(digest)
         response, host = self.request(
@@ -448,8 +449,9 @@ class RegistryClient:
         )
         try:
             self.check(response, f"blob {repository}@{digest}", (200,), host, BlobNotFound)
+            where = f"{repository}@{digest}"
             stream = BlobStream(
-                response.iter_bytes(1 << 20), digest, size, f"{repository}@{digest}"
+                response.iter_bytes(), digest, size, where, check_digest=check_digest
             )
             yield stream
         finally:
