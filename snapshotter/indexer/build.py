@@ -43,6 +43,11 @@ from snapshotter.indexer.artifact import EMPTY_CONFIG, artifact_manifest
 from snapshotter.indexer.cache_entry import VariantKey
 from snapshotter.indexer.platforms import select_platforms
 from snapshotter.indexer.progress import BuildProgress
+from snapshotter.indexer.static_source import (
+    BuiltIndex,
+    StaticProfileResult,
+    attach_static_profile,
+)
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, PlatformNotFound, RegistryError
 from snapshotter.remote.manifest import (
@@ -98,6 +103,8 @@ class BuildOptions:
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Sign every artifact (and layer cache entry) pushed; reuse only what this key signed.
     sign_key: SigningKey | None = None
+    # Attach a static start-up profile to each new artifact (indexer/static_profile.py).
+    static_profile: bool = True
 
 
 class LayerOutcome(StrEnum):
@@ -136,6 +143,7 @@ class TargetResult:
     pushed: bool  # False when an equivalent artifact was already there
     source: ReferrerSource | None
     signature_digest: str | None = None  # the signature pushed now (None: none, or one was there)
+    static_profile: str = ""  # the static start-up profile attached now ("": none)
 
 
 @dataclass
@@ -383,6 +391,17 @@ def _push(
     return taken
 
 
+def _static_profile(
+    client: RegistryClient, repo: Repository, target: Target, built: dict[str, LayerResult]
+) -> StaticProfileResult | None:
+    indexes = {
+        digest: BuiltIndex(result.indexed, result.index_blob, result.windows_blob or None)
+        for digest, result in built.items()
+        if result.indexed is not None
+    }
+    return attach_static_profile(client, repo, target.subject, indexes)
+
+
 def build_image_index(
     client: RegistryClient, image: str, options: BuildOptions = BuildOptions()
 ) -> BuildReport:
@@ -438,12 +457,26 @@ def build_image_index(
             for layer in wanted_layers(target, options)
             if built[layer.digest].indexed is not None
         ]
-        manifest = artifact_manifest(target.subject, [i for i in layers if i is not None])
+        static = _static_profile(client, repo, target, built) if options.static_profile else None
+        manifest = artifact_manifest(
+            target.subject,
+            [i for i in layers if i is not None],
+            [static.blob.blob()] if static is not None else (),
+        )
         pushed = push_referrer(client, repo, manifest)
         signature = None
         if options.sign_key is not None:
             artifact = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
             signature = signing.sign_manifest(client, repo, artifact, options.sign_key)
-        report.targets.append(TargetResult(target, pushed.digest, True, pushed.source, signature))
+        report.targets.append(
+            TargetResult(
+                target,
+                pushed.digest,
+                True,
+                pushed.source,
+                signature,
+                static.summary() if static is not None else "",
+            )
+        )
     report.seconds = time.monotonic() - started
     return report
