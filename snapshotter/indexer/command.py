@@ -124,6 +124,19 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_static_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-static-profile (also used by `accel serve` and `accel convert`)."""
+    parser.add_argument(
+        "--no-static-profile",
+        dest="static_profile",
+        action="store_false",
+        help="do not attach the static start-up profile (the entrypoint, its ELF loader and "
+        "libraries, the /etc files libc reads, a python's start-up modules: found without "
+        "running anything and prefetched by mounts of an image with no recorded --profile; "
+        "docs/startup-profile.md)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `build`, `sign` and `show` sub-subcommands to the `index` command's parser."""
     sub = parser.add_subparsers(dest="index_command", metavar="{build,sign,show}", required=True)
@@ -146,15 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layers indexed in parallel (default: CPU count)",
     )
     add_sign_key_argument(build)
-    build.add_argument(
-        "--no-static-profile",
-        dest="static_profile",
-        action="store_false",
-        help="do not attach the static start-up profile (the entrypoint, its ELF loader and "
-        "libraries, the /etc files libc reads, a python's start-up modules: found without "
-        "running anything and prefetched by mounts of an image with no recorded --profile; "
-        "docs/startup-profile.md)",
-    )
+    add_static_profile_argument(build)
     build.add_argument(
         "--profile",
         metavar="CMD",
