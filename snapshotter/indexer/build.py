@@ -391,15 +391,43 @@ def _push(
     return taken
 
 
-def _static_profile(
-    client: RegistryClient, repo: Repository, target: Target, built: dict[str, LayerResult]
+def _attach_static(
+    client: RegistryClient, repo: Repository, target: Target, indexes: dict[str, BuiltIndex]
 ) -> StaticProfileResult | None:
+    try:
+        return attach_static_profile(client, repo, target.subject, indexes)
+    except Exception:  # a hint: whatever went wrong, the artifact goes without one
+        log.exception("%s@%s: no static start-up profile", repo, target.subject.digest)
+        return None
+
+
+def _static_profiles(
+    client: RegistryClient,
+    repo: Repository,
+    targets: Sequence[Target],
+    built: dict[str, LayerResult],
+) -> concurrent.futures.Future[list[StaticProfileResult | None]]:
+    """Each target's static profile, on a thread of its own: it reads the layers while the
+    indexes are pushed (a reused index is read from the cache repository it came from)."""
     indexes = {
-        digest: BuiltIndex(result.indexed, result.index_blob, result.windows_blob or None)
+        digest: BuiltIndex(
+            result.indexed,
+            result.index_blob,
+            result.windows_blob or None,
+            result.cached_in or repo,
+        )
         for digest, result in built.items()
         if result.indexed is not None
     }
-    return attach_static_profile(client, repo, target.subject, indexes)
+
+    def attach_all() -> list[StaticProfileResult | None]:
+        return [_attach_static(client, repo, target, indexes) for target in targets]
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(attach_all)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def build_image_index(
@@ -449,15 +477,18 @@ def build_image_index(
 
     built = _index_layers(client, repo, caches, list(pending.values()), options) if todo else {}
     report.layers.update(built)
+    statics = (
+        _static_profiles(client, repo, todo, built) if todo and options.static_profile else None
+    )
     if todo:
         report.cache_stored = _push(client, repo, caches, built, options.sign_key)
-    for target in todo:
+    static_results = statics.result() if statics is not None else [None] * len(todo)
+    for target, static in zip(todo, static_results, strict=True):
         layers = [
             built[layer.digest].indexed
             for layer in wanted_layers(target, options)
             if built[layer.digest].indexed is not None
         ]
-        static = _static_profile(client, repo, target, built) if options.static_profile else None
         manifest = artifact_manifest(
             target.subject,
             [i for i in layers if i is not None],

@@ -58,6 +58,7 @@ class BuiltIndex:
     indexed: IndexedLayer
     index_blob: bytes | None = None
     windows_blob: bytes | None = None
+    stored_in: Repository | None = None  # where blobs not in memory are (None: the image's)
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,9 @@ def _indexed_layer(
 ) -> LayerFiles:
     indexed = built.indexed
     blob = built.index_blob
+    stored_in = built.stored_in or repo
     if blob is None:
-        blob = client.get_blob(repo, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
+        blob = client.get_blob(stored_in, indexed.index_digest, MAX_INDEX_BLOB_SIZE)
     index: LayerIndex = decode_index(blob, expected_layer_digest=layer.digest)
     layer_reader = readers.enter_context(BlobReader(client, repo, layer.digest, layer.size))
     read_windows: BlobRead | None = None
@@ -162,7 +164,7 @@ def _indexed_layer(
             read_windows = _from_bytes(built.windows_blob)
         else:
             windows = readers.enter_context(
-                BlobReader(client, repo, indexed.windows_digest, indexed.windows_size)
+                BlobReader(client, stored_in, indexed.windows_digest, indexed.windows_size)
             )
             read_windows = windows.read
     return LayerFiles(index, layer_reader.read, budget, read_windows)

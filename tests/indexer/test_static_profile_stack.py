@@ -80,7 +80,7 @@ def image(registry: Registry, tmp_path: Path) -> tuple[str, str, list[str]]:
     top = layer_tar([whiteout("etc/group")])
     built = write_oci_layout(tmp_path / "layout", "v1", [base, program, top], cmd=["app"])
     prefix = f"static/app{secrets.token_hex(4)}"
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         push(built, registry.host, f"{prefix}-{name}", "v1")
     return prefix, built.manifest_digest, [layer.digest for layer in built.layers]
 
@@ -184,6 +184,17 @@ def test_a_recorded_profile_wins_over_the_static_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     prefix, manifest_digest, (base, _, _) = image
+    # -d's build leaves both indexes in the namespace's layer cache: -c reuses them, so its
+    # static profile reads the layers through indexes fetched back from the cache repository
+    code, _, err = _index(
+        "build",
+        f"{registry.host}/{prefix}-d:v1",
+        "--plain-http",
+        "--min-layer-size",
+        "100k",
+        capsys=capsys,
+    )
+    assert code == 0, err
     ref = Reference.parse(f"{registry.host}/{prefix}-c:v1")
     code, out, err = _index(
         "build",
@@ -197,6 +208,7 @@ def test_a_recorded_profile_wins_over_the_static_one(
     )
     assert code == 0, err
     assert "static profile sha256:" in out and "command exited 0" in out
+    assert "0 layers indexed, 2 reused" in out and "5 files for usr/local/bin/app" in out
     client = _client(registry)
     discovery = IndexDiscovery(
         client, RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
