@@ -48,8 +48,8 @@ def _elf(
     strtab_vaddr: int = 0x1000,
     dynamic_size: int | None = None,
 ) -> bytes:
-    """A minimal little-endian ELF64: PT_INTERP, one PT_LOAD covering the file at vaddr
-    0x1000 - 0x200 offset mapping, PT_DYNAMIC with DT_NEEDED/DT_RUNPATH/DT_STRTAB/DT_STRSZ."""
+    """A minimal little-endian ELF64: PT_INTERP, one PT_LOAD covering the whole file that puts
+    the string table at strtab_vaddr, PT_DYNAMIC with DT_NEEDED/DT_RUNPATH/DT_STRTAB/DT_STRSZ."""
     strings = b"\0"
     offsets = []
     for name in needed:
@@ -80,6 +80,35 @@ def _elf(
     ]
     table = b"".join(struct.pack("<IIQQQQQQ", *p) for p in programs)
     return header + table + interp + strings + dynamic
+
+
+def _elf32_big_endian(needed: bytes = b"libc.so.0") -> bytes:
+    """A minimal big-endian ELF32 (e.g. MIPS): PT_INTERP, PT_LOAD at vaddr 0, PT_DYNAMIC."""
+    interp = b"/lib/ld-uClibc.so.0\0"
+    strings = b"\0" + needed + b"\0"
+    phoff, count = 52, 3
+    interp_off = phoff + 32 * count
+    strtab_off = interp_off + len(interp)
+    dynamic_off = strtab_off + len(strings)
+    dynamic = b"".join(
+        struct.pack(">iI", tag, value)
+        for tag, value in [(1, 1), (5, strtab_off), (10, len(strings)), (0, 0)]
+    )
+    size = dynamic_off + len(dynamic)
+    header = b"\x7fELF" + bytes([1, 2, 1]) + bytes(9)
+    header += struct.pack(">HHIIIIIHHHHHH", 2, 8, 1, 0, phoff, 0, 0, 52, 32, count, 0, 0, 0)
+    programs = [
+        (3, interp_off, interp_off, interp_off, len(interp), len(interp), 4, 1),
+        (1, 0, 0, 0, size, size, 5, 0x1000),
+        (2, dynamic_off, dynamic_off, dynamic_off, len(dynamic), len(dynamic), 6, 4),
+    ]
+    table = b"".join(struct.pack(">IIIIIIII", *p) for p in programs)
+    return header + table + interp + strings + dynamic
+
+
+def test_elf_reader_reads_32_bit_big_endian_binaries() -> None:
+    deps = elf_dependencies(*_reader(_elf32_big_endian()))
+    assert deps.interpreter == "/lib/ld-uClibc.so.0" and deps.needed == ("libc.so.0",)
 
 
 def test_elf_reader_reads_this_machines_binaries() -> None:
