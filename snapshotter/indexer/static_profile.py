@@ -4,7 +4,10 @@ reads, from the image config and the layers' TOCs, reading only a few KiB of a f
 In the order a start reads them:
 1. the program: Entrypoint + Cmd's argv[0] (through the image's PATH when it has no "/"), and
    through `#!` lines the interpreters of scripts (`/usr/bin/env NAME` looked up in PATH);
-2. its ELF PT_INTERP (the dynamic loader), /etc/ld.so.preload and /etc/ld.so.cache;
+   for a shell-form command (`sh -c 'exec python3 app.py'`), after the shell's own files (2-4)
+   the same for the first program of its command line;
+2. its ELF PT_INTERP (the dynamic loader), /etc/ld.so.preload and /etc/ld.so.cache (a static
+   executable: none of these, nor libraries);
 3. the DT_NEEDED closure, breadth first as the loader maps it, searched like ld.so does:
    DT_RPATH (no DT_RUNPATH), LD_LIBRARY_PATH from the image's Env, DT_RUNPATH, the directories
    /etc/ld.so.conf (and its includes) lists, then the default directories;
@@ -80,6 +83,8 @@ PYTHON_FROZEN_BEFORE_311 = (
 )
 PYTHON_ENCODINGS = ("encodings/__init__", "encodings/aliases", "encodings/utf_8")
 _PYTHON_NAME = re.compile(r"python(\d)\.(\d+)")
+SHELLS = frozenset({"sh", "bash", "dash", "ash"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=.*")
 _PTH_IMPORT = re.compile(r"""__import__\(\s*['"]([A-Za-z_][\w.]*)['"]|^import\s+([A-Za-z_]\w*)""")
 
 
@@ -239,8 +244,9 @@ class _Analyser:
         main = self.elf(program)
         if main is None:
             return
-        if main.interpreter is not None:
-            self.result.add(self.root, self._regular(self._resolve(main.interpreter)) or "")
+        if main.interpreter is None:
+            return  # static: no loader, no libraries
+        self.result.add(self.root, self._regular(self._resolve(main.interpreter)) or "")
         for path in LOADER_FILES:
             self.result.add(self.root, path)
         conf_dirs = self._ld_so_conf()
@@ -402,21 +408,53 @@ def analyse_image(
     if not argv:
         analyser.result.notes.append("the image config has no Entrypoint or Cmd")
         return analyser.result
+    cwd = image_workdir(config).lstrip("/")
     try:
-        program = analyser.program_chain(argv, image_workdir(config).lstrip("/"))
-        if program is None:
-            return analyser.result
-        analyser.result.program = program
-        analyser.libraries(program)
-        if not _PYTHON_NAME.fullmatch(program.rsplit("/", 1)[-1]):
-            for path in LIBC_FILES:
-                analyser.add_path(path)
-        analyser.python(program)
+        program = _analyse_command(analyser, argv, cwd)
+        analyser.result.program = program or ""
+        command = shell_command(argv) if program is not None else None
+        if command is not None:  # a shell-form CMD: the shell, then what it runs
+            _analyse_command(analyser, command, cwd)
     except BudgetExhausted as exc:
         analyser.result.notes.append(f"stopped early: {exc}")
     except IndexFormatError as exc:  # layer bytes that do not match the index
         analyser.result.notes.append(f"stopped: {exc}")
     return analyser.result
+
+
+def _analyse_command(analyser: _Analyser, argv: Sequence[str], cwd: str) -> str | None:
+    program = analyser.program_chain(argv, cwd)
+    if program is None:
+        return None
+    analyser.libraries(program)
+    if not _PYTHON_NAME.fullmatch(program.rsplit("/", 1)[-1]):
+        for path in LIBC_FILES:
+            analyser.add_path(path)
+    analyser.python(program)
+    return program
+
+
+def shell_command(argv: Sequence[str]) -> list[str] | None:
+    """What `sh -c 'CMD ...'` (a Dockerfile's shell-form CMD or ENTRYPOINT) runs first: the
+    words of its first simple command, past `exec` and variable assignments. None when argv is
+    not that, or the program's name is not a plain word (`$VAR`, a subshell, ...)."""
+    if len(argv) < 3 or argv[0].rsplit("/", 1)[-1] not in SHELLS or argv[1] != "-c":
+        return None
+    lexer = shlex.shlex(argv[2], posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words: list[str] = []
+    try:
+        for token in lexer:
+            if token and all(char in lexer.punctuation_chars for char in token):
+                break  # ; && | ( ...: the first simple command ends here
+            words.append(token)
+    except ValueError:  # unbalanced quotes
+        return None
+    while words and (words[0] == "exec" or _ASSIGNMENT.fullmatch(words[0])):
+        words.pop(0)
+    if not words or any(char in words[0] for char in "$`"):
+        return None
+    return words
 
 
 def static_command(config: Mapping[str, Any]) -> str:

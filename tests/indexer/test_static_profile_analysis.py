@@ -27,7 +27,7 @@ from snapshotter.index.model import EntryType, TocEntry
 from snapshotter.indexer.elf import MAX_PROGRAM_HEADERS, ElfError, elf_dependencies
 from snapshotter.indexer.layer_files import LayerFiles, ReadBudget
 from snapshotter.indexer.rootfs import ResolveError, RootFs
-from snapshotter.indexer.static_profile import analyse_image
+from snapshotter.indexer.static_profile import analyse_image, shell_command
 
 HOST_TRUE = Path("/bin/true")
 HOST_LIBC = Path("/lib/x86_64-linux-gnu/libc.so.6")
@@ -358,6 +358,56 @@ def test_analysis_lists_python_start_up_files() -> None:
         "usr/lib/python3/dist-packages/_distutils_hack/__init__.py",
     ]
     assert f"{stdlib}/os.py" not in files  # frozen into python 3.11
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["/bin/sh", "-c", "exec python3 app.py"], ["python3", "app.py"]),
+        (["sh", "-c", "A=1 B='x y' ./run --flag"], ["./run", "--flag"]),
+        (["/bin/bash", "-c", "python3 a.py && python3 b.py"], ["python3", "a.py"]),
+        (
+            ["/bin/sh", "-c", "exec python3 -c 'print(1); x=(2)'"],
+            ["python3", "-c", "print(1); x=(2)"],
+        ),
+        (["/bin/sh", "-c", "$APP --run"], None),
+        (["/bin/sh", "-c", "(cd /x; ./run)"], None),
+        (["/bin/sh", "-c", "python3 'unclosed"], None),
+        (["/bin/sh", "script.sh"], None),
+        (["/usr/bin/python3", "-c", "pass"], None),
+    ],
+)
+def test_shell_form_commands_are_followed_to_their_program(
+    argv: list[str], expected: list[str] | None
+) -> None:
+    assert shell_command(argv) == expected
+
+
+def test_analysis_follows_a_shell_form_cmd_to_python() -> None:
+    budget = ReadBudget()
+    base = _base(budget)
+    image = _layer(
+        [
+            file("bin/sh", BUSYBOX.read_bytes(), 0o755),
+            file("usr/bin/python3.11", HOST_TRUE.read_bytes(), 0o755),
+            symlink("usr/bin/python3", "python3.11"),
+            directory("usr/lib/python3.11"),
+            file("usr/lib/python3.11/encodings/__init__.py", b"#"),
+        ],
+        budget,
+    )
+    config = _config(["/bin/sh", "-c", "exec python3 -c 'print(1)'"])
+    files = [name for _, name in _analyse([base, image], config)]
+    assert files == [
+        "bin/sh",  # static: no loader; then the /etc files every start reads
+        "etc/passwd",
+        "etc/group",
+        "usr/bin/python3.11",
+        HOST_LOADER_NAME,
+        "etc/ld.so.cache",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "usr/lib/python3.11/encodings/__init__.py",
+    ]
 
 
 def test_analysis_stops_at_its_read_budget() -> None:
