@@ -48,7 +48,9 @@ from bench.startup_link import Link, Shape, loopback_link, shaped_link
 from bench.startup_node import ColdNode
 from bench.startup_report import write_report
 from bench.startup_workloads import (
+    ALL_MODES,
     FULL,
+    LAZY_NO_STATIC,
     LAZY_PROFILE,
     MODES,
     WORKLOADS,
@@ -124,10 +126,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--modes",
-        type=_csv(MODES),
+        type=_csv(ALL_MODES),
         default=None,
-        help=f"comma list of {', '.join(MODES)} (default all; {FULL} is the baseline of "
-        "every ratio)",
+        help=f"comma list of {', '.join(ALL_MODES)} (default {', '.join(MODES)}; {FULL} is the "
+        f"baseline of every ratio; {LAZY_NO_STATIC}: lazysnap from an index built with "
+        "--no-static-profile)",
     )
     parser.add_argument(
         "--converge-timeout",
@@ -269,6 +272,10 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
                     "layer_sizes": [layer.size for layer in image.layers],
                     "index": f"{state} ({outcome.seconds:.1f} s): {outcome.message}",
                 }
+            if LAZY_NO_STATIC in args.modes:
+                header["no_static"] = index_without_static_profile(
+                    images, workloads, setup.host, hosts_dir, index_args
+                )
             if LAZY_PROFILE in args.modes:
                 header["profiles"] = record_profiles(
                     images, workloads, setup.host, hosts_dir, index_args
@@ -300,6 +307,29 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
         unmount_all_under(base)
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
     return results.path
+
+
+def no_static_repository(image: str) -> str:
+    return f"bench/nostatic-{image}"
+
+
+def index_without_static_profile(
+    images: dict[str, BuiltImage],
+    workloads: list[Workload],
+    registry_host: str,
+    hosts_dir: Path,
+    index_args: list[str],
+) -> dict[str, str]:
+    """Push each workload image to its own repository and index it there with
+    `--no-static-profile` (the LAZY_NO_STATIC baseline). Returns the index build summaries."""
+    outcomes: dict[str, str] = {}
+    for name in sorted({w.image for w in workloads if w.profiled}):
+        pushed = push(images[name], registry_host, no_static_repository(name))
+        outcome = build_index(pushed.reference, hosts_dir, [*index_args, "--no-static-profile"])
+        state = "ok" if outcome.ok else "FAILED"
+        progress(f"setup: index build {name} --no-static-profile: {state}: {outcome.message}")
+        outcomes[name] = f"{state} ({outcome.seconds:.1f} s): {outcome.message}"
+    return outcomes
 
 
 def record_profiles(
@@ -357,6 +387,8 @@ def run_link(
                     repository = (
                         workload.profile_repository
                         if mode == LAZY_PROFILE
+                        else no_static_repository(workload.image)
+                        if mode == LAZY_NO_STATIC
                         else f"bench/{workload.image}"
                     )
                     reference = f"{link.registry.host}/{repository}:latest"

@@ -17,6 +17,7 @@ from bench.startup_workloads import (
     FULL,
     LAZY,
     LAZY_MODES,
+    LAZY_NO_STATIC,
     LAZY_PROFILE,
     WORKLOADS,
     TrialResult,
@@ -24,8 +25,13 @@ from bench.startup_workloads import (
 )
 
 MB = 1e6
-MODE_LABELS = {FULL: "full pull (overlayfs)", LAZY: "lazysnap", LAZY_PROFILE: "lazysnap + profile"}
-MODE_COLORS = {FULL: "#888888", LAZY: "#2a7ab9", LAZY_PROFILE: "#e08a1e"}
+MODE_LABELS = {
+    FULL: "full pull (overlayfs)",
+    LAZY: "lazysnap",
+    LAZY_PROFILE: "lazysnap + profile",
+    LAZY_NO_STATIC: "lazysnap, no static profile",
+}
+MODE_COLORS = {FULL: "#888888", LAZY: "#2a7ab9", LAZY_PROFILE: "#e08a1e", LAZY_NO_STATIC: "#7fb2d9"}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,11 @@ LAZY = "lazysnap"  # lazysnap pull + ctr run --snapshotter lazysnap
 # workload's own command (`lazysnap index build --profile`): the spans it reads are prefetched.
 LAZY_PROFILE = "lazysnap+profile"
 MODES = (FULL, LAZY, LAZY_PROFILE)
-LAZY_MODES = (LAZY, LAZY_PROFILE)
+# Like LAZY, from a repository indexed with `--no-static-profile`: the baseline of the static
+# start-up profile (LAZY's artifact carries one). Only when asked for with --modes.
+LAZY_NO_STATIC = "lazysnap-nostatic"
+ALL_MODES = (*MODES, LAZY_NO_STATIC)
+LAZY_MODES = (LAZY, LAZY_PROFILE, LAZY_NO_STATIC)
 FALLBACK_MARK = "falls back to a full pull"  # the daemon's one log line per non-lazy layer
 LAZY_SUMMARY = re.compile(r"\((\d+) lazy")  # `lazysnap pull`: "N layers (L lazy, P pulled)"
 
@@ -46,7 +50,7 @@ class Workload:
         return f"bench/profile-{self.name}"
 
     def modes(self) -> tuple[str, ...]:
-        return MODES if self.profiled else (FULL, LAZY)
+        return (*MODES, LAZY_NO_STATIC) if self.profiled else (FULL, LAZY)
 
 
 WORKLOADS = (
@@ -219,7 +223,7 @@ def _measure_converged(
 
 
 def _log_name(result: TrialResult, workload: Workload) -> str:
-    suffix = "-profile" if result.mode == LAZY_PROFILE else ""
+    suffix = {LAZY_PROFILE: "-profile", LAZY_NO_STATIC: "-nostatic"}.get(result.mode, "")
     return f"{result.link}-t{result.trial}-{workload.name}{suffix}"
 
 

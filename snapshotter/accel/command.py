@@ -30,7 +30,11 @@ from snapshotter.cli_types import (
     add_span_size_argument,
     at_least_one,
 )
-from snapshotter.indexer.command import add_cache_arguments, add_sign_key_argument
+from snapshotter.indexer.command import (
+    add_cache_arguments,
+    add_sign_key_argument,
+    add_static_profile_argument,
+)
 from snapshotter.log import LOG_LEVELS
 
 DEFAULT_LISTEN = "127.0.0.1:2077"
@@ -252,6 +256,7 @@ def _add_indexing_arguments(parser: argparse.ArgumentParser) -> None:
     add_span_size_argument(parser)
     add_cache_arguments(parser)  # as for `index build`; pushes to them are never indexed
     add_sign_key_argument(parser)
+    add_static_profile_argument(parser)
     parser.add_argument(
         "--max-attempts",
         type=at_least_one("--max-attempts"),
@@ -356,6 +361,7 @@ def serve(args: argparse.Namespace) -> int:
             cache_repos=tuple(args.cache_repo),
             shared_cache=args.shared_cache,
             sign_key=sign_key,
+            static_profile=args.static_profile,
         ),
     )
     store_spec = args.store or os.path.join(args.state_dir, STORE_FILE)

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         cache_repos=tuple(args.cache_repo),
         shared_cache=args.shared_cache,
         sign_key=sign_key,
+        static_profile=args.static_profile,
     )
     clients = RegistryClients(access, credentials, plain_http=args.plain_http)
     try:

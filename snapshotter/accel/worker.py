@@ -62,6 +62,7 @@ class WorkerOptions:
     cache_repos: tuple[str, ...] = ()  # BuildOptions.cache_repos
     shared_cache: bool = True
     sign_key: SigningKey | None = None  # sign every artifact pushed (BuildOptions.sign_key)
+    static_profile: bool = True  # BuildOptions.static_profile
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ def index_pushed_image(
         shared_cache=options.shared_cache,
         jobs=options.layer_jobs,
         sign_key=options.sign_key,
+        static_profile=options.static_profile,
     )
     try:
         report = build_image_index(client, image.reference, build)

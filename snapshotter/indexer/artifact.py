@@ -44,9 +44,13 @@ def manifest_layers(layers: Sequence[IndexedLayer]) -> list[Descriptor]:
     return [descriptor(blob) for layer in layers for blob in layer.blobs()]
 
 
-def artifact_manifest(subject: Descriptor, layers: Sequence[IndexedLayer]) -> bytes:
-    """The referrer manifest for one platform manifest; layers keep the image's layer order."""
-    return referrer_manifest(subject, ARTIFACT_TYPE, manifest_layers(layers))
+def artifact_manifest(
+    subject: Descriptor, layers: Sequence[IndexedLayer], extra: Sequence[ArtifactBlob] = ()
+) -> bytes:
+    """The referrer manifest for one platform manifest; layers keep the image's layer order,
+    extra blobs (the static start-up profile) follow them."""
+    blobs = [*manifest_layers(layers), *(descriptor(blob) for blob in extra)]
+    return referrer_manifest(subject, ARTIFACT_TYPE, blobs)
 
 
 def cache_manifest(layer: IndexedLayer) -> bytes:

@@ -42,6 +42,11 @@ from snapshotter.indexer.cache_entry import VariantKey
 from snapshotter.indexer.layer_worker import LayerWorkers
 from snapshotter.indexer.platforms import select_platforms
 from snapshotter.indexer.progress import BuildProgress
+from snapshotter.indexer.static_source import (
+    BuiltIndex,
+    StaticProfileResult,
+    attach_static_profile,
+)
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, PlatformNotFound, RegistryError
 from snapshotter.remote.manifest import (
@@ -101,6 +106,8 @@ class BuildOptions:
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Sign every artifact (and layer cache entry) pushed; reuse only what this key signed.
     sign_key: SigningKey | None = None
+    # Attach a static start-up profile to each new artifact (indexer/static_profile.py).
+    static_profile: bool = True
 
 
 class LayerOutcome(StrEnum):
@@ -139,6 +146,7 @@ class TargetResult:
     pushed: bool  # False when an equivalent artifact was already there
     source: ReferrerSource | None
     signature_digest: str | None = None  # the signature pushed now (None: none, or one was there)
+    static_profile: str = ""  # the static start-up profile attached now ("": none)
 
 
 @dataclass
@@ -412,6 +420,45 @@ def _publish_to_caches(
     return taken
 
 
+def _attach_static(
+    client: RegistryClient, repo: Repository, target: Target, indexes: dict[str, BuiltIndex]
+) -> StaticProfileResult | None:
+    try:
+        return attach_static_profile(client, repo, target.subject, indexes)
+    except Exception:  # a hint: whatever went wrong, the artifact goes without one
+        log.exception("%s@%s: no static start-up profile", repo, target.subject.digest)
+        return None
+
+
+def _static_profiles(
+    client: RegistryClient,
+    repo: Repository,
+    targets: Sequence[Target],
+    built: dict[str, LayerResult],
+) -> concurrent.futures.Future[list[StaticProfileResult | None]]:
+    """Each target's static profile, on a thread of its own: it reads the layers while the
+    indexes are pushed (a reused index is read from the cache repository it came from)."""
+    indexes = {
+        digest: BuiltIndex(
+            result.indexed,
+            result.index_blob,
+            result.windows_blob or None,
+            result.cached_in or repo,
+        )
+        for digest, result in built.items()
+        if result.indexed is not None
+    }
+
+    def attach_all() -> list[StaticProfileResult | None]:
+        return [_attach_static(client, repo, target, indexes) for target in targets]
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(attach_all)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def build_image_index(
     client: RegistryClient, image: str, options: BuildOptions = BuildOptions()
 ) -> BuildReport:
@@ -466,14 +513,18 @@ def build_image_index(
     if not todo:
         report.seconds = time.monotonic() - started
         return report
+    # The static profiles read the layers on a thread of their own while the indexes go up.
+    statics = _static_profiles(client, repo, todo, built) if options.static_profile else None
     _push_image_blobs(client, repo, built, options.jobs)
+    static_results = statics.result() if statics is not None else [None] * len(todo)
     # The cache entries and each platform's artifact (its own subject, its own tag index) go in
     # side by side: on a registry without the referrers API, push_referrer waits 0.3-0.6 s to
     # see that no concurrent push dropped its tag index entry.
     with concurrent.futures.ThreadPoolExecutor(1 + min(len(todo), max(1, options.jobs))) as pool:
         cache_stored = pool.submit(_publish_to_caches, client, caches, built, options.sign_key)
         artifacts = [
-            pool.submit(_push_artifact, client, repo, target, built, options) for target in todo
+            pool.submit(_push_artifact, client, repo, target, built, options, static)
+            for target, static in zip(todo, static_results, strict=True)
         ]
         report.targets += [artifact.result() for artifact in artifacts]
         report.cache_stored = cache_stored.result()
@@ -487,17 +538,30 @@ def _push_artifact(
     target: Target,
     built: dict[str, LayerResult],
     options: BuildOptions,
+    static: StaticProfileResult | None,
 ) -> TargetResult:
-    """Push (and with options.sign_key sign) target's artifact manifest."""
+    """Push (and with options.sign_key sign) target's artifact manifest, with its static
+    start-up profile when there is one."""
     layers = [
         built[layer.digest].indexed
         for layer in wanted_layers(target, options)
         if built[layer.digest].indexed is not None
     ]
-    manifest = artifact_manifest(target.subject, [i for i in layers if i is not None])
+    manifest = artifact_manifest(
+        target.subject,
+        [i for i in layers if i is not None],
+        [static.blob.blob()] if static is not None else (),
+    )
     pushed = push_referrer(client, repo, manifest)
     signature = None
     if options.sign_key is not None:
         artifact = Descriptor(OCI_MANIFEST, pushed.digest, len(manifest))
         signature = signing.sign_manifest(client, repo, artifact, options.sign_key)
-    return TargetResult(target, pushed.digest, True, pushed.source, signature)
+    return TargetResult(
+        target,
+        pushed.digest,
+        True,
+        pushed.source,
+        signature,
+        static.summary() if static is not None else "",
+    )

@@ -3,7 +3,7 @@
     index build IMAGE [--platform os/arch[/variant]]... [--all-platforms] [--plain-http]
                       [--hosts-dir DIR] [--span-size N] [--file-cut-min N] [--min-layer-size N]
                       [--cache-repo REPO]... [--no-shared-cache] [--jobs N] [--sign-key FILE]
-                      [--profile CMD [--profile-timeout SECONDS]]
+                      [--no-static-profile] [--profile CMD [--profile-timeout SECONDS]]
     index sign IMAGE --sign-key FILE [--platform ...]... [--all-platforms] [--plain-http]
                      [--hosts-dir DIR]
     index show IMAGE [--platform ...]... [--all-platforms] [--plain-http] [--hosts-dir DIR]
@@ -129,6 +129,19 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_static_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-static-profile (also used by `accel serve` and `accel convert`)."""
+    parser.add_argument(
+        "--no-static-profile",
+        dest="static_profile",
+        action="store_false",
+        help="do not attach the static start-up profile (the entrypoint, its ELF loader and "
+        "libraries, the /etc files libc reads, a python's start-up modules: found without "
+        "running anything and prefetched by mounts of an image with no recorded --profile; "
+        "docs/startup-profile.md)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `build`, `sign` and `show` sub-subcommands to the `index` command's parser."""
     sub = parser.add_subparsers(dest="index_command", metavar="{build,sign,show}", required=True)
@@ -152,6 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layers indexed in parallel (default: CPU count)",
     )
     add_sign_key_argument(build)
+    add_static_profile_argument(build)
     build.add_argument(
         "--profile",
         metavar="CMD",
@@ -244,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
                     shared_cache=args.shared_cache,
                     jobs=args.jobs,
                     sign_key=sign_key,
+                    static_profile=args.static_profile,
                 )
                 report = build_image_index(client, args.image, options)
                 for target in report.targets:
@@ -257,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
                         state += f", signed by key {_key_id(sign_key)} ({target.signature_digest})"
                     elif sign_key is not None and target.artifact_digest is not None:
                         state += f", already signed by key {_key_id(sign_key)}"
+                    if target.static_profile:
+                        state += f", {target.static_profile}"
                     print(f"{target.target.platform} {target.target.subject.digest}: {state}")
                 print(report.summary())
                 if cache := report.cache_summary():

@@ -72,7 +72,17 @@ class PrivateStack:
             unique_name("v"),
             credentials=(USER, self.secret),
         )
-        self.lazysnap("index", "build", "--min-layer-size", "0", "--plain-http", pushed.reference)
+        # No static start-up profile: its prefetch at mount would fetch from the layer blob,
+        # and the tests here check that the pull itself reads none of it.
+        self.lazysnap(
+            "index",
+            "build",
+            "--min-layer-size",
+            "0",
+            "--plain-http",
+            "--no-static-profile",
+            pushed.reference,
+        )
         return image, pushed
 
     def lazysnap(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

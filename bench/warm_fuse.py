@@ -1,0 +1,187 @@
+"""What a warm run still asks the FUSE processes, and what it costs: `import numpy, pandas` of
+pybig over an overlay of its lazily mounted layers (straight after a cold run, so every span is
+cached and the kernel has seen every file once) against the same overlay of the layers
+extracted to a plain directory, interleaved, chrooted, no container runtime in between.
+
+    sudo /opt/lazysnap-venv/bin/python -m bench.warm_fuse [--rounds 5] [--no-background]
+
+One more warm run is traced (`strace -f -e trace=read -e read=all` on every mount process:
+each FUSE request's header names its opcode), so the request counts come from a run that is
+not timed. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from harness.images import read_layout
+from harness.procs import run
+from harness.registry import start_registry
+from snapshotter.fs.background import BackgroundSettings
+from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
+from snapshotter.profile.record import registry_layer_spec
+from snapshotter.remote.access import RegistryAccess
+from snapshotter.remote.reference import Reference
+from snapshotter.vocabulary.artifact import ARTIFACT_TYPE, indexed_layers
+
+PYBIG = Path("/var/cache/lazysnap-test-images/pybig")
+COMMAND = ("/usr/bin/python3", "-c", "import numpy, pandas")
+OPCODES = {
+    1: "LOOKUP",
+    2: "FORGET",
+    3: "GETATTR",
+    5: "READLINK",
+    14: "OPEN",
+    15: "READ",
+    17: "STATFS",
+    18: "RELEASE",
+    22: "GETXATTR",
+    23: "LISTXATTR",
+    25: "FLUSH",
+    27: "OPENDIR",
+    28: "READDIR",
+    29: "RELEASEDIR",
+    34: "ACCESS",
+    36: "INTERRUPT",
+    42: "BATCH_FORGET",
+    44: "READDIRPLUS",
+}
+# strace's hex dump of a read's data: " | 00000  28 00 00 00 03 00 00 00 ..."
+_DUMP = re.compile(r"\| 00000  ((?:[0-9a-f]{2} ){8})")
+
+
+def _timed(root: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["chroot", str(root), *COMMAND], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def _overlay(lowers: list[Path], work: Path, name: str) -> Path:
+    upper, scratch, merged = work / f"{name}-up", work / f"{name}-work", work / f"{name}-merged"
+    for path in (upper, scratch, merged):
+        path.mkdir()
+    options = f"lowerdir={':'.join(str(p) for p in reversed(lowers))},upperdir={upper},"
+    run(["mount", "-t", "overlay", "overlay", "-o", options + f"workdir={scratch}", str(merged)],
+        "mount overlay")  # fmt: skip
+    return merged
+
+
+def _mount_pids(mountpoints: list[Path]) -> list[int]:
+    pids = []
+    for mountpoint in mountpoints:
+        state = json.loads((mountpoint.parent / f"{mountpoint.name}.lazysnap.json").read_text())
+        pids.append(int(state["pid"]))
+    return pids
+
+
+def _traced_requests(root: Path, pids: list[int], out: Path) -> Counter[str]:
+    argv = ["strace", "-f", "-qq", "-e", "trace=read", "-e", "read=all", "-o", str(out)]
+    for pid in pids:
+        argv += ["-p", str(pid)]
+    tracer = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # strace attaches to every thread
+    _timed(root)
+    time.sleep(0.5)
+    tracer.terminate()
+    tracer.wait(10)
+    counts: Counter[str] = Counter()
+    for match in _DUMP.finditer(out.read_text(errors="replace")):
+        header = bytes.fromhex(match.group(1).replace(" ", ""))
+        opcode = int.from_bytes(header[4:8], "little")
+        counts[OPCODES.get(opcode, str(opcode))] += 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.warm_fuse", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-background", action="store_true", help="mounts without it")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="lzwarm-", dir="/tmp"))
+    registry = start_registry(work / "registry")
+    lazy = LazyLayers(
+        LazyLayerSettings(
+            str(work / "cache"),
+            8 << 30,
+            background=BackgroundSettings(enabled=not args.no_background),
+        )
+    )
+    mountpoints: list[Path] = []
+    overlays: list[Path] = []
+    try:
+        image = read_layout(PYBIG, "latest")
+        reference = f"{registry.host}/bench/pybig:latest"
+        run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+             f"oci:{PYBIG}:latest", f"docker://{reference}"], "push")  # fmt: skip
+        run([sys.executable, "-m", "snapshotter.cli", "index", "build", reference,
+             "--plain-http", "--no-static-profile"], "index build", timeout=1800)  # fmt: skip
+        access = RegistryAccess(plain_http=(registry.host,))
+        ref = Reference.parse(reference)
+        plain = work / "plain"
+        plain.mkdir()
+        for layer in image.layers:
+            blob = PYBIG / "blobs" / "sha256" / layer.digest.split(":", 1)[1]
+            run(["tar", "-xzf", str(blob), "-C", str(plain)], "extract")
+        with access.client() as client:
+            from snapshotter.remote.referrers import find_referrers
+
+            found = find_referrers(client, ref.repository, image.manifest_digest, ARTIFACT_TYPE)
+            artifact = client.get_manifest(ref.with_digest(found.descriptors[-1].digest))
+            by_layer = {i.layer_digest: i for i in indexed_layers(artifact)}
+            for number, layer in enumerate(image.layers):
+                mountpoint = work / "l" / str(number)
+                mountpoint.mkdir(parents=True)
+                index = client.get_blob(
+                    ref.repository, by_layer[layer.digest].index_digest, MAX_INDEX_BLOB_SIZE
+                )
+                spec = registry_layer_spec(
+                    str(ref.repository), layer.digest, layer.size, index, access
+                )
+                lazy.mount_layer(str(mountpoint), spec)
+                mountpoints.append(mountpoint)
+        lazy_root = _overlay(mountpoints, work, "lazy")
+        plain_root = _overlay([plain], work, "plain")
+        overlays += [lazy_root, plain_root]
+        result: dict[str, Any] = {
+            "command": " ".join(COMMAND),
+            "background": not args.no_background,
+        }
+        result["lazy_cold_s"] = _timed(lazy_root)
+        result["plain_first_s"] = _timed(plain_root)
+        times: dict[str, list[float]] = {"lazy": [], "plain": []}
+        for _ in range(args.rounds):
+            times["lazy"].append(_timed(lazy_root))
+            times["plain"].append(_timed(plain_root))
+        result["warm_s"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
+        result["warm_median_ratio"] = round(
+            statistics.median(times["lazy"]) / statistics.median(times["plain"]), 3
+        )
+        result["fuse_requests_warm_run"] = dict(
+            _traced_requests(lazy_root, _mount_pids(mountpoints), work / "strace.txt")
+        )
+        print(json.dumps(result, indent=2))
+    finally:
+        for overlay in overlays:
+            subprocess.run(["umount", str(overlay)], check=False)
+        for mountpoint in reversed(mountpoints):
+            lazy.unmount(str(mountpoint))
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
