@@ -7,6 +7,9 @@ in the span cache and only then served. Concurrent readers of one span share one
 so the span is fetched once; readers of other spans never wait for it. One read costs at most
 one fetch timeout, and a span whose fetch failed slowly fails fast for a while (span_states).
 
+A read inside the ranges of the layer's start-up pack (pack_store, when the mount has one) is
+served from it instead, and spans are not touched.
+
 Beside the reads, two policies claim spans through the same pipeline: read-ahead (read_ahead:
 the next spans of a file read front to back) and the startup profile's prefetch (prefetch).
 The background fetcher (background) fetches one span at a time on its own thread through
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import SpanCache
@@ -44,6 +48,13 @@ __all__ = [
 DEFAULT_WORKERS = 4
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 DEFAULT_READ_AHEAD_SPANS = 8  # largest read-ahead window, in spans; 0 turns read-ahead off
+
+
+class PackReads(Protocol):
+    """The start-up pack's side of a read (pack_store.PackStore): bytes [start, end) of the
+    uncompressed tar stream, or None when it does not hold them all."""
+
+    def read(self, start: int, end: int) -> bytes | None: ...
 
 
 class LayerReader:
@@ -105,6 +116,7 @@ class LayerReader:
         # for the prefetch, to go quiet.
         self._last_demand_miss = clock.monotonic()
         self._degraded: set[int] = set()
+        self.pack: PackReads | None = None  # set by the mount process before it goes live
 
     @property
     def layer_digest(self) -> str:
@@ -112,6 +124,11 @@ class LayerReader:
 
     def counters(self) -> ReaderCounters:
         return self._counters.snapshot()
+
+    @property
+    def shared_counters(self) -> SharedCounters:
+        """The counters the pack store adds to (pack bytes, reads served from the pack)."""
+        return self._counters
 
     def close(self) -> None:
         self._prefetcher.close()
@@ -125,6 +142,8 @@ class LayerReader:
         end = entry.offset + min(offset + size, entry.size)
         if start >= end:
             return b""
+        if self.pack is not None and (packed := self.pack.read(start, end)) is not None:
+            return packed
         span_numbers = spans_for_range(self.index, start, end)
         pieces: dict[int, bytes] = {}
         waiting: dict[int, tuple[Claim, int, int]] = {}
