@@ -48,9 +48,12 @@ from bench.startup_link import Link, Shape, loopback_link, shaped_link
 from bench.startup_node import ColdNode
 from bench.startup_report import write_report
 from bench.startup_workloads import (
+    DEFAULT_MODES,
     FULL,
     LAZY_PROFILE,
+    LAZY_PROFILE_NO_PACK,
     MODES,
+    PROFILE_MODES,
     WORKLOADS,
     WORKLOADS_BY_NAME,
     TrialResult,
@@ -126,8 +129,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--modes",
         type=_csv(MODES),
         default=None,
-        help=f"comma list of {', '.join(MODES)} (default all; {FULL} is the baseline of "
-        "every ratio)",
+        help=f"comma list of {', '.join(MODES)} (default {', '.join(DEFAULT_MODES)}; {FULL} is "
+        "the baseline of every ratio)",
     )
     parser.add_argument(
         "--converge-timeout",
@@ -171,7 +174,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     if args.converge_timeout is None:
         args.converge_timeout = 0.0 if args.quick else 300.0
-    args.modes = args.modes or list(MODES)
+    args.modes = args.modes or list(DEFAULT_MODES)
     if FULL not in args.modes:
         parser.error(f"--modes must include {FULL}: every ratio is to the full pull")
     args.seqread_mb = args.seqread_mb or (QUICK_SEQREAD_MB if args.quick else 200)
@@ -261,10 +264,12 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
                     "layer_sizes": [layer.size for layer in image.layers],
                     "index": f"{state} ({outcome.seconds:.1f} s): {outcome.message}",
                 }
-            if LAZY_PROFILE in args.modes:
-                header["profiles"] = record_profiles(
-                    images, workloads, setup.host, hosts_dir, index_args
-                )
+            for mode in PROFILE_MODES:
+                if mode in args.modes:
+                    key = "profiles" if mode == LAZY_PROFILE else "profiles_no_pack"
+                    header[key] = record_profiles(
+                        images, workloads, setup.host, hosts_dir, index_args, mode
+                    )
         finally:
             setup.stop()
         results.append(header)
@@ -300,17 +305,22 @@ def record_profiles(
     registry_host: str,
     hosts_dir: Path,
     index_args: list[str],
+    mode: str = LAZY_PROFILE,
 ) -> dict[str, str]:
-    """Push each profiled workload's image to its own repository and record the workload's
-    startup profile there (`index build --profile CMD`; its layers are already indexed, so
-    only the profile is new). Returns the index build summary per workload."""
+    """Push each profiled workload's image to the mode's own repository and record the
+    workload's startup profile there (`index build --profile CMD`, with `--no-pack` for
+    LAZY_PROFILE_NO_PACK; its layers are already indexed, so only the profile (and pack) is
+    new). Returns the index build summary per workload."""
     outcomes: dict[str, str] = {}
+    pack_args = ["--no-pack"] if mode == LAZY_PROFILE_NO_PACK else []
     for workload in workloads:
         if not workload.profiled:
             continue
-        pushed = push(images[workload.image], registry_host, workload.profile_repository)
+        pushed = push(images[workload.image], registry_host, workload.repository(mode))
         command = shlex.join(workload.command)
-        outcome = build_index(pushed.reference, hosts_dir, [*index_args, "--profile", command])
+        outcome = build_index(
+            pushed.reference, hosts_dir, [*index_args, "--profile", command, *pack_args]
+        )
         state = "ok" if outcome.ok else "FAILED"
         progress(
             f"setup: profile of {workload.name} ({command}): {state} in "
@@ -346,11 +356,7 @@ def run_link(
                     result = TrialResult(
                         run_dir_name(results), link.name, trial, workload.name, mode
                     )
-                    repository = (
-                        workload.profile_repository
-                        if mode == LAZY_PROFILE
-                        else f"bench/{workload.image}"
-                    )
+                    repository = workload.repository(mode)
                     reference = f"{link.registry.host}/{repository}:latest"
                     try:
                         progress(f"{where}: cold node")

@@ -18,14 +18,25 @@ from bench.startup_workloads import (
     LAZY,
     LAZY_MODES,
     LAZY_PROFILE,
+    LAZY_PROFILE_NO_PACK,
     WORKLOADS,
     TrialResult,
     Workload,
 )
 
 MB = 1e6
-MODE_LABELS = {FULL: "full pull (overlayfs)", LAZY: "lazysnap", LAZY_PROFILE: "lazysnap + profile"}
-MODE_COLORS = {FULL: "#888888", LAZY: "#2a7ab9", LAZY_PROFILE: "#e08a1e"}
+MODE_LABELS = {
+    FULL: "full pull (overlayfs)",
+    LAZY: "lazysnap",
+    LAZY_PROFILE: "lazysnap + profile",
+    LAZY_PROFILE_NO_PACK: "lazysnap + profile, no pack",
+}
+MODE_COLORS = {
+    FULL: "#888888",
+    LAZY: "#2a7ab9",
+    LAZY_PROFILE: "#e08a1e",
+    LAZY_PROFILE_NO_PACK: "#8a5a1e",
+}
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,16 @@ from harness.registry import Registry
 FULL = "full"  # ctr images pull + ctr run on containerd's overlayfs snapshotter
 LAZY = "lazysnap"  # lazysnap pull + ctr run --snapshotter lazysnap
 # The same, from a repository whose index artifact carries a startup profile recorded with the
-# workload's own command (`lazysnap index build --profile`): the spans it reads are prefetched.
+# workload's own command (`lazysnap index build --profile`), with its start-up pack (the bytes
+# the workload read, fetched in one request at mount).
 LAZY_PROFILE = "lazysnap+profile"
-MODES = (FULL, LAZY, LAZY_PROFILE)
-LAZY_MODES = (LAZY, LAZY_PROFILE)
+# The same profile without the pack (`--no-pack`): the spans of the profile's files are
+# prefetched. Not run by default: pick it to compare pack and no pack in one run.
+LAZY_PROFILE_NO_PACK = "lazysnap+profile-nopack"
+MODES = (FULL, LAZY, LAZY_PROFILE, LAZY_PROFILE_NO_PACK)
+DEFAULT_MODES = (FULL, LAZY, LAZY_PROFILE)
+PROFILE_MODES = (LAZY_PROFILE, LAZY_PROFILE_NO_PACK)
+LAZY_MODES = (LAZY, LAZY_PROFILE, LAZY_PROFILE_NO_PACK)
 FALLBACK_MARK = "falls back to a full pull"  # the daemon's one log line per non-lazy layer
 LAZY_SUMMARY = re.compile(r"\((\d+) lazy")  # `lazysnap pull`: "N layers (L lazy, P pulled)"
 
@@ -44,6 +50,14 @@ class Workload:
         """Where the image is pushed again to carry this workload's own startup profile (the
         repository differs, the manifest is the same: referrers are per repository)."""
         return f"bench/profile-{self.name}"
+
+    def repository(self, mode: str) -> str:
+        """The repository a mode pulls from: the profiled ones have their own."""
+        if mode == LAZY_PROFILE:
+            return self.profile_repository
+        if mode == LAZY_PROFILE_NO_PACK:
+            return f"bench/profile-nopack-{self.name}"
+        return f"bench/{self.image}"
 
     def modes(self) -> tuple[str, ...]:
         return MODES if self.profiled else (FULL, LAZY)
@@ -219,7 +233,9 @@ def _measure_converged(
 
 
 def _log_name(result: TrialResult, workload: Workload) -> str:
-    suffix = "-profile" if result.mode == LAZY_PROFILE else ""
+    suffix = {LAZY_PROFILE: "-profile", LAZY_PROFILE_NO_PACK: "-profile-nopack"}.get(
+        result.mode, ""
+    )
     return f"{result.link}-t{result.trial}-{workload.name}{suffix}"
 
 
