@@ -26,7 +26,13 @@ from pathlib import Path
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader_counters import SharedCounters
 from snapshotter.fs.span_windows import BlobSource
-from snapshotter.index.pack import LayerPack, PackError, check_section_fits, open_chunk
+from snapshotter.index.pack import (
+    LayerPack,
+    PackChunk,
+    PackError,
+    check_section_fits,
+    open_chunk,
+)
 
 log = logging.getLogger("lazysnap.fs")
 
@@ -167,27 +173,20 @@ class PackStore:
         with self._lock:
             self._room = (path, read_fd)
             self._kept_at = time.monotonic()
+        feed = _ChunkFeed(self.where, section.chunks, write_fd, self._counters, self._chunk_in)
         try:
-            try:
-                data = self._source.read(section.offset, section.length)
-            except Exception as exc:  # a blob source's errors name the blob and range
-                self._fail(f"fetching bytes {section.offset}+{section.length}: {exc}")
-                return
-            with self._counters.lock:
-                self._counters.values.pack_bytes += len(data)
-            at = position = 0
-            for chunk_no, chunk in enumerate(section.chunks):
-                piece = data[position : position + chunk.compressed_size]
-                position += chunk.compressed_size
-                try:
-                    plain = open_chunk(chunk, piece, f"{self.where}, chunk {chunk_no}")
-                    os.pwrite(write_fd, plain, at)
-                except (PackError, OSError) as exc:
-                    self._fail(str(exc))
-                    return
-                at += len(plain)
-                self._verified[chunk_no] = True
-                self._arrived[chunk_no].set()
+            stream = getattr(self._source, "stream", None)
+            if stream is not None:  # the registry reader: each chunk is served once it is in
+                stream(section.offset, section.length, feed.add)
+            else:
+                feed.add(self._source.read(section.offset, section.length))
+            feed.finish()
+        except PackError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:  # a blob source's errors name the blob and range
+            self._fail(f"fetching bytes {section.offset}+{section.length}: {exc}")
+            return
         finally:
             os.close(write_fd)
         with self._lock:
@@ -202,6 +201,10 @@ class PackStore:
             time.monotonic() - started,
         )
 
+    def _chunk_in(self, chunk_no: int) -> None:
+        self._verified[chunk_no] = True
+        self._arrived[chunk_no].set()
+
     def _fail(self, why: str) -> None:
         log.error("%s not used: %s (reading spans, prefetching the profile's files)", self.where,
                   why)  # fmt: skip
@@ -212,3 +215,52 @@ class PackStore:
             self._on_failure()
         except Exception:  # the fallback is best effort: reads still go to spans
             log.exception("%s: starting the fallback prefetch", self.where)
+
+
+class _ChunkFeed:
+    """Takes the section's bytes as they arrive; each chunk, once all its bytes are in, is
+    verified, inflated and written to the store file, and its readers go on."""
+
+    def __init__(
+        self,
+        where: str,
+        chunks: tuple[PackChunk, ...],
+        fd: int,
+        counters: SharedCounters,
+        chunk_in: Callable[[int], None],
+    ) -> None:
+        self._where = where
+        self._chunks = chunks
+        self._fd = fd
+        self._counters = counters
+        self._chunk_in = chunk_in
+        self._next = 0
+        self._written = 0
+        self._pending = bytearray()
+
+    def add(self, data: bytes) -> None:
+        with self._counters.lock:
+            self._counters.values.pack_bytes += len(data)
+        self._pending += data
+        while self._next < len(self._chunks):
+            chunk = self._chunks[self._next]
+            if len(self._pending) < chunk.compressed_size:
+                return
+            frame = bytes(self._pending[: chunk.compressed_size])
+            del self._pending[: chunk.compressed_size]
+            plain = open_chunk(chunk, frame, f"{self._where}, chunk {self._next}")
+            try:
+                os.pwrite(self._fd, plain, self._written)
+            except OSError as exc:
+                raise PackError(f"{self._where}: storing chunk {self._next}: {exc}") from None
+            self._written += len(plain)
+            self._chunk_in(self._next)
+            self._next += 1
+        if self._pending:
+            raise PackError(f"{self._where}: more bytes than its chunks declare")
+
+    def finish(self) -> None:
+        if self._next < len(self._chunks):
+            raise PackError(
+                f"{self._where}: truncated: {len(self._chunks) - self._next} chunks missing"
+            )
