@@ -175,6 +175,8 @@ def test_a_profiled_read_is_served_from_the_pack_without_span_requests(
     assert fetched[image.pack_digest].requests == 1  # the section, in one Range request
     assert fetched[image.pack_digest].bytes == spec.pack.section.length  # type: ignore[union-attr]
     assert image.base not in fetched  # no span prefetched for the profile's files
+    state = sidecars.read_mount_state(str(mnt))  # what `lazysnap status` shows
+    assert state is not None and state.pack == "ready"
 
     since = registry.log_offset()
     assert (mnt / "data/a").read_bytes() == image.files["data/a"]
