@@ -92,43 +92,55 @@ class PackStore:
     def start(self) -> None:
         self._thread.start()
 
-    def read(self, start: int, end: int) -> bytes | None:
-        """Bytes [start, end) of the tar stream if the pack holds all of them (waiting for
-        chunks in flight); None: read them from spans."""
+    def read(self, start: int, end: int, from_spans: Callable[[int, int], bytes]) -> bytes | None:
+        """Bytes [start, end) of the tar stream when the pack holds some of them: those from
+        the pack (waiting for chunks in flight), the others through from_spans(lo, hi) (a
+        kernel read-ahead may reach past what the recording read). None when the pack holds
+        none of them (or is not usable): read them all from spans."""
         if self.state in (PackState.FAILED, PackState.RELEASED):
             return None
-        i = bisect.bisect_right(self._starts, start) - 1
-        pieces: list[tuple[int, int, int]] = []  # (chunk, file offset, length)
+        # (lo, hi, chunk, file offset): chunk -1 for a part the pack does not hold
+        parts: list[tuple[int, int, int, int]] = []
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
         position = start
         while position < end:
-            if i < 0 or i >= len(self._placed):
-                return None
+            if i < len(self._placed) and self._placed[i][1] <= position:
+                i += 1
+                continue
+            if i >= len(self._placed) or self._placed[i][0] >= end:
+                parts.append((position, end, -1, 0))
+                break
             r_start, r_end, chunk_no, stored_at = self._placed[i]
-            if not r_start <= position < r_end:
-                return None
+            if r_start > position:
+                parts.append((position, r_start, -1, 0))
+                position = r_start
             stop = min(r_end, end)
-            pieces.append((chunk_no, stored_at + position - r_start, stop - position))
+            parts.append((position, stop, chunk_no, stored_at + position - r_start))
             position = stop
             i += 1
-        for chunk_no in {chunk_no for chunk_no, _, _ in pieces}:
-            if not self._arrived[chunk_no].wait(self._wait_timeout):
-                return None
-            if not self._verified[chunk_no]:
-                return None
+        if all(chunk_no < 0 for _, _, chunk_no, _ in parts):
+            return None
+        pieces = []
+        for lo, hi, chunk_no, at in parts:
+            data = self._stored(chunk_no, at, hi - lo) if chunk_no >= 0 else None
+            pieces.append(data if data is not None else from_spans(lo, hi))
+        with self._counters.lock:
+            self._counters.values.pack_reads += 1
+        return b"".join(pieces)
+
+    def _stored(self, chunk_no: int, at: int, length: int) -> bytes | None:
+        """length bytes of the store file from at, once chunk_no is in; None: not usable."""
+        if not self._arrived[chunk_no].wait(self._wait_timeout) or not self._verified[chunk_no]:
+            return None
         with self._lock:
             if self._room is None:
                 return None
-            fd = self._room[1]
             try:
-                data = b"".join(os.pread(fd, length, at) for _, at, length in pieces)
+                data = os.pread(self._room[1], length, at)
             except OSError as exc:
                 log.error("%s: reading the stored pack: %s (reading spans)", self.where, exc)
                 return None
-        if len(data) != end - start:
-            return None
-        with self._counters.lock:
-            self._counters.values.pack_reads += 1
-        return data
+        return data if len(data) == length else None
 
     def keep(self, now: float) -> None:
         """Refresh the reserved file now and then: other processes' cache scans remove temp

@@ -20,7 +20,7 @@ that joined it fetches the span again on demand.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from snapshotter.fs.activity import NodeActivity
@@ -52,9 +52,11 @@ DEFAULT_READ_AHEAD_SPANS = 8  # largest read-ahead window, in spans; 0 turns rea
 
 class PackReads(Protocol):
     """The start-up pack's side of a read (pack_store.PackStore): bytes [start, end) of the
-    uncompressed tar stream, or None when it does not hold them all."""
+    uncompressed tar stream, the parts it lacks through from_spans; None when it holds none."""
 
-    def read(self, start: int, end: int) -> bytes | None: ...
+    def read(
+        self, start: int, end: int, from_spans: Callable[[int, int], bytes]
+    ) -> bytes | None: ...
 
 
 class LayerReader:
@@ -142,8 +144,12 @@ class LayerReader:
         end = entry.offset + min(offset + size, entry.size)
         if start >= end:
             return b""
-        if self.pack is not None and (packed := self.pack.read(start, end)) is not None:
-            return packed
+        if self.pack is not None:
+            packed = self.pack.read(
+                start, end, lambda lo, hi: self.read(entry, lo - entry.offset, hi - lo)
+            )  # the parts the pack lacks: read again, they miss the pack and go to spans
+            if packed is not None:
+                return packed
         span_numbers = spans_for_range(self.index, start, end)
         pieces: dict[int, bytes] = {}
         waiting: dict[int, tuple[Claim, int, int]] = {}
