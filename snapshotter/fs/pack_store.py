@@ -142,6 +142,9 @@ class PackStore:
                 return None
         return data if len(data) == length else None
 
+    def fetching(self) -> bool:
+        return self.state is PackState.FETCHING
+
     def keep(self, now: float) -> None:
         """Refresh the reserved file now and then: other processes' cache scans remove temp
         files not touched for a while (cache_temp.STALE_TEMP_S)."""

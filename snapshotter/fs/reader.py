@@ -58,6 +58,9 @@ class PackReads(Protocol):
         self, start: int, end: int, from_spans: Callable[[int, int], bytes]
     ) -> bytes | None: ...
 
+    def fetching(self) -> bool:
+        """Still on its way: the background fetch waits for it as for the prefetch."""
+
 
 class LayerReader:
     def __init__(
@@ -181,8 +184,8 @@ class LayerReader:
 
     def idle_seconds(self) -> float:
         """Seconds since a read of this layer last missed, or any layer sharing its cache last
-        missed or prefetched; -inf while this layer's prefetch list is still running."""
-        if self._prefetcher.running():
+        missed or prefetched; -inf while this layer's prefetch list or pack is still coming."""
+        if self._prefetcher.running() or (self.pack is not None and self.pack.fetching()):
             return -math.inf
         with self._counters.lock:
             own = self.clock.monotonic() - self._last_demand_miss
