@@ -249,3 +249,28 @@ def test_no_pack_builds_the_profile_alone(
     image = _build(registry, tmp_path, "--no-pack")
     assert image.pack_digest == "" and image.profile.pack is None
     assert _spec(registry, image, image.base).pack is None
+
+
+def test_a_pack_too_big_for_the_cache_is_not_used_and_the_mount_serves_from_spans(
+    image: PackedImage, registry: Registry, tmp_path: Path
+) -> None:
+    spec = _spec(registry, image, image.top)
+    assert spec.pack is not None and spec.pack.section.uncompressed_size > 100_000
+    lazy = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            100_000,  # the cache's bound: less than the section's bytes
+            fetch_timeout=10,
+            background=BackgroundSettings(enabled=False),
+        )
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lazy.mount_layer(str(mnt), spec)
+    try:
+        assert _pack_state(mnt) == "failed"
+        log = sidecars.log_path(str(mnt)).read_text()
+        assert f"start-up pack {image.pack_digest} of layer {image.top} not used: no room" in log
+        assert (mnt / "data/b").read_bytes() == image.files["data/b"]
+    finally:
+        lazy.unmount(str(mnt))
