@@ -1,9 +1,9 @@
-"""What a recording mount logs of the bytes read (mount_process.RangeSet): each piece of the tar
+"""What a recording mount logs of the bytes read (access_log.RangeSet): each piece of the tar
 stream once, the first time any read covers it, in read order."""
 
 from __future__ import annotations
 
-from snapshotter.fs.mount_process import RangeSet
+from snapshotter.fs.access_log import RangeSet
 
 
 def test_only_bytes_no_earlier_read_covered_are_new() -> None:
