@@ -35,6 +35,7 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import IndexDiscovery
 from snapshotter.source.labels import LayerRequest
+from snapshotter.trust.policy import TrustPolicy
 from snapshotter.vocabulary.artifact import PACK_MEDIA_TYPE, PROFILE_MEDIA_TYPE
 
 pytestmark = pytest.mark.stack
@@ -108,9 +109,13 @@ def image(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Packe
     return _build(registry, tmp_path_factory.mktemp("packed"))
 
 
-def _spec(registry: Registry, image: PackedImage, layer: str) -> LayerSpec:
+def _spec(
+    registry: Registry, image: PackedImage, layer: str, trust: TrustPolicy | None = None
+) -> LayerSpec:
     discovery = IndexDiscovery(
-        _client(registry), RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
+        _client(registry),
+        RegistryAccess(plain_http=(registry.host,)),
+        trust=trust or session_trust_policy(),
     )
     return discovery.resolve(
         LayerRequest("chain", str(image.ref), image.manifest_digest, layer, (image.base,))
@@ -274,3 +279,23 @@ def test_a_pack_too_big_for_the_cache_is_not_used_and_the_mount_serves_from_span
         assert (mnt / "data/b").read_bytes() == image.files["data/b"]
     finally:
         lazy.unmount(str(mnt))
+
+
+def test_the_pack_of_an_unsigned_artifact_is_not_used_where_signatures_are_required(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layers' indexes are signed, the profile (with its pack) is pushed in a newer artifact
+    without a signature: a node that requires signatures takes the indexes of the signed
+    artifact and neither the profile nor the pack of the unsigned one."""
+    image = _build(registry, tmp_path / "signed", "--no-pack")  # signed indexes, no pack
+    trust = session_trust_policy()  # signatures required, by the session's key
+    monkeypatch.delenv(command.SIGN_KEY_ENV)
+    parser = argparse.ArgumentParser(prog="lazysnap index")
+    command.add_arguments(parser)
+    args = ["build", str(image.ref), "--plain-http", "--min-layer-size", "64k"]
+    assert command.run(parser.parse_args([*args, "--span-size", "64k", "--profile", COMMAND])) == 0
+    found = newest_index_artifact(_client(registry), image.ref, image.manifest_digest)
+    assert found is not None
+    assert any(d.media_type == PACK_MEDIA_TYPE for d in found[0].layers)  # the newest has one
+    spec = _spec(registry, image, image.base, trust)
+    assert spec.pack is None and spec.prefetch_names == image.profile.names_for(image.base)
