@@ -36,8 +36,8 @@ from snapshotter.fs.blob_source import BlobSpecError, open_blob_source
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.cache_errors import CacheError
 from snapshotter.fs.disk_reserve import DiskReserve
-from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
-from snapshotter.fs.pack_store import PackStore
+from snapshotter.fs.mount_spec import PACK_READ_AHEAD_KB, MountSpec, SpecError, load_index
+from snapshotter.fs.pack_store import PackState, PackStore
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_WORKERS,
@@ -131,7 +131,8 @@ class _StateKeeper(threading.Thread):
             self.stopped.wait(MOUNT_POLL_S)
         else:
             return
-        _raise_read_ahead(device, self.spec.read_ahead_kb)
+        read_ahead_kb = self.read_ahead_kb()
+        _raise_read_ahead(device, read_ahead_kb)
         self.write_state()
         self.became_ready.set()
         self.reporter.send("ready")
@@ -148,7 +149,17 @@ class _StateKeeper(threading.Thread):
                     self.pack.release()  # every span is local: the pack's room goes back
                 else:
                     self.pack.keep(time.monotonic())
+                if self.read_ahead_kb() != read_ahead_kb:  # the pack is done with
+                    read_ahead_kb = self.read_ahead_kb()
+                    _raise_read_ahead(device, read_ahead_kb)
         self.background.stop()
+
+    def read_ahead_kb(self) -> int:
+        """A small read-ahead while the start-up pack serves (PACK_READ_AHEAD_KB), the spec's
+        otherwise."""
+        if self.pack is not None and self.pack.state in (PackState.FETCHING, PackState.READY):
+            return min(self.spec.read_ahead_kb, PACK_READ_AHEAD_KB)
+        return self.spec.read_ahead_kb
 
     def check_verdict(self) -> None:
         """A failed completion check (the daemon's verdict file beside the mountpoint) makes

@@ -21,6 +21,11 @@ from snapshotter.sidecars import read_spec
 # processes are recognised in /proc, forked ones included).
 MOUNT_PROCESS_MODULE = "snapshotter.fs.mount_process"
 READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
+# The read-ahead of a mount while its start-up pack serves, and of the mounts a profile is
+# recorded on: the pack holds the bytes the recording's FUSE reads covered, and at 4 MiB the
+# kernel's read-around turns a fault in a shared object into a read of nearly the whole file
+# (docs/startup-profile.md). Raised to read_ahead_kb once the pack is released or failed.
+PACK_READ_AHEAD_KB = 128
 OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
 STATE_INTERVAL_S = 2.0
 

@@ -39,7 +39,7 @@ from snapshotter import sidecars
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
-from snapshotter.fs.mount_spec import range_log_path
+from snapshotter.fs.mount_spec import PACK_READ_AHEAD_KB, range_log_path
 from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.settings import LazyLayerSettings
@@ -202,6 +202,7 @@ def _recording_layers(cache_dir: str) -> LazyLayers:
             cache_dir,
             RECORD_CACHE_BYTES,
             prefetch=False,  # a prefetch would hide the order the command reads in
+            read_ahead_kb=PACK_READ_AHEAD_KB,  # what a mount serving the pack reads with
             background=BackgroundSettings(enabled=False),
             allow_other=True,
         )

@@ -21,6 +21,7 @@ from harness.registry import Registry
 from harness.trust import session_trust_policy
 from snapshotter import sidecars
 from snapshotter.fs.background import BackgroundSettings
+from snapshotter.fs.mount_spec import PACK_READ_AHEAD_KB, READ_AHEAD_KB
 from snapshotter.index.pack import LayerPack, PackSection
 from snapshotter.indexer import command
 from snapshotter.lazylayers.layer_spec import LayerSpec
@@ -158,6 +159,12 @@ def _pack_state(mnt: Path, timeout: float = 20.0) -> str:
     return state
 
 
+def _read_ahead_kb(mnt: Path) -> int:
+    device = os.stat(mnt).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    return int(bdi.read_text())
+
+
 def _counters(mnt: Path) -> dict[str, int]:
     counters = (sidecars.read_state(str(mnt)) or {}).get("counters", {})
     assert isinstance(counters, dict)
@@ -182,6 +189,8 @@ def test_a_profiled_read_is_served_from_the_pack_without_span_requests(
     assert image.base not in fetched  # no span prefetched for the profile's files
     state = sidecars.read_mount_state(str(mnt))  # what `lazysnap status` shows
     assert state is not None and state.pack == "ready"
+    # the read-ahead the pack was recorded with, while it serves
+    assert _read_ahead_kb(mnt) == PACK_READ_AHEAD_KB
 
     since = registry.log_offset()
     assert (mnt / "data/a").read_bytes() == image.files["data/a"]
@@ -219,6 +228,10 @@ def test_a_chunk_whose_digest_does_not_match_falls_back_to_spans(
     assert "chunk 0: sha256" in log and "not the profile's 0000" in log
     assert (mnt / "data/b").read_bytes() == image.files["data/b"]
     assert _counters(mnt)["pack_reads"] == 0
+    deadline = time.monotonic() + 10  # without a pack: the full read-ahead, within 2 s
+    while time.monotonic() < deadline and _read_ahead_kb(mnt) != READ_AHEAD_KB:
+        time.sleep(0.1)
+    assert _read_ahead_kb(mnt) == READ_AHEAD_KB
 
 
 def test_a_pack_corrupted_in_the_registry_falls_back_to_spans_and_the_profile_prefetch(
