@@ -2,7 +2,8 @@
 fetched in one Range request right at start, checked chunk by chunk (size and sha256 from the
 signed profile before zstd sees a byte, output bounded by the declared size), kept on disk in
 the cache directory (room reserved through the span cache, so it counts against the cache's
-bound and its disk reserve), and serving every read that lies inside its ranges.
+bound and its disk reserve), and serving what reads ask of its ranges (the rest of a read
+that reaches past them comes from spans).
 
 A read of a chunk still in flight waits for it (the pack is on its way; fetching spans for the
 same bytes would only compete with it). When the pack cannot be used (no room, the registry
