@@ -48,16 +48,19 @@ from bench.startup_link import Link, Shape, loopback_link, shaped_link
 from bench.startup_node import ColdNode
 from bench.startup_report import write_report
 from bench.startup_workloads import (
-    ALL_MODES,
+    DEFAULT_MODES,
     FULL,
     LAZY_NO_STATIC,
     LAZY_PROFILE,
+    LAZY_PROFILE_NO_PACK,
     MODES,
+    PROFILE_MODES,
     WORKLOADS,
     WORKLOADS_BY_NAME,
     TrialResult,
     Workload,
     measure,
+    no_static_repository,
 )
 from harness.containerd import write_hosts_toml
 from harness.images import BuiltImage, push
@@ -126,10 +129,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--modes",
-        type=_csv(ALL_MODES),
+        type=_csv(MODES),
         default=None,
-        help=f"comma list of {', '.join(ALL_MODES)} (default {', '.join(MODES)}; {FULL} is the "
-        f"baseline of every ratio; {LAZY_NO_STATIC}: lazysnap from an index built with "
+        help=f"comma list of {', '.join(MODES)} (default {', '.join(DEFAULT_MODES)}; {FULL} is "
+        f"the baseline of every ratio; {LAZY_NO_STATIC}: lazysnap from an index built with "
         "--no-static-profile)",
     )
     parser.add_argument(
@@ -180,7 +183,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     if args.converge_timeout is None:
         args.converge_timeout = 0.0 if args.quick else 300.0
-    args.modes = args.modes or list(MODES)
+    args.modes = args.modes or list(DEFAULT_MODES)
     if FULL not in args.modes:
         parser.error(f"--modes must include {FULL}: every ratio is to the full pull")
     args.seqread_mb = args.seqread_mb or (QUICK_SEQREAD_MB if args.quick else 200)
@@ -276,10 +279,12 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
                 header["no_static"] = index_without_static_profile(
                     images, workloads, setup.host, hosts_dir, index_args
                 )
-            if LAZY_PROFILE in args.modes:
-                header["profiles"] = record_profiles(
-                    images, workloads, setup.host, hosts_dir, index_args
-                )
+            for mode in PROFILE_MODES:
+                if mode in args.modes:
+                    key = "profiles" if mode == LAZY_PROFILE else "profiles_no_pack"
+                    header[key] = record_profiles(
+                        images, workloads, setup.host, hosts_dir, index_args, mode
+                    )
         finally:
             setup.stop()
         results.append(header)
@@ -309,10 +314,6 @@ def run_benchmark(args: argparse.Namespace, run_dir: Path) -> Path:
     return results.path
 
 
-def no_static_repository(image: str) -> str:
-    return f"bench/nostatic-{image}"
-
-
 def index_without_static_profile(
     images: dict[str, BuiltImage],
     workloads: list[Workload],
@@ -338,17 +339,22 @@ def record_profiles(
     registry_host: str,
     hosts_dir: Path,
     index_args: list[str],
+    mode: str = LAZY_PROFILE,
 ) -> dict[str, str]:
-    """Push each profiled workload's image to its own repository and record the workload's
-    startup profile there (`index build --profile CMD`; its layers are already indexed, so
-    only the profile is new). Returns the index build summary per workload."""
+    """Push each profiled workload's image to the mode's own repository and record the
+    workload's startup profile there (`index build --profile CMD`, with `--no-pack` for
+    LAZY_PROFILE_NO_PACK; its layers are already indexed, so only the profile (and pack) is
+    new). Returns the index build summary per workload."""
     outcomes: dict[str, str] = {}
+    pack_args = ["--no-pack"] if mode == LAZY_PROFILE_NO_PACK else []
     for workload in workloads:
         if not workload.profiled:
             continue
-        pushed = push(images[workload.image], registry_host, workload.profile_repository)
+        pushed = push(images[workload.image], registry_host, workload.repository(mode))
         command = shlex.join(workload.command)
-        outcome = build_index(pushed.reference, hosts_dir, [*index_args, "--profile", command])
+        outcome = build_index(
+            pushed.reference, hosts_dir, [*index_args, "--profile", command, *pack_args]
+        )
         state = "ok" if outcome.ok else "FAILED"
         progress(
             f"setup: profile of {workload.name} ({command}): {state} in "
@@ -384,13 +390,7 @@ def run_link(
                     result = TrialResult(
                         run_dir_name(results), link.name, trial, workload.name, mode
                     )
-                    repository = (
-                        workload.profile_repository
-                        if mode == LAZY_PROFILE
-                        else no_static_repository(workload.image)
-                        if mode == LAZY_NO_STATIC
-                        else f"bench/{workload.image}"
-                    )
+                    repository = workload.repository(mode)
                     reference = f"{link.registry.host}/{repository}:latest"
                     try:
                         progress(f"{where}: cold node")

@@ -19,6 +19,7 @@ from bench.startup_workloads import (
     LAZY_MODES,
     LAZY_NO_STATIC,
     LAZY_PROFILE,
+    LAZY_PROFILE_NO_PACK,
     WORKLOADS,
     TrialResult,
     Workload,
@@ -29,9 +30,16 @@ MODE_LABELS = {
     FULL: "full pull (overlayfs)",
     LAZY: "lazysnap",
     LAZY_PROFILE: "lazysnap + profile",
+    LAZY_PROFILE_NO_PACK: "lazysnap + profile, no pack",
     LAZY_NO_STATIC: "lazysnap, no static profile",
 }
-MODE_COLORS = {FULL: "#888888", LAZY: "#2a7ab9", LAZY_PROFILE: "#e08a1e", LAZY_NO_STATIC: "#7fb2d9"}
+MODE_COLORS = {
+    FULL: "#888888",
+    LAZY: "#2a7ab9",
+    LAZY_PROFILE: "#e08a1e",
+    LAZY_PROFILE_NO_PACK: "#8a5a1e",
+    LAZY_NO_STATIC: "#7fb2d9",
+}
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,26 @@ from harness.registry import Registry
 FULL = "full"  # ctr images pull + ctr run on containerd's overlayfs snapshotter
 LAZY = "lazysnap"  # lazysnap pull + ctr run --snapshotter lazysnap
 # The same, from a repository whose index artifact carries a startup profile recorded with the
-# workload's own command (`lazysnap index build --profile`): the spans it reads are prefetched.
+# workload's own command (`lazysnap index build --profile`), with its start-up pack (the bytes
+# the workload read, fetched in one request at mount).
 LAZY_PROFILE = "lazysnap+profile"
-MODES = (FULL, LAZY, LAZY_PROFILE)
+# The same profile without the pack (`--no-pack`): the spans of the profile's files are
+# prefetched. Not run by default: pick it to compare pack and no pack in one run.
+LAZY_PROFILE_NO_PACK = "lazysnap+profile-nopack"
+DEFAULT_MODES = (FULL, LAZY, LAZY_PROFILE)
+PROFILE_MODES = (LAZY_PROFILE, LAZY_PROFILE_NO_PACK)
 # Like LAZY, from a repository indexed with `--no-static-profile`: the baseline of the static
-# start-up profile (LAZY's artifact carries one). Only when asked for with --modes.
+# start-up profile (LAZY's artifact carries one). Not run by default either.
 LAZY_NO_STATIC = "lazysnap-nostatic"
-ALL_MODES = (*MODES, LAZY_NO_STATIC)
-LAZY_MODES = (LAZY, LAZY_PROFILE, LAZY_NO_STATIC)
+LAZY_MODES = (LAZY, LAZY_PROFILE, LAZY_PROFILE_NO_PACK, LAZY_NO_STATIC)
+MODES = (FULL, LAZY, LAZY_PROFILE, LAZY_PROFILE_NO_PACK, LAZY_NO_STATIC)
+
+
+def no_static_repository(image: str) -> str:
+    """Where LAZY_NO_STATIC's copy of an image is indexed without a static profile."""
+    return f"bench/nostatic-{image}"
+
+
 FALLBACK_MARK = "falls back to a full pull"  # the daemon's one log line per non-lazy layer
 LAZY_SUMMARY = re.compile(r"\((\d+) lazy")  # `lazysnap pull`: "N layers (L lazy, P pulled)"
 
@@ -49,8 +61,18 @@ class Workload:
         repository differs, the manifest is the same: referrers are per repository)."""
         return f"bench/profile-{self.name}"
 
+    def repository(self, mode: str) -> str:
+        """The repository a mode pulls from: the profiled ones have their own."""
+        if mode == LAZY_PROFILE:
+            return self.profile_repository
+        if mode == LAZY_PROFILE_NO_PACK:
+            return f"bench/profile-nopack-{self.name}"
+        if mode == LAZY_NO_STATIC:
+            return no_static_repository(self.image)
+        return f"bench/{self.image}"
+
     def modes(self) -> tuple[str, ...]:
-        return (*MODES, LAZY_NO_STATIC) if self.profiled else (FULL, LAZY)
+        return MODES if self.profiled else (FULL, LAZY)
 
 
 WORKLOADS = (
@@ -223,7 +245,11 @@ def _measure_converged(
 
 
 def _log_name(result: TrialResult, workload: Workload) -> str:
-    suffix = {LAZY_PROFILE: "-profile", LAZY_NO_STATIC: "-nostatic"}.get(result.mode, "")
+    suffix = {
+        LAZY_PROFILE: "-profile",
+        LAZY_PROFILE_NO_PACK: "-profile-nopack",
+        LAZY_NO_STATIC: "-nostatic",
+    }.get(result.mode, "")
     return f"{result.link}-t{result.trial}-{workload.name}{suffix}"
 
 

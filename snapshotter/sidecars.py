@@ -136,6 +136,7 @@ class MountState:
     background: str  # off|waiting|fetching|complete|degraded|cache-full|stopped
     cache_disk_limited: bool  # spans served uncached: the cache's disk is at its reserve
     counters: dict[str, int]
+    pack: str = ""  # the start-up pack: fetching|ready|failed|released; "" without one
 
 
 def read_mount_state(mountpoint: str) -> MountState | None:
@@ -152,6 +153,7 @@ def read_mount_state(mountpoint: str) -> MountState | None:
         cache_dir=_text(state.get("cache_dir")),
         background=_text(state.get("background")),
         cache_disk_limited=state.get("cache_disk_limited") is True,
+        pack=_text(state.get("pack")),
         counters={k: v for k, v in counters.items() if isinstance(v, int)}
         if isinstance(counters, dict)
         else {},

@@ -308,31 +308,50 @@ class SpanCache:
             if self._holds(path, header):
                 self._touch(path, force=True)
                 return True
-            total, count = self._read_ledger()
+            claimed = self._claim_room(size)
+            return claimed if claimed is not None else False
+
+    def reserve_room(self, size: int) -> tuple[Path, int] | None:
+        """Room for size bytes that are not a span (a mount's start-up pack, pack_store.py),
+        counted like a span being written: a temp file of this process of that size in tmp/,
+        open for writing, until release_room (or this process ends). None if it cannot fit
+        (the cache's bound with what others reserve, or the disk reserve)."""
+        if size > self.max_bytes:
+            return None
+        with self._locked():
+            return self._claim_room(size)
+
+    def release_room(self, path: Path, size: int) -> None:
+        with self._locked():
+            self._release(path, size)
+
+    def _claim_room(self, size: int) -> tuple[Path, int] | None:
+        """Evict until size more bytes fit, then take them with a temp file; under the lock."""
+        total, count = self._read_ledger()
+        if total + size > self.max_bytes:
+            total, count = self._evict(self.max_bytes - size)
             if total + size > self.max_bytes:
-                total, count = self._evict(self.max_bytes - size)
-                if total + size > self.max_bytes:
-                    self._write_ledger(total, count)  # the rest is other writers' reservations
-                    return False
-            if not self._room_on_disk(size):
-                return False
-            tmp, fd = create_temp(self._tmp)
-            try:
-                allocate(fd, size)
-                self._write_ledger(total + size, count)
-            except OSError as exc:
-                os.close(fd)
-                tmp.unlink()
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                self._disk.no_space(exc.errno)
-                return False
-            except BaseException:
-                os.close(fd)
-                tmp.unlink()
+                self._write_ledger(total, count)  # the rest is other writers' reservations
+                return None
+        if not self._room_on_disk(size):
+            return None
+        tmp, fd = create_temp(self._tmp)
+        try:
+            allocate(fd, size)
+            self._write_ledger(total + size, count)
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            self._disk.space_taken()
-            return tmp, fd
+            self._disk.no_space(exc.errno)
+            return None
+        except BaseException:
+            os.close(fd)
+            tmp.unlink()
+            raise
+        self._disk.space_taken()
+        return tmp, fd
 
     def _room_on_disk(self, size: int) -> bool:
         """Whether size more bytes leave the disk reserve free, evicting least recently used

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from snapshotter.fs.activity import BusyMeter, NodeActivity
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.fs.tree import Inode, LayerTree
+from snapshotter.index.model import TocEntry
 
 LIBFUSE3 = "libfuse3.so.3"
 # An immutable tree never goes stale; a day is long enough to make lookups free.
@@ -62,9 +63,9 @@ if _invalidate_path is not None:
 
 
 class AccessRecorder(Protocol):
-    """Told the entry name of every file whose data is read (profile recording)."""
+    """Told every read of a file's data: its entry, offset and size (profile recording)."""
 
-    def first_read(self, name: str) -> None: ...
+    def read(self, entry: TocEntry, offset: int, size: int) -> None: ...
 
 
 def _fail(code: int) -> Exception:
@@ -204,7 +205,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         if node.data is None:  # not a regular file, or an empty one
             return b""
         if self.recorder is not None:
-            self.recorder.first_read(node.data.name)
+            self.recorder.read(node.data, offset, size)
         try:
             data = self.reader.read(node.data, offset, size)
         except SpanReadError as exc:

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from snapshotter.fs import credential_channel
+from snapshotter.fs.access_log import AccessLog
 from snapshotter.fs.activity import BusyMeter
 from snapshotter.fs.background import (
     BackgroundFetcher,
@@ -36,7 +36,8 @@ from snapshotter.fs.blob_source import BlobSpecError, open_blob_source
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.cache_errors import CacheError
 from snapshotter.fs.disk_reserve import DiskReserve
-from snapshotter.fs.mount_spec import MountSpec, SpecError, load_index
+from snapshotter.fs.mount_spec import PACK_READ_AHEAD_KB, MountSpec, SpecError, load_index
+from snapshotter.fs.pack_store import PackState, PackStore
 from snapshotter.fs.reader import (
     DEFAULT_FETCH_TIMEOUT_S,
     DEFAULT_WORKERS,
@@ -45,6 +46,7 @@ from snapshotter.fs.reader import (
 )
 from snapshotter.fs.tree import LayerTree, LayerTreeError
 from snapshotter.index.model import LayerIndex
+from snapshotter.index.pack import PackError
 from snapshotter.index.spans import spans_for_files
 from snapshotter.sidecars import read_verdict, remove, state_path, write_state
 
@@ -106,6 +108,7 @@ class _StateKeeper(threading.Thread):
         self.background = BackgroundFetcher(reader, spec.background_settings())
         self.busy_meter: BusyMeter | None = None  # the FUSE operations', once they exist
         self.refuse: Callable[[str], None] | None = None  # the FUSE operations' refuse()
+        self.pack: PackStore | None = None
         self.refused = False
         self.stopped = threading.Event()
         self.became_ready = threading.Event()
@@ -128,7 +131,8 @@ class _StateKeeper(threading.Thread):
             self.stopped.wait(MOUNT_POLL_S)
         else:
             return
-        _raise_read_ahead(device, self.spec.read_ahead_kb)
+        read_ahead_kb = self.read_ahead_kb()
+        _raise_read_ahead(device, read_ahead_kb)
         self.write_state()
         self.became_ready.set()
         self.reporter.send("ready")
@@ -140,7 +144,22 @@ class _StateKeeper(threading.Thread):
             self.write_state()
             if self.background.state in _DONE and self.busy_meter:
                 self.busy_meter.counting = False  # see BusyMeter.counting
+            if self.pack is not None:
+                if self.background.state is BackgroundState.COMPLETE:
+                    self.pack.release()  # every span is local: the pack's room goes back
+                else:
+                    self.pack.keep(time.monotonic())
+                if self.read_ahead_kb() != read_ahead_kb:  # the pack is done with
+                    read_ahead_kb = self.read_ahead_kb()
+                    _raise_read_ahead(device, read_ahead_kb)
         self.background.stop()
+
+    def read_ahead_kb(self) -> int:
+        """A small read-ahead while the start-up pack serves (PACK_READ_AHEAD_KB), the spec's
+        otherwise."""
+        if self.pack is not None and self.pack.state in (PackState.FETCHING, PackState.READY):
+            return min(self.spec.read_ahead_kb, PACK_READ_AHEAD_KB)
+        return self.spec.read_ahead_kb
 
     def check_verdict(self) -> None:
         """A failed completion check (the daemon's verdict file beside the mountpoint) makes
@@ -173,6 +192,8 @@ class _StateKeeper(threading.Thread):
             "background": str(self.background.state) if self.spec.background else "off",
             "refused": self.refused,
         }
+        if self.pack is not None:
+            state["pack"] = str(self.pack.state)
         if self.reader.cache.disk_limited():
             state["cache_disk_limited"] = True  # spans served without being cached
         path = state_path(self.spec.mountpoint)
@@ -194,30 +215,36 @@ class _StateKeeper(threading.Thread):
         self._state_write_failed = False
 
 
-class AccessLog:
-    """First read of each file, in order, for startup-profile recording: one line
-    "<CLOCK_MONOTONIC ns> <entry name as a JSON string>" per file, flushed at once (the
-    recorder reads it after unmounting; lines of several layers' logs merge by time)."""
-
-    def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._file = open(fd, "a", encoding="ascii")  # noqa: SIM115
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def first_read(self, name: str) -> None:
-        if name in self._seen:  # unlocked fast path: a set lookup is atomic
-            return
-        with self._lock:
-            if name in self._seen:
-                return
-            self._seen.add(name)
-            self._file.write(f"{time.monotonic_ns()} {json.dumps(name)}\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
+def open_pack(
+    spec: MountSpec,
+    index: LayerIndex,
+    reader: LayerReader,
+    cache: SpanCache,
+    on_failure: Callable[[], None],
+) -> PackStore | None:
+    """The layer's section of the start-up pack, not started yet; None (logged) when it cannot
+    be used: the mount then prefetches the profile's files from spans."""
+    assert spec.pack is not None
+    where = f"start-up pack {spec.pack.pack_digest} of layer {index.layer_digest}"
+    if spec.blob.kind != "registry":
+        log.error("%s not used: a %r blob source cannot read it", where, spec.blob.kind)
+        return None
+    blob = dataclasses.replace(spec.blob, digest=spec.pack.pack_digest, size=spec.pack.pack_size)
+    try:
+        source = open_blob_source(blob, timeout=spec.fetch_timeout)
+        return PackStore(
+            index.layer_digest,
+            spec.pack,
+            index.uncompressed_size,
+            source,
+            cache,
+            reader.shared_counters,
+            wait_timeout=spec.fetch_timeout,
+            on_failure=on_failure,
+        )
+    except (BlobSpecError, PackError) as exc:
+        log.error("%s not used: %s", where, exc)
+        return None
 
 
 def _raise_read_ahead(device: int, read_ahead_kb: int) -> None:
@@ -276,10 +303,20 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         read_ahead_spans=spec.read_ahead_spans,
         windows=windows,
     )
-    # The startup prefetch goes out before the tree is built and the mount goes live: a cold
-    # container start waits on these bytes, and building the tree of a big layer takes ~0.1 s.
+    # The startup prefetch (and the start-up pack) go out before the tree is built and the
+    # mount goes live: a cold container start waits on these bytes, and building the tree of a
+    # big layer takes ~0.1 s. With a pack, the profile's files come from it (only the bytes the
+    # workload read; the rest of a file on demand): their spans are fetched only if it fails.
+    pack = None
+    if spec.prefetch and spec.pack is not None:
+        profile_files = spans_for_files(index, spec.prefetch_names)
+        pack = open_pack(spec, index, reader, cache, lambda: reader.prefetch(profile_files))
     if spec.prefetch:
-        reader.prefetch(spans_for_files(index, (*index.prefetch, *spec.prefetch_names)))
+        names = index.prefetch if pack is not None else (*index.prefetch, *spec.prefetch_names)
+        if pack is not None:
+            reader.pack = pack
+            pack.start()
+        reader.prefetch(spans_for_files(index, names))
     try:
         tree = LayerTree.from_index(index)
         access_log = AccessLog(spec.access_log) if spec.access_log else None
@@ -299,6 +336,7 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
     from snapshotter.fs import fuse_ops  # loads libfuse3; kept out of the spec checks above
 
     keeper = _StateKeeper(spec, reader, reporter, device_before)
+    keeper.pack = pack
     verdict = read_verdict(spec.mountpoint)
     refused_before = verdict.detail if verdict is not None and verdict.failed else None
     if refused_before is not None:  # refused before this process started: fail closed at once
@@ -330,6 +368,8 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         keeper.stopped.set()
         keeper.join(timeout=5)
         reader.close()
+        if pack is not None:
+            pack.release()
         if access_log is not None:
             access_log.close()
         remove(state_path(spec.mountpoint))

@@ -14,14 +14,25 @@ from snapshotter.fs.background import DEFAULT_QUIET_S, DEFAULT_RATE_BYTES, Backg
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 from snapshotter.index.model import LayerIndex
+from snapshotter.index.pack import LayerPack, PackError, layer_pack_from_json
 from snapshotter.sidecars import read_spec
 
 # The program a spec is given to: `python -m MOUNT_PROCESS_MODULE --spec FILE` (also how its
 # processes are recognised in /proc, forked ones included).
 MOUNT_PROCESS_MODULE = "snapshotter.fs.mount_process"
 READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
+# The read-ahead of a mount while its start-up pack serves, and of the mounts a profile is
+# recorded on: the pack holds the bytes the recording's FUSE reads covered, and at 4 MiB the
+# kernel's read-around turns a fault in a shared object into a read of nearly the whole file
+# (docs/startup-profile.md). Raised to read_ahead_kb once the pack is released or failed.
+PACK_READ_AHEAD_KB = 128
 OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
 STATE_INTERVAL_S = 2.0
+
+
+def range_log_path(access_log: str) -> str:
+    """Where a recording mount logs the byte ranges read, beside its access log."""
+    return access_log + ".ranges"
 
 
 class SpecError(ValueError):
@@ -48,6 +59,9 @@ class MountSpec:
     # of the index's own prefetch list; prefetch=False fetches neither.
     prefetch_names: tuple[str, ...] = ()
     prefetch: bool = True
+    # This layer's section of the image's start-up pack (from the signed profile): fetched at
+    # start when prefetch is on, then reads inside its ranges are served from it.
+    pack: LayerPack | None = None
     background: bool = True
     background_quiet_seconds: float = DEFAULT_QUIET_S
     background_rate_bytes: int = DEFAULT_RATE_BYTES
@@ -80,6 +94,7 @@ class MountSpec:
             "read_ahead_kb": self.read_ahead_kb,
             "prefetch_names": list(self.prefetch_names),
             "prefetch": self.prefetch,
+            "pack": self.pack.to_json() if self.pack is not None else None,
             "background": self.background,
             "background_quiet_seconds": self.background_quiet_seconds,
             "background_rate_bytes": self.background_rate_bytes,
@@ -108,6 +123,10 @@ class MountSpec:
             blob = BlobSpec.from_json(obj.get("blob"))
         except BlobSpecError as exc:
             raise SpecError(f"{source}: {exc}") from None
+        try:
+            pack = layer_pack_from_json(obj["pack"]) if obj.get("pack") is not None else None
+        except PackError as exc:
+            raise SpecError(f"{source}: {exc}") from None
         spec = cls(
             mountpoint=get("mountpoint", str),
             index_path=get("index_path", str),
@@ -124,6 +143,7 @@ class MountSpec:
             read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
             prefetch_names=tuple(get("prefetch_names", list, [])),
             prefetch=get("prefetch", bool, True),
+            pack=pack,
             background=get("background", bool, True),
             background_quiet_seconds=float(
                 get("background_quiet_seconds", (int, float), DEFAULT_QUIET_S)

@@ -7,6 +7,9 @@ in the span cache and only then served. Concurrent readers of one span share one
 so the span is fetched once; readers of other spans never wait for it. One read costs at most
 one fetch timeout, and a span whose fetch failed slowly fails fast for a while (span_states).
 
+A read inside the ranges of the layer's start-up pack (pack_store, when the mount has one) is
+served from it instead, and spans are not touched.
+
 Beside the reads, two policies claim spans through the same pipeline: read-ahead (read_ahead:
 the next spans of a file read front to back) and the startup profile's prefetch (prefetch).
 The background fetcher (background) fetches one span at a time on its own thread through
@@ -17,7 +20,8 @@ that joined it fetches the span again on demand.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import SpanCache
@@ -44,6 +48,18 @@ __all__ = [
 DEFAULT_WORKERS = 4
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 DEFAULT_READ_AHEAD_SPANS = 8  # largest read-ahead window, in spans; 0 turns read-ahead off
+
+
+class PackReads(Protocol):
+    """The start-up pack's side of a read (pack_store.PackStore): bytes [start, end) of the
+    uncompressed tar stream, the parts it lacks through from_spans; None when it holds none."""
+
+    def read(
+        self, start: int, end: int, from_spans: Callable[[int, int], bytes]
+    ) -> bytes | None: ...
+
+    def fetching(self) -> bool:
+        """Still on its way: the background fetch waits for it as for the prefetch."""
 
 
 class LayerReader:
@@ -105,6 +121,7 @@ class LayerReader:
         # for the prefetch, to go quiet.
         self._last_demand_miss = clock.monotonic()
         self._degraded: set[int] = set()
+        self.pack: PackReads | None = None  # set by the mount process before it goes live
 
     @property
     def layer_digest(self) -> str:
@@ -112,6 +129,11 @@ class LayerReader:
 
     def counters(self) -> ReaderCounters:
         return self._counters.snapshot()
+
+    @property
+    def shared_counters(self) -> SharedCounters:
+        """The counters the pack store adds to (pack bytes, reads served from the pack)."""
+        return self._counters
 
     def close(self) -> None:
         self._prefetcher.close()
@@ -125,6 +147,12 @@ class LayerReader:
         end = entry.offset + min(offset + size, entry.size)
         if start >= end:
             return b""
+        if self.pack is not None:
+            packed = self.pack.read(
+                start, end, lambda lo, hi: self.read(entry, lo - entry.offset, hi - lo)
+            )  # the parts the pack lacks: read again, they miss the pack and go to spans
+            if packed is not None:
+                return packed
         span_numbers = spans_for_range(self.index, start, end)
         pieces: dict[int, bytes] = {}
         waiting: dict[int, tuple[Claim, int, int]] = {}
@@ -156,8 +184,8 @@ class LayerReader:
 
     def idle_seconds(self) -> float:
         """Seconds since a read of this layer last missed, or any layer sharing its cache last
-        missed or prefetched; -inf while this layer's prefetch list is still running."""
-        if self._prefetcher.running():
+        missed or prefetched; -inf while this layer's prefetch list or pack is still coming."""
+        if self._prefetcher.running() or (self.pack is not None and self.pack.fetching()):
             return -math.inf
         with self._counters.lock:
             own = self.clock.monotonic() - self._last_demand_miss

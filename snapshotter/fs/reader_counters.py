@@ -24,6 +24,8 @@ class ReaderCounters:
     # (bytes_fetched counts every attempt, failed ones and re-fetches after eviction too)
     bytes_verified: int = 0
     degraded_spans: int = 0  # spans background fetch gave up on: their bytes never verified
+    pack_bytes: int = 0  # compressed bytes of the start-up pack received (pack_store.py)
+    pack_reads: int = 0  # reads served from the start-up pack
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

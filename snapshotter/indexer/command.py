@@ -182,6 +182,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop CMD after this long and keep what it read so far (default 60; a server "
         "never exits on its own)",
     )
+    build.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="with --profile: attach the profile without its start-up pack (the bytes CMD read, "
+        "compressed into one blob that mounts fetch in one request; docs/startup-profile.md)",
+    )
+    build.add_argument(
+        "--pack-level",
+        type=int,
+        choices=range(1, 23),
+        metavar="1..22",
+        help="zstd level of the start-up pack (default: snapshotter/index/pack.py's, 19)",
+    )
     sign = sub.add_parser(
         "sign",
         help="sign the index artifacts IMAGE already has (cosign signature, OCI referrer)",
@@ -370,8 +384,9 @@ def _record_profiles(
 ) -> int:
     """Record and attach the profile of the platform manifest this machine can run (the new
     artifact signed with sign_key when given)."""
+    from snapshotter.index.pack import DEFAULT_LEVEL
     from snapshotter.indexer.signing import KeySigner
-    from snapshotter.profile.attach import profile_summary, record_and_attach
+    from snapshotter.profile.attach import PackSettings, profile_summary, record_and_attach
     from snapshotter.profile.record import ProfileRecordError
     from snapshotter.remote.errors import RegistryError
     from snapshotter.remote.manifest import Platform
@@ -404,14 +419,22 @@ def _record_profiles(
             timeout=args.profile_timeout,
             access=access,
             signer=KeySigner(client, sign_key) if sign_key is not None else None,
+            pack=PackSettings(args.pack, args.pack_level or DEFAULT_LEVEL),
         )
     except (ProfileRecordError, RegistryError) as exc:
         print(f"error: {args.image}: profile: {exc}", file=sys.stderr)
         return 1
     ended = "stopped by --profile-timeout" if attached.recording.exit_status is None else "exited 0"
+    pack = attached.pack
+    packed = (
+        f", pack {pack.digest} ({pack.size} bytes of {pack.uncompressed_size} read, "
+        f"{pack.seconds:.1f}s)"
+        if pack is not None
+        else ""
+    )
     print(
         f"{target.platform} {target.subject.digest}: profile {attached.profile_digest} "
-        f"({profile_summary(attached.recording.profile)}; command {ended}) "
+        f"({profile_summary(attached.recording.profile)}; command {ended}){packed} "
         f"pushed in {attached.artifact_digest} ({attached.source})"
     )
     return 0

@@ -16,6 +16,7 @@ from snapshotter import sidecars
 from snapshotter.core.layers import FallbackReason, RemoteLayerUnavailable
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.mount_spec import MountSpec
+from snapshotter.index.pack import LayerPack
 from snapshotter.lazylayers.refusals import RefusalLedger
 from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.private_files import replace_private
@@ -29,6 +30,7 @@ class LayerSpec:
     index_bytes: bytes | None = None
     index_path: str | None = None
     prefetch_names: tuple[str, ...] = ()  # this layer's part of the image's startup profile
+    pack: LayerPack | None = None  # and its section of the profile's start-up pack
     # For the completion check (completion.py): the layer's diffID from the image config
     # ("" when unknown: the check can then only compare the TOC, and the layer stays lazy), and
     # where the index came from (named in the refusal ledger if the check fails).
@@ -89,6 +91,7 @@ def write_mount_spec(
         read_ahead_spans=settings.read_ahead_spans,
         prefetch_names=spec.prefetch_names,
         prefetch=settings.prefetch,
+        pack=spec.pack,
         background=settings.background.enabled,
         background_quiet_seconds=settings.background.quiet_seconds,
         background_rate_bytes=settings.background.rate_bytes,

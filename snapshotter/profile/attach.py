@@ -1,18 +1,21 @@
 """Record an image's startup profile from the registry and attach it to the image's lazysnap
 index artifact: `lazysnap index build IMAGE --profile CMD`.
 
-The profile is one more blob (PROFILE_MEDIA_TYPE, annotated with its creation time) in a new
-artifact manifest that lists the same index blobs (and their windows blobs) as the image's
-existing one; discovery reads the index blobs from any artifact and the profile from the
-newest. The layer indexes themselves are untouched, so the layer cache keeps sharing them
-between images.
+The profile is one more blob (PROFILE_MEDIA_TYPE, annotated with its creation time), with the
+start-up pack it names (PACK_MEDIA_TYPE: the bytes the command read, profile/pack_build.py; unless
+pack=False), in a new artifact manifest that lists the same index blobs (and their windows blobs) as
+the image's existing one; discovery reads the index blobs from any artifact and the profile from the
+newest. The layer indexes themselves are untouched, so the layer cache keeps sharing them between
+images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,10 +23,13 @@ from typing import Protocol
 
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
+from snapshotter.index.pack import DEFAULT_CHUNK_BYTES, DEFAULT_LEVEL
 from snapshotter.lazylayers.layer_spec import LayerSpec
-from snapshotter.profile.model import StartupProfile, encode_profile
+from snapshotter.profile.model import ProfilePack, StartupProfile, encode_profile
+from snapshotter.profile.pack_build import BuiltPack, build_pack
 from snapshotter.profile.record import (
     LayerSource,
+    MountedLayer,
     ProfileRecordError,
     Recording,
     image_run_settings,
@@ -38,6 +44,7 @@ from snapshotter.remote.reference import Reference, Repository
 from snapshotter.remote.referrers import find_referrers, push_referrer, referrer_manifest
 from snapshotter.vocabulary.artifact import (
     ARTIFACT_TYPE,
+    PACK_MEDIA_TYPE,
     ArtifactBlob,
     ArtifactError,
     IndexedLayer,
@@ -60,11 +67,21 @@ class ArtifactSigner(Protocol):
 
 
 @dataclass(frozen=True)
+class PackSettings:
+    """Whether and how the start-up pack is built (index.pack's defaults)."""
+
+    enabled: bool = True
+    level: int = DEFAULT_LEVEL
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
 class AttachedProfile:
     recording: Recording
     artifact_digest: str
     profile_digest: str
     source: str  # referrers-api | tag-fallback
+    pack: BuiltPack | None = None  # its path is gone once attached
 
 
 def newest_index_artifact(
@@ -102,6 +119,7 @@ def record_and_attach(
     timeout: float,
     access: RegistryAccess,
     signer: ArtifactSigner | None = None,
+    pack: PackSettings = PackSettings(),
 ) -> AttachedProfile:
     """Record the profile of the platform manifest subject_digest of ref and push it. Raises
     ProfileRecordError (or RegistryError) naming what failed; nothing is pushed then."""
@@ -122,7 +140,18 @@ def record_and_attach(
     )
     run = image_run_settings(config if isinstance(config, dict) else {}, argv, timeout)
     by_layer = {i.layer_digest: i for i in indexed}
+    built: list[BuiltPack | None] = [None]
+
     with tempfile.TemporaryDirectory(prefix="lazysnap-layers-") as downloads:
+
+        def make_pack(layers: Sequence[MountedLayer]) -> None:
+            built[0] = build_pack(
+                [layer for layer in layers if layer.digest in by_layer],  # only lazy layers
+                Path(downloads) / "pack",
+                level=pack.level,
+                chunk_bytes=pack.chunk_bytes,
+            )
+
         sources = [
             LayerSource(
                 layer.digest,
@@ -130,20 +159,48 @@ def record_and_attach(
             )
             for layer in image.layers
         ]
-        recording = record_profile(sources, run, command_text=command_text)
-    profile_bytes = encode_profile(recording.profile)
+        recording = record_profile(
+            sources,
+            run,
+            command_text=command_text,
+            while_mounted=make_pack if pack.enabled else None,
+        )
+        profile = recording.profile
+        pack_blobs: list[ArtifactBlob] = []
+        if built[0] is not None:
+            made = built[0]
+            client.push_blob(ref.repository, made.path, made.digest)
+            log.info(
+                "start-up pack %s: %d bytes of %d read, in %.1fs",
+                made.digest,
+                made.size,
+                made.uncompressed_size,
+                made.seconds,
+            )
+            profile = dataclasses.replace(
+                profile, pack=ProfilePack(made.digest, made.size, made.sections)
+            )
+            pack_blobs.append(ArtifactBlob(PACK_MEDIA_TYPE, made.digest, made.size))
+    profile_bytes = encode_profile(profile)
     profile_digest = client.push_blob(ref.repository, profile_bytes)
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     blobs = [
         *(blob for layer in indexed for blob in layer.blobs()),
         ProfileBlob(profile_digest, len(profile_bytes), created).blob(),
+        *pack_blobs,
     ]
     subject = Descriptor(image.media_type, image.digest, len(image.data))
     manifest = referrer_manifest(subject, ARTIFACT_TYPE, [_descriptor(blob) for blob in blobs])
     pushed = push_referrer(client, ref.repository, manifest)
     if signer is not None:
         signer.sign(ref.repository, Descriptor(OCI_MANIFEST, pushed.digest, len(manifest)))
-    return AttachedProfile(recording, pushed.digest, profile_digest, pushed.source)
+    return AttachedProfile(
+        dataclasses.replace(recording, profile=profile),
+        pushed.digest,
+        profile_digest,
+        pushed.source,
+        built[0],
+    )
 
 
 def _descriptor(blob: ArtifactBlob) -> Descriptor:

@@ -12,7 +12,9 @@ in order, the first read of every file.
    until then is its startup). Everything is unmounted and the work dir removed; when the
    command failed, the error keeps what the work dir's mount-process logs said (EIO lines) and
    the kernel's segfault lines naming the command, so a crash can still be diagnosed.
-4. The layers' logs merge by time into one (layer digest, entry name) list.
+4. The layers' logs merge by time into one (layer digest, entry name) list. Before the layers
+   are unmounted, a caller may read what the command read from them (while_mounted: the bytes
+   of the start-up pack, profile/pack_build.py), from each layer's log of the byte ranges read.
 
 Needs root (mount, unshare, chroot) and the host's unshare, mount and chroot programs.
 """
@@ -37,6 +39,7 @@ from snapshotter import sidecars
 from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
+from snapshotter.fs.mount_spec import PACK_READ_AHEAD_KB, range_log_path
 from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.lazylayers.layers import LazyLayers
 from snapshotter.lazylayers.settings import LazyLayerSettings
@@ -66,6 +69,26 @@ for dir in proc dev sys; do mkdir -p "$root/$dir"; done
 if [ "$workdir" = / ]; then exec "$chroot" "$root" "$@"; fi
 exec "$chroot" "$root" /bin/sh -c 'mkdir -p "$0" && cd "$0" && exec "$@"' "$workdir" "$@"
 """
+
+
+@dataclass(frozen=True)
+class ReadPiece:
+    """Bytes [start, end) of a layer's uncompressed tar stream that the command read first
+    (no earlier read covered them): the data of entry name from file_offset."""
+
+    start: int
+    end: int
+    file_offset: int
+    name: str
+
+
+@dataclass(frozen=True)
+class MountedLayer:
+    """A layer as the recording mounted it, with what the command read from it, in order."""
+
+    digest: str
+    mountpoint: Path
+    pieces: tuple[ReadPiece, ...]
 
 
 class ProfileRecordError(Exception):
@@ -116,8 +139,10 @@ def record_profile(
     command_text: str = "",
     work_root: str | None = None,
     lazy_layers: Callable[[str], LazyLayers] | None = None,
+    while_mounted: Callable[[Sequence[MountedLayer]], None] | None = None,
 ) -> Recording:
-    """Mount layers (bottom first), run the command over their overlay, return the profile."""
+    """Mount layers (bottom first), run the command over their overlay, return the profile.
+    while_mounted, if given, is called once the command succeeded, before the unmount."""
     if not run.argv:
         raise ProfileRecordError("profile command is empty")
     if not layers:
@@ -142,6 +167,13 @@ def record_profile(
                 logs.append(log_path)
             started = time.clock_gettime(time.CLOCK_MONOTONIC)
             status = _run_in_namespace(work, mountpoints, run, tools)
+            if while_mounted is not None and status in (None, 0):
+                while_mounted(
+                    [
+                        MountedLayer(layer.digest, mountpoint, tuple(_read_pieces(path)))
+                        for layer, mountpoint, path in zip(layers, mountpoints, logs, strict=True)
+                    ]
+                )
         finally:
             for mountpoint in reversed(mountpoints):
                 manager.unmount(str(mountpoint))
@@ -170,6 +202,7 @@ def _recording_layers(cache_dir: str) -> LazyLayers:
             cache_dir,
             RECORD_CACHE_BYTES,
             prefetch=False,  # a prefetch would hide the order the command reads in
+            read_ahead_kb=PACK_READ_AHEAD_KB,  # what a mount serving the pack reads with
             background=BackgroundSettings(enabled=False),
             allow_other=True,
         )
@@ -336,6 +369,27 @@ def _merge_logs(logs: list[tuple[str, Path]]) -> list[ProfileEntry]:
             timed.append((when, number, ProfileEntry(digest, name)))
     timed.sort(key=lambda item: (item[0], item[1]))
     return [entry for _, _, entry in timed]
+
+
+def _read_pieces(access_log: Path) -> list[ReadPiece]:
+    """The byte ranges a layer's mount logged beside its access log, in read order."""
+    pieces = []
+    path = Path(range_log_path(str(access_log)))
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return []
+    for line_no, line in enumerate(text.splitlines()):
+        parts = line.split(" ", 4)
+        try:
+            start, end, file_offset = int(parts[1]), int(parts[2]), int(parts[3])
+            name = json.loads(parts[4])
+        except (ValueError, IndexError):
+            raise ProfileRecordError(f"range log {path} line {line_no + 1}: {line!r}") from None
+        if not isinstance(name, str) or not 0 <= start < end or file_offset < 0:
+            raise ProfileRecordError(f"range log {path} line {line_no + 1}: {line!r}")
+        pieces.append(ReadPiece(start, end, file_offset, name))
+    return pieces
 
 
 def registry_layer_spec(

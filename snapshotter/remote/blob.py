@@ -16,6 +16,7 @@ import re
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -35,6 +36,7 @@ from snapshotter.remote.transport import RETRY_STATUSES, UNAUTHORIZED, Connectio
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECTIONS = 4
+_STREAM_PIECE = 256 << 10  # what stream() hands its sink at a time, at most
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -152,10 +154,22 @@ class BlobReader:
             return b""
         return self._fetch(offset, offset + length)
 
-    def _fetch(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) from the first host that can serve them (sticky on success)."""
+    def stream(self, offset: int, length: int, sink: Callable[[bytes], None]) -> None:
+        """Bytes [offset, offset+length) handed to sink piece by piece as they arrive: one
+        Range GET, not retried once a byte reached sink (a body that breaks off raises
+        BlobFetchError); what sink raises ends the request and goes to the caller."""
+        self._check_range(offset, length)
+        if length:
+            self._fetch(offset, offset + length, sink)
+
+    def _fetch(self, start: int, end: int, sink: Callable[[bytes], None] | None = None) -> bytes:
+        """Bytes [start, end) from the first host that can serve them (sticky on success);
+        with sink, they go there instead (b"" is returned)."""
         spooled = self._from_spool(start, end)
         if spooled is not None:
+            if sink is not None:
+                sink(spooled)
+                return b""
             return spooled
         with self._lock:
             first = self._host_index
@@ -164,7 +178,8 @@ class BlobReader:
             index = (first + step) % len(self._hosts)
             host = self._hosts[index]
             try:
-                data = self._fetch_from(host, start, end, is_last=step == len(self._hosts) - 1)
+                is_last = step == len(self._hosts) - 1
+                data = self._fetch_from(host, start, end, is_last=is_last, sink=sink)
             except _HostFailed as exc:
                 causes.append(f"{host.url}: {exc}")
                 continue
@@ -174,19 +189,35 @@ class BlobReader:
             return data
         raise self._error(start, end, "; ".join(causes))
 
-    def _fetch_from(self, host: RegistryHost, start: int, end: int, *, is_last: bool) -> bytes:
+    def _fetch_from(
+        self,
+        host: RegistryHost,
+        start: int,
+        end: int,
+        *,
+        is_last: bool,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """Bytes [start, end) from host; a body that breaks off is asked for again, up to the
-        policy's retries."""
+        policy's retries (not when a sink had some of it already)."""
         attempt = 0
         while True:
             try:
-                return self._fetch_once(host, start, end, is_last=is_last)
+                return self._fetch_once(host, start, end, is_last=is_last, sink=sink)
             except _ShortBody as exc:
-                if attempt >= self._policy.retries:
+                if attempt >= self._policy.retries or sink is not None:
                     raise self._error(start, end, str(exc)) from None
                 attempt += 1
 
-    def _fetch_once(self, host: RegistryHost, start: int, end: int, *, is_last: bool) -> bytes:
+    def _fetch_once(
+        self,
+        host: RegistryHost,
+        start: int,
+        end: int,
+        *,
+        is_last: bool,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         pool = self._plane.pool(self.client, host)
 
         def send(hop: Hop) -> _Urllib3Answer:
@@ -224,7 +255,7 @@ class BlobReader:
         consumed = False
         try:
             if status == 206:
-                data = self._partial_body(response, start, end)
+                data = self._partial_body(response, start, end, sink)
                 consumed = True
                 return data
             if status == 200:
@@ -236,6 +267,9 @@ class BlobReader:
                 )
                 data = self._spool_whole(response, start, end)
                 consumed = True
+                if sink is not None:
+                    sink(data)
+                    return b""
                 return data
             if status == UNAUTHORIZED:
                 raise self._error(start, end, f"HTTP 401 from {host.url}: access refused")
@@ -262,7 +296,13 @@ class BlobReader:
                 response.close()
             response.release_conn()
 
-    def _partial_body(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> bytes:
+    def _partial_body(
+        self,
+        response: urllib3.BaseHTTPResponse,
+        start: int,
+        end: int,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         content_range = response.headers.get("content-range", "")
         match = _CONTENT_RANGE.fullmatch(content_range.strip())
         if match is None:
@@ -279,6 +319,19 @@ class BlobReader:
             raise self._error(
                 start, end, f"blob size is {total} on the registry, expected {self.size}"
             )
+        if sink is not None:
+            received = 0
+            try:
+                for piece in response.stream(_STREAM_PIECE):
+                    received += len(piece)
+                    if received > end - start:
+                        raise _ShortBody(f"body longer than the {end - start} bytes asked for")
+                    sink(piece)
+            except urllib3.exceptions.HTTPError as exc:
+                raise _ShortBody(f"body broke off after {received} bytes: {exc}") from None
+            if received != end - start:
+                raise _ShortBody(f"short body: {received} of {end - start} bytes")
+            return b""
         try:
             data = response.read()
         except urllib3.exceptions.HTTPError as exc:

@@ -41,6 +41,7 @@ from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.index.codec import decode_index
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE, LayerIndex
+from snapshotter.index.pack import LayerPack
 from snapshotter.lazylayers.layer_spec import LayerSpec
 from snapshotter.lazylayers.refusals import RefusalLedger
 from snapshotter.profile.model import (
@@ -207,6 +208,7 @@ class IndexDiscovery:
             ),
             index_bytes=data,
             prefetch_names=self._profile_names(ref, found.profile, request.layer_digest),
+            pack=self._layer_pack(found.profile, request.layer_digest),
             diff_id=found.diff_ids.result().get(request.layer_digest, "") if found.diff_ids else "",
             artifact_digest=(found.artifacts or {}).get(request.layer_digest, ""),
             image=request.image_ref,
@@ -287,6 +289,15 @@ class IndexDiscovery:
                 pending.set_result(fetched)  # never leave the others waiting
         profile = pending.result().profile
         return profile.names_for(layer_digest) if profile is not None else ()
+
+    def _layer_pack(self, blob: ProfileBlob | None, layer_digest: str) -> LayerPack | None:
+        """This layer's section of the start-up pack the profile names (fetched by
+        _profile_names just before): the profile, hence the pack's digests, came from a
+        verified artifact."""
+        with self._guard:
+            pending = self._profiles.get(blob.digest) if blob is not None else None
+        profile = pending.result().profile if pending is not None else None
+        return profile.pack_for(layer_digest) if profile is not None else None
 
     def _profile_wanted(self, digest: str) -> bool:
         """Whether the profile blob must be fetched (now): never tried, or its fetch failed

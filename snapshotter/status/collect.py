@@ -60,6 +60,7 @@ def lazy_mounts(root: str) -> list[LazyMount]:
                 cache_dir=state.cache_dir,
                 background=state.background,
                 cache_disk_limited=state.cache_disk_limited,
+                pack=state.pack,
                 counters=state.counters,
             )
         )
@@ -170,6 +171,9 @@ def _layer_status(
         cache_disk_limited=mount.cache_disk_limited if mount else False,
         completion_check=check,
         check_detail=check_detail,
+        pack=mount.pack if mount else "",
+        pack_bytes=counters.get("pack_bytes", 0),
+        pack_reads=counters.get("pack_reads", 0),
     )
 
 

@@ -37,6 +37,7 @@ class LazyMount:
     # background fetch: off|waiting|fetching|complete|degraded|cache-full|stopped
     background: str = ""
     cache_disk_limited: bool = False  # spans served uncached: the cache's disk is at its reserve
+    pack: str = ""  # the start-up pack's state (fs/pack_store.PackState); "" without one
 
     @property
     def state(self) -> str:
@@ -81,6 +82,11 @@ class LayerStatus:
     # while not checked yet; check_detail says what it compared, or what differed.
     completion_check: str = ""
     check_detail: str = ""
+    # The start-up pack (docs/startup-profile.md): its state ("" without one), compressed
+    # bytes received, reads it served.
+    pack: str = ""
+    pack_bytes: int = 0
+    pack_reads: int = 0
 
     @property
     def fetched_percent(self) -> float | None:

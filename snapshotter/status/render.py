@@ -83,6 +83,11 @@ def render(status: RootStatus, now: float | None = None) -> str:
                 f"degraded: {layer.degraded_spans} span(s) never verified, reads of them fail "
                 "with EIO; rebuild the layer's index (lazysnap index build)"
             )
+        if layer.pack:
+            notes.append(
+                f"start-up pack {layer.pack}: {_size(layer.pack_bytes)} fetched, "
+                f"{layer.pack_reads} reads served from it"
+            )
         if layer.materialize_failed:
             notes.append(f"materialize failed: {layer.materialize_failed}")
         if layer.cache_disk_limited:

@@ -6,7 +6,8 @@ parser every reader uses (discovery, `lazysnap index build|show|sign`, profile a
   one index blob per indexed image layer (INDEX_BLOB_MEDIA_TYPE, annotation
   LAYER_DIGEST_ANNOTATION = the image layer digest), for a version-2 index followed by its
   windows blob (WINDOWS_BLOB_MEDIA_TYPE, same annotation), and optionally a startup profile
-  blob (PROFILE_MEDIA_TYPE, annotation PROFILE_CREATED_ANNOTATION = its creation time).
+  blob (PROFILE_MEDIA_TYPE, annotation PROFILE_CREATED_ANNOTATION = its creation time) with
+  the start-up pack it names (PACK_MEDIA_TYPE).
 * Cache manifest, one per image layer in the layer cache repository: the same shape without
   subject, holding that layer's index blob (and its windows blob).
 
@@ -28,6 +29,10 @@ WINDOWS_BLOB_MEDIA_TYPE = "application/vnd.lazysnap.index.windows.v1"
 LAYER_DIGEST_ANNOTATION = "dev.lazysnap.layer.digest"
 PROFILE_MEDIA_TYPE = "application/vnd.lazysnap.profile.v1+json"
 PROFILE_CREATED_ANNOTATION = "dev.lazysnap.profile.created"  # RFC 3339, picks the newest
+# The start-up pack a (version 2) profile names: listed in the same artifact, so the signature
+# over the artifact covers it and the registry keeps it; its bytes are checked against the
+# profile's chunk digests (snapshotter/index/pack.py).
+PACK_MEDIA_TYPE = "application/vnd.lazysnap.pack.v1"
 
 
 class ArtifactError(ValueError):

@@ -29,7 +29,7 @@ def test_profile_blob_round_trips_and_is_deterministic() -> None:
     [
         (b"\xff", "not JSON"),
         (b"[]", "not a JSON object"),
-        (b'{"version":2,"entries":[]}', "version 2"),
+        (b'{"version":3,"entries":[]}', "version 3"),
         (b'{"version":1}', "entries"),
         (b'{"version":1,"entries":[],"extra":1}', "unknown keys"),
         (b'{"version":1,"entries":[["sha256:00","a"]]}', "entries[0]"),

@@ -108,3 +108,24 @@ def test_missing_blob_names_registry_repo_digest_and_range(
         f"reading {registry.host}/test/nothing-here@{digest} bytes 0-9: "
         f"HTTP 404 blob not found on http://{registry.host}"
     )
+
+
+def test_a_streamed_range_arrives_in_pieces_in_one_request(
+    client: RegistryClient, blob: tuple[Repository, str, bytes]
+) -> None:
+    repo, digest, data = blob
+    with BlobReader(client, repo, digest, SIZE) as reader:
+        pieces: list[bytes] = []
+        reader.stream(1000, SIZE - 2000, pieces.append)
+        assert b"".join(pieces) == data[1000 : SIZE - 1000]
+        assert len(pieces) > 1 and reader.requests == 1  # handed on as it came, one GET
+
+        class Enough(Exception):
+            pass
+
+        def stop(piece: bytes) -> None:
+            raise Enough  # what the sink raises ends the request and reaches the caller
+
+        with pytest.raises(Enough):
+            reader.stream(0, SIZE, stop)
+        assert reader.read(0, 10) == data[:10]  # the reader still works
