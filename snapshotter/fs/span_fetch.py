@@ -115,15 +115,19 @@ class FetchPipeline:
         pending = dict(group)
         windows = None
         predecessor: Attempt | None = None
+        running = False
         if self.windows is not None and group:
             with self._running_lock:
                 self._running.update(group)
                 predecessor = self._running.get(group[0][0] - 1)
+            running = predecessor is not None
+            if predecessor is None:  # claimed, maybe queued behind this group: wait briefly
+                predecessor = self.table.in_flight(group[0][0] - 1)
         try:
             if not group:
                 return 0
             if self.windows is not None:
-                windows = self.windows.start([n for n, _ in group], predecessor)
+                windows = self.windows.start([n for n, _ in group], predecessor, running=running)
             ranges = [fetch_range(self.index, span_no) for span_no, _ in group]
             first = ranges[0][0]
             last = max(end for _, end in ranges)

@@ -31,6 +31,10 @@ from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import inflate_span
 
 WINDOW_SIZE = 32 << 10  # deflate's history: the most a window holds
+# How long a group waits for a claimed predecessor that is not being fetched yet (queued behind
+# busy workers, or about to be submitted) beyond what its own data request took; then its
+# window comes from the windows blob, a round trip later.
+QUEUED_PREDECESSOR_WAIT_S = 0.02
 
 
 class BlobSource(Protocol):
@@ -52,8 +56,11 @@ class WindowsFetch:
 
     tail: bytes  # up to WINDOW_SIZE uncompressed bytes ending at tail_end
     tail_end: int  # -1: nothing held
-    # the span before the group, being fetched by another group: its data will be the window
+    # the span before the group, in flight in another group: its data will be the window
     predecessor: Attempt | None = None
+    # when this group started, if the predecessor's group was not running then: the wait for
+    # it is bounded by this group's own fetch time; None: until its deadline
+    started: float | None = None
     begin: int = 0
     future: Future[bytes] | None = None
     fetched: frozenset[int] = frozenset()
@@ -82,17 +89,22 @@ class WindowsFetcher:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def start(self, span_numbers: list[int], predecessor: Attempt | None = None) -> WindowsFetch:
+    def start(
+        self, span_numbers: list[int], predecessor: Attempt | None = None, *, running: bool = True
+    ) -> WindowsFetch:
         """Before fetching a group of consecutive spans: the first one's window from the span
-        before it when that one is being fetched now by another running group (predecessor:
-        its attempt; inflate waits for it), or is cached; else start fetching it from the
-        windows blob. The later spans' windows come from the spans inflated before them."""
+        before it when that one is in flight in another group (predecessor: its attempt;
+        inflate waits for it, until its deadline when its group is running, else as long as
+        this group's data took plus QUEUED_PREDECESSOR_WAIT_S), or is cached; else start
+        fetching it from the windows blob. Later spans' windows come from the spans before."""
         first = span_numbers[0]
         span = self.index.spans[first]
         if not span.window_length:
             return WindowsFetch(b"", -1)
         if predecessor is not None and self._one_span_back(first):
-            return WindowsFetch(b"", -1, predecessor=predecessor)
+            # a queued group never waits long for another (no deadlock on busy workers)
+            started = None if running else self.clock.monotonic()
+            return WindowsFetch(b"", -1, predecessor=predecessor, started=started)
         held = self._cached_window(first)
         fetch = WindowsFetch(held or b"", span.uncompressed_start if held is not None else -1)
         if held is None:
@@ -147,7 +159,11 @@ class WindowsFetcher:
         this one) and hold its tail; if it fails, the window comes from the windows blob."""
         attempt, fetch.predecessor = fetch.predecessor, None
         assert attempt is not None
-        self.clock.wait(attempt.done, attempt.deadline - self.clock.monotonic())
+        now = self.clock.monotonic()
+        until = attempt.deadline
+        if fetch.started is not None:
+            until = min(until, now + (now - fetch.started) + QUEUED_PREDECESSOR_WAIT_S)
+        self.clock.wait(attempt.done, until - now)
         data = attempt.data
         if data is not None:
             fetch.tail = data[-WINDOW_SIZE:]
