@@ -29,24 +29,6 @@ READ_AHEAD_STREAMS = 64
 # Reads arrive on several FUSE threads, the kernel's own readahead several spans at once, so a
 # read up to this many spans behind the furthest one is still part of the stream (not a jump).
 READ_AHEAD_REORDER_SPANS = 8
-# A demand miss that fetches less than this (compressed) may take the next spans of the same
-# file along in its Range request (LayerReader min_fetch_bytes, off by default: measured in
-# docs/benchmarks.md, "Span layouts").
-MIN_DEMAND_FETCH_BYTES = 256 << 10
-
-
-def take_along(
-    index: LayerIndex, entry: TocEntry, last: int, fetching: int, min_bytes: int
-) -> range:
-    """The spans of entry after span `last` that a demand miss fetching `fetching` compressed
-    bytes takes along to reach min_bytes (the caller stops at the first one cached or in
-    flight)."""
-    stop = spans_for_range(index, entry.offset, entry.offset + entry.size).stop
-    end = last + 1
-    while end < stop and fetching < min_bytes:
-        fetching += index.spans[end].compressed_size
-        end += 1
-    return range(last + 1, end)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.prefetch import PREFETCH_IN_FLIGHT, Prefetcher
-from snapshotter.fs.read_ahead import ReadAheadPolicy, take_along
+from snapshotter.fs.read_ahead import ReadAheadPolicy
 from snapshotter.fs.reader_counters import ReaderCounters, SharedCounters
 from snapshotter.fs.span_fetch import FetchPipeline
 from snapshotter.fs.span_states import Attempt, Claim, SpanReadError, SpanTable
@@ -58,11 +58,8 @@ class LayerReader:
         read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS,
         windows: BlobSource | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        min_fetch_bytes: int = 0,
     ) -> None:
-        """`windows` reads the index's windows blob; required when index.windows names one.
-        min_fetch_bytes: a demand miss fetching fewer compressed bytes takes the next spans of
-        its file along (read_ahead.take_along; e.g. MIN_DEMAND_FETCH_BYTES); 0: off."""
+        """`windows` reads the index's windows blob; required when index.windows names one."""
         if (windows is None) != (index.windows is None):
             raise ValueError(
                 f"layer {index.layer_digest}: a windows blob source is needed exactly when the "
@@ -106,7 +103,6 @@ class LayerReader:
         self._node_activity = NodeActivity(cache.directory, clock)  # every layer sharing the cache
         self._prefetcher = Prefetcher(self._pipeline, self._counters, self._node_activity)
         self._read_ahead = ReadAheadPolicy(index, read_ahead_spans) if read_ahead_spans else None
-        self._min_fetch = min_fetch_bytes
         # When a read last had to go to the network: the background fetcher waits for it, and
         # for the prefetch, to go quiet.
         self._last_demand_miss = clock.monotonic()
@@ -148,8 +144,6 @@ class LayerReader:
                 missing[span_no] = found.attempt
         if missing:
             self._note_demand_miss()
-            if self._min_fetch:
-                self._take_along(entry, missing)
             self._pipeline.submit(missing)
         if self._read_ahead is not None:
             # after the read's own fetches: the workers take those first
@@ -257,22 +251,6 @@ class LayerReader:
             self._note_demand_miss()
             self._pipeline.submit({span_no: found.attempt})
         return self._table.wait(span_no, found.attempt, found.wait_until)
-
-    def _take_along(self, entry: TocEntry, missing: dict[int, Attempt]) -> None:
-        """Claim the next spans of entry into a small demand miss (read_ahead.take_along), so
-        they come in its Range request."""
-        spans = self.index.spans
-        fetching = sum(spans[n].compressed_size for n in missing)
-        taken = 0
-        for span_no in take_along(self.index, entry, max(missing), fetching, self._min_fetch):
-            claim = self._pipeline.claim(span_no, read_ahead=True)
-            if claim is None or not claim.is_new:
-                break  # cached or in flight: the request would not be contiguous past it
-            missing[span_no] = claim.attempt
-            taken += 1
-        if taken:
-            with self._counters.lock:
-                self._counters.values.readahead_spans += taken
 
     def _fetch_ahead(self, entry: TocEntry, first: int, last: int) -> None:
         """Claim and fetch what the read-ahead policy says follows a read of entry's spans
