@@ -365,3 +365,44 @@ def test_background_fetch_counts_the_window_bytes_it_fetched(
         assert len(layer.windows.requests) == requests
     finally:
         reader.close()
+
+
+def test_a_span_whose_predecessor_is_in_flight_waits_for_it_not_the_windows_blob(
+    layer: SplitLayer, tmp_path: Path
+) -> None:
+    entry = max(_files(layer.index), key=lambda e: e.size)
+    span_no = _window_dependent_span(layer, entry)
+    span, before = layer.index.spans[span_no], layer.index.spans[span_no - 1]
+    gate = threading.Event()
+    layer.data.gates[before.compressed_start] = gate  # the span before: held in flight
+    reader = layer.reader(tmp_path)
+    try:
+        results: dict[str, bytes] = {}
+        first = threading.Thread(
+            target=lambda: results.update(
+                before=reader.read(entry, before.uncompressed_end - entry.offset - 100, 100)
+            )
+        )
+        first.start()
+        layer.data.wait_for_requests(1)
+        if before.window_length:  # nothing before it is held: its own window is fetched
+            layer.windows.wait_for_requests(1)
+        windows_before = list(layer.windows.requests)
+        second = threading.Thread(
+            target=lambda: results.update(
+                span=reader.read(entry, span.uncompressed_start - entry.offset, 100)
+            )
+        )
+        second.start()
+        layer.data.wait_for_requests(2)  # its data request went out; its window did not
+        gate.set()
+        first.join(TIMEOUT * 2)
+        second.join(TIMEOUT * 2)
+        assert results == {
+            "before": layer.tar[before.uncompressed_end - 100 : before.uncompressed_end],
+            "span": layer.tar[span.uncompressed_start : span.uncompressed_start + 100],
+        }
+        assert layer.windows.requests == windows_before
+    finally:
+        gate.set()
+        reader.close()
