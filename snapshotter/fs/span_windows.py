@@ -155,8 +155,9 @@ class WindowsFetcher:
         )
 
     def _take_predecessor(self, fetch: WindowsFetch, span_no: int) -> None:
-        """Wait for the span before (fetched by another running group, which never waits for
-        this one) and hold its tail; if it fails, the window comes from the windows blob."""
+        """Wait for the span before (in flight in another group, which never waits for this
+        one: a group waits only for a lower span) and hold its tail; if it fails or is late,
+        the window comes from the windows blob."""
         attempt, fetch.predecessor = fetch.predecessor, None
         assert attempt is not None
         now = self.clock.monotonic()
