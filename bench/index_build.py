@@ -2,10 +2,12 @@
 
 Builds a layer from a directory of this machine (default /usr/lib/python3.11: real Debian
 content), compresses it with gzip -6, pigz and zstd frames, then times, interleaved, for each
-trial: `gzip -dc` of the blob, build_layer_index over a non-seekable stream of it, and
-decode_index of the result. With --baseline REV the builder of that git revision is timed too,
-in the same trials, so a before/after comparison sees the same machine load. Prints a markdown
-table (median of the trials, min-max, speed relative to the CLI) and the command line.
+trial: `gzip -dc` of the blob, build_layer_index over a non-seekable stream of it (timed with
+encode_index_split, what `lazysnap index build` writes), and decode_index of the result. With
+--baseline REV the builder of that git revision is timed too (with --file-cut-min also its
+file-aware build), in the same trials, so a before/after comparison sees the same machine
+load. Prints a markdown table (median of the trials, min-max, speed relative to the CLI) and
+the command line.
 Temporary files go to a private directory that is removed at the end.
 
     $PY -m bench.index_build [--source DIR] [--trials 5]
@@ -57,8 +59,9 @@ class BodyStream:
 def worker(tree: str, inflate_library: str | None, file_cut_min: int | None) -> int:
     """Serve build requests (JSON lines on stdin) with the builder found in `tree`."""
     sys.path.insert(0, tree)
+    from snapshotter.index import codec
     from snapshotter.index.build import build_layer_index
-    from snapshotter.index.codec import decode_index, encode_index
+    from snapshotter.index.codec import decode_index
 
     library = None
     if inflate_library:  # pin the gzip builder's C library (this checkout's builder only)
@@ -82,7 +85,10 @@ def worker(tree: str, inflate_library: str | None, file_cut_min: int | None) -> 
             if file_cut_min is not None:
                 options["file_cut_min"] = file_cut_min
             index = build_layer_index(stream, media_type=media_type, span_size=span_size, **options)
-            encoded = encode_index(index)
+            # what `lazysnap index build` writes: the windows in a windows blob, one zstd frame
+            # each (a tree from before format 2 has only encode_index)
+            split = getattr(codec, "encode_index_split", None)
+            encoded, windows = split(index) if split else (codec.encode_index(index), b"")
             built = time.perf_counter() - started
         finally:
             stream.close()
@@ -91,6 +97,7 @@ def worker(tree: str, inflate_library: str | None, file_cut_min: int | None) -> 
         decoded = time.perf_counter() - started
         reply = {"build": built, "decode": decoded, "spans": len(index.spans)}
         reply |= {"entries": len(index.entries), "index_bytes": len(encoded)}
+        reply |= {"windows_bytes": len(windows)}
         print(json.dumps(reply), flush=True)
     return 0
 
@@ -252,6 +259,9 @@ def main() -> int:
         if args.baseline:
             export_revision(args.baseline, work / "baseline")
             workers[f"build_layer_index @ {args.baseline}"] = Worker(work / "baseline")
+            if args.file_cut_min is not None:  # the baseline's builder must know the option
+                label = f"build_layer_index @ {args.baseline}, file_cut_min {args.file_cut_min}"
+                workers[label] = Worker(work / "baseline", file_cut_min=args.file_cut_min)
         layers, mb = make_layers(source, work)
         rows: list[tuple[Row | None, Row]] = []
         for name, path in layers.items():
@@ -273,7 +283,8 @@ def main() -> int:
             print(
                 f"{name}: {path.stat().st_size / 1e6:.1f} MB compressed, {mb:.1f} MB tar, "
                 f"{last['entries']:.0f} entries, {last['spans']:.0f} spans, "
-                f"index {last['index_bytes'] / 1e3:.0f} kB",
+                f"index {last['index_bytes'] / 1e3:.0f} kB + windows "
+                f"{last.get('windows_bytes', 0) / 1e3:.0f} kB (of the last builder)",
                 file=sys.stderr,
             )
             reference = cli if cli.seconds else None

@@ -101,7 +101,9 @@ class LayerReader:
         # own: a thread per fetching thread (span workers, prefetch fetches, background
         # fetcher) means a windows request never queues behind another group's.
         windows_fetcher = (
-            WindowsFetcher(index, windows, self._counters, workers + PREFETCH_IN_FLIGHT + 1)
+            WindowsFetcher(
+                index, windows, self._counters, workers + PREFETCH_IN_FLIGHT + 1, cache, clock
+            )
             if windows is not None
             else None
         )
@@ -214,13 +216,11 @@ class LayerReader:
         claim = self._pipeline.claim(span_no)
         if claim is None or not claim.is_new:
             return 0
-        self._pipeline.fetch_group([(span_no, claim.attempt)])
+        window_bytes = self._pipeline.fetch_group([(span_no, claim.attempt)])
         if claim.attempt.data is None:
             return 0
         begin, end = fetch_range(self.index, span_no)
-        fetched = end - begin
-        if self.index.windows is not None:  # its window came from the windows blob too
-            fetched += self.index.spans[span_no].window_length
+        fetched = end - begin + window_bytes  # a window not held came from the windows blob
         with self._counters.lock:
             self._counters.values.background_spans += 1
             self._counters.values.background_bytes += fetched

@@ -13,6 +13,7 @@ happens, so nobody waits past its deadline for nothing.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from snapshotter.fs.cache import SpanCache
@@ -51,6 +52,10 @@ class FetchPipeline:
         self._counters = counters
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="span-fetch")
         self._verified_spans: set[int] = set()  # for bytes_verified
+        # Spans whose group is being fetched on some thread now: a group right after one of
+        # them takes its first window from it (span_windows) rather than the windows blob.
+        self._running: dict[int, Attempt] = {}
+        self._running_lock = threading.Lock()
 
     @property
     def layer_digest(self) -> str:
@@ -94,9 +99,10 @@ class FetchPipeline:
             groups.append([(span_no, claimed[span_no])])
         return groups
 
-    def fetch_group(self, group: ClaimedGroup) -> None:
+    def fetch_group(self, group: ClaimedGroup) -> int:
         """One Range request for the group, then inflate + verify + cache each span, on the
-        caller's thread. Every attempt of the group is resolved whatever happens."""
+        caller's thread. Every attempt of the group is resolved whatever happens. Returns the
+        windows blob bytes the group asked for (span_windows: most windows are held already)."""
         now = self.table.clock.monotonic()
         group = [(n, a) for n, a in group if not a.done.is_set()]  # served by a late fetch
         for span_no, attempt in group:
@@ -107,10 +113,21 @@ class FetchPipeline:
                 self.fail(span_no, attempt, f"not started within {self.table.fetch_timeout:g}s")
         group = [(n, a) for n, a in group if now < a.deadline]
         pending = dict(group)
+        windows = None
+        predecessor: Attempt | None = None
+        running = False
+        if self.windows is not None and group:
+            with self._running_lock:
+                self._running.update(group)
+                predecessor = self._running.get(group[0][0] - 1)
+            running = predecessor is not None
+            if predecessor is None:  # claimed, maybe queued behind this group: wait briefly
+                predecessor = self.table.in_flight(group[0][0] - 1)
         try:
             if not group:
-                return
-            windows = self.windows.start([n for n, _ in group]) if self.windows else None
+                return 0
+            if self.windows is not None:
+                windows = self.windows.start([n for n, _ in group], predecessor, running=running)
             ranges = [fetch_range(self.index, span_no) for span_no, _ in group]
             first = ranges[0][0]
             last = max(end for _, end in ranges)
@@ -120,10 +137,11 @@ class FetchPipeline:
                 self._counters.values.range_requests += 1
             for (span_no, attempt), (begin, end) in zip(group, ranges, strict=True):
                 try:
-                    window = self.windows.window(windows, span_no) if self.windows else None
-                    data = inflate_span(
-                        self.index, span_no, raw[begin - first : end - first], window
-                    )
+                    piece = raw[begin - first : end - first]
+                    if self.windows is not None and windows is not None:
+                        data = self.windows.inflate(windows, span_no, piece)
+                    else:
+                        data = inflate_span(self.index, span_no, piece)
                 except Exception as exc:
                     self.fail(span_no, attempt, _describe(exc), bad_data=_is_bad_data(exc))
                 else:
@@ -133,6 +151,13 @@ class FetchPipeline:
             bad_data = _is_bad_data(exc)
             for span_no, attempt in sorted(pending.items()):
                 self.fail(span_no, attempt, _describe(exc), bad_data=bad_data)
+        finally:
+            if self.windows is not None and group:
+                with self._running_lock:
+                    for span_no, attempt in group:
+                        if self._running.get(span_no) is attempt:
+                            del self._running[span_no]
+        return windows.window_bytes if windows is not None else 0
 
     def fail(self, span_no: int, attempt: Attempt, cause: str, *, bad_data: bool = False) -> None:
         with self._counters.lock:

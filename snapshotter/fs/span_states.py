@@ -170,6 +170,13 @@ class SpanTable:
             raise SpanReadError(self.layer_digest, span_no, attempt.cause or "failed")
         return attempt.data
 
+    def in_flight(self, span_no: int) -> Attempt | None:
+        """The span's attempt while it is in flight (its data comes on attempt.done)."""
+        with self._lock:
+            attempt = self._attempts.get(span_no)
+            state = self._state(attempt, self.clock.monotonic())
+            return attempt if state is SpanState.IN_FLIGHT else None
+
     def bad_data_failures(self, span_no: int) -> int:
         with self._lock:
             return self._bad_data.get(span_no, 0)

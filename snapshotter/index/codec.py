@@ -75,7 +75,11 @@ MAX_WINDOW = 32768
 MAX_WINDOW_FRAME = MAX_WINDOW + 1024
 MAX_WINDOWS_BLOB = MAX_SPANS * MAX_WINDOW_FRAME
 MAX_LAYER_SIZE = 1 << 46
-_ZSTD_LEVEL = 10
+_ZSTD_LEVEL = 10  # the index blob: a mount fetches it whole before serving
+# A window frame: level 3 encodes a 32 KiB window in ~0.13 ms instead of level 10's ~0.6-0.8
+# ms, for ~7 % more windows-blob bytes (docs/benchmarks.md "Span layouts"); with file-aware
+# cuts the windows were most of the builder's time, and a reader fetches few of them.
+_WINDOW_ZSTD_LEVEL = 3
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _MAX_INT = (1 << 63) - 1
 _TYPES = {t.value: t for t in EntryType}
@@ -98,7 +102,7 @@ def encode_window(window: bytes) -> bytes:
     """One window as its independent zstd frame in a windows blob (b"" for no window)."""
     if not window:
         return b""
-    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).compress(window)
+    return zstandard.ZstdCompressor(level=_WINDOW_ZSTD_LEVEL, write_checksum=True).compress(window)
 
 
 def decode_window(frame: bytes) -> bytes:
