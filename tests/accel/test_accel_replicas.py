@@ -172,22 +172,28 @@ def test_two_replicas_index_each_image_once_and_lose_none_when_one_is_killed(
         built = outcomes.count("indexed")
         assert built == 1 or (built == 0 and reference in cut_short), (reference, image_tasks)
 
-    # The registry saw one artifact push per image, whichever replica built it.
+    # The registry saw one artifact push per image, whichever replica built it. The exception is
+    # an image whose job the killed replica held: it may have pushed the artifact manifest and
+    # died before the tag index entry or the job record; the rerun cannot see that artifact,
+    # builds again and pushes the same manifest (same digest: the build is deterministic).
     puts = registry.manifest_puts(since=offset)
     for repository, image in images.items():
         reference = f"{registry.host}/{repository}@{image.manifest_digest}"
         artifacts = {a for t in by_image[reference] for a in t["artifacts"]}
         assert len(artifacts) == 1, (reference, by_image[reference])
         [artifact] = artifacts
-        assert puts.get((repository, artifact)) == 1, (repository, artifact, puts)
+        allowed = {1, 2} if reference in cut_short else {1}
+        assert puts.get((repository, artifact)) in allowed, (repository, artifact, puts)
     pushed_by_digest = {
         key: count
         for key, count in puts.items()
         if key[1].startswith("sha256:") and key[0].startswith("burst/app")
     }
-    # Per image: its artifact and the artifact's signature, each pushed once (the layer
-    # cache entries go to burst/lazysnap-index-cache).
-    assert sum(pushed_by_digest.values()) == 2 * IMAGES, pushed_by_digest
+    # Per image: its artifact and the artifact's signature, each pushed once, at most twice for
+    # an image the killed replica held (the layer cache entries go to
+    # burst/lazysnap-index-cache).
+    pushed = sum(pushed_by_digest.values())
+    assert 2 * IMAGES <= pushed <= 2 * (IMAGES + len(cut_short)), pushed_by_digest
 
 
 def test_while_the_database_is_away_webhooks_get_503_and_health_says_why(
