@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,8 @@ import pytest
 from harness.images import directory, file, layer_tar, push, symlink, whiteout, write_oci_layout
 from harness.registry import Registry
 from harness.trust import session_trust_policy
-from snapshotter.fs.background import BackgroundSettings
 from snapshotter.indexer import command
 from snapshotter.indexer.static_profile import STATIC_COMMAND_PREFIX, STATIC_PROFILE_CREATED
-from snapshotter.lazylayers.layers import LazyLayers
-from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import StartupProfile, decode_profile
 from snapshotter.remote.access import RegistryAccess
@@ -31,6 +27,7 @@ from snapshotter.remote.reference import Reference
 from snapshotter.source.discover import IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from snapshotter.vocabulary.artifact import PROFILE_CREATED_ANNOTATION, PROFILE_MEDIA_TYPE
+from tests.profile.profile_helpers import mounted_without_background, wait_for_prefetch
 
 pytestmark = pytest.mark.stack
 LIBDIR = "usr/lib/x86_64-linux-gnu"
@@ -132,29 +129,12 @@ def test_index_build_attaches_a_static_profile_a_mount_prefetches(
     spec = discovery.resolve(LayerRequest("chain", str(ref), manifest_digest, base, (base,)))
     assert spec.prefetch_names == (LOADER, "etc/ld.so.cache", LIBC, "etc/passwd")
 
-    lazy = LazyLayers(
-        LazyLayerSettings(
-            str(tmp_path / "cache"),
-            1 << 30,
-            fetch_timeout=5,
-            background=BackgroundSettings(enabled=False),
-        )
-    )
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    lazy.mount_layer(str(mnt), spec)
-    try:
-        state_path = tmp_path / "mnt.lazysnap.json"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and '"prefetch_spans": 0' in _text(state_path):
-            time.sleep(0.2)
-        assert '"prefetch_spans": 0' not in _text(state_path)  # before any read
+    with mounted_without_background(spec, tmp_path) as mnt:
+        assert wait_for_prefetch(mnt) > 0  # before any read
         since = registry.log_offset()
         assert (mnt / LIBC).read_bytes() == Path("/lib/x86_64-linux-gnu/libc.so.6").read_bytes()
         registry.wait_log_quiet()
         assert base not in registry.blob_fetches(since)  # already local
-    finally:
-        lazy.unmount(str(mnt))
 
 
 def test_no_static_profile_flag_leaves_it_out(
@@ -216,10 +196,3 @@ def test_a_recorded_profile_wins_over_the_static_one(
     spec = discovery.resolve(LayerRequest("chain", str(ref), manifest_digest, base, (base,)))
     # /bin/true never reads /etc/passwd: the profile handed to the mount is the recorded one
     assert LIBC in spec.prefetch_names and "etc/passwd" not in spec.prefetch_names
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""

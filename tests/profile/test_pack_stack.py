@@ -38,6 +38,7 @@ from snapshotter.source.discover import IndexDiscovery
 from snapshotter.source.labels import LayerRequest
 from snapshotter.trust.policy import TrustPolicy
 from snapshotter.vocabulary.artifact import PACK_MEDIA_TYPE, PROFILE_MEDIA_TYPE
+from tests.profile.profile_helpers import wait_for_prefetch
 
 pytestmark = pytest.mark.stack
 BUSYBOX = Path("/bin/busybox")
@@ -255,10 +256,7 @@ def test_a_pack_corrupted_in_the_registry_falls_back_to_spans_and_the_profile_pr
     assert sorted(state for state, _ in states.values()) == ["failed", "ready"]
     log = sidecars.log_path(str(mnt)).read_text()
     assert f"start-up pack {image.pack_digest} of layer {layer} not used" in log
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _counters(mnt).get("prefetch_spans", 0) == 0:
-        time.sleep(0.1)
-    assert _counters(mnt)["prefetch_spans"] > 0
+    assert wait_for_prefetch(mnt) > 0
 
 
 def test_no_pack_builds_the_profile_alone(

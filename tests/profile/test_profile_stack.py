@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,7 @@ import pytest
 from harness.images import directory, file, layer_tar, push, symlink, write_oci_layout
 from harness.registry import Registry
 from harness.trust import session_trust_policy
-from snapshotter.fs.background import BackgroundSettings
 from snapshotter.indexer import command
-from snapshotter.lazylayers.layers import LazyLayers
-from snapshotter.lazylayers.settings import LazyLayerSettings
 from snapshotter.profile.attach import newest_index_artifact
 from snapshotter.profile.model import decode_profile
 from snapshotter.remote.access import RegistryAccess
@@ -32,6 +28,7 @@ from snapshotter.vocabulary.artifact import (
     PROFILE_MEDIA_TYPE,
     WINDOWS_BLOB_MEDIA_TYPE,
 )
+from tests.profile.profile_helpers import mounted_without_background, wait_for_prefetch
 
 pytestmark = pytest.mark.stack
 BUSYBOX = Path("/bin/busybox")
@@ -111,29 +108,12 @@ def test_a_recorded_profile_reaches_the_mount_and_is_prefetched(
     assert spec.prefetch_names == profile.names_for(base)
 
     # The mount fetches the profile's files before anyone reads them.
-    lazy = LazyLayers(
-        LazyLayerSettings(
-            str(tmp_path / "cache"),
-            1 << 30,
-            fetch_timeout=5,
-            background=BackgroundSettings(enabled=False),
-        )
-    )
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    lazy.mount_layer(str(mnt), spec)
-    try:
-        state_path = tmp_path / "mnt.lazysnap.json"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and '"prefetch_spans": 0' in _text(state_path):
-            time.sleep(0.2)
-        assert '"prefetch_spans": 0' not in _text(state_path)
+    with mounted_without_background(spec, tmp_path) as mnt:
+        assert wait_for_prefetch(mnt) > 0
         since = registry.log_offset()
         assert (mnt / "data/a").read_bytes() == b"a" * 300_000
         registry.wait_log_quiet()
         assert base not in registry.blob_fetches(since)  # already local
-    finally:
-        lazy.unmount(str(mnt))
 
 
 def test_profile_needs_a_command_and_a_positive_timeout(
@@ -148,10 +128,3 @@ def test_profile_needs_a_command_and_a_positive_timeout(
     assert code == 2 and "--profile: empty command" in err
     code, _, err = _index("build", "reg/x:1", "--profile", "sh -c 'unclosed", capsys=capsys)
     assert code == 2 and "No closing quotation" in err
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
