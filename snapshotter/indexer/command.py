@@ -210,7 +210,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "show",
         help="show which layers of an image are indexed",
         description="Find IMAGE's lazysnap index (referrers API or tag fallback) and list each "
-        "layer with its index: span count, entries, index blob size.",
+        "layer with its index: span count, entries, index blob size; then the artifact's "
+        "start-up profile and the start-up pack it names (each layer's section: offset, size, "
+        "uncompressed bytes, chunks).",
     )
     _add_common(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")

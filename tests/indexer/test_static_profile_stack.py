@@ -6,6 +6,7 @@ reads them; `--no-static-profile` leaves it out, and a recorded profile wins ove
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 from pathlib import Path
@@ -122,6 +123,11 @@ def test_index_build_attaches_a_static_profile_a_mount_prefetches(
         (base, "etc/passwd"),
     ]
     assert profile.names_for(top) == ()
+    code, out, err = _index("show", str(ref), "--plain-http", "--json", capsys=capsys)
+    assert code == 0, err
+    [platform] = json.loads(out)["platforms"]
+    shown = platform["profile"]
+    assert (shown["command"], shown["files"], shown["pack"]) == (profile.command, 5, None)
 
     discovery = IndexDiscovery(
         client, RegistryAccess(plain_http=(registry.host,)), trust=session_trust_policy()
@@ -156,6 +162,9 @@ def test_no_static_profile_flag_leaves_it_out(
     assert code == 0, err
     assert "static profile" not in out
     assert _profiles(_client(registry), ref, manifest_digest) == []
+    code, out, err = _index("show", str(ref), "--plain-http", capsys=capsys)
+    assert code == 0, err
+    assert "  no start-up profile (no prefetch, no start-up pack)" in out.splitlines()
 
 
 def test_a_recorded_profile_wins_over_the_static_one(

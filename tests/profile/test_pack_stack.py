@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import secrets
 import time
@@ -260,11 +261,57 @@ def test_a_pack_corrupted_in_the_registry_falls_back_to_spans_and_the_profile_pr
 
 
 def test_no_pack_builds_the_profile_alone(
-    registry: Registry, tmp_path: Path, mounter: tuple[LazyLayers, list[Path]]
+    registry: Registry,
+    tmp_path: Path,
+    mounter: tuple[LazyLayers, list[Path]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     image = _build(registry, tmp_path, "--no-pack")
     assert image.pack_digest == "" and image.profile.pack is None
     assert _spec(registry, image, image.base).pack is None
+    [platform] = json.loads(_show(image, capsys, "--json"))["platforms"]
+    assert platform["profile"]["command"] == COMMAND and platform["profile"]["pack"] is None
+    assert "  no start-up pack (built with --no-pack" in _show(image, capsys)
+
+
+def _show(image: PackedImage, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    """What `lazysnap index show IMAGE` prints."""
+    parser = argparse.ArgumentParser(prog="lazysnap index")
+    command.add_arguments(parser)
+    capsys.readouterr()
+    code = command.run(parser.parse_args(["show", str(image.ref), "--plain-http", *extra]))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def test_index_show_lists_the_start_up_pack_and_its_layer_sections(
+    image: PackedImage, registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pack_size = registry.blob_path(image.pack_digest).stat().st_size
+    [platform] = json.loads(_show(image, capsys, "--json"))["platforms"]
+    profile = platform["profile"]
+    assert profile["command"] == COMMAND and profile["files"] == len(image.profile.entries)
+    pack = profile["pack"]
+    assert (pack["digest"], pack["size"]) == (image.pack_digest, pack_size)
+    assert "error" not in pack
+    sections = {section["layer"]: section for section in pack["sections"]}
+    assert set(sections) == {image.base, image.top}
+    # the sections tile the pack blob, in offset order
+    assert [s["offset"] for s in pack["sections"]] == [0, pack["sections"][0]["size"]]
+    assert sum(s["size"] for s in pack["sections"]) == pack_size
+    # the workload read all of data/b (the top layer's one file), more than that of the base
+    assert sections[image.top]["uncompressedSize"] >= len(image.files["data/b"])
+    assert sections[image.base]["uncompressedSize"] >= len(image.files["data/a"]) + 100_000
+    assert all(s["chunks"] >= 1 for s in pack["sections"])
+
+    lines = _show(image, capsys).splitlines()
+    assert f"  start-up pack {image.pack_digest} ({pack_size} bytes), 2 layer sections" in lines
+    for layer, section in sections.items():
+        [row] = [line.split() for line in lines if line.startswith(f"    {layer}")]
+        assert row[1:] == [
+            str(section[key]) for key in ("offset", "size", "uncompressedSize", "chunks")
+        ]
 
 
 def test_a_pack_too_big_for_the_cache_is_not_used_and_the_mount_serves_from_spans(
