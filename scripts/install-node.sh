@@ -11,11 +11,14 @@
 # place (the config is left alone; a running lazysnap.service is restarted, which keeps lazy
 # mounts serving running containers). Nothing is enabled or started on a first install.
 #
-#   scripts/install-node.sh [--apt] [--python PYTHON] [--prefix DIR]
+#   scripts/install-node.sh [--apt] [--postgres] [--python PYTHON] [--prefix DIR]
 #   scripts/install-node.sh --uninstall [--purge] [--prefix DIR]
 #
 #   --apt          apt-get install the missing system packages (python3, python3-venv, fuse3,
 #                  libfuse3-3) instead of naming them and stopping
+#   --postgres     also install the `postgres` extra (psycopg, pinned in requirements.lock): the
+#                  PostgreSQL job store several lazysnap-accel replicas share
+#                  (docs/acceleration-service.md); a re-run keeps it once the venv has it
 #   --python PY    interpreter for the venv (default python3; lazysnap needs 3.11 or newer)
 #   --prefix DIR   put every path above under DIR (a scratch root for tests; the units and the
 #                  config then name the prefixed paths); no systemctl calls
@@ -26,8 +29,8 @@
 #
 # Python packages come from requirements.lock, hash-checked, through pip's configured index
 # (PyPI). Only the runtime part of the lock is installed: pip cannot install part of a hashed
-# lock, so scripts/lock/subset.py cuts it (pyproject.toml's [project] dependencies and what they
-# need), and lazysnap itself is installed as a wheel built here, in a throw-away venv holding
+# lock, so scripts/lock/subset.py cuts it (pyproject.toml's [project] dependencies, with
+# --postgres its `postgres` extra's too, and what they need), and lazysnap itself is installed as a wheel built here, in a throw-away venv holding
 # the lock's build packages (setuptools, wheel): the node venv gets no test tools, nothing
 # unpinned, and no link back to this checkout (it can be deleted afterwards).
 set -euo pipefail
@@ -39,6 +42,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=""
 PYTHON=python3
 USE_APT=0
+POSTGRES=0
 UNINSTALL=0
 PURGE=0
 APT_PACKAGES=(python3 python3-venv fuse3 libfuse3-3)
@@ -57,6 +61,7 @@ say() { echo "install-node: $*"; }
 while (($#)); do
     case $1 in
         --apt) USE_APT=1 ;;
+        --postgres) POSTGRES=1 ;;
         --python) PYTHON=${2:?--python needs an interpreter}; shift ;;
         --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
         --uninstall) UNINSTALL=1 ;;
@@ -67,6 +72,7 @@ while (($#)); do
     shift
 done
 ((PURGE == 0 || UNINSTALL == 1)) || die "--purge goes with --uninstall"
+((POSTGRES == 0 || UNINSTALL == 0)) || die "--postgres goes with an install, not --uninstall"
 if [[ -n $PREFIX ]]; then
     # The prefix is pasted into unit files and TOML strings: keep it to plain path characters.
     [[ $PREFIX =~ ^/[A-Za-z0-9/._-]*$ ]] || die "--prefix must be an absolute path of letters, digits and /._- (got '$PREFIX')"
@@ -175,8 +181,17 @@ pip_quiet() {  # pip_quiet PYTHON ARGS...: pip, its output shown only if it fail
     fi
 }
 
+# An upgrade keeps the extra an earlier --postgres put in: dropping psycopg would stop the
+# accel replicas that use a PostgreSQL store at their next start.
+if ((POSTGRES == 0)) && [[ -x $VENV/bin/python ]] \
+    && "$VENV/bin/python" -c 'import psycopg' 2>/dev/null; then
+    say "keeping the postgres extra $VENV has"
+    POSTGRES=1
+fi
+EXTRAS=()
+((POSTGRES == 0)) || EXTRAS+=(postgres)
 "$PYTHON" "$REPO/scripts/lock/subset.py" runtime "$REPO/requirements.lock" \
-    "$REPO/pyproject.toml" >"$WORK/runtime.lock"
+    "$REPO/pyproject.toml" "${EXTRAS[@]}" >"$WORK/runtime.lock"
 "$PYTHON" "$REPO/scripts/lock/subset.py" build "$REPO/requirements.lock" \
     "$REPO/scripts/lock/build.in" >"$WORK/build.lock"
 
@@ -201,7 +216,7 @@ build_pip wheel --no-deps --no-build-isolation -w "$WORK/wheel" "$WORK/src"
 wheel=("$WORK"/wheel/lazysnap-*.whl)
 [[ -f ${wheel[0]} ]] || die "pip wheel made no lazysnap wheel"
 
-say "installing into $VENV (requirements.lock, runtime packages, hash-checked)"
+say "installing into $VENV (requirements.lock, runtime packages${EXTRAS[*]:+ with ${EXTRAS[*]}}, hash-checked)"
 pip_quiet "$VENV/bin/python" install --require-hashes -r "$WORK/runtime.lock"
 # --force-reinstall: the version stays 0.1.0 while the code changes; a re-run must take it.
 pip_quiet "$VENV/bin/python" install --no-deps --no-index --force-reinstall "${wheel[0]}"

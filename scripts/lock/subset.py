@@ -1,8 +1,11 @@
 """Print the part of requirements.lock one kind of install needs, hashes and markers kept, for
 `pip install --require-hashes -r`:
 
-    subset.py runtime LOCK PYPROJECT   pyproject.toml's [project] dependencies and everything
-                                       they need (what a node runs: scripts/install-node.sh)
+    subset.py runtime LOCK PYPROJECT [EXTRA...]
+                                       pyproject.toml's [project] dependencies, and those of
+                                       each optional-dependencies EXTRA named (`postgres`), and
+                                       everything they need (what a node runs:
+                                       scripts/install-node.sh)
     subset.py build LOCK BUILD_IN      scripts/lock/build.in (setuptools, wheel) and what they
                                        need (enough to build lazysnap's wheel)
 
@@ -112,9 +115,19 @@ def requirement_names(requirements: list[str]) -> set[str]:
     return names
 
 
-def runtime_roots(pyproject: Path) -> set[str]:
+def runtime_roots(pyproject: Path, extras: tuple[str, ...] = ()) -> set[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
-    return requirement_names(list(project.get("dependencies", [])))
+    optional = project.get("optional-dependencies", {})
+    unknown = [extra for extra in extras if extra not in optional]
+    if unknown:
+        raise SystemExit(
+            f"{pyproject.name} has no extra {', '.join(unknown)} "
+            f"(its extras: {', '.join(sorted(optional)) or 'none'})"
+        )
+    requirements = list(project.get("dependencies", []))
+    for extra in extras:
+        requirements.extend(optional[extra])
+    return requirement_names(requirements)
 
 
 def build_roots(build_in: Path) -> set[str]:
@@ -122,18 +135,26 @@ def build_roots(build_in: Path) -> set[str]:
     return requirement_names([line for line in lines if line])
 
 
-def subset(kind: str, lock: Path, roots_file: Path) -> str:
-    roots = runtime_roots(roots_file) if kind == "runtime" else build_roots(roots_file)
+def subset(kind: str, lock: Path, roots_file: Path, extras: tuple[str, ...] = ()) -> str:
+    roots = runtime_roots(roots_file, extras) if kind == "runtime" else build_roots(roots_file)
     chosen = closure(parse_lock(lock.read_text()), roots)
-    header = f"# {kind} subset of {lock.name} ({roots_file.name}), by scripts/lock/subset.py\n"
+    with_extras = f" with {', '.join(extras)}" if extras else ""
+    header = (
+        f"# {kind} subset of {lock.name} ({roots_file.name}{with_extras}), "
+        "by scripts/lock/subset.py\n"
+    )
     return header + "".join(entry.text for entry in chosen)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] not in ("runtime", "build"):
-        print("usage: subset.py runtime LOCK PYPROJECT | build LOCK BUILD_IN", file=sys.stderr)
+    kind = argv[0] if argv else ""
+    if len(argv) < 3 or kind not in ("runtime", "build") or (kind == "build" and len(argv) > 3):
+        print(
+            "usage: subset.py runtime LOCK PYPROJECT [EXTRA...] | build LOCK BUILD_IN",
+            file=sys.stderr,
+        )
         return 2
-    sys.stdout.write(subset(argv[0], Path(argv[1]), Path(argv[2])))
+    sys.stdout.write(subset(kind, Path(argv[1]), Path(argv[2]), tuple(argv[3:])))
     return 0
 
 

@@ -25,6 +25,7 @@ def install_node(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "message"),
     [
         (["--purge"], "--purge goes with --uninstall"),
+        (["--uninstall", "--postgres"], "--postgres goes with an install"),
         (["--prefix", "relative/dir"], "--prefix must be an absolute path"),
         (["--prefix", "/tmp/with space"], "got '/tmp/with space'"),
         (["--python", "/nonexistent/python3"], "--python /nonexistent/python3: no such"),

@@ -55,22 +55,28 @@ def _pinned_here(subset_text: str) -> set[str]:
     return names
 
 
-def _runtime_closure() -> set[str]:
-    """pyproject's [project] dependencies and, through the installed distributions' metadata
-    (the dev venv holds the whole lock), everything they require here."""
+def _runtime_closure(*extras: str) -> set[str]:
+    """pyproject's [project] dependencies (and those of its optional extras named) and, through
+    the installed distributions' metadata (the dev venv holds the whole lock), everything they
+    require here."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    todo = [Requirement(text) for text in project["dependencies"]]
+    texts = [*project["dependencies"]]
+    for extra in extras:
+        texts.extend(project["optional-dependencies"][extra])
+    # markers are evaluated where a requirement is found: a child's `extra == "binary"` holds
+    # for its parent's extras, not for the child itself
+    todo = [requirement for requirement in map(Requirement, texts) if _applies(requirement)]
     seen: set[str] = set()
     while todo:
         requirement = todo.pop()
         name = _normalize(requirement.name)
-        if name in seen or not _applies(requirement):
+        if name in seen:
             continue
         seen.add(name)
-        extras = requirement.extras or {""}
+        wanted = requirement.extras or {""}
         for text in metadata.requires(requirement.name) or []:
             child = Requirement(text)
-            if any(_applies(child, extra) for extra in extras):
+            if any(_applies(child, extra) for extra in wanted):
                 todo.append(child)
     return seen
 
@@ -85,6 +91,29 @@ def test_the_runtime_subset_is_what_lazysnap_needs_to_run() -> None:
     pins = [line for line in text.splitlines() if re.match(r"^[A-Za-z0-9]", line)]
     assert pins and all(line.endswith("\\") for line in pins)
     assert text.count("--hash=sha256:") >= len(pins)
+
+
+def test_the_postgres_extra_adds_the_job_store_driver_and_what_it_needs() -> None:
+    subset = _subset_module()
+    plain = _pinned_here(subset.subset("runtime", LOCK, REPO / "pyproject.toml"))
+    text = subset.subset("runtime", LOCK, REPO / "pyproject.toml", ("postgres",))
+    with_postgres = _pinned_here(text)
+    # The lock pins tzdata without the `sys_platform == "win32"` marker psycopg puts on it
+    # (python-dateutil, which matplotlib needs, requires it everywhere): the subset carries it.
+    assert with_postgres - _runtime_closure("postgres") <= {"tzdata"}
+    assert _runtime_closure("postgres") <= with_postgres
+    assert {"psycopg", "psycopg-binary"} <= with_postgres - plain
+    assert not {"pytest", "mypy", "ruff", "matplotlib", "peryx"} & with_postgres
+
+
+def test_an_extra_pyproject_does_not_have_is_named() -> None:
+    subset = _subset_module()
+    try:
+        subset.subset("runtime", LOCK, REPO / "pyproject.toml", ("postgress",))
+    except SystemExit as exit_:
+        assert "no extra postgress" in str(exit_.code) and "postgres" in str(exit_.code)
+    else:
+        raise AssertionError("an extra pyproject.toml does not define was accepted")
 
 
 def test_the_build_subset_builds_a_wheel() -> None:

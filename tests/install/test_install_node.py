@@ -1,7 +1,9 @@
 """scripts/install-node.sh as a node operator runs it, into a scratch root (--prefix): what it
 installs passes `systemd-analyze verify`, the installed daemon started as its unit starts it
 tells systemd it is ready, containerd pulls and runs an image lazily through it, a re-run
-upgrades in place without touching the config, and --uninstall [--purge] removes it all."""
+upgrades in place without touching the config, --postgres adds the driver the accel service's
+PostgreSQL job store needs (and a later re-run keeps it), and --uninstall [--purge] removes it
+all."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import pytest
 from harness.containerd import start_containerd
 from harness.daemon import LazysnapDaemon
 from harness.images import busybox_layer_tar, file, layer_tar, push, write_oci_layout
-from harness.procs import free_port, log_tail, mounts_under, spawn, unmount_all_under
+from harness.postgres import postgres_bin_dir, start_postgres
+from harness.procs import HarnessError, free_port, log_tail, mounts_under, spawn, unmount_all_under
 from harness.registry import Registry
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -87,7 +90,9 @@ def install_node(prefix: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_installed(installed: Installed, *args: str) -> subprocess.CompletedProcess[str]:
+def run_installed(
+    installed: Installed, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(installed.command), *args],
         capture_output=True,
@@ -97,8 +102,19 @@ def run_installed(installed: Installed, *args: str) -> subprocess.CompletedProce
         cwd="/",
         stdin=subprocess.DEVNULL,
     )
-    assert result.returncode == 0, f"lazysnap {' '.join(args)}:\n{result.stderr}{result.stdout}"
+    if check:
+        assert result.returncode == 0, f"lazysnap {' '.join(args)}:\n{result.stderr}{result.stdout}"
     return result
+
+
+def venv_has(installed: Installed, module: str) -> bool:
+    imported = subprocess.run(
+        [str(installed.venv / "bin/python"), "-c", f"import {module}"],
+        capture_output=True,
+        env=_clean_env(),
+        cwd="/",
+    )
+    return imported.returncode == 0
 
 
 def unit_setting(unit: Path, key: str) -> list[str]:
@@ -179,6 +195,10 @@ def test_install_serve_pull_upgrade_uninstall(
 ) -> None:
     if shutil.which("systemd-analyze") is None:
         skip_or_fail("no systemd-analyze (scripts/install-deps.sh installs Debian's systemd)")
+    try:
+        postgres_bin_dir()
+    except HarnessError as exc:
+        skip_or_fail(str(exc))
     installed = Installed(prefix)
 
     # -- install ------------------------------------------------------------------------------
@@ -199,7 +219,12 @@ def test_install_serve_pull_upgrade_uninstall(
     )
     packages = {entry["name"].lower() for entry in json.loads(listed.stdout)}
     assert {"lazysnap", "grpcio", "mfusepy", "httpx"} <= packages
-    assert not {"pytest", "mypy", "ruff", "matplotlib", "setuptools"} & packages
+    assert not {"pytest", "mypy", "ruff", "matplotlib", "setuptools", "psycopg"} & packages
+    # Without --postgres, a PostgreSQL job store is refused with what to install.
+    refused = run_installed(
+        installed, "accel", "tasks", "--store", "postgresql://127.0.0.1:1/none", check=False
+    )
+    assert refused.returncode != 0 and "`postgres` extra" in refused.stderr, refused.stderr
 
     # -- the units ----------------------------------------------------------------------------
     for name in UNITS:
@@ -308,12 +333,23 @@ def test_install_serve_pull_upgrade_uninstall(
     assert returncode == 0, daemon.log()
     assert stopping == b"STOPPING=1"
 
-    # -- a re-run upgrades in place and keeps the config --------------------------------------
-    again = install_node(prefix)
+    # -- a re-run upgrades in place and keeps the config; --postgres adds the store's driver ---
+    again = install_node(prefix, "--postgres")
     assert again.returncode == 0, again.stderr + again.stdout
     assert installed.config.read_text() == adapted
     assert f"kept {installed.config}" in again.stdout
+    assert "runtime packages with postgres" in again.stdout
     run_installed(installed, "--version")
+    postgres = start_postgres(workdir / "postgres")
+    try:
+        store = postgres.create_database("lazysnap_accel")
+        check_accel_command([*accel_argv, "--store", store], workdir / "accel-postgres")
+    finally:
+        postgres.stop()
+    # A later upgrade without the flag keeps the driver the accel replicas need.
+    kept = install_node(prefix)
+    assert kept.returncode == 0, kept.stderr + kept.stdout
+    assert "keeping the postgres extra" in kept.stdout and venv_has(installed, "psycopg")
 
     # -- uninstall: config and state stay; --purge refuses while layers are mounted -----------
     removed = install_node(prefix, "--uninstall")
