@@ -1,8 +1,10 @@
 """A benchmark node: containerd + `lazysnap serve` (harness) that can be made cold.
 
 reset() is what "cold node" means in every trial: stop containerd and lazysnap, unmount what
-they left, wipe their state directories (lazysnap's includes its span cache), drop the page
-cache, start both again. Only the registry (the remote side) survives.
+they left, stop the processes still using their directories, wipe those (lazysnap's includes
+its span cache), drop the page cache, start both again. Only the registry (the remote side)
+survives. After a run that was killed half-way it does the same: whatever that run left under
+base is unmounted, stopped and removed.
 """
 
 from __future__ import annotations
@@ -35,17 +37,74 @@ def lazysnap_config(hosts_dir: Path, registry_host: str) -> str:
     )
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line names text (our daemon's detached FUSE mount processes
-    carry its root in their arguments)."""
+# How long a process that was sent SIGTERM (then SIGKILL) gets to be gone.
+STOP_GRACE_S = 5.0
+WIPE_ATTEMPTS = 5
+
+
+def _pids_using(directory: Path) -> list[int]:
+    """Processes (not this one) whose command line names directory, or that hold a file under
+    it open or run in it. A mount process started plainly carries the daemon's root in its
+    arguments; one the zygote forked carries the zygote's command line, and only its log (its
+    stdout and stderr, beside its mountpoint) ties it to the node."""
+    inside = f"{directory}/"
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+            if str(directory).encode() in Path(f"/proc/{entry}/cmdline").read_bytes() or any(
+                target.startswith(inside) for target in _open_paths(int(entry))
+            ):
                 found.append(int(entry))
     return found
+
+
+def _open_paths(pid: int) -> list[str]:
+    """The paths of the process's open files and its working directory (a deleted file's
+    path too, with the kernel's " (deleted)" after it)."""
+    paths = [os.readlink(f"/proc/{pid}/cwd") + "/"]
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return paths
+
+
+def _stop_processes(pids: list[int]) -> None:
+    """SIGTERM, then SIGKILL what is left after STOP_GRACE_S; returns once all are gone (or
+    the grace ran out again: a process stuck in the kernel, named by the wipe's error)."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [pid for pid in pids if pid_alive(pid)]
+        if not pids:
+            return
+
+
+def remove_tree(directory: Path) -> None:
+    """Remove directory whatever a killed or unfinished run left in it: mounts are detached and
+    the processes using it stopped before each try, and the removal is checked (rmtree with
+    ignore_errors leaves a directory behind silently, and a process still writing in it, such
+    as a mount process saving its state as it exits, recreates what was removed). Raises
+    RuntimeError naming what stayed after WIPE_ATTEMPTS tries."""
+    problems: list[str] = []
+
+    def note(_function: object, path: str, excinfo: tuple[type, BaseException, object]) -> None:
+        problems.append(f"{path}: {excinfo[1]}")
+
+    for _ in range(WIPE_ATTEMPTS):
+        unmount_all_under(directory)
+        _stop_processes(_pids_using(directory))
+        problems.clear()
+        if directory.exists():
+            shutil.rmtree(directory, onerror=note)
+        if not directory.exists():
+            return
+    raise RuntimeError(f"cannot remove {directory}: {'; '.join(problems[:5]) or 'it came back'}")
 
 
 @dataclass
@@ -78,22 +137,20 @@ class ColdNode:
             self.daemon.stop()
             self.daemon = None
         unmount_all_under(self.base)
-        for pid in _pids_mentioning(str(self.lazysnap_base)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        _stop_processes(_pids_using(self.lazysnap_base))
         unmount_all_under(self.base)
+
+    def wipe(self) -> None:
+        """Stop the node and remove both state directories (also what a killed run left)."""
+        self.stop()
+        remove_tree(self.containerd_base)
+        remove_tree(self.lazysnap_base)
 
     def reset(self, checkout: Path = REPO_ROOT) -> None:
         """Make the node cold and start it again (lazysnap's code from `checkout`)."""
-        self.stop()
-        shutil.rmtree(self.containerd_base, ignore_errors=True)
-        shutil.rmtree(self.lazysnap_base, ignore_errors=True)
+        # Wiped before the sync (no dirty pages of deleted files to write back); nothing is
+        # left that could recreate the directories while it runs: wipe stopped their users.
+        self.wipe()
         drop_caches()
         self.lazysnap_base.mkdir(parents=True)
         write_hosts_toml(self.hosts_dir, self.registry_host)  # the daemon reads it too
