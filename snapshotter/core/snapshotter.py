@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import stat
-import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +45,7 @@ from snapshotter.core.mounts import (
     snapshot_mounts,
 )
 from snapshotter.core.outcomes import PreparedLayer, PrepareObserver, PrepareOutcome
-from snapshotter.tree_removal import remove_tree
+from snapshotter.core.snapshot_dirs import SnapshotDirs
 from snapshotter.vocabulary.labels import (
     REMOTE_LABEL,
     REMOTE_LABEL_VALUE,
@@ -158,33 +155,14 @@ class Snapshotter:
         self.observer = observer  # told each Prepare's outcome (the daemon's metrics)
         self.features = features if features is not None else probe_overlay_features()
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        self.snapshots_dir = layout.snapshots_dir(self.root)
-        try:
-            os.mkdir(self.snapshots_dir, 0o700)
-            os.chmod(self.snapshots_dir, 0o700)  # not the umask's choice
-        except FileExistsError:
-            pass
+        self.dirs = SnapshotDirs(self.root)
+        self.snapshots_dir = self.dirs.snapshots_dir
         self._store = MetaStore(layout.metadata_path(self.root))
-        # Directory names under snapshots/ that an operation is working on right now without
-        # holding the metadata lock (a remote mount in progress, a deletion): Cleanup skips them.
-        self._in_flight: set[str] = set()
-        self._in_flight_lock = threading.Lock()
         # Why recent layers were not lazy: read by `lazysnap status` and `lazysnap pull`.
         self.fallbacks = FallbackLog(self.root)
 
     def close(self) -> None:
         self._store.close()
-
-    # -- paths -----------------------------------------------------------------------------
-
-    def _dir(self, snapshot_id: int) -> str:
-        return layout.snapshot_dir(self.root, snapshot_id)
-
-    def _upper(self, snapshot_id: int) -> str:
-        return layout.upper_dir(self.root, snapshot_id)
-
-    def _work(self, snapshot_id: int) -> str:
-        return os.path.join(self._dir(snapshot_id), layout.WORK)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -207,9 +185,13 @@ class Snapshotter:
         return mounts
 
     def _mounts(self, tx: Transaction, record: SnapshotRecord) -> MountList:
-        parents = [self._upper(pid) for pid in tx.parent_ids(record)]
+        parents = [self.dirs.upper(pid) for pid in tx.parent_ids(record)]
         return snapshot_mounts(
-            record.kind, self._upper(record.id), self._work(record.id), parents, self.features
+            record.kind,
+            self.dirs.upper(record.id),
+            self.dirs.work(record.id),
+            parents,
+            self.features,
         )
 
     def list(self, filter_strings: Sequence[str] = ()) -> InfoList:
@@ -223,7 +205,7 @@ class Snapshotter:
         with self._store.transaction(writable=False) as tx:
             record = tx.get(key)
         if record.kind is Kind.ACTIVE:
-            return disk_usage(self._upper(record.id))
+            return disk_usage(self.dirs.upper(record.id))
         return Usage(size=record.size, inodes=record.inodes)
 
     # -- creating --------------------------------------------------------------------------
@@ -269,42 +251,17 @@ class Snapshotter:
             raise AlreadyExists(f"snapshot {key!r}: already exists")
         return parent_record
 
-    def _new_directory(self, kind: Kind) -> str:
-        """new-XXXX/{fs 0755, work 0711} with modes set explicitly (the umask may be 0)."""
-        temp = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
-        try:
-            upper = os.path.join(temp, "fs")
-            os.mkdir(upper, 0o755)
-            os.chmod(upper, 0o755)
-            if kind is Kind.ACTIVE:
-                work = os.path.join(temp, "work")
-                os.mkdir(work, 0o711)
-                os.chmod(work, 0o711)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-        return temp
-
-    def _place_directory(self, temp: str, snapshot_id: int) -> None:
-        final = self._dir(snapshot_id)
-        if os.path.lexists(final):
-            # Left by a create whose transaction never committed, so its id came round again.
-            log.warning("removing stale directory %s of an interrupted operation", final)
-            self._delete_tree(final)
-        os.rename(temp, final)
-        _fsync_dir(self.snapshots_dir)  # the rename is on disk before the row that needs it
-
     def _inherit_owner(self, tx: Transaction, record: SnapshotRecord, upper: str) -> None:
         parent_ids = tx.parent_ids(record)
         if parent_ids:
-            st = os.stat(self._upper(parent_ids[0]))
+            st = os.stat(self.dirs.upper(parent_ids[0]))
             os.lchown(upper, st.st_uid, st.st_gid)
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> MountList:
         validate_labels(labels)
         with self._store.transaction(writable=True) as tx:
             parent_record = self._check_new(tx, key, parent)
-            temp = self._new_directory(kind)
+            temp = self.dirs.new(kind)
             try:
                 snapshot_id = tx.allocate_id()
                 record = tx.insert(
@@ -316,7 +273,7 @@ class Snapshotter:
                     _now_ns(),
                 )
                 self._inherit_owner(tx, record, os.path.join(temp, "fs"))
-                self._place_directory(temp, snapshot_id)
+                self.dirs.place(temp, snapshot_id)
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
                 raise
@@ -336,17 +293,17 @@ class Snapshotter:
             # Committing the id reservation means it is never handed out again, so the
             # directory can sit at its final path while we mount without holding the lock.
             snapshot_id = tx.allocate_id()
-            temp = self._new_directory(Kind.ACTIVE)
+            temp = self.dirs.new(Kind.ACTIVE)
             try:
-                self._place_directory(temp, snapshot_id)
+                self.dirs.place(temp, snapshot_id)
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
                 raise
-            self._mark_in_flight(str(snapshot_id))
+            self.dirs.mark_in_flight(str(snapshot_id))
         try:
             return self._finish_remote(key, parent, labels, target, snapshot_id, remote)
         finally:
-            self._unmark_in_flight(str(snapshot_id))
+            self.dirs.unmark_in_flight(str(snapshot_id))
 
     def _finish_remote(
         self,
@@ -357,7 +314,7 @@ class Snapshotter:
         snapshot_id: int,
         remote: RemoteLayers,
     ) -> MountList:
-        upper = self._upper(snapshot_id)
+        upper = self.dirs.upper(snapshot_id)
         reason: FallbackReason | None = None  # why not, when not mounted
         try:
             remote.mount(upper, labels)
@@ -398,7 +355,7 @@ class Snapshotter:
             # Whatever failed, the reserved directory belongs to no snapshot: release it.
             if mounted:
                 self._unmount_remote(upper)
-            self._delete_tree(self._dir(snapshot_id))
+            self.dirs.delete(self.dirs.path(snapshot_id))
             raise
         if not mounted:
             self._observe(PreparedLayer(key, labels), PrepareOutcome.FALLBACK, reason)
@@ -461,7 +418,7 @@ class Snapshotter:
         Raises FailedPrecondition naming the layer if it still cannot be served."""
         for record in records:
             assert self.remote is not None
-            upper = self._upper(record.id)
+            upper = self.dirs.upper(record.id)
             try:
                 self.remote.check(upper, record.labels)
                 continue
@@ -501,7 +458,7 @@ class Snapshotter:
         started: RecordList = []
         for record in records:
             assert self.remote is not None
-            upper = self._upper(record.id)
+            upper = self.dirs.upper(record.id)
             name = _layer_name(record.labels)
             try:
                 self.remote.check(upper, record.labels)
@@ -519,7 +476,7 @@ class Snapshotter:
         for record in started:
             assert self.remote is not None
             try:
-                self.remote.check(self._upper(record.id), record.labels)
+                self.remote.check(self.dirs.upper(record.id), record.labels)
                 log.info(
                     "remote snapshot %s (layer %s) mounted again",
                     record.key,
@@ -537,7 +494,7 @@ class Snapshotter:
             raise InvalidArgument("snapshot name must not be empty")
         with self._store.transaction(writable=True) as tx:
             record = tx.get(key)
-            usage = disk_usage(self._upper(record.id))
+            usage = disk_usage(self.dirs.upper(record.id))
             if tx.find(name) is not None:
                 raise AlreadyExists(
                     f"failed to commit snapshot: committed snapshot {name!r} already exists"
@@ -586,83 +543,29 @@ class Snapshotter:
                         f"failed to remove: cannot remove snapshot {key!r} with child"
                     )
                 if _is_remote(record):
-                    self._unmount_remote(self._upper(record.id))
+                    self._unmount_remote(self.dirs.upper(record.id))
                 tx.delete(record)
                 # In flight from here on: a concurrent Cleanup must not race our deletion.
                 released = str(record.id)
-                self._mark_in_flight(released)
-                trash = self._trash_orphans(tx, keep=set())
+                self.dirs.mark_in_flight(released)
+                trash = self._trash_orphans(tx)
             # Committed: the id is never reused, so the directory can go at leisure.
-            self._delete_tree(self._dir(record.id))
-            self._empty_trash(trash)
+            self.dirs.delete(self.dirs.path(record.id))
+            self.dirs.empty_trash(trash)
         finally:
             if released is not None:
-                self._unmark_in_flight(released)
+                self.dirs.unmark_in_flight(released)
 
     def cleanup(self) -> None:
         """Delete every directory under snapshots/ that no snapshot owns."""
         with self._store.transaction(writable=True) as tx:
-            trash = self._trash_orphans(tx, keep=set())
-        self._empty_trash(trash)
+            trash = self._trash_orphans(tx)
+        self.dirs.empty_trash(trash)
 
-    # -- garbage ---------------------------------------------------------------------------
-
-    def _trash_orphans(self, tx: Transaction, keep: set[str]) -> PathList:
-        """Rename unowned entries of snapshots/ to rm-*; call with the write lock held."""
-        owned = {str(i) for i in tx.owned_ids()} | keep
-        with self._in_flight_lock:
-            busy = set(self._in_flight)
-        trash = []
-        for name in sorted(os.listdir(self.snapshots_dir)):
-            if name in owned or name in busy:
-                continue
-            path = os.path.join(self.snapshots_dir, name)
-            if self.remote is not None and mount_points_under(os.path.join(path, "fs")):
-                self._unmount_remote(os.path.join(path, "fs"))
-            if name.startswith("rm-"):
-                doomed = path
-            else:
-                doomed = os.path.join(self.snapshots_dir, f"rm-{name}-{secrets.token_hex(4)}")
-                try:
-                    os.rename(path, doomed)
-                except FileNotFoundError:
-                    continue
-            self._mark_in_flight(os.path.basename(doomed))
-            trash.append(doomed)
-        return trash
-
-    def _empty_trash(self, trash: PathList) -> None:
-        for path in trash:
-            try:
-                self._delete_tree(path)
-            finally:
-                self._unmark_in_flight(os.path.basename(path))
-
-    def _delete_tree(self, path: str) -> None:
-        """Remove path; mounts left inside are detached first so rmtree never crosses one."""
-        for point in mount_points_under(path):
-            try:
-                detach_mount(point)
-            except OSError as err:
-                log.warning("%s; leaving %s in place", err, path)
-                return
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                remove_tree(path)  # shutil.rmtree recurses: a deep layer would never go
-            else:
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            log.warning("failed to remove directory %s: %s", path, err)
-
-    def _mark_in_flight(self, name: str) -> None:
-        with self._in_flight_lock:
-            self._in_flight.add(name)
-
-    def _unmark_in_flight(self, name: str) -> None:
-        with self._in_flight_lock:
-            self._in_flight.discard(name)
+    def _trash_orphans(self, tx: Transaction) -> PathList:
+        """The directories no snapshot owns, moved to the trash; call with the write lock."""
+        owned = {str(i) for i in tx.owned_ids()}
+        return self.dirs.trash_orphans(owned, self._unmount_remote if self.remote else None)
 
 
 def _log_unmountable(record: SnapshotRecord, why: Exception) -> None:
@@ -697,14 +600,6 @@ def _adaptor(record: SnapshotRecord) -> filters.Adaptor:
         return "", False
 
     return field_value
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now_ns() -> int:
