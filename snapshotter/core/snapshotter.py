@@ -9,7 +9,8 @@ owns (Cleanup removes those), never a snapshot row without its directory:
 - remove: commit the row's deletion, then delete the directory;
 - commit: a single row update; nothing on disk moves.
 A directory being deleted is first renamed to rm-* under the lock, so an id reused after a
-rolled-back create can never have its fresh directory deleted by a concurrent Cleanup.
+rolled-back create can never have its fresh directory deleted by a concurrent Cleanup. The
+directories' side of this is snapshot_dirs.py.
 
 Remote path: Prepare with labels naming a target ("containerd.io/snapshot.ref") asks the injected
 RemoteLayers to mount the layer at <id>/fs; on success the target is committed at once (labelled
@@ -18,7 +19,8 @@ lock held: the id is reserved by a committed transaction and the directory is ma
 RemoteLayers.mount may return before the mount is ready (so an image's layers mount in
 parallel): every call that hands out mounts (Prepare, View, Mounts) first waits, through
 RemoteLayers.check, for the lazy layers among the snapshot's parents, mounts a failed one again
-once, and otherwise fails naming it, so no container ever sees a silently empty layer.
+once, and otherwise fails naming it, so no container ever sees a silently empty layer
+(lazy_ready.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from snapshotter.core import filters, layout
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.core.fallbacks import Fallback, FallbackLog
 from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
+from snapshotter.core.lazy_ready import LazyLayerReadiness, layer_name
 from snapshotter.core.metadata import Kind, MetaStore, SnapshotRecord, Transaction
 from snapshotter.core.mounts import (
     Mount,
@@ -132,10 +135,6 @@ def disk_usage(path: str) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _layer_name(labels: Mapping[str, str]) -> str:
-    return layer_digest_of(labels) or labels.get(TARGET_REF, "?")
-
-
 def _is_remote(record: SnapshotRecord) -> bool:
     return is_remote(record.labels)
 
@@ -156,6 +155,9 @@ class Snapshotter:
         self.features = features if features is not None else probe_overlay_features()
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.dirs = SnapshotDirs(self.root)
+        self._readiness = (
+            LazyLayerReadiness(remote, self.dirs.upper) if remote is not None else None
+        )
         self.snapshots_dir = self.dirs.snapshots_dir
         self._store = MetaStore(layout.metadata_path(self.root))
         # Why recent layers were not lazy: read by `lazysnap status` and `lazysnap pull`.
@@ -321,14 +323,14 @@ class Snapshotter:
             mounted = True
         except RemoteLayerUnavailable as why:
             reason = why.reason
-            log.info("layer %s falls back to a full pull: %s: %s", _layer_name(labels), reason, why)
+            log.info("layer %s falls back to a full pull: %s: %s", layer_name(labels), reason, why)
             self._record_fallback(key, labels, reason, str(why))
             mounted = False
         except Exception as err:  # a bug in the lazy layer must not stop the pull
             reason = FallbackReason.INTERNAL_ERROR
             message = f"unexpected {type(err).__name__}: {err}"
             log.warning(
-                "layer %s falls back to a full pull: %s: %s", _layer_name(labels), reason, message
+                "layer %s falls back to a full pull: %s: %s", layer_name(labels), reason, message
             )
             self._record_fallback(key, labels, reason, message)
             mounted = False
@@ -360,7 +362,7 @@ class Snapshotter:
         if not mounted:
             self._observe(PreparedLayer(key, labels), PrepareOutcome.FALLBACK, reason)
             return mounts
-        log.info("layer %s is mounted lazily as snapshot %s", _layer_name(labels), target)
+        log.info("layer %s is mounted lazily as snapshot %s", layer_name(labels), target)
         self.fallbacks.forget_layer(layer_digest_of(labels))
         self._observe(PreparedLayer(key, labels, upper), PrepareOutcome.LAZY)
         raise AlreadyExists(f"target snapshot {target!r}: already exists")
@@ -414,76 +416,25 @@ class Snapshotter:
         self._ready(lazy)
 
     def _ready(self, records: Sequence[SnapshotRecord]) -> None:
-        """Wait for each lazy layer's mount; one that failed (or died) is mounted again once.
-        Raises FailedPrecondition naming the layer if it still cannot be served."""
-        for record in records:
-            assert self.remote is not None
-            upper = self.dirs.upper(record.id)
-            try:
-                self.remote.check(upper, record.labels)
-                continue
-            except RemoteLayerUnavailable as why:
-                log.warning(
-                    "lazy layer %s (snapshot %s) is not mounted, mounting it again: %s",
-                    _layer_name(record.labels),
-                    record.key,
-                    why,
-                )
-            try:
-                self.remote.mount(upper, record.labels)
-                self.remote.check(upper, record.labels)
-            except Exception as err:
-                log.error(
-                    "lazy layer %s (snapshot %s) cannot be mounted: %s",
-                    _layer_name(record.labels),
-                    record.key,
-                    err,
-                )
-                raise FailedPrecondition(
-                    f"lazy layer {_layer_name(record.labels)} (snapshot {record.key!r}) cannot "
-                    f"be mounted: {err}"
-                ) from err
+        """Wait for the lazy layers of records (lazy_ready.py); FailedPrecondition naming one
+        that cannot be served."""
+        if records:
+            assert self._readiness is not None  # only remote snapshots are lazy
+            self._readiness.ready(records)
 
     def restore_remote_snapshots(self) -> None:
-        """After a restart: check every remote snapshot's mount and mount it again if needed.
-        The mounts start in parallel; each is then waited for."""
+        """After a restart: check every remote snapshot's mount and mount it again if needed
+        (lazy_ready.py)."""
         with self._store.transaction(writable=False) as tx:
             records = [r for r in tx.all() if r.kind is Kind.COMMITTED and _is_remote(r)]
-        if records and self.remote is None:
+        if records and self._readiness is None:
             log.warning(
                 "%d remote snapshots exist but remote layers are disabled; they are not served",
                 len(records),
             )
             return
-        started: RecordList = []
-        for record in records:
-            assert self.remote is not None
-            upper = self.dirs.upper(record.id)
-            name = _layer_name(record.labels)
-            try:
-                self.remote.check(upper, record.labels)
-                log.info("remote snapshot %s (layer %s) is mounted", record.key, name)
-                continue
-            except RemoteLayerUnavailable as why:
-                log.info(
-                    "remote snapshot %s (layer %s) needs a new mount: %s", record.key, name, why
-                )
-            try:
-                self.remote.mount(upper, record.labels)
-                started.append(record)
-            except RemoteLayerUnavailable as why:
-                _log_unmountable(record, why)
-        for record in started:
-            assert self.remote is not None
-            try:
-                self.remote.check(self.dirs.upper(record.id), record.labels)
-                log.info(
-                    "remote snapshot %s (layer %s) mounted again",
-                    record.key,
-                    _layer_name(record.labels),
-                )
-            except RemoteLayerUnavailable as why:
-                _log_unmountable(record, why)
+        if self._readiness is not None:
+            self._readiness.restore(records)
 
     # -- changing --------------------------------------------------------------------------
 
@@ -565,17 +516,9 @@ class Snapshotter:
     def _trash_orphans(self, tx: Transaction) -> PathList:
         """The directories no snapshot owns, moved to the trash; call with the write lock."""
         owned = {str(i) for i in tx.owned_ids()}
-        return self.dirs.trash_orphans(owned, self._unmount_remote if self.remote else None)
-
-
-def _log_unmountable(record: SnapshotRecord, why: Exception) -> None:
-    log.error(
-        "remote snapshot %s (layer %s) cannot be mounted: %s; containers using it "
-        "will fail until it is removed",
-        record.key,
-        _layer_name(record.labels),
-        why,
-    )
+        return self.dirs.trash_orphans(
+            owned, self._unmount_remote if self.remote is not None else None
+        )
 
 
 def _adaptor(record: SnapshotRecord) -> filters.Adaptor:
