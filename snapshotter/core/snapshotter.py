@@ -28,14 +28,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 from snapshotter.core import filters, layout
 from snapshotter.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.core.fallbacks import Fallback, FallbackLog
+from snapshotter.core.info import (
+    Info,
+    Usage,
+    disk_usage,
+    filter_fields,
+    info_of,
+    validate_labels,
+)
 from snapshotter.core.layers import FallbackReason, RemoteLayers, RemoteLayerUnavailable
 from snapshotter.core.lazy_ready import LazyLayerReadiness, layer_name
 from snapshotter.core.metadata import Kind, MetaStore, SnapshotRecord, Transaction
@@ -59,8 +65,6 @@ from snapshotter.vocabulary.labels import (
 
 log = logging.getLogger("lazysnap.core")
 
-MAX_LABEL_SIZE = 4096  # containerd labels.Validate: len(key) + len(value), in bytes
-
 __all__ = [
     "Info",
     "Kind",
@@ -76,63 +80,7 @@ __all__ = [
 MountList = list[Mount]
 PathList = list[str]
 RecordList = list[SnapshotRecord]
-
-
-@dataclass(frozen=True)
-class Info:
-    name: str
-    parent: str = ""
-    kind: Kind = Kind.ACTIVE
-    labels: Mapping[str, str] = field(default_factory=dict)
-    created_ns: int = 0
-    updated_ns: int = 0
-
-
-@dataclass(frozen=True)
-class Usage:
-    size: int = 0  # bytes allocated (st_blocks * 512), each inode counted once
-    inodes: int = 0
-
-
 InfoList = list[Info]
-
-
-def _info(record: SnapshotRecord) -> Info:
-    return Info(
-        name=record.key,
-        parent=record.parent,
-        kind=record.kind,
-        labels=dict(record.labels),
-        created_ns=record.created_ns,
-        updated_ns=record.updated_ns,
-    )
-
-
-def validate_labels(labels: Mapping[str, str]) -> None:
-    for key, value in labels.items():
-        if len(key.encode()) + len(value.encode()) > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"label key and value greater than maximum size ({MAX_LABEL_SIZE} bytes), "
-                f"key: {key[:10]}"
-            )
-
-
-def disk_usage(path: str) -> Usage:
-    """Like containerd's fs.DiskUsage: every inode under path (path included) counted once."""
-    seen: set[tuple[int, int]] = set()
-    size = 0
-    root = os.lstat(path)
-    pending: list[tuple[str, os.stat_result]] = [(path, root)]
-    while pending:
-        current, st = pending.pop()
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            size += st.st_blocks * 512
-        if stat.S_ISDIR(st.st_mode):
-            with os.scandir(current) as entries:
-                for entry in entries:
-                    pending.append((entry.path, entry.stat(follow_symlinks=False)))
-    return Usage(size=size, inodes=len(seen))
 
 
 def _is_remote(record: SnapshotRecord) -> bool:
@@ -170,7 +118,7 @@ class Snapshotter:
 
     def stat(self, key: str) -> Info:
         with self._store.transaction(writable=False) as tx:
-            return _info(tx.get(key))
+            return info_of(tx.get(key))
 
     def mounts(self, key: str) -> MountList:
         with self._store.transaction(writable=False) as tx:
@@ -201,7 +149,7 @@ class Snapshotter:
         matcher = filters.parse_all(filter_strings)
         with self._store.transaction(writable=False) as tx:
             records = tx.all()
-        return [_info(r) for r in records if matcher.match(_adaptor(r))]
+        return [info_of(r) for r in records if matcher.match(filter_fields(r))]
 
     def usage(self, key: str) -> Usage:
         with self._store.transaction(writable=False) as tx:
@@ -480,7 +428,7 @@ class Snapshotter:
             if _is_remote(record):
                 # How the data is held is not a user label: keep it so Remove unmounts.
                 labels[REMOTE_LABEL] = REMOTE_LABEL_VALUE
-            return _info(tx.set_labels(record, labels))
+            return info_of(tx.set_labels(record, labels))
 
     def remove(self, key: str) -> None:
         released: str | None = None
@@ -519,30 +467,6 @@ class Snapshotter:
         return self.dirs.trash_orphans(
             owned, self._unmount_remote if self.remote is not None else None
         )
-
-
-def _adaptor(record: SnapshotRecord) -> filters.Adaptor:
-    """Field lookup for filters, as containerd's storage.adaptSnapshot."""
-
-    def field_value(path: Sequence[str]) -> tuple[str, bool]:
-        if not path:
-            return "", False
-        if path[0] == "kind":
-            return record.kind.label, True
-        if path[0] == "name":
-            return record.key, True
-        if path[0] == "parent":
-            return record.parent, True
-        if path[0] == "labels":
-            if not record.labels:
-                return "", False
-            label = ".".join(path[1:])
-            if label in record.labels:
-                return record.labels[label], True
-            return "", False
-        return "", False
-
-    return field_value
 
 
 def _now_ns() -> int:
