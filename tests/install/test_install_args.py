@@ -1,5 +1,6 @@
-"""scripts/install-node.sh refuses bad arguments with a message naming them, before it changes
-anything, and an uninstall of nothing succeeds and leaves nothing behind."""
+"""scripts/install-node.sh parses (bash -n: the whole file, also the parts only a full install
+runs), refuses bad arguments with a message naming them, before it changes anything, and an
+uninstall of nothing succeeds and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ def install_node(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         stdin=subprocess.DEVNULL,
     )
+
+
+def test_the_script_parses() -> None:
+    checked = subprocess.run(
+        ["bash", "-n", str(INSTALLER)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
 
 
 @pytest.mark.parametrize(
