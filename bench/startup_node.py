@@ -85,7 +85,7 @@ def _stop_processes(pids: list[int]) -> None:
             return
 
 
-def remove_tree(directory: Path) -> None:
+def wipe_directory(directory: Path) -> None:
     """Remove directory whatever a killed or unfinished run left in it: mounts are detached and
     the processes using it stopped before each try, and the removal is checked (rmtree with
     ignore_errors leaves a directory behind silently, and a process still writing in it, such
@@ -143,8 +143,8 @@ class ColdNode:
     def wipe(self) -> None:
         """Stop the node and remove both state directories (also what a killed run left)."""
         self.stop()
-        remove_tree(self.containerd_base)
-        remove_tree(self.lazysnap_base)
+        wipe_directory(self.containerd_base)
+        wipe_directory(self.lazysnap_base)
 
     def reset(self, checkout: Path = REPO_ROOT) -> None:
         """Make the node cold and start it again (lazysnap's code from `checkout`)."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install lazysnap on a container node (Debian 12 or alike), as root, from this checkout:
 #
-#   /opt/lazysnap/                         a venv: lazysnap and its runtime packages only
+#   /opt/lazysnap/                         a venv: lazysnap and its runtime packages only (and
+#                                          with --postgres, the postgres extra: psycopg)
 #   /usr/local/bin/lazysnap                -> /opt/lazysnap/bin/lazysnap
 #   /etc/lazysnap/config.toml              docs/example-config.toml (an existing file is kept)
 #   /usr/local/lib/systemd/system/         lazysnap.service, lazysnap-accel.service
@@ -30,9 +31,10 @@
 # Python packages come from requirements.lock, hash-checked, through pip's configured index
 # (PyPI). Only the runtime part of the lock is installed: pip cannot install part of a hashed
 # lock, so scripts/lock/subset.py cuts it (pyproject.toml's [project] dependencies, with
-# --postgres its `postgres` extra's too, and what they need), and lazysnap itself is installed as a wheel built here, in a throw-away venv holding
-# the lock's build packages (setuptools, wheel): the node venv gets no test tools, nothing
-# unpinned, and no link back to this checkout (it can be deleted afterwards).
+# --postgres its `postgres` extra's too, and what they need), and lazysnap itself is installed
+# as a wheel built here, in a throw-away venv holding the lock's build packages (setuptools,
+# wheel): the node venv gets no test tools, nothing unpinned, and no link back to this checkout
+# (it can be deleted afterwards).
 set -euo pipefail
 # Files readable by all whatever the caller's umask: lazysnap-accel.service runs as a dynamic
 # user that must read the venv.
