@@ -4,12 +4,12 @@ The builder's Python parts (the tar parser, the inflate loop around zlib-ng's ca
 calls) hold the GIL, so layers built on threads of one process slowed each other down: the
 largest pybig layer took 1.4 s alone and 2.3-3.8 s beside the other two, worse than one layer at
 a time. Each worker is its own process, so the layers use every core. The parent reads each layer
-from the registry (the verifying BlobStream) and writes it into a worker's stdin; the worker runs
-build_layer_index and encode_index_split and writes the encoded index back. Download and inflate
-overlap for free: different processes. Workers are started on first use and reused for later
-layers (their imports are paid once), at most `count` at a time. The layer comes either as a
-stream to read to its end (build) or as a source that pushes its bytes in order (build_from: the
-data plane's urllib3 stream, which costs a fraction of httpx's CPU per byte).
+from the registry (one Range GET over the data plane) and writes it into a worker's stdin; the
+worker runs build_layer_index and encode_index_split and writes the encoded index back. Download
+and inflate overlap for free: different processes. Workers are started on first use and reused
+for later layers (their imports are paid once), at most `count` at a time. The layer comes either
+as a stream to read to its end (build) or as a source that pushes its bytes in order (build_from:
+the data plane's urllib3 stream, which costs a fraction of httpx's CPU per byte).
 
 Protocol, one request at a time per worker:
   parent -> worker: a JSON line {"media_type", "span_size", "file_cut_min", "digest", "size"},

@@ -337,14 +337,16 @@ class BlobReader:
         """Bytes [start, end) from the spooled blob; to a sink in pieces, so a whole layer
         streamed from a registry that ignores Range is never all in memory at once."""
         if sink is None:
-            data = self._from_spool(start, end)
-            assert data is not None
-            return data
+            return self._spooled_piece(start, end)
         for offset in range(start, end, _STREAM_PIECE):
-            piece = self._from_spool(offset, min(end, offset + _STREAM_PIECE))
-            assert piece is not None
-            sink(piece)
+            sink(self._spooled_piece(offset, min(end, offset + _STREAM_PIECE)))
         return b""
+
+    def _spooled_piece(self, start: int, end: int) -> bytes:
+        data = self._from_spool(start, end)
+        if data is None:
+            raise self._error(start, end, "the blob reader was closed while reading")
+        return data
 
     def _spool_whole(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> None:
         with self._spool_lock:
