@@ -45,6 +45,9 @@ def normalise_name(raw: str, what: str) -> str:
         raise InvalidLayer(f"tar entry {raw!r}: {what} contains a NUL byte")
     if raw.startswith("/"):
         raise InvalidLayer(f"tar entry {raw!r}: {what} is an absolute path")
+    body = raw[:-1] if raw.endswith("/") else raw
+    if body and "//" not in body and "/." not in body and body[0] != "." and body[-1] != "/":
+        return body  # no empty, '.' or '..' part: already normal (most names; 1 us, not 3)
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise InvalidLayer(f"tar entry {raw!r}: {what} has a '..' component")
@@ -108,6 +111,9 @@ def _pax_mtime_ns(value: bytes, name: str) -> int:
     return seconds * 1_000_000_000 + (-nanos if text.startswith("-") else nanos)
 
 
+_NO_PAX: dict[str, bytes] = {}  # shared, never written: most entries have no PAX records
+
+
 @dataclass
 class _Pending:
     """Extension records that apply to the next real entry."""
@@ -148,6 +154,11 @@ class TarTocParser:
                 self._skip -= step
                 self._pos += step
                 view = view[step:]
+                continue
+            if not self._buf and not self._ext_kind and len(view) >= BLOCK:
+                self._header(bytes(view[:BLOCK]))  # a whole header at hand: no buffering
+                self._pos += BLOCK
+                view = view[BLOCK:]
                 continue
             need = self._ext_size_padded() if self._ext_kind else BLOCK
             take = min(need - len(self._buf), len(view))
@@ -199,8 +210,10 @@ class TarTocParser:
         magic = block[257:263]
         prefix = _cstr(block[345:500]) if magic.startswith(b"ustar") else ""
         raw_name = f"{prefix}/{name_field}" if prefix else name_field
-        pending, self._pending = self._pending, _Pending()
-        pax = {**self._global_pax, **pending.pax}
+        pending = self._pending
+        if pending.pax or pending.long_name is not None or pending.long_link is not None:
+            self._pending = _Pending()
+        pax = {**self._global_pax, **pending.pax} if self._global_pax or pending.pax else _NO_PAX
         if pending.long_name is not None:
             raw_name = pending.long_name
         if "path" in pax:
@@ -208,7 +221,7 @@ class TarTocParser:
         self._current = raw_name
         if entry_type is None:
             raise InvalidLayer(f"tar entry {raw_name!r}: unsupported tar type {typeflag!r}")
-        if any(key.startswith("GNU.sparse.") for key in pax):
+        if pax and any(key.startswith("GNU.sparse.") for key in pax):
             # PAX sparse (GNU 0.x/1.0): the entry's data is a packed map + data islands under a
             # placeholder name; serving it as a plain file would give wrong bytes. Pull whole.
             raise InvalidLayer(
@@ -263,7 +276,7 @@ class TarTocParser:
             link_target=link_target,
             devmajor=devmajor,
             devminor=devminor,
-            xattrs=_xattrs(pax, raw_name),
+            xattrs=_xattrs(pax, raw_name) if pax else {},
             offset=data_offset if entry_type is EntryType.REG else 0,
         )
         # Only regular files carry data; like Go's archive/tar (containerd) and Python's

@@ -5,8 +5,9 @@ For each selected platform manifest:
    nothing is done (idempotent rebuilds push nothing).
 2. Each layer >= --min-layer-size is reused from the first cache repository holding a usable
    index of it for this span size (layer_cache: no byte of the layer is read) or streamed once
-   from the registry into build_layer_index in a worker process (layer_worker; no copy on
-   disk), up to --jobs at a time, largest first. Smaller layers stay unindexed: pulled whole.
+   from the registry (one Range GET over the data plane) into build_layer_index in a worker
+   process (layer_worker; no copy on disk), up to --jobs at a time, largest first. Smaller
+   layers stay unindexed: pulled whole.
 3. Only when every layer of every selected platform is indexed, the pushes start: new indexes
    to the image repository, reused ones mounted into it, the empty config `{}` (side by side),
    then one artifact manifest per platform manifest via push_referrer (which maintains the
@@ -47,6 +48,7 @@ from snapshotter.indexer.static_source import (
     StaticProfileResult,
     attach_static_profile,
 )
+from snapshotter.remote.blob import BlobReader
 from snapshotter.remote.client import RegistryClient
 from snapshotter.remote.errors import ManifestNotFound, PlatformNotFound, RegistryError
 from snapshotter.remote.manifest import (
@@ -280,11 +282,12 @@ def _index_one(
         )
     bar = progress.layer(layer.digest, layer.size)
     try:
-        # The registry stream checks the size at its end, which build() reads to, and the
-        # builder hashes every byte and checks the digest: an unverified layer is never indexed.
-        with client.stream_blob(repo, layer.digest, layer.size, check_digest=False) as stream:
-            encoded = workers.build(
-                stream,
+        # One Range GET of the whole layer over the urllib3 data plane (a fraction of httpx's
+        # CPU per byte); it checks the size, and the builder hashes every byte and checks the
+        # digest: an unverified layer is never indexed.
+        with BlobReader(client, repo, layer.digest, layer.size) as reader:
+            encoded = workers.build_from(
+                lambda sink: reader.stream(0, layer.size, sink),
                 media_type=layer.media_type,
                 span_size=options.span_size,
                 file_cut_min=options.file_cut_min,

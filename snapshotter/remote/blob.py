@@ -165,12 +165,8 @@ class BlobReader:
     def _fetch(self, start: int, end: int, sink: Callable[[bytes], None] | None = None) -> bytes:
         """Bytes [start, end) from the first host that can serve them (sticky on success);
         with sink, they go there instead (b"" is returned)."""
-        spooled = self._from_spool(start, end)
-        if spooled is not None:
-            if sink is not None:
-                sink(spooled)
-                return b""
-            return spooled
+        if self._spool is not None:
+            return self._serve_spooled(start, end, sink)
         with self._lock:
             first = self._host_index
         causes: list[str] = []
@@ -265,12 +261,9 @@ class BlobReader:
                     self.repository,
                     self.digest,
                 )
-                data = self._spool_whole(response, start, end)
+                self._spool_whole(response, start, end)
                 consumed = True
-                if sink is not None:
-                    sink(data)
-                    return b""
-                return data
+                return self._serve_spooled(start, end, sink)
             if status == UNAUTHORIZED:
                 raise self._error(start, end, f"HTTP 401 from {host.url}: access refused")
             if status == 416:
@@ -340,7 +333,22 @@ class BlobReader:
             raise _ShortBody(f"short body: {len(data)} of {end - start} bytes")
         return bytes(data)
 
-    def _spool_whole(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> bytes:
+    def _serve_spooled(self, start: int, end: int, sink: Callable[[bytes], None] | None) -> bytes:
+        """Bytes [start, end) from the spooled blob; to a sink in pieces, so a whole layer
+        streamed from a registry that ignores Range is never all in memory at once."""
+        if sink is None:
+            return self._spooled_piece(start, end)
+        for offset in range(start, end, _STREAM_PIECE):
+            sink(self._spooled_piece(offset, min(end, offset + _STREAM_PIECE)))
+        return b""
+
+    def _spooled_piece(self, start: int, end: int) -> bytes:
+        data = self._from_spool(start, end)
+        if data is None:
+            raise self._error(start, end, "the blob reader was closed while reading")
+        return data
+
+    def _spool_whole(self, response: urllib3.BaseHTTPResponse, start: int, end: int) -> None:
         with self._spool_lock:
             if self._spool is None:
                 spool = tempfile.TemporaryFile(prefix="lazysnap-blob-")  # noqa: SIM115
@@ -369,9 +377,6 @@ class BlobReader:
                 self._spool = spool
             else:
                 response.close()  # another thread spooled it meanwhile
-        data = self._from_spool(start, end)
-        assert data is not None
-        return data
 
     def _from_spool(self, start: int, end: int) -> bytes | None:
         spool = self._spool

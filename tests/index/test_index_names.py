@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from snapshotter.index.codec import decode_index, encode_index
-from snapshotter.index.errors import InvalidIndex
+from snapshotter.index.errors import InvalidIndex, InvalidLayer
 from snapshotter.index.model import LayerIndex
+from snapshotter.index.tar_toc import normalise_name
 from tests.index.test_index_codec import repack, unpack
 
 BAD_NAMES = [
@@ -48,3 +49,32 @@ def test_odd_but_normalised_names_load(odd: str, built: dict[str, LayerIndex]) -
     document["entries"][victim][0] = odd
     decoded = decode_index(repack(document, blob))
     assert decoded.entries[victim].name == odd
+
+
+# Names as tar writers put them in layers; the builder stores their normal form.
+TAR_NAMES = {
+    "usr/bin/python3": "usr/bin/python3",
+    "usr/lib/": "usr/lib",
+    "./usr/lib/": "usr/lib",
+    "./": "",
+    ".": "",
+    "a//b": "a/b",
+    "a/./b/": "a/b",
+    "a/b//": "a/b",
+    ".hidden": ".hidden",
+    "dir/.wh..wh..opq": "dir/.wh..wh..opq",
+    "a..b/c.d": "a..b/c.d",
+    "...": "...",
+    "a/...": "a/...",
+}
+
+
+@pytest.mark.parametrize(("raw", "normal"), sorted(TAR_NAMES.items()))
+def test_tar_names_are_normalised_as_extraction_sees_them(raw: str, normal: str) -> None:
+    assert normalise_name(raw, "name") == normal
+
+
+@pytest.mark.parametrize("raw", ["..", "../x", "a/..", "a/../b", "a/../", "./..", "a/b/.."])
+def test_tar_names_that_climb_out_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidLayer, match=r"'\.\.' component"):
+        normalise_name(raw, "name")

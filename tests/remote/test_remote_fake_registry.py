@@ -164,6 +164,24 @@ def test_range_ignored_is_detected_verified_and_served_locally(
     assert len(fake.seen) == 1  # the whole blob was fetched once
 
 
+def test_range_ignored_while_streaming_a_whole_blob_arrives_in_bounded_pieces(
+    fakes: Callable[[], FakeServer],
+) -> None:
+    # `index build` streams each layer in one Range GET: a registry answering with the whole
+    # blob is spooled and verified, then handed on piece by piece, never all in memory.
+    fake = fakes()
+    fake.routes["/v2/r/blobs/"] = lambda h: send(h, 200, DATA)
+    pieces: list[bytes] = []
+    with (
+        client_for(fake) as client,
+        BlobReader(client, Repository(fake.host, "r"), DIGEST, len(DATA)) as reader,
+    ):
+        reader.stream(0, len(DATA), pieces.append)
+        assert reader.ranges_ignored
+    assert b"".join(pieces) == DATA
+    assert len(pieces) > 1 and max(map(len, pieces)) <= 256 << 10
+
+
 def test_range_ignored_with_wrong_content_is_an_error(fakes: Callable[[], FakeServer]) -> None:
     fake = fakes()
     fake.routes["/v2/r/blobs/"] = lambda h: send(h, 200, DATA[:-1] + b"X")
