@@ -89,8 +89,9 @@ class ColdNode:
                     os.kill(pid, signal.SIGKILL)
         unmount_all_under(self.base)
 
-    def reset(self, checkout: Path = REPO_ROOT) -> None:
-        """Make the node cold and start it again (lazysnap's code from `checkout`)."""
+    def reset(self, checkout: Path = REPO_ROOT, extra_config: str = "") -> None:
+        """Make the node cold and start it again (lazysnap's code from `checkout`, its
+        config.toml with extra_config appended)."""
         self.stop()
         shutil.rmtree(self.containerd_base, ignore_errors=True)
         shutil.rmtree(self.lazysnap_base, ignore_errors=True)
@@ -98,7 +99,7 @@ class ColdNode:
         self.lazysnap_base.mkdir(parents=True)
         write_hosts_toml(self.hosts_dir, self.registry_host)  # the daemon reads it too
         config = self.lazysnap_base / "config.toml"
-        config.write_text(lazysnap_config(self.hosts_dir, self.registry_host))
+        config.write_text(lazysnap_config(self.hosts_dir, self.registry_host) + extra_config)
         self.daemon = start_lazysnap(self.lazysnap_base, config=config, checkout=checkout)
         self.containerd = start_containerd(
             self.containerd_base,
