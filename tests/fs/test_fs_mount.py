@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -193,6 +195,54 @@ def test_a_page_fault_during_the_start_fetches_the_spans_around_it_not_the_file(
             assert fetched <= 4 * SPAN_SIZE + (START_READ_AHEAD_KB << 10)
         else:  # today's read-ahead after the start, and before this change during it too
             assert fetched >= 2 << 20
+    finally:
+        manager.unmount(str(tmp_path / "fs"))
+        layer.server.stop()
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_random_reads_from_many_threads_match_the_tar_with_file_aware_spans(
+    kind: str, tmp_path: Path
+) -> None:
+    # Small spans cut at file starts, a small start read-ahead, reads of neighbouring spans
+    # arriving together (and fetched together): every byte still equals the tar's.
+    rng = random.Random(15)
+    members = [Member("pkg", tarfile.DIRTYPE, mode=0o755)]
+    members += [
+        Member(f"pkg/m{i:02}.py", data=rng.randbytes(rng.randint(1, 40 << 10))) for i in range(40)
+    ]
+    members += [Member(f"pkg/big{i}.so", data=rng.randbytes(12 * SPAN_SIZE)) for i in range(2)]
+    tar = make_tar(members)
+    blob = compress(tar, kind)
+    layer = Layer(tar, blob, built_index(blob, kind, file_cut_min=SPAN_SIZE // 4))
+    assert len(layer.index.spans) > len(built_index(blob, kind).spans)  # cut at files too
+    manager = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=FETCH_TIMEOUT,
+            background=BackgroundSettings(enabled=False),
+        )
+    )
+    try:
+        mnt = _mount(manager, layer, tmp_path / "fs")
+        files = [m for m in members if m.kind == tarfile.REGTYPE]
+        reads = []
+        for _ in range(400):
+            member = rng.choice(files)
+            offset = rng.randrange(len(member.data))
+            reads.append((member, offset, rng.randint(1, 3 * SPAN_SIZE)))
+
+        def read(job: tuple[Member, int, int]) -> bool:
+            member, offset, length = job
+            fd = os.open(mnt / member.name, os.O_RDONLY)
+            try:
+                return os.pread(fd, length, offset) == member.data[offset : offset + length]
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert all(pool.map(read, reads))
     finally:
         manager.unmount(str(tmp_path / "fs"))
         layer.server.stop()
