@@ -89,7 +89,12 @@ class FetchPipeline:
         request."""
         groups = self.groups(claimed)
         with self._queued_lock:
+            # an attempt still queued when its span is claimed anew ran out of time waiting
+            stale = [(n, self._queued[n]) for n in claimed if n in self._queued]
             self._queued.update(claimed)
+        for span_no, attempt in stale:
+            if attempt is not claimed[span_no]:
+                self.fail(span_no, attempt, f"not started within {self.table.fetch_timeout:g}s")
         for group in groups:
             self._pool.submit(self._fetch_queued, [span_no for span_no, _ in group])
 
