@@ -59,6 +59,7 @@ from bench.startup_workloads import (
     WORKLOADS_BY_NAME,
     TrialResult,
     Workload,
+    daemon_config,
     measure,
     no_static_repository,
 )
@@ -394,7 +395,7 @@ def run_link(
                     reference = f"{link.registry.host}/{repository}:latest"
                     try:
                         progress(f"{where}: cold node")
-                        node.reset()
+                        node.reset(extra_config=daemon_config(mode))
                         measure(
                             node,
                             link.registry,

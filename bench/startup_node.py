@@ -146,8 +146,9 @@ class ColdNode:
         wipe_directory(self.containerd_base)
         wipe_directory(self.lazysnap_base)
 
-    def reset(self, checkout: Path = REPO_ROOT) -> None:
-        """Make the node cold and start it again (lazysnap's code from `checkout`)."""
+    def reset(self, checkout: Path = REPO_ROOT, extra_config: str = "") -> None:
+        """Make the node cold and start it again (lazysnap's code from `checkout`, its
+        config.toml with extra_config appended)."""
         # Wiped before the sync (no dirty pages of deleted files to write back); nothing is
         # left that could recreate the directories while it runs: wipe stopped their users.
         self.wipe()
@@ -155,7 +156,7 @@ class ColdNode:
         self.lazysnap_base.mkdir(parents=True)
         write_hosts_toml(self.hosts_dir, self.registry_host)  # the daemon reads it too
         config = self.lazysnap_base / "config.toml"
-        config.write_text(lazysnap_config(self.hosts_dir, self.registry_host))
+        config.write_text(lazysnap_config(self.hosts_dir, self.registry_host) + extra_config)
         self.daemon = start_lazysnap(self.lazysnap_base, config=config, checkout=checkout)
         self.containerd = start_containerd(
             self.containerd_base,

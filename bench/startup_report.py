@@ -20,6 +20,7 @@ from bench.startup_workloads import (
     LAZY_NO_STATIC,
     LAZY_PROFILE,
     LAZY_PROFILE_NO_PACK,
+    LAZY_START_RA4M,
     WORKLOADS,
     TrialResult,
     Workload,
@@ -32,6 +33,7 @@ MODE_LABELS = {
     LAZY_PROFILE: "lazysnap + profile",
     LAZY_PROFILE_NO_PACK: "lazysnap + profile, no pack",
     LAZY_NO_STATIC: "lazysnap, no static profile",
+    LAZY_START_RA4M: "lazysnap, 4 MiB start read-ahead",
 }
 MODE_COLORS = {
     FULL: "#888888",
@@ -39,6 +41,7 @@ MODE_COLORS = {
     LAZY_PROFILE: "#e08a1e",
     LAZY_PROFILE_NO_PACK: "#8a5a1e",
     LAZY_NO_STATIC: "#7fb2d9",
+    LAZY_START_RA4M: "#5a5a5a",
 }
 
 

@@ -48,6 +48,9 @@ class CacheConfig:
 @dataclass(frozen=True)
 class FuseConfig:
     read_ahead_kb: int = 4096  # per-mount bdi read_ahead_kb: 4096 gives 1 MiB FUSE reads
+    # ... while the layer's start goes on (until its background fetch starts): at 4 MiB a page
+    # fault in a shared object reads most of the file (docs/benchmarks.md, "Span layouts")
+    start_read_ahead_kb: int = 128
     # Fork mount processes from a pre-started process that imported their code (fs/zygote.py).
     zygote: bool = True
     # Written to each mount process's /proc/PID/oom_score_adj: its death strands every container
@@ -164,6 +167,7 @@ def _ranges(config: Config) -> tuple[tuple[str, float, float, float], ...]:
         ("cache.min_free_percent", config.cache.min_free_percent, 0.0, 50.0),
         ("fuse.oom_score_adj", config.fuse.oom_score_adj, -1000, 1000),
         ("fuse.read_ahead_kb", config.fuse.read_ahead_kb, 0, MAX_READ_AHEAD_KB),
+        ("fuse.start_read_ahead_kb", config.fuse.start_read_ahead_kb, 1, MAX_READ_AHEAD_KB),
         ("fetch.background_quiet_seconds", config.fetch.background_quiet_seconds, 0.0,
          MAX_SECONDS),
         ("fetch.background_rate_bytes", config.fetch.background_rate_bytes, 1, MAX_BYTES),

@@ -114,6 +114,7 @@ class _StateKeeper(threading.Thread):
         self.became_ready = threading.Event()
         self.started_at = time.time()
         self._state_write_failed = False
+        self._start_over = False  # see starting()
 
     def run(self) -> None:
         deadline = time.monotonic() + MOUNT_WAIT_S
@@ -149,17 +150,34 @@ class _StateKeeper(threading.Thread):
                     self.pack.release()  # every span is local: the pack's room goes back
                 else:
                     self.pack.keep(time.monotonic())
-                if self.read_ahead_kb() != read_ahead_kb:  # the pack is done with
-                    read_ahead_kb = self.read_ahead_kb()
-                    _raise_read_ahead(device, read_ahead_kb)
+            if self.read_ahead_kb() != read_ahead_kb:  # the pack or the start is done with
+                read_ahead_kb = self.read_ahead_kb()
+                _raise_read_ahead(device, read_ahead_kb)
         self.background.stop()
 
     def read_ahead_kb(self) -> int:
-        """A small read-ahead while the start-up pack serves (PACK_READ_AHEAD_KB), the spec's
-        otherwise."""
+        """A small read-ahead while the start-up pack serves (PACK_READ_AHEAD_KB) or the
+        layer's start goes on (the spec's start_read_ahead_kb), the spec's read_ahead_kb
+        otherwise. The kernel takes a file's read-ahead from the mount when the file is opened,
+        so files opened during the start keep the small one."""
         if self.pack is not None and self.pack.state in (PackState.FETCHING, PackState.READY):
             return min(self.spec.read_ahead_kb, PACK_READ_AHEAD_KB)
+        if self.starting():
+            return min(self.spec.read_ahead_kb, self.spec.start_read_ahead_kb)
         return self.spec.read_ahead_kb
+
+    def starting(self) -> bool:
+        """The layer's start goes on: until its background fetch leaves WAITING (the layer was
+        quiet for background_quiet_seconds), or with background fetch off, until the reads
+        first went quiet that long. Once over, it stays over."""
+        if self._start_over:
+            return False
+        if self.spec.background:
+            over = self.background.state is not BackgroundState.WAITING
+        else:
+            over = self.reader.idle_seconds() >= self.spec.background_quiet_seconds
+        self._start_over = over
+        return not over
 
     def check_verdict(self) -> None:
         """A failed completion check (the daemon's verdict file beside the mountpoint) makes

@@ -26,6 +26,10 @@ READ_AHEAD_KB = 4096  # makes the kernel send 1 MiB FUSE reads (limits.md §1)
 # kernel's read-around turns a fault in a shared object into a read of nearly the whole file
 # (docs/startup-profile.md). Raised to read_ahead_kb once the pack is released or failed.
 PACK_READ_AHEAD_KB = 128
+# The read-ahead of a mount while its layer's start goes on (until the background fetch
+# starts): the same read-around at 4 MiB fetches, without a pack, the spans of nearly every
+# byte of each shared object a start touches (docs/benchmarks.md, "Span layouts").
+START_READ_AHEAD_KB = 128
 OOM_SCORE_ADJ = -500  # below containers (their processes should go first), above containerd
 STATE_INTERVAL_S = 2.0
 
@@ -55,6 +59,7 @@ class MountSpec:
     state_interval: float = STATE_INTERVAL_S
     read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS  # largest read-ahead window; 0: off
     read_ahead_kb: int = READ_AHEAD_KB
+    start_read_ahead_kb: int = START_READ_AHEAD_KB  # until the background fetch starts
     # Entry names to fetch right after mounting, in order (the image's startup profile), on top
     # of the index's own prefetch list; prefetch=False fetches neither.
     prefetch_names: tuple[str, ...] = ()
@@ -92,6 +97,7 @@ class MountSpec:
             "state_interval": self.state_interval,
             "read_ahead_spans": self.read_ahead_spans,
             "read_ahead_kb": self.read_ahead_kb,
+            "start_read_ahead_kb": self.start_read_ahead_kb,
             "prefetch_names": list(self.prefetch_names),
             "prefetch": self.prefetch,
             "pack": self.pack.to_json() if self.pack is not None else None,
@@ -141,6 +147,7 @@ class MountSpec:
             state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
             read_ahead_spans=get("read_ahead_spans", int, DEFAULT_READ_AHEAD_SPANS),
             read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
+            start_read_ahead_kb=get("start_read_ahead_kb", int, START_READ_AHEAD_KB),
             prefetch_names=tuple(get("prefetch_names", list, [])),
             prefetch=get("prefetch", bool, True),
             pack=pack,
@@ -156,9 +163,19 @@ class MountSpec:
             artifact_digest=get("artifact_digest", str, ""),
             image=get("image", str, ""),
         )
-        if min(spec.cache_max_bytes, spec.workers, spec.fetch_timeout, spec.read_ahead_kb) <= 0:
+        if (
+            min(
+                spec.cache_max_bytes,
+                spec.workers,
+                spec.fetch_timeout,
+                spec.read_ahead_kb,
+                spec.start_read_ahead_kb,
+            )
+            <= 0
+        ):
             raise SpecError(
-                f"{source}: cache_max_bytes, workers, fetch_timeout and read_ahead_kb must be > 0"
+                f"{source}: cache_max_bytes, workers, fetch_timeout, read_ahead_kb and "
+                "start_read_ahead_kb must be > 0"
             )
         if spec.cache_min_free_bytes < 0 or not 0 <= spec.cache_min_free_percent <= 50:
             raise SpecError(

@@ -14,6 +14,7 @@ happens, so nobody waits past its deadline for nothing.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from snapshotter.fs.cache import SpanCache
@@ -22,7 +23,7 @@ from snapshotter.fs.reader_counters import SharedCounters
 from snapshotter.fs.span_states import Attempt, Claim, SpanTable
 from snapshotter.fs.span_windows import BlobSource, WindowsFetcher
 from snapshotter.index.errors import SpanVerificationError
-from snapshotter.index.model import LayerIndex
+from snapshotter.index.model import LayerIndex, Span
 from snapshotter.index.spans import fetch_range, inflate_span
 from snapshotter.remote.errors import BlobFetchError
 
@@ -56,6 +57,11 @@ class FetchPipeline:
         # them takes its first window from it (span_windows) rather than the windows blob.
         self._running: dict[int, Attempt] = {}
         self._running_lock = threading.Lock()
+        # Spans submitted to the workers whose group no worker has taken up yet: the first
+        # worker to take up a group takes its queued neighbours along into its one request
+        # (the kernel sends a file's reads several at once, each its own group).
+        self._queued: dict[int, Attempt] = {}
+        self._queued_lock = threading.Lock()
 
     @property
     def layer_digest(self) -> str:
@@ -78,9 +84,45 @@ class FetchPipeline:
         )
 
     def submit(self, claimed: dict[int, Attempt]) -> None:
-        """Fetch claimed spans on the workers, one request per group of adjacent ones."""
-        for group in self.groups(claimed):
-            self._pool.submit(self.fetch_group, group)
+        """Fetch claimed spans on the workers, one request per group of adjacent ones; groups
+        of the same kind still queued when a worker takes up one next to them go along in its
+        request."""
+        groups = self.groups(claimed)
+        with self._queued_lock:
+            # an attempt still queued when its span is claimed anew ran out of time waiting
+            stale = [(n, self._queued[n]) for n in claimed if n in self._queued]
+            self._queued.update(claimed)
+        for span_no, attempt in stale:
+            if attempt is not claimed[span_no]:
+                self.fail(span_no, attempt, f"not started within {self.table.fetch_timeout:g}s")
+        for group in groups:
+            self._pool.submit(self._fetch_queued, [span_no for span_no, _ in group])
+
+    def _fetch_queued(self, span_numbers: list[int]) -> None:
+        """On a worker: fetch what of the group is still queued, with the queued spans of
+        the same kind (read, or read-ahead) adjacent to it, in as few requests as
+        MAX_COALESCED_BYTES allows."""
+        with self._queued_lock:
+            taken = {n: self._queued.pop(n) for n in span_numbers if n in self._queued}
+            if not taken:
+                return  # a worker took this group along with its neighbour's
+            spans = self.index.spans
+            low, high = min(taken), max(taken)
+            # a read waits for its whole request: read-ahead is not taken along with it
+            read_ahead = taken[low].read_ahead
+
+            def joins(span_no: int) -> bool:
+                queued = self._queued.get(span_no)
+                return queued is not None and queued.read_ahead == read_ahead
+
+            while joins(low - 1) and _fits(spans, low - 1, high):
+                low -= 1
+                taken[low] = self._queued.pop(low)
+            while joins(high + 1) and _fits(spans, low, high + 1):
+                high += 1
+                taken[high] = self._queued.pop(high)
+        for group in self.groups(taken):
+            self.fetch_group(group)
 
     def groups(self, claimed: dict[int, Attempt]) -> list[ClaimedGroup]:
         """Claimed spans in order, adjacent ones together, up to MAX_COALESCED_BYTES a group."""
@@ -89,11 +131,7 @@ class FetchPipeline:
         for span_no in sorted(claimed):
             if groups:
                 last = groups[-1]
-                if (
-                    span_no == last[-1][0] + 1
-                    and spans[span_no].compressed_end - spans[last[0][0]].compressed_start
-                    <= MAX_COALESCED_BYTES
-                ):
+                if span_no == last[-1][0] + 1 and _fits(spans, last[0][0], span_no):
                     last.append((span_no, claimed[span_no]))
                     continue
             groups.append([(span_no, claimed[span_no])])
@@ -179,6 +217,11 @@ class FetchPipeline:
                 self._verified_spans.add(span_no)
                 counters.bytes_verified += span.compressed_size
         self.table.succeed(span_no, attempt, data)
+
+
+def _fits(spans: Sequence[Span], first: int, last: int) -> bool:
+    """Spans first..last fit one coalesced request."""
+    return spans[last].compressed_end - spans[first].compressed_start <= MAX_COALESCED_BYTES
 
 
 def _describe(exc: BaseException) -> str:

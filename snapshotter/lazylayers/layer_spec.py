@@ -88,6 +88,7 @@ def write_mount_spec(
         workers=settings.workers,
         allow_other=settings.allow_other,
         read_ahead_kb=settings.read_ahead_kb,
+        start_read_ahead_kb=settings.start_read_ahead_kb,
         read_ahead_spans=settings.read_ahead_spans,
         prefetch_names=spec.prefetch_names,
         prefetch=settings.prefetch,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from snapshotter.config import Config
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.disk_reserve import NO_RESERVE, DiskReserve
-from snapshotter.fs.mount_spec import OOM_SCORE_ADJ, READ_AHEAD_KB
+from snapshotter.fs.mount_spec import OOM_SCORE_ADJ, READ_AHEAD_KB, START_READ_AHEAD_KB
 from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
 
 DEFAULT_READY_TIMEOUT_S = 30.0
@@ -31,6 +31,7 @@ class LazyLayerSettings:
     workers: int = DEFAULT_WORKERS
     allow_other: bool = True
     read_ahead_kb: int = READ_AHEAD_KB
+    start_read_ahead_kb: int = START_READ_AHEAD_KB
     read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS
     prefetch: bool = True
     background: BackgroundSettings = field(default_factory=BackgroundSettings)
@@ -54,6 +55,7 @@ class LazyLayerSettings:
             cache_reserve=DiskReserve(config.cache.min_free_bytes, config.cache.min_free_percent),
             fetch_timeout=config.remote.fetch_timeout_seconds,
             read_ahead_kb=config.fuse.read_ahead_kb,
+            start_read_ahead_kb=config.fuse.start_read_ahead_kb,
             read_ahead_spans=config.fetch.read_ahead_spans,
             prefetch=config.fetch.prefetch,
             background=BackgroundSettings(

@@ -195,11 +195,17 @@ def compress(tar: bytes, kind: str) -> bytes:
     return b"".join(compressor.compress(tar[i : i + step]) for i in range(0, len(tar), step))
 
 
-def built_index(blob: bytes, kind: str, span_size: int = SPAN_SIZE) -> LayerIndex:
-    """The index the real builder makes for the blob (duplicates resolved, spans verified)."""
+def built_index(
+    blob: bytes, kind: str, span_size: int = SPAN_SIZE, file_cut_min: int = 0
+) -> LayerIndex:
+    """The index the real builder makes for the blob (duplicates resolved, spans verified);
+    file_cut_min > 0: spans also cut at file starts (`index build --file-cut-min`)."""
     from snapshotter.index.build import build_layer_index
 
-    return build_layer_index(io.BytesIO(blob), media_type=MEDIA_TYPES[kind], span_size=span_size)
+    return build_layer_index(
+        io.BytesIO(blob), media_type=MEDIA_TYPES[kind], span_size=span_size,
+        file_cut_min=file_cut_min,
+    )  # fmt: skip
 
 
 # -- what the mounted layer must show -----------------------------------------------------------

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from snapshotter.core.layers import RemoteLayerUnavailable
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.mount_spec import READ_AHEAD_KB, START_READ_AHEAD_KB
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.spans import spans_for_range
@@ -121,9 +124,128 @@ def test_the_mount_is_read_only_and_tuned_for_big_reads(
     assert failure.value.errno == errno.EROFS
     with pytest.raises(OSError):
         (mnt / "new").write_text("x")
+    # a small read-ahead while the layer's start goes on, 1 MiB FUSE reads once its
+    # background fetch starts (the layer quiet for background_quiet_seconds)
+    assert _read_ahead_kb(mnt) == START_READ_AHEAD_KB
+    deadline = time.monotonic() + BackgroundSettings().quiet_seconds + 10
+    while time.monotonic() < deadline and _read_ahead_kb(mnt) != READ_AHEAD_KB:
+        time.sleep(0.1)
+    assert _read_ahead_kb(mnt) == READ_AHEAD_KB
+
+
+def _read_ahead_kb(mnt: Path) -> int:
     dev = os.stat(mnt).st_dev
-    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    assert bdi.read_text().strip() == "4096"
+    return int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text())
+
+
+BIG_FILE_MB = 16
+# What a shared object's loader does: map the file, touch one page.
+MAP_AND_TOUCH = """
+import mmap, sys
+with open(sys.argv[1], "rb") as file:
+    with mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        at = int(sys.argv[2])
+        sys.stdout.buffer.write(mapped[at : at + 4096])
+"""
+
+
+def _bytes_requested_once_settled(server: BlobServer) -> int:
+    """The bytes asked of server once no request came for a while: the kernel's read-around
+    sends its other reads beside the faulting one, and they may still be on their way."""
+    deadline = time.monotonic() + 10
+    seen = -1
+    while time.monotonic() < deadline and server.request_count() != seen:
+        seen = server.request_count()
+        time.sleep(0.5)
+    return sum(last - first + 1 for first, last in list(server.requests))
+
+
+@pytest.mark.parametrize("start_read_ahead_kb", [START_READ_AHEAD_KB, READ_AHEAD_KB])
+def test_a_page_fault_during_the_start_fetches_the_spans_around_it_not_the_file(
+    start_read_ahead_kb: int, tmp_path: Path
+) -> None:
+    # What a shared object's loader does: map the file, touch a page in the middle. At a 4 MiB
+    # read-ahead the kernel reads 4 MiB around the fault; during the start, 128 KiB.
+    data = os.urandom(BIG_FILE_MB << 20)
+    tar = make_tar([Member("lib", tarfile.DIRTYPE, mode=0o755), Member("lib/big.so", data=data)])
+    layer = Layer(tar, tar, built_index(tar, "tar"))
+    manager = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=FETCH_TIMEOUT,
+            start_read_ahead_kb=start_read_ahead_kb,
+            background=BackgroundSettings(enabled=False),
+        )
+    )
+    try:
+        mnt = _mount(manager, layer, tmp_path / "fs")
+        assert _read_ahead_kb(mnt) == start_read_ahead_kb
+        middle = (BIG_FILE_MB << 20) // 2
+        # In a process of its own: the blob server answers from this one, and a page fault
+        # here would hold the GIL it needs.
+        touched = subprocess.run(
+            [sys.executable, "-c", MAP_AND_TOUCH, str(mnt / "lib/big.so"), str(middle)],
+            check=True,
+            capture_output=True,
+        ).stdout
+        assert touched == data[middle : middle + 4096]
+        fetched = _bytes_requested_once_settled(layer.server)
+        if start_read_ahead_kb == START_READ_AHEAD_KB:
+            assert fetched <= 4 * SPAN_SIZE + (START_READ_AHEAD_KB << 10)
+        else:  # today's read-ahead after the start, and before this change during it too
+            assert fetched >= 2 << 20
+    finally:
+        manager.unmount(str(tmp_path / "fs"))
+        layer.server.stop()
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_random_reads_from_many_threads_match_the_tar_with_file_aware_spans(
+    kind: str, tmp_path: Path
+) -> None:
+    # Small spans cut at file starts, a small start read-ahead, reads of neighbouring spans
+    # arriving together (and fetched together): every byte still equals the tar's.
+    rng = random.Random(15)
+    members = [Member("pkg", tarfile.DIRTYPE, mode=0o755)]
+    members += [
+        Member(f"pkg/m{i:02}.py", data=rng.randbytes(rng.randint(1, 40 << 10))) for i in range(40)
+    ]
+    members += [Member(f"pkg/big{i}.so", data=rng.randbytes(12 * SPAN_SIZE)) for i in range(2)]
+    tar = make_tar(members)
+    blob = compress(tar, kind)
+    layer = Layer(tar, blob, built_index(blob, kind, file_cut_min=SPAN_SIZE // 4))
+    assert len(layer.index.spans) > len(built_index(blob, kind).spans)  # cut at files too
+    manager = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=FETCH_TIMEOUT,
+            background=BackgroundSettings(enabled=False),
+        )
+    )
+    try:
+        mnt = _mount(manager, layer, tmp_path / "fs")
+        files = [m for m in members if m.kind == tarfile.REGTYPE]
+        reads = []
+        for _ in range(400):
+            member = rng.choice(files)
+            offset = rng.randrange(len(member.data))
+            reads.append((member, offset, rng.randint(1, 3 * SPAN_SIZE)))
+
+        def read(job: tuple[Member, int, int]) -> bool:
+            member, offset, length = job
+            fd = os.open(mnt / member.name, os.O_RDONLY)
+            try:
+                return os.pread(fd, length, offset) == member.data[offset : offset + length]
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert all(pool.map(read, reads))
+    finally:
+        manager.unmount(str(tmp_path / "fs"))
+        layer.server.stop()
 
 
 def test_overlay_hides_what_the_lazy_layer_whites_out(

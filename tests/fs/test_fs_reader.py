@@ -16,10 +16,12 @@ from snapshotter.fs.blob_source import FileBlobSource
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.reader import LayerReader, SpanReadError
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
-from snapshotter.index.spans import spans_for_range
+from snapshotter.index.spans import fetch_range, spans_for_range
 from tests.fs.fs_helpers import (
     SPAN_SIZE,
     BlobServer,
+    Member,
+    _data,
     built_index,
     compress,
     make_tar,
@@ -262,3 +264,63 @@ def test_two_indexes_of_one_blob_sharing_a_cache_each_read_their_own_spans(
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip", "zstd"])
+def test_reads_of_adjacent_spans_queued_behind_busy_workers_share_one_request(
+    kind: str, tmp_path: Path
+) -> None:
+    # The kernel sends several reads of one file at once, each with its own missing span: the
+    # worker that takes up the first of them fetches them all in one Range request.
+    tar = make_tar(
+        [
+            Member("lib.so", data=_data("lib", 8 * SPAN_SIZE)),
+            Member("other", data=_data("other", 8 * SPAN_SIZE)),
+        ]
+    )
+    blob = compress(tar, kind)
+    index = built_index(blob, kind)
+    lib, other = _entry(index, "lib.so"), _entry(index, "other")
+    spans = spans_for_range(index, lib.offset, lib.offset + lib.size)[:3]
+    other_span = spans_for_range(index, other.offset + other.size - 1, other.offset + other.size)[0]
+    assert len(spans) == 3 and other_span > spans[-1] + 1
+    server = BlobServer(blob)
+    reader = LayerReader(
+        index,
+        UrlBlobSource(server.url, timeout=TIMEOUT, digest=index.layer_digest),
+        SpanCache(tmp_path, 1 << 30),
+        workers=1,
+        fetch_timeout=10 * TIMEOUT,
+        read_ahead_spans=0,
+    )
+    held = threading.Event()
+    server.gates[fetch_range(index, other_span)[0]] = held  # the one worker: busy with it
+    results: dict[int, bytes] = {}
+
+    def read_span(span_no: int) -> None:
+        offset = max(index.spans[span_no].uncompressed_start, lib.offset) - lib.offset
+        results[span_no] = reader.read(lib, offset, 100)
+
+    busy = threading.Thread(target=reader.read, args=(other, other.size - 1, 1))
+    busy.start()
+    server.wait_for_requests(1)
+    readers = [threading.Thread(target=read_span, args=(span_no,)) for span_no in spans]
+    for thread in readers:
+        thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while reader.counters().demand_misses < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # each read claims its span, then waits for it
+    assert reader.counters().demand_misses == 4
+    held.set()
+    for thread in [busy, *readers]:
+        thread.join()
+    assert server.request_count() == 2  # the held span's, then one for the three
+    assert server.requests[1] == (
+        fetch_range(index, spans[0])[0],
+        fetch_range(index, spans[2])[1] - 1,
+    )
+    for span_no, data in results.items():
+        offset = max(index.spans[span_no].uncompressed_start, lib.offset)
+        assert data == tar[offset : offset + 100]
+    reader.close()
+    server.stop()

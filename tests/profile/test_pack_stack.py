@@ -230,7 +230,9 @@ def test_a_chunk_whose_digest_does_not_match_falls_back_to_spans(
     assert "chunk 0: sha256" in log and "not the profile's 0000" in log
     assert (mnt / "data/b").read_bytes() == image.files["data/b"]
     assert _counters(mnt)["pack_reads"] == 0
-    deadline = time.monotonic() + 10  # without a pack: the full read-ahead, within 2 s
+    # without a pack: the full read-ahead once the layer's start is over (its reads quiet for
+    # background_quiet_seconds: background fetch is off here)
+    deadline = time.monotonic() + BackgroundSettings().quiet_seconds + 10
     while time.monotonic() < deadline and _read_ahead_kb(mnt) != READ_AHEAD_KB:
         time.sleep(0.1)
     assert _read_ahead_kb(mnt) == READ_AHEAD_KB
