@@ -7,13 +7,19 @@ extracted to a plain directory, interleaved, chrooted, no container runtime in b
 
 One more warm run is traced (`strace -f -e trace=read -e read=all` on every mount process:
 each FUSE request's header names its opcode), so the request counts come from a run that is
-not timed. Prints one JSON document.
+not timed. Around every timed warm run, the CPU time each thread of the machine used during it
+is taken from /proc (utime + stime, with its nice value and I/O priority class), so the output
+names the post-start work that ran beside the import (`cpu_during_warm_runs`), and whether the
+node's busy clock (fs/activity.py) saw the run start (`busy_gate_saw_warm_runs`). Prints one
+JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import re
 import shutil
 import statistics
@@ -22,12 +28,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.images import read_layout
 from harness.procs import run
 from harness.registry import start_registry
+from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.lazylayers.layers import LazyLayers
@@ -61,6 +69,64 @@ OPCODES = {
 }
 # strace's hex dump of a read's data: " | 00000  28 00 00 00 03 00 00 00 ..."
 _DUMP = re.compile(r"\| 00000  ((?:[0-9a-f]{2} ){8})")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_IOPRIO_CLASSES = {0: "none", 1: "rt", 2: "be", 3: "idle"}
+
+
+@dataclass(frozen=True)
+class _ThreadCpu:
+    label: str  # process (its command, short) / thread name, nice, I/O class
+    ticks: int
+
+
+def _label(pid: str, tid: str, fields: list[str]) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    words = [w.decode(errors="replace") for w in argv if w]
+    module = next((w for w in words if w.startswith(("snapshotter.", "bench."))), "")
+    command = module or " ".join(Path(w).name for w in words[:2])
+    comm = fields[0]
+    nice = int(fields[16])  # field 19 of stat: nice (0-based after the comm is cut off: 16)
+    ioprio = _IOPRIO_CLASSES.get(_io_class(int(tid)), "?")
+    return f"{command} / {comm} (nice {nice}, io {ioprio})"
+
+
+def _io_class(tid: int) -> int:
+    result: int = _LIBC.syscall(_SYS_IOPRIO_GET, 1, tid)  # IOPRIO_WHO_PROCESS: one thread
+    return max(0, result) >> 13
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYS_IOPRIO_GET = 252  # x86_64
+
+
+def _thread_cpu() -> dict[str, _ThreadCpu]:
+    """Every thread's CPU ticks so far, by pid/tid."""
+    found: dict[str, _ThreadCpu] = {}
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        pid, tid = task.parent.parent.name, task.name
+        found[f"{pid}/{tid}"] = _ThreadCpu(_label(pid, tid, [comm, *fields[1:]]), ticks)
+    return found
+
+
+def _cpu_used(before: dict[str, _ThreadCpu], after: dict[str, _ThreadCpu]) -> Counter[str]:
+    used: Counter[str] = Counter()
+    for key, thread in after.items():
+        spent = thread.ticks - (before[key].ticks if key in before else 0)
+        if spent > 0:
+            used[thread.label] += spent
+    return used
 
 
 def _timed(root: Path) -> float:
@@ -162,9 +228,26 @@ def main(argv: list[str] | None = None) -> int:
         result["lazy_cold_s"] = _timed(lazy_root)
         result["plain_first_s"] = _timed(plain_root)
         times: dict[str, list[float]] = {"lazy": [], "plain": []}
+        cpu: dict[str, Counter[str]] = {"lazy": Counter(), "plain": Counter()}
+        activity = NodeActivity(work / "cache")
+        gate_saw = []
         for _ in range(args.rounds):
-            times["lazy"].append(_timed(lazy_root))
-            times["plain"].append(_timed(plain_root))
+            for kind, root in (("lazy", lazy_root), ("plain", plain_root)):
+                before = _thread_cpu()
+                times[kind].append(_timed(root))
+                cpu[kind] += _cpu_used(before, _thread_cpu())
+                if kind == "lazy":
+                    gate_saw.append(activity.seconds_since_busy() <= times[kind][-1] + 0.05)
+        result["busy_gate_saw_warm_runs"] = gate_saw
+        # CPU seconds per thread over all warm runs of each kind, the import's own left out.
+        result["cpu_during_warm_runs"] = {
+            kind: {
+                label: round(ticks / _CLOCK_TICKS, 2)
+                for label, ticks in used.most_common(12)
+                if "python3 -c" not in label and ticks > 1
+            }
+            for kind, used in cpu.items()
+        }
         result["warm_s"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
         result["warm_median_ratio"] = round(
             statistics.median(times["lazy"]) / statistics.median(times["plain"]), 3
