@@ -104,10 +104,32 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _SYS_IOPRIO_GET = 252  # x86_64
 
 
+def _ours() -> set[str]:
+    """This process's descendants (mount processes, helpers, the registry) and the kernel's
+    threads (writeback): the machine is shared, other people's work is left out."""
+    parents: dict[str, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parents[stat.parent.name] = text[text.rindex(")") + 2 :].split()[1]
+    ours = {str(os.getpid()), "2"}
+    changed = True
+    while changed:
+        added = {pid for pid, parent in parents.items() if parent in ours and pid not in ours}
+        ours |= added
+        changed = bool(added)
+    return ours
+
+
 def _thread_cpu() -> dict[str, _ThreadCpu]:
-    """Every thread's CPU ticks so far, by pid/tid."""
+    """The CPU ticks so far of every thread of _ours(), by pid/tid."""
     found: dict[str, _ThreadCpu] = {}
+    ours = _ours()
     for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+        if task.parent.parent.name not in ours:
+            continue
         try:
             text = (task / "stat").read_text()
         except OSError:
