@@ -4,6 +4,12 @@ cached and the kernel has seen every file once) against the same overlay of the 
 extracted to a plain directory, interleaved, chrooted, no container runtime in between.
 
     sudo /opt/lazysnap-venv/bin/python -m bench.warm_fuse [--rounds 5] [--no-background]
+        [--gap 6] [--materialize]
+
+Back to back (--gap 0), the warm runs keep the node busy and the work that follows a cold run
+(background fetch, completion check, with --materialize the copy to plain files) never starts
+between them; with --gap longer than the quiet period (5 s) it has started when each round's
+runs come, as when a second container starts a while after the first.
 
 One more warm run is traced (`strace -f -e trace=read -e read=all` on every mount process:
 each FUSE request's header names its opcode), so the request counts come from a run that is
@@ -197,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.warm_fuse", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-background", action="store_true", help="mounts without it")
+    parser.add_argument("--gap", type=float, default=0.0, help="seconds idle before each round")
+    parser.add_argument("--materialize", action="store_true", help="copy complete layers")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lzwarm-", dir="/tmp"))
     registry = start_registry(work / "registry")
@@ -205,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             str(work / "cache"),
             8 << 30,
             background=BackgroundSettings(enabled=not args.no_background),
+            materialize=args.materialize and not args.no_background,
         )
     )
     mountpoints: list[Path] = []
@@ -246,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "command": " ".join(COMMAND),
             "background": not args.no_background,
+            "materialize": args.materialize and not args.no_background,
+            "gap_s": args.gap,
         }
         result["lazy_cold_s"] = _timed(lazy_root)
         result["plain_first_s"] = _timed(plain_root)
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         activity = NodeActivity(work / "cache")
         gate_saw = []
         for _ in range(args.rounds):
+            time.sleep(args.gap)
             for kind, root in (("lazy", lazy_root), ("plain", plain_root)):
                 before = _thread_cpu()
                 times[kind].append(_timed(root))
