@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = registry_layer_spec(
                     str(ref.repository), layer.digest, layer.size, index, access
                 )
+                # As the daemon's: the completion check hashes against it, and only a layer
+                # checked against its diffID is copied to plain files.
+                spec = dataclasses.replace(spec, diff_id=layer.diff_id)
                 lazy.mount_layer(str(mountpoint), spec)
                 mountpoints.append(mountpoint)
         lazy_root = _overlay(mountpoints, work, "lazy")
