@@ -280,17 +280,17 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, Counter[str]] = {"lazy": Counter(), "plain": Counter()}
         activity = NodeActivity(work / "cache")
         gate_saw = []
-        dropped: dict[str, list[bool]] = {"lazy": [], "plain": []}
+        dropped = []  # rounds in which someone dropped the machine's caches (gap included)
         for _ in range(args.rounds):
+            drops = _cache_drops()
             time.sleep(args.gap)
             for kind, root in (("lazy", lazy_root), ("plain", plain_root)):
                 before = _thread_cpu()
-                drops = _cache_drops()
                 times[kind].append(_timed(root))
-                dropped[kind].append(_cache_drops() != drops)
                 cpu[kind] += _cpu_used(before, _thread_cpu())
                 if kind == "lazy":
                     gate_saw.append(activity.seconds_since_busy() <= times[kind][-1] + 0.05)
+            dropped.append(_cache_drops() != drops)
         result["busy_gate_saw_warm_runs"] = gate_saw
         # CPU seconds per thread over all warm runs of each kind, the import's own left out.
         result["cpu_during_warm_runs"] = {
@@ -305,15 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         result["warm_median_ratio"] = round(
             statistics.median(times["lazy"]) / statistics.median(times["plain"]), 3
         )
-        # Rounds in which someone dropped the machine's caches during either run left out.
-        clean = [
-            n
-            for n in range(args.rounds)
-            if not dropped["lazy"][n]
-            and not (n > 0 and dropped["plain"][n - 1])
-            and not dropped["plain"][n]
-        ]
-        result["rounds_with_caches_dropped"] = [n for n in range(args.rounds) if n not in clean]
+        clean = [n for n in range(args.rounds) if not dropped[n]]
+        result["rounds_with_caches_dropped"] = [n for n in range(args.rounds) if dropped[n]]
         if clean:
             result["warm_median_ratio_clean_rounds"] = round(
                 statistics.median(times["lazy"][n] for n in clean)
