@@ -42,6 +42,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -268,12 +269,10 @@ def _run_bounded(
         raise _HelperError(f"{command[0]}: {exc.strerror}") from exc
     stopped = ""
     paused = False
+    ended = _exit_waiter(child)
     while True:
-        try:
-            child.wait(WATCH_INTERVAL_S)
+        if ended(WATCH_INTERVAL_S):
             break
-        except subprocess.TimeoutExpired:
-            pass
         if node_busy() != paused:
             paused = not paused
             child.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
@@ -290,14 +289,42 @@ def _run_bounded(
             )
         if stopped:
             child.kill()  # SIGKILL ends a stopped process too
-            child.wait()
+            ended(None)  # and the waiter lets go of its pidfd
             break
+    child.wait()
     assert child.stderr is not None
     errors = child.stderr.read().decode(errors="replace")
     child.stderr.close()
     if not stopped and child.returncode != 0:
         stopped = f"cp failed (exit {child.returncode}): {_first_lines(errors)}"
     return stopped
+
+
+def _exit_waiter(child: subprocess.Popen[bytes]) -> Callable[[float | None], bool]:
+    """A wait for child's exit of at most some seconds (None: until it ends), True once it
+    ended: one wake-up per call through a pidfd (Popen.wait(timeout) polls every few ms: CPU
+    the node's next start could use)."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except (OSError, AttributeError):  # an old kernel: Popen's own polling wait
+
+        def polled(seconds: float | None) -> bool:
+            try:
+                child.wait(seconds)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+
+        return polled
+
+    def waited(seconds: float | None) -> bool:
+        readable, _, _ = select.select([pidfd], [], [], seconds)
+        if readable or child.poll() is not None:
+            os.close(pidfd)
+            return True
+        return False
+
+    return waited
 
 
 def _busy_gate(mountpoint: str, clock: Clock) -> BusyGate:
