@@ -40,11 +40,11 @@ from pathlib import Path
 from bench import command_line
 from snapshotter.fs.background import DEFAULT_RATE_BYTES
 from snapshotter.fs.cache import SpanCache
+from snapshotter.fs.low_priority import HELPER_PREFIX as NICE
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index
 from snapshotter.index.model import DEFAULT_SPAN_SIZE, LayerIndex
 from snapshotter.index.spans import inflate_span
-from snapshotter.lazylayers.completion import NICE
 
 REPO = Path(__file__).resolve().parents[1]
 

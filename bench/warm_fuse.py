@@ -4,16 +4,29 @@ cached and the kernel has seen every file once) against the same overlay of the 
 extracted to a plain directory, interleaved, chrooted, no container runtime in between.
 
     sudo /opt/lazysnap-venv/bin/python -m bench.warm_fuse [--rounds 5] [--no-background]
+        [--gap 6] [--materialize]
+
+Back to back (--gap 0), the warm runs keep the node busy and the work that follows a cold run
+(background fetch, completion check, with --materialize the copy to plain files) never starts
+between them; with --gap longer than the quiet period (5 s) it has started when each round's
+runs come, as when a second container starts a while after the first.
 
 One more warm run is traced (`strace -f -e trace=read -e read=all` on every mount process:
 each FUSE request's header names its opcode), so the request counts come from a run that is
-not timed. Prints one JSON document.
+not timed. Around every timed warm run, the CPU time each thread of the machine used during it
+is taken from /proc (utime + stime, with its nice value and I/O priority class), so the output
+names the post-start work that ran beside the import (`cpu_during_warm_runs`), and whether the
+node's busy clock (fs/activity.py) saw the run start (`busy_gate_saw_warm_runs`). Prints one
+JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
 import json
+import os
 import re
 import shutil
 import statistics
@@ -22,12 +35,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.images import read_layout
 from harness.procs import run
 from harness.registry import start_registry
+from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.index.model import MAX_INDEX_BLOB_SIZE
 from snapshotter.lazylayers.layers import LazyLayers
@@ -61,6 +76,98 @@ OPCODES = {
 }
 # strace's hex dump of a read's data: " | 00000  28 00 00 00 03 00 00 00 ..."
 _DUMP = re.compile(r"\| 00000  ((?:[0-9a-f]{2} ){8})")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_IOPRIO_CLASSES = {0: "none", 1: "rt", 2: "be", 3: "idle"}
+
+
+@dataclass(frozen=True)
+class _ThreadCpu:
+    label: str  # process (its command, short) / thread name, nice, I/O class
+    ticks: int
+
+
+def _label(pid: str, tid: str, fields: list[str]) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    words = [w.decode(errors="replace") for w in argv if w]
+    module = next((w for w in words if w.startswith(("snapshotter.", "bench."))), "")
+    command = module or " ".join(Path(w).name for w in words[:2])
+    comm = fields[0]
+    nice = int(fields[16])  # field 19 of stat: nice (0-based after the comm is cut off: 16)
+    ioprio = _IOPRIO_CLASSES.get(_io_class(int(tid)), "?")
+    return f"{command} / {comm} (nice {nice}, io {ioprio})"
+
+
+def _io_class(tid: int) -> int:
+    result: int = _LIBC.syscall(_SYS_IOPRIO_GET, 1, tid)  # IOPRIO_WHO_PROCESS: one thread
+    return max(0, result) >> 13
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYS_IOPRIO_GET = 252  # x86_64
+
+
+def _ours() -> set[str]:
+    """This process's descendants (mount processes, helpers, the registry) and the kernel's
+    threads (writeback): the machine is shared, other people's work is left out."""
+    parents: dict[str, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parents[stat.parent.name] = text[text.rindex(")") + 2 :].split()[1]
+    ours = {str(os.getpid()), "2"}
+    changed = True
+    while changed:
+        added = {pid for pid, parent in parents.items() if parent in ours and pid not in ours}
+        ours |= added
+        changed = bool(added)
+    return ours
+
+
+def _thread_cpu() -> dict[str, _ThreadCpu]:
+    """The CPU ticks so far of every thread of _ours(), by pid/tid."""
+    found: dict[str, _ThreadCpu] = {}
+    ours = _ours()
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+        if task.parent.parent.name not in ours:
+            continue
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        pid, tid = task.parent.parent.name, task.name
+        found[f"{pid}/{tid}"] = _ThreadCpu(_label(pid, tid, [comm, *fields[1:]]), ticks)
+    return found
+
+
+def _cpu_used(before: dict[str, _ThreadCpu], after: dict[str, _ThreadCpu]) -> Counter[str]:
+    used: Counter[str] = Counter()
+    for key, thread in after.items():
+        spent = thread.ticks - (before[key].ticks if key in before else 0)
+        if spent > 0:
+            used[thread.label] += spent
+    return used
+
+
+def _cache_drops() -> int:
+    """Times anyone on the machine dropped the page cache or the dentry/inode caches so far
+    (/proc/vmstat): a warm run after that is a cold one. The machine is shared, and other
+    benchmarks (bench.startup's cold node, seqread) drop them machine-wide."""
+    drops = 0
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, value = line.split()
+        if name in ("drop_pagecache", "drop_slab"):
+            drops += int(value)
+    return drops
 
 
 def _timed(root: Path) -> float:
@@ -109,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.warm_fuse", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-background", action="store_true", help="mounts without it")
+    parser.add_argument("--gap", type=float, default=0.0, help="seconds idle before each round")
+    parser.add_argument("--materialize", action="store_true", help="copy complete layers")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lzwarm-", dir="/tmp"))
     registry = start_registry(work / "registry")
@@ -117,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             str(work / "cache"),
             8 << 30,
             background=BackgroundSettings(enabled=not args.no_background),
+            materialize=args.materialize and not args.no_background,
         )
     )
     mountpoints: list[Path] = []
@@ -150,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = registry_layer_spec(
                     str(ref.repository), layer.digest, layer.size, index, access
                 )
+                # As the daemon's: the completion check hashes against it, and only a layer
+                # checked against its diffID is copied to plain files.
+                spec = dataclasses.replace(spec, diff_id=layer.diff_id)
                 lazy.mount_layer(str(mountpoint), spec)
                 mountpoints.append(mountpoint)
         lazy_root = _overlay(mountpoints, work, "lazy")
@@ -158,17 +271,48 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "command": " ".join(COMMAND),
             "background": not args.no_background,
+            "materialize": args.materialize and not args.no_background,
+            "gap_s": args.gap,
         }
         result["lazy_cold_s"] = _timed(lazy_root)
         result["plain_first_s"] = _timed(plain_root)
         times: dict[str, list[float]] = {"lazy": [], "plain": []}
+        cpu: dict[str, Counter[str]] = {"lazy": Counter(), "plain": Counter()}
+        activity = NodeActivity(work / "cache")
+        gate_saw = []
+        dropped = []  # rounds in which someone dropped the machine's caches (gap included)
         for _ in range(args.rounds):
-            times["lazy"].append(_timed(lazy_root))
-            times["plain"].append(_timed(plain_root))
+            drops = _cache_drops()
+            time.sleep(args.gap)
+            for kind, root in (("lazy", lazy_root), ("plain", plain_root)):
+                before = _thread_cpu()
+                times[kind].append(_timed(root))
+                cpu[kind] += _cpu_used(before, _thread_cpu())
+                if kind == "lazy":
+                    gate_saw.append(activity.seconds_since_busy() <= times[kind][-1] + 0.05)
+            dropped.append(_cache_drops() != drops)
+        result["busy_gate_saw_warm_runs"] = gate_saw
+        # CPU seconds per thread over all warm runs of each kind, the import's own left out.
+        result["cpu_during_warm_runs"] = {
+            kind: {
+                label: round(ticks / _CLOCK_TICKS, 2)
+                for label, ticks in used.most_common(12)
+                if "python3 -c" not in label and ticks > 1
+            }
+            for kind, used in cpu.items()
+        }
         result["warm_s"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
         result["warm_median_ratio"] = round(
             statistics.median(times["lazy"]) / statistics.median(times["plain"]), 3
         )
+        clean = [n for n in range(args.rounds) if not dropped[n]]
+        result["rounds_with_caches_dropped"] = [n for n in range(args.rounds) if dropped[n]]
+        if clean:
+            result["warm_median_ratio_clean_rounds"] = round(
+                statistics.median(times["lazy"][n] for n in clean)
+                / statistics.median(times["plain"][n] for n in clean),
+                3,
+            )
         result["fuse_requests_warm_run"] = dict(
             _traced_requests(lazy_root, _mount_pids(mountpoints), work / "strace.txt")
         )

@@ -1,11 +1,13 @@
 """Background fetch: after a quiet period, fetch the rest of a layer at a bounded rate, so a node
 converges to having every lazily mounted layer fully local.
 
-One low-priority (nice 19) thread per mount. It only works while the node is quiet (no read of
-any layer sharing the span cache has had to go to the network for `quiet_seconds`, no
+One low-priority thread per mount (nice 19, idle I/O class, named lazysnap-bg:
+low_priority.py). It only works while the node is quiet (no read of any layer sharing the span
+cache has had to go to the network for `quiet_seconds`, no
 startup-profile prefetch of this layer is running, and no mount of the node has served a burst
 of FUSE requests for `quiet_seconds`, which yields to a busy node for at most
-`activity.MAX_BUSY_DEFERRAL_S`), fetches one span per request in layer order
+`activity.MAX_BUSY_DEFERRAL_S`; it looks again before every span, so a container that starts
+meanwhile waits for one span at most), fetches one span per request in layer order
 on its own thread (on-demand reads keep the reader's workers and never queue behind it), paces
 itself to `rate_bytes` compressed bytes per second, and stops for good when every span is cached
 or when the next span would push the shared cache past `CACHE_HIGH_WATER` of its bound, or its
@@ -22,14 +24,13 @@ that is gone for long costs a request every few minutes, not a stream of them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
 
 from snapshotter.fs.activity import BusyGate, NodeActivity
+from snapshotter.fs.low_priority import lower_this_thread
 from snapshotter.fs.reader import LayerReader
 
 log = logging.getLogger("lazysnap.fs")
@@ -83,11 +84,10 @@ class BackgroundFetcher(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        # Lowest CPU priority for this thread only (Linux: nice is per thread): its inflating
-        # must not slow a container that is starting. It holds the GIL little (zlib and
-        # sha256 release it), so FUSE threads of this process do not wait behind it.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        # Lowest CPU and I/O priority for this thread only (Linux keeps both per thread): its
+        # inflating must not slow a container that is starting. It holds the GIL little (zlib
+        # and sha256 release it), so FUSE threads of this process do not wait behind it.
+        lower_this_thread("lazysnap-bg")
         try:
             self.state = self._work()
         except Exception:  # never take the mount down: on-demand reads still work

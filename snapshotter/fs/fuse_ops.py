@@ -131,13 +131,13 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return node
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        self.busy_meter.tick()
+        self.busy_meter.tick(_caller_pid())
         self._check_refused(path)
         node = self.tree.inode(fh) if fh else None
         return _attributes(node or self._node(path))
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        self.busy_meter.tick()
+        self.busy_meter.tick(_caller_pid())
         self._check_refused()
         node = self._node(path)
         if not node.is_dir:
@@ -153,7 +153,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return entries
 
     def readlink(self, path: str) -> str:
-        self.busy_meter.tick()
+        self.busy_meter.tick(_caller_pid())
         node = self._node(path)
         if not stat.S_ISLNK(node.mode):
             raise _fail(errno.EINVAL)
@@ -195,7 +195,7 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         raise _fail(errno.ENOSYS)
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        self.busy_meter.tick()
+        self.busy_meter.tick(_caller_pid())
         self._check_refused()
         node = self.tree.inode(fh) if fh else None
         if node is None and path is not None:
@@ -224,6 +224,12 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
             )
             raise _fail(errno.EIO)
         return data
+
+
+def _caller_pid() -> int:
+    """The pid of the process whose request this thread serves (0 outside a request)."""
+    context = mfusepy._libfuse.fuse_get_context()
+    return int(context.contents.pid) if context else 0
 
 
 def _attributes(node: Inode) -> dict[str, int]:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from snapshotter.fs import credential_channel
 from snapshotter.fs.access_log import AccessLog
-from snapshotter.fs.activity import BusyMeter
 from snapshotter.fs.background import (
     BackgroundFetcher,
     BackgroundState,
@@ -106,7 +105,6 @@ class _StateKeeper(threading.Thread):
         self.reporter = reporter
         self.device_before = device_before
         self.background = BackgroundFetcher(reader, spec.background_settings())
-        self.busy_meter: BusyMeter | None = None  # the FUSE operations', once they exist
         self.refuse: Callable[[str], None] | None = None  # the FUSE operations' refuse()
         self.pack: PackStore | None = None
         self.refused = False
@@ -143,8 +141,6 @@ class _StateKeeper(threading.Thread):
         while not self.stopped.wait(self.spec.state_interval):
             self.check_verdict()
             self.write_state()
-            if self.background.state in _DONE and self.busy_meter:
-                self.busy_meter.counting = False  # see BusyMeter.counting
             if self.pack is not None:
                 if self.background.state is BackgroundState.COMPLETE:
                     self.pack.release()  # every span is local: the pack's room goes back
@@ -366,7 +362,6 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         operations = fuse_ops.LayerOperations(tree, reader, access_log)
         if refused_before is not None:
             operations.refused = refused_before
-        keeper.busy_meter = operations.busy_meter
         keeper.refuse = operations.refuse
         fuse_ops.serve(
             operations,

@@ -16,8 +16,10 @@ order, through SpanCache.read (each span file hashed against its digest again), 
 
 Memory stays bounded (one chunk of one span at a time, plus the TOC the index already holds).
 It runs as a helper process at background priority (`python -m snapshotter.lazylayers.completion
---spec FILE`, under nice/ionice), never on the daemon's GIL; the daemon runs it through
-CompletionCheck and reads one JSON line from its stdout.
+--spec FILE`, under nice 19 and the idle I/O class), never on the daemon's GIL; the daemon runs
+it through CompletionCheck and reads one JSON line from its stdout. Before each chunk it looks
+at the node's busy gate (fs/activity.py) and waits while a container starts, so a start that
+comes while it runs shares the cores with one chunk of it at most.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import hashlib
 import json
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
+from snapshotter.fs.low_priority import HELPER_PREFIX
 from snapshotter.index.errors import InvalidLayer
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.tar_toc import TarTocParser
@@ -38,8 +43,9 @@ from snapshotter.index.toc_compare import first_difference
 from snapshotter.lazylayers.helper_process import CancellableProcess, HelperCancelled
 
 HELPER_MODULE = "snapshotter.lazylayers.completion"
-NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")  # as the materialize copy
-CHUNK = 4 << 20  # bytes of a span read (and hashed, parsed) at a time
+# Bytes of a span read (and hashed, parsed) at a time: a few ms of one core, so a start that
+# comes meanwhile waits for little before the check pauses.
+CHUNK = 1 << 20
 
 PASSED = "passed"
 FAILED = "failed"
@@ -112,9 +118,12 @@ def check_layer(
     *,
     chunk: int = CHUNK,
     pacer: Pacer | None = None,
+    before_chunk: Callable[[], object] = lambda: None,
 ) -> CheckReport:
     """Read the layer's tar stream from the cache and compare it with the diffID (when given)
-    and with the index's TOC. Never raises for what the bytes say: that is the verdict."""
+    and with the index's TOC. Never raises for what the bytes say: that is the verdict.
+    before_chunk: called before each chunk is read (the helper waits there while the node is
+    busy)."""
     pacer = pacer or Pacer(None)
     hasher = hashlib.sha256()
     parser = TarTocParser()
@@ -125,6 +134,7 @@ def check_layer(
         offset = 0
         while offset < size:
             length = min(chunk, size - offset)
+            before_chunk()
             data = cache.read(
                 index.layer_digest, number, offset, length, size, span.uncompressed_digest
             )
@@ -178,7 +188,7 @@ class CompletionCheck:
         return self._process.cancelled
 
     def command(self) -> list[str]:
-        return [*NICE, self.python, "-m", HELPER_MODULE, "--spec", self.spec_path]
+        return [*HELPER_PREFIX, self.python, "-m", HELPER_MODULE, "--spec", self.spec_path]
 
     def run(self) -> CheckReport:
         """The helper's report; CheckError if it could not give one (or was cancelled)."""
@@ -220,8 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, CacheError) as exc:
         print(f"completion check of {args.spec}: {exc}", file=sys.stderr)
         return 1
-    # Paced like background fetch: [fetch] background_rate_bytes, here uncompressed bytes.
-    report = check_layer(index, cache, spec.diff_id, pacer=Pacer(spec.background_rate_bytes, clock))
+    # Paced like background fetch: [fetch] background_rate_bytes, here uncompressed bytes;
+    # paused, like it, while a container starts.
+    gate = BusyGate(
+        NodeActivity(spec.cache_dir, clock), spec.background_quiet_seconds, fetches=True
+    )
+    never = threading.Event()
+    report = check_layer(
+        index,
+        cache,
+        spec.diff_id,
+        pacer=Pacer(spec.background_rate_bytes, clock),
+        before_chunk=lambda: gate.pause_while_busy(never),
+    )
     timed = CheckReport(
         report.result,
         report.detail,

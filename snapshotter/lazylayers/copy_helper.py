@@ -17,8 +17,12 @@ Files beside the mountpoint (their names and formats: snapshotter/sidecars.py):
 
 The copy is GNU `cp -a` (whiteouts are 0/0 character devices, opaque dirs carry
 trusted.overlay.opaque; hardlinks, xattrs, owners, modes and times are kept), run by a helper
-process (`python -m snapshotter.lazylayers.copy_helper copy MOUNTPOINT`) under unshare, nice and
-ionice. It wipes the underlying directory first (what a crashed copy left) and again when cp
+process (`python -m snapshotter.lazylayers.copy_helper copy MOUNTPOINT`) under unshare, nice 19
+and the idle I/O class (fs/low_priority.py). It yields to a container that starts meanwhile:
+its watchdog stops cp (SIGSTOP) while the node's busy gate (fs/activity.py, from the cache
+directory and quiet period in the layer's mount spec) says wait and lets it go on (SIGCONT)
+after, and the final sync, which is when most of the copy reaches the disk, waits for a quiet
+node too. It wipes the underlying directory first (what a crashed copy left) and again when cp
 fails, so a half-copied tree is never left, and never visible: it sits under the FUSE mount.
 Without the marker, anything in the underlying directory is such a leftover.
 
@@ -38,26 +42,32 @@ import contextlib
 import fcntl
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapshotter.fs.activity import BusyGate, NodeActivity
 from snapshotter.fs.cache_errors import CacheError
+from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.disk_reserve import NO_RESERVE, DiskReserve, disk_space
+from snapshotter.fs.low_priority import HELPER_PREFIX
+from snapshotter.fs.mount_spec import MountSpec, SpecError
 from snapshotter.index.model import EntryType, LayerIndex
 from snapshotter.lazylayers.helper_process import CancellableProcess, HelperCancelled
 from snapshotter.sidecars import bind_path, spec_path
 from snapshotter.tree_removal import clear_directory
 
 HELPER_MODULE = "snapshotter.lazylayers.copy_helper"
-# Low priority: the copy reads the span cache and writes the disk that containers use.
-NICE = ("nice", "-n", "19", "ionice", "-c", "2", "-n", "7")
 NAMESPACE = ("unshare", "--mount", "--propagation", "private")
 CP = ("cp", "-a", "--preserve=xattr", "--no-target-directory")  # explicit xattr: failures count
 EXIT_BUSY = 3  # another helper holds the flock on this layer
 EXIT_NEVER = 4  # the layer cannot be copied whatever is retried (its index does not allow it)
-WATCH_INTERVAL_S = 0.1
+WATCH_INTERVAL_S = 0.05  # also how soon cp is stopped once a container starts
 # Room per file and directory beyond its bytes (inode, directory entry, a partial block).
 ENTRY_OVERHEAD_BYTES = 4096
 
@@ -133,7 +143,7 @@ class Copy:
 
     def command(self) -> list[str]:
         return [
-            *NICE,
+            *HELPER_PREFIX,  # the copy reads the span cache and writes the containers' disk
             *NAMESPACE,
             self.python,
             "-m",
@@ -241,9 +251,16 @@ def _written(pid: int) -> int:
     return 0
 
 
-def _run_bounded(command: list[str], target: Path, max_bytes: int, keep_free: int) -> str:
+def _run_bounded(
+    command: list[str],
+    target: Path,
+    max_bytes: int,
+    keep_free: int,
+    node_busy: Callable[[], bool] = lambda: False,
+) -> str:
     """Run cp; kill it once it wrote more than max_bytes or the filesystem of target has less
-    than keep_free left. "" if it ended by itself, else why it was stopped."""
+    than keep_free left; stop it (SIGSTOP) while node_busy() and let it go on after. "" if it
+    ended by itself, else why it was stopped."""
     try:
         child = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -251,12 +268,14 @@ def _run_bounded(command: list[str], target: Path, max_bytes: int, keep_free: in
     except OSError as exc:
         raise _HelperError(f"{command[0]}: {exc.strerror}") from exc
     stopped = ""
+    paused = False
+    ended = _exit_waiter(child)
     while True:
-        try:
-            child.wait(WATCH_INTERVAL_S)
+        if ended(WATCH_INTERVAL_S):
             break
-        except subprocess.TimeoutExpired:
-            pass
+        if node_busy() != paused:
+            paused = not paused
+            child.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
         written = _written(child.pid)
         if written > max_bytes:
             stopped = (
@@ -269,15 +288,54 @@ def _run_bounded(command: list[str], target: Path, max_bytes: int, keep_free: in
                 "min_free_percent)"
             )
         if stopped:
-            child.kill()
-            child.wait()
+            child.kill()  # SIGKILL ends a stopped process too
+            ended(None)  # and the waiter lets go of its pidfd
             break
+    child.wait()
     assert child.stderr is not None
     errors = child.stderr.read().decode(errors="replace")
     child.stderr.close()
     if not stopped and child.returncode != 0:
         stopped = f"cp failed (exit {child.returncode}): {_first_lines(errors)}"
     return stopped
+
+
+def _exit_waiter(child: subprocess.Popen[bytes]) -> Callable[[float | None], bool]:
+    """A wait for child's exit of at most some seconds (None: until it ends), True once it
+    ended: one wake-up per call through a pidfd (Popen.wait(timeout) polls every few ms: CPU
+    the node's next start could use)."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except (OSError, AttributeError):  # an old kernel: Popen's own polling wait
+
+        def polled(seconds: float | None) -> bool:
+            try:
+                child.wait(seconds)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+
+        return polled
+
+    def waited(seconds: float | None) -> bool:
+        readable, _, _ = select.select([pidfd], [], [], seconds)
+        if readable or child.poll() is not None:
+            os.close(pidfd)
+            return True
+        return False
+
+    return waited
+
+
+def _busy_gate(mountpoint: str, clock: Clock) -> BusyGate:
+    """The node's busy gate, as the layer's mount process sees it (its spec's cache directory
+    and quiet period)."""
+    try:
+        spec = MountSpec.load(str(spec_path(mountpoint)))
+    except SpecError as exc:
+        raise _HelperError(str(exc)) from None
+    activity = NodeActivity(spec.cache_dir, clock)
+    return BusyGate(activity, spec.background_quiet_seconds, fetches=True)
 
 
 def _copy_in_namespace(mountpoint: str, reserve: DiskReserve = NO_RESERVE) -> None:
@@ -300,7 +358,7 @@ def _copy_in_namespace(mountpoint: str, reserve: DiskReserve = NO_RESERVE) -> No
         if mounted.returncode != 0:
             raise _HelperError(f"bind mount of {snapshot_dir}: {_first_lines(mounted.stderr)}")
         try:
-            _copy_into(mountpoint, bind / name, reserve)
+            _copy_into(mountpoint, bind / name, reserve, _busy_gate(mountpoint, SYSTEM_CLOCK))
         finally:
             _run(["umount", str(bind)])
     finally:
@@ -309,7 +367,12 @@ def _copy_in_namespace(mountpoint: str, reserve: DiskReserve = NO_RESERVE) -> No
             bind.rmdir()
 
 
-def _copy_into(mountpoint: str, target: Path, reserve: DiskReserve = NO_RESERVE) -> None:
+def _copy_into(
+    mountpoint: str,
+    target: Path,
+    reserve: DiskReserve = NO_RESERVE,
+    gate: BusyGate | None = None,
+) -> None:
     if not plain_directory_on_parent_fs(str(target)):
         raise _HelperError(f"{target} is not the plain directory under {mountpoint}")
     if os.stat(mountpoint).st_dev == os.stat(target).st_dev:
@@ -320,10 +383,16 @@ def _copy_into(mountpoint: str, target: Path, reserve: DiskReserve = NO_RESERVE)
         keep_free = _check_room(target, budget, reserve)
         # xattrs and symlink targets are not counted by wchar; the overhead covers them.
         stopped = _run_bounded(
-            [*CP, "--", mountpoint, str(target)], target, budget.room_bytes, keep_free
+            [*CP, "--", mountpoint, str(target)],
+            target,
+            budget.room_bytes,
+            keep_free,
+            (lambda: gate.remaining() > 0) if gate else lambda: False,
         )
         if stopped:
             raise _HelperError(stopped)
+        if gate is not None:  # the dirty pages go to disk now: not while a container starts
+            gate.pause_while_busy(threading.Event())
         synced = _run(["sync", "-f", str(target)])
         if synced.returncode != 0:
             raise _HelperError(f"sync -f {target}: {_first_lines(synced.stderr)}")

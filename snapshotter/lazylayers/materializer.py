@@ -16,7 +16,8 @@ they exit. A local layer is never mounted again (check() and a restart take the 
 MATERIALIZE_MAX_ATTEMPTS times (once if the helper says no retry can help); then the
 materializer gives up and records why beside the mountpoint (status shows "materialize failed:
 ..."; deleting that record makes it try again). Like background fetch, a copy or a check waits
-for a quiet node (no container starting).
+for a quiet node (no container starting), and pauses while one starts (between the
+check's chunks; the copy's cp is stopped with SIGSTOP until the node is quiet again).
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ class Materializer:
         self._retry: dict[str, tuple[float, float]] = {}  # mountpoint -> (not before, delay)
         self._attempts: dict[str, int] = {}  # mountpoint -> failed copies so far
         # A copy works the disk and a core: like background fetch, it waits for a quiet node.
-        self._node_activity = NodeActivity(settings.cache_dir, clock)
-        self._busy = BusyGate(self._node_activity, settings.background.quiet_seconds)
+        self._busy = BusyGate(
+            NodeActivity(settings.cache_dir, clock),
+            settings.background.quiet_seconds,
+            fetches=True,
+        )
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()  # ends the watcher
         # Held while a finished copy gets its marker and detach, and while forget() removes a
@@ -198,9 +202,6 @@ class Materializer:
         self._materialize(mountpoint, layer_digest)
 
     def _node_quiet(self) -> bool:
-        quiet = self.settings.background.quiet_seconds
-        if self._node_activity.seconds_since_foreground_fetch() < quiet:
-            return False
         return self._busy.remaining() <= 0
 
     # -- the completion check ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.url_blob import UrlBlobSource
-from snapshotter.fs.activity import MAX_BUSY_DEFERRAL_S
+from snapshotter.fs.activity import BUSY_REQUESTS, MAX_BUSY_DEFERRAL_S
 from snapshotter.fs.background import (
     CACHE_HIGH_WATER,
     ERROR_BACKOFF_S,
@@ -23,7 +23,7 @@ from snapshotter.fs.background import (
     BackgroundState,
 )
 from snapshotter.fs.cache import SpanCache
-from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
+from snapshotter.fs.clock import Clock
 from snapshotter.fs.reader import LayerReader
 from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import fetch_range
@@ -289,13 +289,20 @@ def test_a_busy_mount_keeps_background_fetch_waiting_without_any_fetch(tmp_path:
 
 def test_a_few_requests_do_not_make_the_node_busy(tmp_path: Path) -> None:
     # A long-running service reading a file now and then must not hold convergence back.
-    servers, starting, quiet = _two_layers(tmp_path, SYSTEM_CLOCK)
+    clock = ManualClock()
+    servers, starting, quiet = _two_layers(tmp_path, clock)
+    fetcher = BackgroundFetcher(quiet, BackgroundSettings(quiet_seconds=2.0, rate_bytes=1 << 30))
     try:
-        _serve_lookups(starting, 20)
-        fetcher = BackgroundFetcher(quiet, FAST)
-        _run(fetcher)
+        clock.advance(2.2)  # no fetch anywhere for longer than the quiet period
+        _serve_lookups(starting, BUSY_REQUESTS - 1)
+        fetcher.start()
+        # Not deferred: its first wait on the clock is its pacing after a span it fetched.
+        clock.wait_for_blocked(1, unless=lambda: not fetcher.is_alive())
+        assert quiet.counters().background_spans >= 1
+        _drive(clock, fetcher)
         assert _state(fetcher) is BackgroundState.COMPLETE
     finally:
+        fetcher.stop()
         for server in servers:
             server.stop()
 

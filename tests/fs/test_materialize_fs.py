@@ -369,29 +369,95 @@ def test_a_complete_layer_is_not_copied_while_the_node_is_busy(
     assert until_watcher(lambda: is_local(str(mnt)), clock, 15)
 
 
-def test_reads_of_a_fully_local_layer_do_not_make_the_node_busy(
+def _many_directories() -> Layer:
+    """30 directories of 5 files: listing them all is what a warm start does (python lists
+    each package directory it imports from, the kernel holds everything else)."""
+    members = []
+    for d in range(30):
+        members.append(Member(f"pkg-{d}", kind=tarfile.DIRTYPE, mode=0o755))
+        members += [Member(f"pkg-{d}/mod-{n}.py", data=b"%d-%d" % (d, n)) for n in range(5)]
+    tar = make_tar(members)
+    return Layer(tar, tar, built_index(tar, "tar"))
+
+
+def _walk(mnt: Path, *, niced: bool) -> None:
+    """List every directory and read every file of mnt from a process of its own: at nice 19,
+    as the copy's cp reads a complete layer, or at nice 0, as a container starting."""
+    command = ["find", str(mnt), "-type", "f", "-exec", "cat", "{}", "+"]
+    subprocess.run(["nice", "-n", "19", *command] if niced else command, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def _complete_and_counted(mnt: Path) -> None:
+    """Wait until the layer's background fetch is complete and the mount process has written
+    a state after that (it once stopped counting requests right there)."""
+    assert _wait_for(lambda: background_complete(mnt))
+    complete_at = (read_state(str(mnt)) or {})["updated_at"]
+    assert _wait_for(lambda: (read_state(str(mnt)) or {})["updated_at"] != complete_at)
+
+
+def test_reads_by_background_work_do_not_make_the_node_busy_a_warm_start_does(
     managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
 ) -> None:
-    # The copy to plain files reads a complete layer through FUSE: a burst, but not a
-    # container starting, so it must not hold back the other layers' background work.
-    members = [Member("many", kind=tarfile.DIRTYPE, mode=0o755)]
-    members += [Member(f"many/file-{n}", data=b"%d" % n) for n in range(200)]
-    tar = make_tar(members)
-    many = Layer(tar, tar, built_index(tar, "tar"))
+    # The copy to plain files reads a complete layer through FUSE at nice 19: a burst, but not
+    # a container starting, so it must not hold back the node's background work. A container
+    # starting on the same complete layer (everything cached: only directory listings reach
+    # the mount) is a start, and the node's work after it waits for it.
+    many = _many_directories()
     try:
         manager = _manager(tmp_path, clock, materialize=False)
         managers.append(manager)
         mnt = tmp_path / "fs"
         mnt.mkdir()
         manager.mount_layer(str(mnt), many.spec())
-        assert _wait_for(lambda: background_complete(mnt))
-        # The mount process stops counting right after the first state that says complete:
-        # any later state was written after that.
-        complete_at = (read_state(str(mnt)) or {})["updated_at"]
-        assert _wait_for(lambda: (read_state(str(mnt)) or {})["updated_at"] != complete_at)
-        for n in range(200):
-            assert (mnt / f"many/file-{n}").read_bytes() == b"%d" % n  # ~400 requests
-        assert NodeActivity(str(tmp_path / "cache")).seconds_since_busy() == math.inf
+        _complete_and_counted(mnt)
+        node = NodeActivity(str(tmp_path / "cache"))
+        _walk(mnt, niced=True)  # every listing and every read reaches the mount process
+        assert node.seconds_since_busy() == math.inf
+        _walk(mnt, niced=False)  # warm: 30 listings, nothing else
+        assert node.seconds_since_busy() < math.inf
+    finally:
+        many.server.stop()
+
+
+def test_a_warm_start_on_a_complete_layer_holds_its_copy_back(
+    managers: list[LazyLayers], tmp_path: Path, clock: ManualClock
+) -> None:
+    many = _many_directories()
+    settings = LazyLayerSettings(
+        str(tmp_path / "cache"),
+        1 << 30,
+        fetch_timeout=5,
+        background=QUICK,
+        materialize=True,
+        materialize_retry_s=3600,
+    )
+    try:
+        manager = LazyLayers(settings, clock=clock)
+        managers.append(manager)
+        # The copy waits for 2 s of the clock without a busy mount (the mount process's own
+        # background fetch does not wait: QUICK).
+        manager.materializer = Materializer(
+            dataclasses.replace(settings, background=BackgroundSettings(quiet_seconds=2.0)),
+            manager.ledger,
+            manager.supervisor,
+            clock,
+        )
+        mnt = tmp_path / "fs"
+        mnt.mkdir()
+        # The first walk (fetching the spans, nice 0) comes before the watcher knows the
+        # layer; the warm start after the layer is complete is what is tested.
+        manager.mount_layer(str(mnt), many.spec())
+        _complete_and_counted(mnt)
+        started = time.time()
+        _walk(mnt, niced=False)
+        # The mount noted the start on the real clock; the watcher's clock is at most now.
+        clock.advance(max(0.0, started - clock.time()))
+        watcher_passes(clock, 1, 0.5)
+        watcher_passes(clock, 2, 0.5)  # 1.5 s after the start: still within the 2 s
+        assert _is_mounted(mnt) and not is_local(str(mnt))
+        assert until_watcher(lambda: is_local(str(mnt)), clock, 15)  # then it is copied
+        assert_tree_matches(mnt, expected_view(many.tar, tmp_path), served=False)
     finally:
         many.server.stop()
 
