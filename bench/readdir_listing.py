@@ -7,6 +7,10 @@ per-entry copy into a c_stat and the filler call) against the mount's _LayerFUSE
 for synthetic directories of a given size. libfuse's filler is replaced by a C function that
 returns 0 at once (libc's abs), so what is timed is Python and ctypes, not libfuse's copy.
 
+The "C thread" columns call the readdir callback as libfuse does: through the ctypes callback
+mfusepy registers, from a thread Python did not start (a small C loop, built with `cc` when there
+is one). That adds what every FUSE request pays to enter Python there.
+
     python -m bench.readdir_listing [--sizes 10,30,100,300,1000,2000]
 """
 
@@ -14,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
+import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +34,25 @@ from snapshotter.fs.clock import SYSTEM_CLOCK
 from snapshotter.fs.tree import ROOT_INO, Inode, LayerTree
 
 DIRECTORY = "/pkg"
+# Calls a readdir callback `count` times from a new thread, with a filler that returns 0.
+_C_LOOP = r"""
+#include <pthread.h>
+typedef int (*filler_t)(void *, const char *, const void *, long, int);
+typedef int (*readdir_t)(const char *, void *, filler_t, long, void *, int);
+struct job { readdir_t readdir; const char *path; void *fi; int count; };
+static int fill(void *b, const char *n, const void *s, long o, int f) { return 0; }
+static void *run(void *arg) {
+    struct job *j = arg;
+    for (int i = 0; i < j->count; i++) j->readdir(j->path, 0, fill, 0, j->fi, 0);
+    return 0;
+}
+int listings_in_thread(readdir_t readdir, const char *path, void *fi, int count) {
+    struct job j = {readdir, path, fi, count};
+    pthread_t t;
+    pthread_create(&t, 0, run, &j);
+    return pthread_join(t, 0);
+}
+"""
 
 
 def _tree(size: int) -> LayerTree:
@@ -65,8 +92,31 @@ def _best_us(call: Callable[[], object], repeats: int, rounds: int = 7) -> float
     return min(times) * 1e6
 
 
-def measure(size: int, cache_dir: str) -> dict[str, float]:
-    mfusepy: Any = fuse_ops.mfusepy
+def _c_loop(work: Path) -> Any | None:
+    compiler = shutil.which("cc")
+    if compiler is None:
+        return None
+    (work / "loop.c").write_text(_C_LOOP)
+    library = work / "libloop.so"
+    command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(library), str(work / "loop.c")]
+    subprocess.run([*command, "-lpthread"], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def _from_c_thread(loop: Any, fuse: Any, file_info: Any, repeats: int) -> float:
+    """Microseconds per listing, called the way libfuse calls it (see the module doc)."""
+    mfusepy: Any = vars(fuse_ops)["mfusepy"]  # the binding as fuse_ops loaded it (libfuse3)
+    fuse._FUSE__critical_exception = None  # FUSE.__init__ sets it; _wrapper reads it
+    prototype = dict(mfusepy.fuse_operations._fields_)["readdir"]
+    callback = prototype(functools.partial(fuse._wrapper, fuse.readdir_fuse_3))
+    path = DIRECTORY.encode()
+    return (
+        _best_us(lambda: loop.listings_in_thread(callback, path, file_info, repeats), 1) / repeats
+    )
+
+
+def measure(size: int, cache_dir: str, loop: Any | None) -> dict[str, float]:
+    mfusepy: Any = vars(fuse_ops)["mfusepy"]  # the binding as fuse_ops loaded it (libfuse3)
     libc = ctypes.CDLL(None)
     filler = mfusepy.fuse_fill_dir_t(ctypes.cast(libc.abs, ctypes.c_void_p).value)
     file_info = ctypes.pointer(mfusepy.fuse_file_info())
@@ -82,7 +132,7 @@ def measure(size: int, cache_dir: str) -> dict[str, float]:
             filler(None, name, attributes, 0, 0)
 
     repeats = max(20, 20000 // (size + 2))
-    return {
+    got = {
         "stock": _best_us(
             lambda: stock.readdir_fuse_3(path, None, filler, 0, file_info, 0), repeats
         ),
@@ -90,6 +140,10 @@ def measure(size: int, cache_dir: str) -> dict[str, float]:
         "filler_calls": _best_us(filler_calls, repeats),
         "lean": _best_us(lambda: lean.readdir_fuse_3(path, None, filler, 0, file_info, 0), repeats),
     }
+    if loop is not None:
+        got["stock_c"] = _from_c_thread(loop, stock, file_info, repeats)
+        got["lean_c"] = _from_c_thread(loop, lean, file_info, repeats)
+    return got
 
 
 def main() -> None:
@@ -99,16 +153,19 @@ def main() -> None:
     print(
         f"{'entries':>7} {'stock us':>9} {'(list':>7} {'convert':>8} {'filler)':>8}"
         f" {'lean us':>8} {'stock/entry':>11} {'lean/entry':>10}"
+        f" {'C thread: stock us':>18} {'lean us':>8}"
     )
     with tempfile.TemporaryDirectory() as cache_dir:
+        loop = _c_loop(Path(cache_dir))
         for size in (int(part) for part in args.sizes.split(",")):
-            got = measure(size, cache_dir)
+            got = measure(size, cache_dir, loop)
             convert = got["stock"] - got["stock_list"] - got["filler_calls"]
             count = size + 2  # '.' and '..'
             print(
                 f"{size:7d} {got['stock']:9.1f} {got['stock_list']:7.1f} {convert:8.1f}"
                 f" {got['filler_calls']:8.1f} {got['lean']:8.1f}"
                 f" {got['stock'] / count:11.2f} {got['lean'] / count:10.2f}"
+                f" {got.get('stock_c', float('nan')):18.1f} {got.get('lean_c', float('nan')):8.1f}"
             )
 
 
