@@ -147,7 +147,9 @@ def measure(size: int, cache_dir: str, loop: Any | None) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.readdir_listing", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--sizes", default="10,30,100,300,1000,2000")
     args = parser.parse_args()
     print(
