@@ -14,10 +14,10 @@ overlayfs otherwise costs ~5000 FUSE requests even when every byte is cached (tr
   trusted.overlay.* never reach us (callers then see EOPNOTSUPP instead of ENODATA).
 What remains of a warm run is ~400 opendir/readdir/releasedir (bench.warm_fuse: 97 listings,
 ~45 ms of a 0.29 s import). Python sees one readdir per listing (libfuse answers opendir,
-releasedir and the last readdir in C): ~4 us + 0.75 us per entry (~15 us + 1.1 us before
-_LayerFUSE; bench.readdir_listing, entered from a C thread as libfuse does), so for pybig's ~97
-listings of ~1700 entries ~1.7 ms (3.4 before) of the 45: the rest is the kernel's round trips
-and libfuse. libfuse 3.14's high-level API does not pass cache_readdir from
+releasedir and the last readdir in C): ~4 us + 0.75 us per entry, ~15 us + 1.1 us before
+_LayerFUSE (bench.readdir_listing, entered from a C thread as libfuse does). Through a mount a
+listing of 10-100 entries takes ~100-240 us (~140-340 before; docs/benchmarks.md), ~80 of them
+the three synchronous round trips. libfuse 3.14's high-level API does not pass cache_readdir from
 opendir to the kernel (fuse_lib_opendir copies only fh), and opendir must not answer ENOSYS
 (FUSE_NO_OPENDIR_SUPPORT): the high-level readdir then dereferences the directory handle that
 opendir never made (measured: SIGSEGV on the first listing).
