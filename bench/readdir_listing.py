@@ -11,7 +11,11 @@ The "C thread" columns call the readdir callback as libfuse does: through the ct
 mfusepy registers, from a thread Python did not start (a small C loop, built with `cc` when there
 is one). That adds what every FUSE request pays to enter Python there.
 
-    python -m bench.readdir_listing [--sizes 10,30,100,300,1000,2000]
+With --mount (as root), the same sizes through a real lazy mount instead: a tar layer of one
+directory per size, served over HTTP, mounted as the daemon mounts it; each listing is an
+os.listdir (OPENDIR, READDIRPLUS, READDIR, RELEASEDIR). Code from PYTHONPATH, for A/B runs.
+
+    python -m bench.readdir_listing [--sizes 10,30,100,300,1000,2000] [--mount]
 """
 
 from __future__ import annotations
@@ -19,19 +23,32 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import hashlib
+import io
+import os
 import shutil
 import stat
 import subprocess
+import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from harness.url_blob import served_blob_spec
 from snapshotter.fs import fuse_ops
 from snapshotter.fs.clock import SYSTEM_CLOCK
 from snapshotter.fs.tree import ROOT_INO, Inode, LayerTree
+from snapshotter.index.build import build_layer_index
+from snapshotter.index.codec import encode_index
+from snapshotter.lazylayers.layer_spec import LayerSpec
+from snapshotter.lazylayers.layers import LazyLayers
+from snapshotter.lazylayers.settings import LazyLayerSettings
 
 DIRECTORY = "/pkg"
 # Calls a readdir callback `count` times from a new thread, with a filler that returns 0.
@@ -146,12 +163,94 @@ def measure(size: int, cache_dir: str, loop: Any | None) -> dict[str, float]:
     return got
 
 
+TAR_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+MOUNT_LISTINGS = 500  # per timing; the best of 5 timings is kept
+
+
+def _layer_tar(sizes: list[int]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for size in sizes:
+            archive.addfile(_dir_info(f"d{size}"))
+            for i in range(size):
+                archive.addfile(tarfile.TarInfo(f"d{size}/module_{i:05d}.py"), io.BytesIO(b""))
+    return out.getvalue()
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+@contextmanager
+def _served(blob: bytes) -> Iterator[str]:
+    """The blob over HTTP with Range, at any path; yields the server's URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            first, _, last = self.headers.get("Range", "").removeprefix("bytes=").partition("-")
+            start, end = int(first), min(int(last), len(blob) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(blob)}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self.wfile.write(blob[start : end + 1])
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/blob"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def measure_mounted(sizes: list[int], work: Path) -> dict[int, float]:
+    """Microseconds per os.listdir of each size's directory through a lazy mount."""
+    tar = _layer_tar(sizes)
+    index = build_layer_index(io.BytesIO(tar), media_type=TAR_MEDIA_TYPE)
+    layers = LazyLayers(LazyLayerSettings(str(work / "cache"), 1 << 30, ready_timeout=30))
+    mountpoint = work / "layer"
+    mountpoint.mkdir()
+    with _served(tar) as url:
+        spec = LayerSpec(
+            blob=served_blob_spec(url, index.layer_digest, len(tar)),
+            index_bytes=encode_index(index),
+            diff_id="sha256:" + hashlib.sha256(tar).hexdigest(),
+        )
+        layers.mount_layer(str(mountpoint), spec)
+        try:
+            got = {}
+            for size in sizes:
+                directory = str(mountpoint / f"d{size}")
+                assert len(os.listdir(directory)) == size, directory
+                timed = _best_us(lambda: os.listdir(directory), MOUNT_LISTINGS, rounds=5)  # noqa: B023
+                got[size] = timed
+            return got
+        finally:
+            layers.unmount(str(mountpoint))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.readdir_listing", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--sizes", default="10,30,100,300,1000,2000")
+    parser.add_argument("--mount", action="store_true", help="through a real mount (root)")
     args = parser.parse_args()
+    sizes = [int(part) for part in args.sizes.split(",")]
+    if args.mount:
+        with tempfile.TemporaryDirectory() as work:
+            for size, timed in measure_mounted(sizes, Path(work)).items():
+                print(f"{size:7d} entries: {timed:8.1f} us per listing through the mount")
+        return
     print(
         f"{'entries':>7} {'stock us':>9} {'(list':>7} {'convert':>8} {'filler)':>8}"
         f" {'lean us':>8} {'stock/entry':>11} {'lean/entry':>10}"
@@ -159,7 +258,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as cache_dir:
         loop = _c_loop(Path(cache_dir))
-        for size in (int(part) for part in args.sizes.split(",")):
+        for size in sizes:
             got = measure(size, cache_dir, loop)
             convert = got["stock"] - got["stock_list"] - got["filler_calls"]
             count = size + 2  # '.' and '..'
