@@ -13,7 +13,11 @@ overlayfs otherwise costs ~5000 FUSE requests even when every byte is cached (tr
 - a layer without any xattr answers getxattr with ENOSYS once, so overlayfs's per-lookup checks of
   trusted.overlay.* never reach us (callers then see EOPNOTSUPP instead of ENODATA).
 What remains of a warm run is ~400 opendir/readdir/releasedir (bench.warm_fuse: 97 listings,
-~45 ms of a 0.29 s import): libfuse 3.14's high-level API does not pass cache_readdir from
+~45 ms of a 0.29 s import). Python sees one readdir per listing (libfuse answers opendir,
+releasedir and the last readdir in C): ~4 us + 0.75 us per entry, ~15 us + 1.1 us before
+_LayerFUSE (bench.readdir_listing, entered from a C thread as libfuse does). Through a mount a
+listing of 10-100 entries takes ~100-240 us (~140-340 before; docs/benchmarks.md), ~80 of them
+the three synchronous round trips. libfuse 3.14's high-level API does not pass cache_readdir from
 opendir to the kernel (fuse_lib_opendir copies only fh), and opendir must not answer ENOSYS
 (FUSE_NO_OPENDIR_SUPPORT): the high-level readdir then dereferences the directory handle that
 opendir never made (measured: SIGSEGV on the first listing).
@@ -27,6 +31,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from typing import Any, Protocol
 
 from snapshotter.fs.activity import BusyMeter, NodeActivity
@@ -136,15 +141,22 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         node = self.tree.inode(fh) if fh else None
         return _attributes(node or self._node(path))
 
-    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+    def directory(self, path: str) -> Inode:
+        """The directory to list at path (what a readdir request needs first)."""
         self.busy_meter.tick(_caller_pid())
         self._check_refused()
         node = self._node(path)
         if not node.is_dir:
             raise _fail(errno.ENOTDIR)
+        return node
+
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        # mfusepy's listing API; having it registers the readdir callback. serve() fills
+        # listings through _LayerFUSE.readdir_fuse_3 instead: the same entries, cheaper.
+        node = self.directory(path)
         entries = [
             (".", {"st_mode": node.mode, "st_ino": node.ino}, 0),
-            ("..", {"st_mode": stat.S_IFDIR}, 0),
+            ("..", {"st_mode": stat.S_IFDIR, "st_ino": node.ino}, 0),
         ]
         entries.extend(
             (name, {"st_mode": child.mode, "st_ino": child.ino}, 0)
@@ -226,6 +238,61 @@ class LayerOperations(mfusepy.Operations):  # type: ignore[misc]
         return data
 
 
+# Whether this thread (a libfuse worker) keeps its Python thread state between requests.
+_thread_state = threading.local()
+
+
+class _LayerFUSE(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with cheaper requests:
+    - Each request calls Python through a ctypes callback on a libfuse worker thread, which
+      has no Python thread state of its own: ctypes makes one per call and deletes it after,
+      ~8 us of the ~8.1 us such a call costs (measured). Each worker keeps the one it got on
+      its first request instead; the workers never exit (serve: max_idle_threads), so that is
+      at most MAX_THREADS thread states, a few KiB each.
+    - mfusepy's own readdir takes a list of (name, {st_mode, st_ino}, offset) and copies each
+      dict into a c_stat; here the tree's children go to libfuse's filler directly (~0.7
+      instead of ~1.1 us per entry)."""
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(_thread_state, "kept", False):
+            # One more PyGILState_Ensure than Release: the thread state outlives the call.
+            ctypes.pythonapi.PyGILState_Ensure()
+            _thread_state.kept = True
+        return super()._wrapper(func, *args, **kwargs)
+
+    def readdir_fuse_3(
+        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+    ) -> int:
+        if path is None:  # only with nullpath_ok, which this mount does not set
+            raise _fail(errno.EBADF)
+        operations: LayerOperations = self.operations
+        node = operations.directory(path.decode(self.encoding, self.errors))
+        _fill_listing(node, buf, filler)
+        return 0
+
+
+def _fill_listing(node: Inode, buf: Any, filler: Any) -> None:
+    """Give libfuse's filler every entry of a directory with offset 0 (libfuse keeps the whole
+    listing and answers the kernel's later READDIRs itself). A listing carries a name, the file
+    type (from st_mode) and, with use_ino, st_ino; libfuse copies them from the c_stat at each
+    call, so one c_stat serves all entries. A non-zero return means libfuse's buffer is full."""
+    attributes = mfusepy.c_stat()
+    attributes.st_mode = node.mode
+    attributes.st_ino = node.ino
+    if filler(buf, b".", attributes, 0, 0):
+        return
+    # The tree keeps no parent links: '..' is a directory with this directory's st_ino, as it
+    # was under mfusepy's own readdir (stat of '..' goes through lookup, never through here).
+    attributes.st_mode = stat.S_IFDIR
+    if filler(buf, b"..", attributes, 0, 0):
+        return
+    for name, child in node.children.items():
+        attributes.st_mode = child.mode
+        attributes.st_ino = child.ino
+        if filler(buf, name.encode("utf-8", "surrogateescape"), attributes, 0, 0):
+            return
+
+
 def _caller_pid() -> int:
     """The pid of the process whose request this thread serves (0 outside a request)."""
     context = mfusepy._libfuse.fuse_get_context()
@@ -260,9 +327,10 @@ def serve(
         "fsname": fsname,
         "subtype": FS_SUBTYPE,
         "max_threads": MAX_THREADS,
-        # explicit, else libfuse 3.14 logs a spurious "invalid max threads value" warning
-        "max_idle_threads": MAX_THREADS // 2,
+        # Idle workers never exit, so the Python thread states they keep (_LayerFUSE) stay
+        # bounded; explicit also because libfuse 3.14 warns "invalid max threads value" else.
+        "max_idle_threads": MAX_THREADS,
     }
     if allow_other:
         options["allow_other"] = True  # container processes run as other uids
-    mfusepy.FUSE(operations, mountpoint, **options)
+    _LayerFUSE(operations, mountpoint, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -9,6 +10,8 @@ import json
 import os
 import random
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -113,6 +116,70 @@ def test_mounted_layer_matches_the_extracted_tar(
     assert_tree_matches(mnt, expected_view(layer.tar, tmp_path), served=True)
     tool, link = os.stat(mnt / "usr/bin/tool"), os.stat(mnt / "usr/bin/tool-link")
     assert tool.st_ino == link.st_ino
+
+
+_GETDENTS64 = {"x86_64": 217, "aarch64": 61}  # syscall numbers
+_DT_BY_KIND = {
+    tarfile.REGTYPE: stat.S_IFREG,
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+
+
+def _raw_listing(directory: Path) -> dict[str, tuple[int, int]]:
+    """name -> (d_ino, d_type) as getdents64 gives them, '.' and '..' included (os.scandir
+    drops those two)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    entries: dict[str, tuple[int, int]] = {}
+    try:
+        buffer = ctypes.create_string_buffer(1 << 16)
+        while (got := libc.syscall(_GETDENTS64[os.uname().machine], fd, buffer, len(buffer))) > 0:
+            at = 0
+            while at < got:
+                ino, _, length, kind = struct.unpack_from("<QqHB", buffer.raw, at)
+                name = buffer.raw[at + 19 : at + length].split(b"\0", 1)[0]
+                entries[os.fsdecode(name)] = (ino, kind)
+                at += length
+        assert got == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    return entries
+
+
+def test_listings_give_every_name_with_its_type_and_inode(
+    manager: LazyLayers, tmp_path: Path
+) -> None:
+    kinds = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.FIFOTYPE]
+    big = {f"entry-{i:04d}-{'x' * (i % 40)}": kinds[i % 4] for i in range(1500)}
+    members = [Member("big", tarfile.DIRTYPE, mode=0o755), Member("empty", tarfile.DIRTYPE)]
+    members += [
+        Member(f"big/{name}", kind, linkname="elsewhere" if kind == tarfile.SYMTYPE else "")
+        for name, kind in big.items()
+    ]
+    tar = make_tar(members)
+    blob = compress(tar, "gzip")
+    layer = Layer(tar, blob, built_index(blob, "gzip"))
+    try:
+        mnt = _mount(manager, layer, tmp_path / "fs")
+        for directory, expected in [(mnt / "big", big), (mnt / "empty", {})]:
+            with os.scandir(directory) as listing:
+                seen = {entry.name: entry for entry in listing}
+            assert sorted(seen) == sorted(expected)
+            raw = _raw_listing(directory)
+            assert sorted(raw) == sorted([".", "..", *expected])
+            for name, entry in seen.items():
+                file_type = stat.S_IFMT(os.lstat(entry.path).st_mode)
+                assert file_type == _DT_BY_KIND[expected[name]]
+                assert entry.is_dir(follow_symlinks=False) == (file_type == stat.S_IFDIR)
+                assert entry.is_symlink() == (file_type == stat.S_IFLNK)
+                assert entry.inode() == raw[name][0] == os.lstat(entry.path).st_ino
+                assert raw[name][1] << 12 == file_type  # d_type is the S_IFMT bits >> 12
+            assert raw["."] == (os.stat(directory).st_ino, stat.S_IFDIR >> 12)
+            assert raw[".."][1] == stat.S_IFDIR >> 12
+    finally:
+        layer.server.stop()
 
 
 def test_the_mount_is_read_only_and_tuned_for_big_reads(
