@@ -61,6 +61,7 @@ from snapshotter.index.model import (
     MAX_SPAN_SIZE,
     MIN_SPAN_SIZE,
     Compression,
+    EntryType,
     LayerIndex,
 )
 from snapshotter.index.spans import spans_for_range
@@ -506,11 +507,12 @@ class SpanFigures:
 @dataclass
 class ReadAroundFigures:
     """A reader that, on a miss, fetches up to budget compressed bytes of spans from the missed
-    span on in one request, stopping at a span already fetched and, within_file, at the end of
-    the missing file's spans; needed spans are visited per file in offset order."""
+    span on in one request, stopping at a span already fetched and at the end of the scope:
+    `file` the missing file's spans, `dir` the spans of the regular files of its directory (in
+    the layer), `layer` none; needed spans are visited per file (by path) in offset order."""
 
     budget: int
-    within_file: bool
+    scope: str
     requests: int = 0
     spans: int = 0
     compressed_bytes: int = 0
@@ -698,19 +700,33 @@ def _add(total: SpanFigures, part: SpanFigures) -> None:
     total.run_window_bytes += part.run_window_bytes
 
 
+READ_AROUND_SCOPES = ("file", "dir", "layer")
+
+
+def _directory_ends(index: LayerIndex) -> dict[str, int]:
+    """Per directory, the end of the last regular file's data in it (uncompressed offset)."""
+    ends: dict[str, int] = {}
+    for entry in index.entries:
+        if entry.size and entry.type is EntryType.REG:
+            directory = os.path.dirname(entry.name)
+            ends[directory] = max(ends.get(directory, 0), entry.offset + entry.size)
+    return ends
+
+
 def read_around(
     indexes: Sequence[LayerIndex],
     trees: Sequence[LayerTree],
     windows: Sequence[Sequence[int]],
     files: Sequence[FileRead],
     budget: int,
-    within_file: bool,
+    scope: str,
 ) -> ReadAroundFigures:
     """The requests and bytes of a reader that reads around each miss (see ReadAroundFigures);
     budget 0: one request per missed span."""
-    figures = ReadAroundFigures(budget, within_file)
+    figures = ReadAroundFigures(budget, scope)
     for number, (index, tree) in enumerate(zip(indexes, trees, strict=True)):
         fetched: set[int] = set()
+        directory_ends = _directory_ends(index)
         for read in files:
             if read.layer != number:
                 continue
@@ -722,7 +738,14 @@ def read_around(
             needed: set[int] = set()
             for start, end in read.ranges:
                 needed.update(spans_for_range(index, offset + start, offset + end))
-            stop = extent.stop if within_file else len(index.spans)
+            stop = {
+                "file": extent.stop,
+                "dir": spans_for_range(
+                    index, offset, directory_ends.get(os.path.dirname(read.path), 0)
+                ).stop,
+                "layer": len(index.spans),
+            }[scope]
+            stop = max(stop, extent.stop)
             for span in sorted(needed):
                 if span in fetched:
                     continue
@@ -781,8 +804,8 @@ def map_to_spans(
         layout.file_cut_min,
         layout.label,
         [
-            read_around(indexes, trees, windows, files, budget, within_file)
-            for within_file in (True, False)
+            read_around(indexes, trees, windows, files, budget, scope)
+            for scope in READ_AROUND_SCOPES
             for budget in budgets
         ],
     )
@@ -856,9 +879,9 @@ def markdown(
         lines += [
             "",
             "Read-around: on a miss, up to BUDGET compressed bytes of spans from the missed span "
-            "on in one request (budget 0: one request per missed span), within the file or "
-            "across files; fetched adds the index blobs; the last column has the windows of "
-            "each request's first span only.",
+            "on in one request (budget 0: one request per missed span), within the file, its "
+            "directory or the layer; fetched adds the index blobs; the last column has the "
+            "windows of each request's first span only.",
             "",
             "| workload | layout | scope | budget | requests | spans | MB: spans + windows | "
             "**fetched MB** | fetched MB, first windows only |",
@@ -872,10 +895,9 @@ def markdown(
                         blobs.get(by_size.layout, 0) + around.compressed_bytes + around.window_bytes
                     )
                     budget = size_label(around.budget) if around.budget else "0"
-                    scope = "file" if around.within_file else "layer"
                     first_only = fetched - around.window_bytes + around.first_window_bytes
                     lines.append(
-                        f"| `{command}` | {by_size.layout} | {scope} | {budget} | "
+                        f"| `{command}` | {by_size.layout} | {around.scope} | {budget} | "
                         f"{around.requests} | {around.spans} | {_mb(around.compressed_bytes)} + "
                         f"{_mb(around.window_bytes)} | **{_mb(fetched)}** | {_mb(first_only)} |"
                     )

@@ -146,16 +146,16 @@ def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
 def _assert_read_around_takes_a_file_in_one_request(by_size: dict[str, Any]) -> None:
     """Budget 0 is one request per span the reads need; a budget above the known file's
     compressed size takes all of its spans (it is read whole) in one request."""
-    arounds = {(a["within_file"], a["budget"]): a for a in by_size["read_around"]}
+    arounds = {(a["scope"], a["budget"]): a for a in by_size["read_around"]}
     ranged = by_size["resident_ranges"]
-    for within_file in (True, False):
-        none = arounds[(within_file, 0)]
+    for scope in ("file", "dir", "layer"):
+        none = arounds[(scope, 0)]
         assert none["requests"] == none["spans"] == ranged["spans"]
         assert none["compressed_bytes"] == ranged["compressed_bytes"]
     known_spans = by_size["layers"][1]["resident_ranges"]["spans"]
     assert known_spans >= 3
-    around = arounds[(True, 1 << 20)]
-    assert around["requests"] <= arounds[(True, 0)]["requests"] - (known_spans - 1)
+    around = arounds[("file", 1 << 20)]
+    assert around["requests"] <= arounds[("file", 0)]["requests"] - (known_spans - 1)
     assert around["compressed_bytes"] >= ranged["compressed_bytes"]
 
 
