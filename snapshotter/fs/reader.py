@@ -27,7 +27,7 @@ from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.prefetch import PREFETCH_IN_FLIGHT, Prefetcher
-from snapshotter.fs.read_ahead import ReadAheadPolicy, ReadAround
+from snapshotter.fs.read_ahead import READ_AROUND_SCOPES, ReadAheadPolicy, ReadAround
 from snapshotter.fs.reader_counters import ReaderCounters, SharedCounters
 from snapshotter.fs.span_fetch import FetchPipeline
 from snapshotter.fs.span_states import Attempt, Claim, SpanReadError, SpanTable
@@ -38,7 +38,9 @@ from snapshotter.index.spans import fetch_range, spans_for_range
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",
     "DEFAULT_READ_AHEAD_SPANS",
+    "DEFAULT_READ_AROUND_SCOPE",
     "DEFAULT_WORKERS",
+    "READ_AROUND_SCOPES",
     "BlobSource",
     "LayerReader",
     "ReaderCounters",
