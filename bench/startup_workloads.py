@@ -271,6 +271,8 @@ def _log_name(result: TrialResult, workload: Workload) -> str:
         LAZY_PROFILE: "-profile",
         LAZY_PROFILE_NO_PACK: "-profile-nopack",
         LAZY_NO_STATIC: "-nostatic",
+        LAZY_START_RA4M: "-ra4m",
+        LAZY_READ_AROUND: "-around",
     }.get(result.mode, "")
     return f"{result.link}-t{result.trial}-{workload.name}{suffix}"
 
