@@ -20,6 +20,7 @@ from bench.startup_workloads import (
     LAZY_NO_STATIC,
     LAZY_PROFILE,
     LAZY_PROFILE_NO_PACK,
+    LAZY_READ_AROUND,
     LAZY_START_RA4M,
     WORKLOADS,
     TrialResult,
@@ -34,6 +35,7 @@ MODE_LABELS = {
     LAZY_PROFILE_NO_PACK: "lazysnap + profile, no pack",
     LAZY_NO_STATIC: "lazysnap, no static profile",
     LAZY_START_RA4M: "lazysnap, 4 MiB start read-ahead",
+    LAZY_READ_AROUND: "lazysnap, read-around 256 KiB",
 }
 MODE_COLORS = {
     FULL: "#888888",
@@ -42,6 +44,7 @@ MODE_COLORS = {
     LAZY_PROFILE_NO_PACK: "#8a5a1e",
     LAZY_NO_STATIC: "#7fb2d9",
     LAZY_START_RA4M: "#5a5a5a",
+    LAZY_READ_AROUND: "#8c564b",
 }
 
 

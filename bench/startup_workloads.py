@@ -36,13 +36,27 @@ LAZY_NO_STATIC = "lazysnap-nostatic"
 # Like LAZY, with the mounts' full read-ahead from the start (`[fuse] start_read_ahead_kb =
 # 4096`, what every mount did before that key): the baseline of the small start read-ahead.
 LAZY_START_RA4M = "lazysnap-ra4m"
-LAZY_MODES = (LAZY, LAZY_PROFILE, LAZY_PROFILE_NO_PACK, LAZY_NO_STATIC, LAZY_START_RA4M)
-MODES = (FULL, LAZY, LAZY_PROFILE, LAZY_PROFILE_NO_PACK, LAZY_NO_STATIC, LAZY_START_RA4M)
+# Like LAZY, with read-around on a miss (`[fetch] read_around_bytes = 262144`, scope directory:
+# docs/benchmarks.md, "Where the bytes went").
+LAZY_READ_AROUND = "lazysnap-around"
+LAZY_MODES = (
+    LAZY,
+    LAZY_PROFILE,
+    LAZY_PROFILE_NO_PACK,
+    LAZY_NO_STATIC,
+    LAZY_START_RA4M,
+    LAZY_READ_AROUND,
+)
+MODES = (FULL, *LAZY_MODES)
+_DAEMON_CONFIG = {
+    LAZY_START_RA4M: "[fuse]\nstart_read_ahead_kb = 4096\n",
+    LAZY_READ_AROUND: '[fetch]\nread_around_bytes = 262144\nread_around_scope = "directory"\n',
+}
 
 
 def daemon_config(mode: str) -> str:
     """What the mode adds to the daemon's config.toml."""
-    return "[fuse]\nstart_read_ahead_kb = 4096\n" if mode == LAZY_START_RA4M else ""
+    return _DAEMON_CONFIG.get(mode, "")
 
 
 def no_static_repository(image: str) -> str:
@@ -257,6 +271,8 @@ def _log_name(result: TrialResult, workload: Workload) -> str:
         LAZY_PROFILE: "-profile",
         LAZY_PROFILE_NO_PACK: "-profile-nopack",
         LAZY_NO_STATIC: "-nostatic",
+        LAZY_START_RA4M: "-ra4m",
+        LAZY_READ_AROUND: "-around",
     }.get(result.mode, "")
     return f"{result.link}-t{result.trial}-{workload.name}{suffix}"
 

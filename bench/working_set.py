@@ -61,6 +61,7 @@ from snapshotter.index.model import (
     MAX_SPAN_SIZE,
     MIN_SPAN_SIZE,
     Compression,
+    EntryType,
     LayerIndex,
 )
 from snapshotter.index.spans import spans_for_range
@@ -504,6 +505,24 @@ class SpanFigures:
 
 
 @dataclass
+class ReadAroundFigures:
+    """A reader that, on a miss, fetches up to budget compressed bytes of spans from the missed
+    span on in one request, stopping at a span already fetched and at the end of the scope:
+    `file` the missing file's spans, `dir` the spans of the regular files of its directory (in
+    the layer), `layer` none; needed spans are visited per file (by path) in offset order."""
+
+    budget: int
+    scope: str
+    requests: int = 0
+    spans: int = 0
+    compressed_bytes: int = 0
+    window_bytes: int = 0
+    # windows of each request's first span only: a reader inflating a request's spans in one
+    # go needs no other
+    first_window_bytes: int = 0
+
+
+@dataclass
 class LayerSpanFigures:
     layer: int
     digest: str
@@ -519,6 +538,7 @@ class SpanSizeResult:
     layers: list[LayerSpanFigures]
     file_cut_min: int = 0
     layout: str = ""
+    read_around: list[ReadAroundFigures] = field(default_factory=list)
 
 
 @dataclass
@@ -680,12 +700,77 @@ def _add(total: SpanFigures, part: SpanFigures) -> None:
     total.run_window_bytes += part.run_window_bytes
 
 
+READ_AROUND_SCOPES = ("file", "dir", "layer")
+
+
+def _directory_ends(index: LayerIndex) -> dict[str, int]:
+    """Per directory, the end of the last regular file's data in it (uncompressed offset)."""
+    ends: dict[str, int] = {}
+    for entry in index.entries:
+        if entry.size and entry.type is EntryType.REG:
+            directory = os.path.dirname(entry.name)
+            ends[directory] = max(ends.get(directory, 0), entry.offset + entry.size)
+    return ends
+
+
+def read_around(
+    indexes: Sequence[LayerIndex],
+    trees: Sequence[LayerTree],
+    windows: Sequence[Sequence[int]],
+    files: Sequence[FileRead],
+    budget: int,
+    scope: str,
+) -> ReadAroundFigures:
+    """The requests and bytes of a reader that reads around each miss (see ReadAroundFigures);
+    budget 0: one request per missed span."""
+    figures = ReadAroundFigures(budget, scope)
+    for number, (index, tree) in enumerate(zip(indexes, trees, strict=True)):
+        fetched: set[int] = set()
+        directory_ends = _directory_ends(index)
+        for read in files:
+            if read.layer != number:
+                continue
+            node = tree.lookup(read.path)
+            if node is None or node.data is None or not node.data.size:
+                continue
+            offset = node.data.offset
+            extent = spans_for_range(index, offset, offset + node.data.size)
+            needed: set[int] = set()
+            for start, end in read.ranges:
+                needed.update(spans_for_range(index, offset + start, offset + end))
+            stop = {
+                "file": extent.stop,
+                "dir": spans_for_range(
+                    index, offset, directory_ends.get(os.path.dirname(read.path), 0)
+                ).stop,
+                "layer": len(index.spans),
+            }[scope]
+            stop = max(stop, extent.stop)
+            for span in sorted(needed):
+                if span in fetched:
+                    continue
+                figures.requests += 1
+                figures.first_window_bytes += windows[number][span]
+                taken = 0
+                for more in range(span, stop):
+                    size = index.spans[more].compressed_size
+                    if more in fetched or (more != span and taken + size > budget):
+                        break
+                    fetched.add(more)
+                    taken += size
+                    figures.spans += 1
+                    figures.compressed_bytes += size
+                    figures.window_bytes += windows[number][more]
+    return figures
+
+
 def map_to_spans(
     indexes: Sequence[LayerIndex],
     trees: Sequence[LayerTree],
     windows: Sequence[Sequence[int]],
     files: Sequence[FileRead],
     layout: Layout,
+    budgets: Sequence[int] = (),
 ) -> SpanSizeResult:
     whole_total, ranges_total = SpanFigures(), SpanFigures()
     layers = []
@@ -712,7 +797,17 @@ def map_to_spans(
         _add(ranges_total, part.resident_ranges)
         layers.append(part)
     return SpanSizeResult(
-        layout.span_size, whole_total, ranges_total, layers, layout.file_cut_min, layout.label
+        layout.span_size,
+        whole_total,
+        ranges_total,
+        layers,
+        layout.file_cut_min,
+        layout.label,
+        [
+            read_around(indexes, trees, windows, files, budget, scope)
+            for scope in READ_AROUND_SCOPES
+            for budget in budgets
+        ],
     )
 
 
@@ -780,6 +875,32 @@ def markdown(
                 f"**{_mb(fetched)}** | "
                 f"{_mb(fetched - ranged.window_bytes + ranged.run_window_bytes)} |"
             )
+    if any(by_size.read_around for result in results for by_size in result.by_span_size):
+        lines += [
+            "",
+            "Read-around: on a miss, up to BUDGET compressed bytes of spans from the missed span "
+            "on in one request (budget 0: one request per missed span), within the file, its "
+            "directory or the layer; fetched adds the index blobs; the last column has the "
+            "windows of each request's first span only.",
+            "",
+            "| workload | layout | scope | budget | requests | spans | MB: spans + windows | "
+            "**fetched MB** | fetched MB, first windows only |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for result in results:
+            command = " ".join(result.command).replace("|", "\\|")
+            for by_size in result.by_span_size:
+                for around in by_size.read_around:
+                    fetched = (
+                        blobs.get(by_size.layout, 0) + around.compressed_bytes + around.window_bytes
+                    )
+                    budget = size_label(around.budget) if around.budget else "0"
+                    first_only = fetched - around.window_bytes + around.first_window_bytes
+                    lines.append(
+                        f"| `{command}` | {by_size.layout} | {around.scope} | {budget} | "
+                        f"{around.requests} | {around.spans} | {_mb(around.compressed_bytes)} + "
+                        f"{_mb(around.window_bytes)} | **{_mb(fetched)}** | {_mb(first_only)} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -836,6 +957,10 @@ def parse_layouts(text: str) -> list[Layout]:
     return layouts
 
 
+def _parse_budgets(text: str) -> list[int]:
+    return [parse_size(part) for part in text.split(",") if part.strip()]
+
+
 DEFAULT_LAYOUTS = "1M,256K," + Layout(DEFAULT_SPAN_SIZE, DEFAULT_FILE_CUT_MIN or 64 << 10).label
 
 
@@ -876,6 +1001,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=128,
         help="the loop device's read_ahead_kb (default: 128)",
+    )
+    parser.add_argument(
+        "--read-around",
+        type=_parse_budgets,
+        default=[],
+        help="comma-separated byte budgets (e.g. 0,256K,1M): also model a reader that on a "
+        "miss fetches up to BUDGET compressed bytes of that file's spans in one request",
     )
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument(
@@ -986,7 +1118,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         )
         windows = [m[0] for m in measured]
         for result in results:
-            result.by_span_size.append(map_to_spans(indexes, trees, windows, result.files, layout))
+            result.by_span_size.append(
+                map_to_spans(indexes, trees, windows, result.files, layout, args.read_around)
+            )
         del indexes, trees  # one layout's indexes (windows inline) in memory at a time
     raw = {
         "image": image.name,

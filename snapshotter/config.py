@@ -70,6 +70,9 @@ class FetchConfig:
     read_ahead_spans: int = (
         8  # fs.reader.DEFAULT_READ_AHEAD_SPANS (not imported: keeps config light)
     )
+    # Compressed bytes of spans after a read's missing ones fetched in its request; 0: off.
+    read_around_bytes: int = 0
+    read_around_scope: str = "directory"  # or "file": how far read-around may go
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,8 @@ MAX_BYTES = 1 << 50  # 1 PiB
 MAX_SECONDS = 86400.0
 MAX_READ_AHEAD_KB = 1 << 20  # 1 GiB of kernel read-ahead per mount
 MAX_READ_AHEAD_SPANS = 256
+MAX_READ_AROUND_BYTES = 32 << 20  # fs.span_fetch.MAX_COALESCED_BYTES: one request's cap
+READ_AROUND_SCOPES = ("file", "directory")  # fs.read_ahead.READ_AROUND_SCOPES
 
 
 def _ranges(config: Config) -> tuple[tuple[str, float, float, float], ...]:
@@ -172,6 +177,7 @@ def _ranges(config: Config) -> tuple[tuple[str, float, float, float], ...]:
          MAX_SECONDS),
         ("fetch.background_rate_bytes", config.fetch.background_rate_bytes, 1, MAX_BYTES),
         ("fetch.read_ahead_spans", config.fetch.read_ahead_spans, 0, MAX_READ_AHEAD_SPANS),
+        ("fetch.read_around_bytes", config.fetch.read_around_bytes, 0, MAX_READ_AROUND_BYTES),
         ("cri.credential_ttl_seconds", config.cri.credential_ttl_seconds, 1.0, MAX_SECONDS),
     )  # fmt: skip
 
@@ -180,6 +186,11 @@ def _validate(config: Config, source: str) -> Config:
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
+        )
+    if config.fetch.read_around_scope not in READ_AROUND_SCOPES:
+        raise ConfigError(
+            f"{source}: fetch.read_around_scope must be one of {', '.join(READ_AROUND_SCOPES)}, "
+            f"got {config.fetch.read_around_scope!r}"
         )
     for key, value, low, high in _ranges(config):
         # not (low <= value <= high) also refuses TOML's nan; inf is out of every range

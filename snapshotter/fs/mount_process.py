@@ -315,6 +315,8 @@ def run(spec: MountSpec, ready_fd: int | None) -> int:
         workers=spec.workers,
         fetch_timeout=spec.fetch_timeout,
         read_ahead_spans=spec.read_ahead_spans,
+        read_around_bytes=spec.read_around_bytes,
+        read_around_scope=spec.read_around_scope,
         windows=windows,
     )
     # The startup prefetch (and the start-up pack) go out before the tree is built and the

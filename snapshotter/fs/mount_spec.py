@@ -12,7 +12,13 @@ from typing import Any
 
 from snapshotter.fs.background import DEFAULT_QUIET_S, DEFAULT_RATE_BYTES, BackgroundSettings
 from snapshotter.fs.blob_source import BlobSpec, BlobSpecError
-from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
+from snapshotter.fs.reader import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_READ_AHEAD_SPANS,
+    DEFAULT_READ_AROUND_SCOPE,
+    DEFAULT_WORKERS,
+    READ_AROUND_SCOPES,
+)
 from snapshotter.index.model import LayerIndex
 from snapshotter.index.pack import LayerPack, PackError, layer_pack_from_json
 from snapshotter.sidecars import read_spec
@@ -58,6 +64,8 @@ class MountSpec:
     allow_other: bool = True
     state_interval: float = STATE_INTERVAL_S
     read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS  # largest read-ahead window; 0: off
+    read_around_bytes: int = 0  # read-around budget on a miss (reader.LayerReader); 0: off
+    read_around_scope: str = DEFAULT_READ_AROUND_SCOPE
     read_ahead_kb: int = READ_AHEAD_KB
     start_read_ahead_kb: int = START_READ_AHEAD_KB  # until the background fetch starts
     # Entry names to fetch right after mounting, in order (the image's startup profile), on top
@@ -96,6 +104,8 @@ class MountSpec:
             "allow_other": self.allow_other,
             "state_interval": self.state_interval,
             "read_ahead_spans": self.read_ahead_spans,
+            "read_around_bytes": self.read_around_bytes,
+            "read_around_scope": self.read_around_scope,
             "read_ahead_kb": self.read_ahead_kb,
             "start_read_ahead_kb": self.start_read_ahead_kb,
             "prefetch_names": list(self.prefetch_names),
@@ -146,6 +156,8 @@ class MountSpec:
             allow_other=get("allow_other", bool, True),
             state_interval=float(get("state_interval", (int, float), STATE_INTERVAL_S)),
             read_ahead_spans=get("read_ahead_spans", int, DEFAULT_READ_AHEAD_SPANS),
+            read_around_bytes=get("read_around_bytes", int, 0),
+            read_around_scope=get("read_around_scope", str, DEFAULT_READ_AROUND_SCOPE),
             read_ahead_kb=get("read_ahead_kb", int, READ_AHEAD_KB),
             start_read_ahead_kb=get("start_read_ahead_kb", int, START_READ_AHEAD_KB),
             prefetch_names=tuple(get("prefetch_names", list, [])),
@@ -188,6 +200,11 @@ class MountSpec:
             raise SpecError(f"{source}: oom_score_adj must be between -1000 and 1000")
         if spec.read_ahead_spans < 0:
             raise SpecError(f"{source}: read_ahead_spans must be >= 0 (0 turns read-ahead off)")
+        if spec.read_around_bytes < 0 or spec.read_around_scope not in READ_AROUND_SCOPES:
+            raise SpecError(
+                f"{source}: read_around_bytes must be >= 0 (0 turns read-around off) and "
+                f"read_around_scope one of {', '.join(READ_AROUND_SCOPES)}"
+            )
         if spec.background_quiet_seconds < 0 or spec.background_rate_bytes <= 0:
             raise SpecError(
                 f"{source}: background_quiet_seconds must be >= 0 and background_rate_bytes > 0"

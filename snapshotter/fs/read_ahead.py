@@ -1,4 +1,4 @@
-"""Read-ahead policy: which spans of a file to fetch before a read needs them.
+"""Read-ahead policies: which spans to fetch before a read needs them.
 
 When the reads of a file move forward span by span (a read reaches the span right after the
 furthest span the file's previous reads reached), the next spans of that file are fetched
@@ -9,15 +9,20 @@ window starts when the reads are half-way through the last one. A read that jump
 starts over, so a random pattern fetches nothing it does not read. A read-ahead fetch that
 fails quickly is not remembered: a read that joined it fetches the span again on demand, and
 reads of other spans never see it (reader.LayerReader).
+
+Read-around (ReadAround, off by default): a read that misses takes the spans after its missing
+ones along in its request, up to a byte budget, within the file or its directory; for reads
+that fault pages of a file in no order (a start mapping shared objects) read-ahead never fires.
 """
 
 from __future__ import annotations
 
+import posixpath
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from snapshotter.index.model import LayerIndex, TocEntry
+from snapshotter.index.model import EntryType, LayerIndex, TocEntry
 from snapshotter.index.spans import spans_for_range
 
 READ_AHEAD_FIRST_WINDOW = 2  # spans fetched ahead at the first sign of a sequential read
@@ -88,3 +93,48 @@ class ReadAheadPolicy:
             stream.ahead_until = stop - 1
             stream.window = stop - begin
             return range(begin, stop)
+
+
+READ_AROUND_SCOPES = ("file", "directory")
+
+
+class ReadAround:
+    """Read-around on a miss: the spans after a read's missing ones that go along in its
+    request, up to budget compressed bytes from the first missing span, never past the end of
+    the scope: the file's own spans, or (`directory`) those of the regular files of its
+    directory in this layer (a start reads many small files of one directory, each its own
+    span with file-aware cuts: docs/benchmarks.md, "Where the bytes went")."""
+
+    def __init__(self, index: LayerIndex, budget: int, scope: str) -> None:
+        """budget: compressed bytes (> 0); scope: one of READ_AROUND_SCOPES."""
+        if scope not in READ_AROUND_SCOPES:
+            raise ValueError(f"read-around scope must be one of {READ_AROUND_SCOPES}: {scope!r}")
+        self.index = index
+        self.budget = budget
+        # Directory -> end of the data of its last regular file in the layer (tar offset).
+        self._directory_ends: dict[str, int] = {}
+        if scope == "directory":
+            for entry in index.entries:
+                if entry.type is EntryType.REG and entry.size:
+                    directory = posixpath.dirname(entry.name)
+                    end = entry.offset + entry.size
+                    self._directory_ends[directory] = max(
+                        self._directory_ends.get(directory, 0), end
+                    )
+
+    def candidates(self, entry: TocEntry, first_missing: int, last_missing: int) -> range:
+        """Spans after last_missing to fetch along with the read's missing spans
+        [first_missing, last_missing] (the caller stops at one cached or in flight)."""
+        end = max(
+            entry.offset + entry.size,
+            self._directory_ends.get(posixpath.dirname(entry.name), 0),
+        )
+        stop = spans_for_range(self.index, entry.offset, end).stop
+        spans = self.index.spans
+        taken = spans[last_missing].compressed_end - spans[first_missing].compressed_start
+        begin = last_missing + 1
+        for span_no in range(begin, stop):
+            taken += spans[span_no].compressed_size
+            if taken > self.budget:
+                return range(begin, span_no)
+        return range(begin, max(begin, stop))

@@ -27,7 +27,7 @@ from snapshotter.fs.activity import NodeActivity
 from snapshotter.fs.cache import SpanCache
 from snapshotter.fs.clock import SYSTEM_CLOCK, Clock
 from snapshotter.fs.prefetch import PREFETCH_IN_FLIGHT, Prefetcher
-from snapshotter.fs.read_ahead import ReadAheadPolicy
+from snapshotter.fs.read_ahead import READ_AROUND_SCOPES, ReadAheadPolicy, ReadAround
 from snapshotter.fs.reader_counters import ReaderCounters, SharedCounters
 from snapshotter.fs.span_fetch import FetchPipeline
 from snapshotter.fs.span_states import Attempt, Claim, SpanReadError, SpanTable
@@ -38,7 +38,9 @@ from snapshotter.index.spans import fetch_range, spans_for_range
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",
     "DEFAULT_READ_AHEAD_SPANS",
+    "DEFAULT_READ_AROUND_SCOPE",
     "DEFAULT_WORKERS",
+    "READ_AROUND_SCOPES",
     "BlobSource",
     "LayerReader",
     "ReaderCounters",
@@ -48,6 +50,7 @@ __all__ = [
 DEFAULT_WORKERS = 4
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 DEFAULT_READ_AHEAD_SPANS = 8  # largest read-ahead window, in spans; 0 turns read-ahead off
+DEFAULT_READ_AROUND_SCOPE = "directory"
 
 
 class PackReads(Protocol):
@@ -72,10 +75,15 @@ class LayerReader:
         workers: int = DEFAULT_WORKERS,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
         read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS,
+        read_around_bytes: int = 0,
+        read_around_scope: str = DEFAULT_READ_AROUND_SCOPE,
         windows: BlobSource | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        """`windows` reads the index's windows blob; required when index.windows names one."""
+        """`windows` reads the index's windows blob; required when index.windows names one.
+        read_around_bytes > 0: a read that misses fetches the spans after its missing ones in
+        the same request, up to that many compressed bytes, within the file or its directory
+        (read_around_scope; read_ahead.ReadAround)."""
         if (windows is None) != (index.windows is None):
             raise ValueError(
                 f"layer {index.layer_digest}: a windows blob source is needed exactly when the "
@@ -86,6 +94,11 @@ class LayerReader:
         if read_ahead_spans < 0:
             raise ValueError(
                 f"layer {index.layer_digest}: read_ahead_spans must be >= 0, not {read_ahead_spans}"
+            )
+        if read_around_bytes < 0:
+            raise ValueError(
+                f"layer {index.layer_digest}: read_around_bytes must be >= 0, not "
+                f"{read_around_bytes}"
             )
         if fetch_timeout <= 0:
             raise ValueError(
@@ -119,6 +132,9 @@ class LayerReader:
         self._node_activity = NodeActivity(cache.directory, clock)  # every layer sharing the cache
         self._prefetcher = Prefetcher(self._pipeline, self._counters, self._node_activity)
         self._read_ahead = ReadAheadPolicy(index, read_ahead_spans) if read_ahead_spans else None
+        self._read_around = (
+            ReadAround(index, read_around_bytes, read_around_scope) if read_around_bytes else None
+        )
         # When a read last had to go to the network: the background fetcher waits for it, and
         # for the prefetch, to go quiet.
         self._last_demand_miss = clock.monotonic()
@@ -172,6 +188,8 @@ class LayerReader:
                 missing[span_no] = found.attempt
         if missing:
             self._note_demand_miss()
+            if self._read_around is not None and span_numbers[-1] in missing:
+                self._claim_around(entry, min(missing), span_numbers[-1], missing)
             self._pipeline.submit(missing)
         if self._read_ahead is not None:
             # after the read's own fetches: the workers take those first
@@ -279,6 +297,18 @@ class LayerReader:
             self._note_demand_miss()
             self._pipeline.submit({span_no: found.attempt})
         return self._table.wait(span_no, found.attempt, found.wait_until)
+
+    def _claim_around(
+        self, entry: TocEntry, first: int, last: int, missing: dict[int, Attempt]
+    ) -> None:
+        """Claim the read-around spans after the read's missing [first, last] into missing
+        (one request with them), up to the first one cached or in flight."""
+        assert self._read_around is not None
+        for span_no in self._read_around.candidates(entry, first, last):
+            claim = self._pipeline.claim(span_no, read_ahead=True)
+            if claim is None or not claim.is_new:
+                break
+            missing[span_no] = claim.attempt
 
     def _fetch_ahead(self, entry: TocEntry, first: int, last: int) -> None:
         """Claim and fetch what the read-ahead policy says follows a read of entry's spans

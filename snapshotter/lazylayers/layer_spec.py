@@ -90,6 +90,8 @@ def write_mount_spec(
         read_ahead_kb=settings.read_ahead_kb,
         start_read_ahead_kb=settings.start_read_ahead_kb,
         read_ahead_spans=settings.read_ahead_spans,
+        read_around_bytes=settings.read_around_bytes,
+        read_around_scope=settings.read_around_scope,
         prefetch_names=spec.prefetch_names,
         prefetch=settings.prefetch,
         pack=spec.pack,

@@ -15,7 +15,12 @@ from snapshotter.config import Config
 from snapshotter.fs.background import BackgroundSettings
 from snapshotter.fs.disk_reserve import NO_RESERVE, DiskReserve
 from snapshotter.fs.mount_spec import OOM_SCORE_ADJ, READ_AHEAD_KB, START_READ_AHEAD_KB
-from snapshotter.fs.reader import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_READ_AHEAD_SPANS, DEFAULT_WORKERS
+from snapshotter.fs.reader import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_READ_AHEAD_SPANS,
+    DEFAULT_READ_AROUND_SCOPE,
+    DEFAULT_WORKERS,
+)
 
 DEFAULT_READY_TIMEOUT_S = 30.0
 MATERIALIZE_RETRY_S = 60.0  # after a failed copy; doubles up to materializer's maximum
@@ -33,6 +38,8 @@ class LazyLayerSettings:
     read_ahead_kb: int = READ_AHEAD_KB
     start_read_ahead_kb: int = START_READ_AHEAD_KB
     read_ahead_spans: int = DEFAULT_READ_AHEAD_SPANS
+    read_around_bytes: int = 0
+    read_around_scope: str = DEFAULT_READ_AROUND_SCOPE
     prefetch: bool = True
     background: BackgroundSettings = field(default_factory=BackgroundSettings)
     oom_score_adj: int = OOM_SCORE_ADJ
@@ -57,6 +64,8 @@ class LazyLayerSettings:
             read_ahead_kb=config.fuse.read_ahead_kb,
             start_read_ahead_kb=config.fuse.start_read_ahead_kb,
             read_ahead_spans=config.fetch.read_ahead_spans,
+            read_around_bytes=config.fetch.read_around_bytes,
+            read_around_scope=config.fetch.read_around_scope,
             prefetch=config.fetch.prefetch,
             background=BackgroundSettings(
                 enabled=config.fetch.background,

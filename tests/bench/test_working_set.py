@@ -130,7 +130,7 @@ def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
     layouts = "128K/f64K,1M/f128K"
     result = subprocess.run(
         [*PROGRAM, "--image", str(image.layout), "--reads-from", str(figures),
-         "--layouts", layouts, "--json", str(again)],
+         "--layouts", layouts, "--read-around", "0,1M", "--json", str(again)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -139,6 +139,24 @@ def test_reading_one_file_whole_shows_it_resident_and_costs_exactly_its_spans(
     assert [by["file_cut_min"] for by in workload["by_span_size"]] == [64 << 10, 128 << 10]
     _assert_known_file_costs_its_spans(image, workload)
     assert f"| `sh -c {shell}` | 128K/f64K | " in result.stdout
+    _assert_read_around_takes_a_file_in_one_request(workload["by_span_size"][0])
+    assert f"| `sh -c {shell}` | 128K/f64K | file | 1M | " in result.stdout
+
+
+def _assert_read_around_takes_a_file_in_one_request(by_size: dict[str, Any]) -> None:
+    """Budget 0 is one request per span the reads need; a budget above the known file's
+    compressed size takes all of its spans (it is read whole) in one request."""
+    arounds = {(a["scope"], a["budget"]): a for a in by_size["read_around"]}
+    ranged = by_size["resident_ranges"]
+    for scope in ("file", "dir", "layer"):
+        none = arounds[(scope, 0)]
+        assert none["requests"] == none["spans"] == ranged["spans"]
+        assert none["compressed_bytes"] == ranged["compressed_bytes"]
+    known_spans = by_size["layers"][1]["resident_ranges"]["spans"]
+    assert known_spans >= 3
+    around = arounds[("file", 1 << 20)]
+    assert around["requests"] <= arounds[("file", 0)]["requests"] - (known_spans - 1)
+    assert around["compressed_bytes"] >= ranged["compressed_bytes"]
 
 
 def _assert_known_file_costs_its_spans(image: BuiltImage, workload: dict[str, Any]) -> None:

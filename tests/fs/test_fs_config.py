@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.config import ConfigError, load_config
-from snapshotter.fs.reader import DEFAULT_READ_AHEAD_SPANS
+from snapshotter.fs.reader import DEFAULT_READ_AHEAD_SPANS, DEFAULT_READ_AROUND_SCOPE
 from snapshotter.lazylayers.settings import LazyLayerSettings
 
 
@@ -23,7 +23,7 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
             tmp_path,
             "[fetch]\nprefetch = false\nbackground = false\n"
             "background_quiet_seconds = 1.5\nbackground_rate_bytes = 1048576\n"
-            "read_ahead_spans = 3\n",
+            "read_ahead_spans = 3\nread_around_bytes = 524288\nread_around_scope = 'file'\n",
         )
     )
     layers = LazyLayerSettings.from_config(config)
@@ -32,6 +32,7 @@ def test_fetch_keys_reach_the_lazy_layers(tmp_path: Path) -> None:
     assert layers.background.quiet_seconds == 1.5
     assert layers.background.rate_bytes == 1 << 20
     assert layers.read_ahead_spans == 3
+    assert (layers.read_around_bytes, layers.read_around_scope) == (512 << 10, "file")
 
 
 def test_defaults_fetch_in_the_background() -> None:
@@ -39,6 +40,8 @@ def test_defaults_fetch_in_the_background() -> None:
     assert layers.prefetch and layers.background.enabled
     assert layers.background.quiet_seconds > 0 and layers.background.rate_bytes > 0
     assert layers.read_ahead_spans == DEFAULT_READ_AHEAD_SPANS  # config's copy of the default
+    assert layers.read_around_bytes == 0  # read-around off
+    assert layers.read_around_scope == DEFAULT_READ_AROUND_SCOPE
 
 
 @pytest.mark.parametrize(
@@ -49,6 +52,9 @@ def test_defaults_fetch_in_the_background() -> None:
         ("[fetch]\nbackground = 'yes'\n", "fetch.background"),
         ("[fetch]\nread_ahead_spans = -1\n", "fetch.read_ahead_spans"),
         ("[fetch]\nbackgrund = true\n", "fetch.backgrund"),
+        ("[fetch]\nread_around_bytes = -1\n", "fetch.read_around_bytes"),
+        ("[fetch]\nread_around_bytes = 1073741824\n", "fetch.read_around_bytes"),
+        ("[fetch]\nread_around_scope = 'tree'\n", "fetch.read_around_scope"),
     ],
 )
 def test_bad_fetch_values_name_the_key(tmp_path: Path, text: str, named: str) -> None:

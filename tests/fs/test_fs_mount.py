@@ -267,6 +267,77 @@ def test_a_page_fault_during_the_start_fetches_the_spans_around_it_not_the_file(
         layer.server.stop()
 
 
+def test_read_around_takes_a_faulting_files_next_spans_in_one_request_and_no_other_files(
+    tmp_path: Path,
+) -> None:
+    # A shared object's loader faults a page in the middle of a large file during the start:
+    # with read-around (scope file) the spans after the fault come along in the same request,
+    # up to the budget, and never spans holding only the next file's bytes.
+    rng = random.Random(15)
+    big, other = rng.randbytes(40 * SPAN_SIZE), rng.randbytes(8 * SPAN_SIZE)
+    tar = make_tar(
+        [
+            Member("lib", tarfile.DIRTYPE, mode=0o755),
+            Member("lib/big.so", data=big),
+            Member("lib/other.so", data=other),
+        ]
+    )
+    blob = compress(tar, "gzip")
+    layer = Layer(tar, blob, built_index(blob, "gzip", file_cut_min=SPAN_SIZE // 4))
+    entry = next(e for e in layer.index.entries if e.name == "lib/big.so")
+    big_spans = spans_for_range(layer.index, entry.offset, entry.offset + entry.size)
+    budget = 12 * SPAN_SIZE  # compressed: the data is random, a span is ~SPAN_SIZE of it
+    manager = LazyLayers(
+        LazyLayerSettings(
+            str(tmp_path / "cache"),
+            1 << 30,
+            fetch_timeout=FETCH_TIMEOUT,
+            read_ahead_spans=0,  # only read-around fetches what no read asked for
+            read_around_bytes=budget,
+            read_around_scope="file",
+            background=BackgroundSettings(enabled=False),
+        )
+    )
+
+    def requested() -> list[set[int]]:
+        _bytes_requested_once_settled(layer.server)
+        return [
+            {
+                n
+                for n, span in enumerate(layer.index.spans)
+                if first <= span.compressed_start and span.compressed_end <= last + 1
+            }
+            for first, last in sorted(layer.server.requests)
+        ]
+
+    try:
+        mnt = _mount(manager, layer, tmp_path / "fs")
+        for at in (len(big) // 2, len(big) - 3 * SPAN_SIZE):  # the middle, then near the end
+            touched = subprocess.run(
+                [sys.executable, "-c", MAP_AND_TOUCH, str(mnt / "lib/big.so"), str(at)],
+                check=True,
+                capture_output=True,
+            ).stdout
+            assert touched == big[at : at + 4096]
+        middle, end = requested()
+        fault = entry.offset + len(big) // 2
+        [fault_span] = spans_for_range(layer.index, fault, fault + 1)
+        assert fault_span in middle and max(middle) >= fault_span + 8  # and ~10 after it
+        assert sum(layer.index.spans[n].compressed_size for n in middle) <= budget + 3 * SPAN_SIZE
+        assert max(end) == big_spans[-1]  # the file's last span, not the next file's
+        # Every byte still equals the tar's, read in any order.
+        reads = [(name, data) for name, data in (("lib/big.so", big), ("lib/other.so", other))]
+        for _ in range(200):
+            name, data = rng.choice(reads)
+            offset, length = rng.randrange(len(data)), rng.randint(1, 3 * SPAN_SIZE)
+            with open(mnt / name, "rb") as file:
+                file.seek(offset)
+                assert file.read(length) == data[offset : offset + length]
+    finally:
+        manager.unmount(str(tmp_path / "fs"))
+        layer.server.stop()
+
+
 @pytest.mark.parametrize("kind", ["tar", "gzip"])
 def test_random_reads_from_many_threads_match_the_tar_with_file_aware_spans(
     kind: str, tmp_path: Path
