@@ -39,9 +39,11 @@ def image(repository: str = "team/app", n: int = 1, registry: str = "reg:5000") 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    server = postgres_or_skip(Path(tempfile.mkdtemp(prefix="lzs-accel-pg-")))
+    base = Path(tempfile.mkdtemp(prefix="lzs-accel-pg-"))
+    server = postgres_or_skip(base)
     yield server
     server.stop()
+    shutil.rmtree(base, ignore_errors=True)  # its log: every run would leave one in /tmp
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

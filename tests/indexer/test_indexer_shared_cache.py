@@ -4,6 +4,7 @@ cache repository the builder may not push to is skipped (logged), not fatal."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,6 +99,7 @@ def token_stack() -> Iterator[tuple[TokenIssuer, Registry]]:
     yield issuer, registry
     registry.stop()
     issuer.stop()
+    shutil.rmtree(base, ignore_errors=True)  # every run would leave one in /tmp
 
 
 def test_a_cache_the_builder_may_not_push_to_is_skipped_for_the_next(
