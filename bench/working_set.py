@@ -51,6 +51,7 @@ import zstandard
 
 from harness.images import read_layout
 from harness.procs import HarnessError
+from snapshotter.fs.read_ahead import directory_data_ends
 from snapshotter.fs.tree import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, LayerTree
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import decode_index, encode_index_split
@@ -61,7 +62,6 @@ from snapshotter.index.model import (
     MAX_SPAN_SIZE,
     MIN_SPAN_SIZE,
     Compression,
-    EntryType,
     LayerIndex,
 )
 from snapshotter.index.spans import spans_for_range
@@ -703,16 +703,6 @@ def _add(total: SpanFigures, part: SpanFigures) -> None:
 READ_AROUND_SCOPES = ("file", "dir", "layer")
 
 
-def _directory_ends(index: LayerIndex) -> dict[str, int]:
-    """Per directory, the end of the last regular file's data in it (uncompressed offset)."""
-    ends: dict[str, int] = {}
-    for entry in index.entries:
-        if entry.size and entry.type is EntryType.REG:
-            directory = os.path.dirname(entry.name)
-            ends[directory] = max(ends.get(directory, 0), entry.offset + entry.size)
-    return ends
-
-
 def read_around(
     indexes: Sequence[LayerIndex],
     trees: Sequence[LayerTree],
@@ -726,7 +716,7 @@ def read_around(
     figures = ReadAroundFigures(budget, scope)
     for number, (index, tree) in enumerate(zip(indexes, trees, strict=True)):
         fetched: set[int] = set()
-        directory_ends = _directory_ends(index)
+        directory_ends = directory_data_ends(index)
         for read in files:
             if read.layer != number:
                 continue

@@ -98,12 +98,25 @@ class ReadAheadPolicy:
 READ_AROUND_SCOPES = ("file", "directory")
 
 
+def directory_data_ends(index: LayerIndex) -> dict[str, int]:
+    """Per directory, the end (uncompressed tar offset) of the data of its last regular file
+    in the layer."""
+    ends: dict[str, int] = {}
+    for entry in index.entries:
+        if entry.type is EntryType.REG and entry.size:
+            directory = posixpath.dirname(entry.name)
+            ends[directory] = max(ends.get(directory, 0), entry.offset + entry.size)
+    return ends
+
+
 class ReadAround:
     """Read-around on a miss: the spans after a read's missing ones that go along in its
     request, up to budget compressed bytes from the first missing span, never past the end of
-    the scope: the file's own spans, or (`directory`) those of the regular files of its
-    directory in this layer (a start reads many small files of one directory, each its own
-    span with file-aware cuts: docs/benchmarks.md, "Where the bytes went")."""
+    the scope: the file's own spans, or (`directory`) up to the end of the data of the last
+    regular file of its directory in this layer (a start reads many small files of one
+    directory, each its own span with file-aware cuts: docs/benchmarks.md, "Where the bytes
+    went"). In tar order a subdirectory's files may lie before that end: the budget bounds
+    what they add."""
 
     def __init__(self, index: LayerIndex, budget: int, scope: str) -> None:
         """budget: compressed bytes (> 0); scope: one of READ_AROUND_SCOPES."""
@@ -111,16 +124,7 @@ class ReadAround:
             raise ValueError(f"read-around scope must be one of {READ_AROUND_SCOPES}: {scope!r}")
         self.index = index
         self.budget = budget
-        # Directory -> end of the data of its last regular file in the layer (tar offset).
-        self._directory_ends: dict[str, int] = {}
-        if scope == "directory":
-            for entry in index.entries:
-                if entry.type is EntryType.REG and entry.size:
-                    directory = posixpath.dirname(entry.name)
-                    end = entry.offset + entry.size
-                    self._directory_ends[directory] = max(
-                        self._directory_ends.get(directory, 0), end
-                    )
+        self._directory_ends = directory_data_ends(index) if scope == "directory" else {}
 
     def candidates(self, entry: TocEntry, first_missing: int, last_missing: int) -> range:
         """Spans after last_missing to fetch along with the read's missing spans
