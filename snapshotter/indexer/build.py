@@ -286,7 +286,7 @@ def _index_one(
         # CPU per byte); it checks the size, and the builder hashes every byte and checks the
         # digest: an unverified layer is never indexed.
         with BlobReader(client, repo, layer.digest, layer.size) as reader:
-            encoded = workers.build_from(
+            encoded = workers.build(
                 lambda sink: reader.stream(0, layer.size, sink),
                 media_type=layer.media_type,
                 span_size=options.span_size,

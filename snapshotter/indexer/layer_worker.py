@@ -7,9 +7,9 @@ a time. Each worker is its own process, so the layers use every core. The parent
 from the registry (one Range GET over the data plane) and writes it into a worker's stdin; the
 worker runs build_layer_index and encode_index_split and writes the encoded index back. Download
 and inflate overlap for free: different processes. Workers are started on first use and reused
-for later layers (their imports are paid once), at most `count` at a time. The layer comes either
-as a stream to read to its end (build) or as a source that pushes its bytes in order (build_from:
-the data plane's urllib3 stream, which costs a fraction of httpx's CPU per byte).
+for later layers (their imports are paid once), at most `count` at a time. The layer comes as a
+source that pushes its bytes in order: the data plane's urllib3 stream (a fraction of httpx's CPU
+per byte), or a stream read to its end (pull_from).
 
 Protocol, one request at a time per worker:
   parent -> worker: a JSON line {"media_type", "span_size", "file_cut_min", "digest", "size"},
@@ -198,30 +198,6 @@ class LayerWorkers:
 
     def build(
         self,
-        stream: Readable,
-        *,
-        media_type: str,
-        span_size: int,
-        file_cut_min: int,
-        digest: str,
-        size: int,
-        progress: Callable[[int], None],
-    ) -> EncodedIndex:
-        """Index the `size` bytes of stream (read to its end) in a worker process. Raises
-        InvalidLayer for a layer the builder refuses, LayerWorkerError if the worker fails, and
-        whatever reading the stream raises."""
-        return self.build_from(
-            pull_from(stream),
-            media_type=media_type,
-            span_size=span_size,
-            file_cut_min=file_cut_min,
-            digest=digest,
-            size=size,
-            progress=progress,
-        )
-
-    def build_from(
-        self,
         source: Source,
         *,
         media_type: str,
@@ -231,7 +207,9 @@ class LayerWorkers:
         size: int,
         progress: Callable[[int], None],
     ) -> EncodedIndex:
-        """build() of the bytes source pushes (all of them, or it raises)."""
+        """Index the `size` bytes source pushes (all of them, or it raises; a stream goes in
+        through pull_from) in a worker process. Raises InvalidLayer for a layer the builder
+        refuses, LayerWorkerError if the worker fails, and whatever the source raises."""
         worker = self._take()
         try:
             encoded = worker.build(

@@ -16,7 +16,7 @@ from harness.images import file, layer_tar
 from snapshotter.index.build import build_layer_index
 from snapshotter.index.codec import encode_index_split
 from snapshotter.index.errors import InvalidLayer
-from snapshotter.indexer.layer_worker import LayerWorkers
+from snapshotter.indexer.layer_worker import LayerWorkers, pull_from
 
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 SPAN = 1 << 20
@@ -57,7 +57,7 @@ def _build(
     file_cut_min: int = 0,
 ) -> bytes:
     encoded = workers.build(
-        stream or io.BytesIO(blob),
+        pull_from(stream or io.BytesIO(blob)),
         media_type=GZIP_LAYER,
         span_size=SPAN,
         file_cut_min=file_cut_min,
